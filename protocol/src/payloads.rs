@@ -1,0 +1,242 @@
+//! Payloads of the device topics. Every one carries `v` (the contract version); receivers ignore
+//! fields they do not know and reject payloads that miss required ones.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::cfg::RuntimeCfg;
+use crate::ids::{DeviceId, GroupName, OpId};
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `device/ID/meta`: who the device is and what it understands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub v: u32,
+    pub device_id: DeviceId,
+    pub agent_version: String,
+    pub hostname: String,
+    pub os: OsRelease,
+    /// Debian architecture name (`amd64`, `arm64`, `armhf`, ...).
+    pub arch: String,
+    pub kernel: String,
+    pub boot_id: String,
+    pub groups: Vec<GroupName>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Verbs this agent accepts.
+    pub commands: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsRelease {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pretty_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    Online,
+    Offline,
+    /// Published by the broker as the device's last will when its connection vanished.
+    Lost,
+}
+
+impl Liveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Online => "online",
+            Liveness::Offline => "offline",
+            Liveness::Lost => "lost",
+        }
+    }
+}
+
+/// `device/ID/status`. For `online` and `lost`, `since` is when the current (or lost) connection
+/// started; for `offline`, when the agent stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub v: u32,
+    pub state: Liveness,
+    pub since: String,
+    pub boot_id: String,
+}
+
+/// `device/ID/cfg`: the effective runtime configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CfgMessage {
+    pub v: u32,
+    #[serde(flatten)]
+    pub cfg: RuntimeCfg,
+}
+
+/// `device/ID/state/packages`: the managed packages as dpkg sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackagesState {
+    pub v: u32,
+    pub ts: String,
+    pub packages: BTreeMap<String, PackageState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageState {
+    /// Installed version; absent when the package is not installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// dpkg's package state: `installed`, `not-installed`, `config-files`, `half-configured`, ...
+    pub status: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub held: bool,
+}
+
+/// `device/ID/telemetry`: the metrics due at one tick (a metric is left out when it did not
+/// move past its threshold).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    pub v: u32,
+    pub ts: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<f64>,
+    /// Used percent per mount point.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub disk: BTreeMap<String, f64>,
+}
+
+/// `device/ID/logs`: a batch of the agent's log lines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogBatch {
+    pub v: u32,
+    pub ts: String,
+    pub lines: Vec<LogLine>,
+    /// Lines dropped by the rate limit since the previous batch.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub ts: String,
+    pub level: String,
+    pub target: String,
+    pub msg: String,
+}
+
+/// Machine-readable reasons a command failed or was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The payload is not a JSON object.
+    MalformedJson,
+    /// The payload has no `id` string.
+    MissingId,
+    /// The `id` does not match the operation id syntax.
+    InvalidId,
+    /// The verb is not one this agent knows.
+    UnknownVerb,
+    /// The payload is larger than the topic's limit.
+    PayloadTooLarge,
+    /// An argument is missing, of the wrong type or out of range.
+    InvalidValue,
+    /// The agent understood the command but cannot do it here.
+    NotSupported,
+    /// The agent stopped while the operation ran; it was not finished.
+    Interrupted,
+    /// Something failed on the device (disk, system call); the message says what.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::MissingId => "missing_id",
+            ErrorCode::InvalidId => "invalid_id",
+            ErrorCode::UnknownVerb => "unknown_verb",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::InvalidValue => "invalid_value",
+            ErrorCode::NotSupported => "not_supported",
+            ErrorCode::Interrupted => "interrupted",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// `device/ID/rejected`: a command that could not be tied to an operation id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub v: u32,
+    pub ts: String,
+    /// The topic the command arrived on.
+    pub topic: String,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpState {
+    Accepted,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl OpState {
+    pub fn is_final(self) -> bool {
+        matches!(self, OpState::Succeeded | OpState::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpState::Accepted => "accepted",
+            OpState::Running => "running",
+            OpState::Succeeded => "succeeded",
+            OpState::Failed => "failed",
+        }
+    }
+}
+
+/// `device/ID/op/OPID`: one operation's lifecycle, retained until cleared or expired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpRecord {
+    pub v: u32,
+    pub id: OpId,
+    pub verb: String,
+    pub state: OpState,
+    pub accepted_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    /// Verb-specific outcome of a succeeded operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<OpError>,
+    /// How many times the same id arrived again after the first (each got this record back).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeats: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}

@@ -1,0 +1,252 @@
+//! Topic names: built from typed parts and parsed back, so no other crate formats a topic string.
+
+use crate::ids::{DeviceId, GroupName, IdError, OpId};
+
+/// One topic of the contract. See `docs/contract.md` for direction, retention and QoS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    Meta(DeviceId),
+    Status(DeviceId),
+    Cfg(DeviceId),
+    StatePackages(DeviceId),
+    Telemetry(DeviceId),
+    Logs(DeviceId),
+    /// Commands the device could not even attribute to an operation (no usable id).
+    Rejected(DeviceId),
+    Op(DeviceId, OpId),
+    DeviceCmd(DeviceId, String),
+    GroupCmd(GroupName, String),
+    FleetCmd(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic {0:?} is not under the prefix")]
+    OutsidePrefix(String),
+    #[error("topic {0:?} is not part of the contract")]
+    Unknown(String),
+    #[error("topic {topic:?}: {source}")]
+    BadId { topic: String, source: IdError },
+    #[error("topic {0:?}: verb must match [a-z][a-z0-9_]{{0,31}}")]
+    BadVerb(String),
+}
+
+impl Topic {
+    /// Whether the device publishes this fact retained.
+    pub fn retained(&self) -> bool {
+        matches!(
+            self,
+            Topic::Meta(_) | Topic::Status(_) | Topic::Cfg(_) | Topic::StatePackages(_) | Topic::Op(..)
+        )
+    }
+
+    /// The device the topic belongs to, for device topics.
+    pub fn device(&self) -> Option<&DeviceId> {
+        match self {
+            Topic::Meta(d)
+            | Topic::Status(d)
+            | Topic::Cfg(d)
+            | Topic::StatePackages(d)
+            | Topic::Telemetry(d)
+            | Topic::Logs(d)
+            | Topic::Rejected(d)
+            | Topic::Op(d, _)
+            | Topic::DeviceCmd(d, _) => Some(d),
+            Topic::GroupCmd(..) | Topic::FleetCmd(_) => None,
+        }
+    }
+}
+
+/// A verb is a single topic level; the set of verbs a device understands is in its meta.
+pub fn valid_verb(verb: &str) -> bool {
+    let b = verb.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && b[0].is_ascii_lowercase()
+        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+}
+
+/// Topic names under one prefix (default `debfleet`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics { prefix: "debfleet".into() }
+    }
+}
+
+impl Topics {
+    /// The prefix may have several levels but no wildcards and no empty level.
+    pub fn new(prefix: &str) -> Result<Self, TopicError> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 128
+            && !prefix.contains(['+', '#', '\0'])
+            && prefix.split('/').all(|l| !l.is_empty());
+        if !ok {
+            return Err(TopicError::Unknown(prefix.to_owned()));
+        }
+        Ok(Topics { prefix: prefix.to_owned() })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn name(&self, topic: &Topic) -> String {
+        let p = &self.prefix;
+        match topic {
+            Topic::Meta(d) => format!("{p}/device/{d}/meta"),
+            Topic::Status(d) => format!("{p}/device/{d}/status"),
+            Topic::Cfg(d) => format!("{p}/device/{d}/cfg"),
+            Topic::StatePackages(d) => format!("{p}/device/{d}/state/packages"),
+            Topic::Telemetry(d) => format!("{p}/device/{d}/telemetry"),
+            Topic::Logs(d) => format!("{p}/device/{d}/logs"),
+            Topic::Rejected(d) => format!("{p}/device/{d}/rejected"),
+            Topic::Op(d, op) => format!("{p}/device/{d}/op/{op}"),
+            Topic::DeviceCmd(d, verb) => format!("{p}/device/{d}/cmd/{verb}"),
+            Topic::GroupCmd(g, verb) => format!("{p}/group/{g}/cmd/{verb}"),
+            Topic::FleetCmd(verb) => format!("{p}/fleet/cmd/{verb}"),
+        }
+    }
+
+    /// Everything one device publishes (what a console subscribes to for one device).
+    pub fn device_filter(&self, device: &DeviceId) -> String {
+        format!("{}/device/{device}/#", self.prefix)
+    }
+
+    /// Everything every device publishes.
+    pub fn fleet_filter(&self) -> String {
+        format!("{}/device/+/#", self.prefix)
+    }
+
+    /// The command filters a device subscribes to: its own, its groups', the fleet's.
+    pub fn command_filters<'a>(
+        &self,
+        device: &DeviceId,
+        groups: impl IntoIterator<Item = &'a GroupName>,
+    ) -> Vec<String> {
+        let p = &self.prefix;
+        let mut v = vec![format!("{p}/device/{device}/cmd/+"), format!("{p}/fleet/cmd/+")];
+        v.extend(groups.into_iter().map(|g| format!("{p}/group/{g}/cmd/+")));
+        v
+    }
+
+    pub fn group_cmd_filter(&self, group: &GroupName) -> String {
+        format!("{}/group/{group}/cmd/+", self.prefix)
+    }
+
+    pub fn parse(&self, name: &str) -> Result<Topic, TopicError> {
+        let unknown = || TopicError::Unknown(name.to_owned());
+        let rest = name
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+            .ok_or_else(|| TopicError::OutsidePrefix(name.to_owned()))?;
+        let levels: Vec<&str> = rest.split('/').collect();
+        let bad_id = |source| TopicError::BadId { topic: name.to_owned(), source };
+        let verb = |v: &str| {
+            if valid_verb(v) {
+                Ok(v.to_owned())
+            } else {
+                Err(TopicError::BadVerb(name.to_owned()))
+            }
+        };
+        match levels.as_slice() {
+            ["device", dev, tail @ ..] => {
+                let d = DeviceId::new(*dev).map_err(bad_id)?;
+                Ok(match tail {
+                    ["meta"] => Topic::Meta(d),
+                    ["status"] => Topic::Status(d),
+                    ["cfg"] => Topic::Cfg(d),
+                    ["state", "packages"] => Topic::StatePackages(d),
+                    ["telemetry"] => Topic::Telemetry(d),
+                    ["logs"] => Topic::Logs(d),
+                    ["rejected"] => Topic::Rejected(d),
+                    ["op", op] => Topic::Op(d, OpId::new(*op).map_err(bad_id)?),
+                    ["cmd", v] => Topic::DeviceCmd(d, verb(v)?),
+                    _ => return Err(unknown()),
+                })
+            }
+            ["group", g, "cmd", v] => Ok(Topic::GroupCmd(GroupName::new(*g).map_err(bad_id)?, verb(v)?)),
+            ["fleet", "cmd", v] => Ok(Topic::FleetCmd(verb(v)?)),
+            _ => Err(unknown()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dev(s: &str) -> DeviceId {
+        DeviceId::new(s).unwrap()
+    }
+
+    #[test]
+    fn builds_and_parses() {
+        let t = Topics::default();
+        let op = OpId::new("op-1").unwrap();
+        for topic in [
+            Topic::Meta(dev("d1")),
+            Topic::Status(dev("d1")),
+            Topic::Cfg(dev("d1")),
+            Topic::StatePackages(dev("d1")),
+            Topic::Telemetry(dev("d1")),
+            Topic::Logs(dev("d1")),
+            Topic::Rejected(dev("d1")),
+            Topic::Op(dev("d1"), op),
+            Topic::DeviceCmd(dev("d1"), "ping".into()),
+            Topic::GroupCmd(GroupName::new("lab").unwrap(), "ping".into()),
+            Topic::FleetCmd("refresh".into()),
+        ] {
+            assert_eq!(t.parse(&t.name(&topic)).unwrap(), topic);
+        }
+        assert_eq!(t.name(&Topic::Status(dev("d1"))), "debfleet/device/d1/status");
+    }
+
+    #[test]
+    fn rejects_foreign_and_malformed() {
+        let t = Topics::new("acme/fleet").unwrap();
+        assert!(matches!(t.parse("debfleet/device/d/meta"), Err(TopicError::OutsidePrefix(_))));
+        assert!(matches!(t.parse("acme/fleet/device/D/meta"), Err(TopicError::BadId { .. })));
+        assert!(matches!(t.parse("acme/fleet/device/d/nope"), Err(TopicError::Unknown(_))));
+        assert!(matches!(t.parse("acme/fleet/fleet/cmd/Bad"), Err(TopicError::BadVerb(_))));
+        assert!(Topics::new("a/+/b").is_err());
+        assert!(Topics::new("a//b").is_err());
+    }
+
+    fn id_strategy() -> impl Strategy<Value = String> {
+        "[a-z0-9][a-z0-9_-]{0,20}"
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,80}") {
+            let _ = Topics::default().parse(&s);
+        }
+
+        #[test]
+        fn device_topics_round_trip(d in id_strategy(), op in "[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", verb in "[a-z][a-z0-9_]{0,10}") {
+            let t = Topics::default();
+            let d = DeviceId::new(d).unwrap();
+            for topic in [
+                Topic::Op(d.clone(), OpId::new(op.clone()).unwrap()),
+                Topic::DeviceCmd(d.clone(), verb.clone()),
+                Topic::Meta(d.clone()),
+            ] {
+                prop_assert_eq!(t.parse(&t.name(&topic)).unwrap(), topic);
+            }
+        }
+
+        #[test]
+        fn parsed_topics_rebuild_identically(d in id_strategy(), tail in prop::sample::select(vec!["meta", "status", "cfg", "state/packages", "telemetry", "logs", "rejected", "cmd/x", "op/y"])) {
+            let t = Topics::default();
+            let name = format!("debfleet/device/{d}/{tail}");
+            let topic = t.parse(&name).unwrap();
+            prop_assert_eq!(t.name(&topic), name);
+        }
+    }
+}
