@@ -88,9 +88,15 @@ mod tests {
     #[test]
     fn known_values() {
         assert_eq!(format_unix_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_unix_ms(1_795_440_000_123), "2026-11-23T13:20:00.123Z");
+        assert_eq!(
+            format_unix_ms(1_795_440_000_123),
+            "2026-11-23T13:20:00.123Z"
+        );
         assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(parse_unix_ms("2026-11-23T13:20:00Z"), Some(1_795_440_000_000));
+        assert_eq!(
+            parse_unix_ms("2026-11-23T13:20:00Z"),
+            Some(1_795_440_000_000)
+        );
         assert_eq!(parse_unix_ms("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_unix_ms("yesterday"), None);
     }

@@ -1,0 +1,395 @@
+//! The agent's configuration file (TOML) and the runtime overrides set over the wire.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use debfleet_protocol::{DeviceId, RuntimeCfg, Topics};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::fsutil::write_atomic;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    device_id: String,
+    broker: String,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_prefix")]
+    prefix: String,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_dpkg_admindir")]
+    dpkg_admindir: PathBuf,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    packages: Vec<String>,
+    #[serde(default)]
+    telemetry: Option<toml::Table>,
+    #[serde(default)]
+    logs: Option<toml::Table>,
+    #[serde(default)]
+    reconnect: ReconnectCfg,
+    #[serde(default)]
+    ops: OpsCfg,
+    #[serde(default = "default_keep_alive")]
+    keep_alive_s: u16,
+}
+
+fn default_prefix() -> String {
+    "debfleet".into()
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/debfleet".into()
+}
+fn default_dpkg_admindir() -> PathBuf {
+    "/var/lib/dpkg".into()
+}
+fn default_keep_alive() -> u16 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectCfg {
+    /// First delay after a lost connection; doubles on each failed attempt.
+    pub initial_delay_ms: u64,
+    /// Cap of the delay.
+    pub max_delay_s: u64,
+}
+
+impl Default for ReconnectCfg {
+    fn default() -> Self {
+        ReconnectCfg {
+            initial_delay_ms: 500,
+            max_delay_s: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsCfg {
+    /// Finished operations stay retained on the broker this long.
+    pub keep_finished_s: u64,
+    /// At most this many operation records are retained on the broker at once.
+    pub max_retained: usize,
+    /// Operation ids remembered for deduplication (and their outcomes), on disk.
+    pub journal_size: usize,
+}
+
+impl Default for OpsCfg {
+    fn default() -> Self {
+        OpsCfg {
+            keep_finished_s: 86_400,
+            max_retained: 50,
+            journal_size: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddr {
+    pub fn parse(url: &str) -> Result<BrokerAddr, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("{url:?}: port {p:?} is not a number"))?;
+                (h, port)
+            }
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("{url:?} has no host"));
+        }
+        Ok(BrokerAddr {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
+    }
+}
+
+/// Everything the agent needs to run, validated.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub device_id: DeviceId,
+    pub broker: BrokerAddr,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub topics: Topics,
+    pub state_dir: PathBuf,
+    pub dpkg_admindir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub packages: Vec<String>,
+    pub reconnect: ReconnectCfg,
+    pub ops: OpsCfg,
+    pub keep_alive: Duration,
+    /// The runtime configuration as the file sets it, before overrides from the wire.
+    pub file_runtime: RuntimeCfg,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("configuration {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<AgentConfig> {
+        let f: FileConfig = toml::from_str(text)?;
+        let device_id = DeviceId::new(f.device_id).context("device_id")?;
+        let broker = BrokerAddr::parse(&f.broker)
+            .map_err(anyhow::Error::msg)
+            .context("broker")?;
+        if broker.tls && f.ca_file.is_none() {
+            bail!("ca_file: required with an mqtts:// broker (the CA that signed the broker's certificate)");
+        }
+        let topics = Topics::new(&f.prefix)
+            .map_err(|_| anyhow::anyhow!("prefix: {:?} is not a valid topic prefix", f.prefix))?;
+        if !f.state_dir.is_absolute() {
+            bail!("state_dir: {:?} must be an absolute path", f.state_dir);
+        }
+        let mut patch = serde_json::Map::new();
+        patch.insert("groups".into(), Value::from(f.groups));
+        if let Some(t) = f.telemetry {
+            patch.insert("telemetry".into(), serde_json::to_value(t)?);
+        }
+        if let Some(l) = f.logs {
+            patch.insert("logs".into(), serde_json::to_value(l)?);
+        }
+        let file_runtime = RuntimeCfg::default().apply_patch(&Value::Object(patch))?;
+        for p in &f.packages {
+            if !valid_package_name(p) {
+                bail!("packages: {p:?} is not a Debian package name");
+            }
+        }
+        if f.reconnect.initial_delay_ms == 0 || f.reconnect.max_delay_s == 0 {
+            bail!("reconnect: delays must be greater than 0");
+        }
+        if f.ops.journal_size == 0 || f.ops.max_retained == 0 {
+            bail!("ops: journal_size and max_retained must be greater than 0");
+        }
+        if f.keep_alive_s < 5 {
+            bail!("keep_alive_s: {} is below 5 seconds", f.keep_alive_s);
+        }
+        let password = match &f.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("password_file: reading {}", p.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(AgentConfig {
+            device_id,
+            broker,
+            ca_file: f.ca_file,
+            username: f.username,
+            password,
+            topics,
+            state_dir: f.state_dir,
+            dpkg_admindir: f.dpkg_admindir,
+            labels: f.labels,
+            packages: f.packages,
+            reconnect: f.reconnect,
+            ops: f.ops,
+            keep_alive: Duration::from_secs(f.keep_alive_s.into()),
+            file_runtime,
+        })
+    }
+}
+
+/// Debian policy 5.6.1: lower case letters, digits, `+ - .`; at least two characters; starts
+/// with an alphanumeric.
+pub fn valid_package_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() >= 2
+        && b.len() <= 128
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|&c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'+' | b'-' | b'.')
+        })
+}
+
+/// Overrides set with the `cfg` command, kept as one accumulated patch so that later edits of
+/// the file still apply to every key the wire never touched.
+pub struct Overrides {
+    path: PathBuf,
+    patch: Value,
+}
+
+impl Overrides {
+    pub fn load(state_dir: &Path) -> Overrides {
+        let path = state_dir.join("cfg-overrides.json");
+        let patch = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .filter(Value::is_object)
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        Overrides { path, patch }
+    }
+
+    /// The file's runtime configuration with the overrides on top. Overrides that no longer
+    /// fit (the file changed under them) are dropped with a warning rather than blocking start.
+    pub fn effective(&mut self, file: &RuntimeCfg) -> RuntimeCfg {
+        match file.apply_patch(&self.patch) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                tracing::warn!(
+                    "ignoring stored configuration overrides ({e}); using the file's values"
+                );
+                self.patch = Value::Object(Default::default());
+                file.clone()
+            }
+        }
+    }
+
+    /// Records a validated patch durably.
+    pub fn add(&mut self, patch: &Value) -> std::io::Result<()> {
+        let mut merged = self.patch.clone();
+        deep_merge(&mut merged, patch);
+        write_atomic(
+            &self.path,
+            serde_json::to_string_pretty(&merged)?.as_bytes(),
+            true,
+        )?;
+        self.patch = merged;
+        Ok(())
+    }
+}
+
+fn deep_merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                match t.get_mut(k) {
+                    Some(slot) if slot.is_object() && v.is_object() => deep_merge(slot, v),
+                    _ => {
+                        t.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "device_id = \"dev-1\"\nbroker = \"mqtt://127.0.0.1:1883\"\nstate_dir = \"/tmp/x\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = AgentConfig::parse(MINIMAL).unwrap();
+        assert_eq!(c.device_id.as_str(), "dev-1");
+        assert_eq!(
+            c.broker,
+            BrokerAddr {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                tls: false
+            }
+        );
+        assert_eq!(c.file_runtime, RuntimeCfg::default());
+    }
+
+    #[test]
+    fn sections_override_defaults() {
+        let text = format!("{MINIMAL}groups=[\"lab\"]\n[telemetry.cpu]\ninterval_s = 1\n[logs]\nlevel = \"debug\"\n");
+        let c = AgentConfig::parse(&text).unwrap();
+        assert_eq!(c.file_runtime.telemetry.cpu.interval_s, 1);
+        assert_eq!(c.file_runtime.telemetry.cpu.threshold, 1.0);
+        assert_eq!(c.file_runtime.logs.level, "debug");
+        assert_eq!(c.file_runtime.groups[0].as_str(), "lab");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("device_id = \"Bad\"\nbroker = \"mqtt://h\"\n", "device_id"),
+            ("device_id = \"d\"\nbroker = \"http://h\"\n", "broker"),
+            ("device_id = \"d\"\nbroker = \"mqtts://h\"\n", "ca_file"),
+            (
+                "device_id = \"d\"\nbroker = \"mqtt://h\"\nbogus = 1\n",
+                "bogus",
+            ),
+            (
+                "device_id = \"d\"\nbroker = \"mqtt://h\"\n[telemetry.cpu]\ninterval_s = 0\n",
+                "telemetry.cpu.interval_s",
+            ),
+            (
+                "device_id = \"d\"\nbroker = \"mqtt://h\"\npackages = [\"Bad;rm\"]\n",
+                "packages",
+            ),
+            ("broker = \"mqtt://h\"\n", "device_id"),
+        ];
+        for (text, key) in cases {
+            let err = format!("{:#}", AgentConfig::parse(text).unwrap_err());
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(BrokerAddr::parse("mqtts://b.example").unwrap().port, 8883);
+        assert_eq!(
+            BrokerAddr::parse("mqtt://[::1]:1999").unwrap(),
+            BrokerAddr {
+                host: "::1".into(),
+                port: 1999,
+                tls: false
+            }
+        );
+        assert!(BrokerAddr::parse("mqtt://h:port").is_err());
+        assert!(BrokerAddr::parse("mqtt://").is_err());
+    }
+
+    #[test]
+    fn overrides_accumulate_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RuntimeCfg::default();
+        let mut o = Overrides::load(dir.path());
+        o.add(&serde_json::json!({"telemetry": {"cpu": {"interval_s": 3}}}))
+            .unwrap();
+        o.add(&serde_json::json!({"telemetry": {"cpu": {"enabled": false}}}))
+            .unwrap();
+        let eff = Overrides::load(dir.path()).effective(&file);
+        assert_eq!(
+            (eff.telemetry.cpu.interval_s, eff.telemetry.cpu.enabled),
+            (3, false)
+        );
+        assert_eq!(eff.telemetry.memory, file.telemetry.memory);
+    }
+}

@@ -1,0 +1,190 @@
+//! The MQTT edge: owns rumqttc's event loop, reconnects with capped exponential backoff and
+//! jitter, refreshes the last will for each connection, and reports what happens as [`NetEvent`]s.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use debfleet_protocol::limits::MAX_PACKET_BYTES;
+use debfleet_protocol::time;
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
+    Transport,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentConfig, ReconnectCfg};
+
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A connection is up; `since` is when it was started (also in its last will).
+    Connected {
+        since: String,
+    },
+    Disconnected,
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+}
+
+pub fn client(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop)> {
+    let mut opts = MqttOptions::new(
+        format!("debfleet-agent-{}", cfg.device_id),
+        &cfg.broker.host,
+        cfg.broker.port,
+    );
+    opts.set_keep_alive(cfg.keep_alive);
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
+        opts.set_credentials(user, pass);
+    }
+    if cfg.broker.tls {
+        let ca_file = cfg
+            .ca_file
+            .as_ref()
+            .expect("validated: mqtts needs ca_file");
+        let ca = std::fs::read(ca_file)
+            .with_context(|| format!("ca_file: reading {}", ca_file.display()))?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth: None,
+        }));
+    }
+    Ok(AsyncClient::new(opts, 512))
+}
+
+/// Backoff state: doubling from the initial delay up to the cap, with "equal jitter" (half
+/// fixed, half random) so a fleet that lost the same broker does not return in lockstep.
+pub struct Backoff {
+    initial: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(cfg: &ReconnectCfg) -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(cfg.initial_delay_ms),
+            cap: Duration::from_secs(cfg.max_delay_s),
+            attempt: 0,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = exp / 2;
+        half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
+    }
+}
+
+/// Drives the event loop until `shutdown` is cancelled; then it keeps polling briefly so that
+/// what was queued before the disconnect (the `offline` status) reaches the broker.
+pub async fn drive(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<NetEvent>,
+    reconnect: ReconnectCfg,
+    will: impl Fn(&str) -> (String, Vec<u8>),
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(&reconnect);
+    let mut connected = false;
+    let mut since = time::now();
+    let set_will = |el: &mut EventLoop, since: &str| {
+        let (topic, payload) = will(since);
+        el.mqtt_options
+            .set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
+    };
+    set_will(&mut eventloop, &since);
+    loop {
+        let polled = tokio::select! {
+            r = eventloop.poll() => r,
+            _ = shutdown.cancelled() => break,
+        };
+        match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                backoff.reset();
+                tracing::info!("connected to the broker");
+                let _ = events
+                    .send(NetEvent::Connected {
+                        since: since.clone(),
+                    })
+                    .await;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = p.topic.clone();
+                let _ = events
+                    .send(NetEvent::Message {
+                        topic,
+                        payload: p.payload.to_vec(),
+                    })
+                    .await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if connected {
+                    connected = false;
+                    tracing::warn!("connection to the broker lost: {e}");
+                    let _ = events.send(NetEvent::Disconnected).await;
+                } else {
+                    tracing::debug!("cannot connect to the broker: {e}");
+                }
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                since = time::now();
+                set_will(&mut eventloop, &since);
+            }
+        }
+    }
+    if !connected {
+        return;
+    }
+    let flush = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(1500), flush).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let mut b = Backoff::new(&ReconnectCfg {
+            initial_delay_ms: 100,
+            max_delay_s: 2,
+        });
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        for (i, d) in delays.iter().enumerate() {
+            let full = Duration::from_millis(100 * (1 << i)).min(Duration::from_secs(2));
+            assert!(
+                *d >= full / 2 && *d <= full,
+                "attempt {i}: {d:?} not in [{:?}, {full:?}]",
+                full / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

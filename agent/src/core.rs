@@ -1,0 +1,683 @@
+//! The agent's logic: what to publish on connect, how each command runs, when records expire.
+//! It never touches the network; it returns [`Out`] actions for the connection edge to carry
+//! out, so tests drive it by feeding messages.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use debfleet_protocol::command::parse_command;
+use debfleet_protocol::{
+    time, CfgMessage, Command, CommandArgs, ErrorCode, Liveness, Meta, OpError, OpId,
+    PackagesState, Rejected, Rejection, RuntimeCfg, Status, Telemetry, Topic, Verb,
+    CONTRACT_VERSION,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::config::{AgentConfig, Overrides};
+use crate::identity::Identity;
+use crate::journal::{Journal, RESEND_CLEARS_MS};
+use crate::logs::LogGate;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Out {
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        reliable: bool,
+    },
+    Subscribe(Vec<String>),
+    Unsubscribe(Vec<String>),
+    /// Stop the agent; systemd starts it again.
+    Restart,
+}
+
+pub struct Core {
+    cfg: AgentConfig,
+    runtime: RuntimeCfg,
+    overrides: Overrides,
+    journal: Journal,
+    identity: Identity,
+    started: Instant,
+    connected_since: Option<String>,
+    under_systemd: bool,
+    log_gate: Option<Arc<LogGate>>,
+}
+
+impl Core {
+    pub fn new(
+        cfg: AgentConfig,
+        journal: Journal,
+        identity: Identity,
+        under_systemd: bool,
+        log_gate: Option<Arc<LogGate>>,
+    ) -> Core {
+        let mut overrides = Overrides::load(&cfg.state_dir);
+        let runtime = overrides.effective(&cfg.file_runtime);
+        if let Some(g) = &log_gate {
+            g.apply(&runtime.logs);
+        }
+        Core {
+            cfg,
+            runtime,
+            overrides,
+            journal,
+            identity,
+            started: Instant::now(),
+            connected_since: None,
+            under_systemd,
+            log_gate,
+        }
+    }
+
+    pub fn runtime(&self) -> &RuntimeCfg {
+        &self.runtime
+    }
+
+    fn topic(&self, t: Topic) -> String {
+        self.cfg.topics.name(&t)
+    }
+
+    fn publish<T: Serialize>(&self, t: Topic, payload: &T) -> Out {
+        let retain = t.retained();
+        Out::Publish {
+            topic: self.topic(t),
+            payload: serde_json::to_vec(payload).expect("payload serializes"),
+            retain,
+            reliable: true,
+        }
+    }
+
+    fn clear(&self, id: &OpId) -> Out {
+        Out::Publish {
+            topic: self.topic(Topic::Op(self.cfg.device_id.clone(), id.clone())),
+            payload: Vec::new(),
+            retain: true,
+            reliable: true,
+        }
+    }
+
+    fn status(&self, state: Liveness, since: String) -> Status {
+        Status {
+            v: CONTRACT_VERSION,
+            state,
+            since,
+            boot_id: self.identity.boot_id.clone(),
+        }
+    }
+
+    /// Builds the last will registered with each connection: `lost`, since that connection's
+    /// start.
+    pub fn will_builder(&self) -> impl Fn(&str) -> (String, Vec<u8>) + Send + 'static {
+        let topic = self.topic(Topic::Status(self.cfg.device_id.clone()));
+        let boot_id = self.identity.boot_id.clone();
+        move |since| {
+            let status = Status {
+                v: CONTRACT_VERSION,
+                state: Liveness::Lost,
+                since: since.to_owned(),
+                boot_id: boot_id.clone(),
+            };
+            (
+                topic.clone(),
+                serde_json::to_vec(&status).expect("serializes"),
+            )
+        }
+    }
+
+    pub fn offline(&self) -> Out {
+        self.publish(
+            Topic::Status(self.cfg.device_id.clone()),
+            &self.status(Liveness::Offline, time::now()),
+        )
+    }
+
+    fn meta(&self) -> Meta {
+        Meta {
+            v: CONTRACT_VERSION,
+            device_id: self.cfg.device_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            hostname: self.identity.hostname.clone(),
+            os: self.identity.os.clone(),
+            arch: self.identity.arch.into(),
+            kernel: self.identity.kernel.clone(),
+            boot_id: self.identity.boot_id.clone(),
+            groups: self.runtime.groups.clone(),
+            labels: self.cfg.labels.clone(),
+            commands: Verb::ALL.iter().map(|v| v.as_str().to_owned()).collect(),
+        }
+    }
+
+    fn command_filters(&self) -> Vec<String> {
+        self.cfg
+            .topics
+            .command_filters(&self.cfg.device_id, &self.runtime.groups)
+    }
+
+    /// Everything retained, as published on every (re)connect and on `refresh`.
+    fn retained_facts(&self, now_ms: i64) -> Vec<Out> {
+        let dev = &self.cfg.device_id;
+        let mut out = vec![
+            self.publish(Topic::Meta(dev.clone()), &self.meta()),
+            self.publish(
+                Topic::Cfg(dev.clone()),
+                &CfgMessage {
+                    v: CONTRACT_VERSION,
+                    cfg: self.runtime.clone(),
+                },
+            ),
+            self.publish(Topic::StatePackages(dev.clone()), &self.packages_state()),
+        ];
+        for e in self.journal.entries() {
+            if e.retained {
+                out.push(self.publish(Topic::Op(dev.clone(), e.record.id.clone()), &e.record));
+            } else if e
+                .unretained_at
+                .is_some_and(|t| now_ms - t < RESEND_CLEARS_MS)
+            {
+                out.push(self.clear(&e.record.id));
+            }
+        }
+        out
+    }
+
+    fn packages_state(&self) -> PackagesState {
+        PackagesState {
+            v: CONTRACT_VERSION,
+            ts: time::now(),
+            packages: crate::dpkg::read_packages_state(&self.cfg.dpkg_admindir, &self.cfg.packages),
+        }
+    }
+
+    /// A connection was established at `since`: subscribe, then republish every retained fact,
+    /// including operation results produced while the connection was down.
+    pub fn on_connected(&mut self, since: String, now_ms: i64) -> Vec<Out> {
+        let mut out = vec![Out::Subscribe(self.command_filters())];
+        out.push(self.publish(
+            Topic::Status(self.cfg.device_id.clone()),
+            &self.status(Liveness::Online, since.clone()),
+        ));
+        self.connected_since = Some(since);
+        out.extend(self.retained_facts(now_ms));
+        out
+    }
+
+    pub fn on_disconnected(&mut self) {
+        self.connected_since = None;
+    }
+
+    pub fn telemetry(&self, msg: &Telemetry) -> Out {
+        let mut out = self.publish(Topic::Telemetry(self.cfg.device_id.clone()), msg);
+        if let Out::Publish { reliable, .. } = &mut out {
+            *reliable = false;
+        }
+        out
+    }
+
+    pub fn logs(&self, batch: &debfleet_protocol::LogBatch) -> Out {
+        let mut out = self.publish(Topic::Logs(self.cfg.device_id.clone()), batch);
+        if let Out::Publish { reliable, .. } = &mut out {
+            *reliable = false;
+        }
+        out
+    }
+
+    /// Expires finished operation records (age and count limits).
+    pub fn housekeeping(&mut self, now_ms: i64) -> Vec<Out> {
+        let keep_ms = (self.cfg.ops.keep_finished_s as i64).saturating_mul(1000);
+        let due = self
+            .journal
+            .due_for_unretain(now_ms, keep_ms, self.cfg.ops.max_retained);
+        self.unretain_all(&due, now_ms)
+    }
+
+    fn unretain_all(&mut self, ids: &[OpId], now_ms: i64) -> Vec<Out> {
+        let mut out = Vec::new();
+        for id in ids {
+            match self.journal.unretain(id, now_ms) {
+                Ok(true) => out.push(self.clear(id)),
+                Ok(false) => {}
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+        out
+    }
+
+    /// A message arrived on one of the command subscriptions.
+    pub fn on_message(&mut self, topic: &str, payload: &[u8], now_ms: i64) -> Vec<Out> {
+        let verb = match self.cfg.topics.parse(topic) {
+            Ok(Topic::DeviceCmd(d, verb)) if d == self.cfg.device_id => verb,
+            Ok(Topic::FleetCmd(verb)) => verb,
+            Ok(Topic::GroupCmd(g, verb)) if self.runtime.groups.contains(&g) => verb,
+            Ok(_) => return Vec::new(),
+            Err(e) => {
+                tracing::warn!("ignoring message: {e}");
+                return Vec::new();
+            }
+        };
+        match parse_command(&verb, payload) {
+            Ok(cmd) => self.run(cmd, now_ms),
+            Err(Rejection {
+                id: Some(id),
+                code,
+                message,
+            }) => {
+                tracing::warn!(op = %id, "command on {topic} failed: {message}");
+                self.fail_new(id, &verb, code, message, now_ms)
+            }
+            Err(Rejection {
+                id: None,
+                code,
+                message,
+            }) => {
+                tracing::warn!("command on {topic} rejected: {message}");
+                let r = Rejected {
+                    v: CONTRACT_VERSION,
+                    ts: time::format_unix_ms(now_ms),
+                    topic: topic.to_owned(),
+                    code,
+                    message,
+                };
+                let mut out = self.publish(Topic::Rejected(self.cfg.device_id.clone()), &r);
+                if let Out::Publish { retain, .. } = &mut out {
+                    *retain = false;
+                }
+                vec![out]
+            }
+        }
+    }
+
+    fn publish_op(&self, id: &OpId) -> Out {
+        let record = &self.journal.get(id).expect("journaled").record;
+        self.publish(Topic::Op(self.cfg.device_id.clone(), id.clone()), record)
+    }
+
+    /// Answers an id seen before with its recorded outcome, or journals a new one.
+    fn begin(&mut self, id: &OpId, verb: &str, now_ms: i64) -> Result<Vec<Out>, Vec<Out>> {
+        if self.journal.get(id).is_some() {
+            tracing::info!(op = %id, "repeated operation id; returning the recorded outcome");
+            if let Err(e) = self.journal.repeat(id) {
+                tracing::error!("{e}");
+            }
+            return Err(vec![self.publish_op(id)]);
+        }
+        match self.journal.accept(id.clone(), verb, now_ms) {
+            Ok(evicted) => {
+                let mut out: Vec<Out> = evicted.iter().map(|e| self.clear(e)).collect();
+                out.push(self.publish_op(id));
+                Ok(out)
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                let record = json!({
+                    "v": CONTRACT_VERSION, "id": id, "verb": verb, "state": "failed",
+                    "accepted_at": time::format_unix_ms(now_ms), "updated_at": time::format_unix_ms(now_ms),
+                    "error": {"code": ErrorCode::Internal, "message": format!("cannot record the operation: {e}")},
+                });
+                Err(vec![self.publish(
+                    Topic::Op(self.cfg.device_id.clone(), id.clone()),
+                    &record,
+                )])
+            }
+        }
+    }
+
+    fn fail_new(
+        &mut self,
+        id: OpId,
+        verb: &str,
+        code: ErrorCode,
+        message: String,
+        now_ms: i64,
+    ) -> Vec<Out> {
+        let mut out = match self.begin(&id, verb, now_ms) {
+            Ok(out) => out,
+            Err(out) => return out,
+        };
+        if let Err(e) = self
+            .journal
+            .finish(&id, now_ms, Err(OpError { code, message }))
+        {
+            tracing::error!("{e}");
+        }
+        out.push(self.publish_op(&id));
+        out
+    }
+
+    fn run(&mut self, cmd: Command, now_ms: i64) -> Vec<Out> {
+        let Command { id, verb, args } = cmd;
+        let mut out = match self.begin(&id, verb.as_str(), now_ms) {
+            Ok(out) => out,
+            Err(out) => return out,
+        };
+        if let Err(e) = self.journal.set_running(&id, now_ms, None) {
+            tracing::error!("{e}");
+        }
+        out.push(self.publish_op(&id));
+        tracing::info!(op = %id, "running {}", verb.as_str());
+        let mut after = Vec::new();
+        let outcome = match args {
+            CommandArgs::Ping => Ok(json!({
+                "agent_version": env!("CARGO_PKG_VERSION"),
+                "uptime_s": self.started.elapsed().as_secs(),
+            })),
+            CommandArgs::Refresh => {
+                after = self.retained_facts(now_ms);
+                if let Some(since) = self.connected_since.clone() {
+                    after.push(self.publish(Topic::Status(self.cfg.device_id.clone()), &self.status(Liveness::Online, since)));
+                }
+                Ok(json!({"republished": after.len()}))
+            }
+            CommandArgs::Restart { unit: Some(unit) } => Err(OpError {
+                code: ErrorCode::NotSupported,
+                message: format!("{unit:?} is not a managed unit of this device (unit control is not available in this agent build)"),
+            }),
+            CommandArgs::Restart { unit: None } if !self.under_systemd => Err(OpError {
+                code: ErrorCode::NotSupported,
+                message: "the agent is not running under systemd, so nothing would start it again; restart it by hand".into(),
+            }),
+            CommandArgs::Restart { unit: None } => {
+                after.push(Out::Restart);
+                Ok(json!({"restarting": true}))
+            }
+            CommandArgs::Cfg { set } => self.apply_cfg(&set, &mut after),
+            CommandArgs::Clear { ops, older_than_s } => {
+                let older = older_than_s.map(|s| (s as i64).saturating_mul(1000));
+                let (clear, skipped) = self.journal.clearable(&ops, older, now_ms);
+                let clear: Vec<OpId> = clear.into_iter().filter(|c| *c != id).collect();
+                after = self.unretain_all(&clear, now_ms);
+                Ok(json!({"cleared": clear, "skipped": skipped}))
+            }
+        };
+        if let Err(e) = &outcome {
+            tracing::warn!(op = %id, "{} failed: {}", verb.as_str(), e.message);
+        }
+        if let Err(e) = self
+            .journal
+            .finish(&id, time::now_unix_ms().max(now_ms), outcome)
+        {
+            tracing::error!("{e}");
+        }
+        out.push(self.publish_op(&id));
+        // Restart goes last, after the result is on its way.
+        out.extend(after);
+        out
+    }
+
+    fn apply_cfg(&mut self, patch: &Value, after: &mut Vec<Out>) -> Result<Value, OpError> {
+        let next = self.runtime.apply_patch(patch).map_err(|e| OpError {
+            code: ErrorCode::InvalidValue,
+            message: e.to_string(),
+        })?;
+        self.overrides.add(patch).map_err(|e| OpError {
+            code: ErrorCode::Internal,
+            message: format!("cannot persist the configuration: {e}"),
+        })?;
+        let old_filters = self.command_filters();
+        self.runtime = next;
+        let new_filters = self.command_filters();
+        let gone: Vec<String> = old_filters
+            .iter()
+            .filter(|f| !new_filters.contains(f))
+            .cloned()
+            .collect();
+        let added: Vec<String> = new_filters
+            .iter()
+            .filter(|f| !old_filters.contains(f))
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            after.push(Out::Unsubscribe(gone));
+        }
+        if !added.is_empty() {
+            after.push(Out::Subscribe(added));
+        }
+        if let Some(g) = &self.log_gate {
+            g.apply(&self.runtime.logs);
+        }
+        let dev = self.cfg.device_id.clone();
+        after.push(self.publish(
+            Topic::Cfg(dev.clone()),
+            &CfgMessage {
+                v: CONTRACT_VERSION,
+                cfg: self.runtime.clone(),
+            },
+        ));
+        after.push(self.publish(Topic::Meta(dev), &self.meta()));
+        tracing::info!("configuration changed: {patch}");
+        Ok(serde_json::to_value(&self.runtime).expect("serializes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use debfleet_protocol::{OpRecord, OpState};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        core: Core,
+    }
+
+    fn fixture(under_systemd: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "device_id = \"d1\"\nbroker = \"mqtt://127.0.0.1:1\"\nstate_dir = \"{}\"\ngroups = [\"lab\"]\npackages = [\"bash\"]\n",
+            dir.path().display()
+        );
+        let cfg = AgentConfig::parse(&text).unwrap();
+        let (journal, _) = Journal::open(&cfg.state_dir.join("ops"), 4, 0).unwrap();
+        let identity = Identity::read();
+        Fixture {
+            core: Core::new(cfg, journal, identity, under_systemd, None),
+            _dir: dir,
+        }
+    }
+
+    fn publishes(outs: &[Out]) -> Vec<(String, Value, bool)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Out::Publish {
+                    topic,
+                    payload,
+                    retain,
+                    ..
+                } => {
+                    let v = if payload.is_empty() {
+                        Value::Null
+                    } else {
+                        serde_json::from_slice(payload).unwrap()
+                    };
+                    Some((topic.clone(), v, *retain))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn op_states(outs: &[Out], id: &str) -> Vec<OpRecord> {
+        publishes(outs)
+            .into_iter()
+            .filter(|(t, _, _)| t == &format!("debfleet/device/d1/op/{id}"))
+            .map(|(_, v, _)| serde_json::from_value(v).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn connect_subscribes_and_publishes_retained_facts() {
+        let mut f = fixture(false);
+        let outs = f.core.on_connected("2026-01-01T00:00:00.000Z".into(), 0);
+        assert_eq!(
+            outs[0],
+            Out::Subscribe(vec![
+                "debfleet/device/d1/cmd/+".into(),
+                "debfleet/fleet/cmd/+".into(),
+                "debfleet/group/lab/cmd/+".into()
+            ])
+        );
+        let topics: Vec<String> = publishes(&outs)
+            .into_iter()
+            .map(|(t, _, r)| {
+                assert!(r);
+                t
+            })
+            .collect();
+        for suffix in ["status", "meta", "cfg", "state/packages"] {
+            assert!(
+                topics.contains(&format!("debfleet/device/d1/{suffix}")),
+                "{suffix}"
+            );
+        }
+        let status = &publishes(&outs)[0].1;
+        assert_eq!(status["state"], "online");
+        assert_eq!(status["since"], "2026-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn ping_lifecycle_and_dedupe() {
+        let mut f = fixture(false);
+        let outs = f
+            .core
+            .on_message("debfleet/fleet/cmd/ping", br#"{"id":"p1"}"#, 1000);
+        let states: Vec<OpState> = op_states(&outs, "p1").iter().map(|r| r.state).collect();
+        assert_eq!(
+            states,
+            [OpState::Accepted, OpState::Running, OpState::Succeeded]
+        );
+        let first = op_states(&outs, "p1").pop().unwrap();
+        let again = f
+            .core
+            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, 5000);
+        let records = op_states(&again, "p1");
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].repeats, 1);
+        assert_eq!(records[0].updated_at, first.updated_at);
+    }
+
+    #[test]
+    fn ignores_other_devices_and_groups() {
+        let mut f = fixture(false);
+        assert!(f
+            .core
+            .on_message("debfleet/device/d2/cmd/ping", br#"{"id":"p1"}"#, 0)
+            .is_empty());
+        assert!(f
+            .core
+            .on_message("debfleet/group/other/cmd/ping", br#"{"id":"p1"}"#, 0)
+            .is_empty());
+        assert!(f.core.on_message("elsewhere/x", b"{}", 0).is_empty());
+        assert_eq!(
+            op_states(
+                &f.core
+                    .on_message("debfleet/group/lab/cmd/ping", br#"{"id":"p1"}"#, 0),
+                "p1"
+            )
+            .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn bad_input_gets_error_codes() {
+        let mut f = fixture(false);
+        let outs = f
+            .core
+            .on_message("debfleet/device/d1/cmd/ping", b"{nope", 0);
+        let (topic, v, retain) = publishes(&outs).pop().unwrap();
+        assert_eq!(
+            (topic.as_str(), v["code"].as_str(), retain),
+            ("debfleet/device/d1/rejected", Some("malformed_json"), false)
+        );
+        let outs = f
+            .core
+            .on_message("debfleet/device/d1/cmd/fly", br#"{"id":"f1"}"#, 0);
+        let rec = op_states(&outs, "f1").pop().unwrap();
+        assert_eq!(
+            (rec.state, rec.error.unwrap().code),
+            (OpState::Failed, ErrorCode::UnknownVerb)
+        );
+        let outs = f.core.on_message(
+            "debfleet/device/d1/cmd/cfg",
+            br#"{"id":"c1","set":{"logs":{"level":"loud"}}}"#,
+            0,
+        );
+        let err = op_states(&outs, "c1").pop().unwrap().error.unwrap();
+        assert_eq!(err.code, ErrorCode::InvalidValue);
+        assert!(err.message.contains("logs.level"), "{}", err.message);
+        let outs = f
+            .core
+            .on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, 0);
+        assert_eq!(
+            op_states(&outs, "r1").pop().unwrap().error.unwrap().code,
+            ErrorCode::NotSupported
+        );
+        assert!(!outs.contains(&Out::Restart));
+    }
+
+    #[test]
+    fn restart_under_systemd_reports_then_stops() {
+        let mut f = fixture(true);
+        let outs = f
+            .core
+            .on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, 0);
+        assert_eq!(outs.last(), Some(&Out::Restart));
+        assert_eq!(
+            op_states(&outs, "r1").pop().unwrap().state,
+            OpState::Succeeded
+        );
+    }
+
+    #[test]
+    fn cfg_change_resubscribes_and_republishes() {
+        let mut f = fixture(false);
+        let outs = f.core.on_message(
+            "debfleet/device/d1/cmd/cfg",
+            br#"{"id":"c1","set":{"groups":["edge"],"telemetry":{"cpu":{"interval_s":2}}}}"#,
+            0,
+        );
+        assert!(outs.contains(&Out::Unsubscribe(vec!["debfleet/group/lab/cmd/+".into()])));
+        assert!(outs.contains(&Out::Subscribe(vec!["debfleet/group/edge/cmd/+".into()])));
+        let cfg = publishes(&outs)
+            .into_iter()
+            .find(|(t, _, _)| t.ends_with("/cfg"))
+            .unwrap()
+            .1;
+        assert_eq!(cfg["telemetry"]["cpu"]["interval_s"], 2);
+        assert_eq!(f.core.runtime().telemetry.cpu.interval_s, 2);
+    }
+
+    #[test]
+    fn clear_and_expiry_publish_empty_retained() {
+        let mut f = fixture(false);
+        f.core
+            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, 0);
+        f.core
+            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p2"}"#, 0);
+        let outs = f.core.on_message(
+            "debfleet/device/d1/cmd/clear",
+            br#"{"id":"c1","ops":["p1"]}"#,
+            1000,
+        );
+        let cleared: Vec<_> = publishes(&outs)
+            .into_iter()
+            .filter(|(_, v, _)| v.is_null())
+            .map(|(t, _, _)| t)
+            .collect();
+        assert_eq!(cleared, ["debfleet/device/d1/op/p1"]);
+        // Journal capacity is 4: the next ops evict the oldest finished ones and clear them.
+        // p1 goes first (already cleared: nothing to publish), then p2.
+        f.core
+            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p3"}"#, 2000);
+        let outs = f
+            .core
+            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p4"}"#, 2000);
+        assert!(!publishes(&outs).iter().any(|(_, v, _)| v.is_null()));
+        let outs = f
+            .core
+            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p5"}"#, 2000);
+        assert!(publishes(&outs)
+            .iter()
+            .any(|(t, v, _)| t.ends_with("/op/p2") && v.is_null()));
+    }
+}

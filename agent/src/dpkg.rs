@@ -1,0 +1,88 @@
+//! Managed packages' state, read from dpkg's own database (`status` in the admin directory).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use debfleet_protocol::PackageState;
+
+/// Looks up `wanted` packages in a dpkg status file's text. Packages dpkg does not know are
+/// reported `not-installed`.
+pub fn packages_state(status_text: &str, wanted: &[String]) -> BTreeMap<String, PackageState> {
+    let mut found = BTreeMap::new();
+    for para in status_text.split("\n\n") {
+        let mut name = None;
+        let (mut version, mut arch, mut status) = (None, None, None);
+        for line in para.lines() {
+            if line.starts_with([' ', '\t']) {
+                continue;
+            }
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            let v = v.trim();
+            match k {
+                "Package" => name = Some(v),
+                "Version" => version = Some(v.to_owned()),
+                "Architecture" => arch = Some(v.to_owned()),
+                "Status" => status = Some(v.to_owned()),
+                _ => {}
+            }
+        }
+        let (Some(name), Some(status)) = (name, status) else {
+            continue;
+        };
+        if !wanted.iter().any(|w| w == name) {
+            continue;
+        }
+        // Status is "want flag state", e.g. "install ok installed" or "hold ok installed".
+        let mut words = status.split_whitespace();
+        let want = words.next().unwrap_or("");
+        let state = words.nth(1).unwrap_or("unknown").to_owned();
+        let installed = state != "not-installed" && state != "config-files";
+        found.insert(
+            name.to_owned(),
+            PackageState {
+                version: if installed { version } else { None },
+                arch: if installed { arch } else { None },
+                status: state,
+                held: want == "hold",
+            },
+        );
+    }
+    for w in wanted {
+        found.entry(w.clone()).or_insert_with(|| PackageState {
+            version: None,
+            arch: None,
+            status: "not-installed".into(),
+            held: false,
+        });
+    }
+    found
+}
+
+pub fn read_packages_state(admindir: &Path, wanted: &[String]) -> BTreeMap<String, PackageState> {
+    let text = std::fs::read_to_string(admindir.join("status")).unwrap_or_default();
+    packages_state(&text, wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Package: bash\nStatus: install ok installed\nPriority: required\nVersion: 5.2.15-2+b2\nArchitecture: amd64\nDescription: shell\n multi\n line\n\nPackage: old\nStatus: deinstall ok config-files\nVersion: 1.0\nArchitecture: all\n\nPackage: pinned\nStatus: hold ok installed\nVersion: 2:1.0~rc1\nArchitecture: arm64\n";
+
+    #[test]
+    fn reads_installed_held_and_missing() {
+        let wanted = ["bash", "old", "pinned", "absent"].map(String::from);
+        let s = packages_state(STATUS, &wanted);
+        assert_eq!(s["bash"].version.as_deref(), Some("5.2.15-2+b2"));
+        assert_eq!(s["bash"].status, "installed");
+        assert!(!s["bash"].held);
+        assert_eq!(s["old"].status, "config-files");
+        assert_eq!(s["old"].version, None);
+        assert!(s["pinned"].held);
+        assert_eq!(s["pinned"].arch.as_deref(), Some("arm64"));
+        assert_eq!(s["absent"].status, "not-installed");
+        assert_eq!(s.len(), 4);
+    }
+}
