@@ -1,1 +1,232 @@
-fn main() {}
+//! `debfleet`: the operator's console.
+
+mod cmds;
+mod fleet;
+mod output;
+mod request;
+mod serve;
+mod session;
+mod watch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit statuses, documented in the README.
+pub mod exit {
+    /// A device or operation failed, timed out or was not reachable.
+    pub const FAILED: u8 = 1;
+    /// Bad usage or invalid input (clap uses 2 as well).
+    pub const USAGE: u8 = 2;
+    /// The broker could not be reached or the connection was lost.
+    pub const UNREACHABLE: u8 = 3;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "debfleet",
+    version,
+    about = "Control a fleet of Debian devices over MQTT"
+)]
+struct Cli {
+    /// Broker URL (mqtt://HOST:PORT or mqtts://HOST:PORT).
+    #[arg(
+        long,
+        global = true,
+        env = "DEBFLEET_BROKER",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
+    broker: String,
+    /// CA certificate for an mqtts:// broker.
+    #[arg(long, global = true, env = "DEBFLEET_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Topic prefix.
+    #[arg(
+        long,
+        global = true,
+        env = "DEBFLEET_PREFIX",
+        default_value = "debfleet"
+    )]
+    prefix: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Targets {
+    /// Device ids.
+    pub devices: Vec<String>,
+    /// Every device in this group (one publish; the broker fans out).
+    #[arg(long, conflicts_with_all = ["devices", "all"])]
+    pub group: Option<String>,
+    /// Every device in the fleet (one publish).
+    #[arg(long, conflicts_with_all = ["devices", "group"])]
+    pub all: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every device known from the broker's retained topics.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything known about one device: meta, status, cfg, state, last telemetry, operations.
+    Show {
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ping devices and show each one's round trip.
+    Ping {
+        #[command(flatten)]
+        targets: Targets,
+        /// Seconds to wait for answers.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read or change a device's runtime configuration.
+    Cfg {
+        #[command(subcommand)]
+        action: CfgAction,
+    },
+    /// Follow status changes, operations, logs and telemetry live (Ctrl-C stops).
+    Watch {
+        /// Only this device.
+        device: Option<String>,
+        /// Only devices of this group.
+        #[arg(long, conflicts_with = "device")]
+        group: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a device's operations, or clear finished ones.
+    Ops {
+        device: String,
+        /// Clear finished operations (all, or those older than --older-than).
+        #[arg(long)]
+        clear: bool,
+        /// With --clear: only those finished at least this many seconds ago.
+        #[arg(long, requires = "clear")]
+        older_than: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the zero-setup services: an embedded MQTT broker on 127.0.0.1.
+    Serve {
+        /// Address the embedded broker listens on.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum CfgAction {
+    /// Print the effective configuration.
+    Get {
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change keys, e.g. `telemetry.cpu.interval_s=5 logs.level=debug`.
+    Set {
+        device: String,
+        #[arg(required = true)]
+        assignments: Vec<String>,
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub struct Ctx {
+    pub broker: String,
+    pub ca_file: Option<PathBuf>,
+    pub topics: debfleet_protocol::Topics,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let topics = match debfleet_protocol::Topics::new(&cli.prefix) {
+        Ok(t) => t,
+        Err(_) => {
+            eprintln!(
+                "debfleet: --prefix {:?} is not a valid topic prefix",
+                cli.prefix
+            );
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let ctx = Ctx {
+        broker: cli.broker,
+        ca_file: cli.ca_file,
+        topics,
+    };
+    if let Command::Serve { listen } = cli.command {
+        return match serve::run(listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("debfleet: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Devices { json } => cmds::devices(&ctx, json).await,
+            Command::Show { device, json } => cmds::show(&ctx, &device, json).await,
+            Command::Ping {
+                targets,
+                timeout,
+                json,
+            } => cmds::ping(&ctx, &targets, timeout, json).await,
+            Command::Cfg {
+                action: CfgAction::Get { device, json },
+            } => cmds::cfg_get(&ctx, &device, json).await,
+            Command::Cfg {
+                action:
+                    CfgAction::Set {
+                        device,
+                        assignments,
+                        timeout,
+                        json,
+                    },
+            } => cmds::cfg_set(&ctx, &device, &assignments, timeout, json).await,
+            Command::Watch {
+                device,
+                group,
+                json,
+            } => watch::run(&ctx, device, group, json).await,
+            Command::Ops {
+                device,
+                clear,
+                older_than,
+                json,
+            } => cmds::ops(&ctx, &device, clear, older_than, json).await,
+            Command::Serve { .. } => unreachable!("handled above"),
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("debfleet: {e:#}");
+            let code = if e.downcast_ref::<session::Unreachable>().is_some() {
+                exit::UNREACHABLE
+            } else if e.downcast_ref::<cmds::UsageError>().is_some() {
+                exit::USAGE
+            } else {
+                exit::FAILED
+            };
+            ExitCode::from(code)
+        }
+    }
+}

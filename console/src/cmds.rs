@@ -1,0 +1,431 @@
+//! The request/response subcommands.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use debfleet_protocol::cfg::patch_from_assignments;
+use debfleet_protocol::{DeviceId, GroupName};
+use serde_json::{json, Map, Value};
+
+use crate::exit;
+use crate::fleet::{Device, Fleet};
+use crate::output::{ago, flatten, table, Spinner};
+use crate::request::{send_and_wait, Outcome, Target};
+use crate::session::{ConnectOptions, Session};
+use crate::{Ctx, Targets};
+
+/// Invalid input from the operator (exit status 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+fn device_id(s: &str) -> Result<DeviceId> {
+    DeviceId::new(s).map_err(|e| usage(e.to_string()))
+}
+
+/// Connects and reads the whole retained fleet.
+pub async fn load_fleet(ctx: &Ctx) -> Result<(Session, Fleet)> {
+    let mut session = Session::connect(ConnectOptions {
+        url: &ctx.broker,
+        ca_file: ctx.ca_file.as_deref(),
+        prefix: ctx.topics.prefix(),
+    })
+    .await?;
+    let spinner = Spinner::start("reading the fleet from the broker".into());
+    let retained = session.retained(&[ctx.topics.fleet_filter()]).await?;
+    drop(spinner);
+    let mut fleet = Fleet::default();
+    for m in retained {
+        if let crate::fleet::Change::Invalid(why) = fleet.apply(&ctx.topics, &m.topic, &m.payload) {
+            eprintln!("debfleet: ignoring an invalid message: {why}");
+        }
+    }
+    Ok((session, fleet))
+}
+
+fn device_row(id: &DeviceId, d: &Device) -> Vec<String> {
+    let since = d.status.as_ref().map(|s| ago(&s.since)).unwrap_or_default();
+    let version = d
+        .meta
+        .as_ref()
+        .map(|m| m.agent_version.clone())
+        .unwrap_or_default();
+    let groups = d
+        .groups()
+        .iter()
+        .map(|g| g.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        id.to_string(),
+        d.status_word().into(),
+        since,
+        version,
+        groups,
+    ]
+}
+
+fn device_json(id: &DeviceId, d: &Device) -> Value {
+    json!({
+        "id": id,
+        "status": d.status_word(),
+        "since": d.status.as_ref().map(|s| s.since.clone()),
+        "agent_version": d.meta.as_ref().map(|m| m.agent_version.clone()),
+        "groups": d.groups(),
+        "hostname": d.meta.as_ref().map(|m| m.hostname.clone()),
+    })
+}
+
+pub async fn devices(ctx: &Ctx, json: bool) -> Result<u8> {
+    let (session, fleet) = load_fleet(ctx).await?;
+    session.disconnect().await;
+    if json {
+        let list: Vec<Value> = fleet
+            .devices
+            .iter()
+            .map(|(id, d)| device_json(id, d))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else if fleet.devices.is_empty() {
+        println!("no devices known to the broker at {}", ctx.broker);
+    } else {
+        let rows: Vec<Vec<String>> = fleet
+            .devices
+            .iter()
+            .map(|(id, d)| device_row(id, d))
+            .collect();
+        print!(
+            "{}",
+            table(&["DEVICE", "STATUS", "SINCE", "AGENT", "GROUPS"], &rows)
+        );
+    }
+    Ok(0)
+}
+
+fn known<'a>(fleet: &'a Fleet, id: &DeviceId) -> Result<&'a Device> {
+    fleet
+        .devices
+        .get(id)
+        .ok_or_else(|| anyhow::anyhow!("device {id} is not known to the broker"))
+}
+
+pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
+    let id = device_id(device)?;
+    let (session, fleet) = load_fleet(ctx).await?;
+    session.disconnect().await;
+    let d = known(&fleet, &id)?;
+    let ops: Vec<&debfleet_protocol::OpRecord> = d.ops.values().collect();
+    let all = json!({
+        "id": id,
+        "meta": d.meta,
+        "status": d.status,
+        "cfg": d.cfg,
+        "packages": d.packages,
+        "telemetry": d.telemetry,
+        "ops": ops,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(0);
+    }
+    println!(
+        "{id}: {} {}",
+        d.status_word(),
+        d.status
+            .as_ref()
+            .map(|s| format!("since {} ({})", s.since, ago(&s.since)))
+            .unwrap_or_default()
+    );
+    if let Some(m) = &d.meta {
+        let groups = m
+            .groups
+            .iter()
+            .map(|g| g.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = vec![
+            vec!["hostname".into(), m.hostname.clone()],
+            vec![
+                "os".into(),
+                if m.os.pretty_name.is_empty() {
+                    m.os.id.clone()
+                } else {
+                    m.os.pretty_name.clone()
+                },
+            ],
+            vec!["arch".into(), m.arch.clone()],
+            vec!["kernel".into(), m.kernel.clone()],
+            vec!["boot id".into(), m.boot_id.clone()],
+            vec!["agent".into(), m.agent_version.clone()],
+            vec!["groups".into(), groups],
+        ];
+        print!("\n{}", table(&["META", ""], &rows));
+    }
+    if let Some(t) = &d.telemetry {
+        let mut rows = Vec::new();
+        if let Some(c) = t.cpu {
+            rows.push(vec!["cpu".into(), format!("{c:.1}%")]);
+        }
+        if let Some(m) = t.memory {
+            rows.push(vec!["memory".into(), format!("{m:.1}%")]);
+        }
+        for (mount, v) in &t.disk {
+            rows.push(vec![format!("disk {mount}"), format!("{v:.1}%")]);
+        }
+        print!(
+            "\n{}",
+            table(&[&format!("TELEMETRY ({})", ago(&t.ts)), ""], &rows)
+        );
+    }
+    if let Some(p) = &d.packages {
+        let rows: Vec<Vec<String>> = p
+            .packages
+            .iter()
+            .map(|(n, s)| {
+                vec![
+                    n.clone(),
+                    s.version.clone().unwrap_or_else(|| "-".into()),
+                    s.status.clone(),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            print!("\n{}", table(&["PACKAGE", "VERSION", "STATUS"], &rows));
+        }
+    }
+    if let Some(c) = &d.cfg {
+        let rows: Vec<Vec<String>> = flatten(&serde_json::to_value(&c.cfg)?)
+            .into_iter()
+            .map(|(k, v)| vec![k, v])
+            .collect();
+        print!("\n{}", table(&["CFG", "VALUE"], &rows));
+    }
+    if !ops.is_empty() {
+        print!("\n{}", ops_table(&ops));
+    }
+    Ok(0)
+}
+
+fn ops_table(ops: &[&debfleet_protocol::OpRecord]) -> String {
+    let mut ops = ops.to_vec();
+    ops.sort_by(|a, b| a.accepted_at.cmp(&b.accepted_at));
+    let rows: Vec<Vec<String>> = ops
+        .iter()
+        .map(|r| {
+            let detail = match (&r.error, &r.result) {
+                (Some(e), _) => format!("{}: {}", e.code.as_str(), e.message),
+                (None, Some(v)) => v.to_string(),
+                _ => String::new(),
+            };
+            vec![
+                r.id.to_string(),
+                r.verb.clone(),
+                r.state.as_str().into(),
+                ago(&r.updated_at),
+                detail,
+            ]
+        })
+        .collect();
+    table(&["OPERATION", "VERB", "STATE", "UPDATED", "DETAIL"], &rows)
+}
+
+fn targets(t: &Targets) -> Result<Target> {
+    if t.all {
+        return Ok(Target::All);
+    }
+    if let Some(g) = &t.group {
+        return Ok(Target::Group(
+            GroupName::new(g.as_str()).map_err(|e| usage(e.to_string()))?,
+        ));
+    }
+    if t.devices.is_empty() {
+        bail!(usage("name devices, or use --group G or --all"));
+    }
+    Ok(Target::Devices(
+        t.devices
+            .iter()
+            .map(|d| device_id(d))
+            .collect::<Result<_>>()?,
+    ))
+}
+
+fn print_outcomes(outcomes: &[Outcome], json: bool) -> Result<u8> {
+    if json {
+        let list: Vec<Value> = outcomes.iter().map(Outcome::to_json).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        let rows: Vec<Vec<String>> = outcomes
+            .iter()
+            .map(|o| {
+                vec![
+                    o.device.to_string(),
+                    if o.ok { "ok".into() } else { "FAILED".into() },
+                    o.rtt_ms
+                        .map(|r| format!("{r} ms"))
+                        .unwrap_or_else(|| "-".into()),
+                    o.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        print!("{}", table(&["DEVICE", "RESULT", "RTT", "DETAIL"], &rows));
+    }
+    Ok(if outcomes.iter().all(|o| o.ok) {
+        0
+    } else {
+        exit::FAILED
+    })
+}
+
+fn seconds(s: f64) -> Result<Duration> {
+    if !(s.is_finite() && s > 0.0 && s <= 86_400.0) {
+        bail!(usage(format!(
+            "timeout {s} must be between 0 and 86400 seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+pub async fn ping(ctx: &Ctx, t: &Targets, timeout: f64, json: bool) -> Result<u8> {
+    let target = targets(t)?;
+    let timeout = seconds(timeout)?;
+    let (mut session, mut fleet) = load_fleet(ctx).await?;
+    let outcomes = send_and_wait(
+        &mut session,
+        &ctx.topics,
+        &mut fleet,
+        &target,
+        "ping",
+        Map::new(),
+        timeout,
+    )
+    .await?;
+    session.disconnect().await;
+    print_outcomes(&outcomes, json)
+}
+
+pub async fn cfg_get(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
+    let id = device_id(device)?;
+    let (session, fleet) = load_fleet(ctx).await?;
+    session.disconnect().await;
+    let cfg = known(&fleet, &id)?
+        .cfg
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("device {id} has not published its configuration"))?;
+    print_cfg(&serde_json::to_value(&cfg.cfg)?, json)
+}
+
+fn print_cfg(v: &Value, json: bool) -> Result<u8> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        let rows: Vec<Vec<String>> = flatten(v).into_iter().map(|(k, v)| vec![k, v]).collect();
+        print!("{}", table(&["KEY", "VALUE"], &rows));
+    }
+    Ok(0)
+}
+
+pub async fn cfg_set(
+    ctx: &Ctx,
+    device: &str,
+    assignments: &[String],
+    timeout: f64,
+    json: bool,
+) -> Result<u8> {
+    let id = device_id(device)?;
+    let timeout = seconds(timeout)?;
+    let patch = patch_from_assignments(assignments).map_err(|e| usage(e.to_string()))?;
+    let (mut session, mut fleet) = load_fleet(ctx).await?;
+    // Check locally first so an obvious mistake names the key without a round trip.
+    if let Some(cfg) = fleet.devices.get(&id).and_then(|d| d.cfg.as_ref()) {
+        cfg.cfg
+            .apply_patch(&patch)
+            .map_err(|e| usage(e.to_string()))?;
+    }
+    let mut args = Map::new();
+    args.insert("set".into(), patch);
+    let outcomes = send_and_wait(
+        &mut session,
+        &ctx.topics,
+        &mut fleet,
+        &Target::Devices(vec![id]),
+        "cfg",
+        args,
+        timeout,
+    )
+    .await?;
+    session.disconnect().await;
+    let o = &outcomes[0];
+    match (&o.record, o.ok) {
+        (Some(r), true) => print_cfg(r.result.as_ref().unwrap_or(&Value::Null), json),
+        _ => {
+            bail!("{}: {}", o.device, o.error.clone().unwrap_or_default())
+        }
+    }
+}
+
+pub async fn ops(
+    ctx: &Ctx,
+    device: &str,
+    clear: bool,
+    older_than: Option<u64>,
+    json: bool,
+) -> Result<u8> {
+    let id = device_id(device)?;
+    let (mut session, mut fleet) = load_fleet(ctx).await?;
+    known(&fleet, &id)?;
+    if clear {
+        let mut args = Map::new();
+        if let Some(s) = older_than {
+            args.insert("older_than_s".into(), json!(s));
+        }
+        let outcomes = send_and_wait(
+            &mut session,
+            &ctx.topics,
+            &mut fleet,
+            &Target::Devices(vec![id]),
+            "clear",
+            args,
+            Duration::from_secs(10),
+        )
+        .await?;
+        session.disconnect().await;
+        let o = &outcomes[0];
+        if !o.ok {
+            bail!("{}: {}", o.device, o.error.clone().unwrap_or_default());
+        }
+        let result = o
+            .record
+            .as_ref()
+            .and_then(|r| r.result.clone())
+            .unwrap_or(Value::Null);
+        if json {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        } else {
+            let n = result["cleared"].as_array().map(|a| a.len()).unwrap_or(0);
+            println!("cleared {n} finished operation(s) on {}", o.device);
+        }
+        return Ok(0);
+    }
+    session.disconnect().await;
+    let d = known(&fleet, &id)?;
+    let ops: Vec<&debfleet_protocol::OpRecord> = d.ops.values().collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&ops)?);
+    } else if ops.is_empty() {
+        println!("no operations retained for {id}");
+    } else {
+        print!("{}", ops_table(&ops));
+    }
+    Ok(0)
+}

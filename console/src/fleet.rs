@@ -1,0 +1,151 @@
+//! The fleet as the retained topics describe it, assembled from messages. Pure: no IO.
+
+use std::collections::BTreeMap;
+
+use debfleet_protocol::{
+    CfgMessage, DeviceId, GroupName, Meta, OpId, OpRecord, PackagesState, Status, Telemetry, Topic,
+    Topics,
+};
+
+#[derive(Debug, Default, Clone)]
+pub struct Device {
+    pub meta: Option<Meta>,
+    pub status: Option<Status>,
+    pub cfg: Option<CfgMessage>,
+    pub packages: Option<PackagesState>,
+    pub telemetry: Option<Telemetry>,
+    pub ops: BTreeMap<OpId, OpRecord>,
+}
+
+impl Device {
+    pub fn groups(&self) -> &[GroupName] {
+        self.meta
+            .as_ref()
+            .map(|m| m.groups.as_slice())
+            .unwrap_or(&[])
+    }
+
+    pub fn status_word(&self) -> &'static str {
+        self.status
+            .as_ref()
+            .map(|s| s.state.as_str())
+            .unwrap_or("unknown")
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| s.state == debfleet_protocol::Liveness::Online)
+    }
+}
+
+/// What one message changed, for callers that react to changes (watch, waiting for results).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Status(DeviceId),
+    Op(DeviceId, OpId),
+    Other(DeviceId),
+    /// A payload that did not parse; the message says why.
+    Invalid(String),
+    Ignored,
+}
+
+#[derive(Debug, Default)]
+pub struct Fleet {
+    pub devices: BTreeMap<DeviceId, Device>,
+}
+
+impl Fleet {
+    pub fn apply(&mut self, topics: &Topics, topic: &str, payload: &[u8]) -> Change {
+        let Ok(t) = topics.parse(topic) else {
+            return Change::Ignored;
+        };
+        let Some(dev) = t.device().cloned() else {
+            return Change::Ignored;
+        };
+        let empty = payload.is_empty();
+        let invalid = |e: serde_json::Error| Change::Invalid(format!("{topic}: {e}"));
+        // An empty retained payload deletes the fact.
+        macro_rules! set {
+            ($field:ident) => {{
+                let d = self.devices.entry(dev.clone()).or_default();
+                if empty {
+                    d.$field = None;
+                } else {
+                    match serde_json::from_slice(payload) {
+                        Ok(v) => d.$field = Some(v),
+                        Err(e) => return invalid(e),
+                    }
+                }
+            }};
+        }
+        match t {
+            Topic::Meta(_) => set!(meta),
+            Topic::Status(_) => {
+                set!(status);
+                return Change::Status(dev);
+            }
+            Topic::Cfg(_) => set!(cfg),
+            Topic::StatePackages(_) => set!(packages),
+            Topic::Telemetry(_) => set!(telemetry),
+            Topic::Op(_, op) => {
+                let d = self.devices.entry(dev.clone()).or_default();
+                if empty {
+                    d.ops.remove(&op);
+                } else {
+                    match serde_json::from_slice::<OpRecord>(payload) {
+                        Ok(r) => {
+                            d.ops.insert(op.clone(), r);
+                        }
+                        Err(e) => return invalid(e),
+                    }
+                }
+                return Change::Op(dev, op);
+            }
+            Topic::Logs(_) | Topic::Rejected(_) => {}
+            Topic::DeviceCmd(..) | Topic::GroupCmd(..) | Topic::FleetCmd(_) => {
+                return Change::Ignored
+            }
+        }
+        // A device that has deleted all its facts is gone.
+        if self.devices.get(&dev).is_some_and(|d| {
+            d.meta.is_none() && d.status.is_none() && d.cfg.is_none() && d.ops.is_empty()
+        }) {
+            self.devices.remove(&dev);
+        }
+        Change::Other(dev)
+    }
+
+    pub fn members(&self, group: &GroupName) -> Vec<DeviceId> {
+        self.devices
+            .iter()
+            .filter(|(_, d)| d.groups().contains(group))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assembles_devices_and_forgets_deleted_facts() {
+        let t = Topics::default();
+        let mut f = Fleet::default();
+        let status =
+            br#"{"v":1,"state":"online","since":"2026-01-01T00:00:00.000Z","boot_id":"b"}"#;
+        assert_eq!(
+            f.apply(&t, "debfleet/device/d1/status", status),
+            Change::Status(DeviceId::new("d1").unwrap())
+        );
+        assert!(f.devices[&DeviceId::new("d1").unwrap()].is_online());
+        assert!(matches!(
+            f.apply(&t, "debfleet/device/d1/meta", b"{bad"),
+            Change::Invalid(_)
+        ));
+        assert_eq!(f.apply(&t, "other/topic", b"x"), Change::Ignored);
+        f.apply(&t, "debfleet/device/d1/status", b"");
+        assert!(f.devices.is_empty());
+    }
+}

@@ -1,0 +1,174 @@
+//! Commands from the console: one publish per device, or one for a whole group or the fleet,
+//! then the wait for each target's final operation state.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use debfleet_protocol::{DeviceId, GroupName, OpId, OpRecord, Topic, Topics};
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use crate::fleet::{Change, Fleet};
+use crate::output::Spinner;
+use crate::session::Session;
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    Devices(Vec<DeviceId>),
+    Group(GroupName),
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub device: DeviceId,
+    pub ok: bool,
+    pub rtt_ms: Option<u64>,
+    pub record: Option<OpRecord>,
+    /// Why it failed, when it did: the device's error, or `offline`, `unknown device`, `timed out`.
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "id": self.device,
+            "ok": self.ok,
+            "rtt_ms": self.rtt_ms,
+            "state": self.record.as_ref().map(|r| r.state.as_str()),
+            "result": self.record.as_ref().and_then(|r| r.result.clone()),
+            "error": self.error,
+            "code": self.record.as_ref().and_then(|r| r.error.as_ref()).map(|e| e.code.as_str()),
+        })
+    }
+}
+
+pub fn new_op_id(verb: &str) -> OpId {
+    let id = format!(
+        "{verb}-{}-{:04x}",
+        debfleet_protocol::time::now_unix_ms(),
+        fastrand::u16(..)
+    );
+    OpId::new(id).expect("generated ids are valid")
+}
+
+fn failed(device: DeviceId, why: &str) -> Outcome {
+    Outcome {
+        device,
+        ok: false,
+        rtt_ms: None,
+        record: None,
+        error: Some(why.to_owned()),
+    }
+}
+
+/// Sends `verb` with `args` to the targets and waits up to `timeout` for every reachable one.
+/// Targets that are not online are reported at once instead of being waited for.
+pub async fn send_and_wait(
+    session: &mut Session,
+    topics: &Topics,
+    fleet: &mut Fleet,
+    target: &Target,
+    verb: &str,
+    mut args: Map<String, Value>,
+    timeout: Duration,
+) -> Result<Vec<Outcome>> {
+    let id = new_op_id(verb);
+    args.insert("id".into(), Value::String(id.to_string()));
+    let payload = serde_json::to_vec(&Value::Object(args))?;
+    let candidates: Vec<DeviceId> = match target {
+        Target::Devices(ids) => ids.clone(),
+        Target::Group(g) => fleet.members(g),
+        Target::All => fleet.devices.keys().cloned().collect(),
+    };
+    if candidates.is_empty() {
+        match target {
+            Target::Group(g) => bail!("no known device is in group {g}"),
+            _ => bail!("no devices known to the broker"),
+        }
+    }
+    let mut done: BTreeMap<DeviceId, Outcome> = BTreeMap::new();
+    let mut waiting = Vec::new();
+    for d in candidates {
+        match fleet.devices.get(&d) {
+            None => {
+                done.insert(d.clone(), failed(d, "unknown device"));
+            }
+            Some(dev) if !dev.is_online() => {
+                let why = dev.status_word();
+                done.insert(d.clone(), failed(d, why));
+            }
+            Some(_) => waiting.push(d),
+        }
+    }
+    let started = Instant::now();
+    match target {
+        Target::Devices(_) => {
+            for d in &waiting {
+                session
+                    .publish(
+                        topics.name(&Topic::DeviceCmd(d.clone(), verb.into())),
+                        payload.clone(),
+                        false,
+                    )
+                    .await?;
+            }
+        }
+        Target::Group(g) if !waiting.is_empty() => {
+            session
+                .publish(
+                    topics.name(&Topic::GroupCmd(g.clone(), verb.into())),
+                    payload,
+                    false,
+                )
+                .await?
+        }
+        Target::All if !waiting.is_empty() => {
+            session
+                .publish(topics.name(&Topic::FleetCmd(verb.into())), payload, false)
+                .await?
+        }
+        _ => {}
+    }
+    let spinner = Spinner::start(format!("{verb}: waiting for {} device(s)", waiting.len()));
+    let deadline = started + timeout;
+    while waiting.iter().any(|d| !done.contains_key(d)) {
+        let msg = match tokio::time::timeout_at(deadline, session.recv()).await {
+            Ok(m) => m?,
+            Err(_) => break,
+        };
+        if let Change::Op(dev, op) = fleet.apply(topics, &msg.topic, &msg.payload) {
+            if op != id || done.contains_key(&dev) || !waiting.contains(&dev) {
+                continue;
+            }
+            let Some(record) = fleet.devices.get(&dev).and_then(|d| d.ops.get(&op)) else {
+                continue;
+            };
+            if record.state.is_final() {
+                let ok = record.state == debfleet_protocol::OpState::Succeeded;
+                let error = record
+                    .error
+                    .as_ref()
+                    .map(|e| format!("{}: {}", e.code.as_str(), e.message));
+                let rtt = started.elapsed().as_millis() as u64;
+                done.insert(
+                    dev.clone(),
+                    Outcome {
+                        device: dev,
+                        ok,
+                        rtt_ms: Some(rtt),
+                        record: Some(record.clone()),
+                        error,
+                    },
+                );
+            }
+        }
+    }
+    drop(spinner);
+    for d in waiting {
+        done.entry(d.clone())
+            .or_insert_with(|| failed(d, "timed out"));
+    }
+    Ok(done.into_values().collect())
+}

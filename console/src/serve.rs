@@ -1,0 +1,51 @@
+//! `debfleet serve`: the zero-setup services. For now an embedded MQTT broker (rumqttd) on a
+//! local address; production fleets use Mosquitto or any MQTT 3.1.1 broker instead.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+pub fn run(listen: SocketAddr) -> Result<()> {
+    // Bind once ourselves so a busy port is a clear error instead of a panic in a broker thread.
+    std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let server = ServerSettings {
+        name: "v4".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: debfleet_protocol::limits::MAX_PACKET_BYTES,
+            max_inflight_count: 200,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 104_857_600,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("v4".to_owned(), server)])),
+        v5: None,
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: None,
+    };
+    eprintln!("debfleet: embedded MQTT broker listening on mqtt://{listen} (Ctrl-C stops)");
+    let mut broker = Broker::new(config);
+    broker.start().context("embedded broker")?;
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! One console connection to the broker: connect (with a clear error when it cannot), subscribe,
+//! read the retained set to its end, publish commands, and hand every message to the caller.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use debfleet_protocol::limits::MAX_PACKET_BYTES;
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter, TlsConfiguration,
+    Transport,
+};
+use tokio::sync::mpsc;
+
+/// A message as the console sees it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// Delivered from the broker's retained store (as opposed to published live).
+    pub retained: bool,
+}
+
+pub struct Session {
+    client: AsyncClient,
+    rx: mpsc::Receiver<Message>,
+    client_id: String,
+    prefix: String,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerUrl {
+    pub fn parse(url: &str) -> Result<BrokerUrl> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            bail!("broker {url:?} must start with mqtt:// or mqtts://");
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.contains(']') || h.ends_with(']') => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| anyhow!("broker {url:?}: port {p:?} is not a number"))?,
+            ),
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            bail!("broker {url:?} has no host");
+        }
+        Ok(BrokerUrl {
+            host: host.into(),
+            port,
+            tls,
+        })
+    }
+}
+
+pub struct ConnectOptions<'a> {
+    pub url: &'a str,
+    pub ca_file: Option<&'a std::path::Path>,
+    pub prefix: &'a str,
+}
+
+impl Session {
+    pub async fn connect(opts: ConnectOptions<'_>) -> Result<Session> {
+        let url = BrokerUrl::parse(opts.url)?;
+        let client_id = format!("debfleet-console-{:08x}", fastrand::u32(..));
+        let mut mo = MqttOptions::new(&client_id, &url.host, url.port);
+        mo.set_keep_alive(Duration::from_secs(30));
+        mo.set_clean_session(true);
+        mo.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        if url.tls {
+            let ca_path = opts
+                .ca_file
+                .context("an mqtts:// broker needs --ca-file (or DEBFLEET_CA_FILE)")?;
+            let ca =
+                std::fs::read(ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            mo.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+                ca,
+                alpn: None,
+                client_auth: None,
+            }));
+        }
+        let (client, mut eventloop) = AsyncClient::new(mo, 1024);
+        // The first ConnAck (or the first error) decides whether the broker is reachable.
+        let first = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match first {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(anyhow!(Unreachable(format!(
+                    "cannot reach the broker at {}: {e}",
+                    opts.url
+                ))))
+            }
+            Err(_) => {
+                return Err(anyhow!(Unreachable(format!(
+                    "no answer from the broker at {} within 5 s",
+                    opts.url
+                ))))
+            }
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let pump = tokio::spawn(pump(eventloop, tx));
+        Ok(Session {
+            client,
+            rx,
+            client_id,
+            prefix: opts.prefix.to_owned(),
+            pump,
+        })
+    }
+
+    pub async fn subscribe(&self, filters: &[String]) -> Result<()> {
+        let filters = filters
+            .iter()
+            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        self.client
+            .subscribe_many(filters)
+            .await
+            .context("subscribing")
+    }
+
+    pub async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<()> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .context("publishing")
+    }
+
+    pub async fn recv(&mut self) -> Result<Message> {
+        self.rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow!(Unreachable("the connection to the broker was lost".into())))
+    }
+
+    /// Subscribes to `filters` and returns every retained message they match. Completion is
+    /// known, not guessed: after the subscription the console publishes a marker to a topic
+    /// only it listens to; the broker handles the subscription (and queues the retained
+    /// messages) before it routes the marker back.
+    pub async fn retained(&mut self, filters: &[String]) -> Result<Vec<Message>> {
+        let marker_topic = format!("{}/console/{}/sync", self.prefix, self.client_id);
+        let mut all = filters.to_vec();
+        all.push(marker_topic.clone());
+        self.subscribe(&all).await?;
+        let nonce = format!("{:016x}", fastrand::u64(..));
+        self.publish(marker_topic.clone(), nonce.clone().into_bytes(), false)
+            .await?;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.recv())
+                .await
+                .map_err(|_| {
+                    anyhow!("the broker did not echo the console's marker within 10 s")
+                })??;
+            if msg.topic == marker_topic {
+                if msg.payload == nonce.as_bytes() {
+                    return Ok(out);
+                }
+                continue;
+            }
+            out.push(msg);
+        }
+    }
+
+    /// Sends what is queued, then DISCONNECT, and waits (briefly) until it is on the wire.
+    pub async fn disconnect(self) {
+        let Session {
+            client, rx, pump, ..
+        } = self;
+        drop(rx);
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
+    }
+}
+
+/// The broker could not be reached or dropped the connection (exit status 3).
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+async fn pump(mut eventloop: EventLoop, tx: mpsc::Sender<Message>) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let msg = Message {
+                    topic: p.topic.clone(),
+                    payload: p.payload.to_vec(),
+                    retained: p.retain,
+                };
+                // Once the receiver is gone the loop keeps running only to flush the DISCONNECT.
+                let _ = tx.send(msg).await;
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            // A console session is short; rather than reconnecting behind the operator's back
+            // (and missing messages), it reports the loss.
+            Err(_) => return,
+        }
+    }
+}
