@@ -131,7 +131,11 @@ async fn run(
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The first tick comes a second after start, so the first CPU figure spans a real interval.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe = telemetry::SystemProbe::new();
     let mut sampler = telemetry::Sampler::default();
@@ -145,6 +149,8 @@ async fn run(
             ev = net_rx.recv() => match ev {
                 Some(NetEvent::Connected { since }) => {
                     connected = true;
+                    // Thresholds compare with what the broker last got; after a gap, start over.
+                    sampler = telemetry::Sampler::default();
                     core.on_connected(since, time::now_unix_ms())
                 }
                 Some(NetEvent::Disconnected) => {
@@ -158,8 +164,10 @@ async fn run(
             _ = tick.tick() => {
                 let now = Instant::now();
                 let mut outs = Vec::new();
-                if let Some(t) = sampler.tick(now, &core.runtime().telemetry, &mut probe) {
-                    outs.push(core.telemetry(&t));
+                if connected {
+                    if let Some(t) = sampler.tick(now, &core.runtime().telemetry, &mut probe) {
+                        outs.push(core.telemetry(&t));
+                    }
                 }
                 for batch in batcher.flush(now, &core.runtime().logs) {
                     outs.push(core.logs(&batch));

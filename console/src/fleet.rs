@@ -32,6 +32,15 @@ impl Device {
             .unwrap_or("unknown")
     }
 
+    fn is_empty(&self) -> bool {
+        self.meta.is_none()
+            && self.status.is_none()
+            && self.cfg.is_none()
+            && self.packages.is_none()
+            && self.telemetry.is_none()
+            && self.ops.is_empty()
+    }
+
     pub fn is_online(&self) -> bool {
         self.status
             .as_ref()
@@ -79,15 +88,27 @@ impl Fleet {
                 }
             }};
         }
-        match t {
-            Topic::Meta(_) => set!(meta),
+        let change = match t {
+            Topic::Meta(_) => {
+                set!(meta);
+                Change::Other(dev.clone())
+            }
             Topic::Status(_) => {
                 set!(status);
-                return Change::Status(dev);
+                Change::Status(dev.clone())
             }
-            Topic::Cfg(_) => set!(cfg),
-            Topic::StatePackages(_) => set!(packages),
-            Topic::Telemetry(_) => set!(telemetry),
+            Topic::Cfg(_) => {
+                set!(cfg);
+                Change::Other(dev.clone())
+            }
+            Topic::StatePackages(_) => {
+                set!(packages);
+                Change::Other(dev.clone())
+            }
+            Topic::Telemetry(_) => {
+                set!(telemetry);
+                Change::Other(dev.clone())
+            }
             Topic::Op(_, op) => {
                 let d = self.devices.entry(dev.clone()).or_default();
                 if empty {
@@ -100,20 +121,18 @@ impl Fleet {
                         Err(e) => return invalid(e),
                     }
                 }
-                return Change::Op(dev, op);
+                Change::Op(dev.clone(), op)
             }
-            Topic::Logs(_) | Topic::Rejected(_) => {}
+            Topic::Logs(_) | Topic::Rejected(_) => return Change::Other(dev),
             Topic::DeviceCmd(..) | Topic::GroupCmd(..) | Topic::FleetCmd(_) => {
                 return Change::Ignored
             }
-        }
-        // A device that has deleted all its facts is gone.
-        if self.devices.get(&dev).is_some_and(|d| {
-            d.meta.is_none() && d.status.is_none() && d.cfg.is_none() && d.ops.is_empty()
-        }) {
+        };
+        // A device whose facts have all been deleted is gone.
+        if empty && self.devices.get(&dev).is_some_and(Device::is_empty) {
             self.devices.remove(&dev);
         }
-        Change::Other(dev)
+        change
     }
 
     pub fn members(&self, group: &GroupName) -> Vec<DeviceId> {
@@ -145,7 +164,14 @@ mod tests {
             Change::Invalid(_)
         ));
         assert_eq!(f.apply(&t, "other/topic", b"x"), Change::Ignored);
+        // Facts arrive in any order; a device known only by its telemetry so far stays.
+        f.apply(
+            &t,
+            "debfleet/device/d2/telemetry",
+            br#"{"v":1,"ts":"2026-01-01T00:00:00.000Z","cpu":1.0}"#,
+        );
+        assert!(f.devices[&DeviceId::new("d2").unwrap()].telemetry.is_some());
         f.apply(&t, "debfleet/device/d1/status", b"");
-        assert!(f.devices.is_empty());
+        assert!(!f.devices.contains_key(&DeviceId::new("d1").unwrap()));
     }
 }

@@ -32,7 +32,8 @@ pub enum TopicError {
 }
 
 impl Topic {
-    /// Whether the device publishes this fact retained.
+    /// Whether the device publishes this fact retained. The latest telemetry sample is retained
+    /// too, so a console that connects sees current figures without waiting for the next one.
     pub fn retained(&self) -> bool {
         matches!(
             self,
@@ -41,6 +42,7 @@ impl Topic {
                 | Topic::Cfg(_)
                 | Topic::StatePackages(_)
                 | Topic::Op(..)
+                | Topic::Telemetry(_)
         )
     }
 

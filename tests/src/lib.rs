@@ -1,1 +1,427 @@
+//! Test harness for end-to-end tests: a real Mosquitto on a free loopback port, the real agent
+//! and console binaries, an MQTT observer, and a TCP proxy that can partition a connection.
+//!
+//! The binaries are the workspace's own build (`target/debug`); the README's test command
+//! builds them before the tests run.
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Where cargo put the workspace binaries: next to the test executable's `deps/` folder.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --bins)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_port(port: u16) {
+    wait_for(Duration::from_secs(10), "a listening port", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+}
+
+/// A real Mosquitto on a free loopback port, stopped on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Mosquitto {
+            port,
+            dir,
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).expect(
+            "mosquitto is not installed: run the README's test command (it installs it) or apt-get install mosquitto",
+        );
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        let child = Command::new(exe)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_port(self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port (retained state is not persisted: the agent
+    /// has to republish everything).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running `debfleet-agent` with its own state directory.
+pub struct Agent {
+    pub id: String,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct AgentSpec<'a> {
+    pub id: &'a str,
+    pub port: u16,
+    pub groups: &'a [&'a str],
+    /// More TOML appended to the configuration.
+    pub extra: &'a str,
+}
+
+impl Agent {
+    pub fn start(spec: AgentSpec) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let groups: Vec<String> = spec.groups.iter().map(|g| format!("{g:?}")).collect();
+        let text = format!(
+            "device_id = {:?}\nbroker = \"mqtt://127.0.0.1:{}\"\nstate_dir = {:?}\ngroups = [{}]\n\n[reconnect]\ninitial_delay_ms = 100\nmax_delay_s = 1\n\n{}\n",
+            spec.id,
+            spec.port,
+            dir.path().join("state"),
+            groups.join(", "),
+            spec.extra
+        );
+        let config = dir.path().join("agent.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut a = Agent {
+            id: spec.id.to_owned(),
+            dir,
+            config,
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let child = Command::new(bin("debfleet-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("INVOCATION_ID")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the process to exit and returns its status code (None: killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("running");
+        let status = wait_for(timeout, "the agent to exit", || child.try_wait().unwrap());
+        self.child = None;
+        status.code()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs the console binary against a broker.
+pub fn console(broker: &str, args: &[&str]) -> Output {
+    Command::new(bin("debfleet"))
+        .args(args)
+        .env("DEBFLEET_BROKER", broker)
+        .output()
+        .unwrap()
+}
+
+pub fn stdout_json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+impl Msg {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.payload).unwrap_or(Value::Null)
+    }
+}
+
+/// An MQTT client in the test: subscribes, records everything, publishes.
+pub struct Observer {
+    client: rumqttc::Client,
+    msgs: Arc<Mutex<Vec<Msg>>>,
+    _thread: thread::JoinHandle<()>,
+}
+
+impl Observer {
+    pub fn connect(port: u16, filters: &[&str]) -> Observer {
+        let mut opts =
+            rumqttc::MqttOptions::new(format!("test-{:08x}", rand_u32()), "127.0.0.1", port);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut conn) = rumqttc::Client::new(opts, 256);
+        for f in filters {
+            client.subscribe(*f, rumqttc::QoS::AtLeastOnce).unwrap();
+        }
+        let msgs = Arc::new(Mutex::new(Vec::new()));
+        let sink = msgs.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let expected = filters.len();
+        let thread = thread::spawn(move || {
+            let mut subacks = 0;
+            for ev in conn.iter() {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        sink.lock().unwrap().push(Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                        })
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        subacks += 1;
+                        if subacks == expected {
+                            let _ = ready_tx.send(());
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) if expected == 0 => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("observer subscribed");
+        Observer {
+            client,
+            msgs,
+            _thread: thread,
+        }
+    }
+
+    pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>, retain: bool) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.into())
+            .unwrap();
+    }
+
+    pub fn messages(&self) -> Vec<Msg> {
+        self.msgs.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.msgs.lock().unwrap().clear();
+    }
+
+    /// The first recorded message on `topic` satisfying `pred`, waiting for it.
+    pub fn wait(&self, topic: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(timeout, &format!("a matching message on {topic}"), || {
+            self.messages()
+                .into_iter()
+                .find(|m| m.topic == topic && pred(&m.json()))
+                .map(|m| m.json())
+        })
+    }
+
+    /// The latest recorded message on `topic`, if any.
+    pub fn last(&self, topic: &str) -> Option<Msg> {
+        self.messages().into_iter().rev().find(|m| m.topic == topic)
+    }
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    t ^ std::process::id().rotate_left(16)
+}
+
+/// A TCP proxy between agents and a broker that the test can partition: stop forwarding what
+/// clients send (their publishes vanish while they still believe they are connected), and cut
+/// every connection.
+pub struct Proxy {
+    pub port: u16,
+    stall_upstream: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stall = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (stall2, conns2) = (stall.clone(), conns.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                conns2
+                    .lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let stall = stall2.clone();
+                thread::spawn(move || pipe(client, server, Some(stall)));
+                thread::spawn(move || pipe(s2, c2, None));
+            }
+        });
+        Proxy {
+            port,
+            stall_upstream: stall,
+            conns,
+        }
+    }
+
+    pub fn stall_upstream(&self, on: bool) {
+        self.stall_upstream.store(on, Ordering::SeqCst);
+    }
+
+    pub fn cut_all(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, stall: Option<Arc<AtomicBool>>) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if stall.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            continue; // swallowed: the sender thinks it went out
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
