@@ -70,10 +70,7 @@ pub struct ReconnectCfg {
 
 impl Default for ReconnectCfg {
     fn default() -> Self {
-        ReconnectCfg {
-            initial_delay_ms: 500,
-            max_delay_s: 30,
-        }
+        ReconnectCfg { initial_delay_ms: 500, max_delay_s: 30 }
     }
 }
 
@@ -90,11 +87,7 @@ pub struct OpsCfg {
 
 impl Default for OpsCfg {
     fn default() -> Self {
-        OpsCfg {
-            keep_finished_s: 86_400,
-            max_retained: 50,
-            journal_size: 1024,
-        }
+        OpsCfg { keep_finished_s: 86_400, max_retained: 50, journal_size: 1024 }
     }
 }
 
@@ -117,9 +110,7 @@ impl BrokerAddr {
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| format!("{url:?}: port {p:?} is not a number"))?;
+                let port = p.parse::<u16>().map_err(|_| format!("{url:?}: port {p:?} is not a number"))?;
                 (h, port)
             }
             _ => (rest, if tls { 8883 } else { 1883 }),
@@ -128,11 +119,7 @@ impl BrokerAddr {
         if host.is_empty() || host.contains('/') {
             return Err(format!("{url:?} has no host"));
         }
-        Ok(BrokerAddr {
-            host: host.to_owned(),
-            port,
-            tls,
-        })
+        Ok(BrokerAddr { host: host.to_owned(), port, tls })
     }
 }
 
@@ -158,17 +145,14 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("configuration {}", path.display()))
     }
 
     pub fn parse(text: &str) -> Result<AgentConfig> {
         let f: FileConfig = toml::from_str(text)?;
         let device_id = DeviceId::new(f.device_id).context("device_id")?;
-        let broker = BrokerAddr::parse(&f.broker)
-            .map_err(anyhow::Error::msg)
-            .context("broker")?;
+        let broker = BrokerAddr::parse(&f.broker).map_err(anyhow::Error::msg).context("broker")?;
         if broker.tls && f.ca_file.is_none() {
             bail!("ca_file: required with an mqtts:// broker (the CA that signed the broker's certificate)");
         }
@@ -235,9 +219,7 @@ pub fn valid_package_name(name: &str) -> bool {
     b.len() >= 2
         && b.len() <= 128
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|&c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'+' | b'-' | b'.')
-        })
+        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'+' | b'-' | b'.'))
 }
 
 /// Overrides set with the `cfg` command, kept as one accumulated patch so that later edits of
@@ -264,9 +246,7 @@ impl Overrides {
         match file.apply_patch(&self.patch) {
             Ok(cfg) => cfg,
             Err(e) => {
-                tracing::warn!(
-                    "ignoring stored configuration overrides ({e}); using the file's values"
-                );
+                tracing::warn!("ignoring stored configuration overrides ({e}); using the file's values");
                 self.patch = Value::Object(Default::default());
                 file.clone()
             }
@@ -277,11 +257,7 @@ impl Overrides {
     pub fn add(&mut self, patch: &Value) -> std::io::Result<()> {
         let mut merged = self.patch.clone();
         deep_merge(&mut merged, patch);
-        write_atomic(
-            &self.path,
-            serde_json::to_string_pretty(&merged)?.as_bytes(),
-            true,
-        )?;
+        write_atomic(&self.path, serde_json::to_string_pretty(&merged)?.as_bytes(), true)?;
         self.patch = merged;
         Ok(())
     }
@@ -307,21 +283,13 @@ fn deep_merge(target: &mut Value, patch: &Value) {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str =
-        "device_id = \"dev-1\"\nbroker = \"mqtt://127.0.0.1:1883\"\nstate_dir = \"/tmp/x\"\n";
+    const MINIMAL: &str = "device_id = \"dev-1\"\nbroker = \"mqtt://127.0.0.1:1883\"\nstate_dir = \"/tmp/x\"\n";
 
     #[test]
     fn minimal_config_gets_defaults() {
         let c = AgentConfig::parse(MINIMAL).unwrap();
         assert_eq!(c.device_id.as_str(), "dev-1");
-        assert_eq!(
-            c.broker,
-            BrokerAddr {
-                host: "127.0.0.1".into(),
-                port: 1883,
-                tls: false
-            }
-        );
+        assert_eq!(c.broker, BrokerAddr { host: "127.0.0.1".into(), port: 1883, tls: false });
         assert_eq!(c.file_runtime, RuntimeCfg::default());
     }
 
@@ -341,18 +309,9 @@ mod tests {
             ("device_id = \"Bad\"\nbroker = \"mqtt://h\"\n", "device_id"),
             ("device_id = \"d\"\nbroker = \"http://h\"\n", "broker"),
             ("device_id = \"d\"\nbroker = \"mqtts://h\"\n", "ca_file"),
-            (
-                "device_id = \"d\"\nbroker = \"mqtt://h\"\nbogus = 1\n",
-                "bogus",
-            ),
-            (
-                "device_id = \"d\"\nbroker = \"mqtt://h\"\n[telemetry.cpu]\ninterval_s = 0\n",
-                "telemetry.cpu.interval_s",
-            ),
-            (
-                "device_id = \"d\"\nbroker = \"mqtt://h\"\npackages = [\"Bad;rm\"]\n",
-                "packages",
-            ),
+            ("device_id = \"d\"\nbroker = \"mqtt://h\"\nbogus = 1\n", "bogus"),
+            ("device_id = \"d\"\nbroker = \"mqtt://h\"\n[telemetry.cpu]\ninterval_s = 0\n", "telemetry.cpu.interval_s"),
+            ("device_id = \"d\"\nbroker = \"mqtt://h\"\npackages = [\"Bad;rm\"]\n", "packages"),
             ("broker = \"mqtt://h\"\n", "device_id"),
         ];
         for (text, key) in cases {
@@ -366,11 +325,7 @@ mod tests {
         assert_eq!(BrokerAddr::parse("mqtts://b.example").unwrap().port, 8883);
         assert_eq!(
             BrokerAddr::parse("mqtt://[::1]:1999").unwrap(),
-            BrokerAddr {
-                host: "::1".into(),
-                port: 1999,
-                tls: false
-            }
+            BrokerAddr { host: "::1".into(), port: 1999, tls: false }
         );
         assert!(BrokerAddr::parse("mqtt://h:port").is_err());
         assert!(BrokerAddr::parse("mqtt://").is_err());
@@ -381,15 +336,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = RuntimeCfg::default();
         let mut o = Overrides::load(dir.path());
-        o.add(&serde_json::json!({"telemetry": {"cpu": {"interval_s": 3}}}))
-            .unwrap();
-        o.add(&serde_json::json!({"telemetry": {"cpu": {"enabled": false}}}))
-            .unwrap();
+        o.add(&serde_json::json!({"telemetry": {"cpu": {"interval_s": 3}}})).unwrap();
+        o.add(&serde_json::json!({"telemetry": {"cpu": {"enabled": false}}})).unwrap();
         let eff = Overrides::load(dir.path()).effective(&file);
-        assert_eq!(
-            (eff.telemetry.cpu.interval_s, eff.telemetry.cpu.enabled),
-            (3, false)
-        );
+        assert_eq!((eff.telemetry.cpu.interval_s, eff.telemetry.cpu.enabled), (3, false));
         assert_eq!(eff.telemetry.memory, file.telemetry.memory);
     }
 }

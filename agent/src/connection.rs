@@ -7,8 +7,7 @@ use anyhow::{Context, Result};
 use debfleet_protocol::limits::MAX_PACKET_BYTES;
 use debfleet_protocol::time;
 use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
-    Transport,
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -29,11 +28,7 @@ pub enum NetEvent {
 }
 
 pub fn client(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop)> {
-    let mut opts = MqttOptions::new(
-        format!("debfleet-agent-{}", cfg.device_id),
-        &cfg.broker.host,
-        cfg.broker.port,
-    );
+    let mut opts = MqttOptions::new(format!("debfleet-agent-{}", cfg.device_id), &cfg.broker.host, cfg.broker.port);
     opts.set_keep_alive(cfg.keep_alive);
     opts.set_clean_session(true);
     opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
@@ -41,18 +36,10 @@ pub fn client(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop)> {
         opts.set_credentials(user, pass);
     }
     if cfg.broker.tls {
-        let ca_file = cfg
-            .ca_file
-            .as_ref()
-            .expect("validated: mqtts needs ca_file");
-        let ca = std::fs::read(ca_file)
-            .with_context(|| format!("ca_file: reading {}", ca_file.display()))?;
+        let ca_file = cfg.ca_file.as_ref().expect("validated: mqtts needs ca_file");
+        let ca = std::fs::read(ca_file).with_context(|| format!("ca_file: reading {}", ca_file.display()))?;
         let _ = rustls::crypto::ring::default_provider().install_default();
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-            ca,
-            alpn: None,
-            client_auth: None,
-        }));
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }));
     }
     Ok(AsyncClient::new(opts, 512))
 }
@@ -79,10 +66,7 @@ impl Backoff {
     }
 
     pub fn next_delay(&mut self) -> Duration {
-        let exp = self
-            .initial
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap);
+        let exp = self.initial.saturating_mul(1u32 << self.attempt.min(20)).min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
         let half = exp / 2;
         half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
@@ -103,8 +87,7 @@ pub async fn drive(
     let mut since = time::now();
     let set_will = |el: &mut EventLoop, since: &str| {
         let (topic, payload) = will(since);
-        el.mqtt_options
-            .set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
+        el.mqtt_options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
     };
     set_will(&mut eventloop, &since);
     loop {
@@ -117,20 +100,11 @@ pub async fn drive(
                 connected = true;
                 backoff.reset();
                 tracing::info!("connected to the broker");
-                let _ = events
-                    .send(NetEvent::Connected {
-                        since: since.clone(),
-                    })
-                    .await;
+                let _ = events.send(NetEvent::Connected { since: since.clone() }).await;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic.clone();
-                let _ = events
-                    .send(NetEvent::Message {
-                        topic,
-                        payload: p.payload.to_vec(),
-                    })
-                    .await;
+                let _ = events.send(NetEvent::Message { topic, payload: p.payload.to_vec() }).await;
             }
             Ok(_) => {}
             Err(e) => {
@@ -171,18 +145,11 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_the_cap_with_jitter() {
-        let mut b = Backoff::new(&ReconnectCfg {
-            initial_delay_ms: 100,
-            max_delay_s: 2,
-        });
+        let mut b = Backoff::new(&ReconnectCfg { initial_delay_ms: 100, max_delay_s: 2 });
         let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
         for (i, d) in delays.iter().enumerate() {
             let full = Duration::from_millis(100 * (1 << i)).min(Duration::from_secs(2));
-            assert!(
-                *d >= full / 2 && *d <= full,
-                "attempt {i}: {d:?} not in [{:?}, {full:?}]",
-                full / 2
-            );
+            assert!(*d >= full / 2 && *d <= full, "attempt {i}: {d:?} not in [{:?}, {full:?}]", full / 2);
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use debfleet_protocol::command::parse_command;
 use debfleet_protocol::{
-    time, CfgMessage, Command, CommandArgs, ErrorCode, Liveness, Meta, OpError, OpId,
-    PackagesState, Rejected, Rejection, RuntimeCfg, Status, Telemetry, Topic, Verb,
-    CONTRACT_VERSION,
+    time, CfgMessage, Command, CommandArgs, ErrorCode, Liveness, Meta, OpError, OpId, PackagesState, Rejected,
+    Rejection, RuntimeCfg, Status, Telemetry, Topic, Verb, CONTRACT_VERSION,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -99,12 +98,7 @@ impl Core {
     }
 
     fn status(&self, state: Liveness, since: String) -> Status {
-        Status {
-            v: CONTRACT_VERSION,
-            state,
-            since,
-            boot_id: self.identity.boot_id.clone(),
-        }
+        Status { v: CONTRACT_VERSION, state, since, boot_id: self.identity.boot_id.clone() }
     }
 
     /// Builds the last will registered with each connection: `lost`, since that connection's
@@ -119,18 +113,12 @@ impl Core {
                 since: since.to_owned(),
                 boot_id: boot_id.clone(),
             };
-            (
-                topic.clone(),
-                serde_json::to_vec(&status).expect("serializes"),
-            )
+            (topic.clone(), serde_json::to_vec(&status).expect("serializes"))
         }
     }
 
     pub fn offline(&self) -> Out {
-        self.publish(
-            Topic::Status(self.cfg.device_id.clone()),
-            &self.status(Liveness::Offline, time::now()),
-        )
+        self.publish(Topic::Status(self.cfg.device_id.clone()), &self.status(Liveness::Offline, time::now()))
     }
 
     fn meta(&self) -> Meta {
@@ -150,9 +138,7 @@ impl Core {
     }
 
     fn command_filters(&self) -> Vec<String> {
-        self.cfg
-            .topics
-            .command_filters(&self.cfg.device_id, &self.runtime.groups)
+        self.cfg.topics.command_filters(&self.cfg.device_id, &self.runtime.groups)
     }
 
     /// Everything retained, as published on every (re)connect and on `refresh`.
@@ -160,22 +146,13 @@ impl Core {
         let dev = &self.cfg.device_id;
         let mut out = vec![
             self.publish(Topic::Meta(dev.clone()), &self.meta()),
-            self.publish(
-                Topic::Cfg(dev.clone()),
-                &CfgMessage {
-                    v: CONTRACT_VERSION,
-                    cfg: self.runtime.clone(),
-                },
-            ),
+            self.publish(Topic::Cfg(dev.clone()), &CfgMessage { v: CONTRACT_VERSION, cfg: self.runtime.clone() }),
             self.publish(Topic::StatePackages(dev.clone()), &self.packages_state()),
         ];
         for e in self.journal.entries() {
             if e.retained {
                 out.push(self.publish(Topic::Op(dev.clone(), e.record.id.clone()), &e.record));
-            } else if e
-                .unretained_at
-                .is_some_and(|t| now_ms - t < RESEND_CLEARS_MS)
-            {
+            } else if e.unretained_at.is_some_and(|t| now_ms - t < RESEND_CLEARS_MS) {
                 out.push(self.clear(&e.record.id));
             }
         }
@@ -194,10 +171,9 @@ impl Core {
     /// including operation results produced while the connection was down.
     pub fn on_connected(&mut self, since: String, now_ms: i64) -> Vec<Out> {
         let mut out = vec![Out::Subscribe(self.command_filters())];
-        out.push(self.publish(
-            Topic::Status(self.cfg.device_id.clone()),
-            &self.status(Liveness::Online, since.clone()),
-        ));
+        out.push(
+            self.publish(Topic::Status(self.cfg.device_id.clone()), &self.status(Liveness::Online, since.clone())),
+        );
         self.connected_since = Some(since);
         out.extend(self.retained_facts(now_ms));
         out
@@ -226,9 +202,7 @@ impl Core {
     /// Expires finished operation records (age and count limits).
     pub fn housekeeping(&mut self, now_ms: i64) -> Vec<Out> {
         let keep_ms = (self.cfg.ops.keep_finished_s as i64).saturating_mul(1000);
-        let due = self
-            .journal
-            .due_for_unretain(now_ms, keep_ms, self.cfg.ops.max_retained);
+        let due = self.journal.due_for_unretain(now_ms, keep_ms, self.cfg.ops.max_retained);
         self.unretain_all(&due, now_ms)
     }
 
@@ -258,19 +232,11 @@ impl Core {
         };
         match parse_command(&verb, payload) {
             Ok(cmd) => self.run(cmd, now_ms),
-            Err(Rejection {
-                id: Some(id),
-                code,
-                message,
-            }) => {
+            Err(Rejection { id: Some(id), code, message }) => {
                 tracing::warn!(op = %id, "command on {topic} failed: {message}");
                 self.fail_new(id, &verb, code, message, now_ms)
             }
-            Err(Rejection {
-                id: None,
-                code,
-                message,
-            }) => {
+            Err(Rejection { id: None, code, message }) => {
                 tracing::warn!("command on {topic} rejected: {message}");
                 let r = Rejected {
                     v: CONTRACT_VERSION,
@@ -315,30 +281,17 @@ impl Core {
                     "accepted_at": time::format_unix_ms(now_ms), "updated_at": time::format_unix_ms(now_ms),
                     "error": {"code": ErrorCode::Internal, "message": format!("cannot record the operation: {e}")},
                 });
-                Err(vec![self.publish(
-                    Topic::Op(self.cfg.device_id.clone(), id.clone()),
-                    &record,
-                )])
+                Err(vec![self.publish(Topic::Op(self.cfg.device_id.clone(), id.clone()), &record)])
             }
         }
     }
 
-    fn fail_new(
-        &mut self,
-        id: OpId,
-        verb: &str,
-        code: ErrorCode,
-        message: String,
-        now_ms: i64,
-    ) -> Vec<Out> {
+    fn fail_new(&mut self, id: OpId, verb: &str, code: ErrorCode, message: String, now_ms: i64) -> Vec<Out> {
         let mut out = match self.begin(&id, verb, now_ms) {
             Ok(out) => out,
             Err(out) => return out,
         };
-        if let Err(e) = self
-            .journal
-            .finish(&id, now_ms, Err(OpError { code, message }))
-        {
+        if let Err(e) = self.journal.finish(&id, now_ms, Err(OpError { code, message })) {
             tracing::error!("{e}");
         }
         out.push(self.publish_op(&id));
@@ -365,17 +318,22 @@ impl Core {
             CommandArgs::Refresh => {
                 after = self.retained_facts(now_ms);
                 if let Some(since) = self.connected_since.clone() {
-                    after.push(self.publish(Topic::Status(self.cfg.device_id.clone()), &self.status(Liveness::Online, since)));
+                    after.push(
+                        self.publish(Topic::Status(self.cfg.device_id.clone()), &self.status(Liveness::Online, since)),
+                    );
                 }
                 Ok(json!({"republished": after.len()}))
             }
             CommandArgs::Restart { unit: Some(unit) } => Err(OpError {
                 code: ErrorCode::NotSupported,
-                message: format!("{unit:?} is not a managed unit of this device (unit control is not available in this agent build)"),
+                message: format!(
+                    "{unit:?} is not a managed unit of this device (unit control is not available in this agent build)"
+                ),
             }),
             CommandArgs::Restart { unit: None } if !self.under_systemd => Err(OpError {
                 code: ErrorCode::NotSupported,
-                message: "the agent is not running under systemd, so nothing would start it again; restart it by hand".into(),
+                message: "the agent is not running under systemd, so nothing would start it again; restart it by hand"
+                    .into(),
             }),
             CommandArgs::Restart { unit: None } => {
                 after.push(Out::Restart);
@@ -393,10 +351,7 @@ impl Core {
         if let Err(e) = &outcome {
             tracing::warn!(op = %id, "{} failed: {}", verb.as_str(), e.message);
         }
-        if let Err(e) = self
-            .journal
-            .finish(&id, time::now_unix_ms().max(now_ms), outcome)
-        {
+        if let Err(e) = self.journal.finish(&id, time::now_unix_ms().max(now_ms), outcome) {
             tracing::error!("{e}");
         }
         out.push(self.publish_op(&id));
@@ -406,10 +361,10 @@ impl Core {
     }
 
     fn apply_cfg(&mut self, patch: &Value, after: &mut Vec<Out>) -> Result<Value, OpError> {
-        let next = self.runtime.apply_patch(patch).map_err(|e| OpError {
-            code: ErrorCode::InvalidValue,
-            message: e.to_string(),
-        })?;
+        let next = self
+            .runtime
+            .apply_patch(patch)
+            .map_err(|e| OpError { code: ErrorCode::InvalidValue, message: e.to_string() })?;
         self.overrides.add(patch).map_err(|e| OpError {
             code: ErrorCode::Internal,
             message: format!("cannot persist the configuration: {e}"),
@@ -417,16 +372,8 @@ impl Core {
         let old_filters = self.command_filters();
         self.runtime = next;
         let new_filters = self.command_filters();
-        let gone: Vec<String> = old_filters
-            .iter()
-            .filter(|f| !new_filters.contains(f))
-            .cloned()
-            .collect();
-        let added: Vec<String> = new_filters
-            .iter()
-            .filter(|f| !old_filters.contains(f))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = old_filters.iter().filter(|f| !new_filters.contains(f)).cloned().collect();
+        let added: Vec<String> = new_filters.iter().filter(|f| !old_filters.contains(f)).cloned().collect();
         if !gone.is_empty() {
             after.push(Out::Unsubscribe(gone));
         }
@@ -437,13 +384,9 @@ impl Core {
             g.apply(&self.runtime.logs);
         }
         let dev = self.cfg.device_id.clone();
-        after.push(self.publish(
-            Topic::Cfg(dev.clone()),
-            &CfgMessage {
-                v: CONTRACT_VERSION,
-                cfg: self.runtime.clone(),
-            },
-        ));
+        after.push(
+            self.publish(Topic::Cfg(dev.clone()), &CfgMessage { v: CONTRACT_VERSION, cfg: self.runtime.clone() }),
+        );
         after.push(self.publish(Topic::Meta(dev), &self.meta()));
         tracing::info!("configuration changed: {patch}");
         Ok(serde_json::to_value(&self.runtime).expect("serializes"))
@@ -469,26 +412,14 @@ mod tests {
         let cfg = AgentConfig::parse(&text).unwrap();
         let (journal, _) = Journal::open(&cfg.state_dir.join("ops"), 4, 0).unwrap();
         let identity = Identity::read();
-        Fixture {
-            core: Core::new(cfg, journal, identity, under_systemd, None),
-            _dir: dir,
-        }
+        Fixture { core: Core::new(cfg, journal, identity, under_systemd, None), _dir: dir }
     }
 
     fn publishes(outs: &[Out]) -> Vec<(String, Value, bool)> {
         outs.iter()
             .filter_map(|o| match o {
-                Out::Publish {
-                    topic,
-                    payload,
-                    retain,
-                    ..
-                } => {
-                    let v = if payload.is_empty() {
-                        Value::Null
-                    } else {
-                        serde_json::from_slice(payload).unwrap()
-                    };
+                Out::Publish { topic, payload, retain, .. } => {
+                    let v = if payload.is_empty() { Value::Null } else { serde_json::from_slice(payload).unwrap() };
                     Some((topic.clone(), v, *retain))
                 }
                 _ => None,
@@ -524,10 +455,7 @@ mod tests {
             })
             .collect();
         for suffix in ["status", "meta", "cfg", "state/packages"] {
-            assert!(
-                topics.contains(&format!("debfleet/device/d1/{suffix}")),
-                "{suffix}"
-            );
+            assert!(topics.contains(&format!("debfleet/device/d1/{suffix}")), "{suffix}");
         }
         let status = &publishes(&outs)[0].1;
         assert_eq!(status["state"], "online");
@@ -537,18 +465,11 @@ mod tests {
     #[test]
     fn ping_lifecycle_and_dedupe() {
         let mut f = fixture(false);
-        let outs = f
-            .core
-            .on_message("debfleet/fleet/cmd/ping", br#"{"id":"p1"}"#, 1000);
+        let outs = f.core.on_message("debfleet/fleet/cmd/ping", br#"{"id":"p1"}"#, 1000);
         let states: Vec<OpState> = op_states(&outs, "p1").iter().map(|r| r.state).collect();
-        assert_eq!(
-            states,
-            [OpState::Accepted, OpState::Running, OpState::Succeeded]
-        );
+        assert_eq!(states, [OpState::Accepted, OpState::Running, OpState::Succeeded]);
         let first = op_states(&outs, "p1").pop().unwrap();
-        let again = f
-            .core
-            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, 5000);
+        let again = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, 5000);
         let records = op_states(&again, "p1");
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].repeats, 1);
@@ -558,74 +479,40 @@ mod tests {
     #[test]
     fn ignores_other_devices_and_groups() {
         let mut f = fixture(false);
-        assert!(f
-            .core
-            .on_message("debfleet/device/d2/cmd/ping", br#"{"id":"p1"}"#, 0)
-            .is_empty());
-        assert!(f
-            .core
-            .on_message("debfleet/group/other/cmd/ping", br#"{"id":"p1"}"#, 0)
-            .is_empty());
+        assert!(f.core.on_message("debfleet/device/d2/cmd/ping", br#"{"id":"p1"}"#, 0).is_empty());
+        assert!(f.core.on_message("debfleet/group/other/cmd/ping", br#"{"id":"p1"}"#, 0).is_empty());
         assert!(f.core.on_message("elsewhere/x", b"{}", 0).is_empty());
-        assert_eq!(
-            op_states(
-                &f.core
-                    .on_message("debfleet/group/lab/cmd/ping", br#"{"id":"p1"}"#, 0),
-                "p1"
-            )
-            .len(),
-            3
-        );
+        assert_eq!(op_states(&f.core.on_message("debfleet/group/lab/cmd/ping", br#"{"id":"p1"}"#, 0), "p1").len(), 3);
     }
 
     #[test]
     fn bad_input_gets_error_codes() {
         let mut f = fixture(false);
-        let outs = f
-            .core
-            .on_message("debfleet/device/d1/cmd/ping", b"{nope", 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", b"{nope", 0);
         let (topic, v, retain) = publishes(&outs).pop().unwrap();
         assert_eq!(
             (topic.as_str(), v["code"].as_str(), retain),
             ("debfleet/device/d1/rejected", Some("malformed_json"), false)
         );
-        let outs = f
-            .core
-            .on_message("debfleet/device/d1/cmd/fly", br#"{"id":"f1"}"#, 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/fly", br#"{"id":"f1"}"#, 0);
         let rec = op_states(&outs, "f1").pop().unwrap();
-        assert_eq!(
-            (rec.state, rec.error.unwrap().code),
-            (OpState::Failed, ErrorCode::UnknownVerb)
-        );
-        let outs = f.core.on_message(
-            "debfleet/device/d1/cmd/cfg",
-            br#"{"id":"c1","set":{"logs":{"level":"loud"}}}"#,
-            0,
-        );
+        assert_eq!((rec.state, rec.error.unwrap().code), (OpState::Failed, ErrorCode::UnknownVerb));
+        let outs =
+            f.core.on_message("debfleet/device/d1/cmd/cfg", br#"{"id":"c1","set":{"logs":{"level":"loud"}}}"#, 0);
         let err = op_states(&outs, "c1").pop().unwrap().error.unwrap();
         assert_eq!(err.code, ErrorCode::InvalidValue);
         assert!(err.message.contains("logs.level"), "{}", err.message);
-        let outs = f
-            .core
-            .on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, 0);
-        assert_eq!(
-            op_states(&outs, "r1").pop().unwrap().error.unwrap().code,
-            ErrorCode::NotSupported
-        );
+        let outs = f.core.on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, 0);
+        assert_eq!(op_states(&outs, "r1").pop().unwrap().error.unwrap().code, ErrorCode::NotSupported);
         assert!(!outs.contains(&Out::Restart));
     }
 
     #[test]
     fn restart_under_systemd_reports_then_stops() {
         let mut f = fixture(true);
-        let outs = f
-            .core
-            .on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, 0);
         assert_eq!(outs.last(), Some(&Out::Restart));
-        assert_eq!(
-            op_states(&outs, "r1").pop().unwrap().state,
-            OpState::Succeeded
-        );
+        assert_eq!(op_states(&outs, "r1").pop().unwrap().state, OpState::Succeeded);
     }
 
     #[test]
@@ -638,11 +525,7 @@ mod tests {
         );
         assert!(outs.contains(&Out::Unsubscribe(vec!["debfleet/group/lab/cmd/+".into()])));
         assert!(outs.contains(&Out::Subscribe(vec!["debfleet/group/edge/cmd/+".into()])));
-        let cfg = publishes(&outs)
-            .into_iter()
-            .find(|(t, _, _)| t.ends_with("/cfg"))
-            .unwrap()
-            .1;
+        let cfg = publishes(&outs).into_iter().find(|(t, _, _)| t.ends_with("/cfg")).unwrap().1;
         assert_eq!(cfg["telemetry"]["cpu"]["interval_s"], 2);
         assert_eq!(f.core.runtime().telemetry.cpu.interval_s, 2);
     }
@@ -650,34 +533,17 @@ mod tests {
     #[test]
     fn clear_and_expiry_publish_empty_retained() {
         let mut f = fixture(false);
-        f.core
-            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, 0);
-        f.core
-            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p2"}"#, 0);
-        let outs = f.core.on_message(
-            "debfleet/device/d1/cmd/clear",
-            br#"{"id":"c1","ops":["p1"]}"#,
-            1000,
-        );
-        let cleared: Vec<_> = publishes(&outs)
-            .into_iter()
-            .filter(|(_, v, _)| v.is_null())
-            .map(|(t, _, _)| t)
-            .collect();
+        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, 0);
+        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p2"}"#, 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/clear", br#"{"id":"c1","ops":["p1"]}"#, 1000);
+        let cleared: Vec<_> = publishes(&outs).into_iter().filter(|(_, v, _)| v.is_null()).map(|(t, _, _)| t).collect();
         assert_eq!(cleared, ["debfleet/device/d1/op/p1"]);
         // Journal capacity is 4: the next ops evict the oldest finished ones and clear them.
         // p1 goes first (already cleared: nothing to publish), then p2.
-        f.core
-            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p3"}"#, 2000);
-        let outs = f
-            .core
-            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p4"}"#, 2000);
+        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p3"}"#, 2000);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p4"}"#, 2000);
         assert!(!publishes(&outs).iter().any(|(_, v, _)| v.is_null()));
-        let outs = f
-            .core
-            .on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p5"}"#, 2000);
-        assert!(publishes(&outs)
-            .iter()
-            .any(|(t, v, _)| t.ends_with("/op/p2") && v.is_null()));
+        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p5"}"#, 2000);
+        assert!(publishes(&outs).iter().any(|(t, v, _)| t.ends_with("/op/p2") && v.is_null()));
     }
 }

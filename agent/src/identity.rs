@@ -13,9 +13,7 @@ pub struct Identity {
 }
 
 fn read_trimmed(path: &str) -> String {
-    fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 impl Identity {
@@ -53,10 +51,7 @@ pub fn parse_os_release(text: &str) -> OsRelease {
         let Some((key, value)) = line.split_once('=') else {
             continue;
         };
-        let value = value
-            .trim()
-            .trim_matches(|c| c == '"' || c == '\'')
-            .to_owned();
+        let value = value.trim().trim_matches(|c| c == '"' || c == '\'').to_owned();
         match key.trim() {
             "ID" => os.id = value,
             "VERSION_ID" => os.version_id = value,
@@ -76,9 +71,8 @@ mod tests {
 
     #[test]
     fn reads_os_release() {
-        let os = parse_os_release(
-            "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nVERSION_ID=\"12\"\n# c\n",
-        );
+        let os =
+            parse_os_release("PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nVERSION_ID=\"12\"\n# c\n");
         assert_eq!((os.id.as_str(), os.version_id.as_str()), ("debian", "12"));
         assert_eq!(os.pretty_name, "Debian GNU/Linux 12 (bookworm)");
         assert_eq!(parse_os_release("").id, "linux");

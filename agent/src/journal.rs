@@ -45,15 +45,8 @@ pub const RESEND_CLEARS_MS: i64 = 3_600_000;
 impl Journal {
     /// Opens (creating) the journal. Operations that were not finished when the agent stopped
     /// are finished here as `failed`/`interrupted`: nothing stays `running` forever.
-    pub fn open(
-        dir: &Path,
-        capacity: usize,
-        now_ms: i64,
-    ) -> Result<(Journal, Vec<OpId>), JournalError> {
-        let io_err = |source| JournalError::Io {
-            path: dir.to_owned(),
-            source,
-        };
+    pub fn open(dir: &Path, capacity: usize, now_ms: i64) -> Result<(Journal, Vec<OpId>), JournalError> {
+        let io_err = |source| JournalError::Io { path: dir.to_owned(), source };
         fs::create_dir_all(dir).map_err(io_err)?;
         let mut entries = BTreeMap::new();
         for item in fs::read_dir(dir).map_err(io_err)? {
@@ -61,13 +54,8 @@ impl Journal {
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
-            match fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Entry>(&b).ok())
-            {
-                Some(e)
-                    if path.file_stem().and_then(|s| s.to_str()) == Some(e.record.id.as_str()) =>
-                {
+            match fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Entry>(&b).ok()) {
+                Some(e) if path.file_stem().and_then(|s| s.to_str()) == Some(e.record.id.as_str()) => {
                     entries.insert(e.record.id.clone(), e);
                 }
                 _ => {
@@ -77,28 +65,12 @@ impl Journal {
             }
         }
         let next_seq = entries.values().map(|e| e.seq + 1).max().unwrap_or(0);
-        let mut journal = Journal {
-            dir: dir.to_owned(),
-            entries,
-            next_seq,
-            capacity,
-        };
-        let unfinished: Vec<OpId> = journal
-            .entries
-            .values()
-            .filter(|e| !e.record.state.is_final())
-            .map(|e| e.record.id.clone())
-            .collect();
+        let mut journal = Journal { dir: dir.to_owned(), entries, next_seq, capacity };
+        let unfinished: Vec<OpId> =
+            journal.entries.values().filter(|e| !e.record.state.is_final()).map(|e| e.record.id.clone()).collect();
         for id in &unfinished {
             let message = "the agent stopped before this operation finished".to_owned();
-            journal.finish(
-                id,
-                now_ms,
-                Err(OpError {
-                    code: ErrorCode::Interrupted,
-                    message,
-                }),
-            )?;
+            journal.finish(id, now_ms, Err(OpError { code: ErrorCode::Interrupted, message }))?;
         }
         Ok((journal, unfinished))
     }
@@ -141,15 +113,7 @@ impl Journal {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.entries.insert(
-            id.clone(),
-            Entry {
-                record,
-                retained: true,
-                unretained_at: None,
-                seq,
-            },
-        );
+        self.entries.insert(id.clone(), Entry { record, retained: true, unretained_at: None, seq });
         self.save(&id, true)?;
         self.evict()
     }
@@ -174,12 +138,7 @@ impl Journal {
         Ok(cleared)
     }
 
-    pub fn set_running(
-        &mut self,
-        id: &OpId,
-        now_ms: i64,
-        phase: Option<&str>,
-    ) -> Result<(), JournalError> {
+    pub fn set_running(&mut self, id: &OpId, now_ms: i64, phase: Option<&str>) -> Result<(), JournalError> {
         if let Some(e) = self.entries.get_mut(id) {
             e.record.state = OpState::Running;
             e.record.phase = phase.map(str::to_owned);
@@ -250,9 +209,7 @@ impl Journal {
             .enumerate()
             .filter(|(i, e)| {
                 let finished = e.record.state.is_final();
-                let age = parse_unix_ms(&e.record.updated_at)
-                    .map(|t| now_ms - t)
-                    .unwrap_or(i64::MAX);
+                let age = parse_unix_ms(&e.record.updated_at).map(|t| now_ms - t).unwrap_or(i64::MAX);
                 finished && (*i < excess || age > keep_ms)
             })
             .map(|(_, e)| e.record.id.clone())
@@ -260,12 +217,7 @@ impl Journal {
     }
 
     /// Finished records selected by a `clear` command.
-    pub fn clearable(
-        &self,
-        ids: &[OpId],
-        older_than_ms: Option<i64>,
-        now_ms: i64,
-    ) -> (Vec<OpId>, Vec<OpId>) {
+    pub fn clearable(&self, ids: &[OpId], older_than_ms: Option<i64>, now_ms: i64) -> (Vec<OpId>, Vec<OpId>) {
         let mut clear = Vec::new();
         let mut skipped = Vec::new();
         if !ids.is_empty() {
@@ -277,14 +229,8 @@ impl Journal {
             }
             return (clear, skipped);
         }
-        for e in self
-            .entries
-            .values()
-            .filter(|e| e.retained && e.record.state.is_final())
-        {
-            let age = parse_unix_ms(&e.record.updated_at)
-                .map(|t| now_ms - t)
-                .unwrap_or(i64::MAX);
+        for e in self.entries.values().filter(|e| e.retained && e.record.state.is_final()) {
+            let age = parse_unix_ms(&e.record.updated_at).map(|t| now_ms - t).unwrap_or(i64::MAX);
             if older_than_ms.is_none_or(|min| age >= min) {
                 clear.push(e.record.id.clone());
             }
@@ -316,10 +262,7 @@ mod tests {
         assert_eq!(interrupted, vec![id("b")]);
         assert_eq!(j.get(&id("a")).unwrap().record.state, OpState::Succeeded);
         let b = &j.get(&id("b")).unwrap().record;
-        assert_eq!(
-            (b.state, b.error.as_ref().unwrap().code),
-            (OpState::Failed, ErrorCode::Interrupted)
-        );
+        assert_eq!((b.state, b.error.as_ref().unwrap().code), (OpState::Failed, ErrorCode::Interrupted));
     }
 
     #[test]
@@ -350,8 +293,7 @@ mod tests {
         let (mut j, _) = Journal::open(dir.path(), 10, 0).unwrap();
         for (n, name) in ["a", "b", "c"].iter().enumerate() {
             j.accept(id(name), "ping", n as i64 * 1000).unwrap();
-            j.finish(&id(name), n as i64 * 1000, Ok(json!(null)))
-                .unwrap();
+            j.finish(&id(name), n as i64 * 1000, Ok(json!(null))).unwrap();
         }
         j.accept(id("running"), "ping", 0).unwrap();
         assert_eq!(j.due_for_unretain(2500, 10_000, 2), vec![id("a"), id("b")]);
@@ -359,9 +301,6 @@ mod tests {
         assert!(j.unretain(&id("a"), 3000).unwrap());
         assert!(!j.unretain(&id("a"), 3000).unwrap());
         let (clear, skipped) = j.clearable(&[id("b"), id("running"), id("zz")], None, 3000);
-        assert_eq!(
-            (clear, skipped),
-            (vec![id("b")], vec![id("running"), id("zz")])
-        );
+        assert_eq!((clear, skipped), (vec![id("b")], vec![id("running"), id("zz")]));
     }
 }

@@ -29,8 +29,7 @@ pub struct LogGate {
 impl LogGate {
     pub fn apply(&self, cfg: &LogsCfg) {
         self.enabled.store(cfg.enabled, Ordering::Relaxed);
-        self.level
-            .store(level_rank_str(&cfg.level), Ordering::Relaxed);
+        self.level.store(level_rank_str(&cfg.level), Ordering::Relaxed);
     }
 }
 
@@ -61,21 +60,11 @@ pub struct ForwardLayer {
 
 /// Creates the layer to install and the receiving end for the batcher.
 pub fn forwarding(cfg: &LogsCfg) -> (ForwardLayer, Arc<LogGate>, Receiver<LogLine>) {
-    let gate = Arc::new(LogGate {
-        enabled: AtomicBool::new(false),
-        level: AtomicU8::new(3),
-        overflow: AtomicU64::new(0),
-    });
+    let gate =
+        Arc::new(LogGate { enabled: AtomicBool::new(false), level: AtomicU8::new(3), overflow: AtomicU64::new(0) });
     gate.apply(cfg);
     let (tx, rx) = sync_channel(QUEUE);
-    (
-        ForwardLayer {
-            gate: gate.clone(),
-            tx,
-        },
-        gate,
-        rx,
-    )
+    (ForwardLayer { gate: gate.clone(), tx }, gate, rx)
 }
 
 struct MessageVisitor(String);
@@ -112,10 +101,7 @@ impl<S: Subscriber> Layer<S> for ForwardLayer {
         event.record(&mut v);
         let mut msg = v.0;
         if msg.len() > MAX_LOG_LINE_CHARS {
-            let cut = (0..=MAX_LOG_LINE_CHARS)
-                .rev()
-                .find(|&i| msg.is_char_boundary(i))
-                .unwrap_or(0);
+            let cut = (0..=MAX_LOG_LINE_CHARS).rev().find(|&i| msg.is_char_boundary(i)).unwrap_or(0);
             msg.truncate(cut);
             msg.push('…');
         }
@@ -143,14 +129,7 @@ pub struct Batcher {
 
 impl Batcher {
     pub fn new(rx: Receiver<LogLine>, gate: Arc<LogGate>, now: Instant) -> Batcher {
-        Batcher {
-            rx,
-            gate,
-            window_start: now,
-            window_count: 0,
-            dropped: 0,
-            last_flush: now,
-        }
+        Batcher { rx, gate, window_start: now, window_count: 0, dropped: 0, last_flush: now }
     }
 
     /// Drains queued lines into batches when the batch interval has passed. Lines beyond the
@@ -211,12 +190,7 @@ mod tests {
     use tracing_subscriber::layer::SubscriberExt;
 
     fn cfg(max: u32) -> LogsCfg {
-        LogsCfg {
-            enabled: true,
-            level: "info".into(),
-            batch_s: 1,
-            max_lines_per_min: max,
-        }
+        LogsCfg { enabled: true, level: "info".into(), batch_s: 1, max_lines_per_min: max }
     }
 
     #[test]
@@ -232,10 +206,7 @@ mod tests {
         });
         let t0 = Instant::now();
         let mut b = Batcher::new(rx, gate.clone(), t0);
-        assert!(
-            b.flush(t0, &cfg(3)).is_empty(),
-            "batch interval not reached"
-        );
+        assert!(b.flush(t0, &cfg(3)).is_empty(), "batch interval not reached");
         let batches = b.flush(t0 + Duration::from_secs(1), &cfg(3));
         assert_eq!(batches.len(), 1);
         let msgs: Vec<&str> = batches[0].lines.iter().map(|l| l.msg.as_str()).collect();
@@ -249,13 +220,9 @@ mod tests {
         let mut c = cfg(100);
         c.enabled = false;
         let (layer, gate, rx) = forwarding(&c);
-        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
-            tracing::error!("x")
-        });
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || tracing::error!("x"));
         let t0 = Instant::now();
-        assert!(Batcher::new(rx, gate, t0)
-            .flush(t0 + Duration::from_secs(5), &c)
-            .is_empty());
+        assert!(Batcher::new(rx, gate, t0).flush(t0 + Duration::from_secs(5), &c).is_empty());
     }
 
     #[test]

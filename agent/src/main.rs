@@ -27,16 +27,15 @@ use crate::config::AgentConfig;
 use crate::connection::NetEvent;
 use crate::core::{Core, Out};
 
-const USAGE: &str = "usage: debfleet-agent --config FILE\n\nRuns the debfleet device agent. See the README for the configuration keys.";
+const USAGE: &str =
+    "usage: debfleet-agent --config FILE\n\nRuns the debfleet device agent. See the README for the configuration keys.";
 
 fn parse_args() -> Result<PathBuf> {
     let mut args = std::env::args_os().skip(1);
     let mut config = None;
     while let Some(a) = args.next() {
         match a.to_str() {
-            Some("--config" | "-c") => {
-                config = Some(PathBuf::from(args.next().context("--config needs a file")?))
-            }
+            Some("--config" | "-c") => config = Some(PathBuf::from(args.next().context("--config needs a file")?)),
             Some("--version" | "-V") => {
                 println!("debfleet-agent {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
@@ -60,10 +59,8 @@ fn main() -> ExitCode {
         }
     };
     let (forward, gate, log_rx) = logs::forwarding(&cfg.file_runtime.logs);
-    let local_level = std::env::var("DEBFLEET_LOG")
-        .ok()
-        .and_then(|l| l.parse::<LevelFilter>().ok())
-        .unwrap_or(LevelFilter::INFO);
+    let local_level =
+        std::env::var("DEBFLEET_LOG").ok().and_then(|l| l.parse::<LevelFilter>().ok()).unwrap_or(LevelFilter::INFO);
     let local = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -72,10 +69,7 @@ fn main() -> ExitCode {
     let subscriber = tracing_subscriber::registry().with(local).with(forward);
     let _ = tracing::subscriber::set_global_default(subscriber);
 
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("debfleet-agent: cannot start the runtime: {e}");
@@ -98,11 +92,8 @@ async fn run(
 ) -> Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("state_dir: creating {}", cfg.state_dir.display()))?;
-    let (journal, interrupted) = journal::Journal::open(
-        &cfg.state_dir.join("ops"),
-        cfg.ops.journal_size,
-        time::now_unix_ms(),
-    )?;
+    let (journal, interrupted) =
+        journal::Journal::open(&cfg.state_dir.join("ops"), cfg.ops.journal_size, time::now_unix_ms())?;
     for id in &interrupted {
         tracing::warn!(op = %id, "operation was interrupted by the previous stop; recorded as failed");
     }
@@ -110,32 +101,18 @@ async fn run(
     let under_systemd = std::env::var_os("INVOCATION_ID").is_some();
     let (client, eventloop) = connection::client(&cfg)?;
     let reconnect = cfg.reconnect.clone();
-    let mut core = Core::new(
-        cfg,
-        journal,
-        identity::Identity::read(),
-        under_systemd,
-        Some(gate.clone()),
-    );
+    let mut core = Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()));
     let will = core.will_builder();
 
     let shutdown = CancellationToken::new();
     let (net_tx, mut net_rx) = mpsc::channel(256);
-    let driver = tokio::spawn(connection::drive(
-        eventloop,
-        net_tx,
-        reconnect,
-        will,
-        shutdown.clone(),
-    ));
+    let driver = tokio::spawn(connection::drive(eventloop, net_tx, reconnect, will, shutdown.clone()));
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     // The first tick comes a second after start, so the first CPU figure spans a real interval.
-    let mut tick = tokio::time::interval_at(
-        tokio::time::Instant::now() + Duration::from_secs(1),
-        Duration::from_secs(1),
-    );
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe = telemetry::SystemProbe::new();
     let mut sampler = telemetry::Sampler::default();
@@ -211,27 +188,13 @@ fn perform(client: &AsyncClient, outs: Vec<Out>, connected: bool) -> bool {
                 Ok(())
             }
             _ if !connected => Ok(()),
-            Out::Publish {
-                topic,
-                payload,
-                retain,
-                reliable,
-            } => {
-                let qos = if reliable {
-                    QoS::AtLeastOnce
-                } else {
-                    QoS::AtMostOnce
-                };
+            Out::Publish { topic, payload, retain, reliable } => {
+                let qos = if reliable { QoS::AtLeastOnce } else { QoS::AtMostOnce };
                 client.try_publish(topic, qos, retain, payload)
             }
-            Out::Subscribe(filters) => client.try_subscribe_many(
-                filters
-                    .into_iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
-            ),
-            Out::Unsubscribe(filters) => filters
-                .into_iter()
-                .try_for_each(|f| client.try_unsubscribe(f)),
+            Out::Subscribe(filters) => client
+                .try_subscribe_many(filters.into_iter().map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce))),
+            Out::Unsubscribe(filters) => filters.into_iter().try_for_each(|f| client.try_unsubscribe(f)),
         };
         if let Err(e) = result {
             tracing::debug!("MQTT request not queued: {e}");

@@ -76,18 +76,14 @@ struct Gate {
 
 impl Gate {
     fn due(&self, now: Instant, interval_s: u32) -> bool {
-        self.sampled_at.is_none_or(|t| {
-            now.duration_since(t) + Duration::from_millis(50)
-                >= Duration::from_secs(interval_s.into())
-        })
+        self.sampled_at
+            .is_none_or(|t| now.duration_since(t) + Duration::from_millis(50) >= Duration::from_secs(interval_s.into()))
     }
 
     /// Marks a sample taken; true when it should be published.
     fn offer(&mut self, now: Instant, value: f64, threshold: f64) -> bool {
         self.sampled_at = Some(now);
-        let publish = self
-            .published
-            .is_none_or(|last| (value - last).abs() >= threshold);
+        let publish = self.published.is_none_or(|last| (value - last).abs() >= threshold);
         if publish {
             self.published = Some(value);
         }
@@ -105,19 +101,9 @@ pub struct Sampler {
 
 impl Sampler {
     /// Called about once a second; returns a message when any metric is due and moved.
-    pub fn tick(
-        &mut self,
-        now: Instant,
-        cfg: &TelemetryCfg,
-        probe: &mut dyn Probe,
-    ) -> Option<Telemetry> {
-        let mut msg = Telemetry {
-            v: CONTRACT_VERSION,
-            ts: time::now(),
-            cpu: None,
-            memory: None,
-            disk: BTreeMap::new(),
-        };
+    pub fn tick(&mut self, now: Instant, cfg: &TelemetryCfg, probe: &mut dyn Probe) -> Option<Telemetry> {
+        let mut msg =
+            Telemetry { v: CONTRACT_VERSION, ts: time::now(), cpu: None, memory: None, disk: BTreeMap::new() };
         if cfg.cpu.enabled && self.cpu.due(now, cfg.cpu.interval_s) {
             let v = probe.cpu();
             if self.cpu.offer(now, v, cfg.cpu.threshold) {
@@ -180,24 +166,17 @@ mod tests {
     fn interval_and_threshold_gate_publishing() {
         let t0 = Instant::now();
         let mut s = Sampler::default();
-        let mut p = Script {
-            cpu: vec![10.0, 12.0, 20.0],
-            calls: 0,
-        };
+        let mut p = Script { cpu: vec![10.0, 12.0, 20.0], calls: 0 };
         let first = s.tick(t0, &cfg(), &mut p).unwrap();
         assert_eq!(first.cpu, Some(10.0));
         assert_eq!(first.disk.get("/"), Some(&40.0));
         assert!(!first.disk.contains_key("/missing"));
         assert_eq!(first.memory, None);
         // Not due yet: no sample taken.
-        assert!(s
-            .tick(t0 + Duration::from_secs(1), &cfg(), &mut p)
-            .is_none());
+        assert!(s.tick(t0 + Duration::from_secs(1), &cfg(), &mut p).is_none());
         assert_eq!(p.calls, 1);
         // Due, but moved less than the threshold.
-        assert!(s
-            .tick(t0 + Duration::from_secs(2), &cfg(), &mut p)
-            .is_none());
+        assert!(s.tick(t0 + Duration::from_secs(2), &cfg(), &mut p).is_none());
         // Moved 10 points from the last *published* value.
         let third = s.tick(t0 + Duration::from_secs(4), &cfg(), &mut p).unwrap();
         assert_eq!(third.cpu, Some(20.0));
@@ -208,13 +187,8 @@ mod tests {
         let mut c = cfg();
         c.cpu.enabled = false;
         c.disk.enabled = false;
-        let mut p = Script {
-            cpu: vec![],
-            calls: 0,
-        };
-        assert!(Sampler::default()
-            .tick(Instant::now(), &c, &mut p)
-            .is_none());
+        let mut p = Script { cpu: vec![], calls: 0 };
+        assert!(Sampler::default().tick(Instant::now(), &c, &mut p).is_none());
     }
 
     #[test]

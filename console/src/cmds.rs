@@ -56,24 +56,9 @@ pub async fn load_fleet(ctx: &Ctx) -> Result<(Session, Fleet)> {
 
 fn device_row(id: &DeviceId, d: &Device) -> Vec<String> {
     let since = d.status.as_ref().map(|s| ago(&s.since)).unwrap_or_default();
-    let version = d
-        .meta
-        .as_ref()
-        .map(|m| m.agent_version.clone())
-        .unwrap_or_default();
-    let groups = d
-        .groups()
-        .iter()
-        .map(|g| g.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    vec![
-        id.to_string(),
-        d.status_word().into(),
-        since,
-        version,
-        groups,
-    ]
+    let version = d.meta.as_ref().map(|m| m.agent_version.clone()).unwrap_or_default();
+    let groups = d.groups().iter().map(|g| g.as_str()).collect::<Vec<_>>().join(",");
+    vec![id.to_string(), d.status_word().into(), since, version, groups]
 }
 
 fn device_json(id: &DeviceId, d: &Device) -> Value {
@@ -91,33 +76,19 @@ pub async fn devices(ctx: &Ctx, json: bool) -> Result<u8> {
     let (session, fleet) = load_fleet(ctx).await?;
     session.disconnect().await;
     if json {
-        let list: Vec<Value> = fleet
-            .devices
-            .iter()
-            .map(|(id, d)| device_json(id, d))
-            .collect();
+        let list: Vec<Value> = fleet.devices.iter().map(|(id, d)| device_json(id, d)).collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else if fleet.devices.is_empty() {
         println!("no devices known to the broker at {}", ctx.broker);
     } else {
-        let rows: Vec<Vec<String>> = fleet
-            .devices
-            .iter()
-            .map(|(id, d)| device_row(id, d))
-            .collect();
-        print!(
-            "{}",
-            table(&["DEVICE", "STATUS", "SINCE", "AGENT", "GROUPS"], &rows)
-        );
+        let rows: Vec<Vec<String>> = fleet.devices.iter().map(|(id, d)| device_row(id, d)).collect();
+        print!("{}", table(&["DEVICE", "STATUS", "SINCE", "AGENT", "GROUPS"], &rows));
     }
     Ok(0)
 }
 
 fn known<'a>(fleet: &'a Fleet, id: &DeviceId) -> Result<&'a Device> {
-    fleet
-        .devices
-        .get(id)
-        .ok_or_else(|| anyhow::anyhow!("device {id} is not known to the broker"))
+    fleet.devices.get(id).ok_or_else(|| anyhow::anyhow!("device {id} is not known to the broker"))
 }
 
 pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
@@ -142,28 +113,13 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
     println!(
         "{id}: {} {}",
         d.status_word(),
-        d.status
-            .as_ref()
-            .map(|s| format!("since {} ({})", s.since, ago(&s.since)))
-            .unwrap_or_default()
+        d.status.as_ref().map(|s| format!("since {} ({})", s.since, ago(&s.since))).unwrap_or_default()
     );
     if let Some(m) = &d.meta {
-        let groups = m
-            .groups
-            .iter()
-            .map(|g| g.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let groups = m.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>().join(", ");
         let rows = vec![
             vec!["hostname".into(), m.hostname.clone()],
-            vec![
-                "os".into(),
-                if m.os.pretty_name.is_empty() {
-                    m.os.id.clone()
-                } else {
-                    m.os.pretty_name.clone()
-                },
-            ],
+            vec!["os".into(), if m.os.pretty_name.is_empty() { m.os.id.clone() } else { m.os.pretty_name.clone() }],
             vec!["arch".into(), m.arch.clone()],
             vec!["kernel".into(), m.kernel.clone()],
             vec!["boot id".into(), m.boot_id.clone()],
@@ -183,32 +139,21 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         for (mount, v) in &t.disk {
             rows.push(vec![format!("disk {mount}"), format!("{v:.1}%")]);
         }
-        print!(
-            "\n{}",
-            table(&[&format!("TELEMETRY ({})", ago(&t.ts)), ""], &rows)
-        );
+        print!("\n{}", table(&[&format!("TELEMETRY ({})", ago(&t.ts)), ""], &rows));
     }
     if let Some(p) = &d.packages {
         let rows: Vec<Vec<String>> = p
             .packages
             .iter()
-            .map(|(n, s)| {
-                vec![
-                    n.clone(),
-                    s.version.clone().unwrap_or_else(|| "-".into()),
-                    s.status.clone(),
-                ]
-            })
+            .map(|(n, s)| vec![n.clone(), s.version.clone().unwrap_or_else(|| "-".into()), s.status.clone()])
             .collect();
         if !rows.is_empty() {
             print!("\n{}", table(&["PACKAGE", "VERSION", "STATUS"], &rows));
         }
     }
     if let Some(c) = &d.cfg {
-        let rows: Vec<Vec<String>> = flatten(&serde_json::to_value(&c.cfg)?)
-            .into_iter()
-            .map(|(k, v)| vec![k, v])
-            .collect();
+        let rows: Vec<Vec<String>> =
+            flatten(&serde_json::to_value(&c.cfg)?).into_iter().map(|(k, v)| vec![k, v]).collect();
         print!("\n{}", table(&["CFG", "VALUE"], &rows));
     }
     if !ops.is_empty() {
@@ -228,13 +173,7 @@ fn ops_table(ops: &[&debfleet_protocol::OpRecord]) -> String {
                 (None, Some(v)) => v.to_string(),
                 _ => String::new(),
             };
-            vec![
-                r.id.to_string(),
-                r.verb.clone(),
-                r.state.as_str().into(),
-                ago(&r.updated_at),
-                detail,
-            ]
+            vec![r.id.to_string(), r.verb.clone(), r.state.as_str().into(), ago(&r.updated_at), detail]
         })
         .collect();
     table(&["OPERATION", "VERB", "STATE", "UPDATED", "DETAIL"], &rows)
@@ -245,19 +184,12 @@ fn targets(t: &Targets) -> Result<Target> {
         return Ok(Target::All);
     }
     if let Some(g) = &t.group {
-        return Ok(Target::Group(
-            GroupName::new(g.as_str()).map_err(|e| usage(e.to_string()))?,
-        ));
+        return Ok(Target::Group(GroupName::new(g.as_str()).map_err(|e| usage(e.to_string()))?));
     }
     if t.devices.is_empty() {
         bail!(usage("name devices, or use --group G or --all"));
     }
-    Ok(Target::Devices(
-        t.devices
-            .iter()
-            .map(|d| device_id(d))
-            .collect::<Result<_>>()?,
-    ))
+    Ok(Target::Devices(t.devices.iter().map(|d| device_id(d)).collect::<Result<_>>()?))
 }
 
 fn print_outcomes(outcomes: &[Outcome], json: bool) -> Result<u8> {
@@ -271,27 +203,19 @@ fn print_outcomes(outcomes: &[Outcome], json: bool) -> Result<u8> {
                 vec![
                     o.device.to_string(),
                     if o.ok { "ok".into() } else { "FAILED".into() },
-                    o.rtt_ms
-                        .map(|r| format!("{r} ms"))
-                        .unwrap_or_else(|| "-".into()),
+                    o.rtt_ms.map(|r| format!("{r} ms")).unwrap_or_else(|| "-".into()),
                     o.error.clone().unwrap_or_default(),
                 ]
             })
             .collect();
         print!("{}", table(&["DEVICE", "RESULT", "RTT", "DETAIL"], &rows));
     }
-    Ok(if outcomes.iter().all(|o| o.ok) {
-        0
-    } else {
-        exit::FAILED
-    })
+    Ok(if outcomes.iter().all(|o| o.ok) { 0 } else { exit::FAILED })
 }
 
 fn seconds(s: f64) -> Result<Duration> {
     if !(s.is_finite() && s > 0.0 && s <= 86_400.0) {
-        bail!(usage(format!(
-            "timeout {s} must be between 0 and 86400 seconds"
-        )));
+        bail!(usage(format!("timeout {s} must be between 0 and 86400 seconds")));
     }
     Ok(Duration::from_secs_f64(s))
 }
@@ -300,16 +224,7 @@ pub async fn ping(ctx: &Ctx, t: &Targets, timeout: f64, json: bool) -> Result<u8
     let target = targets(t)?;
     let timeout = seconds(timeout)?;
     let (mut session, mut fleet) = load_fleet(ctx).await?;
-    let outcomes = send_and_wait(
-        &mut session,
-        &ctx.topics,
-        &mut fleet,
-        &target,
-        "ping",
-        Map::new(),
-        timeout,
-    )
-    .await?;
+    let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &target, "ping", Map::new(), timeout).await?;
     session.disconnect().await;
     print_outcomes(&outcomes, json)
 }
@@ -335,35 +250,19 @@ fn print_cfg(v: &Value, json: bool) -> Result<u8> {
     Ok(0)
 }
 
-pub async fn cfg_set(
-    ctx: &Ctx,
-    device: &str,
-    assignments: &[String],
-    timeout: f64,
-    json: bool,
-) -> Result<u8> {
+pub async fn cfg_set(ctx: &Ctx, device: &str, assignments: &[String], timeout: f64, json: bool) -> Result<u8> {
     let id = device_id(device)?;
     let timeout = seconds(timeout)?;
     let patch = patch_from_assignments(assignments).map_err(|e| usage(e.to_string()))?;
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     // Check locally first so an obvious mistake names the key without a round trip.
     if let Some(cfg) = fleet.devices.get(&id).and_then(|d| d.cfg.as_ref()) {
-        cfg.cfg
-            .apply_patch(&patch)
-            .map_err(|e| usage(e.to_string()))?;
+        cfg.cfg.apply_patch(&patch).map_err(|e| usage(e.to_string()))?;
     }
     let mut args = Map::new();
     args.insert("set".into(), patch);
-    let outcomes = send_and_wait(
-        &mut session,
-        &ctx.topics,
-        &mut fleet,
-        &Target::Devices(vec![id]),
-        "cfg",
-        args,
-        timeout,
-    )
-    .await?;
+    let outcomes =
+        send_and_wait(&mut session, &ctx.topics, &mut fleet, &Target::Devices(vec![id]), "cfg", args, timeout).await?;
     session.disconnect().await;
     let o = &outcomes[0];
     match (&o.record, o.ok) {
@@ -374,13 +273,7 @@ pub async fn cfg_set(
     }
 }
 
-pub async fn ops(
-    ctx: &Ctx,
-    device: &str,
-    clear: bool,
-    older_than: Option<u64>,
-    json: bool,
-) -> Result<u8> {
+pub async fn ops(ctx: &Ctx, device: &str, clear: bool, older_than: Option<u64>, json: bool) -> Result<u8> {
     let id = device_id(device)?;
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     known(&fleet, &id)?;
@@ -404,11 +297,7 @@ pub async fn ops(
         if !o.ok {
             bail!("{}: {}", o.device, o.error.clone().unwrap_or_default());
         }
-        let result = o
-            .record
-            .as_ref()
-            .and_then(|r| r.result.clone())
-            .unwrap_or(Value::Null);
+        let result = o.record.as_ref().and_then(|r| r.result.clone()).unwrap_or(Value::Null);
         if json {
             println!("{}", serde_json::to_string_pretty(&result)?);
         } else {

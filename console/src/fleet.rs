@@ -3,8 +3,7 @@
 use std::collections::BTreeMap;
 
 use debfleet_protocol::{
-    CfgMessage, DeviceId, GroupName, Meta, OpId, OpRecord, PackagesState, Status, Telemetry, Topic,
-    Topics,
+    CfgMessage, DeviceId, GroupName, Meta, OpId, OpRecord, PackagesState, Status, Telemetry, Topic, Topics,
 };
 
 #[derive(Debug, Default, Clone)]
@@ -19,17 +18,11 @@ pub struct Device {
 
 impl Device {
     pub fn groups(&self) -> &[GroupName] {
-        self.meta
-            .as_ref()
-            .map(|m| m.groups.as_slice())
-            .unwrap_or(&[])
+        self.meta.as_ref().map(|m| m.groups.as_slice()).unwrap_or(&[])
     }
 
     pub fn status_word(&self) -> &'static str {
-        self.status
-            .as_ref()
-            .map(|s| s.state.as_str())
-            .unwrap_or("unknown")
+        self.status.as_ref().map(|s| s.state.as_str()).unwrap_or("unknown")
     }
 
     fn is_empty(&self) -> bool {
@@ -42,9 +35,7 @@ impl Device {
     }
 
     pub fn is_online(&self) -> bool {
-        self.status
-            .as_ref()
-            .is_some_and(|s| s.state == debfleet_protocol::Liveness::Online)
+        self.status.as_ref().is_some_and(|s| s.state == debfleet_protocol::Liveness::Online)
     }
 }
 
@@ -124,9 +115,7 @@ impl Fleet {
                 Change::Op(dev.clone(), op)
             }
             Topic::Logs(_) | Topic::Rejected(_) => return Change::Other(dev),
-            Topic::DeviceCmd(..) | Topic::GroupCmd(..) | Topic::FleetCmd(_) => {
-                return Change::Ignored
-            }
+            Topic::DeviceCmd(..) | Topic::GroupCmd(..) | Topic::FleetCmd(_) => return Change::Ignored,
         };
         // A device whose facts have all been deleted is gone.
         if empty && self.devices.get(&dev).is_some_and(Device::is_empty) {
@@ -136,11 +125,7 @@ impl Fleet {
     }
 
     pub fn members(&self, group: &GroupName) -> Vec<DeviceId> {
-        self.devices
-            .iter()
-            .filter(|(_, d)| d.groups().contains(group))
-            .map(|(id, _)| id.clone())
-            .collect()
+        self.devices.iter().filter(|(_, d)| d.groups().contains(group)).map(|(id, _)| id.clone()).collect()
     }
 }
 
@@ -152,24 +137,13 @@ mod tests {
     fn assembles_devices_and_forgets_deleted_facts() {
         let t = Topics::default();
         let mut f = Fleet::default();
-        let status =
-            br#"{"v":1,"state":"online","since":"2026-01-01T00:00:00.000Z","boot_id":"b"}"#;
-        assert_eq!(
-            f.apply(&t, "debfleet/device/d1/status", status),
-            Change::Status(DeviceId::new("d1").unwrap())
-        );
+        let status = br#"{"v":1,"state":"online","since":"2026-01-01T00:00:00.000Z","boot_id":"b"}"#;
+        assert_eq!(f.apply(&t, "debfleet/device/d1/status", status), Change::Status(DeviceId::new("d1").unwrap()));
         assert!(f.devices[&DeviceId::new("d1").unwrap()].is_online());
-        assert!(matches!(
-            f.apply(&t, "debfleet/device/d1/meta", b"{bad"),
-            Change::Invalid(_)
-        ));
+        assert!(matches!(f.apply(&t, "debfleet/device/d1/meta", b"{bad"), Change::Invalid(_)));
         assert_eq!(f.apply(&t, "other/topic", b"x"), Change::Ignored);
         // Facts arrive in any order; a device known only by its telemetry so far stays.
-        f.apply(
-            &t,
-            "debfleet/device/d2/telemetry",
-            br#"{"v":1,"ts":"2026-01-01T00:00:00.000Z","cpu":1.0}"#,
-        );
+        f.apply(&t, "debfleet/device/d2/telemetry", br#"{"v":1,"ts":"2026-01-01T00:00:00.000Z","cpu":1.0}"#);
         assert!(f.devices[&DeviceId::new("d2").unwrap()].telemetry.is_some());
         f.apply(&t, "debfleet/device/d1/status", b"");
         assert!(!f.devices.contains_key(&DeviceId::new("d1").unwrap()));

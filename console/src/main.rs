@@ -24,30 +24,16 @@ pub mod exit {
 }
 
 #[derive(Parser)]
-#[command(
-    name = "debfleet",
-    version,
-    about = "Control a fleet of Debian devices over MQTT"
-)]
+#[command(name = "debfleet", version, about = "Control a fleet of Debian devices over MQTT")]
 struct Cli {
     /// Broker URL (mqtt://HOST:PORT or mqtts://HOST:PORT).
-    #[arg(
-        long,
-        global = true,
-        env = "DEBFLEET_BROKER",
-        default_value = "mqtt://127.0.0.1:1883"
-    )]
+    #[arg(long, global = true, env = "DEBFLEET_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
     /// CA certificate for an mqtts:// broker.
     #[arg(long, global = true, env = "DEBFLEET_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// Topic prefix.
-    #[arg(
-        long,
-        global = true,
-        env = "DEBFLEET_PREFIX",
-        default_value = "debfleet"
-    )]
+    #[arg(long, global = true, env = "DEBFLEET_PREFIX", default_value = "debfleet")]
     prefix: String,
     #[command(subcommand)]
     command: Command,
@@ -155,18 +141,11 @@ fn main() -> ExitCode {
     let topics = match debfleet_protocol::Topics::new(&cli.prefix) {
         Ok(t) => t,
         Err(_) => {
-            eprintln!(
-                "debfleet: --prefix {:?} is not a valid topic prefix",
-                cli.prefix
-            );
+            eprintln!("debfleet: --prefix {:?} is not a valid topic prefix", cli.prefix);
             return ExitCode::from(exit::USAGE);
         }
     };
-    let ctx = Ctx {
-        broker: cli.broker,
-        ca_file: cli.ca_file,
-        topics,
-    };
+    let ctx = Ctx { broker: cli.broker, ca_file: cli.ca_file, topics };
     if let Command::Serve { listen } = cli.command {
         return match serve::run(listen) {
             Ok(()) => ExitCode::SUCCESS,
@@ -176,42 +155,18 @@ fn main() -> ExitCode {
             }
         };
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
             Command::Devices { json } => cmds::devices(&ctx, json).await,
             Command::Show { device, json } => cmds::show(&ctx, &device, json).await,
-            Command::Ping {
-                targets,
-                timeout,
-                json,
-            } => cmds::ping(&ctx, &targets, timeout, json).await,
-            Command::Cfg {
-                action: CfgAction::Get { device, json },
-            } => cmds::cfg_get(&ctx, &device, json).await,
-            Command::Cfg {
-                action:
-                    CfgAction::Set {
-                        device,
-                        assignments,
-                        timeout,
-                        json,
-                    },
-            } => cmds::cfg_set(&ctx, &device, &assignments, timeout, json).await,
-            Command::Watch {
-                device,
-                group,
-                json,
-            } => watch::run(&ctx, device, group, json).await,
-            Command::Ops {
-                device,
-                clear,
-                older_than,
-                json,
-            } => cmds::ops(&ctx, &device, clear, older_than, json).await,
+            Command::Ping { targets, timeout, json } => cmds::ping(&ctx, &targets, timeout, json).await,
+            Command::Cfg { action: CfgAction::Get { device, json } } => cmds::cfg_get(&ctx, &device, json).await,
+            Command::Cfg { action: CfgAction::Set { device, assignments, timeout, json } } => {
+                cmds::cfg_set(&ctx, &device, &assignments, timeout, json).await
+            }
+            Command::Watch { device, group, json } => watch::run(&ctx, device, group, json).await,
+            Command::Ops { device, clear, older_than, json } => cmds::ops(&ctx, &device, clear, older_than, json).await,
             Command::Serve { .. } => unreachable!("handled above"),
         }
     });

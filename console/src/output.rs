@@ -56,11 +56,7 @@ pub fn flatten(v: &Value) -> Vec<(String, String)> {
         match v {
             Value::Object(o) => {
                 for (k, child) in o {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                     walk(&key, child, out);
                 }
             }
@@ -115,13 +111,7 @@ mod tests {
 
     #[test]
     fn aligns_columns() {
-        let t = table(
-            &["ID", "STATUS"],
-            &[
-                vec!["lab-10".into(), "online".into()],
-                vec!["a".into(), "lost".into()],
-            ],
-        );
+        let t = table(&["ID", "STATUS"], &[vec!["lab-10".into(), "online".into()], vec!["a".into(), "lost".into()]]);
         assert_eq!(t, "ID      STATUS\nlab-10  online\na       lost\n");
     }
 
@@ -130,11 +120,7 @@ mod tests {
         let v = serde_json::json!({"b": {"c": 1, "a": [1]}, "a": "x"});
         assert_eq!(
             flatten(&v),
-            vec![
-                ("a".into(), "\"x\"".into()),
-                ("b.a".into(), "[1]".into()),
-                ("b.c".into(), "1".into())
-            ]
+            vec![("a".into(), "\"x\"".into()), ("b.a".into(), "[1]".into()), ("b.c".into(), "1".into())]
         );
     }
 }

@@ -45,22 +45,12 @@ impl Outcome {
 }
 
 pub fn new_op_id(verb: &str) -> OpId {
-    let id = format!(
-        "{verb}-{}-{:04x}",
-        debfleet_protocol::time::now_unix_ms(),
-        fastrand::u16(..)
-    );
+    let id = format!("{verb}-{}-{:04x}", debfleet_protocol::time::now_unix_ms(), fastrand::u16(..));
     OpId::new(id).expect("generated ids are valid")
 }
 
 fn failed(device: DeviceId, why: &str) -> Outcome {
-    Outcome {
-        device,
-        ok: false,
-        rtt_ms: None,
-        record: None,
-        error: Some(why.to_owned()),
-    }
+    Outcome { device, ok: false, rtt_ms: None, record: None, error: Some(why.to_owned()) }
 }
 
 /// Sends `verb` with `args` to the targets and waits up to `timeout` for every reachable one.
@@ -106,28 +96,14 @@ pub async fn send_and_wait(
     match target {
         Target::Devices(_) => {
             for d in &waiting {
-                session
-                    .publish(
-                        topics.name(&Topic::DeviceCmd(d.clone(), verb.into())),
-                        payload.clone(),
-                        false,
-                    )
-                    .await?;
+                session.publish(topics.name(&Topic::DeviceCmd(d.clone(), verb.into())), payload.clone(), false).await?;
             }
         }
         Target::Group(g) if !waiting.is_empty() => {
-            session
-                .publish(
-                    topics.name(&Topic::GroupCmd(g.clone(), verb.into())),
-                    payload,
-                    false,
-                )
-                .await?
+            session.publish(topics.name(&Topic::GroupCmd(g.clone(), verb.into())), payload, false).await?
         }
         Target::All if !waiting.is_empty() => {
-            session
-                .publish(topics.name(&Topic::FleetCmd(verb.into())), payload, false)
-                .await?
+            session.publish(topics.name(&Topic::FleetCmd(verb.into())), payload, false).await?
         }
         _ => {}
     }
@@ -147,28 +123,18 @@ pub async fn send_and_wait(
             };
             if record.state.is_final() {
                 let ok = record.state == debfleet_protocol::OpState::Succeeded;
-                let error = record
-                    .error
-                    .as_ref()
-                    .map(|e| format!("{}: {}", e.code.as_str(), e.message));
+                let error = record.error.as_ref().map(|e| format!("{}: {}", e.code.as_str(), e.message));
                 let rtt = started.elapsed().as_millis() as u64;
                 done.insert(
                     dev.clone(),
-                    Outcome {
-                        device: dev,
-                        ok,
-                        rtt_ms: Some(rtt),
-                        record: Some(record.clone()),
-                        error,
-                    },
+                    Outcome { device: dev, ok, rtt_ms: Some(rtt), record: Some(record.clone()), error },
                 );
             }
         }
     }
     drop(spinner);
     for d in waiting {
-        done.entry(d.clone())
-            .or_insert_with(|| failed(d, "timed out"));
+        done.entry(d.clone()).or_insert_with(|| failed(d, "timed out"));
     }
     Ok(done.into_values().collect())
 }

@@ -5,10 +5,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use debfleet_protocol::limits::MAX_PACKET_BYTES;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter, TlsConfiguration,
-    Transport,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
 /// A message as the console sees it.
@@ -46,22 +43,16 @@ impl BrokerUrl {
         };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.contains(']') || h.ends_with(']') => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| anyhow!("broker {url:?}: port {p:?} is not a number"))?,
-            ),
+            Some((h, p)) if !h.contains(']') || h.ends_with(']') => {
+                (h, p.parse::<u16>().map_err(|_| anyhow!("broker {url:?}: port {p:?} is not a number"))?)
+            }
             _ => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             bail!("broker {url:?} has no host");
         }
-        Ok(BrokerUrl {
-            host: host.into(),
-            port,
-            tls,
-        })
+        Ok(BrokerUrl { host: host.into(), port, tls })
     }
 }
 
@@ -80,11 +71,8 @@ impl Session {
         mo.set_clean_session(true);
         mo.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
         if url.tls {
-            let ca_path = opts
-                .ca_file
-                .context("an mqtts:// broker needs --ca-file (or DEBFLEET_CA_FILE)")?;
-            let ca =
-                std::fs::read(ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
+            let ca_path = opts.ca_file.context("an mqtts:// broker needs --ca-file (or DEBFLEET_CA_FILE)")?;
+            let ca = std::fs::read(ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
             let _ = rustls::crypto::ring::default_provider().install_default();
             mo.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
                 ca,
@@ -106,52 +94,27 @@ impl Session {
         .await;
         match first {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(anyhow!(Unreachable(format!(
-                    "cannot reach the broker at {}: {e}",
-                    opts.url
-                ))))
-            }
+            Ok(Err(e)) => return Err(anyhow!(Unreachable(format!("cannot reach the broker at {}: {e}", opts.url)))),
             Err(_) => {
-                return Err(anyhow!(Unreachable(format!(
-                    "no answer from the broker at {} within 5 s",
-                    opts.url
-                ))))
+                return Err(anyhow!(Unreachable(format!("no answer from the broker at {} within 5 s", opts.url))))
             }
         }
         let (tx, rx) = mpsc::channel(4096);
         let pump = tokio::spawn(pump(eventloop, tx));
-        Ok(Session {
-            client,
-            rx,
-            client_id,
-            prefix: opts.prefix.to_owned(),
-            pump,
-        })
+        Ok(Session { client, rx, client_id, prefix: opts.prefix.to_owned(), pump })
     }
 
     pub async fn subscribe(&self, filters: &[String]) -> Result<()> {
-        let filters = filters
-            .iter()
-            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-        self.client
-            .subscribe_many(filters)
-            .await
-            .context("subscribing")
+        let filters = filters.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        self.client.subscribe_many(filters).await.context("subscribing")
     }
 
     pub async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<()> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload)
-            .await
-            .context("publishing")
+        self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.context("publishing")
     }
 
     pub async fn recv(&mut self) -> Result<Message> {
-        self.rx
-            .recv()
-            .await
-            .ok_or_else(|| anyhow!(Unreachable("the connection to the broker was lost".into())))
+        self.rx.recv().await.ok_or_else(|| anyhow!(Unreachable("the connection to the broker was lost".into())))
     }
 
     /// Subscribes to `filters` and returns every retained message they match. Completion is
@@ -164,16 +127,13 @@ impl Session {
         all.push(marker_topic.clone());
         self.subscribe(&all).await?;
         let nonce = format!("{:016x}", fastrand::u64(..));
-        self.publish(marker_topic.clone(), nonce.clone().into_bytes(), false)
-            .await?;
+        self.publish(marker_topic.clone(), nonce.clone().into_bytes(), false).await?;
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let msg = tokio::time::timeout_at(deadline, self.recv())
                 .await
-                .map_err(|_| {
-                    anyhow!("the broker did not echo the console's marker within 10 s")
-                })??;
+                .map_err(|_| anyhow!("the broker did not echo the console's marker within 10 s"))??;
             if msg.topic == marker_topic {
                 if msg.payload == nonce.as_bytes() {
                     return Ok(out);
@@ -186,9 +146,7 @@ impl Session {
 
     /// Sends what is queued, then DISCONNECT, and waits (briefly) until it is on the wire.
     pub async fn disconnect(self) {
-        let Session {
-            client, rx, pump, ..
-        } = self;
+        let Session { client, rx, pump, .. } = self;
         drop(rx);
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
@@ -211,11 +169,7 @@ async fn pump(mut eventloop: EventLoop, tx: mpsc::Sender<Message>) {
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let msg = Message {
-                    topic: p.topic.clone(),
-                    payload: p.payload.to_vec(),
-                    retained: p.retain,
-                };
+                let msg = Message { topic: p.topic.clone(), payload: p.payload.to_vec(), retained: p.retain };
                 // Once the receiver is gone the loop keeps running only to flush the DISCONNECT.
                 let _ = tx.send(msg).await;
             }

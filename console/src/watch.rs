@@ -10,18 +10,9 @@ use crate::fleet::Fleet;
 use crate::session::{ConnectOptions, Session};
 use crate::Ctx;
 
-pub async fn run(
-    ctx: &Ctx,
-    device: Option<String>,
-    group: Option<String>,
-    json: bool,
-) -> Result<u8> {
-    let device = device
-        .map(|d| DeviceId::new(d).map_err(|e| UsageError(e.to_string())))
-        .transpose()?;
-    let group = group
-        .map(|g| GroupName::new(g).map_err(|e| UsageError(e.to_string())))
-        .transpose()?;
+pub async fn run(ctx: &Ctx, device: Option<String>, group: Option<String>, json: bool) -> Result<u8> {
+    let device = device.map(|d| DeviceId::new(d).map_err(|e| UsageError(e.to_string()))).transpose()?;
+    let group = group.map(|g| GroupName::new(g).map_err(|e| UsageError(e.to_string()))).transpose()?;
     let mut session = Session::connect(ConnectOptions {
         url: &ctx.broker,
         ca_file: ctx.ca_file.as_deref(),
@@ -64,11 +55,7 @@ pub async fn run(
             continue;
         };
         if let Some(g) = &group {
-            if !fleet
-                .devices
-                .get(&dev)
-                .is_some_and(|d| d.groups().contains(g))
-            {
+            if !fleet.devices.get(&dev).is_some_and(|d| d.groups().contains(g)) {
                 continue;
             }
         }
@@ -89,32 +76,20 @@ pub async fn run(
 }
 
 fn describe(topic: &Topic, payload: &[u8]) -> Option<(&'static str, Value, String)> {
-    let data: Value = if payload.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(payload).ok()?
-    };
+    let data: Value = if payload.is_empty() { Value::Null } else { serde_json::from_slice(payload).ok()? };
     let text = match topic {
         Topic::Status(_) => {
             return Some((
                 "status",
                 data.clone(),
-                format!(
-                    "{} since {}",
-                    data["state"].as_str()?,
-                    data["since"].as_str()?
-                ),
+                format!("{} since {}", data["state"].as_str()?, data["since"].as_str()?),
             ));
         }
         Topic::Op(_, id) => {
             if data.is_null() {
                 return Some(("op", data, format!("{id} cleared")));
             }
-            let mut t = format!(
-                "{id} {} {}",
-                data["verb"].as_str()?,
-                data["state"].as_str()?
-            );
+            let mut t = format!("{id} {} {}", data["verb"].as_str()?, data["state"].as_str()?);
             if let Some(p) = data["phase"].as_str() {
                 t.push_str(&format!(" ({p})"));
             }
@@ -122,26 +97,15 @@ fn describe(topic: &Topic, payload: &[u8]) -> Option<(&'static str, Value, Strin
                 t.push_str(&format!(" {pc}%"));
             }
             if let Some(e) = data.get("error").filter(|e| !e.is_null()) {
-                t.push_str(&format!(
-                    " {}: {}",
-                    e["code"].as_str().unwrap_or("?"),
-                    e["message"].as_str().unwrap_or("")
-                ));
+                t.push_str(&format!(" {}: {}", e["code"].as_str().unwrap_or("?"), e["message"].as_str().unwrap_or("")));
             }
             t
         }
         Topic::Logs(_) => {
             let batch: LogBatch = serde_json::from_value(data.clone()).ok()?;
-            let mut lines: Vec<String> = batch
-                .lines
-                .iter()
-                .map(|l| format!("{:<5} {}", l.level, l.msg))
-                .collect();
+            let mut lines: Vec<String> = batch.lines.iter().map(|l| format!("{:<5} {}", l.level, l.msg)).collect();
             if batch.dropped > 0 {
-                lines.push(format!(
-                    "({} lines dropped by the rate limit)",
-                    batch.dropped
-                ));
+                lines.push(format!("({} lines dropped by the rate limit)", batch.dropped));
             }
             lines.join("\n                                 ")
         }
@@ -166,9 +130,7 @@ fn describe(topic: &Topic, payload: &[u8]) -> Option<(&'static str, Value, Strin
         }
         Topic::Meta(_) => return Some(("meta", data, "identity republished".into())),
         Topic::Cfg(_) => return Some(("cfg", data, "configuration published".into())),
-        Topic::StatePackages(_) => {
-            return Some(("packages", data, "package state published".into()))
-        }
+        Topic::StatePackages(_) => return Some(("packages", data, "package state published".into())),
         _ => return None,
     };
     let kind = match topic {

@@ -50,11 +50,7 @@ pub struct LogsCfg {
 
 impl Default for MetricCfg {
     fn default() -> Self {
-        MetricCfg {
-            enabled: true,
-            interval_s: 10,
-            threshold: 1.0,
-        }
+        MetricCfg { enabled: true, interval_s: 10, threshold: 1.0 }
     }
 }
 
@@ -62,38 +58,21 @@ impl Default for TelemetryCfg {
     fn default() -> Self {
         TelemetryCfg {
             cpu: MetricCfg::default(),
-            memory: MetricCfg {
-                interval_s: 30,
-                ..MetricCfg::default()
-            },
-            disk: DiskCfg {
-                enabled: true,
-                interval_s: 60,
-                threshold: 1.0,
-                mounts: vec!["/".into()],
-            },
+            memory: MetricCfg { interval_s: 30, ..MetricCfg::default() },
+            disk: DiskCfg { enabled: true, interval_s: 60, threshold: 1.0, mounts: vec!["/".into()] },
         }
     }
 }
 
 impl Default for LogsCfg {
     fn default() -> Self {
-        LogsCfg {
-            enabled: true,
-            level: "info".into(),
-            batch_s: 5,
-            max_lines_per_min: 120,
-        }
+        LogsCfg { enabled: true, level: "info".into(), batch_s: 5, max_lines_per_min: 120 }
     }
 }
 
 impl Default for RuntimeCfg {
     fn default() -> Self {
-        RuntimeCfg {
-            groups: Vec::new(),
-            telemetry: TelemetryCfg::default(),
-            logs: LogsCfg::default(),
-        }
+        RuntimeCfg { groups: Vec::new(), telemetry: TelemetryCfg::default(), logs: LogsCfg::default() }
     }
 }
 
@@ -112,10 +91,7 @@ pub enum CfgError {
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> CfgError {
-    CfgError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
+    CfgError::Invalid { key: key.into(), message: message.into() }
 }
 
 fn check_interval(key: &str, v: u32) -> Result<(), CfgError> {
@@ -130,10 +106,7 @@ fn check_threshold(key: &str, v: f64) -> Result<(), CfgError> {
     if v.is_finite() && (0.0..=100.0).contains(&v) {
         Ok(())
     } else {
-        Err(invalid(
-            key,
-            format!("{v} is outside 0..=100 percentage points"),
-        ))
+        Err(invalid(key, format!("{v} is outside 0..=100 percentage points")))
     }
 }
 
@@ -153,35 +126,19 @@ impl RuntimeCfg {
             return Err(invalid("telemetry.disk.mounts", "at most 16 mount points"));
         }
         for m in &t.disk.mounts {
-            if !m.starts_with('/')
-                || m.len() > 256
-                || m.contains('\0')
-                || m.split('/').any(|l| l == "..")
-            {
-                return Err(invalid(
-                    "telemetry.disk.mounts",
-                    format!("{m:?} is not an absolute path"),
-                ));
+            if !m.starts_with('/') || m.len() > 256 || m.contains('\0') || m.split('/').any(|l| l == "..") {
+                return Err(invalid("telemetry.disk.mounts", format!("{m:?} is not an absolute path")));
             }
         }
         let l = &self.logs;
         if !LOG_LEVELS.contains(&l.level.as_str()) {
-            return Err(invalid(
-                "logs.level",
-                format!("{:?} is not one of {}", l.level, LOG_LEVELS.join(", ")),
-            ));
+            return Err(invalid("logs.level", format!("{:?} is not one of {}", l.level, LOG_LEVELS.join(", "))));
         }
         if !(1..=3600).contains(&l.batch_s) {
-            return Err(invalid(
-                "logs.batch_s",
-                format!("{} is outside 1..=3600 seconds", l.batch_s),
-            ));
+            return Err(invalid("logs.batch_s", format!("{} is outside 1..=3600 seconds", l.batch_s)));
         }
         if !(1..=100_000).contains(&l.max_lines_per_min) {
-            return Err(invalid(
-                "logs.max_lines_per_min",
-                format!("{} is outside 1..=100000", l.max_lines_per_min),
-            ));
+            return Err(invalid("logs.max_lines_per_min", format!("{} is outside 1..=100000", l.max_lines_per_min)));
         }
         Ok(())
     }
@@ -195,8 +152,7 @@ impl RuntimeCfg {
         };
         let mut current = serde_json::to_value(self).expect("configuration serializes");
         merge(&mut current, patch, "")?;
-        let next: RuntimeCfg =
-            serde_json::from_value(current).map_err(|e| invalid("cfg", e.to_string()))?;
+        let next: RuntimeCfg = serde_json::from_value(current).map_err(|e| invalid("cfg", e.to_string()))?;
         next.validate()?;
         Ok(next)
     }
@@ -204,11 +160,7 @@ impl RuntimeCfg {
 
 fn merge(target: &mut Value, patch: &Map<String, Value>, path: &str) -> Result<(), CfgError> {
     for (key, new) in patch {
-        let dotted = if path.is_empty() {
-            key.clone()
-        } else {
-            format!("{path}.{key}")
-        };
+        let dotted = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
         let Some(slot) = target.as_object_mut().and_then(|o| o.get_mut(key)) else {
             return Err(CfgError::UnknownKey { key: dotted });
         };
@@ -217,16 +169,10 @@ fn merge(target: &mut Value, patch: &Map<String, Value>, path: &str) -> Result<(
             (true, _) => return Err(invalid(&dotted, "is a section; set its keys instead")),
             (false, new) => {
                 if !same_kind(slot, new) {
-                    return Err(invalid(
-                        &dotted,
-                        format!("expected {}, got {new}", kind_name(slot)),
-                    ));
+                    return Err(invalid(&dotted, format!("expected {}, got {new}", kind_name(slot))));
                 }
                 if slot.is_u64() && !new.is_u64() {
-                    return Err(invalid(
-                        &dotted,
-                        format!("expected a whole number of at least 0, got {new}"),
-                    ));
+                    return Err(invalid(&dotted, format!("expected a whole number of at least 0, got {new}")));
                 }
                 *slot = new.clone();
             }
@@ -263,22 +209,17 @@ pub fn patch_from_assignments<S: AsRef<str>>(assignments: &[S]) -> Result<Value,
     let mut root = Map::new();
     for a in assignments {
         let a = a.as_ref();
-        let (key, raw) = a
-            .split_once('=')
-            .ok_or_else(|| CfgError::NotAssignment(a.to_owned()))?;
+        let (key, raw) = a.split_once('=').ok_or_else(|| CfgError::NotAssignment(a.to_owned()))?;
         let key = key.trim();
         if key.is_empty() || key.split('.').any(str::is_empty) {
             return Err(CfgError::NotAssignment(a.to_owned()));
         }
-        let value = serde_json::from_str::<Value>(raw.trim())
-            .unwrap_or_else(|_| Value::String(raw.to_owned()));
+        let value = serde_json::from_str::<Value>(raw.trim()).unwrap_or_else(|_| Value::String(raw.to_owned()));
         let mut levels: Vec<&str> = key.split('.').collect();
         let leaf = levels.pop().expect("non-empty key");
         let mut node = &mut root;
         for level in levels {
-            let entry = node
-                .entry(level.to_owned())
-                .or_insert_with(|| Value::Object(Map::new()));
+            let entry = node.entry(level.to_owned()).or_insert_with(|| Value::Object(Map::new()));
             node = match entry {
                 Value::Object(o) => o,
                 _ => return Err(invalid(key, "a value was already given for a parent key")),
@@ -302,9 +243,7 @@ mod tests {
     #[test]
     fn patch_changes_only_named_keys() {
         let cfg = RuntimeCfg::default();
-        let next = cfg
-            .apply_patch(&json!({"telemetry": {"cpu": {"interval_s": 2}}}))
-            .unwrap();
+        let next = cfg.apply_patch(&json!({"telemetry": {"cpu": {"interval_s": 2}}})).unwrap();
         assert_eq!(next.telemetry.cpu.interval_s, 2);
         assert_eq!(next.telemetry.memory, cfg.telemetry.memory);
         assert_eq!(next.logs, cfg.logs);
@@ -314,49 +253,28 @@ mod tests {
     fn patch_errors_name_the_key() {
         let cfg = RuntimeCfg::default();
         let cases = [
-            (
-                json!({"telemetry": {"cpu": {"interval_s": 0}}}),
-                "telemetry.cpu.interval_s",
-            ),
-            (
-                json!({"telemetry": {"cpu": {"bogus": 1}}}),
-                "telemetry.cpu.bogus",
-            ),
+            (json!({"telemetry": {"cpu": {"interval_s": 0}}}), "telemetry.cpu.interval_s"),
+            (json!({"telemetry": {"cpu": {"bogus": 1}}}), "telemetry.cpu.bogus"),
             (json!({"logs": {"level": "loud"}}), "logs.level"),
             (json!({"logs": {"enabled": "yes"}}), "logs.enabled"),
             (json!({"telemetry": 5}), "telemetry"),
             (json!({"groups": ["Bad Group"]}), "cfg"),
-            (
-                json!({"telemetry": {"disk": {"mounts": ["relative"]}}}),
-                "telemetry.disk.mounts",
-            ),
-            (
-                json!({"telemetry": {"cpu": {"interval_s": -3}}}),
-                "telemetry.cpu.interval_s",
-            ),
+            (json!({"telemetry": {"disk": {"mounts": ["relative"]}}}), "telemetry.disk.mounts"),
+            (json!({"telemetry": {"cpu": {"interval_s": -3}}}), "telemetry.cpu.interval_s"),
         ];
         for (patch, key) in cases {
             let err = cfg.apply_patch(&patch).unwrap_err().to_string();
             assert!(err.starts_with(key), "{patch}: {err}");
         }
-        assert_eq!(
-            cfg.apply_patch(&json!([1])).unwrap_err(),
-            CfgError::NotAnObject
-        );
+        assert_eq!(cfg.apply_patch(&json!([1])).unwrap_err(), CfgError::NotAnObject);
     }
 
     #[test]
     fn assignments_build_nested_patches() {
-        let p = patch_from_assignments(&[
-            "telemetry.cpu.interval_s=5",
-            "logs.level=debug",
-            "telemetry.cpu.enabled=false",
-        ])
-        .unwrap();
-        assert_eq!(
-            p,
-            json!({"telemetry": {"cpu": {"interval_s": 5, "enabled": false}}, "logs": {"level": "debug"}})
-        );
+        let p =
+            patch_from_assignments(&["telemetry.cpu.interval_s=5", "logs.level=debug", "telemetry.cpu.enabled=false"])
+                .unwrap();
+        assert_eq!(p, json!({"telemetry": {"cpu": {"interval_s": 5, "enabled": false}}, "logs": {"level": "debug"}}));
         assert!(patch_from_assignments(&["novalue"]).is_err());
         assert!(patch_from_assignments(&["a..b=1"]).is_err());
         assert!(patch_from_assignments(&["a=1", "a.b=2"]).is_err());

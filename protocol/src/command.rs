@@ -19,13 +19,7 @@ pub enum Verb {
 }
 
 impl Verb {
-    pub const ALL: [Verb; 5] = [
-        Verb::Ping,
-        Verb::Refresh,
-        Verb::Restart,
-        Verb::Cfg,
-        Verb::Clear,
-    ];
+    pub const ALL: [Verb; 5] = [Verb::Ping, Verb::Refresh, Verb::Restart, Verb::Cfg, Verb::Clear];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -79,11 +73,7 @@ pub struct Rejection {
 }
 
 fn reject(id: Option<OpId>, code: ErrorCode, message: impl Into<String>) -> Rejection {
-    Rejection {
-        id,
-        code,
-        message: message.into(),
-    }
+    Rejection { id, code, message: message.into() }
 }
 
 #[derive(Deserialize)]
@@ -94,7 +84,7 @@ struct RestartArgs {
 
 #[derive(Deserialize)]
 struct CfgArgs {
-    set: Value,
+    set: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -110,10 +100,7 @@ pub fn parse_command(verb: &str, payload: &[u8]) -> Result<Command, Rejection> {
         return Err(reject(
             None,
             ErrorCode::PayloadTooLarge,
-            format!(
-                "command is {} bytes; the limit is {MAX_COMMAND_BYTES}",
-                payload.len()
-            ),
+            format!("command is {} bytes; the limit is {MAX_COMMAND_BYTES}", payload.len()),
         ));
     }
     let object: Map<String, Value> = match serde_json::from_slice(payload) {
@@ -125,47 +112,22 @@ pub fn parse_command(verb: &str, payload: &[u8]) -> Result<Command, Rejection> {
                 format!("expected a JSON object, got {}", type_name(&other)),
             ))
         }
-        Err(e) => {
-            return Err(reject(
-                None,
-                ErrorCode::MalformedJson,
-                format!("not JSON: {e}"),
-            ))
-        }
+        Err(e) => return Err(reject(None, ErrorCode::MalformedJson, format!("not JSON: {e}"))),
     };
     let id = match object.get("id") {
         Some(Value::String(s)) => {
             OpId::new(s.as_str()).map_err(|e| reject(None, ErrorCode::InvalidId, e.to_string()))?
         }
         Some(other) => {
-            return Err(reject(
-                None,
-                ErrorCode::InvalidId,
-                format!("id must be a string, got {}", type_name(other)),
-            ))
+            return Err(reject(None, ErrorCode::InvalidId, format!("id must be a string, got {}", type_name(other))))
         }
-        None => {
-            return Err(reject(
-                None,
-                ErrorCode::MissingId,
-                "the command has no \"id\"",
-            ))
-        }
+        None => return Err(reject(None, ErrorCode::MissingId, "the command has no \"id\"")),
     };
     let Some(verb) = Verb::from_name(verb) else {
-        return Err(reject(
-            Some(id),
-            ErrorCode::UnknownVerb,
-            format!("unknown verb {verb:?}"),
-        ));
+        return Err(reject(Some(id), ErrorCode::UnknownVerb, format!("unknown verb {verb:?}")));
     };
-    let args = parse_args(verb, Value::Object(object)).map_err(|e| {
-        reject(
-            Some(id.clone()),
-            ErrorCode::InvalidValue,
-            format!("{}: {e}", verb.as_str()),
-        )
-    })?;
+    let args = parse_args(verb, Value::Object(object))
+        .map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, format!("{}: {e}", verb.as_str())))?;
     Ok(Command { id, verb, args })
 }
 
@@ -173,18 +135,11 @@ fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, serde_json::Error> {
     Ok(match verb {
         Verb::Ping => CommandArgs::Ping,
         Verb::Refresh => CommandArgs::Refresh,
-        Verb::Restart => CommandArgs::Restart {
-            unit: serde_json::from_value::<RestartArgs>(v)?.unit,
-        },
-        Verb::Cfg => CommandArgs::Cfg {
-            set: serde_json::from_value::<CfgArgs>(v)?.set,
-        },
+        Verb::Restart => CommandArgs::Restart { unit: serde_json::from_value::<RestartArgs>(v)?.unit },
+        Verb::Cfg => CommandArgs::Cfg { set: Value::Object(serde_json::from_value::<CfgArgs>(v)?.set) },
         Verb::Clear => {
             let a: ClearArgs = serde_json::from_value(v)?;
-            CommandArgs::Clear {
-                ops: a.ops,
-                older_than_s: a.older_than_s,
-            }
+            CommandArgs::Clear { ops: a.ops, older_than_s: a.older_than_s }
         }
     })
 }
@@ -212,20 +167,11 @@ mod tests {
     #[test]
     fn parses_known_verbs() {
         let c = parse_command("ping", br#"{"id":"p1","extra":true}"#).unwrap();
-        assert_eq!(
-            (c.id.as_str(), c.verb, c.args),
-            ("p1", Verb::Ping, CommandArgs::Ping)
-        );
+        assert_eq!((c.id.as_str(), c.verb, c.args), ("p1", Verb::Ping, CommandArgs::Ping));
         let c = parse_command("cfg", br#"{"id":"c1","set":{"logs":{"level":"debug"}}}"#).unwrap();
         assert!(matches!(c.args, CommandArgs::Cfg { .. }));
         let c = parse_command("clear", br#"{"id":"c2","older_than_s":60}"#).unwrap();
-        assert_eq!(
-            c.args,
-            CommandArgs::Clear {
-                ops: vec![],
-                older_than_s: Some(60)
-            }
-        );
+        assert_eq!(c.args, CommandArgs::Clear { ops: vec![], older_than_s: Some(60) });
     }
 
     #[test]
@@ -235,20 +181,11 @@ mod tests {
         assert_eq!(code("ping", b"{}"), ErrorCode::MissingId);
         assert_eq!(code("ping", br#"{"id":7}"#), ErrorCode::InvalidId);
         assert_eq!(code("ping", br#"{"id":"../etc"}"#), ErrorCode::InvalidId);
-        assert_eq!(
-            code("ping", &vec![b' '; MAX_COMMAND_BYTES + 1]),
-            ErrorCode::PayloadTooLarge
-        );
+        assert_eq!(code("ping", &vec![b' '; MAX_COMMAND_BYTES + 1]), ErrorCode::PayloadTooLarge);
         let r = parse_command("launch", br#"{"id":"x1"}"#).unwrap_err();
-        assert_eq!(
-            (r.code, r.id.unwrap().as_str()),
-            (ErrorCode::UnknownVerb, "x1")
-        );
+        assert_eq!((r.code, r.id.unwrap().as_str()), (ErrorCode::UnknownVerb, "x1"));
         assert_eq!(code("cfg", br#"{"id":"x2"}"#), ErrorCode::InvalidValue);
-        assert_eq!(
-            code("clear", br#"{"id":"x3","ops":["a/b"]}"#),
-            ErrorCode::InvalidValue
-        );
+        assert_eq!(code("clear", br#"{"id":"x3","ops":["a/b"]}"#), ErrorCode::InvalidValue);
     }
 
     proptest! {

@@ -9,17 +9,9 @@ pub enum IdError {
     #[error("{kind} is empty")]
     Empty { kind: &'static str },
     #[error("{kind} {value:?} is longer than {max} characters")]
-    TooLong {
-        kind: &'static str,
-        value: String,
-        max: usize,
-    },
+    TooLong { kind: &'static str, value: String, max: usize },
     #[error("{kind} {value:?} must match {pattern}")]
-    BadSyntax {
-        kind: &'static str,
-        value: String,
-        pattern: &'static str,
-    },
+    BadSyntax { kind: &'static str, value: String, pattern: &'static str },
 }
 
 fn check(
@@ -39,11 +31,7 @@ fn check(
         return Err(IdError::TooLong { kind, value, max });
     }
     if !first(head) || !bytes[1..].iter().all(|&b| rest(b)) {
-        return Err(IdError::BadSyntax {
-            kind,
-            value: value.to_owned(),
-            pattern,
-        });
+        return Err(IdError::BadSyntax { kind, value: value.to_owned(), pattern });
     }
     Ok(())
 }
@@ -130,16 +118,10 @@ mod tests {
         assert!(DeviceId::new("lab-1").is_ok());
         assert!(DeviceId::new("a").is_ok());
         assert!(DeviceId::new("a".repeat(63)).is_ok());
-        assert!(matches!(
-            DeviceId::new("a".repeat(64)),
-            Err(IdError::TooLong { .. })
-        ));
+        assert!(matches!(DeviceId::new("a".repeat(64)), Err(IdError::TooLong { .. })));
         assert!(matches!(DeviceId::new(""), Err(IdError::Empty { .. })));
         for bad in ["-a", "_a", "A", "a/b", "a+", "a#", "a b", "é"] {
-            assert!(
-                matches!(DeviceId::new(bad), Err(IdError::BadSyntax { .. })),
-                "{bad}"
-            );
+            assert!(matches!(DeviceId::new(bad), Err(IdError::BadSyntax { .. })), "{bad}");
         }
     }
 

@@ -8,12 +8,7 @@ pub fn format_unix_ms(unix_ms: i64) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
 }
 
 /// Reads back a UTC timestamp as written by [`format_unix_ms`] (fraction optional).
@@ -45,10 +40,7 @@ pub fn parse_unix_ms(s: &str) -> Option<i64> {
 
 /// Now, as Unix milliseconds.
 pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Now, formatted.
@@ -88,15 +80,9 @@ mod tests {
     #[test]
     fn known_values() {
         assert_eq!(format_unix_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            format_unix_ms(1_795_440_000_123),
-            "2026-11-23T13:20:00.123Z"
-        );
+        assert_eq!(format_unix_ms(1_795_440_000_123), "2026-11-23T13:20:00.123Z");
         assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(
-            parse_unix_ms("2026-11-23T13:20:00Z"),
-            Some(1_795_440_000_000)
-        );
+        assert_eq!(parse_unix_ms("2026-11-23T13:20:00Z"), Some(1_795_440_000_000));
         assert_eq!(parse_unix_ms("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_unix_ms("yesterday"), None);
     }

@@ -69,8 +69,7 @@ pub fn valid_verb(verb: &str) -> bool {
     !b.is_empty()
         && b.len() <= 32
         && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
 }
 
 /// Topic names under one prefix (default `debfleet`).
@@ -81,9 +80,7 @@ pub struct Topics {
 
 impl Default for Topics {
     fn default() -> Self {
-        Topics {
-            prefix: "debfleet".into(),
-        }
+        Topics { prefix: "debfleet".into() }
     }
 }
 
@@ -97,9 +94,7 @@ impl Topics {
         if !ok {
             return Err(TopicError::Unknown(prefix.to_owned()));
         }
-        Ok(Topics {
-            prefix: prefix.to_owned(),
-        })
+        Ok(Topics { prefix: prefix.to_owned() })
     }
 
     pub fn prefix(&self) -> &str {
@@ -140,10 +135,7 @@ impl Topics {
         groups: impl IntoIterator<Item = &'a GroupName>,
     ) -> Vec<String> {
         let p = &self.prefix;
-        let mut v = vec![
-            format!("{p}/device/{device}/cmd/+"),
-            format!("{p}/fleet/cmd/+"),
-        ];
+        let mut v = vec![format!("{p}/device/{device}/cmd/+"), format!("{p}/fleet/cmd/+")];
         v.extend(groups.into_iter().map(|g| format!("{p}/group/{g}/cmd/+")));
         v
     }
@@ -159,10 +151,7 @@ impl Topics {
             .and_then(|r| r.strip_prefix('/'))
             .ok_or_else(|| TopicError::OutsidePrefix(name.to_owned()))?;
         let levels: Vec<&str> = rest.split('/').collect();
-        let bad_id = |source| TopicError::BadId {
-            topic: name.to_owned(),
-            source,
-        };
+        let bad_id = |source| TopicError::BadId { topic: name.to_owned(), source };
         let verb = |v: &str| {
             if valid_verb(v) {
                 Ok(v.to_owned())
@@ -186,10 +175,7 @@ impl Topics {
                     _ => return Err(unknown()),
                 })
             }
-            ["group", g, "cmd", v] => Ok(Topic::GroupCmd(
-                GroupName::new(*g).map_err(bad_id)?,
-                verb(v)?,
-            )),
+            ["group", g, "cmd", v] => Ok(Topic::GroupCmd(GroupName::new(*g).map_err(bad_id)?, verb(v)?)),
             ["fleet", "cmd", v] => Ok(Topic::FleetCmd(verb(v)?)),
             _ => Err(unknown()),
         }
@@ -224,31 +210,16 @@ mod tests {
         ] {
             assert_eq!(t.parse(&t.name(&topic)).unwrap(), topic);
         }
-        assert_eq!(
-            t.name(&Topic::Status(dev("d1"))),
-            "debfleet/device/d1/status"
-        );
+        assert_eq!(t.name(&Topic::Status(dev("d1"))), "debfleet/device/d1/status");
     }
 
     #[test]
     fn rejects_foreign_and_malformed() {
         let t = Topics::new("acme/fleet").unwrap();
-        assert!(matches!(
-            t.parse("debfleet/device/d/meta"),
-            Err(TopicError::OutsidePrefix(_))
-        ));
-        assert!(matches!(
-            t.parse("acme/fleet/device/D/meta"),
-            Err(TopicError::BadId { .. })
-        ));
-        assert!(matches!(
-            t.parse("acme/fleet/device/d/nope"),
-            Err(TopicError::Unknown(_))
-        ));
-        assert!(matches!(
-            t.parse("acme/fleet/fleet/cmd/Bad"),
-            Err(TopicError::BadVerb(_))
-        ));
+        assert!(matches!(t.parse("debfleet/device/d/meta"), Err(TopicError::OutsidePrefix(_))));
+        assert!(matches!(t.parse("acme/fleet/device/D/meta"), Err(TopicError::BadId { .. })));
+        assert!(matches!(t.parse("acme/fleet/device/d/nope"), Err(TopicError::Unknown(_))));
+        assert!(matches!(t.parse("acme/fleet/fleet/cmd/Bad"), Err(TopicError::BadVerb(_))));
         assert!(Topics::new("a/+/b").is_err());
         assert!(Topics::new("a//b").is_err());
     }

@@ -20,20 +20,12 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace binaries first (cargo build --bins)",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: build the workspace binaries first (cargo build --bins)", path.display());
     path
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.
@@ -51,9 +43,7 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 }
 
 fn wait_port(port: u16) {
-    wait_for(Duration::from_secs(10), "a listening port", || {
-        TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    wait_for(Duration::from_secs(10), "a listening port", || TcpStream::connect(("127.0.0.1", port)).ok());
 }
 
 /// A real Mosquitto on a free loopback port, stopped on drop.
@@ -61,6 +51,8 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// More listener options (TLS).
+    extra: String,
 }
 
 impl Mosquitto {
@@ -70,36 +62,36 @@ impl Mosquitto {
 
     pub fn start_on(port: u16) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = Mosquitto {
-            port,
-            dir,
-            child: None,
-        };
+        let mut m = Mosquitto { port, dir, child: None, extra: String::new() };
         m.spawn();
         m
     }
 
+    /// A Mosquitto that only speaks TLS, with a fresh CA; returns it and the CA file.
+    pub fn start_tls() -> (Mosquitto, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_test_pki(dir.path());
+        let d = dir.path().display().to_string();
+        let extra = format!("cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n");
+        let mut m = Mosquitto { port: free_port(), dir, child: None, extra };
+        m.spawn();
+        (m, ca)
+    }
+
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
-                self.port
-            ),
-        )
-        .unwrap();
+        // Run as root, Mosquitto would switch to its own user, which cannot read our temporary files;
+        // as any other user the line is ignored.
+        let text = format!(
+            "listener {} 127.0.0.1\n{}allow_anonymous true\npersistence false\nuser root\n",
+            self.port, self.extra
+        );
+        std::fs::write(&conf, text).unwrap();
         let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).expect(
             "mosquitto is not installed: run the README's test command (it installs it) or apt-get install mosquitto",
         );
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
-        let child = Command::new(exe)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = Command::new(exe).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.child = Some(child);
         wait_port(self.port);
     }
@@ -127,6 +119,41 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1, made with the openssl tool.
+fn make_test_pki(dir: &Path) -> PathBuf {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=debfleet test CA"],
+    ]
+    .concat());
+    run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    dir.join("ca.pem")
 }
 
 /// A running `debfleet-agent` with its own state directory.
@@ -159,22 +186,14 @@ impl Agent {
         );
         let config = dir.path().join("agent.toml");
         std::fs::write(&config, text).unwrap();
-        let mut a = Agent {
-            id: spec.id.to_owned(),
-            dir,
-            config,
-            child: None,
-        };
+        let mut a = Agent { id: spec.id.to_owned(), dir, config, child: None };
         a.spawn();
         a
     }
 
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("agent.log"))
-            .unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
         let child = Command::new(bin("debfleet-agent"))
             .arg("--config")
             .arg(&self.config)
@@ -212,9 +231,7 @@ impl Agent {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     pub fn kill9(&mut self) {
@@ -233,11 +250,7 @@ impl Drop for Agent {
 
 /// Runs the console binary against a broker.
 pub fn console(broker: &str, args: &[&str]) -> Output {
-    Command::new(bin("debfleet"))
-        .args(args)
-        .env("DEBFLEET_BROKER", broker)
-        .output()
-        .unwrap()
+    Command::new(bin("debfleet")).args(args).env("DEBFLEET_BROKER", broker).output().unwrap()
 }
 
 pub fn stdout_json(out: &Output) -> Value {
@@ -272,8 +285,7 @@ pub struct Observer {
 
 impl Observer {
     pub fn connect(port: u16, filters: &[&str]) -> Observer {
-        let mut opts =
-            rumqttc::MqttOptions::new(format!("test-{:08x}", rand_u32()), "127.0.0.1", port);
+        let mut opts = rumqttc::MqttOptions::new(format!("test-{:08x}", rand_u32()), "127.0.0.1", port);
         opts.set_max_packet_size(1 << 20, 1 << 20);
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut conn) = rumqttc::Client::new(opts, 256);
@@ -288,13 +300,11 @@ impl Observer {
             let mut subacks = 0;
             for ev in conn.iter() {
                 match ev {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        sink.lock().unwrap().push(Msg {
-                            topic: p.topic.clone(),
-                            payload: p.payload.to_vec(),
-                            retain: p.retain,
-                        })
-                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => sink.lock().unwrap().push(Msg {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                    }),
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
                         subacks += 1;
                         if subacks == expected {
@@ -309,20 +319,12 @@ impl Observer {
                 }
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("observer subscribed");
-        Observer {
-            client,
-            msgs,
-            _thread: thread,
-        }
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("observer subscribed");
+        Observer { client, msgs, _thread: thread }
     }
 
     pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>, retain: bool) {
-        self.client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.into())
-            .unwrap();
+        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.into()).unwrap();
     }
 
     pub fn messages(&self) -> Vec<Msg> {
@@ -336,10 +338,7 @@ impl Observer {
     /// The first recorded message on `topic` satisfying `pred`, waiting for it.
     pub fn wait(&self, topic: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         wait_for(timeout, &format!("a matching message on {topic}"), || {
-            self.messages()
-                .into_iter()
-                .find(|m| m.topic == topic && pred(&m.json()))
-                .map(|m| m.json())
+            self.messages().into_iter().find(|m| m.topic == topic && pred(&m.json())).map(|m| m.json())
         })
     }
 
@@ -350,10 +349,7 @@ impl Observer {
 }
 
 fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     t ^ std::process::id().rotate_left(16)
 }
 
@@ -380,21 +376,14 @@ impl Proxy {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 };
-                conns2
-                    .lock()
-                    .unwrap()
-                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                conns2.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let stall = stall2.clone();
                 thread::spawn(move || pipe(client, server, Some(stall)));
                 thread::spawn(move || pipe(s2, c2, None));
             }
         });
-        Proxy {
-            port,
-            stall_upstream: stall,
-            conns,
-        }
+        Proxy { port, stall_upstream: stall, conns }
     }
 
     pub fn stall_upstream(&self, on: bool) {

@@ -9,31 +9,20 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(15);
 
 fn agent(id: &str, port: u16, groups: &[&str]) -> Agent {
-    Agent::start(AgentSpec {
-        id,
-        port,
-        groups,
-        extra: "",
-    })
+    Agent::start(AgentSpec { id, port, groups, extra: "" })
 }
 
 fn online(obs: &Observer, id: &str) -> Value {
-    obs.wait(&format!("debfleet/device/{id}/status"), T, |v| {
-        v["state"] == "online"
-    })
+    obs.wait(&format!("debfleet/device/{id}/status"), T, |v| v["state"] == "online")
 }
 
 fn op_final(obs: &Observer, id: &str, op: &str) -> Value {
-    obs.wait(&format!("debfleet/device/{id}/op/{op}"), T, |v| {
-        v["state"] == "succeeded" || v["state"] == "failed"
-    })
+    obs.wait(&format!("debfleet/device/{id}/op/{op}"), T, |v| v["state"] == "succeeded" || v["state"] == "failed")
 }
 
 fn op_file(agent: &Agent, op: &str) -> Option<Value> {
     let bytes = std::fs::read(agent.state_dir().join("ops").join(format!("{op}.json"))).ok()?;
-    serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .map(|e| e["record"].clone())
+    serde_json::from_slice::<Value>(&bytes).ok().map(|e| e["record"].clone())
 }
 
 #[test]
@@ -53,11 +42,7 @@ fn retained_facts_are_on_the_broker_after_connect() {
     let meta = late.last("debfleet/device/dev-1/meta").unwrap().json();
     assert_eq!(meta["device_id"], "dev-1");
     assert_eq!(meta["groups"], serde_json::json!(["lab"]));
-    assert!(meta["commands"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c == "ping"));
+    assert!(meta["commands"].as_array().unwrap().iter().any(|c| c == "ping"));
     assert_eq!(meta["boot_id"], status["boot_id"]);
     assert!(!meta["boot_id"].as_str().unwrap().is_empty());
     assert!(debfleet_protocol_time_ok(status["since"].as_str().unwrap()));
@@ -75,19 +60,14 @@ fn sigkill_leaves_lost_and_sigterm_leaves_offline() {
     let status = online(&obs, "dev-k");
     a.kill9();
     let lost = obs.wait("debfleet/device/dev-k/status", T, |v| v["state"] == "lost");
-    assert_eq!(
-        lost["since"], status["since"],
-        "lost carries the start of the connection that vanished"
-    );
+    assert_eq!(lost["since"], status["since"], "lost carries the start of the connection that vanished");
     assert_eq!(lost["boot_id"], status["boot_id"]);
 
     let mut b = agent("dev-t", m.port, &[]);
     online(&obs, "dev-t");
     b.signal(libc_sigterm());
     assert_eq!(b.wait_exit(Duration::from_secs(10)), Some(0));
-    obs.wait("debfleet/device/dev-t/status", T, |v| {
-        v["state"] == "offline"
-    });
+    obs.wait("debfleet/device/dev-t/status", T, |v| v["state"] == "offline");
     assert!(b.log().contains("stopping"));
 }
 
@@ -104,18 +84,9 @@ fn pending_result_is_delivered_after_a_partition_and_broker_restart() {
     online(&obs, "dev-p");
     // The agent's traffic to the broker now vanishes while it still thinks it is connected.
     proxy.stall_upstream(true);
-    obs.publish(
-        "debfleet/device/dev-p/cmd/ping",
-        r#"{"id":"pending-1"}"#,
-        false,
-    );
-    wait_for(T, "the agent to finish the operation", || {
-        op_file(&a, "pending-1").filter(|r| r["state"] == "succeeded")
-    });
-    assert!(
-        obs.last("debfleet/device/dev-p/op/pending-1").is_none(),
-        "the result must not have got through yet"
-    );
+    obs.publish("debfleet/device/dev-p/cmd/ping", r#"{"id":"pending-1"}"#, false);
+    wait_for(T, "the agent to finish the operation", || op_file(&a, "pending-1").filter(|r| r["state"] == "succeeded"));
+    assert!(obs.last("debfleet/device/dev-p/op/pending-1").is_none(), "the result must not have got through yet");
     // Broker restart (retained state not persisted) and the partition heals.
     drop(obs);
     m.restart();
@@ -143,10 +114,7 @@ fn agent_waits_for_a_broker_that_is_not_there_yet() {
 fn repeated_id_returns_recorded_outcome_across_restart() {
     let m = Mosquitto::start();
     let mut a = agent("dev-d", m.port, &[]);
-    let obs = Observer::connect(
-        m.port,
-        &["debfleet/device/dev-d/op/+", "debfleet/device/dev-d/status"],
-    );
+    let obs = Observer::connect(m.port, &["debfleet/device/dev-d/op/+", "debfleet/device/dev-d/status"]);
     online(&obs, "dev-d");
     obs.publish("debfleet/device/dev-d/cmd/ping", r#"{"id":"dup-1"}"#, false);
     let first = op_final(&obs, "dev-d", "dup-1");
@@ -158,21 +126,11 @@ fn repeated_id_returns_recorded_outcome_across_restart() {
     obs.clear();
     obs.publish("debfleet/device/dev-d/cmd/ping", r#"{"id":"dup-1"}"#, false);
     let again = obs.wait("debfleet/device/dev-d/op/dup-1", T, |v| v["repeats"] == 1);
-    assert_eq!(
-        again["updated_at"], first["updated_at"],
-        "not executed a second time"
-    );
+    assert_eq!(again["updated_at"], first["updated_at"], "not executed a second time");
     assert_eq!(again["result"], first["result"]);
-    let states: Vec<Value> = obs
-        .messages()
-        .iter()
-        .filter(|m| m.topic.ends_with("/dup-1"))
-        .map(|m| m.json()["state"].clone())
-        .collect();
-    assert!(
-        !states.iter().any(|s| s == "running"),
-        "no second run: {states:?}"
-    );
+    let states: Vec<Value> =
+        obs.messages().iter().filter(|m| m.topic.ends_with("/dup-1")).map(|m| m.json()["state"].clone()).collect();
+    assert!(!states.iter().any(|s| s == "running"), "no second run: {states:?}");
 }
 
 #[test]
@@ -181,15 +139,9 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_running() {
     let mut a = agent("dev-b", m.port, &[]);
     let obs = Observer::connect(m.port, &["debfleet/device/dev-b/#"]);
     online(&obs, "dev-b");
-    let cmd = |verb: &str, payload: &[u8]| {
-        obs.publish(
-            &format!("debfleet/device/dev-b/cmd/{verb}"),
-            payload.to_vec(),
-            false,
-        )
-    };
-    let rejected =
-        |code: &str| obs.wait("debfleet/device/dev-b/rejected", T, |v| v["code"] == code);
+    let cmd =
+        |verb: &str, payload: &[u8]| obs.publish(&format!("debfleet/device/dev-b/cmd/{verb}"), payload.to_vec(), false);
+    let rejected = |code: &str| obs.wait("debfleet/device/dev-b/rejected", T, |v| v["code"] == code);
 
     cmd("ping", b"{not json");
     rejected("malformed_json");
@@ -206,31 +158,16 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_running() {
     assert!(r["message"].as_str().unwrap().contains("limit"));
 
     cmd("selfdestruct", br#"{"id":"u-1"}"#);
-    assert_eq!(
-        op_final(&obs, "dev-b", "u-1")["error"]["code"],
-        "unknown_verb"
-    );
-    cmd(
-        "cfg",
-        br#"{"id":"c-1","set":{"telemetry":{"cpu":{"interval_s":0}}}}"#,
-    );
+    assert_eq!(op_final(&obs, "dev-b", "u-1")["error"]["code"], "unknown_verb");
+    cmd("cfg", br#"{"id":"c-1","set":{"telemetry":{"cpu":{"interval_s":0}}}}"#);
     let c = op_final(&obs, "dev-b", "c-1");
     assert_eq!(c["error"]["code"], "invalid_value");
-    assert!(c["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("telemetry.cpu.interval_s"));
+    assert!(c["error"]["message"].as_str().unwrap().contains("telemetry.cpu.interval_s"));
     cmd("cfg", br#"{"id":"c-2","set":"everything"}"#);
-    assert_eq!(
-        op_final(&obs, "dev-b", "c-2")["error"]["code"],
-        "invalid_value"
-    );
+    assert_eq!(op_final(&obs, "dev-b", "c-2")["error"]["code"], "invalid_value");
     cmd("restart", br#"{"id":"r-1"}"#);
     let r = op_final(&obs, "dev-b", "r-1");
-    assert_eq!(
-        r["error"]["code"], "not_supported",
-        "not under systemd here: {r}"
-    );
+    assert_eq!(r["error"]["code"], "not_supported", "not under systemd here: {r}");
 
     // Still alive, still answering, configuration untouched.
     cmd("ping", br#"{"id":"alive-1"}"#);
@@ -252,18 +189,9 @@ fn ping_through_device_group_and_fleet_topics() {
     }
     let url = m.url();
     let out = console(&url, &["ping", "--group", "lab", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v = stdout_json(&out);
-    let ids: Vec<&str> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o["id"].as_str().unwrap())
-        .collect();
+    let ids: Vec<&str> = v.as_array().unwrap().iter().map(|o| o["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["lab-1", "lab-2"]);
     for o in v.as_array().unwrap() {
         assert_eq!(o["ok"], true);
@@ -274,29 +202,16 @@ fn ping_through_device_group_and_fleet_topics() {
     let out = console(&url, &["ping", "other-1", "lab-2"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.starts_with("DEVICE") && text.contains("other-1") && text.contains(" ms"),
-        "{text}"
-    );
+    assert!(text.starts_with("DEVICE") && text.contains("other-1") && text.contains(" ms"), "{text}");
 
     // A device that is gone makes the exit status non-zero.
     drop(_c);
-    obs.wait("debfleet/device/other-1/status", T, |v| {
-        v["state"] == "lost"
-    });
+    obs.wait("debfleet/device/other-1/status", T, |v| v["state"] == "lost");
     let out = console(&url, &["ping", "--all", "--json", "--timeout", "2"]);
     assert_eq!(out.status.code(), Some(1));
     let v = stdout_json(&out);
-    let other = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["id"] == "other-1")
-        .unwrap();
-    assert_eq!(
-        (other["ok"].clone(), other["error"].clone()),
-        (Value::Bool(false), Value::from("lost"))
-    );
+    let other = v.as_array().unwrap().iter().find(|o| o["id"] == "other-1").unwrap();
+    assert_eq!((other["ok"].clone(), other["error"].clone()), (Value::Bool(false), Value::from("lost")));
     let out = console(&url, &["ping", "no-such-device"]);
     assert_eq!(out.status.code(), Some(1));
 }
@@ -314,34 +229,14 @@ fn console_lists_shows_configures_and_clears() {
     assert_eq!(v[0]["status"], "online");
     assert_eq!(v[0]["groups"], serde_json::json!(["lab"]));
     let text = String::from_utf8_lossy(&console(&url, &["devices"]).stdout).into_owned();
-    assert!(
-        text.lines().next().unwrap().starts_with("DEVICE  STATUS"),
-        "{text}"
-    );
+    assert!(text.lines().next().unwrap().starts_with("DEVICE  STATUS"), "{text}");
 
-    let out = console(
-        &url,
-        &[
-            "cfg",
-            "set",
-            "dev-c",
-            "telemetry.cpu.interval_s=2",
-            "logs.level=debug",
-            "--json",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = console(&url, &["cfg", "set", "dev-c", "telemetry.cpu.interval_s=2", "logs.level=debug", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout_json(&out)["telemetry"]["cpu"]["interval_s"], 2);
     let v = stdout_json(&console(&url, &["cfg", "get", "dev-c", "--json"]));
     assert_eq!(
-        (
-            v["telemetry"]["cpu"]["interval_s"].clone(),
-            v["logs"]["level"].clone()
-        ),
+        (v["telemetry"]["cpu"]["interval_s"].clone(), v["logs"]["level"].clone()),
         (Value::from(2), Value::from("debug"))
     );
     let out = console(&url, &["cfg", "set", "dev-c", "telemetry.cpu.nope=1"]);
@@ -362,22 +257,11 @@ fn console_lists_shows_configures_and_clears() {
     assert!((0.0..=100.0).contains(&cpu));
 
     let ops = stdout_json(&console(&url, &["ops", "dev-c", "--json"]));
-    assert!(ops
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|o| o["verb"] == "cfg" && o["state"] == "succeeded"));
+    assert!(ops.as_array().unwrap().iter().any(|o| o["verb"] == "cfg" && o["state"] == "succeeded"));
     let out = console(&url, &["ops", "dev-c", "--clear"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ops = stdout_json(&console(&url, &["ops", "dev-c", "--json"]));
-    assert!(
-        ops.as_array().unwrap().iter().all(|o| o["verb"] == "clear"),
-        "{ops}"
-    );
+    assert!(ops.as_array().unwrap().iter().all(|o| o["verb"] == "clear"), "{ops}");
 
     let out = console("mqtt://127.0.0.1:1", &["devices"]);
     assert_eq!(out.status.code(), Some(3));
@@ -388,28 +272,13 @@ fn console_lists_shows_configures_and_clears() {
 fn runtime_cfg_gates_telemetry_and_logs_and_survives_restart() {
     let m = Mosquitto::start();
     let extra = "[telemetry.cpu]\ninterval_s = 1\nthreshold = 0\n[logs]\nbatch_s = 1\n";
-    let mut a = Agent::start(AgentSpec {
-        id: "dev-t",
-        port: m.port,
-        groups: &[],
-        extra,
-    });
+    let mut a = Agent::start(AgentSpec { id: "dev-t", port: m.port, groups: &[], extra });
     let obs = Observer::connect(m.port, &["debfleet/device/dev-t/#"]);
     online(&obs, "dev-t");
-    obs.wait("debfleet/device/dev-t/telemetry", T, |v| {
-        v["cpu"].is_number()
-    });
-    obs.publish(
-        "debfleet/device/dev-t/cmd/ping",
-        r#"{"id":"log-me"}"#,
-        false,
-    );
+    obs.wait("debfleet/device/dev-t/telemetry", T, |v| v["cpu"].is_number());
+    obs.publish("debfleet/device/dev-t/cmd/ping", r#"{"id":"log-me"}"#, false);
     obs.wait("debfleet/device/dev-t/logs", T, |v| {
-        v["lines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l["msg"].as_str().unwrap().contains("running ping"))
+        v["lines"].as_array().unwrap().iter().any(|l| l["msg"].as_str().unwrap().contains("running ping"))
     });
     obs.publish(
         "debfleet/device/dev-t/cmd/cfg",
@@ -453,11 +322,7 @@ fn watch_streams_changes_as_ndjson() {
         .unwrap();
     // Wait until watch is subscribed: a ping's operation shows up in its output.
     let lines = wait_for(T, "watch output", || {
-        obs.publish(
-            "debfleet/device/dev-w/cmd/ping",
-            format!(r#"{{"id":"w-{}"}}"#, rand_id()),
-            false,
-        );
+        obs.publish("debfleet/device/dev-w/cmd/ping", format!(r#"{{"id":"w-{}"}}"#, rand_id()), false);
         std::thread::sleep(Duration::from_millis(200));
         let text = std::fs::read_to_string(&out_path).unwrap();
         text.contains("\"op\"").then_some(())
@@ -476,18 +341,11 @@ fn watch_streams_changes_as_ndjson() {
 }
 
 fn rand_id() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
 fn unsafe_kill(pid: i32, sig: i32) {
-    std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
+    std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
 }
 
 #[test]
@@ -496,7 +354,10 @@ fn bad_config_is_refused_with_the_key_named() {
     let cfg = dir.path().join("bad.toml");
     for (text, key) in [
         ("device_id = \"UPPER\"\nbroker = \"mqtt://127.0.0.1:1\"\n", "device_id"),
-        ("device_id = \"d\"\nbroker = \"mqtt://127.0.0.1:1\"\ntelemetry = { cpu = { interval_s = 0 } }\n", "telemetry.cpu.interval_s"),
+        (
+            "device_id = \"d\"\nbroker = \"mqtt://127.0.0.1:1\"\ntelemetry = { cpu = { interval_s = 0 } }\n",
+            "telemetry.cpu.interval_s",
+        ),
         ("device_id = \"d\"\nbroker = \"mqtt://127.0.0.1:1\"\nunknown_key = 1\n", "unknown_key"),
     ] {
         std::fs::write(&cfg, text).unwrap();
@@ -521,9 +382,7 @@ fn embedded_broker_serves_a_fleet() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_for(T, "the embedded broker", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    wait_for(T, "the embedded broker", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
     let url = format!("mqtt://127.0.0.1:{port}");
     let _a = agent("emb-1", port, &["lab"]);
     let v = wait_for(T, "the device in the list", || {
@@ -532,12 +391,46 @@ fn embedded_broker_serves_a_fleet() {
     });
     assert_eq!(v[0]["id"], "emb-1");
     let out = console(&url, &["ping", "--group", "lab", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout_json(&out)[0]["ok"], true);
     let _ = serve.kill();
     let _ = serve.wait();
+}
+
+#[test]
+fn agent_and_console_speak_tls_with_a_ca_file() {
+    let (m, ca) = Mosquitto::start_tls();
+    let url = format!("mqtts://127.0.0.1:{}", m.port);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    std::fs::write(&cfg, format!("device_id = \"tls-1\"\nbroker = {url:?}\nca_file = {ca:?}\nstate_dir = {state:?}\n"))
+        .unwrap();
+    let mut agent = std::process::Command::new(bin("debfleet-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin("debfleet"))
+            .args(args)
+            .env("DEBFLEET_BROKER", &url)
+            .env("DEBFLEET_CA_FILE", &ca)
+            .output()
+            .unwrap()
+    };
+    let v = wait_for(T, "the TLS device", || {
+        let out = run(&["devices", "--json"]);
+        out.status.success().then(|| stdout_json(&out)).filter(|v| v[0]["status"] == "online")
+    });
+    assert_eq!(v[0]["id"], "tls-1");
+    assert_eq!(stdout_json(&run(&["ping", "tls-1", "--json"]))[0]["ok"], true);
+    // Without the CA the console refuses to talk TLS at all.
+    let out =
+        std::process::Command::new(bin("debfleet")).args(["devices"]).env("DEBFLEET_BROKER", &url).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-file"));
+    let _ = agent.kill();
+    let _ = agent.wait();
 }

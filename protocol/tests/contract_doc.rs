@@ -1,0 +1,96 @@
+//! Every example in docs/contract.md goes through the protocol types and back unchanged, and
+//! every payload kind has at least one example: the document and the code cannot drift apart.
+
+use std::collections::BTreeSet;
+
+use debfleet_protocol::command::parse_command;
+use debfleet_protocol::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+fn examples() -> Vec<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/contract.md");
+    let text = std::fs::read_to_string(path).expect("docs/contract.md");
+    let mut out = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in text.lines() {
+        if let Some((kind, mut body)) = current.take() {
+            if line.trim_start() == "```" {
+                out.push((kind, body));
+            } else {
+                body.push_str(line);
+                body.push('\n');
+                current = Some((kind, body));
+            }
+        } else if let Some(kind) = line.strip_prefix("```json example=") {
+            current = Some((kind.trim().to_owned(), String::new()));
+        }
+    }
+    assert!(current.is_none(), "unterminated example in docs/contract.md");
+    out
+}
+
+fn round_trip<T: DeserializeOwned + Serialize>(kind: &str, body: &str) {
+    let original: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{kind}: example is not JSON: {e}\n{body}"));
+    let typed: T =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{kind}: does not parse as the type: {e}\n{body}"));
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(back, original, "{kind}: round trip changed the example");
+}
+
+#[test]
+fn every_example_round_trips_through_the_types() {
+    let examples = examples();
+    assert!(examples.len() >= 15, "found only {} examples", examples.len());
+    let mut kinds = BTreeSet::new();
+    for (kind, body) in &examples {
+        match kind.as_str() {
+            "meta" => round_trip::<Meta>(kind, body),
+            "status" => round_trip::<Status>(kind, body),
+            "cfg" => round_trip::<CfgMessage>(kind, body),
+            "packages" => round_trip::<PackagesState>(kind, body),
+            "telemetry" => round_trip::<Telemetry>(kind, body),
+            "logs" => round_trip::<LogBatch>(kind, body),
+            "op" => round_trip::<OpRecord>(kind, body),
+            "rejected" => round_trip::<Rejected>(kind, body),
+            k if k.starts_with("cmd:") => {
+                let verb = &k[4..];
+                let cmd =
+                    parse_command(verb, body.as_bytes()).unwrap_or_else(|r| panic!("{k}: rejected: {}", r.message));
+                let id = serde_json::from_str::<Value>(body).unwrap()["id"].as_str().unwrap().to_owned();
+                assert_eq!(cmd.id.as_str(), id);
+                assert_eq!(cmd.verb.as_str(), verb);
+            }
+            k if k.starts_with("cmd-error:") => {
+                let (code, verb) = k[10..].split_once(':').expect("cmd-error:CODE:VERB");
+                let r = parse_command(verb, body.as_bytes()).expect_err(k);
+                assert_eq!(r.code.as_str(), code, "{k}: {}", r.message);
+            }
+            other => panic!("unknown example kind {other:?}"),
+        }
+        kinds.insert(kind.split(':').next().unwrap().to_owned());
+    }
+    for needed in ["meta", "status", "cfg", "packages", "telemetry", "logs", "op", "rejected", "cmd", "cmd-error"] {
+        assert!(kinds.contains(needed), "docs/contract.md has no {needed} example");
+    }
+    // Every verb and every error code is documented with an example or in the tables.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/contract.md")).unwrap();
+    for verb in Verb::ALL {
+        assert!(doc.contains(&format!("| `{}` |", verb.as_str())), "verb {} is not in the table", verb.as_str());
+    }
+    for code in [
+        ErrorCode::MalformedJson,
+        ErrorCode::MissingId,
+        ErrorCode::InvalidId,
+        ErrorCode::UnknownVerb,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::InvalidValue,
+        ErrorCode::NotSupported,
+        ErrorCode::Interrupted,
+        ErrorCode::Internal,
+    ] {
+        assert!(doc.contains(&format!("| `{}` |", code.as_str())), "error code {} is not in the table", code.as_str());
+    }
+}
