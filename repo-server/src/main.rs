@@ -1,0 +1,158 @@
+//! `debfleet-repo`: a self-hosted, signed apt repository with a publish API.
+
+mod control;
+mod deb;
+mod fsutil;
+mod http;
+mod indices;
+mod signing;
+mod store;
+mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::signing::Signer;
+use crate::store::{Repo, RepoConfig};
+use crate::tokens::Tokens;
+
+#[derive(Parser)]
+#[command(name = "debfleet-repo", version, about = "A self-hosted, signed apt repository with a publish API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a repository: directories, signing key, first publish token (printed once).
+    Init {
+        #[arg(long)]
+        root: PathBuf,
+        /// Use this OpenPGP secret key (armored or binary, no passphrase) instead of generating one.
+        #[arg(long)]
+        import_key: Option<PathBuf>,
+        #[arg(long, default_value = "debfleet")]
+        origin: String,
+        /// Versions kept per package in each suite.
+        #[arg(long, default_value_t = 5)]
+        retention: usize,
+        /// Name of the first token.
+        #[arg(long, default_value = "admin")]
+        token_name: String,
+    },
+    /// Serve the repository and the publish API.
+    Serve {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Manage publish tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Print the public key (binary, for apt's signed-by=, unless --armor).
+    ExportKey {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        armor: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a token for a team; it is printed once.
+    Add {
+        name: String,
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// Revoke a team's token (takes effect at once).
+    Revoke {
+        name: String,
+        #[arg(long)]
+        root: PathBuf,
+    },
+    List {
+        #[arg(long)]
+        root: PathBuf,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_ansi(false).init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("debfleet-repo: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { root, import_key, origin, retention, token_name } => {
+            if retention == 0 {
+                anyhow::bail!("--retention must be at least 1");
+            }
+            let signer = match import_key {
+                Some(p) => Signer::import(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?,
+                None => Signer::generate(&format!("{origin} repository signing key"))?,
+            };
+            let config = RepoConfig { label: origin.clone(), origin, retention, ..RepoConfig::default() };
+            Repo::init(&root, &signer, config)?;
+            let token = Tokens::new(&Repo::tokens_path(&root)).add(&token_name)?;
+            println!("repository created in {}", root.display());
+            println!("signing key fingerprint: {}", signer.fingerprint());
+            println!("publish token {token_name:?} (shown once, keep it safe):\n{token}");
+        }
+        Command::Serve { root, listen } => {
+            let repo = Repo::open(&root)?;
+            let state = Arc::new(http::AppState { repo, tokens: Tokens::new(&Repo::tokens_path(&root)) });
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                tracing::info!("serving {} on http://{listen}", root.display());
+                axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown()).await?;
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Token { action: TokenAction::Add { name, root } } => {
+            let token = Tokens::new(&Repo::tokens_path(&root)).add(&name)?;
+            println!("{token}");
+        }
+        Command::Token { action: TokenAction::Revoke { name, root } } => {
+            Tokens::new(&Repo::tokens_path(&root)).revoke(&name)?;
+            println!("revoked {name}");
+        }
+        Command::Token { action: TokenAction::List { root } } => {
+            for t in Tokens::new(&Repo::tokens_path(&root)).list()? {
+                let state = t.revoked.map(|r| format!("revoked {r}")).unwrap_or_else(|| "active".into());
+                println!("{}\tcreated {}\t{state}", t.name, t.created);
+            }
+        }
+        Command::ExportKey { root, armor } => {
+            let signer = Signer::load(&root.join("keys/signing.asc"))?;
+            use std::io::Write;
+            let bytes = if armor { signer.public_armored()?.into_bytes() } else { signer.public_binary()? };
+            std::io::stdout().write_all(&bytes)?;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,486 @@
+//! The repository on disk and every change to it. One writer at a time (a mutex in the process
+//! and `flock` across processes); readers are plain file reads of what renames put in place.
+//!
+//! Layout under the root:
+//! - `repo.json` (settings), `keys/signing.asc`, `tokens.json`, `db/SUITE.json` (the truth:
+//!   each suite's entries), `tmp/` (uploads in progress), `lock`;
+//! - `public/` (what is served): `dists/`, `pool/`, `debfleet-archive-keyring.gpg` (and `.asc`).
+//!
+//! A change goes: .deb into the pool → suite database (atomic, durable: the commit point) →
+//! indices and signed Release. On start the server finishes what a crash interrupted: suites
+//! whose published generation differs from the database are re-indexed, unreferenced pool files
+//! and stale uploads are removed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::{valid_package_name, valid_suite, valid_version, Paragraph};
+use crate::deb::{read_control, DebError};
+use crate::fsutil::{failpoint, sync_dir, write_atomic};
+use crate::indices;
+use crate::signing::Signer;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoConfig {
+    pub origin: String,
+    pub label: String,
+    /// Versions kept per package (and architecture) in each suite.
+    pub retention: usize,
+    pub max_upload_bytes: u64,
+    pub xz_preset: u32,
+}
+
+impl Default for RepoConfig {
+    fn default() -> Self {
+        RepoConfig {
+            origin: "debfleet".into(),
+            label: "debfleet".into(),
+            retention: 5,
+            max_upload_bytes: 512 << 20,
+            xz_preset: 6,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    /// Path relative to `public/`, as in the Packages `Filename` field.
+    pub filename: String,
+    pub size: u64,
+    pub sha256: String,
+    pub control: Paragraph,
+}
+
+impl Entry {
+    pub fn version_cmp(&self, other: &Entry) -> std::cmp::Ordering {
+        match (self.version.parse::<debversion::Version>(), other.version.parse::<debversion::Version>()) {
+            (Ok(a), Ok(b)) => a.cmp(&b),
+            _ => self.version.cmp(&other.version),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SuiteDb {
+    generation: u64,
+    entries: Vec<Entry>,
+    /// by-hash files of the last generations, newest last; older ones are deleted.
+    by_hash: Vec<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Deb(#[from] DebError),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<std::io::Error> for RepoError {
+    fn from(e: std::io::Error) -> Self {
+        RepoError::Internal(e.into())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    pub suite: String,
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    pub sha256: String,
+    pub size: u64,
+    pub filename: String,
+    /// `published`, or `unchanged` when the identical file was already there.
+    pub status: &'static str,
+    /// Versions dropped by the retention rule.
+    pub pruned: Vec<String>,
+}
+
+pub struct Repo {
+    root: PathBuf,
+    pub config: RepoConfig,
+    signer: Signer,
+    suites: Mutex<BTreeMap<String, SuiteDb>>,
+}
+
+/// Holds the cross-process lock while alive.
+struct FileLock(fs::File);
+
+impl FileLock {
+    fn acquire(path: &Path) -> std::io::Result<FileLock> {
+        use std::os::fd::AsRawFd;
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(FileLock(f))
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as above.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+pub fn pool_path(name: &str, version: &str, arch: &str) -> String {
+    let prefix = if name.starts_with("lib") && name.len() > 3 { &name[..4] } else { &name[..1] };
+    let file_version = version.split_once(':').map(|(_, v)| v).unwrap_or(version);
+    format!("pool/main/{prefix}/{name}/{name}_{file_version}_{arch}.deb")
+}
+
+impl Repo {
+    pub fn public(&self) -> PathBuf {
+        self.root.join("public")
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn tokens_path(root: &Path) -> PathBuf {
+        root.join("tokens.json")
+    }
+
+    /// Creates a new repository (refuses a non-empty existing one).
+    pub fn init(root: &Path, signer: &Signer, config: RepoConfig) -> anyhow::Result<()> {
+        if root.join("repo.json").exists() {
+            anyhow::bail!("{} already holds a repository", root.display());
+        }
+        for d in ["db", "tmp", "keys", "public/dists", "public/pool"] {
+            fs::create_dir_all(root.join(d))?;
+        }
+        let key_path = root.join("keys/signing.asc");
+        write_atomic(&key_path, signer.secret_armored()?.as_bytes())?;
+        set_private(&key_path)?;
+        write_atomic(&root.join("public/debfleet-archive-keyring.gpg"), &signer.public_binary()?)?;
+        write_atomic(&root.join("public/debfleet-archive-keyring.asc"), signer.public_armored()?.as_bytes())?;
+        write_atomic(&root.join("repo.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+        Ok(())
+    }
+
+    /// Opens a repository and repairs what an interrupted change left behind.
+    pub fn open(root: &Path) -> anyhow::Result<Repo> {
+        use anyhow::Context;
+        let cfg_path = root.join("repo.json");
+        let config: RepoConfig = serde_json::from_slice(
+            &fs::read(&cfg_path).with_context(|| format!("{} is not a repository (run init)", root.display()))?,
+        )
+        .with_context(|| format!("parsing {}", cfg_path.display()))?;
+        let signer = Signer::load(&root.join("keys/signing.asc"))?;
+        let mut suites = BTreeMap::new();
+        for item in fs::read_dir(root.join("db"))? {
+            let path = item?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if !valid_suite(name) {
+                continue;
+            }
+            let db: SuiteDb =
+                serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("parsing {}", path.display()))?;
+            suites.insert(name.to_owned(), db);
+        }
+        let repo = Repo { root: root.to_owned(), config, signer, suites: Mutex::new(suites) };
+        let _ = fs::remove_dir_all(repo.tmp_dir());
+        fs::create_dir_all(repo.tmp_dir())?;
+        {
+            let _lock = FileLock::acquire(&root.join("lock"))?;
+            let mut suites = repo.suites.lock().unwrap();
+            let names: Vec<String> = suites.keys().cloned().collect();
+            for name in names {
+                let db = suites.get_mut(&name).unwrap();
+                if indices::published_generation(&repo.public(), &name) != Some(db.generation) {
+                    tracing::warn!("suite {name}: indices do not match the database (interrupted change); rebuilding");
+                    repo.reindex(&name, db)?;
+                }
+            }
+            repo.collect_pool(&suites)?;
+        }
+        Ok(repo)
+    }
+
+    fn save_db(&self, suite: &str, db: &SuiteDb) -> std::io::Result<()> {
+        write_atomic(&self.root.join("db").join(format!("{suite}.json")), &serde_json::to_vec(db)?)
+    }
+
+    fn reindex(&self, suite: &str, db: &mut SuiteDb) -> anyhow::Result<()> {
+        let files =
+            indices::write_suite(&self.public(), suite, db.generation, &db.entries, &self.config, &self.signer)?;
+        db.by_hash.push(files);
+        while db.by_hash.len() > 2 {
+            db.by_hash.remove(0);
+        }
+        // Keep the current and the previous generation's by-hash files: a client that fetched the
+        // previous Release a moment ago still finds what it names.
+        let keep: HashSet<&String> = db.by_hash.iter().flatten().collect();
+        let dir = self.public().join("dists").join(suite).join("main");
+        for arch_dir in fs::read_dir(&dir)?.flatten() {
+            let hashes = arch_dir.path().join("by-hash/SHA256");
+            let Ok(list) = fs::read_dir(&hashes) else { continue };
+            for f in list.flatten() {
+                let rel = format!(
+                    "main/{}/by-hash/SHA256/{}",
+                    arch_dir.file_name().to_string_lossy(),
+                    f.file_name().to_string_lossy()
+                );
+                if !keep.contains(&rel) {
+                    let _ = fs::remove_file(f.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes pool files no suite references (left by a crash, retention or removal).
+    fn collect_pool(&self, suites: &BTreeMap<String, SuiteDb>) -> std::io::Result<()> {
+        let referenced: HashSet<&str> =
+            suites.values().flat_map(|db| db.entries.iter().map(|e| e.filename.as_str())).collect();
+        let pool = self.public().join("pool");
+        let mut stack = vec![pool];
+        while let Some(dir) = stack.pop() {
+            let Ok(list) = fs::read_dir(&dir) else { continue };
+            for item in list.flatten() {
+                let path = item.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(self.public()) {
+                    if !referenced.contains(rel.to_string_lossy().as_ref()) {
+                        tracing::info!("removing unreferenced {}", rel.display());
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits a changed suite: database first (durable), then indices.
+    fn commit(&self, suites: &mut BTreeMap<String, SuiteDb>, suite: &str) -> Result<(), RepoError> {
+        let db = suites.get_mut(suite).expect("suite present");
+        db.generation += 1;
+        self.save_db(suite, db)?;
+        failpoint("after-db");
+        self.reindex(suite, db)?;
+        self.save_db(suite, db)?;
+        Ok(())
+    }
+
+    fn check_suite(suite: &str) -> Result<(), RepoError> {
+        if valid_suite(suite) {
+            Ok(())
+        } else {
+            Err(RepoError::BadRequest(format!(
+                "suite {suite:?} must match [a-z0-9][a-z0-9.-]* (at most 64 characters)"
+            )))
+        }
+    }
+
+    /// Publishes an uploaded .deb (a file under `tmp/`, already hashed) into a suite.
+    pub fn publish(&self, suite: &str, upload: &Path, sha256: &str, size: u64) -> Result<Published, RepoError> {
+        Self::check_suite(suite)?;
+        let control = read_control(fs::File::open(upload)?)?;
+        let name = control.get("Package").expect("validated").to_owned();
+        let version = control.get("Version").expect("validated").to_owned();
+        let arch = control.get("Architecture").expect("validated").to_owned();
+        let filename = pool_path(&name, &version, &arch);
+        let entry = Entry { name, version, arch, filename, size, sha256: sha256.to_owned(), control };
+
+        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = FileLock::acquire(&self.root.join("lock"))?;
+        if let Some(same) = find(&suites, suite, &entry.name, &entry.version, &entry.arch) {
+            if same.sha256 == entry.sha256 {
+                return Ok(published(suite, same, "unchanged", vec![]));
+            }
+            return Err(conflict(&entry, suite));
+        }
+        let pool_file = self.public().join(&entry.filename);
+        if pool_file.exists() {
+            // Another suite has this name, version and architecture: it must be the same file.
+            let other = suites.values().flat_map(|db| &db.entries).find(|e| e.filename == entry.filename);
+            if other.is_some_and(|o| o.sha256 != entry.sha256) {
+                return Err(conflict(&entry, "another suite"));
+            }
+        } else {
+            let dir = pool_file.parent().expect("pool path has a parent");
+            fs::create_dir_all(dir)?;
+            fs::rename(upload, &pool_file)?;
+            sync_dir(dir)?;
+        }
+        failpoint("after-pool");
+        let db = suites.entry(suite.to_owned()).or_default();
+        db.entries.push(entry.clone());
+        let pruned = self.apply_retention(db, &entry.name, &entry.arch);
+        let result = self.commit(&mut suites, suite);
+        if result.is_err() {
+            tracing::error!("publishing {} into {suite} failed half-way; the next start repairs it", entry.filename);
+        }
+        result?;
+        self.collect_pool(&suites)?;
+        tracing::info!("published {} {} {} into {suite}", entry.name, entry.version, entry.arch);
+        Ok(published(suite, &entry, "published", pruned))
+    }
+
+    fn apply_retention(&self, db: &mut SuiteDb, name: &str, arch: &str) -> Vec<String> {
+        let mut same: Vec<Entry> = db.entries.iter().filter(|e| e.name == name && e.arch == arch).cloned().collect();
+        if same.len() <= self.config.retention {
+            return Vec::new();
+        }
+        same.sort_by(|a, b| b.version_cmp(a));
+        let drop: Vec<String> = same[self.config.retention..].iter().map(|e| e.version.clone()).collect();
+        db.entries.retain(|e| !(e.name == name && e.arch == arch && drop.contains(&e.version)));
+        drop
+    }
+
+    /// Removes NAME=VERSION (all its architectures, or one) from a suite.
+    pub fn remove(&self, suite: &str, name: &str, version: &str, arch: Option<&str>) -> Result<Vec<Entry>, RepoError> {
+        Self::check_suite(suite)?;
+        check_name_version(name, version)?;
+        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = FileLock::acquire(&self.root.join("lock"))?;
+        let db = suites.get_mut(suite).ok_or_else(|| RepoError::NotFound(format!("no suite {suite}")))?;
+        let matches = |e: &Entry| e.name == name && e.version == version && arch.is_none_or(|a| a == e.arch);
+        let removed: Vec<Entry> = db.entries.iter().filter(|e| matches(e)).cloned().collect();
+        if removed.is_empty() {
+            return Err(RepoError::NotFound(format!("{name}={version} is not in {suite}")));
+        }
+        db.entries.retain(|e| !matches(e));
+        self.commit(&mut suites, suite)?;
+        self.collect_pool(&suites)?;
+        Ok(removed)
+    }
+
+    /// Copies NAME=VERSION (every architecture) from one suite to another, without re-upload.
+    pub fn promote(&self, name: &str, version: &str, from: &str, to: &str) -> Result<Vec<Published>, RepoError> {
+        Self::check_suite(from)?;
+        Self::check_suite(to)?;
+        check_name_version(name, version)?;
+        if from == to {
+            return Err(RepoError::BadRequest("source and target suite are the same".into()));
+        }
+        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = FileLock::acquire(&self.root.join("lock"))?;
+        let source: Vec<Entry> = suites
+            .get(from)
+            .map(|db| db.entries.iter().filter(|e| e.name == name && e.version == version).cloned().collect())
+            .unwrap_or_default();
+        if source.is_empty() {
+            return Err(RepoError::NotFound(format!("{name}={version} is not in {from}")));
+        }
+        let mut out = Vec::new();
+        let mut changed = false;
+        for e in &source {
+            if let Some(same) = find(&suites, to, &e.name, &e.version, &e.arch) {
+                if same.sha256 != e.sha256 {
+                    return Err(conflict(e, to));
+                }
+                out.push(published(to, e, "unchanged", vec![]));
+                continue;
+            }
+            let db = suites.entry(to.to_owned()).or_default();
+            db.entries.push(e.clone());
+            let pruned = self.apply_retention(db, &e.name, &e.arch);
+            out.push(published(to, e, "published", pruned));
+            changed = true;
+        }
+        if changed {
+            self.commit(&mut suites, to)?;
+            self.collect_pool(&suites)?;
+        }
+        Ok(out)
+    }
+
+    pub fn suites(&self) -> Vec<String> {
+        self.suites.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// Every package of a suite with its versions, newest first.
+    pub fn list(&self, suite: &str) -> Result<serde_json::Value, RepoError> {
+        Self::check_suite(suite)?;
+        let suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
+        let db = suites.get(suite).ok_or_else(|| RepoError::NotFound(format!("no suite {suite}")))?;
+        let mut by_name: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
+        for e in &db.entries {
+            by_name.entry(&e.name).or_default().push(e);
+        }
+        let packages: Vec<serde_json::Value> = by_name
+            .into_iter()
+            .map(|(name, mut es)| {
+                es.sort_by(|a, b| b.version_cmp(a).then_with(|| a.arch.cmp(&b.arch)));
+                let versions: Vec<serde_json::Value> = es
+                    .iter()
+                    .map(|e| serde_json::json!({"version": e.version, "arch": e.arch, "size": e.size, "sha256": e.sha256, "filename": e.filename}))
+                    .collect();
+                serde_json::json!({"name": name, "versions": versions})
+            })
+            .collect();
+        Ok(serde_json::json!({"suite": suite, "packages": packages}))
+    }
+}
+
+fn check_name_version(name: &str, version: &str) -> Result<(), RepoError> {
+    if !valid_package_name(name) {
+        return Err(RepoError::BadRequest(format!("{name:?} is not a Debian package name")));
+    }
+    if !valid_version(version) {
+        return Err(RepoError::BadRequest(format!("{version:?} is not a Debian version")));
+    }
+    Ok(())
+}
+
+fn find<'a>(
+    suites: &'a BTreeMap<String, SuiteDb>,
+    suite: &str,
+    name: &str,
+    version: &str,
+    arch: &str,
+) -> Option<&'a Entry> {
+    suites.get(suite)?.entries.iter().find(|e| e.name == name && e.version == version && e.arch == arch)
+}
+
+fn conflict(e: &Entry, place: &str) -> RepoError {
+    RepoError::Conflict(format!(
+        "{} {} {} is already published in {place} with different content; publish a new version instead",
+        e.name, e.version, e.arch
+    ))
+}
+
+fn published(suite: &str, e: &Entry, status: &'static str, pruned: Vec<String>) -> Published {
+    Published {
+        suite: suite.to_owned(),
+        name: e.name.clone(),
+        version: e.version.clone(),
+        arch: e.arch.clone(),
+        sha256: e.sha256.clone(),
+        size: e.size,
+        filename: e.filename.clone(),
+        status,
+        pruned,
+    }
+}
+
+fn set_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+}
+
+pub fn make_private(path: &Path) -> std::io::Result<()> {
+    set_private(path)
+}
