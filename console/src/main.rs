@@ -3,6 +3,7 @@
 mod cmds;
 mod fleet;
 mod output;
+mod repo;
 mod request;
 mod serve;
 mod session;
@@ -26,9 +27,15 @@ pub mod exit {
 #[derive(Parser)]
 #[command(name = "debfleet", version, about = "Control a fleet of Debian devices over MQTT")]
 struct Cli {
-    /// Broker URL (mqtt://HOST:PORT or mqtts://HOST:PORT).
-    #[arg(long, global = true, env = "DEBFLEET_BROKER", default_value = "mqtt://127.0.0.1:1883")]
-    broker: String,
+    /// Broker URL (mqtt://HOST:PORT or mqtts://HOST:PORT) [default: mqtt://127.0.0.1:1883].
+    #[arg(long, global = true, env = "DEBFLEET_BROKER")]
+    broker: Option<String>,
+    /// Repository URL (debfleet-repo serve), for publish, packages, promote and unpublish.
+    #[arg(long, global = true, env = "DEBFLEET_REPO")]
+    repo: Option<String>,
+    /// Publish token.
+    #[arg(long, global = true, env = "DEBFLEET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// CA certificate for an mqtts:// broker.
     #[arg(long, global = true, env = "DEBFLEET_CA_FILE")]
     ca_file: Option<PathBuf>,
@@ -102,6 +109,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Upload .deb files into a suite of the repository.
+    Publish {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        suite: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the repository's packages and versions.
+    Packages {
+        #[arg(long)]
+        suite: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy NAME=VERSION from one suite to another without re-uploading.
+    Promote {
+        package: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove NAME=VERSION from a suite.
+    Unpublish {
+        package: String,
+        #[arg(long)]
+        suite: String,
+        /// Only this architecture.
+        #[arg(long)]
+        arch: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the zero-setup services: an embedded MQTT broker on 127.0.0.1.
     Serve {
         /// Address the embedded broker listens on.
@@ -145,7 +189,40 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    let ctx = Ctx { broker: cli.broker, ca_file: cli.ca_file, topics };
+    let file = match repo::ConsoleConfig::load() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("debfleet: {e:#}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let broker = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
+    let ctx = Ctx { broker, ca_file: cli.ca_file.or(file.ca_file), topics };
+    let (repo_url, token) = (cli.repo.or(file.repo), cli.token.or(file.token));
+    let repo_cmd = match &cli.command {
+        Command::Publish { .. } | Command::Packages { .. } | Command::Promote { .. } | Command::Unpublish { .. } => {
+            true
+        }
+        _ => false,
+    };
+    if repo_cmd {
+        let result = repo::RepoClient::new(repo_url, token).and_then(|client| match cli.command {
+            Command::Publish { files, suite, json } => repo::publish(&client, &files, &suite, json),
+            Command::Packages { suite, json } => repo::packages(&client, suite.as_deref(), json),
+            Command::Promote { package, from, to, json } => {
+                let (n, v) = repo::name_version(&package)?;
+                let out = client.promote(&n, &v, &from, &to)?;
+                print_repo_result(&out, json, &format!("promoted {n}={v} from {from} to {to}"))
+            }
+            Command::Unpublish { package, suite, arch, json } => {
+                let (n, v) = repo::name_version(&package)?;
+                let out = client.remove(&n, &v, &suite, arch.as_deref())?;
+                print_repo_result(&out, json, &format!("removed {n}={v} from {suite}"))
+            }
+            _ => unreachable!("repository commands only"),
+        });
+        return finish(result);
+    }
     if let Command::Serve { listen } = cli.command {
         return match serve::run(listen) {
             Ok(()) => ExitCode::SUCCESS,
@@ -167,9 +244,22 @@ fn main() -> ExitCode {
             }
             Command::Watch { device, group, json } => watch::run(&ctx, device, group, json).await,
             Command::Ops { device, clear, older_than, json } => cmds::ops(&ctx, &device, clear, older_than, json).await,
-            Command::Serve { .. } => unreachable!("handled above"),
+            _ => unreachable!("handled above"),
         }
     });
+    finish(result)
+}
+
+fn print_repo_result(out: &serde_json::Value, json: bool, human: &str) -> anyhow::Result<u8> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(out)?);
+    } else {
+        println!("{human}");
+    }
+    Ok(0)
+}
+
+fn finish(result: anyhow::Result<u8>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
