@@ -41,8 +41,17 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-async fn log_request(req: Request, next: Next) -> Response {
+async fn log_request(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
+    // Release and the plain indices can change twice within a second, the resolution of
+    // Last-Modified: a 304 would then hide a publish from apt. by-hash files never change, so
+    // conditional requests stay useful there.
+    let path = req.uri().path();
+    if path.starts_with("/dists/") && !path.contains("/by-hash/") {
+        req.headers_mut().remove(header::IF_MODIFIED_SINCE);
+        req.headers_mut().remove(header::IF_NONE_MATCH);
+        req.headers_mut().remove(header::IF_RANGE);
+    }
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let range =
         req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(|r| format!(" {r}")).unwrap_or_default();

@@ -71,8 +71,9 @@ impl Entry {
 struct SuiteDb {
     generation: u64,
     entries: Vec<Entry>,
-    /// by-hash files of the last generations, newest last; older ones are deleted.
-    by_hash: Vec<Vec<String>>,
+    /// by-hash files of recent generations (Unix time of publication, files), newest last.
+    #[serde(default)]
+    recent_by_hash: Vec<(u64, Vec<String>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +140,11 @@ impl Drop for FileLock {
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
 }
+
+/// By-hash files stay while any generation published in this window references them...
+const BY_HASH_KEEP_SECS: u64 = 15 * 60;
+/// ...and those of this many latest generations stay regardless of age.
+const BY_HASH_MIN_GENERATIONS: usize = 3;
 
 pub fn pool_path(name: &str, version: &str, arch: &str) -> String {
     let prefix = if name.starts_with("lib") && name.len() > 3 { &name[..4] } else { &name[..1] };
@@ -224,13 +230,16 @@ impl Repo {
     fn reindex(&self, suite: &str, db: &mut SuiteDb) -> anyhow::Result<()> {
         let files =
             indices::write_suite(&self.public(), suite, db.generation, &db.entries, &self.config, &self.signer)?;
-        db.by_hash.push(files);
-        while db.by_hash.len() > 2 {
-            db.by_hash.remove(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        db.recent_by_hash.push((now, files));
+        // A client that fetched an InRelease a while ago (a slow link, a busy publisher) must
+        // still find every by-hash file it names: keep what recent generations referenced.
+        while db.recent_by_hash.len() > BY_HASH_MIN_GENERATIONS
+            && now.saturating_sub(db.recent_by_hash[0].0) > BY_HASH_KEEP_SECS
+        {
+            db.recent_by_hash.remove(0);
         }
-        // Keep the current and the previous generation's by-hash files: a client that fetched the
-        // previous Release a moment ago still finds what it names.
-        let keep: HashSet<&String> = db.by_hash.iter().flatten().collect();
+        let keep: HashSet<&String> = db.recent_by_hash.iter().flat_map(|(_, files)| files).collect();
         let dir = self.public().join("dists").join(suite).join("main");
         for arch_dir in fs::read_dir(&dir)?.flatten() {
             let hashes = arch_dir.path().join("by-hash/SHA256");

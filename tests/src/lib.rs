@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod repo;
+
 /// Where cargo put the workspace binaries: next to the test executable's `deps/` folder.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -348,7 +350,7 @@ impl Observer {
     }
 }
 
-fn rand_u32() -> u32 {
+pub fn rand_u32() -> u32 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     t ^ std::process::id().rotate_left(16)
 }

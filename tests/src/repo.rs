@@ -1,0 +1,276 @@
+//! Harness for repository tests: a `debfleet-repo` server in a temporary root, .debs built with
+//! the real `dpkg-deb`, an apt sandbox on the host (its own sources, keyring, lists and dpkg
+//! root) running the real `apt-get`, and a raw HTTP client for hostile requests.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{bin, free_port, wait_for};
+
+pub struct RepoServer {
+    pub root: PathBuf,
+    pub port: u16,
+    pub token: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RepoServer {
+    pub fn start(init_args: &[&str]) -> RepoServer {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let out =
+            Command::new(bin("debfleet-repo")).arg("init").arg("--root").arg(&root).args(init_args).output().unwrap();
+        assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+        let token = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_owned();
+        assert!(token.starts_with("dfr_"), "{token}");
+        let mut s = RepoServer { root, port: free_port(), token, dir, child: None };
+        s.spawn(None);
+        s
+    }
+
+    /// Starts the server; with `failpoint`, the process aborts at that point of a publish.
+    pub fn spawn(&mut self, failpoint: Option<&str>) {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
+        let mut cmd = Command::new(bin("debfleet-repo"));
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port), "--root"]).arg(&self.root);
+        cmd.env_remove("DEBFLEET_REPO_FAILPOINT");
+        if let Some(f) = failpoint {
+            cmd.env("DEBFLEET_REPO_FAILPOINT", f);
+        }
+        self.child = Some(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap());
+        let port = self.port;
+        wait_for(Duration::from_secs(20), "the repository server", || TcpStream::connect(("127.0.0.1", port)).ok());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for a server that is expected to die by itself (a failpoint).
+    pub fn wait_dead(&mut self) {
+        let child = self.child.as_mut().unwrap();
+        wait_for(Duration::from_secs(20), "the server to die", || child.try_wait().unwrap());
+        self.child = None;
+    }
+
+    /// Runs the console against this repository.
+    pub fn console(&self, args: &[&str]) -> Output {
+        Command::new(bin("debfleet"))
+            .args(args)
+            .env("DEBFLEET_REPO", self.url())
+            .env("DEBFLEET_TOKEN", &self.token)
+            .env("DEBFLEET_CONFIG", "/nonexistent")
+            .output()
+            .unwrap()
+    }
+
+    pub fn publish(&self, deb: &Path, suite: &str) -> Output {
+        self.console(&["publish", deb.to_str().unwrap(), "--suite", suite, "--json"])
+    }
+
+    /// Every (suite, name, version, arch) the API lists.
+    pub fn listing(&self) -> Vec<(String, String, String, String)> {
+        let out = self.console(&["packages", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut list = Vec::new();
+        for s in v.as_array().unwrap() {
+            for p in s["packages"].as_array().unwrap() {
+                for ver in p["versions"].as_array().unwrap() {
+                    list.push((
+                        s["suite"].as_str().unwrap().to_owned(),
+                        p["name"].as_str().unwrap().to_owned(),
+                        ver["version"].as_str().unwrap().to_owned(),
+                        ver["arch"].as_str().unwrap().to_owned(),
+                    ));
+                }
+            }
+        }
+        list.sort();
+        list
+    }
+
+    /// Files in the pool, relative to it.
+    pub fn pool_files(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.join("public/pool")];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for RepoServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Builds a .deb with dpkg-deb. `control_extra` is appended to the control file; `nocheck`
+/// lets hostile control data through (dpkg-deb --nocheck), as an attacker's tool would.
+pub fn build_deb(dir: &Path, name: &str, version: &str, arch: &str, control_extra: &str, nocheck: bool) -> PathBuf {
+    let stage = dir.join(format!("stage-{name}-{version}-{arch}-{}", crate::rand_u32()));
+    std::fs::create_dir_all(stage.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(stage.join(format!("usr/share/{name}"))).unwrap();
+    std::fs::write(stage.join(format!("usr/share/{name}/version")), format!("{version}\n")).unwrap();
+    let control = format!(
+        "Package: {name}\nVersion: {version}\nArchitecture: {arch}\nMaintainer: Ops <ops@example.com>\nDescription: test package {name}\n built by the debfleet tests\n{control_extra}"
+    );
+    std::fs::write(stage.join("DEBIAN/control"), control).unwrap();
+    let out = dir.join(format!("{name}_{version}_{arch}-{}.deb", crate::rand_u32()));
+    let mut cmd = Command::new("dpkg-deb");
+    cmd.arg("--build").arg("--root-owner-group").arg("-Zgzip");
+    if nocheck {
+        cmd.arg("--nocheck");
+    }
+    let res = cmd.arg(&stage).arg(&out).output().unwrap();
+    assert!(res.status.success(), "dpkg-deb: {}", String::from_utf8_lossy(&res.stderr));
+    out
+}
+
+/// apt on the host, confined to a directory: its own sources, keyring, lists, cache and a dpkg
+/// root where packages really get installed.
+pub struct AptSandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl AptSandbox {
+    pub fn new(repo_url: &str, suite: &str, keyring: &[u8]) -> AptSandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in [
+            "etc/apt/apt.conf.d",
+            "etc/apt/preferences.d",
+            "etc/apt/sources.list.d",
+            "etc/apt/trusted.gpg.d",
+            "var/lib/apt/lists/partial",
+            "var/cache/apt/archives/partial",
+            "var/log/apt",
+            "root/var/lib/dpkg/info",
+            "root/var/lib/dpkg/updates",
+            "root/var/lib/dpkg/triggers",
+        ] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        std::fs::write(d.join("root/var/lib/dpkg/status"), "").unwrap();
+        std::fs::write(d.join("keyring.gpg"), keyring).unwrap();
+        std::fs::write(
+            d.join("etc/apt/sources.list"),
+            format!("deb [signed-by={}] {repo_url}/ {suite} main\n", d.join("keyring.gpg").display()),
+        )
+        .unwrap();
+        AptSandbox { dir }
+    }
+
+    fn apt(&self, args: &[&str]) -> Output {
+        let d = self.dir.path().display().to_string();
+        Command::new("apt-get")
+            .args([
+                "-q",
+                "-o",
+                &format!("Dir={d}"),
+                "-o",
+                &format!("Dir::State::status={d}/root/var/lib/dpkg/status"),
+                "-o",
+                &format!("Dir::Log={d}/var/log/apt"),
+                "-o",
+                "APT::Update::Error-Mode=any",
+                "-o",
+                "Debug::NoLocking=1",
+                "-o",
+                "APT::Architecture=amd64",
+                "-o",
+                &format!("DPkg::Options::=--root={d}/root"),
+                "-o",
+                "DPkg::Options::=--force-not-root",
+            ])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .unwrap()
+    }
+
+    pub fn update(&self) -> Output {
+        self.apt(&["update"])
+    }
+
+    pub fn install(&self, spec: &str) -> Output {
+        self.apt(&["install", "-y", "--allow-downgrades", spec])
+    }
+
+    /// The version dpkg (in the sandbox root) has installed.
+    pub fn installed(&self, name: &str) -> Option<String> {
+        let out = Command::new("dpkg-query")
+            .arg(format!("--admindir={}/root/var/lib/dpkg", self.dir.path().display()))
+            .args(["-W", "-f=${Version}", name])
+            .output()
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned()).filter(|v| !v.is_empty())
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A raw HTTP/1.1 request; returns the status code and body. For requests no well-behaved
+/// client would send.
+pub fn raw_http(port: u16, head: &str, body: &[u8], send_all: bool) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    if !send_all {
+        // A client that promised more than it sent and went away.
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+pub fn upload_head(suite: &str, token: &str, len: usize) -> String {
+    format!(
+        "POST /api/v1/suites/{suite}/packages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+}

@@ -1,0 +1,284 @@
+//! The apt repository server (issue 3), checked with the real apt-get, gpgv and dpkg-deb.
+
+use std::thread;
+
+use debfleet_tests::repo::*;
+
+fn keyring(server: &RepoServer) -> Vec<u8> {
+    std::fs::read(server.root.join("public/debfleet-archive-keyring.gpg")).unwrap()
+}
+
+fn ok(out: &std::process::Output) {
+    assert!(out.status.success(), "{}", text(out));
+}
+
+#[test]
+fn apt_installs_from_the_signed_repository() {
+    let server = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let all = build_deb(work.path(), "df-hello", "1.0-1", "all", "", false);
+    let amd = build_deb(work.path(), "df-native", "2.0", "amd64", "", false);
+    let arm = build_deb(work.path(), "df-native", "2.0", "arm64", "", false);
+    for deb in [&all, &amd, &arm] {
+        let out = server.publish(deb, "stable");
+        ok(&out);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v[0]["result"]["status"], "published");
+        assert_eq!(v[0]["result"]["sha256"].as_str().unwrap().len(), 64);
+    }
+    // The key is served, and the binary form is what signed-by= takes.
+    let (code, _) = raw_http(
+        server.port,
+        "GET /debfleet-archive-keyring.gpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"",
+        true,
+    );
+    assert_eq!(code, 200);
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
+    ok(&apt.update());
+    ok(&apt.install("df-hello"));
+    ok(&apt.install("df-native"));
+    assert_eq!(apt.installed("df-hello").as_deref(), Some("1.0-1"));
+    assert_eq!(apt.installed("df-native").as_deref(), Some("2.0"));
+    assert_eq!(std::fs::read_to_string(apt.root().join("usr/share/df-native/version")).unwrap(), "2.0\n");
+    // Every index an apt client can ask for exists, signed and by hash.
+    for f in ["InRelease", "Release", "Release.gpg", "main/binary-arm64/Packages.xz", "main/binary-armhf/Packages.gz"] {
+        assert!(server.root.join("public/dists/stable").join(f).exists(), "{f}");
+    }
+    let release = std::fs::read_to_string(server.root.join("public/dists/stable/Release")).unwrap();
+    assert!(release.contains("Acquire-By-Hash: yes"));
+    // Architecture: all goes into every binary index.
+    let armhf = std::fs::read_to_string(server.root.join("public/dists/stable/main/binary-armhf/Packages")).unwrap();
+    assert!(armhf.contains("Package: df-hello") && !armhf.contains("Package: df-native"));
+    // Range requests work (apt resumes partial downloads).
+    let head = "GET /dists/stable/Release HTTP/1.1\r\nHost: x\r\nRange: bytes=0-5\r\nConnection: close\r\n\r\n";
+    let (code, body) = raw_http(server.port, head, b"", true);
+    assert_eq!((code, body.as_str()), (206, "Origin"));
+    assert!(server.log().contains("GET /dists/stable/InRelease 200"), "one log line per request");
+}
+
+#[test]
+fn a_wrong_key_makes_apt_update_fail() {
+    let server = RepoServer::start(&[]);
+    let other = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    ok(&server.publish(&build_deb(work.path(), "df-x", "1", "all", "", false), "stable"));
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&other));
+    let out = apt.update();
+    assert!(!out.status.success(), "{}", text(&out));
+    let msg = text(&out);
+    assert!(msg.contains("NO_PUBKEY") || msg.contains("not signed") || msg.contains("signature"), "{msg}");
+}
+
+#[test]
+fn retention_keeps_the_last_versions_and_promotion_copies_without_upload() {
+    let server = RepoServer::start(&["--retention", "2"]);
+    let work = tempfile::tempdir().unwrap();
+    for v in ["1.0", "1.10", "1.2~rc1", "1.2"] {
+        ok(&server.publish(&build_deb(work.path(), "df-app", v, "all", "", false), "testing"));
+    }
+    // Debian ordering: 1.2~rc1 < 1.2 < 1.10; the two newest stay.
+    let versions: Vec<String> = server.listing().into_iter().map(|(_, _, v, _)| v).collect();
+    assert_eq!(versions, ["1.10", "1.2"]);
+    assert_eq!(server.pool_files(), ["df-app_1.10_all.deb", "df-app_1.2_all.deb"]);
+    let out = server.console(&["promote", "df-app=1.2", "--from", "testing", "--to", "stable"]);
+    ok(&out);
+    assert!(server.listing().contains(&("stable".into(), "df-app".into(), "1.2".into(), "all".into())));
+    assert_eq!(server.pool_files().len(), 2, "promotion shares the pool file");
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
+    ok(&apt.update());
+    ok(&apt.install("df-app"));
+    assert_eq!(apt.installed("df-app").as_deref(), Some("1.2"));
+    // Explicit removal; rollback targets are what retention keeps.
+    ok(&server.console(&["unpublish", "df-app=1.2", "--suite", "testing"]));
+    assert_eq!(server.listing().iter().filter(|l| l.0 == "testing").count(), 1);
+    assert_eq!(server.pool_files().len(), 2, "still used by stable");
+    let out = server.console(&["unpublish", "df-app=9.9", "--suite", "testing"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("404"));
+}
+
+#[test]
+fn bad_input_is_refused_and_writes_nothing() {
+    let server = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let good = build_deb(work.path(), "df-good", "1.0", "all", "", false);
+    ok(&server.publish(&good, "stable"));
+    let before = (server.listing(), server.pool_files());
+    let token = server.token.clone();
+    let port = server.port;
+    let post =
+        |suite: &str, body: &[u8], token: &str| raw_http(port, &upload_head(suite, token, body.len()), body, true);
+    let good_bytes = std::fs::read(&good).unwrap();
+
+    assert_eq!(post("stable", b"definitely not a deb", &token).0, 400);
+    let (code, body) = post("stable", &good_bytes[..good_bytes.len() / 2], &token);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("truncated"), "{body}");
+    let (code, body) = raw_http(port, &upload_head("stable", &token, good_bytes.len()), &good_bytes[..100], false);
+    assert_eq!(code, 400, "upload cut short: {body}");
+    for suite in ["Stable", "..", "a..b", "-x", "x%2Fy"] {
+        let (code, body) = post(suite, &good_bytes, &token);
+        assert!(code == 400 || code == 404, "suite {suite:?}: {code} {body}");
+    }
+    assert_eq!(post("stable", &good_bytes, "").0, 401);
+    assert_eq!(post("stable", &good_bytes, "dfr_0000").0, 403);
+    let (code, _) = raw_http(
+        port,
+        "POST /api/v1/suites/stable/packages HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\n",
+        b"abc",
+        true,
+    );
+    assert_eq!(code, 401);
+    // Hostile control data: a reserved field, a field with an escape sequence, a bad name.
+    for (name, extra) in [("df-evil", "Filename: ../../../etc/shadow\n"), ("df-evil2", "X-Note: \u{1b}[31mred\n")] {
+        let deb = build_deb(work.path(), name, "1.0", "all", extra, true);
+        let (code, body) = post("stable", &std::fs::read(&deb).unwrap(), &token);
+        assert_eq!(code, 400, "{name}: {body}");
+    }
+    let deb = build_deb(work.path(), "Df-Upper", "1.0", "all", "", true);
+    assert_eq!(post("stable", &std::fs::read(&deb).unwrap(), &token).0, 400);
+    let deb = build_deb(work.path(), "df-arch", "1.0", "s390x", "", true);
+    let (code, body) = post("stable", &std::fs::read(&deb).unwrap(), &token);
+    assert_eq!(code, 400, "{body}");
+    // Same name, version, arch, different content: 409. Identical: a no-op.
+    let twin = build_deb(work.path(), "df-good", "1.0", "all", "X-Changed: yes\n", false);
+    let out = server.publish(&twin, "stable");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("409"), "{}", text(&out));
+    let out = server.publish(&good, "stable");
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
+    assert_eq!((server.listing(), server.pool_files()), before, "nothing was written");
+    assert_eq!(std::fs::read_dir(server.root.join("tmp")).unwrap().count(), 0, "no upload left behind");
+
+    // A revoked token stops working at once.
+    let team = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
+        .args(["token", "add", "team-b", "--root"])
+        .arg(&server.root)
+        .output()
+        .unwrap();
+    let team_token = String::from_utf8(team.stdout).unwrap().trim().to_owned();
+    let other = build_deb(work.path(), "df-team", "1.0", "all", "", false);
+    assert_eq!(post("stable", &std::fs::read(&other).unwrap(), &team_token).0, 201);
+    let revoked = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
+        .args(["token", "revoke", "team-b", "--root"])
+        .arg(&server.root)
+        .output()
+        .unwrap();
+    ok(&revoked);
+    let (code, body) = post("stable", &std::fs::read(&other).unwrap(), &team_token);
+    assert_eq!(code, 403);
+    assert!(body.contains("revoked"), "{body}");
+}
+
+#[test]
+fn oversized_uploads_are_refused() {
+    let mut server = RepoServer::start(&[]);
+    let cfg_path = server.root.join("repo.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["max_upload_bytes"] = 300.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    server.kill9();
+    server.spawn(None);
+    let work = tempfile::tempdir().unwrap();
+    let deb = build_deb(work.path(), "df-big", "1.0", "all", &format!("X-Pad: {}\n", "x".repeat(5000)), false);
+    let (code, body) = raw_http(
+        server.port,
+        &upload_head("stable", &server.token, std::fs::metadata(&deb).unwrap().len() as usize),
+        &std::fs::read(&deb).unwrap(),
+        true,
+    );
+    assert_eq!(code, 413, "{body}");
+    assert!(server.listing().is_empty());
+}
+
+#[test]
+fn publishes_race_with_apt_clients_and_each_other() {
+    let server = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    ok(&server.publish(&build_deb(work.path(), "df-base", "1", "all", "", false), "stable"));
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
+    let debs_a: Vec<_> =
+        (1..=6).map(|i| build_deb(work.path(), "df-race-a", &format!("{i}.0"), "all", "", false)).collect();
+    let debs_b: Vec<_> =
+        (1..=6).map(|i| build_deb(work.path(), "df-race-b", &format!("{i}.0"), "amd64", "", false)).collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut updates = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) || updates < 3 {
+                let out = apt.update();
+                assert!(out.status.success(), "apt saw an inconsistent repository during publishes:\n{}", text(&out));
+                updates += 1;
+            }
+            updates
+        });
+        let a = s.spawn(|| debs_a.iter().for_each(|d| ok(&server.publish(d, "stable"))));
+        let b = s.spawn(|| debs_b.iter().for_each(|d| ok(&server.publish(d, "stable"))));
+        a.join().unwrap();
+        b.join().unwrap();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let updates = reader.join().unwrap();
+        assert!(updates >= 3);
+    });
+    let names: Vec<String> = server.listing().into_iter().map(|(_, n, v, _)| format!("{n}={v}")).collect();
+    for want in ["df-race-a=6.0", "df-race-a=2.0", "df-race-b=6.0", "df-race-b=2.0", "df-base=1"] {
+        assert!(names.contains(&want.to_string()), "{want} missing from {names:?}");
+    }
+    ok(&apt.update());
+    ok(&apt.install("df-race-b"));
+    assert_eq!(apt.installed("df-race-b").as_deref(), Some("6.0"));
+}
+
+#[test]
+fn a_crash_at_any_point_of_a_publish_leaves_a_consistent_signed_repository() {
+    let mut server = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    ok(&server.publish(&build_deb(work.path(), "df-stable", "1.0", "all", "", false), "stable"));
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
+    // (failpoint, whether the interrupted publish is there after the restart)
+    let points = [("after-pool", false), ("after-db", true), ("after-by-hash", true), ("before-inrelease", true)];
+    for (i, (point, survives)) in points.iter().enumerate() {
+        server.kill9();
+        server.spawn(Some(point));
+        let version = format!("2.{i}");
+        let deb = build_deb(work.path(), "df-crash", &version, "all", "", false);
+        let out = server.publish(&deb, "stable");
+        assert!(!out.status.success(), "{point}: the server should have died");
+        server.wait_dead();
+        // While it is down the files on disk are what a reader gets: still consistent.
+        server.spawn(None);
+        let out = apt.update();
+        assert!(out.status.success(), "{point}: {}", text(&out));
+        let listed = server.listing().iter().any(|(_, n, v, _)| n == "df-crash" && *v == version);
+        assert_eq!(listed, *survives, "{point}");
+        let packages =
+            std::fs::read_to_string(server.root.join("public/dists/stable/main/binary-amd64/Packages")).unwrap();
+        assert_eq!(packages.contains(&format!("Version: {version}")), *survives, "{point}: indices match the database");
+        if !survives {
+            assert!(!server.pool_files().iter().any(|f| f.contains(&version)), "{point}: orphan removed");
+        }
+    }
+    ok(&apt.install("df-crash"));
+    assert_eq!(apt.installed("df-crash").as_deref(), Some("2.3"));
+    // And a plain kill -9 in the middle of a stream of publishes.
+    let debs: Vec<_> = (0..8).map(|i| build_deb(work.path(), "df-kill", &format!("3.{i}"), "all", "", false)).collect();
+    let pid = server.pid();
+    thread::scope(|s| {
+        let publisher = s.spawn(|| debs.iter().filter(|d| server.publish(d, "stable").status.success()).count());
+        thread::sleep(std::time::Duration::from_millis(120));
+        // SAFETY: kill(2) on the server process this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        publisher.join().unwrap()
+    });
+    server.kill9();
+    server.spawn(None);
+    ok(&apt.update());
+    let listed: Vec<String> = server.listing().into_iter().filter(|l| l.1 == "df-kill").map(|l| l.2).collect();
+    let packages = std::fs::read_to_string(server.root.join("public/dists/stable/main/binary-amd64/Packages")).unwrap();
+    for v in &listed {
+        assert!(packages.contains(&format!("Version: {v}")), "{v} listed but not indexed");
+    }
+    assert_eq!(packages.matches("Package: df-kill").count(), listed.len());
+}
