@@ -124,6 +124,7 @@ async fn upload(State(state): State<Shared>, Path(suite): Path<String>, headers:
     };
     let mut hasher = sha2::Sha256::new();
     let mut size = 0u64;
+    let received = Instant::now();
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
@@ -147,6 +148,7 @@ async fn upload(State(state): State<Shared>, Path(suite): Path<String>, headers:
     }
     drop(file);
     let sha256 = hex(&hasher.finalize());
+    tracing::debug!("upload of {size} bytes received in {:?}", received.elapsed());
     let st = state.clone();
     let result = tokio::task::spawn_blocking(move || {
         let r = st.repo.publish(&suite, &tmp.0, &sha256, size);

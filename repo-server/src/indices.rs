@@ -3,44 +3,30 @@
 //! Release. Nothing here reads a .deb: stanzas come from the entries.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use crate::compress::{self, ChunkCache};
 use crate::control::ARCHES;
-use crate::fsutil::{failpoint, sha256_hex, write_atomic};
+use crate::fsutil::{failpoint, sha256_hex, syncfs, write_atomic, write_unsynced};
 use crate::signing::Signer;
 use crate::store::{Entry, RepoConfig};
 
 pub const GENERATION_FIELD: &str = "X-Debfleet-Generation";
 
-fn stanza(e: &Entry, out: &mut String) {
-    out.push_str(&e.control.to_string());
-    let _ = writeln!(out, "Filename: {}\nSize: {}\nSHA256: {}\n", e.filename, e.size, e.sha256);
-}
-
-/// The Packages text for one architecture, sorted by name and version.
-pub fn packages_text(entries: &[Entry], arch: &str) -> String {
+/// The stanzas of one architecture's Packages, sorted by name and version.
+pub fn packages_stanzas(entries: &[Entry], arch: &str) -> Vec<compress::Stanza> {
     let mut chosen: Vec<&Entry> = entries.iter().filter(|e| e.arch == arch || e.arch == "all").collect();
     chosen.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.version_cmp(b)).then_with(|| a.arch.cmp(&b.arch)));
-    let mut out = String::with_capacity(chosen.len() * 600);
-    for e in chosen {
-        stanza(e, &mut out);
-    }
-    out
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
-    enc.write_all(data).expect("in-memory write");
-    enc.finish().expect("in-memory write")
-}
-
-fn xz(data: &[u8], preset: u32) -> Vec<u8> {
-    let mut enc = xz2::write::XzEncoder::new(Vec::new(), preset);
-    enc.write_all(data).expect("in-memory write");
-    enc.finish().expect("in-memory write")
+    chosen
+        .into_iter()
+        .map(|e| compress::Stanza {
+            boundary: e.boundary_key(),
+            text: e.stanza(),
+            identity: format!("{} {}", e.sha256, e.filename),
+        })
+        .collect()
 }
 
 /// Writes the indices and the signed Release; returns the by-hash files it references
@@ -52,42 +38,70 @@ pub fn write_suite(
     entries: &[Entry],
     cfg: &RepoConfig,
     signer: &Signer,
+    cache: &mut ChunkCache,
 ) -> Result<Vec<String>> {
     let dir = public.join("dists").join(suite);
-    // Compress the three architectures in parallel: xz dominates the cost of a publish.
-    let files: Vec<(String, Vec<u8>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = ARCHES
-            .iter()
-            .map(|arch| {
-                s.spawn(move || {
-                    let text = packages_text(entries, arch).into_bytes();
-                    let base = format!("main/binary-{arch}/Packages");
-                    let gz = gzip(&text);
-                    let xz = xz(&text, cfg.xz_preset);
-                    vec![(format!("{base}.gz"), gz), (format!("{base}.xz"), xz), (base, text)]
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("index thread")).collect()
-    });
+    let mut used = Vec::new();
+    let mut files: Vec<(String, std::sync::Arc<[(Vec<u8>, String); 3]>, usize)> = Vec::new();
+    // Architectures whose indices come out identical (only `all` packages, say) share one build.
+    let mut built: Vec<(String, std::sync::Arc<[(Vec<u8>, String); 3]>)> = Vec::new();
+    for arch in ARCHES {
+        let chunks = compress::chunks(packages_stanzas(entries, arch));
+        let key: String = chunks.iter().map(|c| c.key.as_str()).collect();
+        let set = match built.iter().find(|(k, _)| *k == key) {
+            Some((_, set)) => set.clone(),
+            None => {
+                let (gz, xz) = cache.build(&chunks, cfg.xz_preset, &mut used);
+                let plain: Vec<u8> = chunks.iter().flat_map(|c| c.text.bytes()).collect();
+                let with_hash = |b: Vec<u8>| {
+                    let h = sha256_hex(&b);
+                    (b, h)
+                };
+                let set = std::sync::Arc::new([with_hash(gz), with_hash(xz), with_hash(plain)]);
+                built.push((key, set.clone()));
+                set
+            }
+        };
+        let base = format!("main/binary-{arch}/Packages");
+        files.push((format!("{base}.gz"), set.clone(), 0));
+        files.push((format!("{base}.xz"), set.clone(), 1));
+        files.push((base, set, 2));
+    }
+    cache.retain(&used);
     let mut release_lines = String::new();
     let mut by_hash = Vec::new();
     // Immutable, content-addressed copies first: a client holding the old Release still finds
     // the old ones, and one that gets the new Release finds the new ones.
-    for (rel, bytes) in &files {
-        let sha = sha256_hex(bytes);
+    // Each distinct file is written once; the other architectures' by-hash names and the plain
+    // names are hard links to it (by-hash files never change, plain names move by rename).
+    let mut written: std::collections::HashMap<&str, std::path::PathBuf> = std::collections::HashMap::new();
+    let mut plain_names = Vec::new();
+    for (rel, set, i) in &files {
+        let (bytes, sha) = (&set[*i].0, &set[*i].1);
         let parent = Path::new(rel).parent().expect("has a parent").to_string_lossy().into_owned();
         let hashed = format!("{parent}/by-hash/SHA256/{sha}");
         let path = dir.join(&hashed);
         if !path.exists() {
-            write_atomic(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            let linked = match written.get(sha.as_str()) {
+                Some(first) => std::fs::create_dir_all(path.parent().expect("parent"))
+                    .and_then(|_| std::fs::hard_link(first, &path))
+                    .is_ok(),
+                None => false,
+            };
+            if !linked {
+                write_unsynced(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            }
         }
+        written.entry(sha.as_str()).or_insert_with(|| path.clone());
         by_hash.push(hashed);
+        plain_names.push((dir.join(rel), path, bytes));
         let _ = writeln!(release_lines, " {sha} {} {rel}", bytes.len());
     }
     failpoint("after-by-hash");
-    for (rel, bytes) in &files {
-        write_atomic(&dir.join(rel), bytes)?;
+    for (plain, hashed, bytes) in plain_names {
+        if link_into_place(&hashed, &plain).is_err() {
+            write_unsynced(&plain, bytes)?;
+        }
     }
     let date = httpdate::fmt_http_date(std::time::SystemTime::now()).replace("GMT", "UTC");
     let release = format!(
@@ -97,13 +111,22 @@ pub fn write_suite(
         arches = ARCHES.join(" "),
     );
     let (inrelease, gpg) = signer.sign_release(&release)?;
-    write_atomic(&dir.join("Release"), release.as_bytes())?;
-    write_atomic(&dir.join("Release.gpg"), &gpg)?;
+    write_unsynced(&dir.join("Release"), release.as_bytes())?;
+    write_unsynced(&dir.join("Release.gpg"), &gpg)?;
+    // One flush for everything above (cheaper than a sync per file), so that all the new
+    // Release names is on disk before the InRelease that apt reads first points at it.
+    syncfs(&dir)?;
     failpoint("before-inrelease");
-    // InRelease last: it is what apt fetches first, so it moves only once everything it names is
-    // in place.
     write_atomic(&dir.join("InRelease"), &inrelease)?;
     Ok(by_hash)
+}
+
+/// Puts `target` in place as another name of `source`, atomically replacing what was there.
+fn link_into_place(source: &Path, target: &Path) -> std::io::Result<()> {
+    let tmp = target.with_file_name(format!(".link.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::hard_link(source, &tmp)?;
+    std::fs::rename(&tmp, target)
 }
 
 /// The generation a suite's published Release says it was built from.

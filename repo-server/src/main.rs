@@ -1,5 +1,6 @@
 //! `debfleet-repo`: a self-hosted, signed apt repository with a publish API.
 
+mod compress;
 mod control;
 mod deb;
 mod fsutil;
@@ -52,6 +53,15 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Add many .deb files to a suite at once (one index rebuild): for migrating a repository.
+    Import {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        suite: String,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Manage publish tokens.
     Token {
         #[command(subcommand)]
@@ -87,7 +97,13 @@ enum TokenAction {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_ansi(false).init();
+    let level = std::env::var("DEBFLEET_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false)
+        .with_max_level(level)
+        .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("debfleet-repo: {e:#}");
         std::process::exit(1);
@@ -123,6 +139,11 @@ fn run(cli: Cli) -> Result<()> {
                 axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown()).await?;
                 anyhow::Ok(())
             })?;
+        }
+        Command::Import { root, suite, files } => {
+            let repo = Repo::open(&root)?;
+            let n = repo.import(&suite, &files).map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("imported {n} package(s) into {suite}");
         }
         Command::Token { action: TokenAction::Add { name, root } } => {
             let token = Tokens::new(&Repo::tokens_path(&root)).add(&name)?;

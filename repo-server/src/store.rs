@@ -56,9 +56,31 @@ pub struct Entry {
     pub size: u64,
     pub sha256: String,
     pub control: Paragraph,
+    /// The rendered Packages stanza, made once per entry.
+    #[serde(skip)]
+    rendered: std::sync::OnceLock<std::sync::Arc<str>>,
 }
 
 impl Entry {
+    pub fn new(control: Paragraph, filename: String, size: u64, sha256: String) -> Entry {
+        let field = |f: &str| control.get(f).expect("validated control paragraph").to_owned();
+        let (name, version, arch) = (field("Package"), field("Version"), field("Architecture"));
+        Entry { name, version, arch, filename, size, sha256, control, rendered: Default::default() }
+    }
+
+    pub fn stanza(&self) -> std::sync::Arc<str> {
+        self.rendered
+            .get_or_init(|| {
+                format!("{}Filename: {}\nSize: {}\nSHA256: {}\n\n", self.control, self.filename, self.size, self.sha256)
+                    .into()
+            })
+            .clone()
+    }
+
+    pub fn boundary_key(&self) -> u64 {
+        crate::compress::boundary_hash(&[&self.name, &self.version, &self.arch])
+    }
+
     pub fn version_cmp(&self, other: &Entry) -> std::cmp::Ordering {
         match (self.version.parse::<debversion::Version>(), other.version.parse::<debversion::Version>()) {
             (Ok(a), Ok(b)) => a.cmp(&b),
@@ -67,13 +89,16 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct SuiteDb {
     generation: u64,
     entries: Vec<Entry>,
     /// by-hash files of recent generations (Unix time of publication, files), newest last.
-    #[serde(default)]
+    /// Kept in its own small file (`db/SUITE.by-hash`), written after each index build.
+    #[serde(skip)]
     recent_by_hash: Vec<(u64, Vec<String>)>,
+    #[serde(skip)]
+    chunks: crate::compress::ChunkCache,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,8 +225,13 @@ impl Repo {
             if !valid_suite(name) {
                 continue;
             }
-            let db: SuiteDb =
+            let mut db: SuiteDb =
                 serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("parsing {}", path.display()))?;
+            // A missing or unreadable history only means older by-hash files go sooner.
+            db.recent_by_hash = fs::read(root.join("db").join(format!("{name}.by-hash")))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
             suites.insert(name.to_owned(), db);
         }
         let repo = Repo { root: root.to_owned(), config, signer, suites: Mutex::new(suites) };
@@ -228,8 +258,15 @@ impl Repo {
     }
 
     fn reindex(&self, suite: &str, db: &mut SuiteDb) -> anyhow::Result<()> {
-        let files =
-            indices::write_suite(&self.public(), suite, db.generation, &db.entries, &self.config, &self.signer)?;
+        let files = indices::write_suite(
+            &self.public(),
+            suite,
+            db.generation,
+            &db.entries,
+            &self.config,
+            &self.signer,
+            &mut db.chunks,
+        )?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         db.recent_by_hash.push((now, files));
         // A client that fetched an InRelease a while ago (a slow link, a busy publisher) must
@@ -239,6 +276,10 @@ impl Repo {
         {
             db.recent_by_hash.remove(0);
         }
+        crate::fsutil::write_unsynced(
+            &self.root.join("db").join(format!("{suite}.by-hash")),
+            &serde_json::to_vec(&db.recent_by_hash)?,
+        )?;
         let keep: HashSet<&String> = db.recent_by_hash.iter().flat_map(|(_, files)| files).collect();
         let dir = self.public().join("dists").join(suite).join("main");
         for arch_dir in fs::read_dir(&dir)?.flatten() {
@@ -256,6 +297,16 @@ impl Repo {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the given pool files unless some suite still references them.
+    fn drop_unreferenced(&self, suites: &BTreeMap<String, SuiteDb>, dropped: &[Entry]) {
+        for f in dropped.iter().map(|e| &e.filename) {
+            if !suites.values().any(|db| db.entries.iter().any(|e| &e.filename == f)) {
+                tracing::info!("removing {f} (no suite references it)");
+                let _ = fs::remove_file(self.public().join(f));
+            }
+        }
     }
 
     /// Removes pool files no suite references (left by a crash, retention or removal).
@@ -285,10 +336,12 @@ impl Repo {
     fn commit(&self, suites: &mut BTreeMap<String, SuiteDb>, suite: &str) -> Result<(), RepoError> {
         let db = suites.get_mut(suite).expect("suite present");
         db.generation += 1;
+        let started = std::time::Instant::now();
         self.save_db(suite, db)?;
+        let saved = started.elapsed();
         failpoint("after-db");
         self.reindex(suite, db)?;
-        self.save_db(suite, db)?;
+        tracing::debug!("commit {suite}: database {saved:?}, indices {:?}", started.elapsed() - saved);
         Ok(())
     }
 
@@ -306,11 +359,8 @@ impl Repo {
     pub fn publish(&self, suite: &str, upload: &Path, sha256: &str, size: u64) -> Result<Published, RepoError> {
         Self::check_suite(suite)?;
         let control = read_control(fs::File::open(upload)?)?;
-        let name = control.get("Package").expect("validated").to_owned();
-        let version = control.get("Version").expect("validated").to_owned();
-        let arch = control.get("Architecture").expect("validated").to_owned();
-        let filename = pool_path(&name, &version, &arch);
-        let entry = Entry { name, version, arch, filename, size, sha256: sha256.to_owned(), control };
+        let entry = Entry::new(control, String::new(), size, sha256.to_owned());
+        let entry = Entry { filename: pool_path(&entry.name, &entry.version, &entry.arch), ..entry };
 
         let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
         let _lock = FileLock::acquire(&self.root.join("lock"))?;
@@ -342,19 +392,66 @@ impl Repo {
             tracing::error!("publishing {} into {suite} failed half-way; the next start repairs it", entry.filename);
         }
         result?;
-        self.collect_pool(&suites)?;
+        self.drop_unreferenced(&suites, &pruned);
+        let pruned = pruned.into_iter().map(|e| e.version).collect();
         tracing::info!("published {} {} {} into {suite}", entry.name, entry.version, entry.arch);
         Ok(published(suite, &entry, "published", pruned))
     }
 
-    fn apply_retention(&self, db: &mut SuiteDb, name: &str, arch: &str) -> Vec<String> {
+    /// Adds many .deb files to a suite in one commit (one index rebuild), for migrating an
+    /// existing repository. Files already present identically are skipped; a conflict stops the
+    /// import before anything is committed.
+    pub fn import(&self, suite: &str, files: &[PathBuf]) -> Result<usize, RepoError> {
+        use sha2::Digest;
+        Self::check_suite(suite)?;
+        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = FileLock::acquire(&self.root.join("lock"))?;
+        let mut added = Vec::new();
+        for path in files {
+            let bytes = fs::read(path)?;
+            let control = read_control(std::io::Cursor::new(&bytes)).map_err(|e| match e {
+                DebError::Io(io) => RepoError::Internal(io.into()),
+                other => RepoError::BadRequest(format!("{}: {other}", path.display())),
+            })?;
+            let sha256 = crate::fsutil::hex(&sha2::Sha256::digest(&bytes));
+            let entry = Entry::new(control, String::new(), bytes.len() as u64, sha256);
+            let entry = Entry { filename: pool_path(&entry.name, &entry.version, &entry.arch), ..entry };
+            if let Some(same) = find(&suites, suite, &entry.name, &entry.version, &entry.arch) {
+                if same.sha256 == entry.sha256 {
+                    continue;
+                }
+                return Err(conflict(&entry, suite));
+            }
+            let pool_file = self.public().join(&entry.filename);
+            if !pool_file.exists() {
+                write_atomic(&pool_file, &bytes)?;
+            }
+            added.push(entry);
+        }
+        let n = added.len();
+        if n > 0 {
+            let db = suites.entry(suite.to_owned()).or_default();
+            let keys: Vec<(String, String)> = added.iter().map(|e| (e.name.clone(), e.arch.clone())).collect();
+            db.entries.extend(added);
+            let mut dropped = Vec::new();
+            for (name, arch) in keys {
+                dropped.extend(self.apply_retention(db, &name, &arch));
+            }
+            self.commit(&mut suites, suite)?;
+            self.drop_unreferenced(&suites, &dropped);
+        }
+        Ok(n)
+    }
+
+    /// Drops the oldest versions of NAME/ARCH beyond the retention count; returns them.
+    fn apply_retention(&self, db: &mut SuiteDb, name: &str, arch: &str) -> Vec<Entry> {
         let mut same: Vec<Entry> = db.entries.iter().filter(|e| e.name == name && e.arch == arch).cloned().collect();
         if same.len() <= self.config.retention {
             return Vec::new();
         }
         same.sort_by(|a, b| b.version_cmp(a));
-        let drop: Vec<String> = same[self.config.retention..].iter().map(|e| e.version.clone()).collect();
-        db.entries.retain(|e| !(e.name == name && e.arch == arch && drop.contains(&e.version)));
+        let drop = same.split_off(self.config.retention);
+        db.entries.retain(|e| !(e.name == name && e.arch == arch && drop.iter().any(|d| d.version == e.version)));
         drop
     }
 
@@ -372,7 +469,7 @@ impl Repo {
         }
         db.entries.retain(|e| !matches(e));
         self.commit(&mut suites, suite)?;
-        self.collect_pool(&suites)?;
+        self.drop_unreferenced(&suites, &removed);
         Ok(removed)
     }
 
@@ -395,6 +492,7 @@ impl Repo {
         }
         let mut out = Vec::new();
         let mut changed = false;
+        let mut dropped = Vec::new();
         for e in &source {
             if let Some(same) = find(&suites, to, &e.name, &e.version, &e.arch) {
                 if same.sha256 != e.sha256 {
@@ -406,12 +504,13 @@ impl Repo {
             let db = suites.entry(to.to_owned()).or_default();
             db.entries.push(e.clone());
             let pruned = self.apply_retention(db, &e.name, &e.arch);
-            out.push(published(to, e, "published", pruned));
+            out.push(published(to, e, "published", pruned.iter().map(|p| p.version.clone()).collect()));
+            dropped.extend(pruned);
             changed = true;
         }
         if changed {
             self.commit(&mut suites, to)?;
-            self.collect_pool(&suites)?;
+            self.drop_unreferenced(&suites, &dropped);
         }
         Ok(out)
     }
