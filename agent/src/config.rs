@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use debfleet_protocol::debian::valid_package_name;
 use debfleet_protocol::{DeviceId, RuntimeCfg, Topics};
 use serde::Deserialize;
 use serde_json::Value;
@@ -91,37 +92,7 @@ impl Default for OpsCfg {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddr {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-impl BrokerAddr {
-    pub fn parse(url: &str) -> Result<BrokerAddr, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else {
-            return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port = p.parse::<u16>().map_err(|_| format!("{url:?}: port {p:?} is not a number"))?;
-                (h, port)
-            }
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
-            return Err(format!("{url:?} has no host"));
-        }
-        Ok(BrokerAddr { host: host.to_owned(), port, tls })
-    }
-}
+pub use debfleet_protocol::broker::BrokerUrl as BrokerAddr;
 
 /// Everything the agent needs to run, validated.
 #[derive(Debug, Clone)]
@@ -210,16 +181,6 @@ impl AgentConfig {
             file_runtime,
         })
     }
-}
-
-/// Debian policy 5.6.1: lower case letters, digits, `+ - .`; at least two characters; starts
-/// with an alphanumeric.
-pub fn valid_package_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    b.len() >= 2
-        && b.len() <= 128
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'+' | b'-' | b'.'))
 }
 
 /// Overrides set with the `cfg` command, kept as one accumulated patch so that later edits of
@@ -318,17 +279,6 @@ mod tests {
             let err = format!("{:#}", AgentConfig::parse(text).unwrap_err());
             assert!(err.contains(key), "{text}: {err}");
         }
-    }
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(BrokerAddr::parse("mqtts://b.example").unwrap().port, 8883);
-        assert_eq!(
-            BrokerAddr::parse("mqtt://[::1]:1999").unwrap(),
-            BrokerAddr { host: "::1".into(), port: 1999, tls: false }
-        );
-        assert!(BrokerAddr::parse("mqtt://h:port").is_err());
-        assert!(BrokerAddr::parse("mqtt://").is_err());
     }
 
     #[test]

@@ -175,12 +175,7 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 /// Suite names go into URL paths: checked here so that `..` or `/` never reach one.
 pub fn check_suite(suite: &str) -> Result<()> {
-    let b = suite.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_alphanumeric()
-        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-');
-    if !ok {
+    if !debfleet_protocol::debian::valid_suite(suite) {
         bail!(usage(format!("suite {suite:?} must match [a-z0-9][a-z0-9.-]*")));
     }
     Ok(())
@@ -188,12 +183,9 @@ pub fn check_suite(suite: &str) -> Result<()> {
 
 /// `NAME=VERSION`, both checked for Debian syntax before they go into a URL.
 pub fn name_version(spec: &str) -> Result<(String, String)> {
+    use debfleet_protocol::debian::{valid_package_name, valid_version};
     let (n, v) = spec.split_once('=').ok_or_else(|| usage(format!("{spec:?} is not NAME=VERSION")))?;
-    let name_ok =
-        n.len() >= 2 && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
-    let version_ok =
-        !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b".+~:-".contains(&b));
-    if !name_ok || !version_ok {
+    if !valid_package_name(n) || !valid_version(v) {
         bail!(usage(format!("{spec:?} is not a valid Debian NAME=VERSION")));
     }
     Ok((n.to_owned(), v.to_owned()))

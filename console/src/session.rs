@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use debfleet_protocol::limits::MAX_PACKET_BYTES;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
@@ -25,37 +25,6 @@ pub struct Session {
     pump: tokio::task::JoinHandle<()>,
 }
 
-#[derive(Debug, Clone)]
-pub struct BrokerUrl {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-impl BrokerUrl {
-    pub fn parse(url: &str) -> Result<BrokerUrl> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else {
-            bail!("broker {url:?} must start with mqtt:// or mqtts://");
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.contains(']') || h.ends_with(']') => {
-                (h, p.parse::<u16>().map_err(|_| anyhow!("broker {url:?}: port {p:?} is not a number"))?)
-            }
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            bail!("broker {url:?} has no host");
-        }
-        Ok(BrokerUrl { host: host.into(), port, tls })
-    }
-}
-
 pub struct ConnectOptions<'a> {
     pub url: &'a str,
     pub ca_file: Option<&'a std::path::Path>,
@@ -64,7 +33,7 @@ pub struct ConnectOptions<'a> {
 
 impl Session {
     pub async fn connect(opts: ConnectOptions<'_>) -> Result<Session> {
-        let url = BrokerUrl::parse(opts.url)?;
+        let url = debfleet_protocol::broker::BrokerUrl::parse(opts.url).map_err(|e| anyhow!("broker {e}"))?;
         let client_id = format!("debfleet-console-{:08x}", fastrand::u32(..));
         let mut mo = MqttOptions::new(&client_id, &url.host, url.port);
         mo.set_keep_alive(Duration::from_secs(30));

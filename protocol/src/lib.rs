@@ -4,8 +4,10 @@
 //! payload, validates what arrives from the wire and holds the pure logic both ends share
 //! (configuration patches, timestamps). The agent and the console do the IO.
 
+pub mod broker;
 pub mod cfg;
 pub mod command;
+pub mod debian;
 pub mod ids;
 pub mod payloads;
 pub mod time;

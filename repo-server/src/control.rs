@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+pub use debfleet_protocol::debian::{valid_package_name, valid_suite, valid_version};
+
 /// The architectures the repository serves; `all` packages appear in every binary index.
 pub const ARCHES: [&str; 3] = ["amd64", "arm64", "armhf"];
 
@@ -87,7 +89,7 @@ impl Paragraph {
             return Err(ControlError::BadName(name.into()));
         }
         let version = p.get("Version").ok_or(ControlError::Missing("Version"))?;
-        if !valid_version(version) {
+        if !valid_version(version) || version.parse::<debversion::Version>().is_err() {
             return Err(ControlError::BadVersion(version.into()));
         }
         let arch = p.get("Architecture").ok_or(ControlError::Missing("Architecture"))?;
@@ -110,49 +112,6 @@ impl fmt::Display for Paragraph {
         }
         Ok(())
     }
-}
-
-/// Debian policy 5.6.1.
-pub fn valid_package_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    b.len() >= 2
-        && b.len() <= 128
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'+' | b'-' | b'.'))
-}
-
-/// Debian policy 5.6.12: `[epoch:]upstream[-revision]`.
-pub fn valid_version(v: &str) -> bool {
-    if v.is_empty() || v.len() > 128 {
-        return false;
-    }
-    let (epoch, rest) = match v.split_once(':') {
-        Some((e, r)) => (Some(e), r),
-        None => (None, v),
-    };
-    if epoch.is_some_and(|e| e.is_empty() || !e.bytes().all(|b| b.is_ascii_digit())) {
-        return false;
-    }
-    let (upstream, revision) = match rest.rsplit_once('-') {
-        Some((u, r)) => (u, Some(r)),
-        None => (rest, None),
-    };
-    let up_ok = upstream.as_bytes().first().is_some_and(u8::is_ascii_digit)
-        && upstream.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'~' | b'-' | b':'))
-        && (epoch.is_some() || !upstream.contains(':'));
-    let rev_ok = revision.is_none_or(|r| {
-        !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'~'))
-    });
-    up_ok && rev_ok && v.parse::<debversion::Version>().is_ok()
-}
-
-pub fn valid_suite(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 64
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
-        && !s.contains("..")
 }
 
 #[cfg(test)]
@@ -192,20 +151,6 @@ mod tests {
         for (input, check) in cases {
             let err = Paragraph::parse(input).unwrap_err();
             assert!(check(&err), "{:?}: {err}", String::from_utf8_lossy(input));
-        }
-    }
-
-    #[test]
-    fn versions_and_suites() {
-        for v in ["1.0", "1:2.3-4", "2.0~rc1-1+deb12u1", "0.1-1.2", "1.2.3+git20240101-0ubuntu1"] {
-            assert!(valid_version(v), "{v}");
-        }
-        for v in ["", "a1.0", "1.0-", ":1", "x:1", "1.0 beta", "1.0\n", "1_0", "1.0-a b"] {
-            assert!(!valid_version(v), "{v:?}");
-        }
-        assert!(valid_suite("stable") && valid_suite("bookworm-backports") && valid_suite("1.2"));
-        for s in ["", "Stable", "../x", "a/b", "-x", "a..b", "x y"] {
-            assert!(!valid_suite(s), "{s:?}");
         }
     }
 }
