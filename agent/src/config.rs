@@ -15,7 +15,9 @@ use crate::fsutil::write_atomic;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    device_id: String,
+    /// Defaults to the host name (lower-cased, other characters as '-').
+    #[serde(default)]
+    device_id: Option<String>,
     broker: String,
     #[serde(default)]
     ca_file: Option<PathBuf>,
@@ -122,7 +124,11 @@ impl AgentConfig {
 
     pub fn parse(text: &str) -> Result<AgentConfig> {
         let f: FileConfig = toml::from_str(text)?;
-        let device_id = DeviceId::new(f.device_id).context("device_id")?;
+        let device_id = match f.device_id {
+            Some(id) => DeviceId::new(id).context("device_id")?,
+            None => id_from_hostname(&crate::identity::Identity::read().hostname)
+                .context("device_id: not set, and the host name does not make a valid id; set device_id")?,
+        };
         let broker = BrokerAddr::parse(&f.broker).map_err(anyhow::Error::msg).context("broker")?;
         if broker.tls && f.ca_file.is_none() {
             bail!("ca_file: required with an mqtts:// broker (the CA that signed the broker's certificate)");
@@ -181,6 +187,18 @@ impl AgentConfig {
             file_runtime,
         })
     }
+}
+
+/// A device id from a host name: lower case, anything outside `[a-z0-9_-]` becomes '-'.
+pub fn id_from_hostname(hostname: &str) -> Result<DeviceId> {
+    let mut id: String = hostname
+        .trim()
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+        .collect();
+    id = id.trim_start_matches(['-', '_']).chars().take(63).collect();
+    Ok(DeviceId::new(id)?)
 }
 
 /// Overrides set with the `cfg` command, kept as one accumulated patch so that later edits of
@@ -273,12 +291,21 @@ mod tests {
             ("device_id = \"d\"\nbroker = \"mqtt://h\"\nbogus = 1\n", "bogus"),
             ("device_id = \"d\"\nbroker = \"mqtt://h\"\n[telemetry.cpu]\ninterval_s = 0\n", "telemetry.cpu.interval_s"),
             ("device_id = \"d\"\nbroker = \"mqtt://h\"\npackages = [\"Bad;rm\"]\n", "packages"),
-            ("broker = \"mqtt://h\"\n", "device_id"),
+            ("device_id = \"\"\nbroker = \"mqtt://h\"\n", "device_id"),
         ];
         for (text, key) in cases {
             let err = format!("{:#}", AgentConfig::parse(text).unwrap_err());
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn device_id_defaults_to_the_host_name() {
+        assert_eq!(id_from_hostname("Kiosk.12.local").unwrap().as_str(), "kiosk-12-local");
+        assert_eq!(id_from_hostname("-x").unwrap().as_str(), "x");
+        assert!(id_from_hostname("").is_err());
+        let c = AgentConfig::parse("broker = \"mqtt://h\"\nstate_dir = \"/tmp/x\"\n").unwrap();
+        assert!(!c.device_id.as_str().is_empty());
     }
 
     #[test]

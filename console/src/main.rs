@@ -146,6 +146,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build a .deb from a package manifest (see README: "Packaging a component").
+    Package {
+        manifest: PathBuf,
+        /// Override the manifest's version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Override the manifest's architecture.
+        #[arg(long)]
+        arch: Option<String>,
+        /// Where to write the .deb.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
     /// Run the zero-setup services: an embedded MQTT broker on 127.0.0.1.
     Serve {
         /// Address the embedded broker listens on.
@@ -222,6 +235,29 @@ fn main() -> ExitCode {
             _ => unreachable!("repository commands only"),
         });
         return finish(result);
+    }
+    if let Command::Package { manifest, version, arch, out } = &cli.command {
+        let opts = debfleet_packaging::BuildOptions {
+            version: version.clone(),
+            architecture: arch.clone(),
+            source_date_epoch: debfleet_packaging::BuildOptions::epoch_from_env(),
+            out_dir: out.clone(),
+        };
+        return match debfleet_packaging::load(manifest).and_then(|m| debfleet_packaging::build(&m, manifest, &opts)) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("debfleet: {e}");
+                let code = if matches!(e, debfleet_packaging::PackagingError::Manifest { .. }) {
+                    exit::USAGE
+                } else {
+                    exit::FAILED
+                };
+                ExitCode::from(code)
+            }
+        };
     }
     if let Command::Serve { listen } = cli.command {
         return match serve::run(listen) {

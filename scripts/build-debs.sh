@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds debfleet's own packages (debfleet-agent, debfleet-repo, debfleet) into OUT (default
+# target/debs). Reproducible: the timestamp is the last commit's (SOURCE_DATE_EPOCH), so the
+# same source gives byte-identical .debs.
+#   scripts/build-debs.sh [--version V] [--out DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=target/debs
+version_args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --version) version_args=(--version "$2"); shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        *) echo "usage: $0 [--version V] [--out DIR]" >&2; exit 2 ;;
+    esac
+done
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
+cargo build --release --bins -p debfleet-agent -p debfleet-repo -p debfleet-console
+for pkg in debfleet-agent debfleet-repo debfleet; do
+    target/release/debfleet package "packaging/$pkg/manifest.toml" --out "$out" \
+        --arch "$(dpkg --print-architecture)" "${version_args[@]}"
+done
