@@ -4,8 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto)
-command -v openssl >/dev/null 2>&1 || need+=(openssl)
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+have mosquitto || need+=(mosquitto)
+have openssl || need+=(openssl)
+have lintian || need+=(lintian)
+# Devices in tests are systemd-nspawn containers booted from a debootstrapped rootfs.
+have systemd-nspawn || need+=(systemd-container)
+have debootstrap || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "The tests need: ${need[*]}. Run this as root (it installs them), or: sudo apt-get install ${need[*]}" >&2
@@ -16,6 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# The end-to-end tests drive the real binaries, so build them first.
+# The end-to-end tests drive the real binaries and install the real packages, so build both first.
 cargo build --workspace --bins
+bash scripts/build-debs.sh
 cargo test --workspace "$@"

@@ -86,7 +86,7 @@ pub fn generate(m: &Manifest, units: &[(String, bool, bool)], chmods: &[(String,
             rm.push_str(
                 "\nif [ -d /run/systemd/system ]; then\n    systemctl --system daemon-reload >/dev/null || true\nfi\n",
             );
-            rm.push_str("if [ \"$1\" = remove ] && [ -x /usr/bin/deb-systemd-helper ]; then\n");
+            rm.push_str("if [ \"$1\" = remove ] && command -v deb-systemd-helper >/dev/null; then\n");
             for (unit, _, _) in units {
                 rm.push_str(&format!("    deb-systemd-helper mask {} >/dev/null || true\n", quote(unit)));
             }
@@ -96,7 +96,7 @@ pub fn generate(m: &Manifest, units: &[(String, bool, bool)], chmods: &[(String,
         for (unit, _, _) in units {
             let u = quote(unit);
             rm.push_str(&format!(
-                "    if [ -x /usr/bin/deb-systemd-helper ]; then\n        deb-systemd-helper purge {u} >/dev/null || true\n        deb-systemd-helper unmask {u} >/dev/null || true\n    fi\n"
+                "    if command -v deb-systemd-helper >/dev/null; then\n        deb-systemd-helper purge {u} >/dev/null || true\n        deb-systemd-helper unmask {u} >/dev/null || true\n    fi\n"
             ));
         }
         for d in &m.state_dirs {
