@@ -248,3 +248,31 @@ fn a_manifest_package_with_a_unit_runs_on_a_device() {
     assert!(!dev.is_active("demo-beacon.service"));
     assert!(!dev.root.join("var/lib/demo-beacon").exists());
 }
+
+#[test]
+fn repository_server_package_runs_as_its_own_user_on_a_device() {
+    let dev = Device::boot("pkg-3");
+    dev.put(&own_deb("debfleet-repo"), "/var/tmp/repo.deb");
+    dev.ok(&["dpkg", "-i", "/var/tmp/repo.deb"]);
+    assert_eq!(dev.ok(&["stat", "-c", "%U %a", "/var/lib/debfleet-repo"]).trim(), "debfleet-repo 750");
+    let token = dev.ok(&["cat", "/var/lib/debfleet-repo/initial-token.txt"]);
+    assert!(token.contains("dfr_"), "{token}");
+    assert_eq!(dev.ok(&["stat", "-c", "%a", "/var/lib/debfleet-repo/initial-token.txt"]).trim(), "600");
+    // The device shares the host's network: move it to a free port, as an operator would.
+    let port = free_port();
+    dev.write("/etc/default/debfleet-repo", &format!("LISTEN=127.0.0.1:{port}\n"));
+    dev.ok(&["systemctl", "restart", "debfleet-repo.service"]);
+    assert!(dev.is_active("debfleet-repo.service"));
+    let pid = dev.ok(&["systemctl", "show", "-p", "MainPID", "--value", "debfleet-repo.service"]);
+    assert_eq!(dev.ok(&["stat", "-c", "%U", &format!("/proc/{}", pid.trim())]).trim(), "debfleet-repo");
+    let (code, _) = debfleet_tests::repo::raw_http(
+        wait_for(Duration::from_secs(20), "the repository port", || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| port)),
+        "GET /debfleet-archive-keyring.gpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"",
+        true,
+    );
+    assert_eq!(code, 200);
+    dev.ok(&["dpkg", "--purge", "debfleet-repo"]);
+    assert!(!dev.is_active("debfleet-repo.service"));
+    assert!(!dev.root.join("var/lib/debfleet-repo").exists(), "purge removes the repository data");
+}
