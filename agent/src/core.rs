@@ -163,7 +163,7 @@ impl Core {
         PackagesState {
             v: CONTRACT_VERSION,
             ts: time::now(),
-            packages: crate::dpkg::read_packages_state(&self.cfg.dpkg_admindir, &self.cfg.packages),
+            packages: debfleet_apt::dpkg::read_packages_state(&self.cfg.dpkg_admindir, &self.cfg.packages),
         }
     }
 

@@ -3,7 +3,6 @@
 mod config;
 mod connection;
 mod core;
-mod dpkg;
 mod fsutil;
 mod identity;
 mod journal;

@@ -137,6 +137,19 @@ impl Drop for RepoServer {
 /// Builds a .deb with dpkg-deb. `control_extra` is appended to the control file; `nocheck`
 /// lets hostile control data through (dpkg-deb --nocheck), as an attacker's tool would.
 pub fn build_deb(dir: &Path, name: &str, version: &str, arch: &str, control_extra: &str, nocheck: bool) -> PathBuf {
+    build_deb_with_scripts(dir, name, version, arch, control_extra, nocheck, &[])
+}
+
+/// Like [`build_deb`], with maintainer scripts (name, shell body after `set -e`).
+pub fn build_deb_with_scripts(
+    dir: &Path,
+    name: &str,
+    version: &str,
+    arch: &str,
+    control_extra: &str,
+    nocheck: bool,
+    scripts: &[(&str, &str)],
+) -> PathBuf {
     let stage = dir.join(format!("stage-{name}-{version}-{arch}-{}", crate::rand_u32()));
     std::fs::create_dir_all(stage.join("DEBIAN")).unwrap();
     std::fs::create_dir_all(stage.join(format!("usr/share/{name}"))).unwrap();
@@ -145,6 +158,12 @@ pub fn build_deb(dir: &Path, name: &str, version: &str, arch: &str, control_extr
         "Package: {name}\nVersion: {version}\nArchitecture: {arch}\nMaintainer: Ops <ops@example.com>\nDescription: test package {name}\n built by the debfleet tests\n{control_extra}"
     );
     std::fs::write(stage.join("DEBIAN/control"), control).unwrap();
+    for (script, body) in scripts {
+        use std::os::unix::fs::PermissionsExt;
+        let path = stage.join("DEBIAN").join(script);
+        std::fs::write(&path, format!("#!/bin/sh\nset -e\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let out = dir.join(format!("{name}_{version}_{arch}-{}.deb", crate::rand_u32()));
     let mut cmd = Command::new("dpkg-deb");
     cmd.arg("--build").arg("--root-owner-group").arg("-Zgzip");

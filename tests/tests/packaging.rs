@@ -190,6 +190,16 @@ fn agent_package_lives_through_install_reboot_upgrade_and_purge_on_a_device() {
         );
     }
 
+    // Under systemd the restart command is honoured: the agent exits and systemd starts it again.
+    let first = obs.last("debfleet/device/pkg-1/status").unwrap().json();
+    obs.publish("debfleet/device/pkg-1/cmd/restart", r#"{"id":"restart-1"}"#, false);
+    wait_for(Duration::from_secs(30), "a new connection after the restart command", || {
+        let last = obs.messages().into_iter().rev().find(|m| m.topic == "debfleet/device/pkg-1/status")?.json();
+        (last["state"] == "online" && last["since"] != first["since"]).then_some(())
+    });
+    let journal = dev.ok(&["journalctl", "-u", "debfleet-agent", "--no-pager", "-o", "cat"]);
+    assert!(journal.contains("restarting at the operator's request"), "{journal}");
+
     obs.clear();
     dev.reboot();
     assert!(dev.is_active("debfleet-agent.service"), "active again after a reboot");
@@ -266,7 +276,9 @@ fn repository_server_package_runs_as_its_own_user_on_a_device() {
     let pid = dev.ok(&["systemctl", "show", "-p", "MainPID", "--value", "debfleet-repo.service"]);
     assert_eq!(dev.ok(&["stat", "-c", "%U", &format!("/proc/{}", pid.trim())]).trim(), "debfleet-repo");
     let (code, _) = debfleet_tests::repo::raw_http(
-        wait_for(Duration::from_secs(20), "the repository port", || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| port)),
+        wait_for(Duration::from_secs(20), "the repository port", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| port)
+        }),
         "GET /debfleet-archive-keyring.gpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         b"",
         true,

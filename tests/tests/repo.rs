@@ -282,3 +282,28 @@ fn a_crash_at_any_point_of_a_publish_leaves_a_consistent_signed_repository() {
     }
     assert_eq!(packages.matches("Package: df-kill").count(), listed.len());
 }
+
+#[test]
+fn an_existing_key_can_be_imported() {
+    let first = RepoServer::start(&[]);
+    let key = first.root.join("keys/signing.asc");
+    let second = RepoServer::start(&["--import-key", key.to_str().unwrap()]);
+    assert_eq!(keyring(&first), keyring(&second), "same public key served");
+    let work = tempfile::tempdir().unwrap();
+    ok(&second.publish(&build_deb(work.path(), "df-imported", "1.0", "all", "", false), "stable"));
+    // A client trusting the first repository's key accepts the second's signatures.
+    let apt = AptSandbox::new(&second.url(), "stable", &keyring(&first));
+    ok(&apt.update());
+    // Garbage is refused at init.
+    let bad = work.path().join("bad.asc");
+    std::fs::write(&bad, "not a key").unwrap();
+    let out = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
+        .args(["init", "--root"])
+        .arg(work.path().join("r3"))
+        .arg("--import-key")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("secret key"), "{}", text(&out));
+}

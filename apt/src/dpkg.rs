@@ -1,4 +1,4 @@
-//! Managed packages' state, read from dpkg's own database (`status` in the admin directory).
+//! Installed state from dpkg's own database (`status` in the admin directory).
 
 use std::collections::BTreeMap;
 use std::path::Path;

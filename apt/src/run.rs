@@ -1,0 +1,305 @@
+//! Running apt-get with its status stream on a pipe.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use debfleet_protocol::debian::{valid_package_name, valid_version};
+
+use crate::errors::{classify, AptError};
+use crate::simulate::{self, Changes};
+use crate::status::{self, Status};
+
+/// `NAME` or `NAME=VERSION`, validated against Debian policy before it nears a command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    pub name: String,
+    pub version: Option<String>,
+}
+
+impl Spec {
+    pub fn parse(s: &str) -> Result<Spec, AptError> {
+        let (name, version) = match s.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (s, None),
+        };
+        if !valid_package_name(name) || version.is_some_and(|v| !valid_version(v)) {
+            return Err(AptError::InvalidSpec(s.to_owned()));
+        }
+        Ok(Spec { name: name.to_owned(), version: version.map(str::to_owned) })
+    }
+
+    fn arg(&self) -> String {
+        match &self.version {
+            Some(v) => format!("{}={v}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Install(Vec<Spec>),
+    /// Upgrade these packages to the given or newest versions.
+    Upgrade(Vec<Spec>),
+    Remove {
+        names: Vec<Spec>,
+        purge: bool,
+    },
+}
+
+/// One progress event, in debfleet's phases.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// `downloading`, `unpacking`, `configuring`, `removing`, `triggers` or `installing`.
+    pub phase: &'static str,
+    pub percent: f32,
+    pub package: Option<String>,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// What apt said it would fetch ("Need to get ..."), in bytes.
+    pub download_bytes: u64,
+    pub conffiles_kept: Vec<String>,
+}
+
+/// How to run apt: the commands and options. A command is a program with leading arguments,
+/// so a caller can run apt elsewhere (`nsenter -t PID -a -- apt-get` for a test device).
+#[derive(Debug, Clone)]
+pub struct Apt {
+    pub apt_get: Vec<String>,
+    pub dpkg: Vec<String>,
+    /// Seconds to wait for another apt or dpkg (unattended-upgrades) to let go of the lock.
+    pub lock_timeout_s: u32,
+    /// Extra `-o` options for every apt-get call.
+    pub options: Vec<String>,
+}
+
+impl Default for Apt {
+    fn default() -> Self {
+        Apt { apt_get: vec!["apt-get".into()], dpkg: vec!["dpkg".into()], lock_timeout_s: 120, options: Vec::new() }
+    }
+}
+
+/// Parses apt's "Need to get 1,234 kB of archives" (SI units, as apt prints them).
+pub fn need_to_get(output: &str) -> u64 {
+    let Some(line) = output.lines().find(|l| l.starts_with("Need to get ")) else { return 0 };
+    let mut words = line["Need to get ".len()..].split_whitespace();
+    let (Some(num), Some(unit)) = (words.next(), words.next()) else { return 0 };
+    let num = num.split('/').next().unwrap_or(num).replace(',', "");
+    let Ok(n) = num.parse::<f64>() else { return 0 };
+    let mult = match unit {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        _ => return 0,
+    };
+    (n * mult) as u64
+}
+
+impl Apt {
+    fn base(&self) -> Command {
+        let mut c = command(&self.apt_get);
+        c.env("DEBIAN_FRONTEND", "noninteractive").env("APT_LISTCHANGES_FRONTEND", "none").env("LC_ALL", "C.UTF-8");
+        c.args(["-y", "-q", "-o", &format!("DPkg::Lock::Timeout={}", self.lock_timeout_s)]);
+        c.args(["-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"]);
+        for o in &self.options {
+            c.args(["-o", o]);
+        }
+        c
+    }
+
+    fn op_args(op: &Op, allow_downgrades: bool) -> Vec<String> {
+        let mut args = Vec::new();
+        match op {
+            Op::Install(specs) | Op::Upgrade(specs) => {
+                args.push("install".into());
+                if matches!(op, Op::Upgrade(_)) {
+                    args.push("--only-upgrade".into());
+                }
+                if allow_downgrades {
+                    args.push("--allow-downgrades".into());
+                }
+                args.extend(specs.iter().map(Spec::arg));
+            }
+            Op::Remove { names, purge } => {
+                args.push(if *purge { "purge".into() } else { "remove".into() });
+                args.extend(names.iter().map(|s| s.name.clone()));
+            }
+        }
+        args
+    }
+
+    /// What the transaction would do, without doing it.
+    pub fn simulate(&self, op: &Op, allow_downgrades: bool) -> Result<Changes, AptError> {
+        let mut cmd = self.base();
+        cmd.arg("-s").args(Self::op_args(op, allow_downgrades));
+        let out = output(&mut cmd)?;
+        if !out.0 {
+            return Err(classify(&out.1, &[]));
+        }
+        Ok(simulate::parse(&out.1))
+    }
+
+    /// `apt-get update`, failing on any repository error (a wrong key included).
+    pub fn update(&self) -> Result<(), AptError> {
+        let mut cmd = self.base();
+        cmd.args(["-o", "APT::Update::Error-Mode=any", "update"]);
+        let (ok, text) = output(&mut cmd)?;
+        if ok {
+            Ok(())
+        } else {
+            Err(classify(&text, &[]))
+        }
+    }
+
+    /// Repairs what an interrupted dpkg left (`dpkg --configure -a`, then `apt-get -f install`).
+    /// Returns whether anything needed repair.
+    pub fn recover(&self) -> Result<bool, AptError> {
+        let (_, audit) = output(command(&self.dpkg).arg("--audit"))?;
+        if audit.trim().is_empty() {
+            return Ok(false);
+        }
+        let mut configure = command(&self.dpkg);
+        configure.env("DEBIAN_FRONTEND", "noninteractive").args([
+            "--force-confdef",
+            "--force-confold",
+            "--configure",
+            "-a",
+        ]);
+        let (ok, text) = output(&mut configure)?;
+        let mut fix = self.base();
+        fix.args(["-f", "install"]);
+        let (fixed, fix_text) = output(&mut fix)?;
+        if !ok && !fixed {
+            return Err(classify(&format!("{text}\n{fix_text}"), &[]));
+        }
+        Ok(true)
+    }
+
+    /// Runs the transaction, reporting progress as apt goes.
+    pub fn run(
+        &self,
+        op: &Op,
+        allow_downgrades: bool,
+        on_progress: &mut dyn FnMut(Progress),
+    ) -> Result<Report, AptError> {
+        let mut cmd = self.base();
+        cmd.args(["-o", "APT::Status-Fd=3"]).args(Self::op_args(op, allow_downgrades));
+        let (read_end, write_end) = pipe()?;
+        let write_fd = write_end.as_raw_fd();
+        // SAFETY: between fork and exec only async-signal-safe calls: dup2 onto fd 3 (which also
+        // clears close-on-exec for the copy).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(write_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| io_err(&self.apt_get.join(" "), e))?;
+        drop(write_end);
+        // Output is collected on threads so that neither pipe can fill up and stall apt.
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let out_thread = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let err_thread = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let mut dpkg_errors = Vec::new();
+        let mut conffiles = Vec::new();
+        let status_file = std::fs::File::from(read_end);
+        for line in BufReader::new(status_file).lines() {
+            let Ok(line) = line else { break };
+            match status::parse(&line) {
+                Status::Download { percent, text } => {
+                    on_progress(Progress { phase: "downloading", percent, package: None, text })
+                }
+                Status::Package { package, percent, text } => {
+                    on_progress(Progress { phase: status::phase_of(&text), percent, package: Some(package), text })
+                }
+                Status::Error { package, message } => dpkg_errors.push(format!("{package}: {message}")),
+                Status::Conffile { path } => conffiles.push(path),
+                Status::Other(_) => {}
+            }
+        }
+        let status = child.wait().map_err(|e| io_err(&self.apt_get.join(" "), e))?;
+        let text = format!("{}\n{}", out_thread.join().unwrap_or_default(), err_thread.join().unwrap_or_default());
+        if !status.success() {
+            return Err(classify(&text, &dpkg_errors));
+        }
+        Ok(Report { download_bytes: need_to_get(&text), conffiles_kept: conffiles })
+    }
+}
+
+fn command(argv: &[String]) -> Command {
+    let mut c = Command::new(argv.first().map(String::as_str).unwrap_or("false"));
+    c.args(&argv[1.min(argv.len())..]);
+    c
+}
+
+fn io_err(command: &str, e: std::io::Error) -> AptError {
+    AptError::Io { command: command.to_owned(), message: e.to_string() }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), AptError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors on success; we take ownership of them right away.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io_err("pipe2", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both are fresh descriptors owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Runs a command to completion; returns (success, stdout + stderr).
+fn output(cmd: &mut Command) -> Result<(bool, String), AptError> {
+    let name = format!("{:?}", cmd.get_program());
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| io_err(&name, e))?;
+    Ok((
+        out.status.success(),
+        format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_are_validated() {
+        assert_eq!(Spec::parse("hello=2.10-3").unwrap(), Spec { name: "hello".into(), version: Some("2.10-3".into()) });
+        assert_eq!(Spec::parse("hello").unwrap().version, None);
+        for bad in ["Hello", "hello=", "hello=1 2", "-o=x", "hello;rm", "--purge", "a=b=c"] {
+            assert!(Spec::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn arguments_never_pass_through_a_shell() {
+        let args = Apt::op_args(&Op::Install(vec![Spec::parse("hello=1.0").unwrap()]), true);
+        assert_eq!(args, ["install", "--allow-downgrades", "hello=1.0"]);
+        let args = Apt::op_args(&Op::Remove { names: vec![Spec::parse("hello").unwrap()], purge: true }, false);
+        assert_eq!(args, ["purge", "hello"]);
+    }
+
+    #[test]
+    fn need_to_get_sizes() {
+        assert_eq!(need_to_get("Need to get 740 B of archives."), 740);
+        assert_eq!(need_to_get("Need to get 1,234 kB of archives."), 1_234_000);
+        assert_eq!(need_to_get("Need to get 0 B/2,048 kB of archives."), 0);
+        assert_eq!(need_to_get("nothing"), 0);
+    }
+}
