@@ -45,6 +45,8 @@ struct FileConfig {
     reconnect: ReconnectCfg,
     #[serde(default)]
     ops: OpsCfg,
+    #[serde(default)]
+    apt: AptCfg,
     #[serde(default = "default_keep_alive")]
     keep_alive_s: u16,
 }
@@ -88,6 +90,21 @@ pub struct OpsCfg {
     pub journal_size: usize,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AptCfg {
+    /// Seconds to wait for another package manager's dpkg lock.
+    pub lock_timeout_s: u32,
+    /// Seconds to watch a changed package's units before calling the change good (0: don't).
+    pub watch_s: u32,
+}
+
+impl Default for AptCfg {
+    fn default() -> Self {
+        AptCfg { lock_timeout_s: 120, watch_s: 30 }
+    }
+}
+
 impl Default for OpsCfg {
     fn default() -> Self {
         OpsCfg { keep_finished_s: 86_400, max_retained: 50, journal_size: 1024 }
@@ -111,6 +128,7 @@ pub struct AgentConfig {
     pub packages: Vec<String>,
     pub reconnect: ReconnectCfg,
     pub ops: OpsCfg,
+    pub apt: AptCfg,
     pub keep_alive: Duration,
     /// The runtime configuration as the file sets it, before overrides from the wire.
     pub file_runtime: RuntimeCfg,
@@ -183,6 +201,7 @@ impl AgentConfig {
             packages: f.packages,
             reconnect: f.reconnect,
             ops: f.ops,
+            apt: f.apt,
             keep_alive: Duration::from_secs(f.keep_alive_s.into()),
             file_runtime,
         })

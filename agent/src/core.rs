@@ -2,21 +2,24 @@
 //! It never touches the network; it returns [`Out`] actions for the connection edge to carry
 //! out, so tests drive it by feeding messages.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use debfleet_protocol::command::parse_command;
 use debfleet_protocol::{
-    time, CfgMessage, Command, CommandArgs, ErrorCode, Liveness, Meta, OpError, OpId, PackagesState, Rejected,
-    Rejection, RuntimeCfg, Status, Telemetry, Topic, Verb, CONTRACT_VERSION,
+    time, CfgMessage, Command, CommandArgs, ErrorCode, Liveness, Meta, OpError, OpId, PackageSpec, PackagesState,
+    Rejected, Rejection, RuntimeCfg, Status, Telemetry, Topic, UnitInfo, UnitsState, Verb, CONTRACT_VERSION,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::{AgentConfig, Overrides};
 use crate::identity::Identity;
+use crate::jobs::{Job, JobDone, JobKind};
 use crate::journal::{Journal, RESEND_CLEARS_MS};
 use crate::logs::LogGate;
+use crate::managed::Managed;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Out {
@@ -30,6 +33,9 @@ pub enum Out {
     Unsubscribe(Vec<String>),
     /// Stop the agent; systemd starts it again.
     Restart,
+    /// Run a long operation (apt, systemd) off the core; its progress and outcome come back
+    /// through [`Core::job_progress`] and [`Core::job_done`].
+    Job(crate::jobs::Job),
 }
 
 pub struct Core {
@@ -42,6 +48,8 @@ pub struct Core {
     connected_since: Option<String>,
     under_systemd: bool,
     log_gate: Option<Arc<LogGate>>,
+    managed: Managed,
+    units: BTreeMap<String, UnitInfo>,
 }
 
 impl Core {
@@ -52,6 +60,7 @@ impl Core {
         under_systemd: bool,
         log_gate: Option<Arc<LogGate>>,
     ) -> Core {
+        let cfg_state_dir = cfg.state_dir.clone();
         let mut overrides = Overrides::load(&cfg.state_dir);
         let runtime = overrides.effective(&cfg.file_runtime);
         if let Some(g) = &log_gate {
@@ -67,6 +76,8 @@ impl Core {
             connected_since: None,
             under_systemd,
             log_gate,
+            managed: Managed::load(&cfg_state_dir),
+            units: BTreeMap::new(),
         }
     }
 
@@ -148,6 +159,7 @@ impl Core {
             self.publish(Topic::Meta(dev.clone()), &self.meta()),
             self.publish(Topic::Cfg(dev.clone()), &CfgMessage { v: CONTRACT_VERSION, cfg: self.runtime.clone() }),
             self.publish(Topic::StatePackages(dev.clone()), &self.packages_state()),
+            self.units_message(),
         ];
         for e in self.journal.entries() {
             if e.retained {
@@ -163,7 +175,10 @@ impl Core {
         PackagesState {
             v: CONTRACT_VERSION,
             ts: time::now(),
-            packages: debfleet_apt::dpkg::read_packages_state(&self.cfg.dpkg_admindir, &self.cfg.packages),
+            packages: debfleet_apt::dpkg::read_packages_state(
+                &self.cfg.dpkg_admindir,
+                &self.managed.names(&self.cfg.packages),
+            ),
         }
     }
 
@@ -315,21 +330,40 @@ impl Core {
                 "agent_version": env!("CARGO_PKG_VERSION"),
                 "uptime_s": self.started.elapsed().as_secs(),
             })),
-            CommandArgs::Refresh => {
-                after = self.retained_facts(now_ms);
-                if let Some(since) = self.connected_since.clone() {
-                    after.push(
-                        self.publish(Topic::Status(self.cfg.device_id.clone()), &self.status(Liveness::Online, since)),
-                    );
-                }
-                Ok(json!({"republished": after.len()}))
+            CommandArgs::Refresh => return self.start_job(out, id, JobKind::Refresh, false, None),
+            CommandArgs::Install { packages, options } => {
+                return self.start_job(out, id, JobKind::Install(packages), options.dry_run, options.watch_s)
             }
-            CommandArgs::Restart { unit: Some(unit) } => Err(OpError {
-                code: ErrorCode::NotSupported,
-                message: format!(
-                    "{unit:?} is not a managed unit of this device (unit control is not available in this agent build)"
-                ),
-            }),
+            CommandArgs::Upgrade { packages, options } => {
+                let packages = if packages.is_empty() {
+                    self.managed
+                        .names(&self.cfg.packages)
+                        .into_iter()
+                        .map(|name| PackageSpec { name, version: None })
+                        .collect()
+                } else {
+                    packages
+                };
+                return self.start_job(out, id, JobKind::Upgrade(packages), options.dry_run, options.watch_s);
+            }
+            CommandArgs::Uninstall { packages, purge, options } => {
+                return self.start_job(out, id, JobKind::Uninstall { packages, purge }, options.dry_run, None)
+            }
+            CommandArgs::Rollback { package, options } => match self.rollback_target(&package) {
+                Ok(target) => {
+                    return self.start_job(out, id, JobKind::Rollback(target), options.dry_run, options.watch_s)
+                }
+                Err(e) => Err(e),
+            },
+            CommandArgs::Restart { unit: Some(unit) } => {
+                if self.managed_units().iter().any(|(u, _)| *u == unit) {
+                    return self.start_job(out, id, JobKind::RestartUnit(unit), false, None);
+                }
+                Err(OpError {
+                    code: ErrorCode::InvalidValue,
+                    message: format!("{unit:?} is not a unit of a managed package"),
+                })
+            }
             CommandArgs::Restart { unit: None } if !self.under_systemd => Err(OpError {
                 code: ErrorCode::NotSupported,
                 message: "the agent is not running under systemd, so nothing would start it again; restart it by hand"
@@ -358,6 +392,123 @@ impl Core {
         // Restart goes last, after the result is on its way.
         out.extend(after);
         out
+    }
+
+    fn start_job(
+        &mut self,
+        mut out: Vec<Out>,
+        id: OpId,
+        kind: JobKind,
+        dry_run: bool,
+        watch_s: Option<u32>,
+    ) -> Vec<Out> {
+        let watch = std::time::Duration::from_secs(watch_s.unwrap_or(self.cfg.apt.watch_s).into());
+        if let Err(e) = self.journal.progress(&id, time::now_unix_ms(), "queued", None) {
+            tracing::error!("{e}");
+        }
+        out.push(self.publish_op(&id));
+        out.push(Out::Job(Job { id, kind, dry_run, watch }));
+        out
+    }
+
+    /// The version a rollback goes to: the one named, or the one installed before the current.
+    fn rollback_target(&self, p: &PackageSpec) -> Result<PackageSpec, OpError> {
+        if p.version.is_some() {
+            return Ok(p.clone());
+        }
+        let state = debfleet_apt::dpkg::read_packages_state(&self.cfg.dpkg_admindir, std::slice::from_ref(&p.name));
+        let current = state.get(&p.name).and_then(|s| s.version.clone());
+        match self.managed.previous(&p.name, current.as_deref()) {
+            Some(v) => Ok(PackageSpec { name: p.name.clone(), version: Some(v) }),
+            None => Err(OpError {
+                code: ErrorCode::InvalidValue,
+                message: format!("no earlier version of {} was installed through debfleet; name the version", p.name),
+            }),
+        }
+    }
+
+    /// Units of the managed packages: (unit, package).
+    pub fn managed_units(&self) -> Vec<(String, String)> {
+        self.managed
+            .names(&self.cfg.packages)
+            .into_iter()
+            .flat_map(|pkg| {
+                debfleet_apt::dpkg::package_units(&self.cfg.dpkg_admindir, &pkg)
+                    .into_iter()
+                    .map(move |u| (u, pkg.clone()))
+            })
+            .collect()
+    }
+
+    /// A running job's progress.
+    pub fn job_progress(&mut self, id: &OpId, phase: &str, percent: Option<u8>) -> Vec<Out> {
+        if let Err(e) = self.journal.progress(id, time::now_unix_ms(), phase, percent) {
+            tracing::error!("{e}");
+        }
+        vec![self.publish_op(id)]
+    }
+
+    /// A job ended: record the outcome, update the managed set, republish the state.
+    pub fn job_done(&mut self, done: JobDone, now_ms: i64) -> Vec<Out> {
+        let verb = self.journal.verb(&done.id).unwrap_or("").to_owned();
+        match &done.error {
+            Some(e) => tracing::warn!(op = %done.id, "{verb} failed: {}", e.message),
+            None => tracing::info!(op = %done.id, "{verb} succeeded"),
+        }
+        if let Err(e) = self.journal.finish_with(&done.id, now_ms, done.result.clone(), done.error.clone()) {
+            tracing::error!("{e}");
+        }
+        if !done.changes.is_empty() {
+            self.managed.record(&done.changes);
+        }
+        for (name, version) in &done.rolled_back {
+            self.managed.record_rollback(name, version);
+        }
+        let mut out = vec![self.publish_op(&done.id)];
+        if verb == "refresh" {
+            out.extend(self.retained_facts(now_ms));
+            if let Some(since) = self.connected_since.clone() {
+                out.push(
+                    self.publish(Topic::Status(self.cfg.device_id.clone()), &self.status(Liveness::Online, since)),
+                );
+            }
+        } else {
+            out.push(self.publish(Topic::StatePackages(self.cfg.device_id.clone()), &self.packages_state()));
+        }
+        out
+    }
+
+    /// A managed unit changed state (from systemd's signals).
+    pub fn unit_changed(&mut self, unit: &str, package: &str, state: &debfleet_systemd::UnitState) -> Vec<Out> {
+        let info = UnitInfo {
+            package: package.to_owned(),
+            active: state.active_state.clone(),
+            sub: state.sub_state.clone(),
+            enabled: state.unit_file_state.clone(),
+            since: (state.since_us > 0).then(|| time::format_unix_ms((state.since_us / 1000) as i64)),
+            restarts: state.n_restarts.unwrap_or(0),
+        };
+        if self.units.get(unit) == Some(&info) {
+            return Vec::new();
+        }
+        self.units.insert(unit.to_owned(), info);
+        vec![self.units_message()]
+    }
+
+    /// Forgets units no managed package owns any more.
+    pub fn retain_units(&mut self, keep: &[(String, String)]) -> Vec<Out> {
+        let before = self.units.len();
+        self.units.retain(|u, _| keep.iter().any(|(k, _)| k == u));
+        if self.units.len() != before {
+            vec![self.units_message()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn units_message(&self) -> Out {
+        let msg = UnitsState { v: CONTRACT_VERSION, ts: time::now(), units: self.units.clone() };
+        self.publish(Topic::StateUnits(self.cfg.device_id.clone()), &msg)
     }
 
     fn apply_cfg(&mut self, patch: &Value, after: &mut Vec<Out>) -> Result<Value, OpError> {

@@ -154,24 +154,49 @@ impl Journal {
         now_ms: i64,
         outcome: Result<serde_json::Value, OpError>,
     ) -> Result<(), JournalError> {
+        match outcome {
+            Ok(result) => self.finish_with(id, now_ms, Some(result), None),
+            Err(error) => self.finish_with(id, now_ms, None, Some(error)),
+        }
+    }
+
+    /// Finishes an operation; a failed one may still carry a result (what a rolled-back change
+    /// did). Durable: the outcome survives a power cut.
+    pub fn finish_with(
+        &mut self,
+        id: &OpId,
+        now_ms: i64,
+        result: Option<serde_json::Value>,
+        error: Option<OpError>,
+    ) -> Result<(), JournalError> {
         if let Some(e) = self.entries.get_mut(id) {
             let r = &mut e.record;
             r.updated_at = format_unix_ms(now_ms);
             r.phase = None;
             r.percent = None;
-            match outcome {
-                Ok(result) => {
-                    r.state = OpState::Succeeded;
-                    r.result = Some(result);
-                }
-                Err(error) => {
-                    r.state = OpState::Failed;
-                    r.error = Some(error);
-                }
-            }
+            r.state = if error.is_some() { OpState::Failed } else { OpState::Succeeded };
+            r.result = result;
+            r.error = error;
             self.save(id, true)?;
         }
         Ok(())
+    }
+
+    /// Progress of a running operation (not flushed to disk: a lost progress note is harmless).
+    pub fn progress(&mut self, id: &OpId, now_ms: i64, phase: &str, percent: Option<u8>) -> Result<(), JournalError> {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.record.state = OpState::Running;
+            e.record.phase = Some(phase.to_owned());
+            e.record.percent = percent;
+            e.record.updated_at = format_unix_ms(now_ms);
+            self.save(id, false)?;
+        }
+        Ok(())
+    }
+
+    /// The verb of an operation the journal knows.
+    pub fn verb(&self, id: &OpId) -> Option<&str> {
+        self.entries.get(id).map(|e| e.record.verb.as_str())
     }
 
     /// Counts a repeated id and makes its record retained again: the sender gets the recorded

@@ -5,12 +5,16 @@ mod connection;
 mod core;
 mod fsutil;
 mod identity;
+mod jobs;
 mod journal;
 mod logs;
+mod managed;
 mod telemetry;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -98,6 +102,30 @@ async fn run(
     }
     // systemd sets INVOCATION_ID for every service it starts.
     let under_systemd = std::env::var_os("INVOCATION_ID").is_some();
+    let apt = debfleet_apt::Apt { lock_timeout_s: cfg.apt.lock_timeout_s, ..Default::default() };
+    let package_verbs = ["install", "upgrade", "uninstall", "rollback"];
+    if interrupted.iter().any(|id| journal.verb(id).is_some_and(|v| package_verbs.contains(&v))) {
+        // A package operation was cut short (SIGKILL, power cut): repair dpkg before new work.
+        let repair = apt.clone();
+        match tokio::task::spawn_blocking(move || repair.recover()).await {
+            Ok(Ok(true)) => tracing::warn!("repaired an interrupted dpkg run"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::error!("repairing dpkg failed: {e}"),
+            Err(e) => tracing::error!("repairing dpkg: {e}"),
+        }
+    }
+    let systemd = match tokio::time::timeout(Duration::from_secs(3), debfleet_systemd::Systemd::system()).await {
+        Ok(Ok(sd)) => Some(Arc::new(sd)),
+        Ok(Err(e)) => {
+            tracing::info!("no systemd bus ({e}); unit control and unit state are off");
+            None
+        }
+        Err(_) => {
+            tracing::info!("the system bus did not answer; unit control and unit state are off");
+            None
+        }
+    };
+    let job_ctx = Arc::new(jobs::JobContext { apt, admindir: cfg.dpkg_admindir.clone(), systemd: systemd.clone() });
     let (client, eventloop) = connection::client(&cfg)?;
     let reconnect = cfg.reconnect.clone();
     let mut core = Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()));
@@ -118,6 +146,12 @@ async fn run(
     let mut batcher = logs::Batcher::new(log_rx, gate, Instant::now());
     let mut last_housekeeping = Instant::now();
     let mut connected = false;
+    let (job_tx, mut job_rx) = mpsc::channel(64);
+    let mut jobs_queued: VecDeque<jobs::Job> = VecDeque::new();
+    let mut job_running = false;
+    let (unit_tx, mut unit_rx) = mpsc::channel(64);
+    let mut watched = core.managed_units();
+    let mut watcher = systemd.as_ref().map(|sd| spawn_unit_watcher(sd.clone(), watched.clone(), unit_tx.clone()));
     tracing::info!("debfleet-agent {} starting", env!("CARGO_PKG_VERSION"));
 
     let restart = loop {
@@ -154,11 +188,42 @@ async fn run(
                 }
                 outs
             }
+            ev = job_rx.recv() => match ev {
+                Some(jobs::JobEvent::Progress { id, phase, percent }) => core.job_progress(&id, &phase, percent),
+                Some(jobs::JobEvent::Done(done)) => {
+                    job_running = false;
+                    let mut outs = core.job_done(done, time::now_unix_ms());
+                    // The managed set may have changed: watch the units it has now.
+                    let now_units = core.managed_units();
+                    if now_units != watched {
+                        watched = now_units;
+                        outs.extend(core.retain_units(&watched));
+                        if let Some(sd) = &systemd {
+                            if let Some(w) = watcher.take() {
+                                w.abort();
+                            }
+                            watcher = Some(spawn_unit_watcher(sd.clone(), watched.clone(), unit_tx.clone()));
+                        }
+                    }
+                    outs
+                }
+                None => Vec::new(),
+            },
+            u = unit_rx.recv() => match u {
+                Some((unit, package, state)) => core.unit_changed(&unit, &package, &state),
+                None => Vec::new(),
+            },
             _ = sigterm.recv() => break false,
             _ = sigint.recv() => break false,
         };
-        if perform(&client, outs, connected) {
+        if perform(&client, outs, connected, &mut jobs_queued) {
             break true;
+        }
+        if !job_running {
+            if let Some(job) = jobs_queued.pop_front() {
+                job_running = true;
+                tokio::spawn(jobs::run(job, job_ctx.clone(), job_tx.clone()));
+            }
         }
     };
     if restart {
@@ -167,7 +232,7 @@ async fn run(
         tracing::info!("stopping");
     }
     if connected {
-        perform(&client, vec![core.offline()], true);
+        perform(&client, vec![core.offline()], true, &mut VecDeque::new());
         let _ = client.try_disconnect();
     }
     shutdown.cancel();
@@ -178,12 +243,16 @@ async fn run(
 /// Hands actions to the MQTT client without ever waiting on it: the event loop may be busy
 /// reconnecting, and everything retained is republished on the next connect anyway. Returns
 /// true when the agent should stop for a restart.
-fn perform(client: &AsyncClient, outs: Vec<Out>, connected: bool) -> bool {
+fn perform(client: &AsyncClient, outs: Vec<Out>, connected: bool, jobs: &mut VecDeque<jobs::Job>) -> bool {
     let mut restart = false;
     for out in outs {
         let result = match out {
             Out::Restart => {
                 restart = true;
+                Ok(())
+            }
+            Out::Job(job) => {
+                jobs.push_back(job);
                 Ok(())
             }
             _ if !connected => Ok(()),
@@ -200,4 +269,31 @@ fn perform(client: &AsyncClient, outs: Vec<Out>, connected: bool) -> bool {
         }
     }
     restart
+}
+
+/// Follows the managed units' states through systemd's signals and hands them to the core.
+fn spawn_unit_watcher(
+    sd: Arc<debfleet_systemd::Systemd>,
+    units: Vec<(String, String)>,
+    tx: mpsc::Sender<(String, String, debfleet_systemd::UnitState)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        if units.is_empty() {
+            return;
+        }
+        let names: Vec<String> = units.iter().map(|(u, _)| u.clone()).collect();
+        match sd.watch(&names).await {
+            Ok(mut states) => {
+                while let Some(state) = states.next().await {
+                    let package =
+                        units.iter().find(|(u, _)| *u == state.name).map(|(_, p)| p.clone()).unwrap_or_default();
+                    if tx.send((state.name.clone(), package, state)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot watch units: {e}"),
+        }
+    })
 }

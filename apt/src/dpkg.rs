@@ -86,3 +86,56 @@ mod tests {
         assert_eq!(s.len(), 4);
     }
 }
+
+/// The systemd units a package owns: its `X-Debfleet-Units` control field (kept by dpkg in its
+/// status database) and the unit files in its file list.
+pub fn package_units(admindir: &Path, name: &str) -> Vec<String> {
+    let mut units = Vec::new();
+    let status = std::fs::read_to_string(admindir.join("status")).unwrap_or_default();
+    for para in status.split("\n\n") {
+        if !para.lines().any(|l| l.strip_prefix("Package:").is_some_and(|v| v.trim() == name)) {
+            continue;
+        }
+        for l in para.lines() {
+            if let Some(v) = l.strip_prefix("X-Debfleet-Units:") {
+                units.extend(v.split_whitespace().map(str::to_owned));
+            }
+        }
+    }
+    let list = std::fs::read_to_string(admindir.join("info").join(format!("{name}.list")))
+        .or_else(|_| {
+            std::fs::read_to_string(admindir.join("info").join(format!("{name}:{}.list", std::env::consts::ARCH)))
+        })
+        .unwrap_or_default();
+    for path in list.lines() {
+        let in_unit_dir = ["/lib/systemd/system/", "/usr/lib/systemd/system/", "/etc/systemd/system/"]
+            .iter()
+            .any(|d| path.strip_prefix(d).is_some_and(|rest| !rest.contains('/')));
+        let is_unit = [".service", ".socket", ".timer", ".path"].iter().any(|k| path.ends_with(k));
+        if in_unit_dir && is_unit && !path.contains('@') {
+            units.push(path.rsplit('/').next().unwrap_or(path).to_owned());
+        }
+    }
+    units.sort();
+    units.dedup();
+    units
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn units_from_the_control_field_and_the_file_list() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("info")).unwrap();
+        std::fs::write(
+            dir.path().join("status"),
+            "Package: led\nStatus: install ok installed\nVersion: 1\nX-Debfleet-Units: led.service led-watch.timer\n\nPackage: other\nStatus: install ok installed\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("info/led.list"), "/usr/bin/led\n/lib/systemd/system/led.service\n/lib/systemd/system/led-extra.socket\n/lib/systemd/system/getty@.service\n").unwrap();
+        assert_eq!(package_units(dir.path(), "led"), ["led-extra.socket", "led-watch.timer", "led.service"]);
+        assert!(package_units(dir.path(), "other").is_empty());
+    }
+}

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use debfleet_protocol::{
-    CfgMessage, DeviceId, GroupName, Meta, OpId, OpRecord, PackagesState, Status, Telemetry, Topic, Topics,
+    CfgMessage, DeviceId, GroupName, Meta, OpId, OpRecord, PackagesState, Status, Telemetry, Topic, Topics, UnitsState,
 };
 
 #[derive(Debug, Default, Clone)]
@@ -12,6 +12,7 @@ pub struct Device {
     pub status: Option<Status>,
     pub cfg: Option<CfgMessage>,
     pub packages: Option<PackagesState>,
+    pub units: Option<UnitsState>,
     pub telemetry: Option<Telemetry>,
     pub ops: BTreeMap<OpId, OpRecord>,
 }
@@ -30,6 +31,7 @@ impl Device {
             && self.status.is_none()
             && self.cfg.is_none()
             && self.packages.is_none()
+            && self.units.is_none()
             && self.telemetry.is_none()
             && self.ops.is_empty()
     }
@@ -94,6 +96,10 @@ impl Fleet {
             }
             Topic::StatePackages(_) => {
                 set!(packages);
+                Change::Other(dev.clone())
+            }
+            Topic::StateUnits(_) => {
+                set!(units);
                 Change::Other(dev.clone())
             }
             Topic::Telemetry(_) => {

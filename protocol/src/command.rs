@@ -16,10 +16,24 @@ pub enum Verb {
     Restart,
     Cfg,
     Clear,
+    Install,
+    Upgrade,
+    Uninstall,
+    Rollback,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 5] = [Verb::Ping, Verb::Refresh, Verb::Restart, Verb::Cfg, Verb::Clear];
+    pub const ALL: [Verb; 9] = [
+        Verb::Ping,
+        Verb::Refresh,
+        Verb::Restart,
+        Verb::Cfg,
+        Verb::Clear,
+        Verb::Install,
+        Verb::Upgrade,
+        Verb::Uninstall,
+        Verb::Rollback,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -28,6 +42,10 @@ impl Verb {
             Verb::Restart => "restart",
             Verb::Cfg => "cfg",
             Verb::Clear => "clear",
+            Verb::Install => "install",
+            Verb::Upgrade => "upgrade",
+            Verb::Uninstall => "uninstall",
+            Verb::Rollback => "rollback",
         }
     }
 
@@ -54,6 +72,69 @@ pub enum CommandArgs {
         ops: Vec<OpId>,
         older_than_s: Option<u64>,
     },
+    /// Install packages (`name` or `name=version`).
+    Install {
+        packages: Vec<PackageSpec>,
+        options: PackageOptions,
+    },
+    /// Upgrade packages to the given or the newest versions; all managed packages when empty.
+    Upgrade {
+        packages: Vec<PackageSpec>,
+        options: PackageOptions,
+    },
+    Uninstall {
+        packages: Vec<PackageSpec>,
+        purge: bool,
+        options: PackageOptions,
+    },
+    /// Back to `version`, or to the version installed before the current one.
+    Rollback {
+        package: PackageSpec,
+        options: PackageOptions,
+    },
+}
+
+/// A package name with an optional version, checked against Debian policy syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageSpec {
+    pub name: String,
+    pub version: Option<String>,
+}
+
+impl PackageSpec {
+    pub fn parse(s: &str) -> Result<PackageSpec, String> {
+        let (name, version) = match s.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (s, None),
+        };
+        if !crate::debian::valid_package_name(name) {
+            return Err(format!("{name:?} is not a Debian package name"));
+        }
+        if let Some(v) = version {
+            if !crate::debian::valid_version(v) {
+                return Err(format!("{v:?} is not a Debian version"));
+            }
+        }
+        Ok(PackageSpec { name: name.to_owned(), version: version.map(str::to_owned) })
+    }
+}
+
+impl std::fmt::Display for PackageSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.version {
+            Some(v) => write!(f, "{}={v}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackageOptions {
+    /// Report what would change; change nothing.
+    pub dry_run: bool,
+    /// Seconds to watch the packages' units after the change before calling it good
+    /// (default: the agent's setting).
+    pub watch_s: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +166,61 @@ struct RestartArgs {
 #[derive(Deserialize)]
 struct CfgArgs {
     set: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackageArgs {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    v: Option<Value>,
+    #[serde(default)]
+    packages: Vec<String>,
+    #[serde(default)]
+    package: Option<String>,
+    #[serde(default)]
+    purge: bool,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    watch_s: Option<u32>,
+}
+
+fn specs(list: &[String]) -> Result<Vec<PackageSpec>, String> {
+    if list.len() > 64 {
+        return Err("at most 64 packages per operation".into());
+    }
+    list.iter().map(|s| PackageSpec::parse(s)).collect()
+}
+
+fn package_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
+    let a: PackageArgs = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    let _ = (a.id, a.v);
+    if a.watch_s.is_some_and(|w| w > 3600) {
+        return Err("watch_s must be at most 3600".into());
+    }
+    let options = PackageOptions { dry_run: a.dry_run, watch_s: a.watch_s };
+    let mut packages = specs(&a.packages)?;
+    if let Some(p) = &a.package {
+        packages.push(PackageSpec::parse(p)?);
+    }
+    match verb {
+        Verb::Install | Verb::Uninstall if packages.is_empty() => Err("packages: name at least one package".into()),
+        Verb::Install => Ok(CommandArgs::Install { packages, options }),
+        Verb::Upgrade => Ok(CommandArgs::Upgrade { packages, options }),
+        Verb::Uninstall => {
+            if packages.iter().any(|p| p.version.is_some()) {
+                return Err("uninstall takes package names without versions".into());
+            }
+            Ok(CommandArgs::Uninstall { packages, purge: a.purge, options })
+        }
+        Verb::Rollback => match packages.as_slice() {
+            [one] => Ok(CommandArgs::Rollback { package: one.clone(), options }),
+            _ => Err("rollback takes exactly one package".into()),
+        },
+        _ => unreachable!("package verbs only"),
+    }
 }
 
 #[derive(Deserialize)]
@@ -126,8 +262,11 @@ pub fn parse_command(verb: &str, payload: &[u8]) -> Result<Command, Rejection> {
     let Some(verb) = Verb::from_name(verb) else {
         return Err(reject(Some(id), ErrorCode::UnknownVerb, format!("unknown verb {verb:?}")));
     };
-    let args = parse_args(verb, Value::Object(object))
-        .map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, format!("{}: {e}", verb.as_str())))?;
+    let args = match verb {
+        Verb::Install | Verb::Upgrade | Verb::Uninstall | Verb::Rollback => package_args(verb, Value::Object(object)),
+        _ => parse_args(verb, Value::Object(object)).map_err(|e| e.to_string()),
+    }
+    .map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, format!("{}: {e}", verb.as_str())))?;
     Ok(Command { id, verb, args })
 }
 
@@ -141,6 +280,7 @@ fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, serde_json::Error> {
             let a: ClearArgs = serde_json::from_value(v)?;
             CommandArgs::Clear { ops: a.ops, older_than_s: a.older_than_s }
         }
+        Verb::Install | Verb::Upgrade | Verb::Uninstall | Verb::Rollback => unreachable!("parsed by package_args"),
     })
 }
 
@@ -170,6 +310,14 @@ mod tests {
         assert_eq!((c.id.as_str(), c.verb, c.args), ("p1", Verb::Ping, CommandArgs::Ping));
         let c = parse_command("cfg", br#"{"id":"c1","set":{"logs":{"level":"debug"}}}"#).unwrap();
         assert!(matches!(c.args, CommandArgs::Cfg { .. }));
+        let c = parse_command("install", br#"{"id":"i1","packages":["hello=2.10-3","world"],"watch_s":5}"#).unwrap();
+        let CommandArgs::Install { packages, options } = c.args else { panic!("not an install") };
+        assert_eq!(packages[0], PackageSpec { name: "hello".into(), version: Some("2.10-3".into()) });
+        assert_eq!(options.watch_s, Some(5));
+        let c = parse_command("rollback", br#"{"id":"r1","package":"hello"}"#).unwrap();
+        assert!(matches!(c.args, CommandArgs::Rollback { .. }));
+        let c = parse_command("upgrade", br#"{"id":"u1"}"#).unwrap();
+        assert!(matches!(c.args, CommandArgs::Upgrade { ref packages, .. } if packages.is_empty()));
         let c = parse_command("clear", br#"{"id":"c2","older_than_s":60}"#).unwrap();
         assert_eq!(c.args, CommandArgs::Clear { ops: vec![], older_than_s: Some(60) });
     }
@@ -186,6 +334,20 @@ mod tests {
         assert_eq!((r.code, r.id.unwrap().as_str()), (ErrorCode::UnknownVerb, "x1"));
         assert_eq!(code("cfg", br#"{"id":"x2"}"#), ErrorCode::InvalidValue);
         assert_eq!(code("clear", br#"{"id":"x3","ops":["a/b"]}"#), ErrorCode::InvalidValue);
+        for bad in [
+            r#"{"id":"p1","packages":["Bad Name"]}"#,
+            r#"{"id":"p1","packages":["x; rm -rf /"]}"#,
+            r#"{"id":"p1","packages":["hello=1 2"]}"#,
+            r#"{"id":"p1","packages":["--purge"]}"#,
+            r#"{"id":"p1","packages":[]}"#,
+            r#"{"id":"p1","packages":"hello"}"#,
+            r#"{"id":"p1","packages":["hello"],"watch_s":99999}"#,
+            r#"{"id":"p1","packages":["hello"],"unknown":1}"#,
+        ] {
+            assert_eq!(code("install", bad.as_bytes()), ErrorCode::InvalidValue, "{bad}");
+        }
+        assert_eq!(code("uninstall", br#"{"id":"u","packages":["hello=1.0"]}"#), ErrorCode::InvalidValue);
+        assert_eq!(code("rollback", br#"{"id":"r","packages":["a","b"]}"#), ErrorCode::InvalidValue);
     }
 
     proptest! {

@@ -33,7 +33,7 @@ pub mod limits {
 }
 
 pub use cfg::{CfgError, RuntimeCfg};
-pub use command::{Command, CommandArgs, Rejection, Verb};
+pub use command::{Command, CommandArgs, PackageOptions, PackageSpec, Rejection, Verb};
 pub use ids::{DeviceId, GroupName, IdError, OpId};
 pub use payloads::*;
 pub use topics::{Topic, TopicError, Topics};

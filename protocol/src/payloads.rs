@@ -99,6 +99,58 @@ pub struct PackageState {
     pub held: bool,
 }
 
+/// `device/ID/state/units`: the managed packages' systemd units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitsState {
+    pub v: u32,
+    pub ts: String,
+    pub units: BTreeMap<String, UnitInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitInfo {
+    /// The managed package that owns the unit.
+    pub package: String,
+    /// systemd's ActiveState: `active`, `inactive`, `failed`, `activating`, ...
+    pub active: String,
+    /// systemd's SubState: `running`, `dead`, `auto-restart`, ...
+    pub sub: String,
+    /// UnitFileState: `enabled`, `disabled`, `static`, ...
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub enabled: String,
+    /// When the active state last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+}
+
+/// The outcome of a package operation (`install`, `upgrade`, `uninstall`, `rollback`), in the
+/// operation's `result` (or, for a rolled-back change, next to its error).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageResult {
+    pub changes: Vec<PackageChange>,
+    pub download_bytes: u64,
+    pub duration_ms: u64,
+    /// A dry run: what would change; nothing did.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dry_run: bool,
+    /// After a unit failed: the version the package went back to (`null` entries mean removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<BTreeMap<String, Option<String>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageChange {
+    pub package: String,
+    /// Version before (absent: was not installed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+    /// Version after (absent: removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+
 /// `device/ID/telemetry`: the metrics due at one tick (a metric is left out when it did not
 /// move past its threshold).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,9 +207,51 @@ pub enum ErrorCode {
     Interrupted,
     /// Something failed on the device (disk, system call); the message says what.
     Internal,
+    /// apt does not know the package.
+    PackageNotFound,
+    /// The requested version is not in the device's repositories.
+    VersionNotFound,
+    /// apt cannot resolve the transaction's dependencies.
+    DependencyConflict,
+    /// Fetching packages or indices failed.
+    DownloadFailed,
+    /// A repository's signature did not verify.
+    SignatureFailure,
+    /// The device's disk is full.
+    DiskFull,
+    /// A package's maintainer script failed.
+    MaintainerScriptFailed,
+    /// Another package manager held the dpkg lock for too long.
+    LockTimeout,
+    /// apt failed in a way not listed above; the message has apt's words.
+    AptFailed,
+    /// A unit of the package failed or crash-looped after the change; the change was undone.
+    UnitFailed,
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 19] = [
+        ErrorCode::MalformedJson,
+        ErrorCode::MissingId,
+        ErrorCode::InvalidId,
+        ErrorCode::UnknownVerb,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::InvalidValue,
+        ErrorCode::NotSupported,
+        ErrorCode::Interrupted,
+        ErrorCode::Internal,
+        ErrorCode::PackageNotFound,
+        ErrorCode::VersionNotFound,
+        ErrorCode::DependencyConflict,
+        ErrorCode::DownloadFailed,
+        ErrorCode::SignatureFailure,
+        ErrorCode::DiskFull,
+        ErrorCode::MaintainerScriptFailed,
+        ErrorCode::LockTimeout,
+        ErrorCode::AptFailed,
+        ErrorCode::UnitFailed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::MalformedJson => "malformed_json",
@@ -169,6 +263,16 @@ impl ErrorCode {
             ErrorCode::NotSupported => "not_supported",
             ErrorCode::Interrupted => "interrupted",
             ErrorCode::Internal => "internal",
+            ErrorCode::PackageNotFound => "package_not_found",
+            ErrorCode::VersionNotFound => "version_not_found",
+            ErrorCode::DependencyConflict => "dependency_conflict",
+            ErrorCode::DownloadFailed => "download_failed",
+            ErrorCode::SignatureFailure => "signature_failure",
+            ErrorCode::DiskFull => "disk_full",
+            ErrorCode::MaintainerScriptFailed => "maintainer_script_failed",
+            ErrorCode::LockTimeout => "lock_timeout",
+            ErrorCode::AptFailed => "apt_failed",
+            ErrorCode::UnitFailed => "unit_failed",
         }
     }
 }

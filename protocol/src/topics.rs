@@ -9,6 +9,7 @@ pub enum Topic {
     Status(DeviceId),
     Cfg(DeviceId),
     StatePackages(DeviceId),
+    StateUnits(DeviceId),
     Telemetry(DeviceId),
     Logs(DeviceId),
     /// Commands the device could not even attribute to an operation (no usable id).
@@ -41,6 +42,7 @@ impl Topic {
                 | Topic::Status(_)
                 | Topic::Cfg(_)
                 | Topic::StatePackages(_)
+                | Topic::StateUnits(_)
                 | Topic::Op(..)
                 | Topic::Telemetry(_)
         )
@@ -53,6 +55,7 @@ impl Topic {
             | Topic::Status(d)
             | Topic::Cfg(d)
             | Topic::StatePackages(d)
+            | Topic::StateUnits(d)
             | Topic::Telemetry(d)
             | Topic::Logs(d)
             | Topic::Rejected(d)
@@ -108,6 +111,7 @@ impl Topics {
             Topic::Status(d) => format!("{p}/device/{d}/status"),
             Topic::Cfg(d) => format!("{p}/device/{d}/cfg"),
             Topic::StatePackages(d) => format!("{p}/device/{d}/state/packages"),
+            Topic::StateUnits(d) => format!("{p}/device/{d}/state/units"),
             Topic::Telemetry(d) => format!("{p}/device/{d}/telemetry"),
             Topic::Logs(d) => format!("{p}/device/{d}/logs"),
             Topic::Rejected(d) => format!("{p}/device/{d}/rejected"),
@@ -167,6 +171,7 @@ impl Topics {
                     ["status"] => Topic::Status(d),
                     ["cfg"] => Topic::Cfg(d),
                     ["state", "packages"] => Topic::StatePackages(d),
+                    ["state", "units"] => Topic::StateUnits(d),
                     ["telemetry"] => Topic::Telemetry(d),
                     ["logs"] => Topic::Logs(d),
                     ["rejected"] => Topic::Rejected(d),

@@ -55,6 +55,8 @@ fn every_example_round_trips_through_the_types() {
             "logs" => round_trip::<LogBatch>(kind, body),
             "op" => round_trip::<OpRecord>(kind, body),
             "rejected" => round_trip::<Rejected>(kind, body),
+            "units" => round_trip::<UnitsState>(kind, body),
+            "package-result" => round_trip::<PackageResult>(kind, body),
             k if k.starts_with("cmd:") => {
                 let verb = &k[4..];
                 let cmd =
@@ -72,7 +74,20 @@ fn every_example_round_trips_through_the_types() {
         }
         kinds.insert(kind.split(':').next().unwrap().to_owned());
     }
-    for needed in ["meta", "status", "cfg", "packages", "telemetry", "logs", "op", "rejected", "cmd", "cmd-error"] {
+    for needed in [
+        "meta",
+        "status",
+        "cfg",
+        "packages",
+        "units",
+        "telemetry",
+        "logs",
+        "op",
+        "package-result",
+        "rejected",
+        "cmd",
+        "cmd-error",
+    ] {
         assert!(kinds.contains(needed), "docs/contract.md has no {needed} example");
     }
     // Every verb and every error code is documented with an example or in the tables.
@@ -80,17 +95,7 @@ fn every_example_round_trips_through_the_types() {
     for verb in Verb::ALL {
         assert!(doc.contains(&format!("| `{}` |", verb.as_str())), "verb {} is not in the table", verb.as_str());
     }
-    for code in [
-        ErrorCode::MalformedJson,
-        ErrorCode::MissingId,
-        ErrorCode::InvalidId,
-        ErrorCode::UnknownVerb,
-        ErrorCode::PayloadTooLarge,
-        ErrorCode::InvalidValue,
-        ErrorCode::NotSupported,
-        ErrorCode::Interrupted,
-        ErrorCode::Internal,
-    ] {
+    for code in ErrorCode::ALL {
         assert!(doc.contains(&format!("| `{}` |", code.as_str())), "error code {} is not in the table", code.as_str());
     }
 }

@@ -1,0 +1,323 @@
+//! Long operations — apt transactions, unit restarts, index refreshes — run here, off the core,
+//! one at a time. Each reports progress and ends with exactly one outcome.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use debfleet_apt::{Apt, AptError, Op, Spec};
+use debfleet_protocol::{ErrorCode, OpError, OpId, PackageChange, PackageResult, PackageSpec};
+use debfleet_systemd::{Action, CrashLoop, Systemd};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobKind {
+    Install(Vec<PackageSpec>),
+    Upgrade(Vec<PackageSpec>),
+    Uninstall {
+        packages: Vec<PackageSpec>,
+        purge: bool,
+    },
+    /// Back to an exact version (resolved by the core from its history when not given).
+    Rollback(PackageSpec),
+    RestartUnit(String),
+    /// `apt-get update`.
+    Refresh,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: OpId,
+    pub kind: JobKind,
+    pub dry_run: bool,
+    pub watch: Duration,
+}
+
+#[derive(Debug)]
+pub enum JobEvent {
+    Progress { id: OpId, phase: String, percent: Option<u8> },
+    Done(JobDone),
+}
+
+#[derive(Debug)]
+pub struct JobDone {
+    pub id: OpId,
+    pub result: Option<Value>,
+    pub error: Option<OpError>,
+    /// (package, version after) for the managed-package history; empty when nothing changed.
+    pub changes: Vec<(String, Option<String>)>,
+    /// A rollback (operator's or automatic) landed on these versions.
+    pub rolled_back: Vec<(String, String)>,
+}
+
+pub struct JobContext {
+    pub apt: Apt,
+    pub admindir: PathBuf,
+    pub systemd: Option<Arc<Systemd>>,
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> OpError {
+    OpError { code, message: message.into() }
+}
+
+fn apt_error(e: AptError) -> OpError {
+    let code = serde_json::from_value(Value::String(e.code().into())).unwrap_or(ErrorCode::AptFailed);
+    OpError { code, message: e.to_string() }
+}
+
+fn versions(ctx: &JobContext, names: &[String]) -> BTreeMap<String, Option<String>> {
+    debfleet_apt::dpkg::read_packages_state(&ctx.admindir, names).into_iter().map(|(n, s)| (n, s.version)).collect()
+}
+
+struct Reporter {
+    id: OpId,
+    tx: mpsc::Sender<JobEvent>,
+    last: Option<(String, u8, Instant)>,
+}
+
+impl Reporter {
+    /// Sends progress when the phase changes, the percentage moves by 5 or a second passed: a
+    /// device on a metered link does not publish every dpkg line.
+    fn report(&mut self, phase: &str, percent: Option<u8>) {
+        let p = percent.unwrap_or(0);
+        let due = match &self.last {
+            Some((ph, pc, t)) => ph != phase || p >= pc.saturating_add(5) || t.elapsed() >= Duration::from_secs(1),
+            None => true,
+        };
+        if due {
+            self.last = Some((phase.to_owned(), p, Instant::now()));
+            let _ = self.tx.blocking_send(JobEvent::Progress { id: self.id.clone(), phase: phase.to_owned(), percent });
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("job thread")
+}
+
+/// Runs a job to its end and sends its outcome.
+pub async fn run(job: Job, ctx: Arc<JobContext>, tx: mpsc::Sender<JobEvent>) {
+    let id = job.id.clone();
+    let done = match &job.kind {
+        JobKind::RestartUnit(unit) => restart_unit(&id, unit, &ctx).await,
+        JobKind::Refresh => {
+            let apt = ctx.apt.clone();
+            match blocking(move || apt.update()).await {
+                Ok(()) => JobDone {
+                    id: id.clone(),
+                    result: Some(serde_json::json!({"updated": true})),
+                    error: None,
+                    changes: vec![],
+                    rolled_back: vec![],
+                },
+                Err(e) => JobDone {
+                    id: id.clone(),
+                    result: None,
+                    error: Some(apt_error(e)),
+                    changes: vec![],
+                    rolled_back: vec![],
+                },
+            }
+        }
+        _ => packages(&job, &ctx, &tx).await,
+    };
+    let _ = tx.send(JobEvent::Done(done)).await;
+}
+
+async fn restart_unit(id: &OpId, unit: &str, ctx: &JobContext) -> JobDone {
+    let (result, error) = match &ctx.systemd {
+        None => (None, Some(error(ErrorCode::NotSupported, "no systemd on this device"))),
+        Some(sd) => match sd.act(unit, Action::Restart, Duration::from_secs(90)).await {
+            Ok(s) => (Some(serde_json::json!({"unit": unit, "active": s.active_state, "sub": s.sub_state})), None),
+            Err(e) => (None, Some(error(ErrorCode::UnitFailed, e.to_string()))),
+        },
+    };
+    JobDone { id: id.clone(), result, error, changes: vec![], rolled_back: vec![] }
+}
+
+fn to_spec(p: &PackageSpec) -> Spec {
+    Spec { name: p.name.clone(), version: p.version.clone() }
+}
+
+async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>) -> JobDone {
+    let started = Instant::now();
+    let id = job.id.clone();
+    let fail =
+        |e: OpError| JobDone { id: id.clone(), result: None, error: Some(e), changes: vec![], rolled_back: vec![] };
+    let (op, allow_downgrades) = match &job.kind {
+        JobKind::Install(p) => (Op::Install(p.iter().map(to_spec).collect()), false),
+        JobKind::Upgrade(p) => (Op::Upgrade(p.iter().map(to_spec).collect()), false),
+        JobKind::Uninstall { packages, purge } => {
+            (Op::Remove { names: packages.iter().map(to_spec).collect(), purge: *purge }, false)
+        }
+        JobKind::Rollback(p) => (Op::Install(vec![to_spec(p)]), true),
+        _ => unreachable!("package jobs only"),
+    };
+    let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: "resolving".into(), percent: None }).await;
+    let apt = ctx.apt.clone();
+    let plan_op = op.clone();
+    let plan = match blocking(move || apt.simulate(&plan_op, allow_downgrades)).await {
+        Ok(p) => p,
+        Err(e) => return fail(apt_error(e)),
+    };
+    let touched: Vec<String> = plan
+        .install
+        .iter()
+        .map(|(n, _)| n.clone())
+        .chain(plan.upgrade.iter().map(|(n, _, _)| n.clone()))
+        .chain(plan.remove.iter().map(|(n, _)| n.clone()))
+        .collect();
+    let before = versions(ctx, &touched);
+    if job.dry_run {
+        let changes = plan
+            .install
+            .iter()
+            .map(|(n, v)| PackageChange { package: n.clone(), before: None, after: Some(v.clone()) })
+            .chain(plan.upgrade.iter().map(|(n, o, v)| PackageChange {
+                package: n.clone(),
+                before: Some(o.clone()),
+                after: Some(v.clone()),
+            }))
+            .chain(plan.remove.iter().map(|(n, o)| PackageChange {
+                package: n.clone(),
+                before: Some(o.clone()),
+                after: None,
+            }))
+            .collect();
+        let r = PackageResult {
+            changes,
+            download_bytes: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            dry_run: true,
+            rolled_back_to: None,
+        };
+        return JobDone { id, result: serde_json::to_value(r).ok(), error: None, changes: vec![], rolled_back: vec![] };
+    }
+    let apt = ctx.apt.clone();
+    let run_op = op.clone();
+    let mut reporter = Reporter { id: id.clone(), tx: tx.clone(), last: None };
+    let run = blocking(move || {
+        apt.run(&run_op, allow_downgrades, &mut |p| reporter.report(p.phase, Some(p.percent.round() as u8)))
+    })
+    .await;
+    let after = versions(ctx, &touched);
+    let changes: Vec<PackageChange> = touched
+        .iter()
+        .map(|n| PackageChange {
+            package: n.clone(),
+            before: before.get(n).cloned().flatten(),
+            after: after.get(n).cloned().flatten(),
+        })
+        .filter(|c| c.before != c.after)
+        .collect();
+    let history: Vec<(String, Option<String>)> = changes.iter().map(|c| (c.package.clone(), c.after.clone())).collect();
+    let report = match run {
+        Ok(r) => r,
+        Err(e) => {
+            // Some packages may have changed before the failure: the history follows dpkg.
+            return JobDone { id, result: None, error: Some(apt_error(e)), changes: history, rolled_back: vec![] };
+        }
+    };
+    let mut result = PackageResult {
+        changes: changes.clone(),
+        download_bytes: report.download_bytes,
+        duration_ms: 0,
+        dry_run: false,
+        rolled_back_to: None,
+    };
+    let rolled_back: Vec<(String, String)> = match &job.kind {
+        JobKind::Rollback(p) => vec![(p.name.clone(), p.version.clone().unwrap_or_default())],
+        _ => vec![],
+    };
+    let installs = !matches!(job.kind, JobKind::Uninstall { .. });
+    if installs && !job.watch.is_zero() && !changes.is_empty() {
+        if let Some(sd) = &ctx.systemd {
+            let _ =
+                tx.send(JobEvent::Progress { id: id.clone(), phase: "verifying units".into(), percent: None }).await;
+            let units: Vec<String> = changes
+                .iter()
+                .filter(|c| c.after.is_some())
+                .flat_map(|c| debfleet_apt::dpkg::package_units(&ctx.admindir, &c.package))
+                .collect();
+            if let Some(reason) = watch_units(sd, &units, job.watch).await {
+                let _ =
+                    tx.send(JobEvent::Progress { id: id.clone(), phase: "rolling back".into(), percent: None }).await;
+                let restored = undo(ctx, &changes).await;
+                result.rolled_back_to = Some(restored.iter().cloned().collect());
+                result.duration_ms = started.elapsed().as_millis() as u64;
+                let restored_versions: Vec<(String, String)> =
+                    restored.iter().filter_map(|(n, v)| v.clone().map(|v| (n.clone(), v))).collect();
+                let removed: Vec<(String, Option<String>)> =
+                    restored.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| (n.clone(), None)).collect();
+                return JobDone {
+                    id,
+                    result: serde_json::to_value(&result).ok(),
+                    error: Some(error(ErrorCode::UnitFailed, format!("{reason}; the change was undone"))),
+                    changes: removed,
+                    rolled_back: restored_versions,
+                };
+            }
+        }
+    }
+    result.duration_ms = started.elapsed().as_millis() as u64;
+    JobDone { id, result: serde_json::to_value(&result).ok(), error: None, changes: history, rolled_back }
+}
+
+/// Watches units for `window`; returns why one is failing, if one is.
+async fn watch_units(sd: &Systemd, units: &[String], window: Duration) -> Option<String> {
+    if units.is_empty() {
+        return None;
+    }
+    let mut states = match sd.watch(units).await {
+        Ok(s) => s,
+        Err(e) => return Some(format!("cannot watch units: {e}")),
+    };
+    let mut detector = CrashLoop::new(window, 3);
+    let deadline = tokio::time::Instant::now() + window;
+    loop {
+        match tokio::time::timeout_at(deadline, states.next()).await {
+            Ok(Some(state)) => {
+                if let Some(reason) = detector.observe(&state, Instant::now()) {
+                    return Some(reason);
+                }
+            }
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+/// Puts the packages back as they were: the old version, or removed if it was new.
+async fn undo(ctx: &Arc<JobContext>, changes: &[PackageChange]) -> Vec<(String, Option<String>)> {
+    let mut restored = Vec::new();
+    let reinstall: Vec<Spec> = changes
+        .iter()
+        .filter_map(|c| c.before.as_ref().map(|v| Spec { name: c.package.clone(), version: Some(v.clone()) }))
+        .collect();
+    let remove: Vec<Spec> = changes
+        .iter()
+        .filter(|c| c.before.is_none())
+        .map(|c| Spec { name: c.package.clone(), version: None })
+        .collect();
+    if !reinstall.is_empty() {
+        let apt = ctx.apt.clone();
+        let op = Op::Install(reinstall.clone());
+        if let Err(e) = blocking(move || apt.run(&op, true, &mut |_| {})).await {
+            tracing::error!("undoing the change failed: {e}");
+        }
+    }
+    if !remove.is_empty() {
+        let apt = ctx.apt.clone();
+        let op = Op::Remove { names: remove.clone(), purge: true };
+        if let Err(e) = blocking(move || apt.run(&op, false, &mut |_| {})).await {
+            tracing::error!("removing the new packages failed: {e}");
+        }
+    }
+    let names: Vec<String> = changes.iter().map(|c| c.package.clone()).collect();
+    for (n, v) in versions(ctx, &names) {
+        restored.push((n, v));
+    }
+    restored
+}
