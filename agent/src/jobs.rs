@@ -156,12 +156,35 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         JobKind::Rollback(p) => (Op::Install(vec![to_spec(p)]), true),
         _ => unreachable!("package jobs only"),
     };
+    // An upgrade is about the newest the repository has, so it starts from fresh indices; other
+    // operations refresh them only when apt does not know what was asked for (just published).
+    let mut updated = false;
+    if matches!(job.kind, JobKind::Upgrade(_)) {
+        let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: "updating indices".into(), percent: None }).await;
+        let apt = ctx.apt.clone();
+        if let Err(e) = blocking(move || apt.update()).await {
+            return fail(apt_error(e));
+        }
+        updated = true;
+    }
     let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: "resolving".into(), percent: None }).await;
-    let apt = ctx.apt.clone();
-    let plan_op = op.clone();
-    let plan = match blocking(move || apt.simulate(&plan_op, allow_downgrades)).await {
-        Ok(p) => p,
-        Err(e) => return fail(apt_error(e)),
+    let plan = loop {
+        let apt = ctx.apt.clone();
+        let plan_op = op.clone();
+        match blocking(move || apt.simulate(&plan_op, allow_downgrades)).await {
+            Ok(p) => break p,
+            Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
+                updated = true;
+                let _ = tx
+                    .send(JobEvent::Progress { id: id.clone(), phase: "updating indices".into(), percent: None })
+                    .await;
+                let apt = ctx.apt.clone();
+                if let Err(e) = blocking(move || apt.update()).await {
+                    return fail(apt_error(e));
+                }
+            }
+            Err(e) => return fail(apt_error(e)),
+        }
     };
     let touched: Vec<String> = plan
         .install

@@ -3,6 +3,7 @@
 mod cmds;
 mod fleet;
 mod output;
+mod packages;
 mod repo;
 mod request;
 mod serve;
@@ -109,6 +110,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Install a package on devices: `debfleet install lab-1 lab-2 hello=2.0`, `--group G hello`.
+    Install {
+        #[command(flatten)]
+        pkg: PackageArgs,
+    },
+    /// Upgrade a package (or, with --everything, every managed package) to the newest or a given version.
+    Upgrade {
+        #[command(flatten)]
+        pkg: PackageArgs,
+        /// Every managed package.
+        #[arg(long)]
+        everything: bool,
+    },
+    /// Remove a package from devices.
+    Uninstall {
+        #[command(flatten)]
+        pkg: PackageArgs,
+        /// Also remove its configuration and state.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Go back to the version installed before (or PACKAGE=VERSION).
+    Rollback {
+        #[command(flatten)]
+        pkg: PackageArgs,
+    },
+    /// Restart a managed package's systemd unit on a device.
+    Restart {
+        device: String,
+        unit: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Upload .deb files into a suite of the repository.
     Publish {
         #[arg(required = true)]
@@ -165,6 +199,44 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:1883")]
         listen: std::net::SocketAddr,
     },
+}
+
+#[derive(Args, Clone)]
+pub struct PackageArgs {
+    /// Devices, then the package (with --group or --all: just the package).
+    pub words: Vec<String>,
+    #[arg(long, conflicts_with = "all")]
+    pub group: Option<String>,
+    #[arg(long)]
+    pub all: bool,
+    /// Show what each device would change; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds to watch the package's units before calling the change good.
+    #[arg(long)]
+    pub watch: Option<u32>,
+    /// Seconds to wait for all devices.
+    #[arg(long, default_value_t = 900.0)]
+    pub timeout: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl PackageArgs {
+    fn request(self, verb: &'static str, purge: bool, everything: bool) -> packages::PackageRequest {
+        packages::PackageRequest {
+            verb,
+            words: self.words,
+            group: self.group,
+            all: self.all,
+            purge,
+            dry_run: self.dry_run,
+            watch_s: self.watch,
+            everything,
+            timeout: self.timeout,
+            json: self.json,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -279,6 +351,13 @@ fn main() -> ExitCode {
                 cmds::cfg_set(&ctx, &device, &assignments, timeout, json).await
             }
             Command::Watch { device, group, json } => watch::run(&ctx, device, group, json).await,
+            Command::Install { pkg } => packages::run(&ctx, pkg.request("install", false, false)).await,
+            Command::Upgrade { pkg, everything } => {
+                packages::run(&ctx, pkg.request("upgrade", false, everything)).await
+            }
+            Command::Uninstall { pkg, purge } => packages::run(&ctx, pkg.request("uninstall", purge, false)).await,
+            Command::Rollback { pkg } => packages::run(&ctx, pkg.request("rollback", false, false)).await,
+            Command::Restart { device, unit, json } => packages::restart_unit(&ctx, &device, &unit, json).await,
             Command::Ops { device, clear, older_than, json } => cmds::ops(&ctx, &device, clear, older_than, json).await,
             _ => unreachable!("handled above"),
         }

@@ -61,8 +61,25 @@ pub async fn send_and_wait(
     fleet: &mut Fleet,
     target: &Target,
     verb: &str,
+    args: Map<String, Value>,
+    timeout: Duration,
+) -> Result<Vec<Outcome>> {
+    let _spinner = Spinner::start(format!("{verb}: waiting for the devices"));
+    send_and_follow(session, topics, fleet, target, verb, args, timeout, &mut |_, _| {}).await
+}
+
+/// Like [`send_and_wait`], calling `on_update` with every intermediate operation record
+/// (phase and percent) a device publishes.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_and_follow(
+    session: &mut Session,
+    topics: &Topics,
+    fleet: &mut Fleet,
+    target: &Target,
+    verb: &str,
     mut args: Map<String, Value>,
     timeout: Duration,
+    on_update: &mut dyn FnMut(&DeviceId, &OpRecord),
 ) -> Result<Vec<Outcome>> {
     let id = new_op_id(verb);
     args.insert("id".into(), Value::String(id.to_string()));
@@ -107,7 +124,6 @@ pub async fn send_and_wait(
         }
         _ => {}
     }
-    let spinner = Spinner::start(format!("{verb}: waiting for {} device(s)", waiting.len()));
     let deadline = started + timeout;
     while waiting.iter().any(|d| !done.contains_key(d)) {
         let msg = match tokio::time::timeout_at(deadline, session.recv()).await {
@@ -121,6 +137,7 @@ pub async fn send_and_wait(
             let Some(record) = fleet.devices.get(&dev).and_then(|d| d.ops.get(&op)) else {
                 continue;
             };
+            on_update(&dev, record);
             if record.state.is_final() {
                 let ok = record.state == debfleet_protocol::OpState::Succeeded;
                 let error = record.error.as_ref().map(|e| format!("{}: {}", e.code.as_str(), e.message));
@@ -132,7 +149,6 @@ pub async fn send_and_wait(
             }
         }
     }
-    drop(spinner);
     for d in waiting {
         done.entry(d.clone()).or_insert_with(|| failed(d, "timed out"));
     }

@@ -1,0 +1,241 @@
+//! Package operations from the console: install, upgrade, uninstall, rollback, restart a unit —
+//! one publish per device (or one for a group or the fleet), live progress per device, a final
+//! table.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use debfleet_protocol::{DeviceId, OpRecord, PackageResult};
+use serde_json::{json, Map, Value};
+
+use crate::cmds::{load_fleet, UsageError};
+use crate::output::table;
+use crate::request::{send_and_follow, Outcome, Target};
+use crate::{exit, Ctx};
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+pub struct PackageRequest {
+    pub verb: &'static str,
+    /// Positional words: devices then the package (with --group/--all: packages only).
+    pub words: Vec<String>,
+    pub group: Option<String>,
+    pub all: bool,
+    pub purge: bool,
+    pub dry_run: bool,
+    pub watch_s: Option<u32>,
+    pub everything: bool,
+    pub timeout: f64,
+    pub json: bool,
+}
+
+/// Splits the words into targets and packages, checking both.
+fn parse(req: &PackageRequest) -> Result<(Target, Vec<String>)> {
+    let (target, packages) = if req.all || req.group.is_some() {
+        let target = match &req.group {
+            Some(g) => Target::Group(debfleet_protocol::GroupName::new(g.as_str()).map_err(|e| usage(e.to_string()))?),
+            None => Target::All,
+        };
+        (target, req.words.clone())
+    } else {
+        let mut words = req.words.clone();
+        let packages =
+            if req.verb == "upgrade" && req.everything { Vec::new() } else { words.pop().into_iter().collect() };
+        if words.is_empty() {
+            bail!(usage(format!("usage: debfleet {} (DEVICE... | --group G | --all) PACKAGE[=VERSION]", req.verb)));
+        }
+        let devices =
+            words.iter().map(|d| DeviceId::new(d.as_str()).map_err(|e| usage(e.to_string()))).collect::<Result<_>>()?;
+        (Target::Devices(devices), packages)
+    };
+    for p in &packages {
+        debfleet_protocol::PackageSpec::parse(p).map_err(usage)?;
+    }
+    match req.verb {
+        "upgrade" if packages.is_empty() && !req.everything && !(req.all || req.group.is_some()) => {
+            bail!(usage("name a package, or --everything for every managed package"))
+        }
+        "upgrade" => {}
+        "rollback" if packages.len() != 1 => bail!(usage("rollback takes exactly one PACKAGE[=VERSION]")),
+        _ if packages.is_empty() => bail!(usage(format!("{} needs a PACKAGE", req.verb))),
+        _ => {}
+    }
+    Ok((target, packages))
+}
+
+/// Draws one line per device while a person watches; prints phase changes otherwise.
+struct ProgressView {
+    tty: bool,
+    lines: BTreeMap<DeviceId, String>,
+    drawn: usize,
+}
+
+impl ProgressView {
+    fn update(&mut self, dev: &DeviceId, r: &OpRecord) {
+        let phase = r.phase.clone().unwrap_or_else(|| r.state.as_str().to_owned());
+        let line = match r.percent {
+            Some(p) => {
+                let filled = (p as usize / 5).min(20);
+                format!("{dev:<16} [{}{}] {p:>3}% {phase}", "#".repeat(filled), " ".repeat(20 - filled))
+            }
+            None => format!("{dev:<16} {phase}"),
+        };
+        if self.lines.get(dev) == Some(&line) {
+            return;
+        }
+        let changed_phase = self.lines.get(dev).map(|l| !l.ends_with(&phase)).unwrap_or(true);
+        self.lines.insert(dev.clone(), line.clone());
+        let mut err = std::io::stderr();
+        if self.tty {
+            if self.drawn > 0 {
+                let _ = write!(err, "\x1b[{}A", self.drawn);
+            }
+            for l in self.lines.values() {
+                let _ = writeln!(err, "\x1b[2K{l}");
+            }
+            self.drawn = self.lines.len();
+        } else if changed_phase {
+            let _ = writeln!(err, "{dev}: {phase}");
+        }
+    }
+}
+
+pub async fn run(ctx: &Ctx, req: PackageRequest) -> Result<u8> {
+    let (target, packages) = parse(&req)?;
+    if !(req.timeout.is_finite() && req.timeout > 0.0 && req.timeout <= 86_400.0) {
+        bail!(usage("--timeout must be between 0 and 86400 seconds"));
+    }
+    let mut args = Map::new();
+    match req.verb {
+        "rollback" => {
+            args.insert("package".into(), json!(packages[0]));
+        }
+        _ => {
+            args.insert("packages".into(), json!(packages));
+        }
+    }
+    if req.verb == "uninstall" && req.purge {
+        args.insert("purge".into(), json!(true));
+    }
+    if req.dry_run {
+        args.insert("dry_run".into(), json!(true));
+    }
+    if let Some(w) = req.watch_s {
+        args.insert("watch_s".into(), json!(w));
+    }
+    let (mut session, mut fleet) = load_fleet(ctx).await?;
+    let mut view = ProgressView { tty: std::io::stderr().is_terminal() && !req.json, lines: BTreeMap::new(), drawn: 0 };
+    let outcomes = send_and_follow(
+        &mut session,
+        &ctx.topics,
+        &mut fleet,
+        &target,
+        req.verb,
+        args,
+        Duration::from_secs_f64(req.timeout),
+        &mut |dev, r| view.update(dev, r),
+    )
+    .await?;
+    session.disconnect().await;
+    print_outcomes(&outcomes, req.json, req.dry_run)
+}
+
+fn package_result(o: &Outcome) -> Option<PackageResult> {
+    o.record.as_ref().and_then(|r| r.result.clone()).and_then(|v| serde_json::from_value(v).ok())
+}
+
+fn print_outcomes(outcomes: &[Outcome], json_out: bool, dry_run: bool) -> Result<u8> {
+    if json_out {
+        let list: Vec<Value> = outcomes
+            .iter()
+            .map(|o| {
+                let mut v = o.to_json();
+                v["duration_ms"] = json!(package_result(o).map(|r| r.duration_ms));
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        let rows: Vec<Vec<String>> = outcomes
+            .iter()
+            .map(|o| {
+                let r = package_result(o);
+                let changes = r
+                    .as_ref()
+                    .map(|r| {
+                        r.changes
+                            .iter()
+                            .map(|c| {
+                                format!(
+                                    "{} {} → {}",
+                                    c.package,
+                                    c.before.as_deref().unwrap_or("-"),
+                                    c.after.as_deref().unwrap_or("-")
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                let result = match (&o.error, dry_run) {
+                    (Some(e), _) => format!("FAILED {e}"),
+                    (None, true) => "would change".into(),
+                    (None, false) => "ok".into(),
+                };
+                let rolled = r
+                    .as_ref()
+                    .and_then(|r| r.rolled_back_to.as_ref())
+                    .map(|m| {
+                        let list: Vec<String> =
+                            m.iter().map(|(p, v)| format!("{p} {}", v.as_deref().unwrap_or("removed"))).collect();
+                        format!(" (rolled back to {})", list.join(", "))
+                    })
+                    .unwrap_or_default();
+                vec![
+                    o.device.to_string(),
+                    if changes.is_empty() { "no change".into() } else { changes },
+                    format!("{result}{rolled}"),
+                    r.as_ref().map(|r| r.download_bytes.to_string()).unwrap_or_else(|| "-".into()),
+                    r.as_ref().map(|r| format!("{:.1}", r.duration_ms as f64 / 1000.0)).unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        print!("{}", table(&["DEVICE", "CHANGE", "RESULT", "BYTES", "SECONDS"], &rows));
+    }
+    Ok(if outcomes.iter().all(|o| o.ok) { 0 } else { exit::FAILED })
+}
+
+pub async fn restart_unit(ctx: &Ctx, device: &str, unit: &str, json_out: bool) -> Result<u8> {
+    let dev = DeviceId::new(device).map_err(|e| usage(e.to_string()))?;
+    let (mut session, mut fleet) = load_fleet(ctx).await?;
+    let mut args = Map::new();
+    args.insert("unit".into(), json!(unit));
+    let outcomes = send_and_follow(
+        &mut session,
+        &ctx.topics,
+        &mut fleet,
+        &Target::Devices(vec![dev]),
+        "restart",
+        args,
+        Duration::from_secs(120),
+        &mut |_, _| {},
+    )
+    .await?;
+    session.disconnect().await;
+    if json_out {
+        let list: Vec<Value> = outcomes.iter().map(Outcome::to_json).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        for o in &outcomes {
+            match &o.error {
+                None => println!("{}: {unit} restarted", o.device),
+                Some(e) => println!("{}: FAILED {e}", o.device),
+            }
+        }
+    }
+    Ok(if outcomes.iter().all(|o| o.ok) { 0 } else { exit::FAILED })
+}

@@ -1,0 +1,198 @@
+//! Device operations end to end (issue 5): a real device (systemd-nspawn) running the agent .deb,
+//! a real Mosquitto, our repository server, and the console: install, upgrade, an upgrade whose
+//! unit fails and is rolled back automatically, an operator rollback, dry runs, errors, unit
+//! restart, uninstall — and the broker's view always equal to dpkg's.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use debfleet_tests::lab::Device;
+use debfleet_tests::repo::RepoServer;
+use debfleet_tests::*;
+use serde_json::Value;
+
+fn own_deb(name: &str) -> PathBuf {
+    let dir = bin("debfleet").parent().unwrap().parent().unwrap().join("debs");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-debs.sh first", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{name}_")))
+        .unwrap_or_else(|| panic!("no {name} .deb; run scripts/build-debs.sh"))
+}
+
+/// demo-app at `version`: a service that runs, or (broken) exits at once.
+fn demo_app(dir: &Path, version: &str, broken: bool) -> PathBuf {
+    let d = dir.join(format!("demo-{version}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let body = if broken { "echo broken >&2; exit 1" } else { "exec sleep infinity" };
+    std::fs::write(d.join("demo-app"), format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::write(
+        d.join("demo-app.service"),
+        "[Unit]\nDescription=demo app\n\n[Service]\nExecStart=/usr/bin/demo-app\nRestart=on-failure\nRestartSec=300ms\n\n[Install]\nWantedBy=multi-user.target\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("manifest.toml"),
+        format!(
+            "[package]\nname = \"demo-app\"\nversion = \"{version}\"\narchitecture = \"all\"\nmaintainer = \"Ops <ops@example.com>\"\ndescription = \"demo application\"\n\n[[files]]\nsource = \"demo-app\"\ndest = \"/usr/bin/demo-app\"\nmode = \"0755\"\n\n[[units]]\nsource = \"demo-app.service\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("debfleet"))
+        .arg("package")
+        .arg(d.join("manifest.toml"))
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir.join(format!("demo-app_{version}_all.deb"))
+}
+
+struct Lab {
+    m: Mosquitto,
+    repo: RepoServer,
+    dev: Device,
+    obs: Observer,
+}
+
+impl Lab {
+    fn console(&self, args: &[&str]) -> (Option<i32>, Value, String) {
+        let out = Command::new(bin("debfleet")).args(args).env("DEBFLEET_BROKER", self.m.url()).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), text)
+    }
+
+    fn dpkg_version(&self, pkg: &str) -> Option<String> {
+        let out = self.dev.exec(&["dpkg-query", "-W", "-f=${Status} ${Version}", pkg]);
+        String::from_utf8_lossy(&out.stdout).strip_prefix("install ok installed ").map(str::to_owned)
+    }
+
+    /// The broker's retained view of the package (None: not listed as installed).
+    fn broker_version(&self, pkg: &str) -> Option<String> {
+        let msg = self.obs.last("debfleet/device/fl-1/state/packages")?.json();
+        let p = &msg["packages"][pkg];
+        (p["status"] == "installed").then(|| p["version"].as_str().unwrap().to_owned())
+    }
+
+    /// The broker and dpkg agree (the agent publishes state right after each operation).
+    fn assert_agree(&self, pkg: &str, expect: Option<&str>) {
+        assert_eq!(self.dpkg_version(pkg).as_deref(), expect, "dpkg's view of {pkg}");
+        wait_for(Duration::from_secs(10), "the broker to agree with dpkg", || {
+            (self.broker_version(pkg).as_deref() == expect).then_some(())
+        });
+    }
+}
+
+fn setup() -> Lab {
+    let m = Mosquitto::start();
+    let obs = Observer::connect(m.port, &["debfleet/device/fl-1/#"]);
+    let repo = RepoServer::start(&[]);
+    let dev = Device::boot("fl-1");
+    dev.put(&own_deb("debfleet-agent"), "/var/tmp/agent.deb");
+    dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
+    dev.write(
+        "/etc/debfleet/agent.toml",
+        &format!(
+            "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[apt]\nwatch_s = 4\nlock_timeout_s = 30\n",
+            m.url()
+        ),
+    );
+    dev.put(&repo.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
+    dev.write(
+        "/etc/apt/sources.list.d/debfleet.list",
+        &format!("deb [signed-by=/etc/apt/keyrings/debfleet.gpg] {}/ stable main\n", repo.url()),
+    );
+    let _ = std::fs::remove_file(dev.root.join("etc/apt/sources.list.d/debian.sources"));
+    dev.ok(&["systemctl", "restart", "debfleet-agent"]);
+    obs.wait("debfleet/device/fl-1/status", Duration::from_secs(30), |v| v["state"] == "online");
+    Lab { m, repo, dev, obs }
+}
+
+#[test]
+fn install_upgrade_failed_upgrade_rollback_uninstall() {
+    let lab = setup();
+    let work = tempfile::tempdir().unwrap();
+    for v in ["1.0", "2.0"] {
+        assert!(lab.repo.publish(&demo_app(work.path(), v, false), "stable").status.success());
+    }
+
+    // Install a pinned version (the agent refreshes its indices when apt does not know it yet).
+    let (code, v, text) = lab.console(&["install", "fl-1", "demo-app=1.0", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["changes"][0]["after"], "1.0", "{v}");
+    assert!(v[0]["result"]["download_bytes"].as_u64().unwrap() > 0);
+    lab.assert_agree("demo-app", Some("1.0"));
+    assert!(lab.dev.is_active("demo-app.service"));
+    let units = lab.obs.wait("debfleet/device/fl-1/state/units", Duration::from_secs(10), |v| {
+        v["units"]["demo-app.service"]["active"] == "active"
+    });
+    assert_eq!(units["units"]["demo-app.service"]["package"], "demo-app");
+    // The operation streamed its phases on the way.
+    let phases: Vec<String> = lab
+        .obs
+        .messages()
+        .iter()
+        .filter(|m| m.topic.contains("/op/install-"))
+        .filter_map(|m| m.json()["phase"].as_str().map(String::from))
+        .collect();
+    for want in ["resolving", "downloading", "configuring", "verifying units"] {
+        assert!(phases.iter().any(|p| p == want), "{want} missing from {phases:?}");
+    }
+
+    // Dry run: says what would change, changes nothing.
+    let (code, v, text) = lab.console(&["upgrade", "fl-1", "demo-app", "--dry-run", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["dry_run"], true);
+    assert_eq!(v[0]["result"]["changes"][0]["after"], "2.0", "{v}");
+    lab.assert_agree("demo-app", Some("1.0"));
+
+    // Upgrade to the newest.
+    let (code, v, text) = lab.console(&["upgrade", "fl-1", "demo-app", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(
+        (v[0]["result"]["changes"][0]["before"].clone(), v[0]["result"]["changes"][0]["after"].clone()),
+        ("1.0".into(), "2.0".into())
+    );
+    lab.assert_agree("demo-app", Some("2.0"));
+
+    // 3.0's unit fails: the agent notices and goes back to 2.0 by itself.
+    assert!(lab.repo.publish(&demo_app(work.path(), "3.0", true), "stable").status.success());
+    let (code, v, text) = lab.console(&["upgrade", "fl-1", "demo-app", "--json"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(v[0]["code"], "unit_failed", "{v}");
+    assert_eq!(v[0]["result"]["rolled_back_to"]["demo-app"], "2.0", "{v}");
+    lab.assert_agree("demo-app", Some("2.0"));
+    wait_for(Duration::from_secs(20), "demo-app to run again", || lab.dev.is_active("demo-app.service").then_some(()));
+
+    // The operator rolls back further: to what was installed before 2.0.
+    let (code, v, text) = lab.console(&["rollback", "fl-1", "demo-app", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["changes"][0]["after"], "1.0", "{v}");
+    lab.assert_agree("demo-app", Some("1.0"));
+
+    // A version the repository does not have, a hostile name: clear errors, nothing changes.
+    let (code, v, _) = lab.console(&["install", "fl-1", "demo-app=9.9", "--json"]);
+    assert_eq!((code, v[0]["code"].clone()), (Some(1), Value::from("version_not_found")));
+    let (code, _, text) = lab.console(&["install", "fl-1", "demo-app;reboot"]);
+    assert_eq!(code, Some(2), "{text}");
+    lab.assert_agree("demo-app", Some("1.0"));
+
+    // Unit control over D-Bus: managed units only.
+    let before = lab.dev.ok(&["systemctl", "show", "-p", "ExecMainPID", "--value", "demo-app.service"]);
+    let (code, _, text) = lab.console(&["restart", "fl-1", "demo-app.service"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_ne!(lab.dev.ok(&["systemctl", "show", "-p", "ExecMainPID", "--value", "demo-app.service"]), before);
+    let (code, _, text) = lab.console(&["restart", "fl-1", "dbus.service"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("not a unit of a managed package"), "{text}");
+
+    // Uninstall with purge.
+    let (code, v, text) = lab.console(&["uninstall", "fl-1", "demo-app", "--purge", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["changes"][0]["before"], "1.0");
+    assert_eq!(lab.dpkg_version("demo-app"), None);
+    assert!(!lab.dev.is_active("demo-app.service"));
+}
