@@ -403,6 +403,18 @@ impl Core {
         watch_s: Option<u32>,
     ) -> Vec<Out> {
         let watch = std::time::Duration::from_secs(watch_s.unwrap_or(self.cfg.apt.watch_s).into());
+        let touched: Vec<String> = match &kind {
+            JobKind::Install(p) | JobKind::Upgrade(p) | JobKind::Uninstall { packages: p, .. } => {
+                p.iter().map(|s| s.name.clone()).collect()
+            }
+            JobKind::Rollback(p) => vec![p.name.clone()],
+            JobKind::RestartUnit(_) | JobKind::Refresh => Vec::new(),
+        };
+        if !touched.is_empty() && !dry_run {
+            if let Err(e) = self.journal.set_packages(&id, touched) {
+                tracing::error!("{e}");
+            }
+        }
         if let Err(e) = self.journal.progress(&id, time::now_unix_ms(), "queued", None) {
             tracing::error!("{e}");
         }
@@ -425,6 +437,18 @@ impl Core {
                 message: format!("no earlier version of {} was installed through debfleet; name the version", p.name),
             }),
         }
+    }
+
+    /// After a package operation was cut short and dpkg repaired: the managed set follows what
+    /// dpkg now has for the packages it touched.
+    pub fn reconcile_packages(&mut self, names: &[String]) {
+        if names.is_empty() {
+            return;
+        }
+        let state = debfleet_apt::dpkg::read_packages_state(&self.cfg.dpkg_admindir, names);
+        let changes: Vec<(String, Option<String>)> = state.into_iter().map(|(n, s)| (n, s.version)).collect();
+        tracing::info!("reconciled interrupted packages with dpkg: {changes:?}");
+        self.managed.record(&changes);
     }
 
     /// Units of the managed packages: (unit, package).
@@ -696,5 +720,54 @@ mod tests {
         assert!(!publishes(&outs).iter().any(|(_, v, _)| v.is_null()));
         let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p5"}"#, 2000);
         assert!(publishes(&outs).iter().any(|(t, v, _)| t.ends_with("/op/p2") && v.is_null()));
+    }
+
+    #[test]
+    fn package_commands_become_jobs_and_their_outcome_is_recorded() {
+        let mut f = fixture(false);
+        let outs = f.core.on_message(
+            "debfleet/device/d1/cmd/install",
+            br#"{"id":"i1","packages":["hello=1.0"],"watch_s":0}"#,
+            0,
+        );
+        let job = outs
+            .iter()
+            .find_map(|o| match o {
+                Out::Job(j) => Some(j.clone()),
+                _ => None,
+            })
+            .expect("a job");
+        assert_eq!(job.kind, JobKind::Install(vec![PackageSpec { name: "hello".into(), version: Some("1.0".into()) }]));
+        assert_eq!(job.watch, std::time::Duration::ZERO);
+        let last = op_states(&outs, "i1").pop().unwrap();
+        assert_eq!((last.state, last.phase.as_deref()), (OpState::Running, Some("queued")));
+
+        let result = serde_json::json!({"changes": [{"package": "hello", "after": "1.0"}], "download_bytes": 1, "duration_ms": 5});
+        let done = JobDone {
+            id: job.id,
+            result: Some(result),
+            error: None,
+            changes: vec![("hello".into(), Some("1.0".into()))],
+            rolled_back: vec![],
+        };
+        let outs = f.core.job_done(done, 10);
+        assert_eq!(op_states(&outs, "i1").pop().unwrap().state, OpState::Succeeded);
+        let pkgs = publishes(&outs).into_iter().find(|(t, _, _)| t.ends_with("/state/packages")).unwrap().1;
+        assert!(pkgs["packages"].get("hello").is_some(), "managed now: {pkgs}");
+    }
+
+    #[test]
+    fn rollback_and_restart_need_something_to_act_on() {
+        let mut f = fixture(false);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/rollback", br#"{"id":"r1","package":"hello"}"#, 0);
+        let err = op_states(&outs, "r1").pop().unwrap().error.unwrap();
+        assert_eq!(err.code, ErrorCode::InvalidValue);
+        assert!(err.message.contains("no earlier version"), "{}", err.message);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r2","unit":"ssh.service"}"#, 0);
+        let err = op_states(&outs, "r2").pop().unwrap().error.unwrap();
+        assert!(err.message.contains("not a unit of a managed package"), "{}", err.message);
+        // A named version needs no history.
+        let outs = f.core.on_message("debfleet/device/d1/cmd/rollback", br#"{"id":"r3","package":"hello=0.9"}"#, 0);
+        assert!(outs.iter().any(|o| matches!(o, Out::Job(j) if j.kind == JobKind::Rollback(PackageSpec { name: "hello".into(), version: Some("0.9".into()) }))));
     }
 }

@@ -1,7 +1,6 @@
 //! Long operations — apt transactions, unit restarts, index refreshes — run here, off the core,
 //! one at a time. Each reports progress and ends with exactly one outcome.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,7 +67,7 @@ fn apt_error(e: AptError) -> OpError {
     OpError { code, message: e.to_string() }
 }
 
-fn versions(ctx: &JobContext, names: &[String]) -> BTreeMap<String, Option<String>> {
+fn versions(ctx: &JobContext, names: &[String]) -> std::collections::BTreeMap<String, Option<String>> {
     debfleet_apt::dpkg::read_packages_state(&ctx.admindir, names).into_iter().map(|(n, s)| (n, s.version)).collect()
 }
 
@@ -159,42 +158,31 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     // An upgrade is about the newest the repository has, so it starts from fresh indices; other
     // operations refresh them only when apt does not know what was asked for (just published).
     let mut updated = false;
+    let update = |tx: mpsc::Sender<JobEvent>, id: OpId, apt: Apt| async move {
+        let _ = tx.send(JobEvent::Progress { id, phase: "updating indices".into(), percent: None }).await;
+        blocking(move || apt.update()).await
+    };
     if matches!(job.kind, JobKind::Upgrade(_)) {
-        let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: "updating indices".into(), percent: None }).await;
-        let apt = ctx.apt.clone();
-        if let Err(e) = blocking(move || apt.update()).await {
+        if let Err(e) = update(tx.clone(), id.clone(), ctx.apt.clone()).await {
             return fail(apt_error(e));
         }
         updated = true;
     }
-    let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: "resolving".into(), percent: None }).await;
-    let plan = loop {
-        let apt = ctx.apt.clone();
-        let plan_op = op.clone();
-        match blocking(move || apt.simulate(&plan_op, allow_downgrades)).await {
-            Ok(p) => break p,
-            Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
-                updated = true;
-                let _ = tx
-                    .send(JobEvent::Progress { id: id.clone(), phase: "updating indices".into(), percent: None })
-                    .await;
-                let apt = ctx.apt.clone();
-                if let Err(e) = blocking(move || apt.update()).await {
-                    return fail(apt_error(e));
-                }
-            }
-            Err(e) => return fail(apt_error(e)),
-        }
-    };
-    let touched: Vec<String> = plan
-        .install
-        .iter()
-        .map(|(n, _)| n.clone())
-        .chain(plan.upgrade.iter().map(|(n, _, _)| n.clone()))
-        .chain(plan.remove.iter().map(|(n, _)| n.clone()))
-        .collect();
-    let before = versions(ctx, &touched);
     if job.dry_run {
+        let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: "resolving".into(), percent: None }).await;
+        let plan = loop {
+            let (apt, plan_op) = (ctx.apt.clone(), op.clone());
+            match blocking(move || apt.simulate(&plan_op, allow_downgrades)).await {
+                Ok(p) => break p,
+                Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
+                    updated = true;
+                    if let Err(e) = update(tx.clone(), id.clone(), ctx.apt.clone()).await {
+                        return fail(apt_error(e));
+                    }
+                }
+                Err(e) => return fail(apt_error(e)),
+            }
+        };
         let changes = plan
             .install
             .iter()
@@ -219,21 +207,32 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         };
         return JobDone { id, result: serde_json::to_value(r).ok(), error: None, changes: vec![], rolled_back: vec![] };
     }
-    let apt = ctx.apt.clone();
-    let run_op = op.clone();
-    let mut reporter = Reporter { id: id.clone(), tx: tx.clone(), last: None };
-    let run = blocking(move || {
-        apt.run(&run_op, allow_downgrades, &mut |p| reporter.report(p.phase, Some(p.percent.round() as u8)))
-    })
-    .await;
-    let after = versions(ctx, &touched);
-    let changes: Vec<PackageChange> = touched
-        .iter()
-        .map(|n| PackageChange {
-            package: n.clone(),
-            before: before.get(n).cloned().flatten(),
-            after: after.get(n).cloned().flatten(),
+    // What changed is read from dpkg's database before and after (no separate simulation: the
+    // transaction itself resolves, and dependencies show up in the difference).
+    let before = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
+    let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: "resolving".into(), percent: None }).await;
+    let run = loop {
+        let (apt, run_op) = (ctx.apt.clone(), op.clone());
+        let mut reporter = Reporter { id: id.clone(), tx: tx.clone(), last: None };
+        let r = blocking(move || {
+            apt.run(&run_op, allow_downgrades, &mut |p| reporter.report(p.phase, Some(p.percent.round() as u8)))
         })
+        .await;
+        match r {
+            Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
+                updated = true;
+                if let Err(e) = update(tx.clone(), id.clone(), ctx.apt.clone()).await {
+                    return fail(apt_error(e));
+                }
+            }
+            other => break other,
+        }
+    };
+    let after = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
+    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let changes: Vec<PackageChange> = names
+        .into_iter()
+        .map(|n| PackageChange { package: n.clone(), before: before.get(n).cloned(), after: after.get(n).cloned() })
         .filter(|c| c.before != c.after)
         .collect();
     let history: Vec<(String, Option<String>)> = changes.iter().map(|c| (c.package.clone(), c.after.clone())).collect();

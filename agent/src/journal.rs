@@ -23,6 +23,10 @@ pub struct Entry {
     pub unretained_at: Option<i64>,
     /// Order of arrival, for eviction.
     pub seq: u64,
+    /// Packages a package operation works on, so that an interrupted one can be reconciled
+    /// with dpkg's database on the next start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +117,8 @@ impl Journal {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.entries.insert(id.clone(), Entry { record, retained: true, unretained_at: None, seq });
+        self.entries
+            .insert(id.clone(), Entry { record, retained: true, unretained_at: None, seq, packages: Vec::new() });
         self.save(&id, true)?;
         self.evict()
     }
@@ -190,6 +195,15 @@ impl Journal {
             e.record.percent = percent;
             e.record.updated_at = format_unix_ms(now_ms);
             self.save(id, false)?;
+        }
+        Ok(())
+    }
+
+    /// Notes the packages an operation is about to change (durable: it precedes the change).
+    pub fn set_packages(&mut self, id: &OpId, packages: Vec<String>) -> Result<(), JournalError> {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.packages = packages;
+            self.save(id, true)?;
         }
         Ok(())
     }

@@ -104,6 +104,8 @@ async fn run(
     let under_systemd = std::env::var_os("INVOCATION_ID").is_some();
     let apt = debfleet_apt::Apt { lock_timeout_s: cfg.apt.lock_timeout_s, ..Default::default() };
     let package_verbs = ["install", "upgrade", "uninstall", "rollback"];
+    let touched: Vec<String> =
+        interrupted.iter().filter_map(|id| journal.get(id)).flat_map(|e| e.packages.clone()).collect();
     if interrupted.iter().any(|id| journal.verb(id).is_some_and(|v| package_verbs.contains(&v))) {
         // A package operation was cut short (SIGKILL, power cut): repair dpkg before new work.
         let repair = apt.clone();
@@ -129,6 +131,7 @@ async fn run(
     let (client, eventloop) = connection::client(&cfg)?;
     let reconnect = cfg.reconnect.clone();
     let mut core = Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()));
+    core.reconcile_packages(&touched);
     let will = core.will_builder();
 
     let shutdown = CancellationToken::new();

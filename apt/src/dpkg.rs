@@ -60,6 +60,29 @@ pub fn packages_state(status_text: &str, wanted: &[String]) -> BTreeMap<String, 
     found
 }
 
+/// Every installed package and its version, from dpkg's status file.
+pub fn installed_versions(admindir: &Path) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(admindir.join("status")).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for para in text.split("\n\n") {
+        let (mut name, mut version, mut installed) = (None, None, false);
+        for line in para.lines() {
+            if let Some(v) = line.strip_prefix("Package:") {
+                name = Some(v.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("Version:") {
+                version = Some(v.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("Status:") {
+                let state = v.split_whitespace().nth(2).unwrap_or("");
+                installed = state != "not-installed" && state != "config-files";
+            }
+        }
+        if let (Some(n), Some(v), true) = (name, version, installed) {
+            out.insert(n, v);
+        }
+    }
+    out
+}
+
 pub fn read_packages_state(admindir: &Path, wanted: &[String]) -> BTreeMap<String, PackageState> {
     let text = std::fs::read_to_string(admindir.join("status")).unwrap_or_default();
     packages_state(&text, wanted)

@@ -196,3 +196,52 @@ fn install_upgrade_failed_upgrade_rollback_uninstall() {
     assert_eq!(lab.dpkg_version("demo-app"), None);
     assert!(!lab.dev.is_active("demo-app.service"));
 }
+
+fn slow_pkg(dir: &Path, version: &str) -> PathBuf {
+    debfleet_tests::repo::build_deb_with_scripts(dir, "df-slow", version, "all", "", false, &[("postinst", "sleep 6")])
+}
+
+fn wait_postinst() {
+    wait_for(Duration::from_secs(60), "dpkg to run df-slow's postinst", || {
+        // The device's processes are visible from the host.
+        let out = Command::new("pgrep").args(["-f", "df-slow.postinst"]).output().unwrap();
+        out.status.success().then_some(())
+    });
+}
+
+#[test]
+fn agent_killed_mid_install_and_broker_restarted_mid_upgrade() {
+    let mut lab = setup();
+    let work = tempfile::tempdir().unwrap();
+    assert!(lab.repo.publish(&slow_pkg(work.path(), "1.0"), "stable").status.success());
+
+    // SIGKILL of the agent while dpkg configures the package (systemd then stops the rest of
+    // the service, dpkg included, and starts the agent again).
+    lab.obs.publish("debfleet/device/fl-1/cmd/install", r#"{"id":"crash-1","packages":["df-slow"]}"#, false);
+    wait_postinst();
+    lab.dev.ok(&["systemctl", "kill", "--kill-whom=main", "--signal=KILL", "debfleet-agent"]);
+    let rec = lab.obs.wait("debfleet/device/fl-1/op/crash-1", Duration::from_secs(90), |v| {
+        v["state"] == "failed" || v["state"] == "succeeded"
+    });
+    assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
+    // dpkg was repaired on the agent's start and the broker says what dpkg says.
+    assert_eq!(lab.dev.ok(&["dpkg", "--audit"]).trim(), "");
+    lab.assert_agree("df-slow", Some("1.0"));
+
+    // The broker restarts (without persistence) in the middle of an upgrade: the result and
+    // the state arrive after the agent reconnects.
+    assert!(lab.repo.publish(&slow_pkg(work.path(), "2.0"), "stable").status.success());
+    lab.obs.publish(
+        "debfleet/device/fl-1/cmd/upgrade",
+        r#"{"id":"broker-1","packages":["df-slow"],"watch_s":0}"#,
+        false,
+    );
+    wait_postinst();
+    lab.m.restart();
+    lab.obs = Observer::connect(lab.m.port, &["debfleet/device/fl-1/#"]);
+    let rec = lab.obs.wait("debfleet/device/fl-1/op/broker-1", Duration::from_secs(90), |v| {
+        v["state"] == "succeeded" || v["state"] == "failed"
+    });
+    assert_eq!(rec["state"], "succeeded", "{rec}");
+    lab.assert_agree("df-slow", Some("2.0"));
+}
