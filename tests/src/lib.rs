@@ -417,15 +417,3 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, stall: Option<Arc<AtomicBool>>) 
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
 }
-
-/// FNV-1a, for cache keys.
-pub fn fnv(s: &str) -> u32 {
-    s.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193))
-}
-
-/// Blocks until this process holds an exclusive lock on `f` (released when `f` is closed).
-pub fn flock(f: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock(2) on a descriptor we own.
-    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0, "flock");
-}

@@ -52,6 +52,7 @@ fn demo_app(dir: &Path, version: &str, broken: bool) -> PathBuf {
 }
 
 struct Lab {
+    name: String,
     m: Mosquitto,
     repo: RepoServer,
     dev: Device,
@@ -72,7 +73,7 @@ impl Lab {
 
     /// The broker's retained view of the package (None: not listed as installed).
     fn broker_version(&self, pkg: &str) -> Option<String> {
-        let msg = self.obs.last("debfleet/device/fl-1/state/packages")?.json();
+        let msg = self.obs.last(&format!("debfleet/device/{}/state/packages", self.name))?.json();
         let p = &msg["packages"][pkg];
         (p["status"] == "installed").then(|| p["version"].as_str().unwrap().to_owned())
     }
@@ -86,11 +87,11 @@ impl Lab {
     }
 }
 
-fn setup() -> Lab {
+fn setup(name: &str) -> Lab {
     let m = Mosquitto::start();
-    let obs = Observer::connect(m.port, &["debfleet/device/fl-1/#"]);
+    let obs = Observer::connect(m.port, &[&format!("debfleet/device/{name}/#")]);
     let repo = RepoServer::start(&[]);
-    let dev = Device::boot("fl-1");
+    let dev = Device::boot(name);
     dev.put(&own_deb("debfleet-agent"), "/var/tmp/agent.deb");
     dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
     dev.write(
@@ -107,13 +108,13 @@ fn setup() -> Lab {
     );
     let _ = std::fs::remove_file(dev.root.join("etc/apt/sources.list.d/debian.sources"));
     dev.ok(&["systemctl", "restart", "debfleet-agent"]);
-    obs.wait("debfleet/device/fl-1/status", Duration::from_secs(30), |v| v["state"] == "online");
-    Lab { m, repo, dev, obs }
+    obs.wait(&format!("debfleet/device/{name}/status"), Duration::from_secs(30), |v| v["state"] == "online");
+    Lab { m, repo, dev, obs, name: name.to_owned() }
 }
 
 #[test]
 fn install_upgrade_failed_upgrade_rollback_uninstall() {
-    let lab = setup();
+    let lab = setup("fl-1");
     let work = tempfile::tempdir().unwrap();
     for v in ["1.0", "2.0"] {
         assert!(lab.repo.publish(&demo_app(work.path(), v, false), "stable").status.success());
@@ -211,16 +212,16 @@ fn wait_postinst() {
 
 #[test]
 fn agent_killed_mid_install_and_broker_restarted_mid_upgrade() {
-    let mut lab = setup();
+    let mut lab = setup("fl-2");
     let work = tempfile::tempdir().unwrap();
     assert!(lab.repo.publish(&slow_pkg(work.path(), "1.0"), "stable").status.success());
 
     // SIGKILL of the agent while dpkg configures the package (systemd then stops the rest of
     // the service, dpkg included, and starts the agent again).
-    lab.obs.publish("debfleet/device/fl-1/cmd/install", r#"{"id":"crash-1","packages":["df-slow"]}"#, false);
+    lab.obs.publish("debfleet/device/fl-2/cmd/install", r#"{"id":"crash-1","packages":["df-slow"]}"#, false);
     wait_postinst();
     lab.dev.ok(&["systemctl", "kill", "--kill-whom=main", "--signal=KILL", "debfleet-agent"]);
-    let rec = lab.obs.wait("debfleet/device/fl-1/op/crash-1", Duration::from_secs(90), |v| {
+    let rec = lab.obs.wait("debfleet/device/fl-2/op/crash-1", Duration::from_secs(90), |v| {
         v["state"] == "failed" || v["state"] == "succeeded"
     });
     assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
@@ -232,14 +233,14 @@ fn agent_killed_mid_install_and_broker_restarted_mid_upgrade() {
     // the state arrive after the agent reconnects.
     assert!(lab.repo.publish(&slow_pkg(work.path(), "2.0"), "stable").status.success());
     lab.obs.publish(
-        "debfleet/device/fl-1/cmd/upgrade",
+        "debfleet/device/fl-2/cmd/upgrade",
         r#"{"id":"broker-1","packages":["df-slow"],"watch_s":0}"#,
         false,
     );
     wait_postinst();
     lab.m.restart();
-    lab.obs = Observer::connect(lab.m.port, &["debfleet/device/fl-1/#"]);
-    let rec = lab.obs.wait("debfleet/device/fl-1/op/broker-1", Duration::from_secs(90), |v| {
+    lab.obs = Observer::connect(lab.m.port, &["debfleet/device/fl-2/#"]);
+    let rec = lab.obs.wait("debfleet/device/fl-2/op/broker-1", Duration::from_secs(90), |v| {
         v["state"] == "succeeded" || v["state"] == "failed"
     });
     assert_eq!(rec["state"], "succeeded", "{rec}");
