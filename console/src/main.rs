@@ -2,6 +2,7 @@
 
 mod cmds;
 mod fleet;
+mod lab;
 mod output;
 mod packages;
 mod repo;
@@ -193,6 +194,12 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Devices on this machine (systemd-nspawn containers running the agent): up, status, exec,
+    /// reboot, kill, boot, down.
+    Lab {
+        #[command(subcommand)]
+        command: lab::LabCommand,
+    },
     /// Run the zero-setup services: an embedded MQTT broker on 127.0.0.1.
     Serve {
         /// Address the embedded broker listens on.
@@ -330,6 +337,9 @@ fn main() -> ExitCode {
                 ExitCode::from(code)
             }
         };
+    }
+    if let Command::Lab { command } = cli.command {
+        return finish(lab::run(&ctx, command));
     }
     if let Command::Serve { listen } = cli.command {
         return match serve::run(listen) {
