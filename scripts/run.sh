@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The main job with zero setup: an embedded MQTT broker (debfleet serve) and one local agent that
-# reports this machine as device "local". Ctrl-C stops both. In another terminal:
-#   target/debug/debfleet devices
+# The main job. As root: `debfleet demo` — the embedded broker, a repository server with the
+# agent and a sample package, three lab devices (systemd-nspawn) running the agent, and a guided
+# tour; Ctrl-C takes it all down. As another user (no containers): the zero-setup broker and one
+# agent on this machine. Extra arguments go to `debfleet demo` (e.g. --devices 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LISTEN=${DEBFLEET_LISTEN:-127.0.0.1:1883}
 cargo build --bins
+if [ "$(id -u)" -eq 0 ]; then
+    bash scripts/build-debs.sh >/dev/null
+    agent_deb=$(ls target/debs/debfleet-agent_*.deb | head -n 1)
+    exec target/debug/debfleet demo --agent-deb "$agent_deb" "$@"
+fi
+echo "not root: no lab devices; running the embedded broker and one local agent instead" >&2
+LISTEN=${DEBFLEET_LISTEN:-127.0.0.1:1883}
 state=$(mktemp -d)
 sed -e "s#@BROKER@#mqtt://$LISTEN#" -e "s#@STATE@#$state#" examples/agent.toml > "$state/agent.toml"
 target/debug/debfleet serve --listen "$LISTEN" &

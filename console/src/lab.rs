@@ -146,7 +146,7 @@ pub fn run(ctx: &Ctx, cmd: LabCommand) -> Result<u8> {
     }
 }
 
-fn provision(
+pub fn provision(
     dev: &Device,
     ctx: &Ctx,
     agent_deb: Option<&std::path::Path>,

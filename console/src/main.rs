@@ -1,6 +1,7 @@
 //! `debfleet`: the operator's console.
 
 mod cmds;
+mod demo;
 mod fleet;
 mod lab;
 mod output;
@@ -194,6 +195,19 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Everything on this machine: embedded broker, repository with a sample package, lab devices,
+    /// and a guided tour (needs root: the devices are systemd-nspawn containers).
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        devices: u32,
+        /// The agent .deb (default: target/debs/debfleet-agent_*.deb).
+        #[arg(long)]
+        agent_deb: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        broker_listen: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        repo_listen: std::net::SocketAddr,
+    },
     /// Devices on this machine (systemd-nspawn containers running the agent): up, status, exec,
     /// reboot, kill, boot, down.
     Lab {
@@ -337,6 +351,9 @@ fn main() -> ExitCode {
                 ExitCode::from(code)
             }
         };
+    }
+    if let Command::Demo { devices, agent_deb, broker_listen, repo_listen } = cli.command {
+        return finish(demo::run(&ctx, demo::DemoArgs { devices, agent_deb, broker_listen, repo_listen }));
     }
     if let Command::Lab { command } = cli.command {
         return finish(lab::run(&ctx, command));

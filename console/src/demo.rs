@@ -1,0 +1,175 @@
+//! `debfleet demo`: everything on one machine — the embedded broker, a repository server with
+//! the agent and a sample package in two versions, and lab devices running the agent — then a
+//! short guided tour. Ctrl-C takes it all down again.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use debfleet_lab::Lab;
+
+use crate::repo::RepoClient;
+use crate::Ctx;
+
+pub struct DemoArgs {
+    pub devices: u32,
+    pub agent_deb: Option<PathBuf>,
+    pub broker_listen: SocketAddr,
+    pub repo_listen: SocketAddr,
+}
+
+/// The debfleet-repo binary: beside this one, else on PATH.
+fn repo_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("debfleet-repo")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "debfleet-repo".into())
+}
+
+fn find_agent_deb(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let dir = Path::new("target/debs");
+    let found = std::fs::read_dir(dir).ok().and_then(|d| {
+        d.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("debfleet-agent_")))
+    });
+    found.context("no agent package: build it with scripts/build-debs.sh (target/debs) or pass --agent-deb FILE")
+}
+
+/// A sample component: a service that says hello with its version.
+fn sample_package(dir: &Path, version: &str) -> Result<PathBuf> {
+    let d = dir.join(format!("hello-{version}"));
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("debfleet-hello"), format!("#!/bin/sh\necho \"debfleet-hello {version} running\"\nexec sleep infinity\n"))?;
+    std::fs::write(
+        d.join("debfleet-hello.service"),
+        "[Unit]\nDescription=debfleet sample service\n\n[Service]\nExecStart=/usr/bin/debfleet-hello\nRestart=on-failure\n\n[Install]\nWantedBy=multi-user.target\n",
+    )?;
+    std::fs::write(
+        d.join("manifest.toml"),
+        format!(
+            "[package]\nname = \"debfleet-hello\"\nversion = \"{version}\"\narchitecture = \"all\"\nmaintainer = \"debfleet demo <demo@example.com>\"\ndescription = \"debfleet sample service\"\n\n[[files]]\nsource = \"debfleet-hello\"\ndest = \"/usr/bin/debfleet-hello\"\nmode = \"0755\"\n\n[[units]]\nsource = \"debfleet-hello.service\"\n"
+        ),
+    )?;
+    let manifest = d.join("manifest.toml");
+    let m = debfleet_packaging::load(&manifest)?;
+    let opts = debfleet_packaging::BuildOptions { version: None, architecture: None, source_date_epoch: 1_790_000_000, out_dir: dir.to_owned() };
+    Ok(debfleet_packaging::build(&m, &manifest, &opts)?)
+}
+
+struct Services {
+    repo: Option<Child>,
+    lab: Lab,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        let gone = self.lab.down();
+        if !gone.is_empty() {
+            eprintln!("demo: stopped {}", gone.join(", "));
+        }
+        if let Some(mut r) = self.repo.take() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+    }
+}
+
+pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
+    if args.devices == 0 || args.devices > 16 {
+        bail!(crate::cmds::UsageError("--devices must be between 1 and 16".into()));
+    }
+    let agent_deb = find_agent_deb(args.agent_deb)?;
+    debfleet_lab::ensure_host_packages()?;
+    let broker_url = format!("mqtt://{}", args.broker_listen);
+    let repo_url = format!("http://{}", args.repo_listen);
+    let ctx = Ctx { broker: broker_url.clone(), ca_file: None, topics: ctx.topics.clone() };
+
+    // The broker, in this process.
+    std::net::TcpListener::bind(args.broker_listen).with_context(|| format!("cannot listen on {}", args.broker_listen))?;
+    let listen = args.broker_listen;
+    std::thread::spawn(move || {
+        if let Err(e) = crate::serve::run(listen) {
+            eprintln!("demo: the embedded broker stopped: {e:#}");
+        }
+    });
+
+    // The repository: a fresh one for the demo.
+    let work = std::env::temp_dir().join(format!("debfleet-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let root = work.join("repo");
+    let init = Command::new(repo_binary()).args(["init", "--root"]).arg(&root).output().context("running debfleet-repo init")?;
+    if !init.status.success() {
+        bail!("debfleet-repo init: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    let token = String::from_utf8_lossy(&init.stdout).lines().last().unwrap_or_default().trim().to_owned();
+    let repo = Command::new(repo_binary())
+        .args(["serve", "--root"])
+        .arg(&root)
+        .args(["--listen", &args.repo_listen.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join("repo.log"))?)
+        .spawn()
+        .context("starting debfleet-repo")?;
+    let services = Services { repo: Some(repo), lab: Lab::open() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(args.repo_listen).is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!("the repository server did not start (see {})", work.join("repo.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = RepoClient::new(Some(repo_url.clone()), Some(token.clone()))?;
+    client.upload(&agent_deb, "stable")?;
+    for v in ["1.0", "2.0"] {
+        client.upload(&sample_package(&work, v)?, "stable")?;
+    }
+    eprintln!("demo: repository at {repo_url} with debfleet-agent and debfleet-hello 1.0, 2.0");
+
+    // The devices, taking the agent from the repository like a real fleet would.
+    let key = root.join("public/debfleet-archive-keyring.gpg");
+    for i in 1..=args.devices {
+        let name = format!("lab-{i}");
+        eprintln!("demo: booting {name}...");
+        let dev = match services.lab.attach(&name) {
+            Ok(d) => d,
+            Err(_) => services.lab.create(&name)?,
+        };
+        crate::lab::provision(&dev, &ctx, None, Some(&repo_url), Some(&key), "lab")?;
+    }
+    println!(
+        "\ndebfleet demo is running: broker {broker_url}, repository {repo_url}, devices lab-1..lab-{n}.\n\
+         In another terminal:\n\
+         \x20 export DEBFLEET_BROKER={broker_url} DEBFLEET_REPO={repo_url} DEBFLEET_TOKEN={token}\n\
+         \x20 debfleet devices                                  # the fleet, from retained topics\n\
+         \x20 debfleet install --group lab debfleet-hello=1.0   # one publish, every device installs\n\
+         \x20 debfleet upgrade --group lab debfleet-hello       # to 2.0, units verified\n\
+         \x20 debfleet rollback lab-1 debfleet-hello            # back to 1.0\n\
+         \x20 debfleet watch --group lab                        # status, progress, logs, telemetry\n\
+         \x20 debfleet lab kill lab-2 && debfleet lab boot lab-2\n\
+         Ctrl-C stops the demo and removes its devices.",
+        n = args.devices
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // Wait for Ctrl-C or SIGTERM, then let `services` take everything down.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    drop(services);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(0)
+}

@@ -1,0 +1,52 @@
+//! `debfleet demo` (issue 5): broker, repository, sample package and lab devices from one
+//! command; a package installs through it; SIGTERM takes everything down.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use debfleet_tests::*;
+
+#[test]
+fn demo_runs_a_small_fleet_and_cleans_up() {
+    let broker_port = free_port();
+    let repo_port = free_port();
+    let labdir = tempfile::tempdir().unwrap();
+    let debs = bin("debfleet").parent().unwrap().parent().unwrap().join("debs");
+    let agent = std::fs::read_dir(&debs)
+        .expect("target/debs: run scripts/build-debs.sh")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("debfleet-agent_"))
+        .unwrap();
+    let mut demo = Command::new(bin("debfleet"))
+        .args(["demo", "--devices", "2", "--agent-deb"])
+        .arg(&agent)
+        .args(["--broker-listen", &format!("127.0.0.1:{broker_port}"), "--repo-listen", &format!("127.0.0.1:{repo_port}")])
+        .env("DEBFLEET_LAB_DIR", labdir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(60), "the demo's broker", || std::net::TcpStream::connect(("127.0.0.1", broker_port)).ok());
+    let obs = Observer::connect(broker_port, &["debfleet/device/+/status"]);
+    for d in ["lab-1", "lab-2"] {
+        obs.wait(&format!("debfleet/device/{d}/status"), Duration::from_secs(120), |v| v["state"] == "online");
+    }
+    // The sample package installs on the whole group with one command.
+    let broker = format!("mqtt://127.0.0.1:{broker_port}");
+    let out = Command::new(bin("debfleet"))
+        .args(["install", "--group", "lab", "debfleet-hello=1.0", "--watch", "2", "--json"])
+        .env("DEBFLEET_BROKER", &broker)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+
+    // SIGTERM: devices and services go away.
+    Command::new("kill").arg("-TERM").arg(demo.id().to_string()).status().unwrap();
+    let status = wait_for(Duration::from_secs(60), "the demo to stop", || demo.try_wait().unwrap());
+    assert!(status.success());
+    assert_eq!(std::fs::read_dir(labdir.path().join("devices")).map(|d| d.count()).unwrap_or(0), 0);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", repo_port)).is_err(), "repository stopped");
+}
