@@ -35,7 +35,9 @@ fn find_agent_deb(given: Option<PathBuf>) -> Result<PathBuf> {
     }
     let dir = Path::new("target/debs");
     let found = std::fs::read_dir(dir).ok().and_then(|d| {
-        d.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("debfleet-agent_")))
+        d.flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("debfleet-agent_")))
     });
     found.context("no agent package: build it with scripts/build-debs.sh (target/debs) or pass --agent-deb FILE")
 }
@@ -44,7 +46,10 @@ fn find_agent_deb(given: Option<PathBuf>) -> Result<PathBuf> {
 fn sample_package(dir: &Path, version: &str) -> Result<PathBuf> {
     let d = dir.join(format!("hello-{version}"));
     std::fs::create_dir_all(&d)?;
-    std::fs::write(d.join("debfleet-hello"), format!("#!/bin/sh\necho \"debfleet-hello {version} running\"\nexec sleep infinity\n"))?;
+    std::fs::write(
+        d.join("debfleet-hello"),
+        format!("#!/bin/sh\necho \"debfleet-hello {version} running\"\nexec sleep infinity\n"),
+    )?;
     std::fs::write(
         d.join("debfleet-hello.service"),
         "[Unit]\nDescription=debfleet sample service\n\n[Service]\nExecStart=/usr/bin/debfleet-hello\nRestart=on-failure\n\n[Install]\nWantedBy=multi-user.target\n",
@@ -57,7 +62,12 @@ fn sample_package(dir: &Path, version: &str) -> Result<PathBuf> {
     )?;
     let manifest = d.join("manifest.toml");
     let m = debfleet_packaging::load(&manifest)?;
-    let opts = debfleet_packaging::BuildOptions { version: None, architecture: None, source_date_epoch: 1_790_000_000, out_dir: dir.to_owned() };
+    let opts = debfleet_packaging::BuildOptions {
+        version: None,
+        architecture: None,
+        source_date_epoch: 1_790_000_000,
+        out_dir: dir.to_owned(),
+    };
     Ok(debfleet_packaging::build(&m, &manifest, &opts)?)
 }
 
@@ -90,7 +100,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     let ctx = Ctx { broker: broker_url.clone(), ca_file: None, topics: ctx.topics.clone() };
 
     // The broker, in this process.
-    std::net::TcpListener::bind(args.broker_listen).with_context(|| format!("cannot listen on {}", args.broker_listen))?;
+    std::net::TcpListener::bind(args.broker_listen)
+        .with_context(|| format!("cannot listen on {}", args.broker_listen))?;
     let listen = args.broker_listen;
     std::thread::spawn(move || {
         if let Err(e) = crate::serve::run(listen) {
@@ -103,7 +114,11 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let root = work.join("repo");
-    let init = Command::new(repo_binary()).args(["init", "--root"]).arg(&root).output().context("running debfleet-repo init")?;
+    let init = Command::new(repo_binary())
+        .args(["init", "--root"])
+        .arg(&root)
+        .output()
+        .context("running debfleet-repo init")?;
     if !init.status.success() {
         bail!("debfleet-repo init: {}", String::from_utf8_lossy(&init.stderr));
     }

@@ -377,7 +377,10 @@ impl Device {
         self.cleanup();
     }
 
-    fn cleanup(&self) {
+    fn cleanup(&mut self) {
+        // Forget the pids: once dead they may be reused by unrelated processes.
+        self.pid = 0;
+        self.nspawn_pid = 0;
         for c in cgroup_dirs(&self.name) {
             remove_cgroup_tree(&c);
         }

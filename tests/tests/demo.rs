@@ -21,13 +21,20 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let mut demo = Command::new(bin("debfleet"))
         .args(["demo", "--devices", "2", "--agent-deb"])
         .arg(&agent)
-        .args(["--broker-listen", &format!("127.0.0.1:{broker_port}"), "--repo-listen", &format!("127.0.0.1:{repo_port}")])
+        .args([
+            "--broker-listen",
+            &format!("127.0.0.1:{broker_port}"),
+            "--repo-listen",
+            &format!("127.0.0.1:{repo_port}"),
+        ])
         .env("DEBFLEET_LAB_DIR", labdir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for(Duration::from_secs(60), "the demo's broker", || std::net::TcpStream::connect(("127.0.0.1", broker_port)).ok());
+    wait_for(Duration::from_secs(60), "the demo's broker", || {
+        std::net::TcpStream::connect(("127.0.0.1", broker_port)).ok()
+    });
     let obs = Observer::connect(broker_port, &["debfleet/device/+/status"]);
     for d in ["lab-1", "lab-2"] {
         obs.wait(&format!("debfleet/device/{d}/status"), Duration::from_secs(120), |v| v["state"] == "online");

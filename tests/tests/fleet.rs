@@ -88,6 +88,10 @@ impl Lab {
 }
 
 fn setup(name: &str) -> Lab {
+    setup_with(name, 30)
+}
+
+fn setup_with(name: &str, lock_timeout_s: u32) -> Lab {
     let m = Mosquitto::start();
     let obs = Observer::connect(m.port, &[&format!("debfleet/device/{name}/#")]);
     let repo = RepoServer::start(&[]);
@@ -97,8 +101,9 @@ fn setup(name: &str) -> Lab {
     dev.write(
         "/etc/debfleet/agent.toml",
         &format!(
-            "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[apt]\nwatch_s = 4\nlock_timeout_s = 30\n",
-            m.url()
+            "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[apt]\nwatch_s = 4\nlock_timeout_s = {}\n",
+            m.url(),
+            lock_timeout_s
         ),
     );
     dev.put(&repo.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
@@ -245,4 +250,83 @@ fn agent_killed_mid_install_and_broker_restarted_mid_upgrade() {
     });
     assert_eq!(rec["state"], "succeeded", "{rec}");
     lab.assert_agree("df-slow", Some("2.0"));
+}
+
+#[test]
+fn lock_held_wrong_key_and_power_cut_mid_dpkg() {
+    let mut lab = setup_with("fl-3", 3);
+    let work = tempfile::tempdir().unwrap();
+    let pre = debfleet_tests::repo::build_deb_with_scripts(
+        work.path(),
+        "df-holder",
+        "1.0",
+        "all",
+        "",
+        false,
+        &[("preinst", "sleep 12")],
+    );
+    assert!(lab.repo.publish(&pre, "stable").status.success());
+    assert!(lab.repo.publish(&slow_pkg(work.path(), "1.0"), "stable").status.success());
+    assert!(lab.repo.publish(&demo_app(work.path(), "1.0", false), "stable").status.success());
+    lab.dev.ok(&["apt-get", "update", "-q"]);
+
+    // Another apt holds the dpkg lock longer than the agent waits.
+    let mut holder = Command::new("nsenter")
+        .args([
+            "-t",
+            &lab.dev.pid.to_string(),
+            "-a",
+            "--",
+            "env",
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "install",
+            "-y",
+            "df-holder",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(30), "the other apt to hold the lock", || {
+        Command::new("pgrep").args(["-f", "tmp.ci/preinst"]).output().unwrap().status.success().then_some(())
+    });
+    let (code, v, text) = lab.console(&["install", "fl-3", "demo-app", "--json"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(v[0]["code"], "lock_timeout", "{v}");
+    let _ = holder.wait();
+    lab.assert_agree("demo-app", None);
+
+    // A repository signed with a key the device does not trust.
+    let other = RepoServer::start(&[]);
+    lab.dev.put(&other.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
+    let (code, v, text) = lab.console(&["upgrade", "fl-3", "demo-app", "--json"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(v[0]["code"], "signature_failure", "{v}");
+    lab.dev.put(&lab.repo.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
+
+    // The power goes while dpkg configures a package; the device boots again and the agent
+    // repairs dpkg and finishes the operation.
+    lab.obs.publish("debfleet/device/fl-3/cmd/install", r#"{"id":"cut-1","packages":["df-slow"]}"#, false);
+    wait_postinst();
+    lab.dev.power_cut();
+    lab.obs.wait("debfleet/device/fl-3/status", Duration::from_secs(60), |v| v["state"] == "lost");
+    let dir = lab.dev.dir.clone();
+    let name = lab.dev.name.clone();
+    // Boot the same root again (the test handle keeps owning the directory).
+    let rebooted = debfleet_lab::Device::create(&name, &dir).unwrap();
+    let rec = lab.obs.wait("debfleet/device/fl-3/op/cut-1", Duration::from_secs(120), |v| {
+        v["state"] == "failed" || v["state"] == "succeeded"
+    });
+    assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
+    assert_eq!(rebooted.ok(&["dpkg", "--audit"]).unwrap().trim(), "");
+    let version =
+        String::from_utf8_lossy(&rebooted.exec(&["dpkg-query", "-W", "-f=${Status} ${Version}", "df-slow"]).stdout)
+            .into_owned();
+    let dpkg = version.strip_prefix("install ok installed ").map(str::to_owned);
+    wait_for(Duration::from_secs(20), "the broker to agree with dpkg after the power cut", || {
+        (lab.broker_version("df-slow") == dpkg).then_some(())
+    });
+    let mut rebooted = rebooted;
+    rebooted.power_cut();
 }
