@@ -408,7 +408,7 @@ impl Core {
                 p.iter().map(|s| s.name.clone()).collect()
             }
             JobKind::Rollback(p) => vec![p.name.clone()],
-            JobKind::RestartUnit(_) | JobKind::Refresh => Vec::new(),
+            JobKind::RestartUnit(_) | JobKind::Refresh | JobKind::Resume { .. } => Vec::new(),
         };
         if !touched.is_empty() && !dry_run {
             if let Err(e) = self.journal.set_packages(&id, touched) {
@@ -462,6 +462,13 @@ impl Core {
                     .map(move |u| (u, pkg.clone()))
             })
             .collect()
+    }
+
+    /// A transaction moved to a transient unit: journal it (durably) before it starts.
+    pub fn handoff(&mut self, id: &OpId, handoff: crate::journal::Handoff) {
+        if let Err(e) = self.journal.set_handoff(id, handoff) {
+            tracing::error!("{e}");
+        }
     }
 
     /// A running job's progress.

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use debfleet_apt::{Apt, AptError, Op, Spec};
 use debfleet_protocol::{ErrorCode, OpError, OpId, PackageChange, PackageResult, PackageSpec};
 use debfleet_systemd::{Action, CrashLoop, Systemd};
+
+use crate::journal::Handoff;
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -25,6 +27,11 @@ pub enum JobKind {
     RestartUnit(String),
     /// `apt-get update`.
     Refresh,
+    /// Finish an operation a transient unit carried while the agent restarted.
+    Resume {
+        unit: String,
+        before: std::collections::BTreeMap<String, String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +44,18 @@ pub struct Job {
 
 #[derive(Debug)]
 pub enum JobEvent {
-    Progress { id: OpId, phase: String, percent: Option<u8> },
+    Progress {
+        id: OpId,
+        phase: String,
+        percent: Option<u8>,
+    },
+    /// The transaction is about to run in a transient unit; the core journals that durably
+    /// and answers on `ack` before the unit starts.
+    Handoff {
+        id: OpId,
+        handoff: Handoff,
+        ack: tokio::sync::oneshot::Sender<()>,
+    },
     Done(JobDone),
 }
 
@@ -56,7 +74,13 @@ pub struct JobContext {
     pub apt: Apt,
     pub admindir: PathBuf,
     pub systemd: Option<Arc<Systemd>>,
+    /// Running as a systemd service with a bus: a transaction on the agent's own package goes
+    /// to a transient unit, since the package's postinst restarts this service.
+    pub self_upgrade: bool,
 }
+
+/// The agent's own package.
+pub const OWN_PACKAGE: &str = "debfleet-agent";
 
 fn error(code: ErrorCode, message: impl Into<String>) -> OpError {
     OpError { code, message: message.into() }
@@ -121,6 +145,16 @@ pub async fn run(job: Job, ctx: Arc<JobContext>, tx: mpsc::Sender<JobEvent>) {
                 },
             }
         }
+        JobKind::Resume { unit, before } => match &ctx.systemd {
+            Some(sd) => finish_transient(&id, unit, before.clone(), &ctx, sd, Instant::now()).await,
+            None => JobDone {
+                id: id.clone(),
+                result: None,
+                error: Some(error(ErrorCode::Interrupted, format!("cannot read the result of {unit}: no systemd bus"))),
+                changes: vec![],
+                rolled_back: vec![],
+            },
+        },
         _ => packages(&job, &ctx, &tx).await,
     };
     let _ = tx.send(JobEvent::Done(done)).await;
@@ -154,6 +188,9 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         }
         JobKind::Rollback(p) => (Op::Install(vec![to_spec(p)]), true),
         _ => unreachable!("package jobs only"),
+    };
+    let touches_self = match &op {
+        Op::Install(s) | Op::Upgrade(s) | Op::Remove { names: s, .. } => s.iter().any(|s| s.name == OWN_PACKAGE),
     };
     // An upgrade is about the newest the repository has, so it starts from fresh indices; other
     // operations refresh them only when apt does not know what was asked for (just published).
@@ -206,6 +243,11 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             rolled_back_to: None,
         };
         return JobDone { id, result: serde_json::to_value(r).ok(), error: None, changes: vec![], rolled_back: vec![] };
+    }
+    if touches_self && ctx.self_upgrade {
+        if let Some(sd) = &ctx.systemd {
+            return hand_off(&id, &op, allow_downgrades, ctx, sd, tx, started).await;
+        }
     }
     // What changed is read from dpkg's database before and after (no separate simulation: the
     // transaction itself resolves, and dependencies show up in the difference).
@@ -342,4 +384,112 @@ async fn undo(ctx: &Arc<JobContext>, changes: &[PackageChange]) -> Vec<(String, 
         restored.push((n, v));
     }
     restored
+}
+
+/// Runs the transaction in a transient unit (outside the agent's service, which the package's
+/// postinst restarts); the result is read by this agent if it is still there, or its successor.
+async fn hand_off(
+    id: &OpId,
+    op: &Op,
+    allow_downgrades: bool,
+    ctx: &Arc<JobContext>,
+    sd: &Arc<Systemd>,
+    tx: &mpsc::Sender<JobEvent>,
+    started: Instant,
+) -> JobDone {
+    let before = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
+    let unit = format!("debfleet-op-{id}.service");
+    let (ack, acked) = tokio::sync::oneshot::channel();
+    let handoff = Handoff { unit: unit.clone(), before: before.clone() };
+    let _ = tx.send(JobEvent::Handoff { id: id.clone(), handoff, ack }).await;
+    if acked.await.is_err() {
+        return JobDone {
+            id: id.clone(),
+            result: None,
+            error: Some(error(ErrorCode::Internal, "the handoff was not journaled")),
+            changes: vec![],
+            rolled_back: vec![],
+        };
+    }
+    let _ = tx
+        .send(JobEvent::Progress { id: id.clone(), phase: "installing (outside the agent)".into(), percent: None })
+        .await;
+    let argv = ctx.apt.argv(op, allow_downgrades);
+    if let Err(e) = sd.start_transient(&unit, "debfleet: a transaction on the agent's own package", &argv).await {
+        return JobDone {
+            id: id.clone(),
+            result: None,
+            error: Some(error(ErrorCode::Internal, e.to_string())),
+            changes: vec![],
+            rolled_back: vec![],
+        };
+    }
+    finish_transient(id, &unit, before, ctx, sd, started).await
+}
+
+/// Waits for a transient unit's transaction to end (through systemd's signals) and reports it.
+async fn finish_transient(
+    id: &OpId,
+    unit: &str,
+    before: std::collections::BTreeMap<String, String>,
+    ctx: &Arc<JobContext>,
+    sd: &Arc<Systemd>,
+    started: Instant,
+) -> JobDone {
+    let done = |error: Option<OpError>, result: Option<Value>, changes| JobDone {
+        id: id.clone(),
+        result,
+        error,
+        changes,
+        rolled_back: vec![],
+    };
+    let mut states = match sd.watch(&[unit.to_owned()]).await {
+        Ok(s) => s,
+        Err(e) => return done(Some(error(ErrorCode::Interrupted, format!("{unit}: {e}"))), None, vec![]),
+    };
+    while let Some(state) = states.next().await {
+        if state.active_state == "active" || state.active_state == "failed" || state.load_state == "not-found" {
+            break;
+        }
+    }
+    let outcome = sd.oneshot_result(unit).await;
+    let log = tokio::process::Command::new("journalctl")
+        .args(["-u", unit, "-o", "cat", "--no-pager"])
+        .output()
+        .await
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let _ = sd.forget(unit).await;
+    let after = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
+    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let changes: Vec<PackageChange> = names
+        .into_iter()
+        .map(|n| PackageChange { package: n.clone(), before: before.get(n).cloned(), after: after.get(n).cloned() })
+        .filter(|c| c.before != c.after)
+        .collect();
+    let history: Vec<(String, Option<String>)> = changes.iter().map(|c| (c.package.clone(), c.after.clone())).collect();
+    match outcome {
+        Ok(Some((result, _))) if result == "success" => {
+            let r = PackageResult {
+                changes,
+                download_bytes: debfleet_apt::need_to_get(&log),
+                duration_ms: started.elapsed().as_millis() as u64,
+                dry_run: false,
+                rolled_back_to: None,
+            };
+            done(None, serde_json::to_value(r).ok(), history)
+        }
+        Ok(Some((result, status))) => {
+            let e = debfleet_apt::classify(&log, &[]);
+            let e = if matches!(e, AptError::Other(ref m) if m.is_empty()) {
+                error(ErrorCode::AptFailed, format!("{unit} ended {result} (status {status})"))
+            } else {
+                apt_error(e)
+            };
+            done(Some(e), None, history)
+        }
+        Ok(None) | Err(_) => {
+            done(Some(error(ErrorCode::Interrupted, format!("the result of {unit} is gone"))), None, history)
+        }
+    }
 }

@@ -27,6 +27,17 @@ pub struct Entry {
     /// with dpkg's database on the next start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,
+    /// A transaction handed to a transient unit (the agent upgrading itself): whoever runs
+    /// after it — this agent or its successor — reads the unit's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<Handoff>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    pub unit: String,
+    /// Installed versions before the transaction, to report what changed.
+    pub before: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +81,13 @@ impl Journal {
         }
         let next_seq = entries.values().map(|e| e.seq + 1).max().unwrap_or(0);
         let mut journal = Journal { dir: dir.to_owned(), entries, next_seq, capacity };
-        let unfinished: Vec<OpId> =
-            journal.entries.values().filter(|e| !e.record.state.is_final()).map(|e| e.record.id.clone()).collect();
+        // Operations handed to a transient unit are finished from that unit's result instead.
+        let unfinished: Vec<OpId> = journal
+            .entries
+            .values()
+            .filter(|e| !e.record.state.is_final() && e.handoff.is_none())
+            .map(|e| e.record.id.clone())
+            .collect();
         for id in &unfinished {
             let message = "the agent stopped before this operation finished".to_owned();
             journal.finish(id, now_ms, Err(OpError { code: ErrorCode::Interrupted, message }))?;
@@ -117,8 +133,10 @@ impl Journal {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.entries
-            .insert(id.clone(), Entry { record, retained: true, unretained_at: None, seq, packages: Vec::new() });
+        self.entries.insert(
+            id.clone(),
+            Entry { record, retained: true, unretained_at: None, seq, packages: Vec::new(), handoff: None },
+        );
         self.save(&id, true)?;
         self.evict()
     }
@@ -206,6 +224,24 @@ impl Journal {
             self.save(id, true)?;
         }
         Ok(())
+    }
+
+    /// Records, durably, that a transient unit now carries the operation.
+    pub fn set_handoff(&mut self, id: &OpId, handoff: Handoff) -> Result<(), JournalError> {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.handoff = Some(handoff);
+            self.save(id, true)?;
+        }
+        Ok(())
+    }
+
+    /// Unfinished operations carried by transient units.
+    pub fn handoffs(&self) -> Vec<(OpId, Handoff)> {
+        self.entries
+            .values()
+            .filter(|e| !e.record.state.is_final())
+            .filter_map(|e| e.handoff.clone().map(|h| (e.record.id.clone(), h)))
+            .collect()
     }
 
     /// The verb of an operation the journal knows.

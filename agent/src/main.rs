@@ -127,7 +127,23 @@ async fn run(
             None
         }
     };
-    let job_ctx = Arc::new(jobs::JobContext { apt, admindir: cfg.dpkg_admindir.clone(), systemd: systemd.clone() });
+    let job_ctx = Arc::new(jobs::JobContext {
+        apt,
+        admindir: cfg.dpkg_admindir.clone(),
+        systemd: systemd.clone(),
+        self_upgrade: under_systemd && systemd.is_some(),
+    });
+    // Transactions a transient unit carried while this agent (re)started are finished first.
+    let resumed: Vec<jobs::Job> = journal
+        .handoffs()
+        .into_iter()
+        .map(|(id, h)| jobs::Job {
+            id,
+            kind: jobs::JobKind::Resume { unit: h.unit, before: h.before },
+            dry_run: false,
+            watch: Duration::ZERO,
+        })
+        .collect();
     let (client, eventloop) = connection::client(&cfg)?;
     let reconnect = cfg.reconnect.clone();
     let mut core = Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()));
@@ -150,7 +166,7 @@ async fn run(
     let mut last_housekeeping = Instant::now();
     let mut connected = false;
     let (job_tx, mut job_rx) = mpsc::channel(64);
-    let mut jobs_queued: VecDeque<jobs::Job> = VecDeque::new();
+    let mut jobs_queued: VecDeque<jobs::Job> = resumed.into();
     let mut job_running = false;
     let (unit_tx, mut unit_rx) = mpsc::channel(64);
     let mut watched = core.managed_units();
@@ -193,6 +209,11 @@ async fn run(
             }
             ev = job_rx.recv() => match ev {
                 Some(jobs::JobEvent::Progress { id, phase, percent }) => core.job_progress(&id, &phase, percent),
+                Some(jobs::JobEvent::Handoff { id, handoff, ack }) => {
+                    core.handoff(&id, handoff);
+                    let _ = ack.send(());
+                    Vec::new()
+                }
                 Some(jobs::JobEvent::Done(done)) => {
                     job_running = false;
                     let mut outs = core.job_done(done, time::now_unix_ms());

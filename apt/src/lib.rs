@@ -13,5 +13,5 @@ pub mod simulate;
 pub mod status;
 
 pub use errors::{classify, AptError};
-pub use run::{Apt, Op, Progress, Report, Spec};
+pub use run::{need_to_get, Apt, Op, Progress, Report, Spec};
 pub use simulate::Changes;

@@ -134,6 +134,15 @@ impl Apt {
         args
     }
 
+    /// The full command line of a transaction, for running it elsewhere (a transient unit).
+    pub fn argv(&self, op: &Op, allow_downgrades: bool) -> Vec<String> {
+        let cmd = self.base();
+        let mut argv: Vec<String> = vec![cmd.get_program().to_string_lossy().into_owned()];
+        argv.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+        argv.extend(Self::op_args(op, allow_downgrades));
+        argv
+    }
+
     /// What the transaction would do, without doing it.
     pub fn simulate(&self, op: &Op, allow_downgrades: bool) -> Result<Changes, AptError> {
         let mut cmd = self.base();

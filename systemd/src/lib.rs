@@ -199,6 +199,53 @@ impl Systemd {
         Ok(())
     }
 
+    /// Starts a command as its own transient oneshot service (`systemd-run` without the tool):
+    /// it runs outside the caller's service, so it survives the caller being restarted — how
+    /// the agent upgrades its own package. The unit stays loaded after it ends, with its result,
+    /// until [`Systemd::forget`].
+    pub async fn start_transient(&self, unit: &str, description: &str, argv: &[String]) -> Result<(), SystemdError> {
+        check(unit)?;
+        let Some(program) = argv.first() else {
+            return Err(SystemdError::InvalidUnit(format!("{unit}: empty command")));
+        };
+        use zbus::zvariant::Value;
+        let exec: Vec<(String, Vec<String>, bool)> = vec![(program.clone(), argv.to_vec(), false)];
+        let env: Vec<String> = vec!["DEBIAN_FRONTEND=noninteractive".into(), "LC_ALL=C.UTF-8".into()];
+        let props: Vec<(&str, Value<'_>)> = vec![
+            ("Description", Value::from(description)),
+            ("Type", Value::from("oneshot")),
+            ("RemainAfterExit", Value::from(true)),
+            ("Environment", Value::from(env)),
+            ("ExecStart", Value::from(exec)),
+        ];
+        self.manager.start_transient_unit(unit, "fail", &props, &[]).await?;
+        Ok(())
+    }
+
+    /// A oneshot service's outcome once it has run: `Some("success")`, `Some("exit-code")`, ...;
+    /// `None` while it still runs.
+    pub async fn oneshot_result(&self, unit: &str) -> Result<Option<(String, i32)>, SystemdError> {
+        check(unit)?;
+        let path = self.unit_path(unit).await?;
+        let state = self.state_at(unit, &path).await?;
+        if state.active_state == "activating" || state.active_state == "deactivating" {
+            return Ok(None);
+        }
+        if state.load_state == "not-found" {
+            return Err(SystemdError::NoSuchUnit(unit.to_owned()));
+        }
+        let s = ServiceProxy::builder(&self.conn).path(path)?.build().await?;
+        Ok(Some((s.result().await?, s.exec_main_status().await.unwrap_or(0))))
+    }
+
+    /// Stops and unloads a finished transient unit.
+    pub async fn forget(&self, unit: &str) -> Result<(), SystemdError> {
+        check(unit)?;
+        let _ = self.manager.stop_unit(unit, "replace").await;
+        let _ = self.manager.reset_failed_unit(unit).await;
+        Ok(())
+    }
+
     /// Re-reads unit files (`systemctl daemon-reload`).
     pub async fn reload_daemon(&self) -> Result<(), SystemdError> {
         Ok(self.manager.reload().await?)

@@ -330,3 +330,48 @@ fn lock_held_wrong_key_and_power_cut_mid_dpkg() {
     let mut rebooted = rebooted;
     rebooted.power_cut();
 }
+
+#[test]
+fn the_agent_upgrades_its_own_package() {
+    let lab = setup("fl-4");
+    let work = tempfile::tempdir().unwrap();
+    let manifest =
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("packaging/debfleet-agent/manifest.toml");
+    let out = Command::new(bin("debfleet"))
+        .arg("package")
+        .arg(&manifest)
+        .args(["--version", "0.1.1", "--out"])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let newer = std::fs::read_dir(work.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .unwrap();
+    assert!(lab.repo.publish(&newer, "stable").status.success());
+    let first = lab.obs.last("debfleet/device/fl-4/status").unwrap().json();
+
+    // The transaction runs in a transient unit; the package's postinst restarts the agent, and
+    // the new agent reports the result.
+    let (code, v, text) = lab.console(&["upgrade", "fl-4", "debfleet-agent", "--json", "--timeout", "180"]);
+    assert_eq!(code, Some(0), "{text}");
+    let change = v[0]["result"]["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["package"] == "debfleet-agent")
+        .cloned()
+        .unwrap();
+    assert_eq!((change["before"].clone(), change["after"].clone()), ("0.1.0".into(), "0.1.1".into()), "{v}");
+    assert_eq!(lab.dpkg_version("debfleet-agent").as_deref(), Some("0.1.1"));
+    assert!(lab.dev.is_active("debfleet-agent.service"));
+    let now = lab.obs.last("debfleet/device/fl-4/status").unwrap().json();
+    assert_eq!(now["state"], "online");
+    assert_ne!(now["since"], first["since"], "the agent was restarted by its own upgrade");
+    // The transient unit is gone once its result was read.
+    let units = lab.dev.ok(&["systemctl", "list-units", "--all", "--no-legend", "debfleet-op-*"]);
+    assert!(units.trim().is_empty(), "{units}");
+}
