@@ -270,14 +270,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             other => break other,
         }
     };
-    let after = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
-    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-    let changes: Vec<PackageChange> = names
-        .into_iter()
-        .map(|n| PackageChange { package: n.clone(), before: before.get(n).cloned(), after: after.get(n).cloned() })
-        .filter(|c| c.before != c.after)
-        .collect();
-    let history: Vec<(String, Option<String>)> = changes.iter().map(|c| (c.package.clone(), c.after.clone())).collect();
+    let (changes, history) = changes_since(&before, ctx);
     let report = match run {
         Ok(r) => r,
         Err(e) => {
@@ -386,6 +379,23 @@ async fn undo(ctx: &Arc<JobContext>, changes: &[PackageChange]) -> Vec<(String, 
     restored
 }
 
+/// What dpkg's database says changed since `before`: the changes for the result, and
+/// (package, version now) for the managed-package history.
+fn changes_since(
+    before: &std::collections::BTreeMap<String, String>,
+    ctx: &JobContext,
+) -> (Vec<PackageChange>, Vec<(String, Option<String>)>) {
+    let after = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
+    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let changes: Vec<PackageChange> = names
+        .into_iter()
+        .map(|n| PackageChange { package: n.clone(), before: before.get(n).cloned(), after: after.get(n).cloned() })
+        .filter(|c| c.before != c.after)
+        .collect();
+    let history = changes.iter().map(|c| (c.package.clone(), c.after.clone())).collect();
+    (changes, history)
+}
+
 /// Runs the transaction in a transient unit (outside the agent's service, which the package's
 /// postinst restarts); the result is read by this agent if it is still there, or its successor.
 async fn hand_off(
@@ -460,14 +470,7 @@ async fn finish_transient(
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     let _ = sd.forget(unit).await;
-    let after = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
-    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-    let changes: Vec<PackageChange> = names
-        .into_iter()
-        .map(|n| PackageChange { package: n.clone(), before: before.get(n).cloned(), after: after.get(n).cloned() })
-        .filter(|c| c.before != c.after)
-        .collect();
-    let history: Vec<(String, Option<String>)> = changes.iter().map(|c| (c.package.clone(), c.after.clone())).collect();
+    let (changes, history) = changes_since(&before, ctx);
     match outcome {
         Ok(Some((result, _))) if result == "success" => {
             let r = PackageResult {

@@ -5,8 +5,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use debfleet_protocol::debian::{valid_package_name, valid_version};
-
 use crate::errors::{classify, AptError};
 use crate::simulate::{self, Changes};
 use crate::status::{self, Status};
@@ -20,14 +18,8 @@ pub struct Spec {
 
 impl Spec {
     pub fn parse(s: &str) -> Result<Spec, AptError> {
-        let (name, version) = match s.split_once('=') {
-            Some((n, v)) => (n, Some(v)),
-            None => (s, None),
-        };
-        if !valid_package_name(name) || version.is_some_and(|v| !valid_version(v)) {
-            return Err(AptError::InvalidSpec(s.to_owned()));
-        }
-        Ok(Spec { name: name.to_owned(), version: version.map(str::to_owned) })
+        let p = debfleet_protocol::PackageSpec::parse(s).map_err(|_| AptError::InvalidSpec(s.to_owned()))?;
+        Ok(Spec { name: p.name, version: p.version })
     }
 
     fn arg(&self) -> String {

@@ -417,3 +417,30 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, stall: Option<Arc<AtomicBool>>) 
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
 }
+
+/// Starts `apt-get install PKG` inside a device and returns once that package's preinst runs:
+/// from then on, another apt holds the dpkg lock (until the preinst ends).
+pub fn hold_dpkg_lock(dev: &lab::Device, package: &str) -> Child {
+    let holder = Command::new("nsenter")
+        .args([
+            "-t",
+            &dev.pid.to_string(),
+            "-a",
+            "--",
+            "env",
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "install",
+            "-y",
+            package,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(30), "the other apt to hold the lock", || {
+        // The device's processes are visible from the host (its PID namespace is nested).
+        Command::new("pgrep").args(["-f", "tmp.ci/preinst"]).output().unwrap().status.success().then_some(())
+    });
+    holder
+}

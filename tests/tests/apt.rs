@@ -1,12 +1,9 @@
 //! The apt crate (issue 5) against real apt-get and dpkg on a real systemd device, installing
 //! from our own signed repository server.
 
-use std::time::Duration;
-
 use debfleet_apt::{Apt, AptError, Op, Spec};
 use debfleet_tests::lab::Device;
 use debfleet_tests::repo::*;
-use debfleet_tests::wait_for;
 
 fn apt_on(dev: &Device) -> Apt {
     let enter = ["nsenter", "-t", &dev.pid.to_string(), "-a", "--"].map(String::from).to_vec();
@@ -110,31 +107,9 @@ fn transactions_progress_dry_runs_and_typed_errors_on_a_device() {
     assert!(!apt.recover().unwrap(), "nothing left to repair");
 
     // Another apt holds the lock: a clear error after the timeout.
-    let holder = std::process::Command::new("nsenter")
-        .args([
-            "-t",
-            &dev.pid.to_string(),
-            "-a",
-            "--",
-            "env",
-            "DEBIAN_FRONTEND=noninteractive",
-            "apt-get",
-            "install",
-            "-y",
-            "df-slow",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(Duration::from_secs(20), "the other apt to hold the lock", || {
-        // The device's processes are visible from the host (its PID namespace is nested).
-        let out = std::process::Command::new("pgrep").args(["-f", "tmp.ci/preinst"]).output().unwrap();
-        out.status.success().then_some(())
-    });
+    let mut holder = debfleet_tests::hold_dpkg_lock(&dev, "df-slow");
     let err = apt.run(&Op::Install(vec![spec("df-hello")]), false, &mut |_| {}).unwrap_err();
     assert_eq!(err.code(), "lock_timeout", "{err:?}");
-    let mut holder = holder;
     let _ = holder.wait();
 
     // The repository goes away: downloads fail, typed.

@@ -271,26 +271,7 @@ fn lock_held_wrong_key_and_power_cut_mid_dpkg() {
     lab.dev.ok(&["apt-get", "update", "-q"]);
 
     // Another apt holds the dpkg lock longer than the agent waits.
-    let mut holder = Command::new("nsenter")
-        .args([
-            "-t",
-            &lab.dev.pid.to_string(),
-            "-a",
-            "--",
-            "env",
-            "DEBIAN_FRONTEND=noninteractive",
-            "apt-get",
-            "install",
-            "-y",
-            "df-holder",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(Duration::from_secs(30), "the other apt to hold the lock", || {
-        Command::new("pgrep").args(["-f", "tmp.ci/preinst"]).output().unwrap().status.success().then_some(())
-    });
+    let mut holder = debfleet_tests::hold_dpkg_lock(&lab.dev, "df-holder");
     let (code, v, text) = lab.console(&["install", "fl-3", "demo-app", "--json"]);
     assert_eq!(code, Some(1), "{text}");
     assert_eq!(v[0]["code"], "lock_timeout", "{v}");
