@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-60}
 command -v mosquitto_sub >/dev/null || { echo "needs mosquitto and mosquitto-clients (apt-get install mosquitto mosquitto-clients)" >&2; exit 1; }
-cargo build --release -p debfleet-agent
+cargo build --profile agent -p debfleet-agent
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$work/m.conf"
@@ -31,7 +31,7 @@ threshold = 0
 [logs]
 batch_s = 1
 TOML
-target/release/debfleet-agent --config "$work/agent.toml" 2>/dev/null &
+target/agent/debfleet-agent --config "$work/agent.toml" 2>/dev/null &
 agent=$!
 mosquitto_sub -p "$port" -t 'debfleet/#' >"$work/sub.out" &
 sub=$!
@@ -52,7 +52,7 @@ ref_hwm=$(kb $sub VmHWM)
 agent_cpu=$(cpu_s $agent)
 echo "agent footprint over ${DURATION}s, telemetry every second ($messages messages seen by the subscriber)"
 printf '%-28s %10s %10s %8s\n' "" "VmHWM KiB" "VmRSS KiB" "CPU s"
-printf '%-28s %10s %10s %8s\n' "debfleet-agent (release)" "$hwm" "$steady" "$agent_cpu"
+printf '%-28s %10s %10s %8s\n' "debfleet-agent (agent profile)" "$hwm" "$steady" "$agent_cpu"
 printf '%-28s %10s %10s %8s\n' "mosquitto_sub (reference)" "$ref_hwm" "$ref_rss" "$(cpu_s $sub)"
 awk -v h="$hwm" -v s="$steady" -v rh="$ref_hwm" -v rs="$ref_rss" 'BEGIN {
     printf "agent / mosquitto_sub: peak %.2fx, steady %.2fx\n", h/rh, s/rs;

@@ -15,7 +15,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
-cargo build --release --bins -p debfleet-agent -p debfleet-repo -p debfleet-console
+cargo build --release --bins -p debfleet-repo -p debfleet-console
+# The agent is built for size (profile `agent` in Cargo.toml): it runs on small boards.
+cargo build --profile agent -p debfleet-agent
 for pkg in debfleet-agent debfleet-repo debfleet; do
     target/release/debfleet package "packaging/$pkg/manifest.toml" --out "$out" \
         --arch "$(dpkg --print-architecture)" "${version_args[@]}"

@@ -330,7 +330,10 @@ impl Core {
                 "agent_version": env!("CARGO_PKG_VERSION"),
                 "uptime_s": self.started.elapsed().as_secs(),
             })),
-            CommandArgs::Refresh => return self.start_job(out, id, JobKind::Refresh, false, None),
+            CommandArgs::Refresh => {
+                let managed = self.managed.names(&self.cfg.packages);
+                return self.start_job(out, id, JobKind::Refresh(managed), false, None);
+            }
             CommandArgs::Install { packages, options } => {
                 return self.start_job(out, id, JobKind::Install(packages), options.dry_run, options.watch_s)
             }
@@ -408,7 +411,7 @@ impl Core {
                 p.iter().map(|s| s.name.clone()).collect()
             }
             JobKind::Rollback(p) => vec![p.name.clone()],
-            JobKind::RestartUnit(_) | JobKind::Refresh | JobKind::Resume { .. } => Vec::new(),
+            JobKind::RestartUnit(_) | JobKind::Refresh(_) | JobKind::Resume { .. } => Vec::new(),
         };
         if !touched.is_empty() && !dry_run {
             if let Err(e) = self.journal.set_packages(&id, touched) {

@@ -25,8 +25,8 @@ pub enum JobKind {
     /// Back to an exact version (resolved by the core from its history when not given).
     Rollback(PackageSpec),
     RestartUnit(String),
-    /// `apt-get update`.
-    Refresh,
+    /// `apt-get update`, then the upgrades available for these (managed) packages.
+    Refresh(Vec<String>),
     /// Finish an operation a transient unit carried while the agent restarted.
     Resume {
         unit: String,
@@ -126,16 +126,23 @@ pub async fn run(job: Job, ctx: Arc<JobContext>, tx: mpsc::Sender<JobEvent>) {
     let id = job.id.clone();
     let done = match &job.kind {
         JobKind::RestartUnit(unit) => restart_unit(&id, unit, &ctx).await,
-        JobKind::Refresh => {
+        JobKind::Refresh(managed) => {
             let apt = ctx.apt.clone();
-            match blocking(move || apt.update()).await {
-                Ok(()) => JobDone {
-                    id: id.clone(),
-                    result: Some(serde_json::json!({"updated": true})),
-                    error: None,
-                    changes: vec![],
-                    rolled_back: vec![],
-                },
+            let specs: Vec<Spec> = managed.iter().map(|n| Spec { name: n.clone(), version: None }).collect();
+            let outcome = blocking(move || {
+                apt.update()?;
+                apt.upgradable(&specs)
+            })
+            .await;
+            match outcome {
+                Ok(up) => {
+                    let upgradable: serde_json::Map<String, Value> = up
+                        .into_iter()
+                        .map(|(n, (from, to))| (n, serde_json::json!({"installed": from, "candidate": to})))
+                        .collect();
+                    let result = serde_json::json!({"updated": true, "upgradable": upgradable});
+                    JobDone { id: id.clone(), result: Some(result), error: None, changes: vec![], rolled_back: vec![] }
+                }
                 Err(e) => JobDone {
                     id: id.clone(),
                     result: None,

@@ -146,6 +146,21 @@ impl Apt {
         Ok(simulate::parse(&out.1))
     }
 
+    /// Upgrades available from the device's apt lists for these packages: name → (installed,
+    /// candidate). Packages that are not installed or already newest are left out.
+    pub fn upgradable(&self, names: &[Spec]) -> Result<std::collections::BTreeMap<String, (String, String)>, AptError> {
+        if names.is_empty() {
+            return Ok(Default::default());
+        }
+        let plan = self.simulate(&Op::Upgrade(names.to_vec()), false)?;
+        Ok(plan
+            .upgrade
+            .into_iter()
+            .filter(|(n, _, _)| names.iter().any(|s| &s.name == n))
+            .map(|(n, o, v)| (n, (o, v)))
+            .collect())
+    }
+
     /// `apt-get update`, failing on any repository error (a wrong key included).
     pub fn update(&self) -> Result<(), AptError> {
         let mut cmd = self.base();

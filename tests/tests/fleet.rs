@@ -57,6 +57,13 @@ struct Lab {
     repo: RepoServer,
     dev: Device,
     obs: Observer,
+    /// More devices, for operations on several at once.
+    others: Vec<(String, Device)>,
+}
+
+fn dpkg_version_on(dev: &Device, pkg: &str) -> Option<String> {
+    let out = dev.exec(&["dpkg-query", "-W", "-f=${Status} ${Version}", pkg]);
+    String::from_utf8_lossy(&out.stdout).strip_prefix("install ok installed ").map(str::to_owned)
 }
 
 impl Lab {
@@ -67,41 +74,46 @@ impl Lab {
     }
 
     fn dpkg_version(&self, pkg: &str) -> Option<String> {
-        let out = self.dev.exec(&["dpkg-query", "-W", "-f=${Status} ${Version}", pkg]);
-        String::from_utf8_lossy(&out.stdout).strip_prefix("install ok installed ").map(str::to_owned)
+        dpkg_version_on(&self.dev, pkg)
     }
 
-    /// The broker's retained view of the package (None: not listed as installed).
-    fn broker_version(&self, pkg: &str) -> Option<String> {
-        let msg = self.obs.last(&format!("debfleet/device/{}/state/packages", self.name))?.json();
+    /// The broker's retained view of a device's package (None: not listed as installed).
+    fn broker_version_of(&self, device: &str, pkg: &str) -> Option<String> {
+        let msg = self.obs.last(&format!("debfleet/device/{device}/state/packages"))?.json();
         let p = &msg["packages"][pkg];
         (p["status"] == "installed").then(|| p["version"].as_str().unwrap().to_owned())
     }
 
-    /// The broker and dpkg agree (the agent publishes state right after each operation).
+    fn broker_version(&self, pkg: &str) -> Option<String> {
+        self.broker_version_of(&self.name, pkg)
+    }
+
+    /// On every device, the broker and dpkg agree (the agent publishes state right after each
+    /// operation), and both say `expect`.
     fn assert_agree(&self, pkg: &str, expect: Option<&str>) {
-        assert_eq!(self.dpkg_version(pkg).as_deref(), expect, "dpkg's view of {pkg}");
-        wait_for(Duration::from_secs(10), "the broker to agree with dpkg", || {
-            (self.broker_version(pkg).as_deref() == expect).then_some(())
-        });
+        let all = std::iter::once((&self.name, &self.dev)).chain(self.others.iter().map(|(n, d)| (n, d)));
+        for (name, dev) in all {
+            assert_eq!(dpkg_version_on(dev, pkg).as_deref(), expect, "dpkg's view of {pkg} on {name}");
+            wait_for(Duration::from_secs(10), "the broker to agree with dpkg", || {
+                (self.broker_version_of(name, pkg).as_deref() == expect).then_some(())
+            });
+        }
     }
 }
 
 fn setup(name: &str) -> Lab {
-    setup_with(name, 30)
+    setup_with(name, 30, &[])
 }
 
-fn setup_with(name: &str, lock_timeout_s: u32) -> Lab {
-    let m = Mosquitto::start();
-    let obs = Observer::connect(m.port, &[&format!("debfleet/device/{name}/#")]);
-    let repo = RepoServer::start(&[]);
+/// A device with the agent .deb installed, talking to `m`, taking packages from `repo`.
+fn provision(name: &str, m: &Mosquitto, repo: &RepoServer, obs: &Observer, lock_timeout_s: u32) -> Device {
     let dev = Device::boot(name);
     dev.put(&own_deb("debfleet-agent"), "/var/tmp/agent.deb");
     dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
     dev.write(
         "/etc/debfleet/agent.toml",
         &format!(
-            "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[apt]\nwatch_s = 4\nlock_timeout_s = {}\n",
+            "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\ngroups = [\"lab\"]\n\n[apt]\nwatch_s = 4\nlock_timeout_s = {}\n",
             m.url(),
             lock_timeout_s
         ),
@@ -114,21 +126,32 @@ fn setup_with(name: &str, lock_timeout_s: u32) -> Lab {
     let _ = std::fs::remove_file(dev.root.join("etc/apt/sources.list.d/debian.sources"));
     dev.ok(&["systemctl", "restart", "debfleet-agent"]);
     obs.wait(&format!("debfleet/device/{name}/status"), Duration::from_secs(30), |v| v["state"] == "online");
-    Lab { m, repo, dev, obs, name: name.to_owned() }
+    dev
+}
+
+fn setup_with(name: &str, lock_timeout_s: u32, more: &[&str]) -> Lab {
+    let m = Mosquitto::start();
+    let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
+    let repo = RepoServer::start(&[]);
+    let dev = provision(name, &m, &repo, &obs, lock_timeout_s);
+    let others = more.iter().map(|n| (n.to_string(), provision(n, &m, &repo, &obs, lock_timeout_s))).collect();
+    Lab { m, repo, dev, obs, name: name.to_owned(), others }
 }
 
 #[test]
 fn install_upgrade_failed_upgrade_rollback_uninstall() {
-    let lab = setup("fl-1");
+    let lab = setup_with("fl-1", 30, &["fl-1b"]);
     let work = tempfile::tempdir().unwrap();
     for v in ["1.0", "2.0"] {
         assert!(lab.repo.publish(&demo_app(work.path(), v, false), "stable").status.success());
     }
 
     // Install a pinned version (the agent refreshes its indices when apt does not know it yet).
-    let (code, v, text) = lab.console(&["install", "fl-1", "demo-app=1.0", "--json"]);
+    let (code, v, text) = lab.console(&["install", "fl-1", "fl-1b", "demo-app=1.0", "--json"]);
     assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
     assert_eq!(v[0]["result"]["changes"][0]["after"], "1.0", "{v}");
+    assert_eq!(v[1]["result"]["changes"][0]["after"], "1.0", "{v}");
     assert!(v[0]["result"]["download_bytes"].as_u64().unwrap() > 0);
     lab.assert_agree("demo-app", Some("1.0"));
     assert!(lab.dev.is_active("demo-app.service"));
@@ -155,8 +178,13 @@ fn install_upgrade_failed_upgrade_rollback_uninstall() {
     assert_eq!(v[0]["result"]["changes"][0]["after"], "2.0", "{v}");
     lab.assert_agree("demo-app", Some("1.0"));
 
-    // Upgrade to the newest.
-    let (code, v, text) = lab.console(&["upgrade", "fl-1", "demo-app", "--json"]);
+    // The devices' apt lists tell what can be upgraded.
+    lab.obs.publish("debfleet/device/fl-1/cmd/refresh", r#"{"id":"refresh-1"}"#, false);
+    let rec = lab.obs.wait("debfleet/device/fl-1/op/refresh-1", Duration::from_secs(60), |v| v["state"] == "succeeded");
+    assert_eq!(rec["result"]["upgradable"]["demo-app"]["candidate"], "2.0", "{rec}");
+
+    // Upgrade both (one publish to their group) to the newest.
+    let (code, v, text) = lab.console(&["upgrade", "--group", "lab", "demo-app", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(
         (v[0]["result"]["changes"][0]["before"].clone(), v[0]["result"]["changes"][0]["after"].clone()),
@@ -166,15 +194,17 @@ fn install_upgrade_failed_upgrade_rollback_uninstall() {
 
     // 3.0's unit fails: the agent notices and goes back to 2.0 by itself.
     assert!(lab.repo.publish(&demo_app(work.path(), "3.0", true), "stable").status.success());
-    let (code, v, text) = lab.console(&["upgrade", "fl-1", "demo-app", "--json"]);
+    let (code, v, text) = lab.console(&["upgrade", "--group", "lab", "demo-app", "--json"]);
     assert_eq!(code, Some(1), "{text}");
-    assert_eq!(v[0]["code"], "unit_failed", "{v}");
-    assert_eq!(v[0]["result"]["rolled_back_to"]["demo-app"], "2.0", "{v}");
+    for d in v.as_array().unwrap() {
+        assert_eq!(d["code"], "unit_failed", "{v}");
+        assert_eq!(d["result"]["rolled_back_to"]["demo-app"], "2.0", "{v}");
+    }
     lab.assert_agree("demo-app", Some("2.0"));
     wait_for(Duration::from_secs(20), "demo-app to run again", || lab.dev.is_active("demo-app.service").then_some(()));
 
     // The operator rolls back further: to what was installed before 2.0.
-    let (code, v, text) = lab.console(&["rollback", "fl-1", "demo-app", "--json"]);
+    let (code, v, text) = lab.console(&["rollback", "fl-1", "fl-1b", "demo-app", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(v[0]["result"]["changes"][0]["after"], "1.0", "{v}");
     lab.assert_agree("demo-app", Some("1.0"));
@@ -196,10 +226,12 @@ fn install_upgrade_failed_upgrade_rollback_uninstall() {
     assert!(text.contains("not a unit of a managed package"), "{text}");
 
     // Uninstall with purge.
-    let (code, v, text) = lab.console(&["uninstall", "fl-1", "demo-app", "--purge", "--json"]);
+    let (code, v, text) = lab.console(&["uninstall", "fl-1", "fl-1b", "demo-app", "--purge", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(v[0]["result"]["changes"][0]["before"], "1.0");
+    assert_eq!(v[1]["result"]["changes"][0]["before"], "1.0");
     assert_eq!(lab.dpkg_version("demo-app"), None);
+    assert_eq!(dpkg_version_on(&lab.others[0].1, "demo-app"), None);
     assert!(!lab.dev.is_active("demo-app.service"));
 }
 
@@ -254,7 +286,7 @@ fn agent_killed_mid_install_and_broker_restarted_mid_upgrade() {
 
 #[test]
 fn lock_held_wrong_key_and_power_cut_mid_dpkg() {
-    let mut lab = setup_with("fl-3", 3);
+    let mut lab = setup_with("fl-3", 3, &[]);
     let work = tempfile::tempdir().unwrap();
     let pre = debfleet_tests::repo::build_deb_with_scripts(
         work.path(),
