@@ -26,7 +26,8 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-fn usage(msg: impl Into<String>) -> anyhow::Error {
+/// An operator's input error (exit status 2) with this message.
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
 }
 

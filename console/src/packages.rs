@@ -10,14 +10,10 @@ use anyhow::{bail, Result};
 use debfleet_protocol::{DeviceId, OpRecord, PackageResult};
 use serde_json::{json, Map, Value};
 
-use crate::cmds::{load_fleet, UsageError};
+use crate::cmds::{load_fleet, usage};
 use crate::output::table;
-use crate::request::{send_and_follow, Outcome, Target};
+use crate::request::{send_and_follow, send_and_wait, Outcome, Target};
 use crate::{exit, Ctx};
-
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(UsageError(msg.into()))
-}
 
 pub struct PackageRequest {
     pub verb: &'static str,
@@ -214,7 +210,7 @@ pub async fn restart_unit(ctx: &Ctx, device: &str, unit: &str, json_out: bool) -
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     let mut args = Map::new();
     args.insert("unit".into(), json!(unit));
-    let outcomes = send_and_follow(
+    let outcomes = send_and_wait(
         &mut session,
         &ctx.topics,
         &mut fleet,
@@ -222,7 +218,6 @@ pub async fn restart_unit(ctx: &Ctx, device: &str, unit: &str, json_out: bool) -
         "restart",
         args,
         Duration::from_secs(120),
-        &mut |_, _| {},
     )
     .await?;
     session.disconnect().await;

@@ -9,17 +9,13 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::Digest;
 
-use crate::cmds::UsageError;
+use crate::cmds::usage;
 use crate::output::table;
 
 pub struct RepoClient {
     url: String,
     token: Option<String>,
     agent: ureq::Agent,
-}
-
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(UsageError(msg.into()))
 }
 
 impl RepoClient {
