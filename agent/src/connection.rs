@@ -24,6 +24,8 @@ pub enum NetEvent {
     Message {
         topic: String,
         payload: Vec<u8>,
+        /// Delivered from the broker's retained store.
+        retain: bool,
     },
 }
 
@@ -41,7 +43,15 @@ pub fn client(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop)> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }));
     }
-    Ok(AsyncClient::new(opts, 512))
+    // Small: the outbox holds the backlog; the client's channel only feeds the socket. What sits
+    // in it when a connection breaks is dropped by rumqttc on a clean session anyway.
+    let (client, mut eventloop) = AsyncClient::new(opts, 32);
+    // Every answer is a few small publishes back to back: without TCP_NODELAY each waits for the
+    // broker's delayed ACK (tens of milliseconds).
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    Ok((client, eventloop))
 }
 
 /// Backoff state: doubling from the initial delay up to the cap, with "equal jitter" (half
@@ -104,7 +114,7 @@ pub async fn drive(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic.clone();
-                let _ = events.send(NetEvent::Message { topic, payload: p.payload.to_vec() }).await;
+                let _ = events.send(NetEvent::Message { topic, payload: p.payload.to_vec(), retain: p.retain }).await;
             }
             Ok(_) => {}
             Err(e) => {

@@ -50,7 +50,18 @@ pub struct Core {
     log_gate: Option<Arc<LogGate>>,
     managed: Managed,
     units: BTreeMap<String, UnitInfo>,
+    /// Retained command deliveries already reported (topic and payload hash): each is reported
+    /// once, not again on every reconnect.
+    retained_seen: std::collections::HashSet<(String, u64)>,
+    /// Package and unit jobs handed out and not finished yet (bounded intake).
+    jobs_pending: usize,
+    /// Messages waiting in the outbox, as last told by the edge (bounded intake).
+    backlog: usize,
 }
+
+/// Over these, a new command is answered with `busy` instead of being accepted.
+pub const MAX_BACKLOG: usize = 1000;
+pub const MAX_JOBS_PENDING: usize = 32;
 
 impl Core {
     pub fn new(
@@ -78,6 +89,9 @@ impl Core {
             log_gate,
             managed: Managed::load(&cfg_state_dir),
             units: BTreeMap::new(),
+            retained_seen: Default::default(),
+            jobs_pending: 0,
+            backlog: 0,
         }
     }
 
@@ -233,8 +247,24 @@ impl Core {
         out
     }
 
-    /// A message arrived on one of the command subscriptions.
-    pub fn on_message(&mut self, topic: &str, payload: &[u8], now_ms: i64) -> Vec<Out> {
+    /// How many messages wait in the outbox (the edge tells before each command).
+    pub fn set_backlog(&mut self, n: usize) {
+        self.backlog = n;
+    }
+
+    fn rejected(&self, topic: &str, code: ErrorCode, message: String, now_ms: i64) -> Out {
+        let r =
+            Rejected { v: CONTRACT_VERSION, ts: time::format_unix_ms(now_ms), topic: topic.to_owned(), code, message };
+        let mut out = self.publish(Topic::Rejected(self.cfg.device_id.clone()), &r);
+        if let Out::Publish { retain, .. } = &mut out {
+            *retain = false;
+        }
+        out
+    }
+
+    /// A message arrived on one of the command subscriptions; `retained` when the broker
+    /// delivered it from its retained store.
+    pub fn on_message(&mut self, topic: &str, payload: &[u8], retained: bool, now_ms: i64) -> Vec<Out> {
         let verb = match self.cfg.topics.parse(topic) {
             Ok(Topic::DeviceCmd(d, verb)) if d == self.cfg.device_id => verb,
             Ok(Topic::FleetCmd(verb)) => verb,
@@ -245,6 +275,26 @@ impl Core {
                 return Vec::new();
             }
         };
+        // An empty payload is how a retained command is cleared; the broker forwards it.
+        if payload.is_empty() {
+            return Vec::new();
+        }
+        if retained {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            payload.hash(&mut h);
+            if !self.retained_seen.insert((topic.to_owned(), h.finish())) {
+                return Vec::new();
+            }
+            tracing::warn!("ignoring a retained command on {topic}");
+            let message = "a retained command is never run (commands are events); publish it without the retain flag, \
+                           and clear the retained one with an empty retained message"
+                .to_owned();
+            return vec![self.rejected(topic, ErrorCode::RetainedCommand, message, now_ms)];
+        }
+        if self.backlog > MAX_BACKLOG || self.jobs_pending >= MAX_JOBS_PENDING {
+            return self.busy(topic, &verb, payload, now_ms);
+        }
         match parse_command(&verb, payload) {
             Ok(cmd) => self.run(cmd, now_ms),
             Err(Rejection { id: Some(id), code, message }) => {
@@ -253,20 +303,42 @@ impl Core {
             }
             Err(Rejection { id: None, code, message }) => {
                 tracing::warn!("command on {topic} rejected: {message}");
-                let r = Rejected {
-                    v: CONTRACT_VERSION,
-                    ts: time::format_unix_ms(now_ms),
-                    topic: topic.to_owned(),
-                    code,
-                    message,
-                };
-                let mut out = self.publish(Topic::Rejected(self.cfg.device_id.clone()), &r);
-                if let Out::Publish { retain, .. } = &mut out {
-                    *retain = false;
-                }
-                vec![out]
+                vec![self.rejected(topic, code, message, now_ms)]
             }
         }
+    }
+
+    /// Too much is queued: answer at once, without journaling, so the id stays free for a retry.
+    fn busy(&self, topic: &str, verb: &str, payload: &[u8], now_ms: i64) -> Vec<Out> {
+        let message = format!(
+            "the device is busy ({} messages to send, {} operations queued); nothing was done, send it again later",
+            self.backlog, self.jobs_pending
+        );
+        let id = match parse_command(verb, payload) {
+            Ok(c) => c.id,
+            Err(Rejection { id: Some(id), .. }) => id,
+            Err(Rejection { id: None, code, message }) => return vec![self.rejected(topic, code, message, now_ms)],
+        };
+        tracing::warn!(op = %id, "refused: {message}");
+        let ts = time::format_unix_ms(now_ms);
+        let record = debfleet_protocol::OpRecord {
+            v: CONTRACT_VERSION,
+            id: id.clone(),
+            verb: verb.to_owned(),
+            state: debfleet_protocol::OpState::Failed,
+            accepted_at: ts.clone(),
+            updated_at: ts,
+            phase: None,
+            percent: None,
+            result: None,
+            error: Some(OpError { code: ErrorCode::Busy, message }),
+            repeats: 0,
+        };
+        let mut out = self.publish(Topic::Op(self.cfg.device_id.clone(), id), &record);
+        if let Out::Publish { retain, .. } = &mut out {
+            *retain = false;
+        }
+        vec![out]
     }
 
     fn publish_op(&self, id: &OpId) -> Out {
@@ -422,8 +494,14 @@ impl Core {
             tracing::error!("{e}");
         }
         out.push(self.publish_op(&id));
+        self.jobs_pending += 1;
         out.push(Out::Job(Job { id, kind, dry_run, watch }));
         out
+    }
+
+    /// Jobs resumed at start (transient units) count against the intake bound like others.
+    pub fn jobs_resumed(&mut self, n: usize) {
+        self.jobs_pending += n;
     }
 
     /// The version a rollback goes to: the one named, or the one installed before the current.
@@ -484,6 +562,7 @@ impl Core {
 
     /// A job ended: record the outcome, update the managed set, republish the state.
     pub fn job_done(&mut self, done: JobDone, now_ms: i64) -> Vec<Out> {
+        self.jobs_pending = self.jobs_pending.saturating_sub(1);
         let verb = self.journal.verb(&done.id).unwrap_or("").to_owned();
         match &done.error {
             Some(e) => tracing::warn!(op = %done.id, "{verb} failed: {}", e.message),
@@ -650,11 +729,11 @@ mod tests {
     #[test]
     fn ping_lifecycle_and_dedupe() {
         let mut f = fixture(false);
-        let outs = f.core.on_message("debfleet/fleet/cmd/ping", br#"{"id":"p1"}"#, 1000);
+        let outs = f.core.on_message("debfleet/fleet/cmd/ping", br#"{"id":"p1"}"#, false, 1000);
         let states: Vec<OpState> = op_states(&outs, "p1").iter().map(|r| r.state).collect();
         assert_eq!(states, [OpState::Accepted, OpState::Running, OpState::Succeeded]);
         let first = op_states(&outs, "p1").pop().unwrap();
-        let again = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, 5000);
+        let again = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, false, 5000);
         let records = op_states(&again, "p1");
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].repeats, 1);
@@ -664,38 +743,100 @@ mod tests {
     #[test]
     fn ignores_other_devices_and_groups() {
         let mut f = fixture(false);
-        assert!(f.core.on_message("debfleet/device/d2/cmd/ping", br#"{"id":"p1"}"#, 0).is_empty());
-        assert!(f.core.on_message("debfleet/group/other/cmd/ping", br#"{"id":"p1"}"#, 0).is_empty());
-        assert!(f.core.on_message("elsewhere/x", b"{}", 0).is_empty());
-        assert_eq!(op_states(&f.core.on_message("debfleet/group/lab/cmd/ping", br#"{"id":"p1"}"#, 0), "p1").len(), 3);
+        assert!(f.core.on_message("debfleet/device/d2/cmd/ping", br#"{"id":"p1"}"#, false, 0).is_empty());
+        assert!(f.core.on_message("debfleet/group/other/cmd/ping", br#"{"id":"p1"}"#, false, 0).is_empty());
+        assert!(f.core.on_message("elsewhere/x", b"{}", false, 0).is_empty());
+        assert_eq!(
+            op_states(&f.core.on_message("debfleet/group/lab/cmd/ping", br#"{"id":"p1"}"#, false, 0), "p1").len(),
+            3
+        );
     }
 
     #[test]
     fn bad_input_gets_error_codes() {
         let mut f = fixture(false);
-        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", b"{nope", 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", b"{nope", false, 0);
         let (topic, v, retain) = publishes(&outs).pop().unwrap();
         assert_eq!(
             (topic.as_str(), v["code"].as_str(), retain),
             ("debfleet/device/d1/rejected", Some("malformed_json"), false)
         );
-        let outs = f.core.on_message("debfleet/device/d1/cmd/fly", br#"{"id":"f1"}"#, 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/fly", br#"{"id":"f1"}"#, false, 0);
         let rec = op_states(&outs, "f1").pop().unwrap();
         assert_eq!((rec.state, rec.error.unwrap().code), (OpState::Failed, ErrorCode::UnknownVerb));
-        let outs =
-            f.core.on_message("debfleet/device/d1/cmd/cfg", br#"{"id":"c1","set":{"logs":{"level":"loud"}}}"#, 0);
+        let outs = f.core.on_message(
+            "debfleet/device/d1/cmd/cfg",
+            br#"{"id":"c1","set":{"logs":{"level":"loud"}}}"#,
+            false,
+            0,
+        );
         let err = op_states(&outs, "c1").pop().unwrap().error.unwrap();
         assert_eq!(err.code, ErrorCode::InvalidValue);
         assert!(err.message.contains("logs.level"), "{}", err.message);
-        let outs = f.core.on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, false, 0);
         assert_eq!(op_states(&outs, "r1").pop().unwrap().error.unwrap().code, ErrorCode::NotSupported);
         assert!(!outs.contains(&Out::Restart));
     }
 
     #[test]
+    fn retained_commands_never_run_and_are_reported_once() {
+        let mut f = fixture(false);
+        let topic = "debfleet/fleet/cmd/install";
+        let payload = br#"{"id":"i9","packages":["hello"]}"#;
+        let outs = f.core.on_message(topic, payload, true, 0);
+        assert!(!outs.iter().any(|o| matches!(o, Out::Job(_))));
+        assert!(op_states(&outs, "i9").is_empty());
+        let (t, v, retain) = publishes(&outs).pop().unwrap();
+        assert_eq!(
+            (t.as_str(), v["code"].as_str(), retain),
+            ("debfleet/device/d1/rejected", Some("retained_command"), false)
+        );
+        // Delivered again after a reconnect: not reported again.
+        assert!(f.core.on_message(topic, payload, true, 10).is_empty());
+        // The same id sent live later runs: the retained copy did not take it.
+        assert!(f.core.on_message(topic, payload, false, 20).iter().any(|o| matches!(o, Out::Job(_))));
+    }
+
+    #[test]
+    fn clearing_a_retained_command_is_not_malformed_json() {
+        let mut f = fixture(false);
+        assert!(f.core.on_message("debfleet/fleet/cmd/ping", b"", true, 0).is_empty());
+        assert!(f.core.on_message("debfleet/fleet/cmd/ping", b"", false, 0).is_empty());
+    }
+
+    #[test]
+    fn over_the_intake_bound_commands_get_busy_and_are_not_recorded() {
+        let mut f = fixture(false);
+        f.core.set_backlog(MAX_BACKLOG + 1);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"b1"}"#, false, 0);
+        let (_, v, retain) = publishes(&outs).pop().unwrap();
+        assert_eq!((v["state"].as_str(), v["error"]["code"].as_str(), retain), (Some("failed"), Some("busy"), false));
+        f.core.set_backlog(0);
+        // The id was not journaled: sent again, it runs.
+        let states: Vec<OpState> =
+            op_states(&f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"b1"}"#, false, 1), "b1")
+                .iter()
+                .map(|r| r.state)
+                .collect();
+        assert_eq!(states, [OpState::Accepted, OpState::Running, OpState::Succeeded]);
+        // Queued jobs count too.
+        for i in 0..MAX_JOBS_PENDING {
+            let p = format!(r#"{{"id":"j{i}","packages":["hello"]}}"#);
+            assert!(f
+                .core
+                .on_message("debfleet/device/d1/cmd/install", p.as_bytes(), false, 2)
+                .iter()
+                .any(|o| matches!(o, Out::Job(_))));
+        }
+        let outs =
+            f.core.on_message("debfleet/device/d1/cmd/install", br#"{"id":"jx","packages":["hello"]}"#, false, 3);
+        assert_eq!(publishes(&outs).pop().unwrap().1["error"]["code"], "busy");
+    }
+
+    #[test]
     fn restart_under_systemd_reports_then_stops() {
         let mut f = fixture(true);
-        let outs = f.core.on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r1"}"#, false, 0);
         assert_eq!(outs.last(), Some(&Out::Restart));
         assert_eq!(op_states(&outs, "r1").pop().unwrap().state, OpState::Succeeded);
     }
@@ -706,6 +847,7 @@ mod tests {
         let outs = f.core.on_message(
             "debfleet/device/d1/cmd/cfg",
             br#"{"id":"c1","set":{"groups":["edge"],"telemetry":{"cpu":{"interval_s":2}}}}"#,
+            false,
             0,
         );
         assert!(outs.contains(&Out::Unsubscribe(vec!["debfleet/group/lab/cmd/+".into()])));
@@ -718,17 +860,17 @@ mod tests {
     #[test]
     fn clear_and_expiry_publish_empty_retained() {
         let mut f = fixture(false);
-        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, 0);
-        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p2"}"#, 0);
-        let outs = f.core.on_message("debfleet/device/d1/cmd/clear", br#"{"id":"c1","ops":["p1"]}"#, 1000);
+        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, false, 0);
+        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p2"}"#, false, 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/clear", br#"{"id":"c1","ops":["p1"]}"#, false, 1000);
         let cleared: Vec<_> = publishes(&outs).into_iter().filter(|(_, v, _)| v.is_null()).map(|(t, _, _)| t).collect();
         assert_eq!(cleared, ["debfleet/device/d1/op/p1"]);
         // Journal capacity is 4: the next ops evict the oldest finished ones and clear them.
         // p1 goes first (already cleared: nothing to publish), then p2.
-        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p3"}"#, 2000);
-        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p4"}"#, 2000);
+        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p3"}"#, false, 2000);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p4"}"#, false, 2000);
         assert!(!publishes(&outs).iter().any(|(_, v, _)| v.is_null()));
-        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p5"}"#, 2000);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p5"}"#, false, 2000);
         assert!(publishes(&outs).iter().any(|(t, v, _)| t.ends_with("/op/p2") && v.is_null()));
     }
 
@@ -738,6 +880,7 @@ mod tests {
         let outs = f.core.on_message(
             "debfleet/device/d1/cmd/install",
             br#"{"id":"i1","packages":["hello=1.0"],"watch_s":0}"#,
+            false,
             0,
         );
         let job = outs
@@ -769,15 +912,17 @@ mod tests {
     #[test]
     fn rollback_and_restart_need_something_to_act_on() {
         let mut f = fixture(false);
-        let outs = f.core.on_message("debfleet/device/d1/cmd/rollback", br#"{"id":"r1","package":"hello"}"#, 0);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/rollback", br#"{"id":"r1","package":"hello"}"#, false, 0);
         let err = op_states(&outs, "r1").pop().unwrap().error.unwrap();
         assert_eq!(err.code, ErrorCode::InvalidValue);
         assert!(err.message.contains("no earlier version"), "{}", err.message);
-        let outs = f.core.on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r2","unit":"ssh.service"}"#, 0);
+        let outs =
+            f.core.on_message("debfleet/device/d1/cmd/restart", br#"{"id":"r2","unit":"ssh.service"}"#, false, 0);
         let err = op_states(&outs, "r2").pop().unwrap().error.unwrap();
         assert!(err.message.contains("not a unit of a managed package"), "{}", err.message);
         // A named version needs no history.
-        let outs = f.core.on_message("debfleet/device/d1/cmd/rollback", br#"{"id":"r3","package":"hello=0.9"}"#, 0);
+        let outs =
+            f.core.on_message("debfleet/device/d1/cmd/rollback", br#"{"id":"r3","package":"hello=0.9"}"#, false, 0);
         assert!(outs.iter().any(|o| matches!(o, Out::Job(j) if j.kind == JobKind::Rollback(PackageSpec { name: "hello".into(), version: Some("0.9".into()) }))));
     }
 }

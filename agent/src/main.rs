@@ -9,6 +9,7 @@ mod jobs;
 mod journal;
 mod logs;
 mod managed;
+mod outbox;
 mod telemetry;
 
 use std::collections::VecDeque;
@@ -19,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use debfleet_protocol::time;
-use rumqttc::{AsyncClient, QoS};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -148,11 +148,15 @@ async fn run(
     let reconnect = cfg.reconnect.clone();
     let mut core = Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()));
     core.reconcile_packages(&touched);
+    core.jobs_resumed(resumed.len());
     let will = core.will_builder();
 
     let shutdown = CancellationToken::new();
     let (net_tx, mut net_rx) = mpsc::channel(256);
     let driver = tokio::spawn(connection::drive(eventloop, net_tx, reconnect, will, shutdown.clone()));
+    let outbox = Arc::new(outbox::Outbox::default());
+    let (connected_tx, connected_rx) = tokio::sync::watch::channel(false);
+    let sender = tokio::spawn(outbox::send(client.clone(), outbox.clone(), connected_rx));
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -174,23 +178,37 @@ async fn run(
     tracing::info!("debfleet-agent {} starting", env!("CARGO_PKG_VERSION"));
 
     let restart = loop {
-        let outs = tokio::select! {
+        // One closed set of events; each becomes the core's actions.
+        let event = tokio::select! {
             ev = net_rx.recv() => match ev {
-                Some(NetEvent::Connected { since }) => {
-                    connected = true;
-                    // Thresholds compare with what the broker last got; after a gap, start over.
-                    sampler = telemetry::Sampler::default();
-                    core.on_connected(since, time::now_unix_ms())
-                }
-                Some(NetEvent::Disconnected) => {
-                    connected = false;
-                    core.on_disconnected();
-                    Vec::new()
-                }
-                Some(NetEvent::Message { topic, payload }) => core.on_message(&topic, &payload, time::now_unix_ms()),
+                Some(ev) => Event::Net(ev),
                 None => bail!("the MQTT connection task ended unexpectedly"),
             },
-            _ = tick.tick() => {
+            _ = tick.tick() => Event::Tick,
+            Some(ev) = job_rx.recv() => Event::Job(ev),
+            Some((unit, package, state)) = unit_rx.recv() => Event::Unit { unit, package, state },
+            _ = sigterm.recv() => Event::Stop,
+            _ = sigint.recv() => Event::Stop,
+        };
+        let outs = match event {
+            Event::Net(NetEvent::Connected { since }) => {
+                connected = true;
+                // Thresholds compare with what the broker last got; after a gap, start over.
+                sampler = telemetry::Sampler::default();
+                core.on_connected(since, time::now_unix_ms())
+            }
+            Event::Net(NetEvent::Disconnected) => {
+                connected = false;
+                let _ = connected_tx.send(false);
+                outbox.lock().disconnected();
+                core.on_disconnected();
+                Vec::new()
+            }
+            Event::Net(NetEvent::Message { topic, payload, retain }) => {
+                core.set_backlog(outbox.len());
+                core.on_message(&topic, &payload, retain, time::now_unix_ms())
+            }
+            Event::Tick => {
                 let now = Instant::now();
                 let mut outs = Vec::new();
                 if connected {
@@ -207,41 +225,39 @@ async fn run(
                 }
                 outs
             }
-            ev = job_rx.recv() => match ev {
-                Some(jobs::JobEvent::Progress { id, phase, percent }) => core.job_progress(&id, &phase, percent),
-                Some(jobs::JobEvent::Handoff { id, handoff, ack }) => {
-                    core.handoff(&id, handoff);
-                    let _ = ack.send(());
-                    Vec::new()
-                }
-                Some(jobs::JobEvent::Done(done)) => {
-                    job_running = false;
-                    let mut outs = core.job_done(done, time::now_unix_ms());
-                    // The managed set may have changed: watch the units it has now.
-                    let now_units = core.managed_units();
-                    if now_units != watched {
-                        watched = now_units;
-                        outs.extend(core.retain_units(&watched));
-                        if let Some(sd) = &systemd {
-                            if let Some(w) = watcher.take() {
-                                w.abort();
-                            }
-                            watcher = Some(spawn_unit_watcher(sd.clone(), watched.clone(), unit_tx.clone()));
+            Event::Job(jobs::JobEvent::Progress { id, phase, percent }) => core.job_progress(&id, &phase, percent),
+            Event::Job(jobs::JobEvent::Handoff { id, handoff, ack }) => {
+                core.handoff(&id, handoff);
+                let _ = ack.send(());
+                Vec::new()
+            }
+            Event::Job(jobs::JobEvent::Done(done)) => {
+                job_running = false;
+                let mut outs = core.job_done(done, time::now_unix_ms());
+                // The managed set may have changed: watch the units it has now.
+                let now_units = core.managed_units();
+                if now_units != watched {
+                    watched = now_units;
+                    outs.extend(core.retain_units(&watched));
+                    if let Some(sd) = &systemd {
+                        if let Some(w) = watcher.take() {
+                            w.abort();
                         }
+                        watcher = Some(spawn_unit_watcher(sd.clone(), watched.clone(), unit_tx.clone()));
                     }
-                    outs
                 }
-                None => Vec::new(),
-            },
-            u = unit_rx.recv() => match u {
-                Some((unit, package, state)) => core.unit_changed(&unit, &package, &state),
-                None => Vec::new(),
-            },
-            _ = sigterm.recv() => break false,
-            _ = sigint.recv() => break false,
+                outs
+            }
+            Event::Unit { unit, package, state } => core.unit_changed(&unit, &package, &state),
+            Event::Stop => break false,
         };
-        if perform(&client, outs, connected, &mut jobs_queued) {
+        if perform(&outbox, outs, connected, &mut jobs_queued) {
             break true;
+        }
+        // The connection counts as up for the sender only once the core has queued what a new
+        // connection needs first (subscriptions, status, retained facts).
+        if connected && !*connected_tx.borrow() {
+            let _ = connected_tx.send(true);
         }
         if !job_running {
             if let Some(job) = jobs_queued.pop_front() {
@@ -256,41 +272,59 @@ async fn run(
         tracing::info!("stopping");
     }
     if connected {
-        perform(&client, vec![core.offline()], true, &mut VecDeque::new());
-        let _ = client.try_disconnect();
+        perform(&outbox, vec![core.offline()], true, &mut VecDeque::new());
+        // What was recorded (the restart's own result, the offline status) goes out first.
+        let drained = async {
+            loop {
+                let notified = outbox.drained.notified();
+                if outbox.len() == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
+        let _ = client.disconnect().await;
     }
+    sender.abort();
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
     Ok(())
 }
 
-/// Hands actions to the MQTT client without ever waiting on it: the event loop may be busy
-/// reconnecting, and everything retained is republished on the next connect anyway. Returns
-/// true when the agent should stop for a restart.
-fn perform(client: &AsyncClient, outs: Vec<Out>, connected: bool, jobs: &mut VecDeque<jobs::Job>) -> bool {
+/// What the agent's loop reacts to: one closed set.
+enum Event {
+    Net(NetEvent),
+    /// The 1 s tick: telemetry, log batches, housekeeping.
+    Tick,
+    Job(jobs::JobEvent),
+    Unit {
+        unit: String,
+        package: String,
+        state: debfleet_systemd::UnitState,
+    },
+    /// SIGTERM or SIGINT.
+    Stop,
+}
+
+/// Queues the core's actions: broker requests into the outbox (the sender task hands them to
+/// the client), jobs into the job queue. Returns true when the agent should stop for a restart.
+fn perform(outbox: &outbox::Outbox, outs: Vec<Out>, connected: bool, jobs: &mut VecDeque<jobs::Job>) -> bool {
     let mut restart = false;
-    for out in outs {
-        let result = match out {
-            Out::Restart => {
-                restart = true;
-                Ok(())
+    let mut queued = false;
+    {
+        let mut q = outbox.lock();
+        for out in outs {
+            match q.push(out, connected) {
+                None => queued = true,
+                Some(Out::Restart) => restart = true,
+                Some(Out::Job(job)) => jobs.push_back(job),
+                Some(_) => {}
             }
-            Out::Job(job) => {
-                jobs.push_back(job);
-                Ok(())
-            }
-            _ if !connected => Ok(()),
-            Out::Publish { topic, payload, retain, reliable } => {
-                let qos = if reliable { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-                client.try_publish(topic, qos, retain, payload)
-            }
-            Out::Subscribe(filters) => client
-                .try_subscribe_many(filters.into_iter().map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce))),
-            Out::Unsubscribe(filters) => filters.into_iter().try_for_each(|f| client.try_unsubscribe(f)),
-        };
-        if let Err(e) = result {
-            tracing::debug!("MQTT request not queued: {e}");
         }
+    }
+    if queued {
+        outbox.wake.notify_one();
     }
     restart
 }

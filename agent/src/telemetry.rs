@@ -91,29 +91,38 @@ impl Gate {
     }
 }
 
+/// Gates samples and keeps the retained view: the latest published value of every enabled
+/// metric, each with the time it was sampled.
 #[derive(Default)]
 pub struct Sampler {
     cpu: Gate,
     memory: Gate,
     disk: Gate,
     disk_published: BTreeMap<String, f64>,
+    view: Telemetry,
 }
 
 impl Sampler {
-    /// Called about once a second; returns a message when any metric is due and moved.
+    /// Called about once a second; when any metric is due and moved, returns the whole view
+    /// (the retained message), not only what moved.
     pub fn tick(&mut self, now: Instant, cfg: &TelemetryCfg, probe: &mut dyn Probe) -> Option<Telemetry> {
-        let mut msg =
-            Telemetry { v: CONTRACT_VERSION, ts: time::now(), cpu: None, memory: None, disk: BTreeMap::new() };
+        let ts = time::now();
+        let mut moved = false;
+        let view = &mut self.view;
         if cfg.cpu.enabled && self.cpu.due(now, cfg.cpu.interval_s) {
             let v = probe.cpu();
             if self.cpu.offer(now, v, cfg.cpu.threshold) {
-                msg.cpu = Some(v);
+                view.cpu = Some(v);
+                view.at.insert("cpu".into(), ts.clone());
+                moved = true;
             }
         }
         if cfg.memory.enabled && self.memory.due(now, cfg.memory.interval_s) {
             let v = probe.memory();
             if self.memory.offer(now, v, cfg.memory.threshold) {
-                msg.memory = Some(v);
+                view.memory = Some(v);
+                view.at.insert("memory".into(), ts.clone());
+                moved = true;
             }
         }
         if cfg.disk.enabled && self.disk.due(now, cfg.disk.interval_s) {
@@ -123,11 +132,36 @@ impl Sampler {
                 let last = self.disk_published.get(mount).copied();
                 if last.is_none_or(|l| (v - l).abs() >= cfg.disk.threshold) {
                     self.disk_published.insert(mount.clone(), v);
-                    msg.disk.insert(mount.clone(), v);
+                    view.disk.insert(mount.clone(), v);
+                    view.at.insert(format!("disk:{mount}"), ts.clone());
+                    moved = true;
                 }
             }
         }
-        (msg.cpu.is_some() || msg.memory.is_some() || !msg.disk.is_empty()).then_some(msg)
+        // What is no longer enabled leaves the view (and is sampled afresh when enabled again).
+        if !cfg.cpu.enabled {
+            view.cpu = None;
+            self.cpu = Gate::default();
+        }
+        if !cfg.memory.enabled {
+            view.memory = None;
+            self.memory = Gate::default();
+        }
+        let mounts: &[String] = if cfg.disk.enabled { &cfg.disk.mounts } else { &[] };
+        view.disk.retain(|m, _| mounts.contains(m));
+        self.disk_published.retain(|m, _| mounts.contains(m));
+        if !cfg.disk.enabled {
+            self.disk = Gate::default();
+        }
+        let (cpu, memory) = (view.cpu.is_some(), view.memory.is_some());
+        let disk: Vec<String> = view.disk.keys().map(|m| format!("disk:{m}")).collect();
+        view.at.retain(|k, _| (k == "cpu" && cpu) || (k == "memory" && memory) || disk.contains(k));
+        if !moved {
+            return None;
+        }
+        view.v = CONTRACT_VERSION;
+        view.ts = ts;
+        Some(view.clone())
     }
 }
 
@@ -180,6 +214,31 @@ mod tests {
         // Moved 10 points from the last *published* value.
         let third = s.tick(t0 + Duration::from_secs(4), &cfg(), &mut p).unwrap();
         assert_eq!(third.cpu, Some(20.0));
+    }
+
+    #[test]
+    fn retained_view_keeps_every_enabled_metric_after_a_cpu_only_sample() {
+        let t0 = Instant::now();
+        let mut c = cfg();
+        c.memory.enabled = true;
+        c.memory.interval_s = 60;
+        c.disk.interval_s = 60;
+        c.cpu.threshold = 0.0;
+        let mut s = Sampler::default();
+        let mut p = Script { cpu: vec![10.0, 30.0], calls: 0 };
+        let first = s.tick(t0, &c, &mut p).unwrap();
+        assert_eq!((first.cpu, first.memory, first.disk.get("/")), (Some(10.0), Some(50.0), Some(&40.0)));
+        // Only the CPU is due now; the message still carries memory and disk, with their own times.
+        let second = s.tick(t0 + Duration::from_secs(2), &c, &mut p).unwrap();
+        assert_eq!((second.cpu, second.memory, second.disk.get("/")), (Some(30.0), Some(50.0), Some(&40.0)));
+        assert_eq!(second.at.keys().collect::<Vec<_>>(), ["cpu", "disk:/", "memory"]);
+        assert_eq!(second.at["memory"], first.at["memory"]);
+        // A metric switched off leaves the view.
+        c.memory.enabled = false;
+        p.cpu.push(60.0);
+        let third = s.tick(t0 + Duration::from_secs(4), &c, &mut p).unwrap();
+        assert_eq!(third.memory, None);
+        assert!(!third.at.contains_key("memory"));
     }
 
     #[test]

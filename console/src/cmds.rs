@@ -56,7 +56,7 @@ pub async fn load_fleet(ctx: &Ctx) -> Result<(Session, Fleet)> {
 }
 
 fn device_row(id: &DeviceId, d: &Device) -> Vec<String> {
-    let since = d.status.as_ref().map(|s| ago(&s.since)).unwrap_or_default();
+    let since = d.since().map(ago).unwrap_or_default();
     let version = d.meta.as_ref().map(|m| m.agent_version.clone()).unwrap_or_default();
     let groups = d.groups().iter().map(|g| g.as_str()).collect::<Vec<_>>().join(",");
     vec![id.to_string(), d.status_word().into(), since, version, groups]
@@ -67,6 +67,7 @@ fn device_json(id: &DeviceId, d: &Device) -> Value {
         "id": id,
         "status": d.status_word(),
         "since": d.status.as_ref().map(|s| s.since.clone()),
+        "last_heard": d.last_heard(),
         "agent_version": d.meta.as_ref().map(|m| m.agent_version.clone()),
         "groups": d.groups(),
         "hostname": d.meta.as_ref().map(|m| m.hostname.clone()),
@@ -105,17 +106,21 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         "cfg": d.cfg,
         "packages": d.packages,
         "telemetry": d.telemetry,
+        "last_heard": d.last_heard(),
         "ops": ops,
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(0);
     }
-    println!(
-        "{id}: {} {}",
-        d.status_word(),
-        d.status.as_ref().map(|s| format!("since {} ({})", s.since, ago(&s.since))).unwrap_or_default()
-    );
+    let when = match (&d.status, d.last_heard()) {
+        (Some(s), Some(heard)) if s.state == debfleet_protocol::Liveness::Lost => {
+            format!("last heard {heard} ({}); its connection began {}", ago(heard), s.since)
+        }
+        (Some(s), _) => format!("since {} ({})", s.since, ago(&s.since)),
+        (None, _) => String::new(),
+    };
+    println!("{id}: {} {when}", d.status_word());
     if let Some(m) = &d.meta {
         let groups = m.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>().join(", ");
         let rows = vec![

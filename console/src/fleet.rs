@@ -36,6 +36,31 @@ impl Device {
             && self.ops.is_empty()
     }
 
+    /// When the device was last heard from: the newest timestamp among the facts the broker
+    /// holds for it. For a `lost` device this is about when it vanished, where `since` in its
+    /// status is only the start of the connection that vanished.
+    pub fn last_heard(&self) -> Option<&str> {
+        let status = self.status.as_ref().map(|s| s.since.as_str());
+        let others = [
+            self.telemetry.as_ref().map(|t| t.ts.as_str()),
+            self.packages.as_ref().map(|p| p.ts.as_str()),
+            self.units.as_ref().map(|u| u.ts.as_str()),
+        ];
+        let ops = self.ops.values().map(|o| Some(o.updated_at.as_str()));
+        // RFC 3339 in UTC with fixed milliseconds: the text order is the time order.
+        std::iter::once(status).chain(others).chain(ops).flatten().max()
+    }
+
+    /// What the SINCE column says: the connection's start while online, the last sign of life
+    /// otherwise.
+    pub fn since(&self) -> Option<&str> {
+        match &self.status {
+            Some(s) if s.state == debfleet_protocol::Liveness::Lost => self.last_heard(),
+            Some(s) => Some(&s.since),
+            None => self.last_heard(),
+        }
+    }
+
     pub fn is_online(&self) -> bool {
         self.status.as_ref().is_some_and(|s| s.state == debfleet_protocol::Liveness::Online)
     }
@@ -153,5 +178,21 @@ mod tests {
         assert!(f.devices[&DeviceId::new("d2").unwrap()].telemetry.is_some());
         f.apply(&t, "debfleet/device/d1/status", b"");
         assert!(!f.devices.contains_key(&DeviceId::new("d1").unwrap()));
+    }
+
+    #[test]
+    fn a_lost_device_is_dated_by_its_last_message_not_its_connection_start() {
+        let t = Topics::default();
+        let mut f = Fleet::default();
+        let lost = br#"{"v":1,"state":"lost","since":"2026-01-01T00:00:00.000Z","boot_id":"b"}"#;
+        f.apply(&t, "debfleet/device/d1/status", lost);
+        f.apply(&t, "debfleet/device/d1/telemetry", br#"{"v":1,"ts":"2026-01-01T05:00:00.000Z","cpu":1.0}"#);
+        f.apply(&t, "debfleet/device/d1/state/packages", br#"{"v":1,"ts":"2026-01-01T04:00:00.000Z","packages":{}}"#);
+        let d = &f.devices[&DeviceId::new("d1").unwrap()];
+        assert_eq!(d.last_heard(), Some("2026-01-01T05:00:00.000Z"));
+        assert_eq!(d.since(), Some("2026-01-01T05:00:00.000Z"));
+        let online = br#"{"v":1,"state":"online","since":"2026-01-01T00:00:00.000Z","boot_id":"b"}"#;
+        f.apply(&t, "debfleet/device/d1/status", online);
+        assert_eq!(f.devices[&DeviceId::new("d1").unwrap()].since(), Some("2026-01-01T00:00:00.000Z"));
     }
 }

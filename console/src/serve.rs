@@ -17,7 +17,9 @@ pub fn run(listen: SocketAddr) -> Result<()> {
         next_connection_delay_ms: 1,
         connections: ConnectionSettings {
             connection_timeout_ms: 60_000,
-            max_payload_size: debfleet_protocol::limits::MAX_PACKET_BYTES,
+            // Below what clients accept: one oversized publish is refused here, not delivered to every
+            // subscriber (whose client library would drop the connection).
+            max_payload_size: debfleet_protocol::limits::BROKER_MAX_PACKET_BYTES,
             max_inflight_count: 200,
             auth: None,
             external_auth: None,

@@ -50,6 +50,11 @@ impl Session {
             }));
         }
         let (client, mut eventloop) = AsyncClient::new(mo, 1024);
+        // A command and its answers are small packets: without TCP_NODELAY they wait for
+        // delayed ACKs.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         // The first ConnAck (or the first error) decides whether the broker is reachable.
         let first = tokio::time::timeout(Duration::from_secs(5), async {
             loop {

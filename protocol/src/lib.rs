@@ -27,9 +27,14 @@ pub mod limits {
     pub const MAX_LOG_BATCH_BYTES: usize = 32 * 1024;
     /// One log line's message; longer messages are cut.
     pub const MAX_LOG_LINE_CHARS: usize = 1024;
-    /// The MQTT packet size both ends configure their clients for. Larger packets close the
-    /// connection, so it sits well above every payload limit.
-    pub const MAX_PACKET_BYTES: usize = 1024 * 1024;
+    /// The MQTT packet size both ends configure their clients for. A larger packet makes the
+    /// client library close the connection, so it sits above what any broker we ship or
+    /// document delivers: [`BROKER_MAX_PACKET_BYTES`] for ours, 1 MB for EMQX's default.
+    pub const MAX_PACKET_BYTES: usize = 2 * 1024 * 1024;
+    /// What the broker configurations we ship and document accept (Mosquitto
+    /// `max_packet_size`, the embedded broker's packet limit): a publish above it is refused at
+    /// the broker and never reaches a device.
+    pub const BROKER_MAX_PACKET_BYTES: usize = 256 * 1024;
 }
 
 pub use cfg::{CfgError, RuntimeCfg};

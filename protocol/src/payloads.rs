@@ -151,9 +151,10 @@ pub struct PackageChange {
     pub after: Option<String>,
 }
 
-/// `device/ID/telemetry`: the metrics due at one tick (a metric is left out when it did not
-/// move past its threshold).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `device/ID/telemetry` (retained): the latest published value of every enabled metric. It is
+/// sent when a metric is due and moved past its threshold; `ts` is that moment, `at` when each
+/// value was sampled.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Telemetry {
     pub v: u32,
     pub ts: String,
@@ -164,6 +165,10 @@ pub struct Telemetry {
     /// Used percent per mount point.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub disk: BTreeMap<String, f64>,
+    /// When each value was sampled: `cpu`, `memory`, `disk:MOUNT`. The retained message holds the
+    /// latest value of every enabled metric, so one metric's sample never hides the others.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub at: BTreeMap<String, String>,
 }
 
 /// `device/ID/logs`: a batch of the agent's log lines.
@@ -227,10 +232,19 @@ pub enum ErrorCode {
     AptFailed,
     /// A unit of the package failed or crash-looped after the change; the change was undone.
     UnitFailed,
+    /// A unit failed after the change and putting the previous versions back failed too: the
+    /// device is left between versions (the result says what is installed) and needs an operator.
+    UndoFailed,
+    /// The device has too much work queued; nothing was done and the id was not recorded, so the
+    /// same command can be sent again later.
+    Busy,
+    /// The command was delivered from the broker's retained store: commands are events, so a
+    /// retained one (left by a sender that set the retain flag) is never run.
+    RetainedCommand,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::MalformedJson,
         ErrorCode::MissingId,
         ErrorCode::InvalidId,
@@ -250,6 +264,9 @@ impl ErrorCode {
         ErrorCode::LockTimeout,
         ErrorCode::AptFailed,
         ErrorCode::UnitFailed,
+        ErrorCode::UndoFailed,
+        ErrorCode::Busy,
+        ErrorCode::RetainedCommand,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -273,6 +290,9 @@ impl ErrorCode {
             ErrorCode::LockTimeout => "lock_timeout",
             ErrorCode::AptFailed => "apt_failed",
             ErrorCode::UnitFailed => "unit_failed",
+            ErrorCode::UndoFailed => "undo_failed",
+            ErrorCode::Busy => "busy",
+            ErrorCode::RetainedCommand => "retained_command",
         }
     }
 }

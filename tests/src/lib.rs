@@ -84,10 +84,14 @@ impl Mosquitto {
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
         // Run as root, Mosquitto would switch to its own user, which cannot read our temporary files;
-        // as any other user the line is ignored.
+        // as any other user the line is ignored. The packet cap is the one we document for
+        // production brokers: below what our clients accept. The queue per client is raised
+        // from 1000 so an observer of a burst of results is not what loses them.
         let text = format!(
-            "listener {} 127.0.0.1\n{}allow_anonymous true\npersistence false\nuser root\n",
-            self.port, self.extra
+            "listener {} 127.0.0.1\n{}allow_anonymous true\npersistence false\nuser root\nmax_packet_size {}\nmax_queued_messages 10000\n",
+            self.port,
+            self.extra,
+            debfleet_protocol::limits::BROKER_MAX_PACKET_BYTES
         );
         std::fs::write(&conf, text).unwrap();
         let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).expect(
