@@ -571,8 +571,14 @@ impl Core {
         if let Err(e) = self.journal.finish_with(&done.id, now_ms, done.result.clone(), done.error.clone()) {
             tracing::error!("{e}");
         }
-        if !done.changes.is_empty() {
-            self.managed.record(&done.changes);
+        // Only what the operator named joins (or leaves) the managed set: dependencies apt
+        // pulled in, and whatever another package manager changed meanwhile, are in the
+        // result's changes but not adopted.
+        let named: Vec<String> = self.journal.get(&done.id).map(|e| e.packages.clone()).unwrap_or_default();
+        let adopted: Vec<(String, Option<String>)> =
+            done.changes.iter().filter(|(n, _)| named.contains(n)).cloned().collect();
+        if !adopted.is_empty() {
+            self.managed.record(&adopted);
         }
         for (name, version) in &done.rolled_back {
             self.managed.record_rollback(name, version);
@@ -907,6 +913,25 @@ mod tests {
         assert_eq!(op_states(&outs, "i1").pop().unwrap().state, OpState::Succeeded);
         let pkgs = publishes(&outs).into_iter().find(|(t, _, _)| t.ends_with("/state/packages")).unwrap().1;
         assert!(pkgs["packages"].get("hello").is_some(), "managed now: {pkgs}");
+    }
+
+    #[test]
+    fn dependencies_apt_pulled_in_are_not_adopted() {
+        let mut f = fixture(false);
+        let outs =
+            f.core.on_message("debfleet/device/d1/cmd/install", br#"{"id":"i2","packages":["hello"]}"#, false, 0);
+        let job = outs.iter().find_map(|o| if let Out::Job(j) = o { Some(j.clone()) } else { None }).unwrap();
+        let done = JobDone {
+            id: job.id,
+            result: Some(serde_json::json!({})),
+            error: None,
+            changes: vec![("hello".into(), Some("1.0".into())), ("libhello-dep".into(), Some("3".into()))],
+            rolled_back: vec![],
+        };
+        let outs = f.core.job_done(done, 10);
+        let pkgs = publishes(&outs).into_iter().find(|(t, _, _)| t.ends_with("/state/packages")).unwrap().1;
+        assert!(pkgs["packages"].get("hello").is_some(), "{pkgs}");
+        assert!(pkgs["packages"].get("libhello-dep").is_none(), "a dependency became managed: {pkgs}");
     }
 
     #[test]

@@ -26,22 +26,8 @@ impl Identity {
             kernel: read_trimmed("/proc/sys/kernel/osrelease"),
             boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
             os: parse_os_release(&os_release),
-            arch: debian_arch(std::env::consts::ARCH),
+            arch: debfleet_protocol::debian::host_arch(),
         }
-    }
-}
-
-/// Debian's name for the architecture this agent was built for.
-pub fn debian_arch(rust_arch: &str) -> &'static str {
-    match rust_arch {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "armhf",
-        "x86" => "i386",
-        "riscv64" => "riscv64",
-        "powerpc64" => "ppc64el",
-        "s390x" => "s390x",
-        _ => "unknown",
     }
 }
 

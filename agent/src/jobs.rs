@@ -309,19 +309,16 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             if let Some(reason) = watch_units(sd, &units, job.watch).await {
                 let _ =
                     tx.send(JobEvent::Progress { id: id.clone(), phase: "rolling back".into(), percent: None }).await;
-                let restored = undo(ctx, &changes).await;
-                result.rolled_back_to = Some(restored.iter().cloned().collect());
+                let (now, failures) = undo(ctx, &changes).await;
+                result.rolled_back_to = Some(now.clone());
                 result.duration_ms = started.elapsed().as_millis() as u64;
-                let restored_versions: Vec<(String, String)> =
-                    restored.iter().filter_map(|(n, v)| v.clone().map(|v| (n.clone(), v))).collect();
-                let removed: Vec<(String, Option<String>)> =
-                    restored.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| (n.clone(), None)).collect();
+                let verdict = undo_verdict(&reason, &changes, &now, &failures);
                 return JobDone {
                     id,
                     result: serde_json::to_value(&result).ok(),
-                    error: Some(error(ErrorCode::UnitFailed, format!("{reason}; the change was undone"))),
-                    changes: removed,
-                    rolled_back: restored_versions,
+                    error: Some(verdict.error),
+                    changes: verdict.history,
+                    rolled_back: verdict.rolled_back,
                 };
             }
         }
@@ -353,9 +350,13 @@ async fn watch_units(sd: &Systemd, units: &[String], window: Duration) -> Option
     }
 }
 
-/// Puts the packages back as they were: the old version, or removed if it was new.
-async fn undo(ctx: &Arc<JobContext>, changes: &[PackageChange]) -> Vec<(String, Option<String>)> {
-    let mut restored = Vec::new();
+/// Puts the packages back as they were: the old version, or removed if it was new. Returns
+/// what dpkg has for them afterwards, and the steps that failed.
+async fn undo(
+    ctx: &Arc<JobContext>,
+    changes: &[PackageChange],
+) -> (std::collections::BTreeMap<String, Option<String>>, Vec<String>) {
+    let mut failures = Vec::new();
     let reinstall: Vec<Spec> = changes
         .iter()
         .filter_map(|c| c.before.as_ref().map(|v| Spec { name: c.package.clone(), version: Some(v.clone()) }))
@@ -370,6 +371,7 @@ async fn undo(ctx: &Arc<JobContext>, changes: &[PackageChange]) -> Vec<(String, 
         let op = Op::Install(reinstall.clone());
         if let Err(e) = blocking(move || apt.run(&op, true, &mut |_| {})).await {
             tracing::error!("undoing the change failed: {e}");
+            failures.push(format!("reinstalling the previous versions: {e}"));
         }
     }
     if !remove.is_empty() {
@@ -377,13 +379,55 @@ async fn undo(ctx: &Arc<JobContext>, changes: &[PackageChange]) -> Vec<(String, 
         let op = Op::Remove { names: remove.clone(), purge: true };
         if let Err(e) = blocking(move || apt.run(&op, false, &mut |_| {})).await {
             tracing::error!("removing the new packages failed: {e}");
+            failures.push(format!("removing the new packages: {e}"));
         }
     }
     let names: Vec<String> = changes.iter().map(|c| c.package.clone()).collect();
-    for (n, v) in versions(ctx, &names) {
-        restored.push((n, v));
-    }
-    restored
+    (versions(ctx, &names), failures)
+}
+
+/// How an undo after a unit failure ended, told from what dpkg has now (not from whether the
+/// apt calls claimed success).
+struct UndoVerdict {
+    error: OpError,
+    /// (package, version now) for the history.
+    history: Vec<(String, Option<String>)>,
+    /// Packages that are back on their previous version.
+    rolled_back: Vec<(String, String)>,
+}
+
+fn undo_verdict(
+    reason: &str,
+    changes: &[PackageChange],
+    now: &std::collections::BTreeMap<String, Option<String>>,
+    failures: &[String],
+) -> UndoVerdict {
+    let installed = |p: &str| now.get(p).cloned().flatten();
+    let off: Vec<String> = changes
+        .iter()
+        .filter(|c| installed(&c.package) != c.before)
+        .map(|c| {
+            let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "not installed".into());
+            format!("{} is {} (was {})", c.package, show(&installed(&c.package)), show(&c.before))
+        })
+        .collect();
+    let rolled_back = changes
+        .iter()
+        .filter_map(|c| {
+            c.before.clone().filter(|b| installed(&c.package).as_ref() == Some(b)).map(|b| (c.package.clone(), b))
+        })
+        .collect();
+    let history = changes.iter().map(|c| (c.package.clone(), installed(&c.package))).collect();
+    let error = if off.is_empty() {
+        error(ErrorCode::UnitFailed, format!("{reason}; the change was undone"))
+    } else {
+        let why = if failures.is_empty() { String::new() } else { format!(" ({})", failures.join("; ")) };
+        error(
+            ErrorCode::UndoFailed,
+            format!("{reason}; putting the previous versions back failed{why}: {}", off.join(", ")),
+        )
+    };
+    UndoVerdict { error, history, rolled_back }
 }
 
 /// What dpkg's database says changed since `before`: the changes for the result, and
@@ -501,5 +545,32 @@ async fn finish_transient(
         Ok(None) | Err(_) => {
             done(Some(error(ErrorCode::Interrupted, format!("the result of {unit} is gone"))), None, history)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(p: &str, before: Option<&str>, after: Option<&str>) -> PackageChange {
+        PackageChange { package: p.into(), before: before.map(Into::into), after: after.map(Into::into) }
+    }
+
+    #[test]
+    fn an_undo_is_judged_by_what_dpkg_has_afterwards() {
+        let changes = [change("app", Some("1.0"), Some("2.0")), change("libnew", None, Some("1"))];
+        let back = [("app".to_owned(), Some("1.0".to_owned())), ("libnew".to_owned(), None)].into_iter().collect();
+        let v = undo_verdict("app.service failed", &changes, &back, &[]);
+        assert_eq!(v.error.code, ErrorCode::UnitFailed);
+        assert_eq!(v.rolled_back, [("app".to_owned(), "1.0".to_owned())]);
+
+        // apt failed to reinstall 1.0: the device is left on 2.0, and the result says so.
+        let stuck = [("app".to_owned(), Some("2.0".to_owned())), ("libnew".to_owned(), None)].into_iter().collect();
+        let v = undo_verdict("app.service failed", &changes, &stuck, &["reinstalling: 404".into()]);
+        assert_eq!(v.error.code, ErrorCode::UndoFailed);
+        assert!(v.error.message.contains("app is 2.0 (was 1.0)"), "{}", v.error.message);
+        assert!(v.error.message.contains("404"), "{}", v.error.message);
+        assert!(v.rolled_back.is_empty());
+        assert_eq!(v.history[0], ("app".to_owned(), Some("2.0".to_owned())));
     }
 }

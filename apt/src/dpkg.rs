@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use debfleet_protocol::units::valid_unit_name;
 use debfleet_protocol::PackageState;
 
 /// Looks up `wanted` packages in a dpkg status file's text. Packages dpkg does not know are
@@ -114,6 +115,7 @@ mod tests {
 /// status database) and the unit files in its file list.
 pub fn package_units(admindir: &Path, name: &str) -> Vec<String> {
     let mut units = Vec::new();
+    let mut arch = None;
     let status = std::fs::read_to_string(admindir.join("status")).unwrap_or_default();
     for para in status.split("\n\n") {
         if !para.lines().any(|l| l.strip_prefix("Package:").is_some_and(|v| v.trim() == name)) {
@@ -121,22 +123,27 @@ pub fn package_units(admindir: &Path, name: &str) -> Vec<String> {
         }
         for l in para.lines() {
             if let Some(v) = l.strip_prefix("X-Debfleet-Units:") {
-                units.extend(v.split_whitespace().map(str::to_owned));
+                units.extend(v.split_whitespace().filter(|u| valid_unit_name(u)).map(str::to_owned));
+            } else if let Some(v) = l.strip_prefix("Architecture:") {
+                arch = Some(v.trim().to_owned());
             }
         }
     }
-    let list = std::fs::read_to_string(admindir.join("info").join(format!("{name}.list")))
-        .or_else(|_| {
-            std::fs::read_to_string(admindir.join("info").join(format!("{name}:{}.list", std::env::consts::ARCH)))
-        })
+    // dpkg names the list of a `Multi-Arch: same` package NAME:ARCH.list, with Debian's
+    // architecture name (amd64, not x86_64).
+    let arch = arch.unwrap_or_else(|| debfleet_protocol::debian::host_arch().to_owned());
+    let info = admindir.join("info");
+    let list = std::fs::read_to_string(info.join(format!("{name}.list")))
+        .or_else(|_| std::fs::read_to_string(info.join(format!("{name}:{arch}.list"))))
         .unwrap_or_default();
     for path in list.lines() {
         let in_unit_dir = ["/lib/systemd/system/", "/usr/lib/systemd/system/", "/etc/systemd/system/"]
             .iter()
             .any(|d| path.strip_prefix(d).is_some_and(|rest| !rest.contains('/')));
-        let is_unit = [".service", ".socket", ".timer", ".path"].iter().any(|k| path.ends_with(k));
-        if in_unit_dir && is_unit && !path.contains('@') {
-            units.push(path.rsplit('/').next().unwrap_or(path).to_owned());
+        let file = path.rsplit('/').next().unwrap_or(path);
+        // Templates (`getty@.service`) are not units that run by themselves.
+        if in_unit_dir && valid_unit_name(file) && !file.contains('@') {
+            units.push(file.to_owned());
         }
     }
     units.sort();
@@ -159,6 +166,19 @@ mod unit_tests {
         .unwrap();
         std::fs::write(dir.path().join("info/led.list"), "/usr/bin/led\n/lib/systemd/system/led.service\n/lib/systemd/system/led-extra.socket\n/lib/systemd/system/getty@.service\n").unwrap();
         assert_eq!(package_units(dir.path(), "led"), ["led-extra.socket", "led-watch.timer", "led.service"]);
+    }
+
+    #[test]
+    fn units_of_a_multi_arch_same_package_are_found_under_its_debian_architecture() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("info")).unwrap();
+        std::fs::write(
+            dir.path().join("status"),
+            "Package: libled1\nStatus: install ok installed\nVersion: 1\nArchitecture: amd64\nMulti-Arch: same\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("info/libled1:amd64.list"), "/lib/systemd/system/led-helper.service\n").unwrap();
+        assert_eq!(package_units(dir.path(), "libled1"), ["led-helper.service"]);
         assert!(package_units(dir.path(), "other").is_empty());
     }
 }

@@ -247,16 +247,18 @@ impl Device {
         let cgroups: Vec<String> = cgroup_dirs(&self.name).iter().map(|p| p.display().to_string()).collect();
         // nspawn must not run in our own cgroup (lab.md: several devices at once), and must
         // outlive us: its own session, its own cgroup.
-        let script = format!(
-            "for c in {cg}; do mkdir -p \"$c\" && echo $$ > \"$c/cgroup.procs\"; done; exec systemd-nspawn -q -D {root} --boot --register=no --keep-unit --machine=lab-{name}",
-            cg = cgroups.join(" "),
-            root = self.root.display(),
-            name = self.name,
-        );
+        // The paths and the name are arguments, never part of the script: a lab directory with
+        // spaces or shell syntax in it stays a path.
+        let script =
+            "root=$1 name=$2; shift 2; for c in \"$@\"; do mkdir -p \"$c\" && echo $$ > \"$c/cgroup.procs\"; done; \
+                      exec systemd-nspawn -q -D \"$root\" --boot --register=no --keep-unit --machine=\"lab-$name\"";
         let log_path = self.dir.join("console.log");
         let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
         let child = Command::new("setsid")
-            .args(["bash", "-c", &script])
+            .args(["bash", "-c", script, "lab-device"])
+            .arg(&self.root)
+            .arg(&self.name)
+            .args(&cgroups)
             .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io(&log_path))?)

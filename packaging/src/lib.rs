@@ -255,10 +255,7 @@ fn check(m: &Manifest, base: &Path, path: &Path, opts: &BuildOptions) -> Result<
     let mut units = Vec::new();
     for u in &m.units {
         let name = u.source.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
-        let kinds = [".service", ".timer", ".socket", ".path", ".mount", ".target"];
-        if !kinds.iter().any(|k| name.ends_with(k))
-            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
-        {
+        if !debfleet_protocol::units::valid_unit_name(&name) || name.contains(['\\', ':']) {
             return Err(bad(format!("units: {name:?} is not a systemd unit file name")));
         }
         units.push((name, read(&u.source)?, u.enable, u.start));

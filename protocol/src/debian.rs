@@ -1,6 +1,25 @@
 //! Debian name syntax shared by every crate that handles package names, versions and suites:
 //! checked before such a string reaches a command line, a path or a URL.
 
+/// Debian's name for a Rust target architecture (`std::env::consts::ARCH`).
+pub fn debian_arch(rust_arch: &str) -> &'static str {
+    match rust_arch {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "armhf",
+        "x86" => "i386",
+        "riscv64" => "riscv64",
+        "powerpc64" => "ppc64el",
+        "s390x" => "s390x",
+        _ => "unknown",
+    }
+}
+
+/// Debian's name for the architecture this program was built for.
+pub fn host_arch() -> &'static str {
+    debian_arch(std::env::consts::ARCH)
+}
+
 /// Debian policy 5.6.1.
 pub fn valid_package_name(name: &str) -> bool {
     let b = name.as_bytes();

@@ -12,6 +12,7 @@ pub mod ids;
 pub mod payloads;
 pub mod time;
 pub mod topics;
+pub mod units;
 
 /// Version of the contract carried as `v` in every payload.
 pub const CONTRACT_VERSION: u32 = 1;

@@ -111,14 +111,54 @@ pub fn write_suite(
         arches = ARCHES.join(" "),
     );
     let (inrelease, gpg) = signer.sign_release(&release)?;
-    write_unsynced(&dir.join("Release"), release.as_bytes())?;
-    write_unsynced(&dir.join("Release.gpg"), &gpg)?;
+    switch_release_pair(&dir, generation, release.as_bytes(), &gpg)?;
     // One flush for everything above (cheaper than a sync per file), so that all the new
     // Release names is on disk before the InRelease that apt reads first points at it.
     syncfs(&dir)?;
     failpoint("before-inrelease");
     write_atomic(&dir.join("InRelease"), &inrelease)?;
     Ok(by_hash)
+}
+
+/// Where the detached-signature pair lives: `.release/GEN/{Release,Release.gpg}`, with
+/// `.release/current` a symlink to the generation in force, and `Release` and `Release.gpg`
+/// symlinks through it. One rename of `current` switches both names at once, so a reader never
+/// finds a Release beside the signature of another (as it could between two renames).
+const PAIR_DIR: &str = ".release";
+/// Older pairs kept for readers that resolved `current` a moment ago.
+const PAIRS_KEPT: u64 = 3;
+
+fn switch_release_pair(dir: &Path, generation: u64, release: &[u8], gpg: &[u8]) -> Result<()> {
+    use std::os::unix::fs::symlink;
+    let pairs = dir.join(PAIR_DIR);
+    let this = pairs.join(generation.to_string());
+    std::fs::create_dir_all(&this)?;
+    write_unsynced(&this.join("Release"), release)?;
+    failpoint("between-release-files");
+    write_unsynced(&this.join("Release.gpg"), gpg)?;
+    let tmp = pairs.join(format!(".current.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    symlink(generation.to_string(), &tmp)?;
+    std::fs::rename(&tmp, pairs.join("current"))?;
+    // The public names point through `current` once and for all (a repository made before this
+    // layout has plain files there: replaced, atomically, by the links).
+    for name in ["Release", "Release.gpg"] {
+        let public = dir.join(name);
+        let target = Path::new(PAIR_DIR).join("current").join(name);
+        if std::fs::read_link(&public).ok().as_deref() != Some(target.as_path()) {
+            let tmp = dir.join(format!(".{name}.{}.link", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            symlink(&target, &tmp)?;
+            std::fs::rename(&tmp, &public)?;
+        }
+    }
+    for old in std::fs::read_dir(&pairs)?.flatten() {
+        let gen = old.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+        if gen.is_some_and(|g| g + PAIRS_KEPT <= generation) {
+            let _ = std::fs::remove_dir_all(old.path());
+        }
+    }
+    Ok(())
 }
 
 /// Puts `target` in place as another name of `source`, atomically replacing what was there.

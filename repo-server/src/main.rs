@@ -142,8 +142,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Import { root, suite, files } => {
             let repo = Repo::open(&root)?;
-            let n = repo.import(&suite, &files).map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("imported {n} package(s) into {suite}");
+            let done = repo.import(&suite, &files).map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("imported {} package(s) into {suite}", done.added.len());
+            if !done.pruned.is_empty() {
+                println!(
+                    "not kept ({} versions are kept per package): {}",
+                    repo.config.retention,
+                    done.pruned.join(", ")
+                );
+            }
         }
         Command::Token { action: TokenAction::Add { name, root } } => {
             let token = Tokens::new(&Repo::tokens_path(&root)).add(&name)?;

@@ -11,7 +11,7 @@
 //! whose published generation differs from the database are re-indexed, unreferenced pool files
 //! and stale uploads are removed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -93,12 +93,56 @@ impl Entry {
 struct SuiteDb {
     generation: u64,
     entries: Vec<Entry>,
-    /// by-hash files of recent generations (Unix time of publication, files), newest last.
-    /// Kept in its own small file (`db/SUITE.by-hash`), written after each index build.
+    /// What recent generations still name; kept in its own small file (`db/SUITE.by-hash`),
+    /// written after each index build.
     #[serde(skip)]
-    recent_by_hash: Vec<(u64, Vec<String>)>,
+    history: History,
     #[serde(skip)]
     chunks: crate::compress::ChunkCache,
+    /// The database file this copy was read from or written to (device, inode): another
+    /// process's commit renames a new file into place, which changes it.
+    #[serde(skip)]
+    file_id: Option<(u64, u64)>,
+}
+
+/// The generations whose indices may still be in a client's hands, and the pool files that
+/// left the suite but that those indices still name.
+#[derive(Default, Serialize, Deserialize)]
+struct History {
+    /// Newest last.
+    generations: Vec<Generation>,
+    /// Pool files dropped from the suite (retention, removal), kept until every generation
+    /// that named them has aged out.
+    #[serde(default)]
+    retired: Vec<Retired>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Generation {
+    generation: u64,
+    /// Unix time of publication.
+    at: u64,
+    /// by-hash files it references, relative to the suite directory.
+    by_hash: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Retired {
+    filename: String,
+    /// The first generation that no longer names it.
+    from_generation: u64,
+}
+
+impl History {
+    fn read(path: &Path) -> History {
+        // A missing or unreadable history only means older by-hash files go sooner; a retired
+        // pool file it forgot is collected as unreferenced on the next start.
+        fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn oldest_kept(&self) -> Option<u64> {
+        self.generations.first().map(|g| g.generation)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +163,14 @@ impl From<std::io::Error> for RepoError {
     fn from(e: std::io::Error) -> Self {
         RepoError::Internal(e.into())
     }
+}
+
+/// What an import did: the versions now in the suite, and those retention dropped at once
+/// (older than what it keeps).
+#[derive(Debug, Clone, Serialize)]
+pub struct Imported {
+    pub added: Vec<String>,
+    pub pruned: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -182,8 +234,9 @@ impl Repo {
         self.root.join("public")
     }
 
+    /// Where this process puts uploads in progress.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
+        self.root.join("tmp").join(std::process::id().to_string())
     }
 
     pub fn tokens_path(root: &Path) -> PathBuf {
@@ -199,15 +252,16 @@ impl Repo {
             fs::create_dir_all(root.join(d))?;
         }
         let key_path = root.join("keys/signing.asc");
-        write_atomic(&key_path, signer.secret_armored()?.as_bytes())?;
-        set_private(&key_path)?;
+        crate::fsutil::write_private(&key_path, signer.secret_armored()?.as_bytes())?;
         write_atomic(&root.join("public/debfleet-archive-keyring.gpg"), &signer.public_binary()?)?;
         write_atomic(&root.join("public/debfleet-archive-keyring.asc"), signer.public_armored()?.as_bytes())?;
         write_atomic(&root.join("repo.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
         Ok(())
     }
 
-    /// Opens a repository and repairs what an interrupted change left behind.
+    /// Opens a repository and repairs what an interrupted change left behind. Several
+    /// processes may have the same repository open (`serve` and `import`): every change
+    /// re-reads, under the lock, what another one committed.
     pub fn open(root: &Path) -> anyhow::Result<Repo> {
         use anyhow::Context;
         let cfg_path = root.join("repo.json");
@@ -216,33 +270,15 @@ impl Repo {
         )
         .with_context(|| format!("parsing {}", cfg_path.display()))?;
         let signer = Signer::load(&root.join("keys/signing.asc"))?;
-        let mut suites = BTreeMap::new();
-        for item in fs::read_dir(root.join("db"))? {
-            let path = item?.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if !valid_suite(name) {
-                continue;
-            }
-            let mut db: SuiteDb =
-                serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("parsing {}", path.display()))?;
-            // A missing or unreadable history only means older by-hash files go sooner.
-            db.recent_by_hash = fs::read(root.join("db").join(format!("{name}.by-hash")))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-            suites.insert(name.to_owned(), db);
-        }
-        let repo = Repo { root: root.to_owned(), config, signer, suites: Mutex::new(suites) };
-        let _ = fs::remove_dir_all(repo.tmp_dir());
-        fs::create_dir_all(repo.tmp_dir())?;
+        let repo = Repo { root: root.to_owned(), config, signer, suites: Mutex::new(BTreeMap::new()) };
         {
             let _lock = FileLock::acquire(&root.join("lock"))?;
-            let mut suites = repo.suites.lock().unwrap();
+            let mut suites = repo.suites.lock().unwrap_or_else(|p| p.into_inner());
+            repo.refresh(&mut suites)?;
+            repo.clean_tmp()?;
             let names: Vec<String> = suites.keys().cloned().collect();
             for name in names {
-                let db = suites.get_mut(&name).unwrap();
+                let db = suites.get_mut(&name).expect("listed");
                 if indices::published_generation(&repo.public(), &name) != Some(db.generation) {
                     tracing::warn!("suite {name}: indices do not match the database (interrupted change); rebuilding");
                     repo.reindex(&name, db)?;
@@ -253,8 +289,76 @@ impl Repo {
         Ok(repo)
     }
 
-    fn save_db(&self, suite: &str, db: &SuiteDb) -> std::io::Result<()> {
-        write_atomic(&self.root.join("db").join(format!("{suite}.json")), &serde_json::to_vec(db)?)
+    /// Brings the in-memory databases up to what is on disk: suites another process committed
+    /// (or created) since this one last looked are read again. Cheap when nothing changed (one
+    /// `stat` per suite).
+    fn refresh(&self, suites: &mut BTreeMap<String, SuiteDb>) -> anyhow::Result<()> {
+        use anyhow::Context;
+        use std::os::unix::fs::MetadataExt;
+        for item in fs::read_dir(self.root.join("db"))? {
+            let path = item?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if !valid_suite(name) {
+                continue;
+            }
+            let meta = fs::metadata(&path)?;
+            let id = Some((meta.dev(), meta.ino()));
+            if suites.get(name).is_some_and(|db| db.file_id == id) {
+                continue;
+            }
+            if suites.contains_key(name) {
+                tracing::info!("suite {name}: another process changed it; reading it again");
+            }
+            let mut db: SuiteDb =
+                serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("parsing {}", path.display()))?;
+            db.history = History::read(&self.history_path(name));
+            db.file_id = id;
+            suites.insert(name.to_owned(), db);
+        }
+        Ok(())
+    }
+
+    fn history_path(&self, suite: &str) -> PathBuf {
+        self.root.join("db").join(format!("{suite}.by-hash"))
+    }
+
+    /// Takes both locks and brings the databases up to date: every change starts here.
+    fn begin(&self) -> Result<(std::sync::MutexGuard<'_, BTreeMap<String, SuiteDb>>, FileLock), RepoError> {
+        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = FileLock::acquire(&self.root.join("lock"))?;
+        self.refresh(&mut suites)?;
+        Ok((suites, lock))
+    }
+
+    /// Removes uploads left by processes that are gone; a live process's uploads in progress
+    /// (each process has its own `tmp/PID/`) are not touched.
+    fn clean_tmp(&self) -> std::io::Result<()> {
+        let tmp = self.root.join("tmp");
+        fs::create_dir_all(&tmp)?;
+        for item in fs::read_dir(&tmp)?.flatten() {
+            let alive = item
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+                // SAFETY: kill(2) with signal 0 only checks that the process exists.
+                .is_some_and(|pid| pid == std::process::id() as i32 || unsafe { libc::kill(pid, 0) } == 0);
+            if !alive {
+                let path = item.path();
+                let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            }
+        }
+        fs::create_dir_all(self.tmp_dir())
+    }
+
+    fn save_db(&self, suite: &str, db: &mut SuiteDb) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.root.join("db").join(format!("{suite}.json"));
+        write_atomic(&path, &serde_json::to_vec(db)?)?;
+        let meta = fs::metadata(&path)?;
+        db.file_id = Some((meta.dev(), meta.ino()));
+        Ok(())
     }
 
     fn reindex(&self, suite: &str, db: &mut SuiteDb) -> anyhow::Result<()> {
@@ -268,19 +372,17 @@ impl Repo {
             &mut db.chunks,
         )?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        db.recent_by_hash.push((now, files));
+        db.history.generations.retain(|g| g.generation < db.generation);
+        db.history.generations.push(Generation { generation: db.generation, at: now, by_hash: files });
         // A client that fetched an InRelease a while ago (a slow link, a busy publisher) must
         // still find every by-hash file it names: keep what recent generations referenced.
-        while db.recent_by_hash.len() > BY_HASH_MIN_GENERATIONS
-            && now.saturating_sub(db.recent_by_hash[0].0) > BY_HASH_KEEP_SECS
+        while db.history.generations.len() > BY_HASH_MIN_GENERATIONS
+            && now.saturating_sub(db.history.generations[0].at) > BY_HASH_KEEP_SECS
         {
-            db.recent_by_hash.remove(0);
+            db.history.generations.remove(0);
         }
-        crate::fsutil::write_unsynced(
-            &self.root.join("db").join(format!("{suite}.by-hash")),
-            &serde_json::to_vec(&db.recent_by_hash)?,
-        )?;
-        let keep: HashSet<&String> = db.recent_by_hash.iter().flat_map(|(_, files)| files).collect();
+        crate::fsutil::write_unsynced(&self.history_path(suite), &serde_json::to_vec(&db.history)?)?;
+        let keep: HashSet<&String> = db.history.generations.iter().flat_map(|g| &g.by_hash).collect();
         let dir = self.public().join("dists").join(suite).join("main");
         for arch_dir in fs::read_dir(&dir)?.flatten() {
             let hashes = arch_dir.path().join("by-hash/SHA256");
@@ -299,20 +401,58 @@ impl Repo {
         Ok(())
     }
 
-    /// Deletes the given pool files unless some suite still references them.
-    fn drop_unreferenced(&self, suites: &BTreeMap<String, SuiteDb>, dropped: &[Entry]) {
-        for f in dropped.iter().map(|e| &e.filename) {
-            if !suites.values().any(|db| db.entries.iter().any(|e| &e.filename == f)) {
-                tracing::info!("removing {f} (no suite references it)");
-                let _ = fs::remove_file(self.public().join(f));
+    /// Pool files the suite's last commit dropped: kept while an index of a kept generation
+    /// still names them (a device with slightly old lists downloads them, a rollback target
+    /// just pushed out by retention among them), deleted after.
+    fn retire(&self, suites: &mut BTreeMap<String, SuiteDb>, suite: &str, dropped: &[Entry]) {
+        if let Some(db) = suites.get_mut(suite) {
+            for e in dropped {
+                if !db.history.retired.iter().any(|r| r.filename == e.filename) {
+                    db.history.retired.push(Retired { filename: e.filename.clone(), from_generation: db.generation });
+                }
+            }
+            if let Err(e) = crate::fsutil::write_unsynced(
+                &self.history_path(suite),
+                &serde_json::to_vec(&db.history).unwrap_or_default(),
+            ) {
+                tracing::warn!("suite {suite}: cannot record retired pool files: {e}");
+            }
+        }
+        self.collect_retired(suites);
+    }
+
+    /// Deletes retired pool files no kept generation names and no suite has (again).
+    fn collect_retired(&self, suites: &mut BTreeMap<String, SuiteDb>) {
+        let mut due = Vec::new();
+        for db in suites.values_mut() {
+            let oldest = db.history.oldest_kept().unwrap_or(db.generation);
+            let (gone, kept): (Vec<Retired>, Vec<Retired>) =
+                db.history.retired.drain(..).partition(|r| r.from_generation <= oldest);
+            db.history.retired = kept;
+            due.extend(gone.into_iter().map(|r| r.filename));
+        }
+        for f in due {
+            let referenced = suites.values().any(|db| {
+                db.entries.iter().any(|e| e.filename == f) || db.history.retired.iter().any(|r| r.filename == f)
+            });
+            if !referenced {
+                tracing::info!("removing {f} (no suite or kept index names it)");
+                let _ = fs::remove_file(self.public().join(&f));
             }
         }
     }
 
     /// Removes pool files no suite references (left by a crash, retention or removal).
     fn collect_pool(&self, suites: &BTreeMap<String, SuiteDb>) -> std::io::Result<()> {
-        let referenced: HashSet<&str> =
-            suites.values().flat_map(|db| db.entries.iter().map(|e| e.filename.as_str())).collect();
+        let referenced: HashSet<&str> = suites
+            .values()
+            .flat_map(|db| {
+                db.entries
+                    .iter()
+                    .map(|e| e.filename.as_str())
+                    .chain(db.history.retired.iter().map(|r| r.filename.as_str()))
+            })
+            .collect();
         let pool = self.public().join("pool");
         let mut stack = vec![pool];
         while let Some(dir) = stack.pop() {
@@ -362,27 +502,15 @@ impl Repo {
         let entry = Entry::new(control, String::new(), size, sha256.to_owned());
         let entry = Entry { filename: pool_path(&entry.name, &entry.version, &entry.arch), ..entry };
 
-        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
-        let _lock = FileLock::acquire(&self.root.join("lock"))?;
+        let (mut suites, _lock) = self.begin()?;
         if let Some(same) = find(&suites, suite, &entry.name, &entry.version, &entry.arch) {
             if same.sha256 == entry.sha256 {
                 return Ok(published(suite, same, "unchanged", vec![]));
             }
             return Err(conflict(&entry, suite));
         }
-        let pool_file = self.public().join(&entry.filename);
-        if pool_file.exists() {
-            // Another suite has this name, version and architecture: it must be the same file.
-            let other = suites.values().flat_map(|db| &db.entries).find(|e| e.filename == entry.filename);
-            if other.is_some_and(|o| o.sha256 != entry.sha256) {
-                return Err(conflict(&entry, "another suite"));
-            }
-        } else {
-            let dir = pool_file.parent().expect("pool path has a parent");
-            fs::create_dir_all(dir)?;
-            fs::rename(upload, &pool_file)?;
-            sync_dir(dir)?;
-        }
+        self.check_retained(&suites, suite, &entry)?;
+        self.place_in_pool(&suites, &entry, |dest| fs::rename(upload, dest))?;
         failpoint("after-pool");
         let db = suites.entry(suite.to_owned()).or_default();
         db.entries.push(entry.clone());
@@ -392,21 +520,74 @@ impl Repo {
             tracing::error!("publishing {} into {suite} failed half-way; the next start repairs it", entry.filename);
         }
         result?;
-        self.drop_unreferenced(&suites, &pruned);
+        self.retire(&mut suites, suite, &pruned);
         let pruned = pruned.into_iter().map(|e| e.version).collect();
         tracing::info!("published {} {} {} into {suite}", entry.name, entry.version, entry.arch);
         Ok(published(suite, &entry, "published", pruned))
     }
 
+    /// Refuses a version that retention would drop at once (older than every version kept):
+    /// answering "published" for a package that is not there would be a lie.
+    fn check_retained(&self, suites: &BTreeMap<String, SuiteDb>, suite: &str, entry: &Entry) -> Result<(), RepoError> {
+        let kept: Vec<&Entry> = suites
+            .get(suite)
+            .map(|db| db.entries.iter().filter(|e| e.name == entry.name && e.arch == entry.arch).collect())
+            .unwrap_or_default();
+        if kept.len() >= self.config.retention && kept.iter().all(|k| entry.version_cmp(k).is_lt()) {
+            let oldest = kept.iter().min_by(|a, b| a.version_cmp(b)).map(|e| e.version.as_str()).unwrap_or("");
+            return Err(RepoError::Conflict(format!(
+                "{} {} is older than all {} versions {suite} keeps (the oldest is {oldest}): retention would drop it at once; \
+                 remove a newer version first or raise the retention",
+                entry.name,
+                entry.version,
+                kept.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Puts an upload at its pool path with `put`. A file already there that a suite (or a
+    /// kept index) names must be the same bytes; one nothing names is an orphan of an
+    /// interrupted change and is replaced, never reused for different content.
+    fn place_in_pool(
+        &self,
+        suites: &BTreeMap<String, SuiteDb>,
+        entry: &Entry,
+        put: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<(), RepoError> {
+        let pool_file = self.public().join(&entry.filename);
+        let named = suites.values().find_map(|db| {
+            db.entries.iter().find(|e| e.filename == entry.filename).map(|e| e.sha256.clone()).or_else(|| {
+                db.history
+                    .retired
+                    .iter()
+                    .any(|r| r.filename == entry.filename)
+                    .then(|| crate::fsutil::file_sha256(&pool_file).unwrap_or_default())
+            })
+        });
+        match named {
+            Some(sha) if sha == entry.sha256 => return Ok(()),
+            Some(_) => return Err(conflict(entry, "another suite")),
+            None => {}
+        }
+        let dir = pool_file.parent().expect("pool path has a parent");
+        fs::create_dir_all(dir)?;
+        if pool_file.exists() {
+            tracing::warn!("{}: replacing an orphan left by an interrupted change", entry.filename);
+        }
+        put(&pool_file)?;
+        sync_dir(dir)?;
+        Ok(())
+    }
+
     /// Adds many .deb files to a suite in one commit (one index rebuild), for migrating an
     /// existing repository. Files already present identically are skipped; a conflict stops the
     /// import before anything is committed.
-    pub fn import(&self, suite: &str, files: &[PathBuf]) -> Result<usize, RepoError> {
+    pub fn import(&self, suite: &str, files: &[PathBuf]) -> Result<Imported, RepoError> {
         use sha2::Digest;
         Self::check_suite(suite)?;
-        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
-        let _lock = FileLock::acquire(&self.root.join("lock"))?;
-        let mut added = Vec::new();
+        let (mut suites, _lock) = self.begin()?;
+        let mut added: Vec<Entry> = Vec::new();
         for path in files {
             let bytes = fs::read(path)?;
             let control = read_control(std::io::Cursor::new(&bytes)).map_err(|e| match e {
@@ -416,31 +597,33 @@ impl Repo {
             let sha256 = crate::fsutil::hex(&sha2::Sha256::digest(&bytes));
             let entry = Entry::new(control, String::new(), bytes.len() as u64, sha256);
             let entry = Entry { filename: pool_path(&entry.name, &entry.version, &entry.arch), ..entry };
-            if let Some(same) = find(&suites, suite, &entry.name, &entry.version, &entry.arch) {
+            if let Some(same) = find(&suites, suite, &entry.name, &entry.version, &entry.arch)
+                .or_else(|| added.iter().find(|e| e.filename == entry.filename))
+            {
                 if same.sha256 == entry.sha256 {
                     continue;
                 }
                 return Err(conflict(&entry, suite));
             }
-            let pool_file = self.public().join(&entry.filename);
-            if !pool_file.exists() {
-                write_atomic(&pool_file, &bytes)?;
-            }
+            self.place_in_pool(&suites, &entry, |dest| write_atomic(dest, &bytes))?;
             added.push(entry);
         }
-        let n = added.len();
-        if n > 0 {
+        let mut outcome =
+            Imported { added: added.iter().map(|e| format!("{}={}", e.name, e.version)).collect(), pruned: vec![] };
+        if !added.is_empty() {
             let db = suites.entry(suite.to_owned()).or_default();
-            let keys: Vec<(String, String)> = added.iter().map(|e| (e.name.clone(), e.arch.clone())).collect();
+            let keys: BTreeSet<(String, String)> = added.iter().map(|e| (e.name.clone(), e.arch.clone())).collect();
             db.entries.extend(added);
             let mut dropped = Vec::new();
             for (name, arch) in keys {
                 dropped.extend(self.apply_retention(db, &name, &arch));
             }
             self.commit(&mut suites, suite)?;
-            self.drop_unreferenced(&suites, &dropped);
+            outcome.pruned = dropped.iter().map(|e| format!("{}={}", e.name, e.version)).collect();
+            outcome.added.retain(|a| !outcome.pruned.contains(a));
+            self.retire(&mut suites, suite, &dropped);
         }
-        Ok(n)
+        Ok(outcome)
     }
 
     /// Drops the oldest versions of NAME/ARCH beyond the retention count; returns them.
@@ -459,8 +642,7 @@ impl Repo {
     pub fn remove(&self, suite: &str, name: &str, version: &str, arch: Option<&str>) -> Result<Vec<Entry>, RepoError> {
         Self::check_suite(suite)?;
         check_name_version(name, version)?;
-        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
-        let _lock = FileLock::acquire(&self.root.join("lock"))?;
+        let (mut suites, _lock) = self.begin()?;
         let db = suites.get_mut(suite).ok_or_else(|| RepoError::NotFound(format!("no suite {suite}")))?;
         let matches = |e: &Entry| e.name == name && e.version == version && arch.is_none_or(|a| a == e.arch);
         let removed: Vec<Entry> = db.entries.iter().filter(|e| matches(e)).cloned().collect();
@@ -469,7 +651,7 @@ impl Repo {
         }
         db.entries.retain(|e| !matches(e));
         self.commit(&mut suites, suite)?;
-        self.drop_unreferenced(&suites, &removed);
+        self.retire(&mut suites, suite, &removed);
         Ok(removed)
     }
 
@@ -481,8 +663,7 @@ impl Repo {
         if from == to {
             return Err(RepoError::BadRequest("source and target suite are the same".into()));
         }
-        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
-        let _lock = FileLock::acquire(&self.root.join("lock"))?;
+        let (mut suites, _lock) = self.begin()?;
         let source: Vec<Entry> = suites
             .get(from)
             .map(|db| db.entries.iter().filter(|e| e.name == name && e.version == version).cloned().collect())
@@ -501,6 +682,7 @@ impl Repo {
                 out.push(published(to, e, "unchanged", vec![]));
                 continue;
             }
+            self.check_retained(&suites, to, e)?;
             let db = suites.entry(to.to_owned()).or_default();
             db.entries.push(e.clone());
             let pruned = self.apply_retention(db, &e.name, &e.arch);
@@ -510,19 +692,27 @@ impl Repo {
         }
         if changed {
             self.commit(&mut suites, to)?;
-            self.drop_unreferenced(&suites, &dropped);
+            self.retire(&mut suites, to, &dropped);
         }
         Ok(out)
     }
 
+    /// Read-only views refresh without the cross-process lock: database files are replaced by
+    /// rename, so a read sees one whole version.
+    fn read_view(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, SuiteDb>>, RepoError> {
+        let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh(&mut suites)?;
+        Ok(suites)
+    }
+
     pub fn suites(&self) -> Vec<String> {
-        self.suites.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+        self.read_view().map(|s| s.keys().cloned().collect()).unwrap_or_default()
     }
 
     /// Every package of a suite with its versions, newest first.
     pub fn list(&self, suite: &str) -> Result<serde_json::Value, RepoError> {
         Self::check_suite(suite)?;
-        let suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
+        let suites = self.read_view()?;
         let db = suites.get(suite).ok_or_else(|| RepoError::NotFound(format!("no suite {suite}")))?;
         let mut by_name: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
         for e in &db.entries {
@@ -582,13 +772,4 @@ fn published(suite: &str, e: &Entry, status: &'static str, pruned: Vec<String>) 
         status,
         pruned,
     }
-}
-
-fn set_private(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-}
-
-pub fn make_private(path: &Path) -> std::io::Result<()> {
-    set_private(path)
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{hex, sha256_hex, write_atomic};
+use crate::fsutil::{hex, sha256_hex, write_private};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -55,8 +55,7 @@ impl Tokens {
     }
 
     fn save(&self, list: &[TokenRecord]) -> Result<()> {
-        write_atomic(&self.path, &serde_json::to_vec_pretty(list)?)?;
-        crate::store::make_private(&self.path)?;
+        write_private(&self.path, &serde_json::to_vec_pretty(list)?)?;
         Ok(())
     }
 

@@ -69,13 +69,7 @@ impl UnitState {
     }
 }
 
-/// Unit names as systemd accepts them, checked before they reach the bus.
-pub fn valid_unit_name(name: &str) -> bool {
-    let kinds = [".service", ".socket", ".timer", ".path", ".mount", ".target", ".automount", ".swap", ".slice"];
-    name.len() <= 255
-        && kinds.iter().any(|k| name.len() > k.len() && name.ends_with(k))
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
-}
+pub use debfleet_protocol::units::valid_unit_name;
 
 fn check(unit: &str) -> Result<(), SystemdError> {
     if valid_unit_name(unit) {

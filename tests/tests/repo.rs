@@ -80,11 +80,15 @@ fn retention_keeps_the_last_versions_and_promotion_copies_without_upload() {
     // Debian ordering: 1.2~rc1 < 1.2 < 1.10; the two newest stay.
     let versions: Vec<String> = server.listing().into_iter().map(|(_, _, v, _)| v).collect();
     assert_eq!(versions, ["1.10", "1.2"]);
-    assert_eq!(server.pool_files(), ["df-app_1.10_all.deb", "df-app_1.2_all.deb"]);
+    // The pruned versions' files stay while indices that clients may still hold name them.
+    assert_eq!(
+        server.pool_files(),
+        ["df-app_1.0_all.deb", "df-app_1.10_all.deb", "df-app_1.2_all.deb", "df-app_1.2~rc1_all.deb"]
+    );
     let out = server.console(&["promote", "df-app=1.2", "--from", "testing", "--to", "stable"]);
     ok(&out);
     assert!(server.listing().contains(&("stable".into(), "df-app".into(), "1.2".into(), "all".into())));
-    assert_eq!(server.pool_files().len(), 2, "promotion shares the pool file");
+    assert_eq!(server.pool_files().len(), 4, "promotion shares the pool file");
     let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
     ok(&apt.update());
     ok(&apt.install("df-app"));
@@ -92,7 +96,7 @@ fn retention_keeps_the_last_versions_and_promotion_copies_without_upload() {
     // Explicit removal; rollback targets are what retention keeps.
     ok(&server.console(&["unpublish", "df-app=1.2", "--suite", "testing"]));
     assert_eq!(server.listing().iter().filter(|l| l.0 == "testing").count(), 1);
-    assert_eq!(server.pool_files().len(), 2, "still used by stable");
+    assert_eq!(server.pool_files().len(), 4, "still used by stable");
     let out = server.console(&["unpublish", "df-app=9.9", "--suite", "testing"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("404"));
@@ -150,7 +154,13 @@ fn bad_input_is_refused_and_writes_nothing() {
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
     assert_eq!((server.listing(), server.pool_files()), before, "nothing was written");
-    assert_eq!(std::fs::read_dir(server.root.join("tmp")).unwrap().count(), 0, "no upload left behind");
+    // Each server process keeps its uploads in progress in tmp/PID/.
+    let left: usize = std::fs::read_dir(server.root.join("tmp"))
+        .unwrap()
+        .flatten()
+        .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(1))
+        .sum();
+    assert_eq!(left, 0, "no upload left behind");
 
     // A revoked token stops working at once.
     let team = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
@@ -306,4 +316,156 @@ fn an_existing_key_can_be_imported() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("secret key"), "{}", text(&out));
+}
+
+#[test]
+fn an_import_while_the_server_runs_is_kept_and_both_install() {
+    let server = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    ok(&server.publish(&build_deb(work.path(), "df-served", "1.0", "all", "", false), "stable"));
+    // An upload is streaming into the server while the import runs.
+    let deb = std::fs::read(build_deb(work.path(), "df-streamed", "1.0", "all", "", false)).unwrap();
+    let mut upload = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    use std::io::{Read, Write};
+    upload.write_all(upload_head("stable", &server.token, deb.len()).as_bytes()).unwrap();
+    upload.write_all(&deb[..deb.len() / 2]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let imported = build_deb(work.path(), "df-imported", "1.0", "all", "", false);
+    let out = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
+        .args(["import", "--suite", "stable", "--root"])
+        .arg(&server.root)
+        .arg(&imported)
+        .output()
+        .unwrap();
+    ok(&out);
+    upload.write_all(&deb[deb.len() / 2..]).unwrap();
+    let mut resp = String::new();
+    let _ = upload.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 201"), "the in-flight upload survived the import: {resp}");
+    // The server's next commit starts from the database the import wrote.
+    ok(&server.publish(&build_deb(work.path(), "df-after", "1.0", "all", "", false), "stable"));
+    let names: Vec<String> = server.listing().into_iter().map(|l| l.1).collect();
+    assert_eq!(names, ["df-after", "df-imported", "df-served", "df-streamed"]);
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
+    ok(&apt.update());
+    for p in ["df-imported", "df-after", "df-streamed"] {
+        ok(&apt.install(p));
+        assert_eq!(apt.installed(p).as_deref(), Some("1.0"), "{p}");
+    }
+}
+
+#[test]
+fn an_orphan_pool_file_is_replaced_not_reused_for_other_bytes() {
+    let server = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    // What an interrupted publish of other bytes under the same name leaves behind.
+    let orphan = server.root.join("public/pool/main/d/df-orphan/df-orphan_1.0_all.deb");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"left by an interrupted change").unwrap();
+    ok(&server.publish(&build_deb(work.path(), "df-orphan", "1.0", "all", "", false), "stable"));
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
+    ok(&apt.update());
+    ok(&apt.install("df-orphan"));
+    assert_eq!(apt.installed("df-orphan").as_deref(), Some("1.0"));
+    // The same through an import.
+    let orphan = server.root.join("public/pool/main/d/df-orphan2/df-orphan2_1.0_all.deb");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"junk").unwrap();
+    let deb = build_deb(work.path(), "df-orphan2", "1.0", "all", "", false);
+    let out = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
+        .args(["import", "--suite", "stable", "--root"])
+        .arg(&server.root)
+        .arg(&deb)
+        .output()
+        .unwrap();
+    ok(&out);
+    ok(&server.publish(&build_deb(work.path(), "df-nudge", "1.0", "all", "", false), "stable"));
+    ok(&apt.update());
+    ok(&apt.install("df-orphan2"));
+}
+
+#[test]
+fn retention_keeps_pool_files_that_live_indices_name_and_refuses_what_it_would_drop() {
+    let server = RepoServer::start(&["--retention", "2"]);
+    let work = tempfile::tempdir().unwrap();
+    for v in ["1.0", "2.0"] {
+        ok(&server.publish(&build_deb(work.path(), "df-ret", v, "all", "", false), "stable"));
+    }
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
+    ok(&apt.update());
+    // 3.0 pushes 1.0 out of retention; a device whose lists are a minute old still gets 1.0
+    // (a typical rollback target).
+    ok(&server.publish(&build_deb(work.path(), "df-ret", "3.0", "all", "", false), "stable"));
+    ok(&apt.install("df-ret=1.0"));
+    assert_eq!(apt.installed("df-ret").as_deref(), Some("1.0"));
+    // Removal likewise.
+    ok(&server.console(&["unpublish", "df-ret=2.0", "--suite", "stable"]));
+    ok(&apt.install("df-ret=2.0"));
+    // A version older than everything kept would be dropped at once: refused, not a 201.
+    ok(&server.publish(&build_deb(work.path(), "df-ret", "4.0", "all", "", false), "stable"));
+    let out = server.publish(&build_deb(work.path(), "df-ret", "0.5", "all", "", false), "stable");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("older than all 2 versions"), "{}", text(&out));
+    assert!(!server.listing().iter().any(|l| l.2 == "0.5"));
+    assert!(!server.pool_files().iter().any(|f| f.contains("0.5")));
+}
+
+#[test]
+fn a_crash_while_switching_release_leaves_a_matching_signature() {
+    let mut server = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    ok(&server.publish(&build_deb(work.path(), "df-pair", "1.0", "all", "", false), "stable"));
+    server.kill9();
+    server.spawn(Some("between-release-files"));
+    let out = server.publish(&build_deb(work.path(), "df-pair", "2.0", "all", "", false), "stable");
+    assert!(!out.status.success());
+    server.wait_dead();
+    // While it is down, the pair a reader finds verifies.
+    let dists = server.root.join("public/dists/stable");
+    let out = std::process::Command::new("gpgv")
+        .arg("--keyring")
+        .arg(server.root.join("public/debfleet-archive-keyring.gpg"))
+        .arg(dists.join("Release.gpg"))
+        .arg(dists.join("Release"))
+        .output()
+        .unwrap();
+    ok(&out);
+    server.spawn(None);
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
+    ok(&apt.update());
+}
+
+#[test]
+fn secrets_are_never_readable_by_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    // With a permissive umask, and the process stopped right after it created the key's
+    // temporary file: that file is already private.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" init --root \"$1\"")
+        .arg(debfleet_tests::bin("debfleet-repo"))
+        .arg(&root)
+        .env("DEBFLEET_REPO_FAILPOINT", "temp-file-created")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    use std::os::unix::fs::PermissionsExt;
+    let tmp: Vec<_> = std::fs::read_dir(root.join("keys")).unwrap().flatten().collect();
+    assert_eq!(tmp.len(), 1, "{tmp:?}");
+    assert_eq!(tmp[0].metadata().unwrap().permissions().mode() & 0o777, 0o600, "{:?}", tmp[0].path());
+    // And a completed init leaves the key and the tokens private.
+    let root2 = dir.path().join("repo2");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" init --root \"$1\"")
+        .arg(debfleet_tests::bin("debfleet-repo"))
+        .arg(&root2)
+        .output()
+        .unwrap();
+    ok(&out);
+    for f in ["keys/signing.asc", "tokens.json"] {
+        assert_eq!(std::fs::metadata(root2.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+    }
 }
