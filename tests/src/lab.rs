@@ -13,9 +13,15 @@ pub struct Device {
 impl Device {
     /// A fresh device from the cached rootfs, booted.
     pub fn boot(name: &str) -> Device {
+        Self::boot_in(name, "debfleet-dev-")
+    }
+
+    /// The same, in a directory whose name starts with `prefix` (spaces, shell syntax: a lab
+    /// path is a path, never part of a script).
+    pub fn boot_in(name: &str, prefix: &str) -> Device {
         let cache = debfleet_lab::cache_dir();
         std::fs::create_dir_all(&cache).unwrap();
-        let dir = tempfile::Builder::new().prefix("debfleet-dev-").tempdir_in(&cache).unwrap();
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(&cache).unwrap();
         let inner = debfleet_lab::Device::create(name, dir.path()).unwrap_or_else(|e| panic!("booting {name}: {e}"));
         Device { inner, _dir: dir }
     }

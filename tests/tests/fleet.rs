@@ -107,7 +107,11 @@ fn setup(name: &str) -> Lab {
 
 /// A device with the agent .deb installed, talking to `m`, taking packages from `repo`.
 fn provision(name: &str, m: &Mosquitto, repo: &RepoServer, obs: &Observer, lock_timeout_s: u32) -> Device {
-    let dev = Device::boot(name);
+    provision_on(Device::boot(name), m, repo, obs, lock_timeout_s)
+}
+
+fn provision_on(dev: Device, m: &Mosquitto, repo: &RepoServer, obs: &Observer, lock_timeout_s: u32) -> Device {
+    let name = dev.name.clone();
     dev.put(&own_deb("debfleet-agent"), "/var/tmp/agent.deb");
     dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
     dev.write(
@@ -136,6 +140,52 @@ fn setup_with(name: &str, lock_timeout_s: u32, more: &[&str]) -> Lab {
     let dev = provision(name, &m, &repo, &obs, lock_timeout_s);
     let others = more.iter().map(|n| (n.to_string(), provision(n, &m, &repo, &obs, lock_timeout_s))).collect();
     Lab { m, repo, dev, obs, name: name.to_owned(), others }
+}
+
+#[test]
+fn dependencies_stay_unmanaged_and_a_failed_undo_says_what_is_installed() {
+    let m = Mosquitto::start();
+    let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
+    let repo = RepoServer::start(&[]);
+    // Its directory's name has a space and shell syntax in it.
+    let marker_name = format!("debfleet-pwned-{}", std::process::id());
+    let marker = std::env::current_dir().unwrap().join(&marker_name);
+    let prefix = format!("debfleet dev $(touch {marker_name}) ");
+    let dev = provision_on(Device::boot_in("fl-5", &prefix), &m, &repo, &obs, 30);
+    assert!(!marker.exists(), "the lab ran part of its path as a command");
+    let lab = Lab { m, repo, dev, obs, name: "fl-5".into(), others: vec![] };
+    let work = tempfile::tempdir().unwrap();
+    use debfleet_tests::repo::build_deb;
+    for deb in [
+        build_deb(work.path(), "df-dep", "1.0", "all", "", false),
+        build_deb(work.path(), "df-top", "1.0", "all", "Depends: df-dep\n", false),
+        demo_app(work.path(), "1.0", false),
+        demo_app(work.path(), "2.0", true),
+    ] {
+        assert!(lab.repo.publish(&deb, "stable").status.success());
+    }
+
+    // The dependency is installed and reported in the result, but not adopted.
+    let (code, v, text) = lab.console(&["install", "fl-5", "df-top", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    let changed: Vec<&str> =
+        v[0]["result"]["changes"].as_array().unwrap().iter().map(|c| c["package"].as_str().unwrap()).collect();
+    assert_eq!(changed, ["df-dep", "df-top"], "{v}");
+    lab.assert_agree("df-top", Some("1.0"));
+    let pkgs = lab.obs.last("debfleet/device/fl-5/state/packages").unwrap().json();
+    assert!(pkgs["packages"].get("df-dep").is_none(), "a dependency became managed: {pkgs}");
+
+    // 2.0's unit fails and 1.0 is gone from the repository: the undo cannot put it back. The
+    // result says so, with what is installed, instead of "the change was undone".
+    let (code, _, text) = lab.console(&["install", "fl-5", "demo-app=1.0"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(lab.repo.console(&["unpublish", "demo-app=1.0", "--suite", "stable"]).status.success());
+    let (code, v, text) = lab.console(&["upgrade", "fl-5", "demo-app", "--json"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(v[0]["code"], "undo_failed", "{v}");
+    assert_eq!(v[0]["result"]["rolled_back_to"]["demo-app"], "2.0", "{v}");
+    assert!(v[0]["error"].as_str().unwrap_or("").contains("demo-app is 2.0 (was 1.0)"), "{v}");
+    lab.assert_agree("demo-app", Some("2.0"));
 }
 
 #[test]
