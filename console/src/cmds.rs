@@ -4,13 +4,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use debfleet_protocol::cfg::patch_from_assignments;
+use debfleet_protocol::CommandArgs;
 use debfleet_protocol::{DeviceId, GroupName};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::exit;
 use crate::fleet::{Device, Fleet};
 use crate::output::{ago, flatten, table, Spinner};
-use crate::request::{send_and_wait, Outcome, Target};
+use crate::request::{send_and_wait, Outcome, Request, Target};
 use crate::session::{ConnectOptions, Session};
 use crate::{Ctx, Targets};
 
@@ -230,7 +231,8 @@ pub async fn ping(ctx: &Ctx, t: &Targets, timeout: f64, json: bool) -> Result<u8
     let target = targets(t)?;
     let timeout = seconds(timeout)?;
     let (mut session, mut fleet) = load_fleet(ctx).await?;
-    let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &target, "ping", Map::new(), timeout).await?;
+    let req = Request { target, args: CommandArgs::Ping, timeout };
+    let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
     print_outcomes(&outcomes, json)
 }
@@ -265,10 +267,8 @@ pub async fn cfg_set(ctx: &Ctx, device: &str, assignments: &[String], timeout: f
     if let Some(cfg) = fleet.devices.get(&id).and_then(|d| d.cfg.as_ref()) {
         cfg.cfg.apply_patch(&patch).map_err(|e| usage(e.to_string()))?;
     }
-    let mut args = Map::new();
-    args.insert("set".into(), patch);
-    let outcomes =
-        send_and_wait(&mut session, &ctx.topics, &mut fleet, &Target::Devices(vec![id]), "cfg", args, timeout).await?;
+    let req = Request { target: Target::Devices(vec![id]), args: CommandArgs::Cfg { set: patch }, timeout };
+    let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
     let o = &outcomes[0];
     match (&o.record, o.ok) {
@@ -284,20 +284,12 @@ pub async fn ops(ctx: &Ctx, device: &str, clear: bool, older_than: Option<u64>, 
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     known(&fleet, &id)?;
     if clear {
-        let mut args = Map::new();
-        if let Some(s) = older_than {
-            args.insert("older_than_s".into(), json!(s));
-        }
-        let outcomes = send_and_wait(
-            &mut session,
-            &ctx.topics,
-            &mut fleet,
-            &Target::Devices(vec![id]),
-            "clear",
-            args,
-            Duration::from_secs(10),
-        )
-        .await?;
+        let req = Request {
+            target: Target::Devices(vec![id]),
+            args: CommandArgs::Clear { ops: vec![], older_than_s: older_than },
+            timeout: Duration::from_secs(10),
+        };
+        let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
         session.disconnect().await;
         let o = &outcomes[0];
         if !o.ok {

@@ -244,7 +244,7 @@ pub struct PackageArgs {
 }
 
 impl PackageArgs {
-    fn request(self, verb: &'static str, purge: bool, everything: bool) -> packages::PackageRequest {
+    fn request(self, verb: debfleet_protocol::Verb, purge: bool, everything: bool) -> packages::PackageRequest {
         packages::PackageRequest {
             verb,
             words: self.words,
@@ -378,12 +378,18 @@ fn main() -> ExitCode {
                 cmds::cfg_set(&ctx, &device, &assignments, timeout, json).await
             }
             Command::Watch { device, group, json } => watch::run(&ctx, device, group, json).await,
-            Command::Install { pkg } => packages::run(&ctx, pkg.request("install", false, false)).await,
-            Command::Upgrade { pkg, everything } => {
-                packages::run(&ctx, pkg.request("upgrade", false, everything)).await
+            Command::Install { pkg } => {
+                packages::run(&ctx, pkg.request(debfleet_protocol::Verb::Install, false, false)).await
             }
-            Command::Uninstall { pkg, purge } => packages::run(&ctx, pkg.request("uninstall", purge, false)).await,
-            Command::Rollback { pkg } => packages::run(&ctx, pkg.request("rollback", false, false)).await,
+            Command::Upgrade { pkg, everything } => {
+                packages::run(&ctx, pkg.request(debfleet_protocol::Verb::Upgrade, false, everything)).await
+            }
+            Command::Uninstall { pkg, purge } => {
+                packages::run(&ctx, pkg.request(debfleet_protocol::Verb::Uninstall, purge, false)).await
+            }
+            Command::Rollback { pkg } => {
+                packages::run(&ctx, pkg.request(debfleet_protocol::Verb::Rollback, false, false)).await
+            }
             Command::Restart { device, unit, json } => packages::restart_unit(&ctx, &device, &unit, json).await,
             Command::Ops { device, clear, older_than, json } => cmds::ops(&ctx, &device, clear, older_than, json).await,
             _ => unreachable!("handled above"),

@@ -7,16 +7,16 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use debfleet_protocol::{DeviceId, OpRecord, PackageResult};
-use serde_json::{json, Map, Value};
+use debfleet_protocol::{CommandArgs, DeviceId, OpRecord, PackageOptions, PackageResult, PackageSpec, Verb};
+use serde_json::{json, Value};
 
 use crate::cmds::{load_fleet, usage};
 use crate::output::table;
-use crate::request::{send_and_follow, send_and_wait, Outcome, Target};
+use crate::request::{send, send_and_wait, Outcome, Request, Target};
 use crate::{exit, Ctx};
 
 pub struct PackageRequest {
-    pub verb: &'static str,
+    pub verb: Verb,
     /// Positional words: devices then the package (with --group/--all: packages only).
     pub words: Vec<String>,
     pub group: Option<String>,
@@ -30,7 +30,7 @@ pub struct PackageRequest {
 }
 
 /// Splits the words into targets and packages, checking both.
-fn parse(req: &PackageRequest) -> Result<(Target, Vec<String>)> {
+fn parse(req: &PackageRequest) -> Result<(Target, Vec<PackageSpec>)> {
     let (target, packages) = if req.all || req.group.is_some() {
         let target = match &req.group {
             Some(g) => Target::Group(debfleet_protocol::GroupName::new(g.as_str()).map_err(|e| usage(e.to_string()))?),
@@ -40,24 +40,27 @@ fn parse(req: &PackageRequest) -> Result<(Target, Vec<String>)> {
     } else {
         let mut words = req.words.clone();
         let packages =
-            if req.verb == "upgrade" && req.everything { Vec::new() } else { words.pop().into_iter().collect() };
+            if req.verb == Verb::Upgrade && req.everything { Vec::new() } else { words.pop().into_iter().collect() };
         if words.is_empty() {
-            bail!(usage(format!("usage: debfleet {} (DEVICE... | --group G | --all) PACKAGE[=VERSION]", req.verb)));
+            bail!(usage(format!(
+                "usage: debfleet {} (DEVICE... | --group G | --all) PACKAGE[=VERSION]",
+                req.verb.as_str()
+            )));
         }
         let devices =
             words.iter().map(|d| DeviceId::new(d.as_str()).map_err(|e| usage(e.to_string()))).collect::<Result<_>>()?;
         (Target::Devices(devices), packages)
     };
-    for p in &packages {
-        debfleet_protocol::PackageSpec::parse(p).map_err(usage)?;
-    }
+    // Checked here with the protocol's own parser, the one the agent uses.
+    let packages: Vec<PackageSpec> =
+        packages.iter().map(|p| PackageSpec::parse(p).map_err(usage)).collect::<Result<_>>()?;
     match req.verb {
-        "upgrade" if packages.is_empty() && !req.everything && !(req.all || req.group.is_some()) => {
+        Verb::Upgrade if packages.is_empty() && !req.everything && !(req.all || req.group.is_some()) => {
             bail!(usage("name a package, or --everything for every managed package"))
         }
-        "upgrade" => {}
-        "rollback" if packages.len() != 1 => bail!(usage("rollback takes exactly one PACKAGE[=VERSION]")),
-        _ if packages.is_empty() => bail!(usage(format!("{} needs a PACKAGE", req.verb))),
+        Verb::Upgrade => {}
+        Verb::Rollback if packages.len() != 1 => bail!(usage("rollback takes exactly one PACKAGE[=VERSION]")),
+        _ if packages.is_empty() => bail!(usage(format!("{} needs a PACKAGE", req.verb.as_str()))),
         _ => {}
     }
     Ok((target, packages))
@@ -105,37 +108,22 @@ pub async fn run(ctx: &Ctx, req: PackageRequest) -> Result<u8> {
     if !(req.timeout.is_finite() && req.timeout > 0.0 && req.timeout <= 86_400.0) {
         bail!(usage("--timeout must be between 0 and 86400 seconds"));
     }
-    let mut args = Map::new();
-    match req.verb {
-        "rollback" => {
-            args.insert("package".into(), json!(packages[0]));
-        }
-        _ => {
-            args.insert("packages".into(), json!(packages));
-        }
-    }
-    if req.verb == "uninstall" && req.purge {
-        args.insert("purge".into(), json!(true));
-    }
-    if req.dry_run {
-        args.insert("dry_run".into(), json!(true));
-    }
-    if let Some(w) = req.watch_s {
-        args.insert("watch_s".into(), json!(w));
-    }
+    let options = PackageOptions { dry_run: req.dry_run, watch_s: req.watch_s };
+    let mut specs = packages.into_iter();
+    let args = match req.verb {
+        Verb::Install => CommandArgs::Install { packages: specs.collect(), options },
+        Verb::Upgrade => CommandArgs::Upgrade { packages: specs.collect(), options },
+        Verb::Uninstall => CommandArgs::Uninstall { packages: specs.collect(), purge: req.purge, options },
+        Verb::Rollback => match specs.next() {
+            Some(package) => CommandArgs::Rollback { package, options },
+            None => bail!(usage("rollback takes exactly one PACKAGE[=VERSION]")),
+        },
+        other => bail!("{} is not a package operation", other.as_str()),
+    };
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     let mut view = ProgressView { tty: std::io::stderr().is_terminal() && !req.json, lines: BTreeMap::new(), drawn: 0 };
-    let outcomes = send_and_follow(
-        &mut session,
-        &ctx.topics,
-        &mut fleet,
-        &target,
-        req.verb,
-        args,
-        Duration::from_secs_f64(req.timeout),
-        &mut |dev, r| view.update(dev, r),
-    )
-    .await?;
+    let request = Request { target, args, timeout: Duration::from_secs_f64(req.timeout) };
+    let outcomes = send(&mut session, &ctx.topics, &mut fleet, &request, &mut |dev, r| view.update(dev, r)).await?;
     session.disconnect().await;
     print_outcomes(&outcomes, req.json, req.dry_run)
 }
@@ -208,18 +196,12 @@ fn print_outcomes(outcomes: &[Outcome], json_out: bool, dry_run: bool) -> Result
 pub async fn restart_unit(ctx: &Ctx, device: &str, unit: &str, json_out: bool) -> Result<u8> {
     let dev = DeviceId::new(device).map_err(|e| usage(e.to_string()))?;
     let (mut session, mut fleet) = load_fleet(ctx).await?;
-    let mut args = Map::new();
-    args.insert("unit".into(), json!(unit));
-    let outcomes = send_and_wait(
-        &mut session,
-        &ctx.topics,
-        &mut fleet,
-        &Target::Devices(vec![dev]),
-        "restart",
-        args,
-        Duration::from_secs(120),
-    )
-    .await?;
+    let req = Request {
+        target: Target::Devices(vec![dev]),
+        args: CommandArgs::Restart { unit: Some(unit.to_owned()) },
+        timeout: Duration::from_secs(120),
+    };
+    let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
     if json_out {
         let list: Vec<Value> = outcomes.iter().map(Outcome::to_json).collect();

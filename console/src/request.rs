@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use debfleet_protocol::{DeviceId, GroupName, OpId, OpRecord, Topic, Topics};
-use serde_json::{Map, Value};
+use debfleet_protocol::{CommandArgs, DeviceId, GroupName, OpId, OpRecord, Topic, Topics};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::fleet::{Change, Fleet};
@@ -53,37 +53,41 @@ fn failed(device: DeviceId, why: &str) -> Outcome {
     Outcome { device, ok: false, rtt_ms: None, record: None, error: Some(why.to_owned()) }
 }
 
-/// Sends `verb` with `args` to the targets and waits up to `timeout` for every reachable one.
+/// One command for a set of targets: what every sender (console, and later the web server and
+/// the rollout controller) hands to [`send`]. The arguments are the protocol's own type, so what
+/// goes on the wire is exactly what the agent parses.
+pub struct Request {
+    pub target: Target,
+    pub args: CommandArgs,
+    pub timeout: Duration,
+}
+
+/// Sends the request and waits up to its timeout for every reachable target, with a spinner.
 /// Targets that are not online are reported at once instead of being waited for.
 pub async fn send_and_wait(
     session: &mut Session,
     topics: &Topics,
     fleet: &mut Fleet,
-    target: &Target,
-    verb: &str,
-    args: Map<String, Value>,
-    timeout: Duration,
+    req: &Request,
 ) -> Result<Vec<Outcome>> {
+    let verb = req.args.verb().as_str();
     let _spinner = Spinner::start(format!("{verb}: waiting for the devices"));
-    send_and_follow(session, topics, fleet, target, verb, args, timeout, &mut |_, _| {}).await
+    send(session, topics, fleet, req, &mut |_, _| {}).await
 }
 
-/// Like [`send_and_wait`], calling `on_update` with every intermediate operation record
-/// (phase and percent) a device publishes.
-#[allow(clippy::too_many_arguments)]
-pub async fn send_and_follow(
+/// Sends the request, calling `on_update` with every intermediate operation record (phase and
+/// percent) a device publishes, and returns each target's outcome.
+pub async fn send(
     session: &mut Session,
     topics: &Topics,
     fleet: &mut Fleet,
-    target: &Target,
-    verb: &str,
-    mut args: Map<String, Value>,
-    timeout: Duration,
+    req: &Request,
     on_update: &mut dyn FnMut(&DeviceId, &OpRecord),
 ) -> Result<Vec<Outcome>> {
+    let (target, timeout) = (&req.target, req.timeout);
+    let verb = req.args.verb().as_str();
     let id = new_op_id(verb);
-    args.insert("id".into(), Value::String(id.to_string()));
-    let payload = serde_json::to_vec(&Value::Object(args))?;
+    let payload = req.args.to_payload(&id);
     let candidates: Vec<DeviceId> = match target {
         Target::Devices(ids) => ids.clone(),
         Target::Group(g) => fleet.members(g),

@@ -194,7 +194,14 @@ fn specs(list: &[String]) -> Result<Vec<PackageSpec>, String> {
     list.iter().map(|s| PackageSpec::parse(s)).collect()
 }
 
-fn package_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
+/// The arguments every package verb shares, checked.
+struct PackageWords {
+    packages: Vec<PackageSpec>,
+    purge: bool,
+    options: PackageOptions,
+}
+
+fn package_words(v: Value) -> Result<PackageWords, String> {
     let a: PackageArgs = serde_json::from_value(v).map_err(|e| e.to_string())?;
     let _ = (a.id, a.v);
     if a.watch_s.is_some_and(|w| w > 3600) {
@@ -205,22 +212,7 @@ fn package_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
     if let Some(p) = &a.package {
         packages.push(PackageSpec::parse(p)?);
     }
-    match verb {
-        Verb::Install | Verb::Uninstall if packages.is_empty() => Err("packages: name at least one package".into()),
-        Verb::Install => Ok(CommandArgs::Install { packages, options }),
-        Verb::Upgrade => Ok(CommandArgs::Upgrade { packages, options }),
-        Verb::Uninstall => {
-            if packages.iter().any(|p| p.version.is_some()) {
-                return Err("uninstall takes package names without versions".into());
-            }
-            Ok(CommandArgs::Uninstall { packages, purge: a.purge, options })
-        }
-        Verb::Rollback => match packages.as_slice() {
-            [one] => Ok(CommandArgs::Rollback { package: one.clone(), options }),
-            _ => Err("rollback takes exactly one package".into()),
-        },
-        _ => unreachable!("package verbs only"),
-    }
+    Ok(PackageWords { packages, purge: a.purge, options })
 }
 
 #[derive(Deserialize)]
@@ -262,26 +254,126 @@ pub fn parse_command(verb: &str, payload: &[u8]) -> Result<Command, Rejection> {
     let Some(verb) = Verb::from_name(verb) else {
         return Err(reject(Some(id), ErrorCode::UnknownVerb, format!("unknown verb {verb:?}")));
     };
-    let args = match verb {
-        Verb::Install | Verb::Upgrade | Verb::Uninstall | Verb::Rollback => package_args(verb, Value::Object(object)),
-        _ => parse_args(verb, Value::Object(object)).map_err(|e| e.to_string()),
-    }
-    .map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, format!("{}: {e}", verb.as_str())))?;
+    let args = parse_args(verb, Value::Object(object))
+        .map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, format!("{}: {e}", verb.as_str())))?;
     Ok(Command { id, verb, args })
 }
 
-fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, serde_json::Error> {
+fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
+    let de = |e: serde_json::Error| e.to_string();
     Ok(match verb {
         Verb::Ping => CommandArgs::Ping,
         Verb::Refresh => CommandArgs::Refresh,
-        Verb::Restart => CommandArgs::Restart { unit: serde_json::from_value::<RestartArgs>(v)?.unit },
-        Verb::Cfg => CommandArgs::Cfg { set: Value::Object(serde_json::from_value::<CfgArgs>(v)?.set) },
+        Verb::Restart => CommandArgs::Restart { unit: serde_json::from_value::<RestartArgs>(v).map_err(de)?.unit },
+        Verb::Cfg => CommandArgs::Cfg { set: Value::Object(serde_json::from_value::<CfgArgs>(v).map_err(de)?.set) },
         Verb::Clear => {
-            let a: ClearArgs = serde_json::from_value(v)?;
+            let a: ClearArgs = serde_json::from_value(v).map_err(de)?;
             CommandArgs::Clear { ops: a.ops, older_than_s: a.older_than_s }
         }
-        Verb::Install | Verb::Upgrade | Verb::Uninstall | Verb::Rollback => unreachable!("parsed by package_args"),
+        Verb::Install => {
+            let w = package_words(v)?;
+            if w.packages.is_empty() {
+                return Err("packages: name at least one package".into());
+            }
+            CommandArgs::Install { packages: w.packages, options: w.options }
+        }
+        Verb::Upgrade => {
+            let w = package_words(v)?;
+            CommandArgs::Upgrade { packages: w.packages, options: w.options }
+        }
+        Verb::Uninstall => {
+            let w = package_words(v)?;
+            if w.packages.is_empty() {
+                return Err("packages: name at least one package".into());
+            }
+            if w.packages.iter().any(|p| p.version.is_some()) {
+                return Err("uninstall takes package names without versions".into());
+            }
+            CommandArgs::Uninstall { packages: w.packages, purge: w.purge, options: w.options }
+        }
+        Verb::Rollback => {
+            let mut w = package_words(v)?;
+            match (w.packages.pop(), w.packages.is_empty()) {
+                (Some(package), true) => CommandArgs::Rollback { package, options: w.options },
+                _ => return Err("rollback takes exactly one package".into()),
+            }
+        }
     })
+}
+
+impl CommandArgs {
+    pub fn verb(&self) -> Verb {
+        match self {
+            CommandArgs::Ping => Verb::Ping,
+            CommandArgs::Refresh => Verb::Refresh,
+            CommandArgs::Restart { .. } => Verb::Restart,
+            CommandArgs::Cfg { .. } => Verb::Cfg,
+            CommandArgs::Clear { .. } => Verb::Clear,
+            CommandArgs::Install { .. } => Verb::Install,
+            CommandArgs::Upgrade { .. } => Verb::Upgrade,
+            CommandArgs::Uninstall { .. } => Verb::Uninstall,
+            CommandArgs::Rollback { .. } => Verb::Rollback,
+        }
+    }
+
+    /// The command as it goes on the wire (`.../cmd/VERB` with this payload): exactly what
+    /// [`parse_command`] reads back as the same arguments, so sender and receiver cannot
+    /// disagree.
+    pub fn to_payload(&self, id: &OpId) -> Vec<u8> {
+        let mut m = Map::new();
+        m.insert("id".into(), Value::String(id.to_string()));
+        let specs = |p: &[PackageSpec]| Value::Array(p.iter().map(|s| Value::String(s.to_string())).collect());
+        let put_options = |m: &mut Map<String, Value>, o: &PackageOptions| {
+            if o.dry_run {
+                m.insert("dry_run".into(), Value::Bool(true));
+            }
+            if let Some(w) = o.watch_s {
+                m.insert("watch_s".into(), w.into());
+            }
+        };
+        match self {
+            CommandArgs::Ping | CommandArgs::Refresh => {}
+            CommandArgs::Restart { unit } => {
+                if let Some(u) = unit {
+                    m.insert("unit".into(), Value::String(u.clone()));
+                }
+            }
+            CommandArgs::Cfg { set } => {
+                m.insert("set".into(), set.clone());
+            }
+            CommandArgs::Clear { ops, older_than_s } => {
+                if !ops.is_empty() {
+                    m.insert("ops".into(), Value::Array(ops.iter().map(|o| Value::String(o.to_string())).collect()));
+                }
+                if let Some(s) = older_than_s {
+                    m.insert("older_than_s".into(), (*s).into());
+                }
+            }
+            CommandArgs::Install { packages, options } | CommandArgs::Upgrade { packages, options } => {
+                m.insert("packages".into(), specs(packages));
+                put_options(&mut m, options);
+            }
+            CommandArgs::Uninstall { packages, purge, options } => {
+                m.insert("packages".into(), specs(packages));
+                if *purge {
+                    m.insert("purge".into(), Value::Bool(true));
+                }
+                put_options(&mut m, options);
+            }
+            CommandArgs::Rollback { package, options } => {
+                m.insert("package".into(), Value::String(package.to_string()));
+                put_options(&mut m, options);
+            }
+        }
+        // A map of strings, numbers and booleans always serialises.
+        serde_json::to_vec(&Value::Object(m)).unwrap_or_default()
+    }
+}
+
+impl Command {
+    pub fn to_payload(&self) -> Vec<u8> {
+        self.args.to_payload(&self.id)
+    }
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -350,7 +442,41 @@ mod tests {
         assert_eq!(code("rollback", br#"{"id":"r","packages":["a","b"]}"#), ErrorCode::InvalidValue);
     }
 
+    #[test]
+    fn every_command_round_trips_through_its_payload() {
+        let spec = |s: &str| PackageSpec::parse(s).unwrap();
+        let opts = PackageOptions { dry_run: true, watch_s: Some(7) };
+        let cases = [
+            CommandArgs::Ping,
+            CommandArgs::Refresh,
+            CommandArgs::Restart { unit: None },
+            CommandArgs::Restart { unit: Some("demo-app.service".into()) },
+            CommandArgs::Cfg { set: serde_json::json!({"logs": {"level": "debug"}}) },
+            CommandArgs::Clear { ops: vec![OpId::new("p-1").unwrap()], older_than_s: Some(60) },
+            CommandArgs::Clear { ops: vec![], older_than_s: None },
+            CommandArgs::Install { packages: vec![spec("hello=2.10-3"), spec("world")], options: opts.clone() },
+            CommandArgs::Upgrade { packages: vec![], options: PackageOptions::default() },
+            CommandArgs::Uninstall { packages: vec![spec("hello")], purge: true, options: PackageOptions::default() },
+            CommandArgs::Rollback { package: spec("hello=1:1.0~rc1"), options: opts },
+        ];
+        let id = OpId::new("op-1").unwrap();
+        for args in cases {
+            let payload = args.to_payload(&id);
+            let back = parse_command(args.verb().as_str(), &payload)
+                .unwrap_or_else(|e| panic!("{args:?}: {} ({})", e.message, String::from_utf8_lossy(&payload)));
+            assert_eq!((back.id, back.verb, back.args), (id.clone(), args.verb(), args));
+        }
+    }
+
     proptest! {
+        #[test]
+        fn packages_round_trip(names in proptest::collection::vec("[a-z0-9][a-z0-9+.-]{1,20}(=[0-9][a-z0-9.+~]{0,8})?", 1..5), dry in any::<bool>()) {
+            let packages: Vec<PackageSpec> = names.iter().map(|n| PackageSpec::parse(n).unwrap()).collect();
+            let args = CommandArgs::Install { packages, options: PackageOptions { dry_run: dry, watch_s: None } };
+            let id = OpId::new("x").unwrap();
+            prop_assert_eq!(parse_command("install", &args.to_payload(&id)).unwrap().args, args);
+        }
+
         #[test]
         fn never_panics_on_bytes(verb in "[a-z]{1,8}", payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = parse_command(&verb, &payload);
