@@ -490,7 +490,7 @@ impl Core {
                 tracing::error!("{e}");
             }
         }
-        if let Err(e) = self.journal.progress(&id, time::now_unix_ms(), "queued", None) {
+        if let Err(e) = self.journal.progress(&id, time::now_unix_ms(), debfleet_protocol::Phase::Queued, None) {
             tracing::error!("{e}");
         }
         out.push(self.publish_op(&id));
@@ -553,7 +553,7 @@ impl Core {
     }
 
     /// A running job's progress.
-    pub fn job_progress(&mut self, id: &OpId, phase: &str, percent: Option<u8>) -> Vec<Out> {
+    pub fn job_progress(&mut self, id: &OpId, phase: debfleet_protocol::Phase, percent: Option<u8>) -> Vec<Out> {
         if let Err(e) = self.journal.progress(id, time::now_unix_ms(), phase, percent) {
             tracing::error!("{e}");
         }
@@ -899,7 +899,7 @@ mod tests {
         assert_eq!(job.kind, JobKind::Install(vec![PackageSpec { name: "hello".into(), version: Some("1.0".into()) }]));
         assert_eq!(job.watch, std::time::Duration::ZERO);
         let last = op_states(&outs, "i1").pop().unwrap();
-        assert_eq!((last.state, last.phase.as_deref()), (OpState::Running, Some("queued")));
+        assert_eq!((last.state, last.phase), (OpState::Running, Some(debfleet_protocol::Phase::Queued)));
 
         let result = serde_json::json!({"changes": [{"package": "hello", "after": "1.0"}], "download_bytes": 1, "duration_ms": 5});
         let done = JobDone {

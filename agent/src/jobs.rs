@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use debfleet_apt::{Apt, AptError, Op, Spec};
-use debfleet_protocol::{ErrorCode, OpError, OpId, PackageChange, PackageResult, PackageSpec};
+use debfleet_protocol::{ErrorCode, OpError, OpId, PackageChange, PackageResult, PackageSpec, Phase};
 use debfleet_systemd::{Action, CrashLoop, Systemd};
 
 use crate::journal::Handoff;
@@ -46,7 +46,7 @@ pub struct Job {
 pub enum JobEvent {
     Progress {
         id: OpId,
-        phase: String,
+        phase: Phase,
         percent: Option<u8>,
     },
     /// The transaction is about to run in a transient unit; the core journals that durably
@@ -87,8 +87,7 @@ fn error(code: ErrorCode, message: impl Into<String>) -> OpError {
 }
 
 fn apt_error(e: AptError) -> OpError {
-    let code = serde_json::from_value(Value::String(e.code().into())).unwrap_or(ErrorCode::AptFailed);
-    OpError { code, message: e.to_string() }
+    OpError { code: e.code(), message: e.to_string() }
 }
 
 fn versions(ctx: &JobContext, names: &[String]) -> std::collections::BTreeMap<String, Option<String>> {
@@ -98,21 +97,21 @@ fn versions(ctx: &JobContext, names: &[String]) -> std::collections::BTreeMap<St
 struct Reporter {
     id: OpId,
     tx: mpsc::Sender<JobEvent>,
-    last: Option<(String, u8, Instant)>,
+    last: Option<(Phase, u8, Instant)>,
 }
 
 impl Reporter {
     /// Sends progress when the phase changes, the percentage moves by 5 or a second passed: a
     /// device on a metered link does not publish every dpkg line.
-    fn report(&mut self, phase: &str, percent: Option<u8>) {
+    fn report(&mut self, phase: Phase, percent: Option<u8>) {
         let p = percent.unwrap_or(0);
         let due = match &self.last {
-            Some((ph, pc, t)) => ph != phase || p >= pc.saturating_add(5) || t.elapsed() >= Duration::from_secs(1),
+            Some((ph, pc, t)) => *ph != phase || p >= pc.saturating_add(5) || t.elapsed() >= Duration::from_secs(1),
             None => true,
         };
         if due {
-            self.last = Some((phase.to_owned(), p, Instant::now()));
-            let _ = self.tx.blocking_send(JobEvent::Progress { id: self.id.clone(), phase: phase.to_owned(), percent });
+            self.last = Some((phase, p, Instant::now()));
+            let _ = self.tx.blocking_send(JobEvent::Progress { id: self.id.clone(), phase, percent });
         }
     }
 }
@@ -203,7 +202,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     // operations refresh them only when apt does not know what was asked for (just published).
     let mut updated = false;
     let update = |tx: mpsc::Sender<JobEvent>, id: OpId, apt: Apt| async move {
-        let _ = tx.send(JobEvent::Progress { id, phase: "updating indices".into(), percent: None }).await;
+        let _ = tx.send(JobEvent::Progress { id, phase: Phase::UpdatingIndices, percent: None }).await;
         blocking(move || apt.update()).await
     };
     if matches!(job.kind, JobKind::Upgrade(_)) {
@@ -213,7 +212,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         updated = true;
     }
     if job.dry_run {
-        let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: "resolving".into(), percent: None }).await;
+        let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Resolving, percent: None }).await;
         let plan = loop {
             let (apt, plan_op) = (ctx.apt.clone(), op.clone());
             match blocking(move || apt.simulate(&plan_op, allow_downgrades)).await {
@@ -259,7 +258,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     // What changed is read from dpkg's database before and after (no separate simulation: the
     // transaction itself resolves, and dependencies show up in the difference).
     let before = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
-    let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: "resolving".into(), percent: None }).await;
+    let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Resolving, percent: None }).await;
     let run = loop {
         let (apt, run_op) = (ctx.apt.clone(), op.clone());
         let mut reporter = Reporter { id: id.clone(), tx: tx.clone(), last: None };
@@ -299,16 +298,14 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     let installs = !matches!(job.kind, JobKind::Uninstall { .. });
     if installs && !job.watch.is_zero() && !changes.is_empty() {
         if let Some(sd) = &ctx.systemd {
-            let _ =
-                tx.send(JobEvent::Progress { id: id.clone(), phase: "verifying units".into(), percent: None }).await;
+            let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::VerifyingUnits, percent: None }).await;
             let units: Vec<String> = changes
                 .iter()
                 .filter(|c| c.after.is_some())
                 .flat_map(|c| debfleet_apt::dpkg::package_units(&ctx.admindir, &c.package))
                 .collect();
             if let Some(reason) = watch_units(sd, &units, job.watch).await {
-                let _ =
-                    tx.send(JobEvent::Progress { id: id.clone(), phase: "rolling back".into(), percent: None }).await;
+                let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::RollingBack, percent: None }).await;
                 let (now, failures) = undo(ctx, &changes).await;
                 result.rolled_back_to = Some(now.clone());
                 result.duration_ms = started.elapsed().as_millis() as u64;
@@ -472,9 +469,7 @@ async fn hand_off(
             rolled_back: vec![],
         };
     }
-    let _ = tx
-        .send(JobEvent::Progress { id: id.clone(), phase: "installing (outside the agent)".into(), percent: None })
-        .await;
+    let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::OutsideTheAgent, percent: None }).await;
     let argv = ctx.apt.argv(op, allow_downgrades);
     if let Err(e) = sd.start_transient(&unit, "debfleet: a transaction on the agent's own package", &argv).await {
         return JobDone {

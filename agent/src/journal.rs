@@ -161,10 +161,15 @@ impl Journal {
         Ok(cleared)
     }
 
-    pub fn set_running(&mut self, id: &OpId, now_ms: i64, phase: Option<&str>) -> Result<(), JournalError> {
+    pub fn set_running(
+        &mut self,
+        id: &OpId,
+        now_ms: i64,
+        phase: Option<debfleet_protocol::Phase>,
+    ) -> Result<(), JournalError> {
         if let Some(e) = self.entries.get_mut(id) {
             e.record.state = OpState::Running;
-            e.record.phase = phase.map(str::to_owned);
+            e.record.phase = phase;
             e.record.updated_at = format_unix_ms(now_ms);
             self.save(id, false)?;
         }
@@ -206,10 +211,16 @@ impl Journal {
     }
 
     /// Progress of a running operation (not flushed to disk: a lost progress note is harmless).
-    pub fn progress(&mut self, id: &OpId, now_ms: i64, phase: &str, percent: Option<u8>) -> Result<(), JournalError> {
+    pub fn progress(
+        &mut self,
+        id: &OpId,
+        now_ms: i64,
+        phase: debfleet_protocol::Phase,
+        percent: Option<u8>,
+    ) -> Result<(), JournalError> {
         if let Some(e) = self.entries.get_mut(id) {
             e.record.state = OpState::Running;
-            e.record.phase = Some(phase.to_owned());
+            e.record.phase = Some(phase);
             e.record.percent = percent;
             e.record.updated_at = format_unix_ms(now_ms);
             self.save(id, false)?;

@@ -225,7 +225,7 @@ async fn run(
                 }
                 outs
             }
-            Event::Job(jobs::JobEvent::Progress { id, phase, percent }) => core.job_progress(&id, &phase, percent),
+            Event::Job(jobs::JobEvent::Progress { id, phase, percent }) => core.job_progress(&id, phase, percent),
             Event::Job(jobs::JobEvent::Handoff { id, handoff, ack }) => {
                 core.handoff(&id, handoff);
                 let _ = ack.send(());

@@ -28,18 +28,20 @@ pub enum AptError {
 
 impl AptError {
     /// A stable, machine-readable code for operation results.
-    pub fn code(&self) -> &'static str {
+    /// The contract's error code for this failure.
+    pub fn code(&self) -> debfleet_protocol::ErrorCode {
+        use debfleet_protocol::ErrorCode;
         match self {
-            AptError::PackageNotFound(_) => "package_not_found",
-            AptError::VersionNotFound { .. } => "version_not_found",
-            AptError::DependencyConflict(_) => "dependency_conflict",
-            AptError::DownloadFailed(_) => "download_failed",
-            AptError::SignatureFailure(_) => "signature_failure",
-            AptError::DiskFull(_) => "disk_full",
-            AptError::MaintainerScriptFailed(_) => "maintainer_script_failed",
-            AptError::LockTimeout(_) => "lock_timeout",
-            AptError::InvalidSpec(_) => "invalid_value",
-            AptError::Io { .. } | AptError::Other(_) => "apt_failed",
+            AptError::PackageNotFound(_) => ErrorCode::PackageNotFound,
+            AptError::VersionNotFound { .. } => ErrorCode::VersionNotFound,
+            AptError::DependencyConflict(_) => ErrorCode::DependencyConflict,
+            AptError::DownloadFailed(_) => ErrorCode::DownloadFailed,
+            AptError::SignatureFailure(_) => ErrorCode::SignatureFailure,
+            AptError::DiskFull(_) => ErrorCode::DiskFull,
+            AptError::MaintainerScriptFailed(_) => ErrorCode::MaintainerScriptFailed,
+            AptError::LockTimeout(_) => ErrorCode::LockTimeout,
+            AptError::InvalidSpec(_) => ErrorCode::InvalidValue,
+            AptError::Io { .. } | AptError::Other(_) => ErrorCode::AptFailed,
         }
     }
 }
@@ -135,7 +137,7 @@ mod tests {
             ("E: Sub-process /usr/bin/dpkg returned an error code (1)", "apt_failed"),
         ];
         for (out, code) in cases {
-            assert_eq!(classify(out, &[]).code(), *code, "{out}");
+            assert_eq!(classify(out, &[]).code().as_str(), *code, "{out}");
         }
         assert_eq!(
             classify("E: Version '9.9' for 'hello' was not found", &[]),
@@ -145,6 +147,6 @@ mod tests {
             "E: Sub-process /usr/bin/dpkg returned an error code (1)",
             &["x: post-installation script returned 1".into()],
         );
-        assert_eq!(e.code(), "maintainer_script_failed");
+        assert_eq!(e.code().as_str(), "maintainer_script_failed");
     }
 }

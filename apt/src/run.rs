@@ -45,7 +45,7 @@ pub enum Op {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
     /// `downloading`, `unpacking`, `configuring`, `removing`, `triggers` or `installing`.
-    pub phase: &'static str,
+    pub phase: debfleet_protocol::Phase,
     pub percent: f32,
     pub package: Option<String>,
     pub text: String,
@@ -241,7 +241,7 @@ impl Apt {
             let Ok(line) = line else { break };
             match status::parse(&line) {
                 Status::Download { percent, text } => {
-                    on_progress(Progress { phase: "downloading", percent, package: None, text })
+                    on_progress(Progress { phase: debfleet_protocol::Phase::Downloading, percent, package: None, text })
                 }
                 Status::Package { package, percent, text } => {
                     on_progress(Progress { phase: status::phase_of(&text), percent, package: Some(package), text })

@@ -1,5 +1,7 @@
 //! apt's machine-readable progress (`APT::Status-Fd`): one line per event.
 
+use debfleet_protocol::Phase;
+
 /// One line of apt's status stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {
@@ -16,22 +18,22 @@ pub enum Status {
 }
 
 /// The phase a `pmstatus` text describes, in debfleet's terms.
-pub fn phase_of(text: &str) -> &'static str {
+pub fn phase_of(text: &str) -> Phase {
     let t = text.to_ascii_lowercase();
     if t.starts_with("unpacking") || t.starts_with("preparing") {
-        "unpacking"
+        Phase::Unpacking
     } else if t.starts_with("setting up") || t.starts_with("configuring") || t.starts_with("installed") {
-        "configuring"
+        Phase::Configuring
     } else if t.starts_with("removing")
         || t.starts_with("preparing for removal")
         || t.starts_with("completely removing")
         || t.starts_with("removed")
     {
-        "removing"
+        Phase::Removing
     } else if t.starts_with("running") || t.starts_with("processing triggers") {
-        "triggers"
+        Phase::Triggers
     } else {
-        "installing"
+        Phase::Installing
     }
 }
 
@@ -86,8 +88,8 @@ mod tests {
         );
         assert!(matches!(parse("garbage"), Status::Other(_)));
         assert!(matches!(parse("pmstatus:x:NaN:y"), Status::Package { percent, .. } if percent == 0.0));
-        assert_eq!(phase_of("Setting up hello (2.10-3)"), "configuring");
-        assert_eq!(phase_of("Unpacking hello"), "unpacking");
-        assert_eq!(phase_of("Removing hello"), "removing");
+        assert_eq!(phase_of("Setting up hello (2.10-3)"), Phase::Configuring);
+        assert_eq!(phase_of("Unpacking hello"), Phase::Unpacking);
+        assert_eq!(phase_of("Removing hello"), Phase::Removing);
     }
 }

@@ -75,7 +75,7 @@ struct ProgressView {
 
 impl ProgressView {
     fn update(&mut self, dev: &DeviceId, r: &OpRecord) {
-        let phase = r.phase.clone().unwrap_or_else(|| r.state.as_str().to_owned());
+        let phase = r.phase.map(|p| p.as_str()).unwrap_or_else(|| r.state.as_str()).to_owned();
         let line = match r.percent {
             Some(p) => {
                 let filled = (p as usize / 5).min(20);

@@ -314,6 +314,81 @@ pub struct Rejected {
     pub message: String,
 }
 
+/// Where a running operation is, as `phase` in its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Accepted, waiting for the operation before it to end.
+    #[serde(rename = "queued")]
+    Queued,
+    /// `apt-get update`.
+    #[serde(rename = "updating indices")]
+    UpdatingIndices,
+    /// apt works out the transaction.
+    #[serde(rename = "resolving")]
+    Resolving,
+    #[serde(rename = "downloading")]
+    Downloading,
+    #[serde(rename = "unpacking")]
+    Unpacking,
+    #[serde(rename = "configuring")]
+    Configuring,
+    #[serde(rename = "removing")]
+    Removing,
+    /// dpkg triggers (man-db, ldconfig, ...).
+    #[serde(rename = "triggers")]
+    Triggers,
+    /// dpkg is at work on something it did not name more precisely.
+    #[serde(rename = "installing")]
+    Installing,
+    /// The transaction runs in a transient unit (the agent's own package).
+    #[serde(rename = "installing outside the agent")]
+    OutsideTheAgent,
+    /// The packages' units are watched after the change.
+    #[serde(rename = "verifying units")]
+    VerifyingUnits,
+    /// A unit failed: the previous versions are being put back.
+    #[serde(rename = "rolling back")]
+    RollingBack,
+    /// A phase a newer agent reports that this version does not know.
+    #[serde(other, rename = "other")]
+    Other,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 12] = [
+        Phase::Queued,
+        Phase::UpdatingIndices,
+        Phase::Resolving,
+        Phase::Downloading,
+        Phase::Unpacking,
+        Phase::Configuring,
+        Phase::Removing,
+        Phase::Triggers,
+        Phase::Installing,
+        Phase::OutsideTheAgent,
+        Phase::VerifyingUnits,
+        Phase::RollingBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::UpdatingIndices => "updating indices",
+            Phase::Resolving => "resolving",
+            Phase::Downloading => "downloading",
+            Phase::Unpacking => "unpacking",
+            Phase::Configuring => "configuring",
+            Phase::Removing => "removing",
+            Phase::Triggers => "triggers",
+            Phase::Installing => "installing",
+            Phase::OutsideTheAgent => "installing outside the agent",
+            Phase::VerifyingUnits => "verifying units",
+            Phase::RollingBack => "rolling back",
+            Phase::Other => "other",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OpState {
@@ -348,7 +423,7 @@ pub struct OpRecord {
     pub accepted_at: String,
     pub updated_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<Phase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<u8>,
     /// Verb-specific outcome of a succeeded operation.

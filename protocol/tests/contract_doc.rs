@@ -98,4 +98,7 @@ fn every_example_round_trips_through_the_types() {
     for code in ErrorCode::ALL {
         assert!(doc.contains(&format!("| `{}` |", code.as_str())), "error code {} is not in the table", code.as_str());
     }
+    for phase in Phase::ALL {
+        assert!(doc.contains(&format!("| `{}` |", phase.as_str())), "phase {} is not in the table", phase.as_str());
+    }
 }

@@ -71,7 +71,7 @@ fn transactions_progress_dry_runs_and_typed_errors_on_a_device() {
     let mut events = Vec::new();
     let report = apt.run(&Op::Install(vec![spec("df-hello=1.0")]), false, &mut |p| events.push(p)).unwrap();
     assert_eq!(installed(&dev, "df-hello").as_deref(), Some("1.0"));
-    let phases: Vec<&str> = events.iter().map(|p| p.phase).collect();
+    let phases: Vec<&str> = events.iter().map(|p| p.phase.as_str()).collect();
     for want in ["downloading", "unpacking", "configuring"] {
         assert!(phases.contains(&want), "{want} missing from {phases:?}");
     }
@@ -94,12 +94,12 @@ fn transactions_progress_dry_runs_and_typed_errors_on_a_device() {
     let err = apt.run(&Op::Install(vec![spec("df-hello=9.9")]), false, &mut |_| {}).unwrap_err();
     assert!(matches!(err, AptError::VersionNotFound { .. }), "{err:?}");
     let err = apt.run(&Op::Install(vec![spec("df-needy")]), false, &mut |_| {}).unwrap_err();
-    assert_eq!(err.code(), "dependency_conflict", "{err:?}");
+    assert_eq!(err.code().as_str(), "dependency_conflict", "{err:?}");
 
     // A failing maintainer script, then recovery once the cause is gone.
     dev.write("/var/tmp/fail-postinst", "");
     let err = apt.run(&Op::Install(vec![spec("df-flaky")]), false, &mut |_| {}).unwrap_err();
-    assert_eq!(err.code(), "maintainer_script_failed", "{err:?}");
+    assert_eq!(err.code().as_str(), "maintainer_script_failed", "{err:?}");
     assert!(!dev.ok(&["dpkg", "--audit"]).trim().is_empty(), "dpkg knows it is unfinished");
     std::fs::remove_file(dev.root.join("var/tmp/fail-postinst")).unwrap();
     assert!(apt.recover().unwrap(), "there was something to repair");
@@ -109,7 +109,7 @@ fn transactions_progress_dry_runs_and_typed_errors_on_a_device() {
     // Another apt holds the lock: a clear error after the timeout.
     let mut holder = debfleet_tests::hold_dpkg_lock(&dev, "df-slow");
     let err = apt.run(&Op::Install(vec![spec("df-hello")]), false, &mut |_| {}).unwrap_err();
-    assert_eq!(err.code(), "lock_timeout", "{err:?}");
+    assert_eq!(err.code().as_str(), "lock_timeout", "{err:?}");
     let _ = holder.wait();
 
     // The repository goes away: downloads fail, typed.
@@ -118,7 +118,7 @@ fn transactions_progress_dry_runs_and_typed_errors_on_a_device() {
     dev.ok(&["apt-get", "clean"]);
     drop(server);
     let err = apt.run(&Op::Install(vec![spec("df-hello")]), false, &mut |_| {}).unwrap_err();
-    assert_eq!(err.code(), "download_failed", "{err:?}");
+    assert_eq!(err.code().as_str(), "download_failed", "{err:?}");
 }
 
 #[test]
@@ -130,5 +130,5 @@ fn a_repository_signed_with_another_key_is_refused() {
     let dev = Device::boot("apt-2");
     trust(&dev, &server, &other);
     let err = apt_on(&dev).update().unwrap_err();
-    assert_eq!(err.code(), "signature_failure", "{err:?}");
+    assert_eq!(err.code().as_str(), "signature_failure", "{err:?}");
 }
