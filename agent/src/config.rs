@@ -95,13 +95,18 @@ pub struct OpsCfg {
 pub struct AptCfg {
     /// Seconds to wait for another package manager's dpkg lock.
     pub lock_timeout_s: u32,
-    /// Seconds to watch a changed package's units before calling the change good (0: don't).
+    /// Seconds to watch a changed package's units at most before calling the change good (0:
+    /// don't watch).
     pub watch_s: u32,
+    /// The watch ends early once every unit has been steady (active, or inactive without
+    /// failing) this many seconds. A command that names its own `watch_s` watches the whole
+    /// window instead.
+    pub settle_s: u32,
 }
 
 impl Default for AptCfg {
     fn default() -> Self {
-        AptCfg { lock_timeout_s: 120, watch_s: 30 }
+        AptCfg { lock_timeout_s: 120, watch_s: 30, settle_s: 3 }
     }
 }
 

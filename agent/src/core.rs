@@ -478,6 +478,9 @@ impl Core {
         watch_s: Option<u32>,
     ) -> Vec<Out> {
         let watch = std::time::Duration::from_secs(watch_s.unwrap_or(self.cfg.apt.watch_s).into());
+        // A single operation with the defaults ends once its units have settled; a window the
+        // operator asked for is watched in full.
+        let settle = watch_s.is_none().then(|| std::time::Duration::from_secs(self.cfg.apt.settle_s.into()));
         let touched: Vec<String> = match &kind {
             JobKind::Install(p) | JobKind::Upgrade(p) | JobKind::Uninstall { packages: p, .. } => {
                 p.iter().map(|s| s.name.clone()).collect()
@@ -495,7 +498,7 @@ impl Core {
         }
         out.push(self.publish_op(&id));
         self.jobs_pending += 1;
-        out.push(Out::Job(Job { id, kind, dry_run, watch }));
+        out.push(Out::Job(Job { id, kind, dry_run, watch, settle }));
         out
     }
 
@@ -897,7 +900,7 @@ mod tests {
             })
             .expect("a job");
         assert_eq!(job.kind, JobKind::Install(vec![PackageSpec { name: "hello".into(), version: Some("1.0".into()) }]));
-        assert_eq!(job.watch, std::time::Duration::ZERO);
+        assert_eq!((job.watch, job.settle), (std::time::Duration::ZERO, None));
         let last = op_states(&outs, "i1").pop().unwrap();
         assert_eq!((last.state, last.phase), (OpState::Running, Some(debfleet_protocol::Phase::Queued)));
 

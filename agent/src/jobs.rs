@@ -39,7 +39,10 @@ pub struct Job {
     pub id: OpId,
     pub kind: JobKind,
     pub dry_run: bool,
+    /// The longest the units are watched after the change.
     pub watch: Duration,
+    /// End the watch once every unit has been steady this long (None: watch it all).
+    pub settle: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -304,7 +307,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
                 .filter(|c| c.after.is_some())
                 .flat_map(|c| debfleet_apt::dpkg::package_units(&ctx.admindir, &c.package))
                 .collect();
-            if let Some(reason) = watch_units(sd, &units, job.watch).await {
+            if let Some(reason) = watch_units(sd, &units, job.watch, job.settle).await {
                 let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::RollingBack, percent: None }).await;
                 let (now, failures) = undo(ctx, &changes).await;
                 result.rolled_back_to = Some(now.clone());
@@ -324,8 +327,10 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     JobDone { id, result: serde_json::to_value(&result).ok(), error: None, changes: history, rolled_back }
 }
 
-/// Watches units for `window`; returns why one is failing, if one is.
-async fn watch_units(sd: &Systemd, units: &[String], window: Duration) -> Option<String> {
+/// Watches units for `window` at most; returns why one is failing, if one is. With `settle`,
+/// the watch ends as soon as every unit has been steady that long (a crash loop is never steady:
+/// each restart moves it).
+async fn watch_units(sd: &Systemd, units: &[String], window: Duration, settle: Option<Duration>) -> Option<String> {
     if units.is_empty() {
         return None;
     }
@@ -334,16 +339,56 @@ async fn watch_units(sd: &Systemd, units: &[String], window: Duration) -> Option
         Err(e) => return Some(format!("cannot watch units: {e}")),
     };
     let mut detector = CrashLoop::new(window, 3);
+    let mut steady = Steady::new(units);
     let deadline = tokio::time::Instant::now() + window;
     loop {
-        match tokio::time::timeout_at(deadline, states.next()).await {
+        let wake = match settle.and_then(|s| steady.settled_at(s)) {
+            Some(at) => deadline.min(tokio::time::Instant::from_std(at)),
+            None => deadline,
+        };
+        match tokio::time::timeout_at(wake, states.next()).await {
             Ok(Some(state)) => {
                 if let Some(reason) = detector.observe(&state, Instant::now()) {
                     return Some(reason);
                 }
+                steady.observe(&state, Instant::now());
             }
-            Ok(None) | Err(_) => return None,
+            Ok(None) => return None,
+            // The deadline, or every unit settled.
+            Err(_) => return None,
         }
+    }
+}
+
+/// Since when each unit has been steady (active, or inactive without failing).
+struct Steady {
+    since: std::collections::BTreeMap<String, Option<Instant>>,
+}
+
+impl Steady {
+    fn new(units: &[String]) -> Steady {
+        Steady { since: units.iter().map(|u| (u.clone(), None)).collect() }
+    }
+
+    fn observe(&mut self, state: &debfleet_systemd::UnitState, now: Instant) {
+        let is_steady = matches!(state.active_state.as_str(), "active" | "inactive");
+        if let Some(slot) = self.since.get_mut(&state.name) {
+            *slot = match (is_steady, *slot) {
+                (true, Some(t)) => Some(t),
+                (true, None) => Some(now),
+                (false, _) => None,
+            };
+        }
+    }
+
+    /// When all of them will have been steady for `settle`, if all are steady now.
+    fn settled_at(&self, settle: Duration) -> Option<Instant> {
+        let mut latest = None;
+        for since in self.since.values() {
+            let t = (*since)?;
+            latest = Some(latest.map_or(t, |l: Instant| l.max(t)));
+        }
+        latest.map(|t| t + settle)
     }
 }
 
@@ -546,6 +591,36 @@ async fn finish_transient(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn unit(name: &str, active: &str) -> debfleet_systemd::UnitState {
+        debfleet_systemd::UnitState {
+            name: name.into(),
+            load_state: "loaded".into(),
+            active_state: active.into(),
+            sub_state: String::new(),
+            unit_file_state: "enabled".into(),
+            n_restarts: Some(0),
+            since_us: 0,
+        }
+    }
+
+    #[test]
+    fn units_settle_only_when_all_have_been_steady_long_enough() {
+        let t0 = Instant::now();
+        let s5 = Duration::from_secs(5);
+        let mut s = Steady::new(&["a.service".into(), "b.service".into()]);
+        s.observe(&unit("a.service", "active"), t0);
+        assert_eq!(s.settled_at(s5), None, "b has not been seen");
+        s.observe(&unit("b.service", "activating"), t0);
+        assert_eq!(s.settled_at(s5), None);
+        s.observe(&unit("b.service", "active"), t0 + Duration::from_secs(1));
+        assert_eq!(s.settled_at(s5), Some(t0 + Duration::from_secs(6)));
+        // A restart moves it again.
+        s.observe(&unit("a.service", "deactivating"), t0 + Duration::from_secs(2));
+        assert_eq!(s.settled_at(s5), None);
+        s.observe(&unit("a.service", "active"), t0 + Duration::from_secs(3));
+        assert_eq!(s.settled_at(s5), Some(t0 + Duration::from_secs(8)));
+    }
 
     fn change(p: &str, before: Option<&str>, after: Option<&str>) -> PackageChange {
         PackageChange { package: p.into(), before: before.map(Into::into), after: after.map(Into::into) }

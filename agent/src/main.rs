@@ -142,6 +142,7 @@ async fn run(
             kind: jobs::JobKind::Resume { unit: h.unit, before: h.before },
             dry_run: false,
             watch: Duration::ZERO,
+            settle: None,
         })
         .collect();
     let (client, eventloop) = connection::client(&cfg)?;

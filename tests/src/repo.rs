@@ -293,3 +293,33 @@ pub fn upload_head(suite: &str, token: &str, len: usize) -> String {
         "POST /api/v1/suites/{suite}/packages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
     )
 }
+
+/// A package NAME at `version` with one service, `NAME.service`, built with `debfleet package`:
+/// a service that runs, or (broken) exits at once and is restarted by systemd.
+pub fn service_deb(dir: &Path, name: &str, version: &str, broken: bool) -> PathBuf {
+    let d = dir.join(format!("{name}-{version}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let body = if broken { "echo broken >&2; exit 1" } else { "exec sleep infinity" };
+    std::fs::write(d.join(name), format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::write(
+        d.join(format!("{name}.service")),
+        format!("[Unit]\nDescription={name}\n\n[Service]\nExecStart=/usr/bin/{name}\nRestart=on-failure\nRestartSec=300ms\n\n[Install]\nWantedBy=multi-user.target\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("manifest.toml"),
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"{version}\"\narchitecture = \"all\"\nmaintainer = \"Ops <ops@example.com>\"\ndescription = \"{name}, a test service\"\n\n[[files]]\nsource = \"{name}\"\ndest = \"/usr/bin/{name}\"\nmode = \"0755\"\n\n[[units]]\nsource = \"{name}.service\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("debfleet"))
+        .arg("package")
+        .arg(d.join("manifest.toml"))
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir.join(format!("{name}_{version}_all.deb"))
+}

@@ -24,31 +24,7 @@ fn own_deb(name: &str) -> PathBuf {
 
 /// demo-app at `version`: a service that runs, or (broken) exits at once.
 fn demo_app(dir: &Path, version: &str, broken: bool) -> PathBuf {
-    let d = dir.join(format!("demo-{version}"));
-    std::fs::create_dir_all(&d).unwrap();
-    let body = if broken { "echo broken >&2; exit 1" } else { "exec sleep infinity" };
-    std::fs::write(d.join("demo-app"), format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::write(
-        d.join("demo-app.service"),
-        "[Unit]\nDescription=demo app\n\n[Service]\nExecStart=/usr/bin/demo-app\nRestart=on-failure\nRestartSec=300ms\n\n[Install]\nWantedBy=multi-user.target\n",
-    )
-    .unwrap();
-    std::fs::write(
-        d.join("manifest.toml"),
-        format!(
-            "[package]\nname = \"demo-app\"\nversion = \"{version}\"\narchitecture = \"all\"\nmaintainer = \"Ops <ops@example.com>\"\ndescription = \"demo application\"\n\n[[files]]\nsource = \"demo-app\"\ndest = \"/usr/bin/demo-app\"\nmode = \"0755\"\n\n[[units]]\nsource = \"demo-app.service\"\n"
-        ),
-    )
-    .unwrap();
-    let out = Command::new(bin("debfleet"))
-        .arg("package")
-        .arg(d.join("manifest.toml"))
-        .arg("--out")
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    dir.join(format!("demo-app_{version}_all.deb"))
+    debfleet_tests::repo::service_deb(dir, "demo-app", version, broken)
 }
 
 struct Lab {
