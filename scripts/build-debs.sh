@@ -18,6 +18,12 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/n
 cargo build --release --bins -p debfleet-repo -p debfleet-console
 # The agent is built for size (profile `agent` in Cargo.toml): it runs on small boards.
 cargo build --profile agent -p debfleet-agent
+# Man pages and completions, generated from the programs' own command-line definitions.
+mkdir -p target/man
+target/release/debfleet manpages --out target/man >/dev/null
+target/release/debfleet-repo manpage > target/man/debfleet-repo.1
+target/release/debfleet completions bash > target/man/debfleet.bash
+gzip -9nf target/man/debfleet.1 target/man/debfleet-agent.1 target/man/debfleet-repo.1
 for pkg in debfleet-agent debfleet-repo debfleet; do
     target/release/debfleet package "packaging/$pkg/manifest.toml" --out "$out" \
         --arch "$(dpkg --print-architecture)" "${version_args[@]}"

@@ -24,4 +24,9 @@ fi
 # The end-to-end tests drive the real binaries and install the real packages, so build both first.
 cargo build --workspace --bins
 bash scripts/build-debs.sh
+# The console remembers what it found per broker (in the cache directory); test brokers come and
+# go on random ports, so the suite gets a cache of its own.
+XDG_CACHE_HOME=$(mktemp -d)
+export XDG_CACHE_HOME
+trap 'rm -rf "$XDG_CACHE_HOME"' EXIT
 cargo test --workspace "$@"

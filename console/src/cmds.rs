@@ -45,7 +45,7 @@ pub async fn load_fleet(ctx: &Ctx) -> Result<(Session, Fleet)> {
     })
     .await?;
     let spinner = Spinner::start("reading the fleet from the broker".into());
-    let retained = session.retained(&[ctx.topics.fleet_filter()]).await?;
+    let retained = session.retained(&ctx.topics, &[ctx.topics.fleet_filter()]).await?;
     drop(spinner);
     let mut fleet = Fleet::default();
     for m in retained {

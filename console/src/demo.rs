@@ -95,6 +95,17 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     }
     let agent_deb = find_agent_deb(args.agent_deb)?;
     debfleet_lab::ensure_host_packages()?;
+    // Both ports first, so a busy one is named at once (a demo killed earlier, another broker)
+    // rather than found half-way.
+    for (what, addr) in [("the broker", args.broker_listen), ("the repository server", args.repo_listen)] {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            bail!(
+                "{addr} is not free for {what} ({e}): another broker or an earlier demo may hold it \
+                 (`ss -ltnp 'sport = :{}'` shows which); stop it or pass --broker-listen/--repo-listen",
+                addr.port()
+            );
+        }
+    }
     let broker_url = format!("mqtt://{}", args.broker_listen);
     let repo_url = format!("http://{}", args.repo_listen);
     let ctx = Ctx { broker: broker_url.clone(), ca_file: None, topics: ctx.topics.clone() };
@@ -123,7 +134,20 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         bail!("debfleet-repo init: {}", String::from_utf8_lossy(&init.stderr));
     }
     let token = String::from_utf8_lossy(&init.stdout).lines().last().unwrap_or_default().trim().to_owned();
-    let repo = Command::new(repo_binary())
+    let mut serve = Command::new(repo_binary());
+    // The repository server dies with the demo, even when the demo is killed with SIGKILL
+    // (it would otherwise keep the port and the next demo would find it taken).
+    // SAFETY: prctl in the child between fork and exec, async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        serve.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let repo = serve
         .args(["serve", "--root"])
         .arg(&root)
         .args(["--listen", &args.repo_listen.to_string()])
@@ -157,10 +181,15 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         };
         crate::lab::provision(&dev, &ctx, None, Some(&repo_url), Some(&key), "lab")?;
     }
+    // The lines below are meant to be pasted: this binary's directory goes on the PATH.
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.display().to_string()))
+        .unwrap_or_else(|| ".".into());
     println!(
         "\ndebfleet demo is running: broker {broker_url}, repository {repo_url}, devices lab-1..lab-{n}.\n\
          In another terminal:\n\
-         \x20 export DEBFLEET_BROKER={broker_url} DEBFLEET_REPO={repo_url} DEBFLEET_TOKEN={token}\n\
+         \x20 export PATH={bin_dir}:$PATH DEBFLEET_BROKER={broker_url} DEBFLEET_REPO={repo_url} DEBFLEET_TOKEN={token}\n\
          \x20 debfleet devices                                  # the fleet, from retained topics\n\
          \x20 debfleet install --group lab debfleet-hello=1.0   # one publish, every device installs\n\
          \x20 debfleet upgrade --group lab debfleet-hello       # to 2.0, units verified\n\

@@ -14,6 +14,7 @@ use crate::Ctx;
 pub enum LabCommand {
     /// Boot N devices (lab-1 ... lab-N) with the agent installed and connected to the broker.
     Up {
+        /// How many devices (lab-1 ... lab-N).
         #[arg(long, default_value_t = 3)]
         devices: u32,
         /// Install the agent from this .deb ...
@@ -33,16 +34,27 @@ pub enum LabCommand {
     Status,
     /// Run a command on a device.
     Exec {
+        /// The device's id.
         device: String,
+        /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
     /// Power a device off cleanly and boot it again.
-    Reboot { device: String },
+    Reboot {
+        /// The device's name (lab-1, ...).
+        device: String,
+    },
     /// Cut a device's power (everything in it dies at once).
-    Kill { device: String },
+    Kill {
+        /// The device's name (lab-1, ...).
+        device: String,
+    },
     /// Boot a device that is off (after `kill`).
-    Boot { device: String },
+    Boot {
+        /// The device's name (lab-1, ...).
+        device: String,
+    },
     /// Stop every device and remove everything the lab made.
     Down,
 }

@@ -4,12 +4,14 @@ mod cmds;
 mod demo;
 mod fleet;
 mod lab;
+mod manual;
 mod output;
 mod packages;
 mod repo;
 mod request;
 mod serve;
 mod session;
+mod sync;
 mod watch;
 
 use std::path::PathBuf;
@@ -29,7 +31,7 @@ pub mod exit {
 
 #[derive(Parser)]
 #[command(name = "debfleet", version, about = "Control a fleet of Debian devices over MQTT")]
-struct Cli {
+pub(crate) struct Cli {
     /// Broker URL (mqtt://HOST:PORT or mqtts://HOST:PORT) [default: mqtt://127.0.0.1:1883].
     #[arg(long, global = true, env = "DEBFLEET_BROKER")]
     broker: Option<String>,
@@ -65,12 +67,15 @@ pub struct Targets {
 enum Command {
     /// List every device known from the broker's retained topics.
     Devices {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Everything known about one device: meta, status, cfg, state, last telemetry, operations.
     Show {
+        /// The device's id.
         device: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -81,6 +86,7 @@ enum Command {
         /// Seconds to wait for answers.
         #[arg(long, default_value_t = 5.0)]
         timeout: f64,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -102,6 +108,7 @@ enum Command {
     },
     /// List a device's operations, or clear finished ones.
     Ops {
+        /// The device's id.
         device: String,
         /// Clear finished operations (all, or those older than --older-than).
         #[arg(long)]
@@ -109,6 +116,7 @@ enum Command {
         /// With --clear: only those finished at least this many seconds ago.
         #[arg(long, requires = "clear")]
         older_than: Option<u64>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -140,50 +148,66 @@ enum Command {
     },
     /// Restart a managed package's systemd unit on a device.
     Restart {
+        /// The device's id.
         device: String,
+        /// The unit, e.g. demo-app.service (a managed package's).
         unit: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Upload .deb files into a suite of the repository.
     Publish {
+        /// .deb files to upload.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// The suite (e.g. stable, testing).
         #[arg(long)]
         suite: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// List the repository's packages and versions.
     Packages {
+        /// The suite (e.g. stable, testing).
         #[arg(long)]
         suite: Option<String>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Copy NAME=VERSION from one suite to another without re-uploading.
     Promote {
+        /// NAME=VERSION.
         package: String,
+        /// The suite to copy from.
         #[arg(long)]
         from: String,
+        /// The suite to copy to.
         #[arg(long)]
         to: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Remove NAME=VERSION from a suite.
     Unpublish {
+        /// NAME=VERSION.
         package: String,
+        /// The suite (e.g. stable, testing).
         #[arg(long)]
         suite: String,
         /// Only this architecture.
         #[arg(long)]
         arch: Option<String>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Build a .deb from a package manifest (see README: "Packaging a component").
     Package {
+        /// The package manifest (TOML).
         manifest: PathBuf,
         /// Override the manifest's version.
         #[arg(long)]
@@ -198,21 +222,37 @@ enum Command {
     /// Everything on this machine: embedded broker, repository with a sample package, lab devices,
     /// and a guided tour (needs root: the devices are systemd-nspawn containers).
     Demo {
+        /// How many devices (lab-1 ... lab-N).
         #[arg(long, default_value_t = 3)]
         devices: u32,
         /// The agent .deb (default: target/debs/debfleet-agent_*.deb).
         #[arg(long)]
         agent_deb: Option<PathBuf>,
+        /// Where the embedded broker listens.
         #[arg(long, default_value = "127.0.0.1:1883")]
         broker_listen: std::net::SocketAddr,
+        /// Where the repository server listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         repo_listen: std::net::SocketAddr,
     },
     /// Devices on this machine (systemd-nspawn containers running the agent): up, status, exec,
     /// reboot, kill, boot, down.
     Lab {
+        /// The command and its arguments.
         #[command(subcommand)]
         command: lab::LabCommand,
+    },
+    /// Print a shell completion script: `debfleet completions bash > /etc/bash_completion.d/debfleet`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (debfleet.1, debfleet-agent.1) into a directory (for packaging).
+    #[command(hide = true)]
+    Manpages {
+        /// The directory to write them to.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Run the zero-setup services: an embedded MQTT broker on 127.0.0.1.
     Serve {
@@ -226,8 +266,10 @@ enum Command {
 pub struct PackageArgs {
     /// Devices, then the package (with --group or --all: just the package).
     pub words: Vec<String>,
+    /// Every device in this group (one publish; the broker fans out).
     #[arg(long, conflicts_with = "all")]
     pub group: Option<String>,
+    /// Every device in the fleet (one publish).
     #[arg(long)]
     pub all: bool,
     /// Show what each device would change; change nothing.
@@ -239,6 +281,7 @@ pub struct PackageArgs {
     /// Seconds to wait for all devices.
     #[arg(long, default_value_t = 900.0)]
     pub timeout: f64,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -264,17 +307,23 @@ impl PackageArgs {
 enum CfgAction {
     /// Print the effective configuration.
     Get {
+        /// The device's id.
         device: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Change keys, e.g. `telemetry.cpu.interval_s=5 logs.level=debug`.
     Set {
+        /// The device's id.
         device: String,
+        /// KEY=VALUE pairs (dotted keys; values as JSON where they parse).
         #[arg(required = true)]
         assignments: Vec<String>,
+        /// Seconds to wait for the device.
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -288,6 +337,11 @@ pub struct Ctx {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => return finish(manual::completions(*shell)),
+        Command::Manpages { out } => return finish(manual::manpages(out)),
+        _ => {}
+    }
     let topics = match debfleet_protocol::Topics::new(&cli.prefix) {
         Ok(t) => t,
         Err(_) => {
@@ -421,5 +475,37 @@ fn finish(result: anyhow::Result<u8>) -> ExitCode {
             };
             ExitCode::from(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() {
+                out.push(format!("{path} {} (the command itself)", sub.get_name()));
+            }
+            undocumented(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_of_every_command_has_a_line_of_help() {
+        Cli::command().debug_assert();
+        let mut missing = Vec::new();
+        undocumented(&Cli::command(), "debfleet", &mut missing);
+        assert!(missing.is_empty(), "no help for: {missing:#?}");
     }
 }

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use debfleet_protocol::limits::MAX_PACKET_BYTES;
+use debfleet_protocol::Topics;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
+
+use crate::sync::ReadState;
 
 /// A message as the console sees it.
 #[derive(Debug, Clone)]
@@ -22,6 +25,7 @@ pub struct Session {
     rx: mpsc::Receiver<Message>,
     client_id: String,
     prefix: String,
+    broker_url: String,
     pump: tokio::task::JoinHandle<()>,
 }
 
@@ -75,7 +79,7 @@ impl Session {
         }
         let (tx, rx) = mpsc::channel(4096);
         let pump = tokio::spawn(pump(eventloop, tx));
-        Ok(Session { client, rx, client_id, prefix: opts.prefix.to_owned(), pump })
+        Ok(Session { client, rx, client_id, prefix: opts.prefix.to_owned(), broker_url: opts.url.to_owned(), pump })
     }
 
     pub async fn subscribe(&self, filters: &[String]) -> Result<()> {
@@ -92,30 +96,74 @@ impl Session {
     }
 
     /// Subscribes to `filters` and returns every retained message they match. Completion is
-    /// known, not guessed: after the subscription the console publishes a marker to a topic
-    /// only it listens to; the broker handles the subscription (and queues the retained
-    /// messages) before it routes the marker back.
-    pub async fn retained(&mut self, filters: &[String]) -> Result<Vec<Message>> {
+    /// checked, not assumed from delivery order (see `sync.rs`): the console's own marker must
+    /// be back, and every device the fleet index names (or that showed up) must have its core
+    /// facts in. Devices still incomplete at the deadline are named on stderr. Afterwards the
+    /// index is brought up to date for the next read.
+    pub async fn retained(&mut self, topics: &Topics, filters: &[String]) -> Result<Vec<Message>> {
         let marker_topic = format!("{}/console/{}/sync", self.prefix, self.client_id);
+        let index_topic = topics.index();
         let mut all = filters.to_vec();
+        all.push(index_topic.clone());
         all.push(marker_topic.clone());
         self.subscribe(&all).await?;
         let nonce = format!("{:016x}", fastrand::u64(..));
         self.publish(marker_topic.clone(), nonce.clone().into_bytes(), false).await?;
         let mut out = Vec::new();
+        let memory = crate::sync::memory_path(&self.broker_url, &self.prefix);
+        let mut state = ReadState::remembering(memory.as_deref().and_then(crate::sync::recall));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.recv())
-                .await
-                .map_err(|_| anyhow!("the broker did not echo the console's marker within 10 s"))??;
+            let now = std::time::Instant::now();
+            if state.done(now) {
+                break;
+            }
+            let wake = state.next_check().map(tokio::time::Instant::from_std).map_or(deadline, |t| t.min(deadline));
+            let msg = match tokio::time::timeout_at(wake, self.recv()).await {
+                Ok(m) => m?,
+                Err(_) if tokio::time::Instant::now() < deadline => continue,
+                Err(_) => {
+                    if state.done(std::time::Instant::now()) {
+                        break;
+                    }
+                    let missing = state.incomplete();
+                    if missing.is_empty() {
+                        return Err(anyhow!("the broker did not echo the console's marker within 10 s"));
+                    }
+                    let names: Vec<String> = missing.iter().map(|d| d.to_string()).collect();
+                    // A device of which nothing at all arrived is taken as gone (its facts were
+                    // deleted): the index written below no longer names it.
+                    eprintln!(
+                        "debfleet: not every retained fact of {} arrived within 10 s; what is shown of them may be incomplete",
+                        names.join(", ")
+                    );
+                    break;
+                }
+            };
             if msg.topic == marker_topic {
                 if msg.payload == nonce.as_bytes() {
-                    return Ok(out);
+                    state.marker(std::time::Instant::now());
                 }
                 continue;
             }
+            if msg.topic == index_topic {
+                state.index(&msg.payload);
+                continue;
+            }
+            state.message(topics, &msg.topic, &msg.payload);
             out.push(msg);
         }
+        if let Some(path) = &memory {
+            crate::sync::remember(path, &state.found());
+        }
+        if let Some(index) = state.new_index() {
+            // Best effort: a console allowed only to read cannot write it, and the next read
+            // then waits the quiet period instead.
+            if let Ok(payload) = serde_json::to_vec(&index) {
+                let _ = self.publish(index_topic, payload, true).await;
+            }
+        }
+        Ok(out)
     }
 
     /// Sends what is queued, then DISCONNECT, and waits (briefly) until it is on the wire.

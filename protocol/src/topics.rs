@@ -128,6 +128,12 @@ impl Topics {
     }
 
     /// Everything every device publishes.
+    /// The fleet index consoles keep (retained): the devices the last read found, so the next
+    /// read knows when it has them all.
+    pub fn index(&self) -> String {
+        format!("{}/index", self.prefix)
+    }
+
     pub fn fleet_filter(&self) -> String {
         format!("{}/device/+/#", self.prefix)
     }

@@ -32,11 +32,13 @@ struct Cli {
 enum Command {
     /// Create a repository: directories, signing key, first publish token (printed once).
     Init {
+        /// The repository's directory.
         #[arg(long)]
         root: PathBuf,
         /// Use this OpenPGP secret key (armored or binary, no passphrase) instead of generating one.
         #[arg(long)]
         import_key: Option<PathBuf>,
+        /// Origin and Label of the signed Release.
         #[arg(long, default_value = "debfleet")]
         origin: String,
         /// Versions kept per package in each suite.
@@ -48,17 +50,22 @@ enum Command {
     },
     /// Serve the repository and the publish API.
     Serve {
+        /// The repository's directory.
         #[arg(long)]
         root: PathBuf,
+        /// The address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
     /// Add many .deb files to a suite at once (one index rebuild): for migrating a repository.
     Import {
+        /// The repository's directory.
         #[arg(long)]
         root: PathBuf,
+        /// The suite to add them to.
         #[arg(long)]
         suite: String,
+        /// The .deb files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -67,10 +74,15 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Write the man page (debfleet-repo.1) to standard output (for packaging).
+    #[command(hide = true)]
+    Manpage,
     /// Print the public key (binary, for apt's signed-by=, unless --armor).
     ExportKey {
+        /// The repository's directory.
         #[arg(long)]
         root: PathBuf,
+        /// ASCII-armored instead of binary.
         #[arg(long)]
         armor: bool,
     },
@@ -80,17 +92,22 @@ enum Command {
 enum TokenAction {
     /// Create a token for a team; it is printed once.
     Add {
+        /// The team's name.
         name: String,
+        /// The repository's directory.
         #[arg(long)]
         root: PathBuf,
     },
     /// Revoke a team's token (takes effect at once).
     Revoke {
+        /// The team's name.
         name: String,
+        /// The repository's directory.
         #[arg(long)]
         root: PathBuf,
     },
     List {
+        /// The repository's directory.
         #[arg(long)]
         root: PathBuf,
     },
@@ -112,6 +129,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Manpage => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+        }
         Command::Init { root, import_key, origin, retention, token_name } => {
             if retention == 0 {
                 anyhow::bail!("--retention must be at least 1");
@@ -182,5 +203,28 @@ async fn shutdown() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_has_a_line_of_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if !matches!(a.get_id().as_str(), "help" | "version") && a.get_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "debfleet-repo", &mut missing);
+        assert!(missing.is_empty(), "no help for: {missing:?}");
     }
 }

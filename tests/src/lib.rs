@@ -422,6 +422,93 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, stall: Option<Arc<AtomicBool>>) 
     let _ = from.shutdown(Shutdown::Both);
 }
 
+/// A TCP proxy in front of a broker that behaves like a clustered broker's retained dispatcher:
+/// PUBLISH packets carrying the retain flag (retained deliveries) reach the client `delay` late,
+/// everything else at once — so a marker published after SUBSCRIBE overtakes them, as EMQX's
+/// separate, rate-limited retainer worker allows.
+pub struct RetainDelayProxy {
+    pub port: u16,
+    delaying: Arc<AtomicBool>,
+}
+
+impl RetainDelayProxy {
+    pub fn start(upstream: u16, delay: Duration) -> RetainDelayProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let delaying = Arc::new(AtomicBool::new(true));
+        let on = delaying.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                thread::spawn(move || pipe(client, server, None));
+                let on = on.clone();
+                thread::spawn(move || delay_retained(s2, c2, delay, on));
+            }
+        });
+        RetainDelayProxy { port, delaying }
+    }
+
+    /// Whether new connections' retained deliveries are held back.
+    pub fn delaying(&self, on: bool) {
+        self.delaying.store(on, Ordering::SeqCst);
+    }
+}
+
+/// Reads MQTT packets from `from` and writes them to `to`, holding back retained PUBLISHes.
+fn delay_retained(mut from: TcpStream, to: TcpStream, delay: Duration, on: Arc<AtomicBool>) {
+    let delay = if on.load(Ordering::SeqCst) { delay } else { Duration::ZERO };
+    let to = Arc::new(Mutex::new(to));
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let sink = to.clone();
+    thread::spawn(move || {
+        for (due, packet) in held_rx {
+            let wait = due.saturating_duration_since(Instant::now());
+            thread::sleep(wait);
+            if sink.lock().unwrap().write_all(&packet).is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        // Fixed header: type and flags, then the remaining length (variable-length integer).
+        let mut first = [0u8; 1];
+        if from.read_exact(&mut first).is_err() {
+            break;
+        }
+        let mut header = vec![first[0]];
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let mut b = [0u8; 1];
+            if from.read_exact(&mut b).is_err() {
+                return;
+            }
+            header.push(b[0]);
+            len |= ((b[0] & 0x7f) as usize) << shift;
+            shift += 7;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        if from.read_exact(&mut body).is_err() {
+            break;
+        }
+        header.extend_from_slice(&body);
+        let retained_publish = first[0] >> 4 == 3 && first[0] & 1 == 1;
+        if retained_publish && !delay.is_zero() {
+            let _ = held_tx.send((Instant::now() + delay, header));
+        } else if to.lock().unwrap().write_all(&header).is_err() {
+            break;
+        }
+    }
+    let _ = to.lock().unwrap().shutdown(Shutdown::Both);
+}
+
 /// Starts `apt-get install PKG` inside a device and returns once that package's preinst runs:
 /// from then on, another apt holds the dpkg lock (until the preinst ends).
 pub fn hold_dpkg_lock(dev: &lab::Device, package: &str) -> Child {

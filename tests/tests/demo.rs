@@ -56,4 +56,54 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     assert!(status.success());
     assert_eq!(std::fs::read_dir(labdir.path().join("devices")).map(|d| d.count()).unwrap_or(0), 0);
     assert!(std::net::TcpStream::connect(("127.0.0.1", repo_port)).is_err(), "repository stopped");
+    // The tour's lines work when pasted into another terminal: the binaries go on the PATH.
+    let mut tour = String::new();
+    std::io::Read::read_to_string(&mut demo.stdout.take().unwrap(), &mut tour).unwrap();
+    let dir = bin("debfleet").parent().unwrap().display().to_string();
+    assert!(tour.contains(&format!("export PATH={dir}:$PATH")), "{tour}");
+}
+
+fn agent_deb() -> std::path::PathBuf {
+    let debs = bin("debfleet").parent().unwrap().parent().unwrap().join("debs");
+    std::fs::read_dir(&debs)
+        .expect("target/debs: run scripts/build-debs.sh")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("debfleet-agent_"))
+        .unwrap()
+}
+
+#[test]
+fn a_busy_port_is_named_at_once_and_a_killed_demo_frees_its_ports() {
+    let labdir = tempfile::tempdir().unwrap();
+    let demo = |broker: u16, repo: u16| {
+        Command::new(bin("debfleet"))
+            .args(["demo", "--devices", "1", "--agent-deb"])
+            .arg(agent_deb())
+            .args(["--broker-listen", &format!("127.0.0.1:{broker}"), "--repo-listen", &format!("127.0.0.1:{repo}")])
+            .env("DEBFLEET_LAB_DIR", labdir.path())
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().port();
+    let out = demo(free_port(), busy).stdout(Stdio::null()).stderr(Stdio::piped()).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("127.0.0.1:{busy} is not free")), "{err}");
+    drop(taken);
+
+    // Killed with SIGKILL once its repository server runs: the server goes with it.
+    let (broker_port, repo_port) = (free_port(), free_port());
+    let mut child = demo(broker_port, repo_port).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for(Duration::from_secs(60), "the demo's repository", || {
+        std::net::TcpStream::connect(("127.0.0.1", repo_port)).ok()
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for(Duration::from_secs(10), "the repository port to be free", || {
+        std::net::TcpListener::bind(("127.0.0.1", repo_port)).ok()
+    });
+    // Its devices outlive it by design (like `debfleet lab up`); the lab takes them down.
+    let out =
+        Command::new(bin("debfleet")).args(["lab", "down"]).env("DEBFLEET_LAB_DIR", labdir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -176,3 +176,36 @@ fn a_lost_device_is_dated_by_when_it_was_last_heard() {
     let text = String::from_utf8_lossy(&console(&m.url(), &["show", "dev-l"]).stdout).into_owned();
     assert!(text.contains("last heard"), "{text}");
 }
+
+#[test]
+fn the_fleet_read_is_complete_when_retained_messages_arrive_after_the_marker() {
+    let m = Mosquitto::start();
+    let agents: Vec<Agent> = ["dev-e1", "dev-e2", "dev-e3"].iter().map(|id| agent(id, m.port, "")).collect();
+    let obs = Observer::connect(m.port, &["debfleet/device/+/status"]);
+    for a in &agents {
+        online(&obs, &a.id);
+    }
+    let ids = |out: &std::process::Output| -> Vec<String> {
+        let v = stdout_json(out);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["agent_version"].is_string())
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Through a proxy that, when told to, delivers every retained message a second late (the
+    // console's marker first). A first read while it does not: it writes the fleet index.
+    let proxy = RetainDelayProxy::start(m.port, Duration::from_millis(1000));
+    let url = format!("mqtt://127.0.0.1:{}", proxy.port);
+    proxy.delaying(false);
+    let out = console(&url, &["devices", "--json"]);
+    assert_eq!(ids(&out), ["dev-e1", "dev-e2", "dev-e3"]);
+    // Now late: the read still waits for the index and every device it names, each complete.
+    proxy.delaying(true);
+    let out = console(&url, &["devices", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ids(&out), ["dev-e1", "dev-e2", "dev-e3"], "{}", String::from_utf8_lossy(&out.stderr));
+    let out = console(&url, &["show", "dev-e2", "--json"]);
+    assert_eq!(stdout_json(&out)["meta"]["device_id"], "dev-e2");
+}

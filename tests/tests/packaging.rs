@@ -68,7 +68,17 @@ fn own_packages_are_well_formed_and_lintian_clean() {
     assert!(contents.lines().all(|l| l.contains("root/root")), "every file root-owned:\n{contents}");
     let repo_contents = dpkg_deb(&["--contents"], &own_deb("debfleet-repo"));
     assert!(repo_contents.contains("./lib/systemd/system/debfleet-repo.service"));
-    assert!(dpkg_deb(&["--contents"], &own_deb("debfleet")).contains("./usr/bin/debfleet"));
+    let console = dpkg_deb(&["--contents"], &own_deb("debfleet"));
+    assert!(console.contains("./usr/bin/debfleet"));
+    assert!(console.contains("./usr/share/bash-completion/completions/debfleet"), "{console}");
+    for (deb, page) in [
+        ("debfleet", "debfleet.1.gz"),
+        ("debfleet-repo", "debfleet-repo.1.gz"),
+        ("debfleet-agent", "debfleet-agent.1.gz"),
+    ] {
+        let contents = dpkg_deb(&["--contents"], &own_deb(deb));
+        assert!(contents.contains(&format!("./usr/share/man/man1/{page}")), "{deb} has no man page:\n{contents}");
+    }
 
     let debs = [agent, own_deb("debfleet-repo"), own_deb("debfleet")];
     let out =
@@ -76,6 +86,7 @@ fn own_packages_are_well_formed_and_lintian_clean() {
     let report = text(&out);
     let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
     assert!(errors.is_empty(), "lintian errors:\n{report}");
+    assert!(!report.contains("no-manual-page"), "{report}");
 }
 
 #[test]
