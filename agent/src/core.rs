@@ -347,7 +347,10 @@ impl Core {
     }
 
     /// Answers an id seen before with its recorded outcome, or journals a new one.
-    fn begin(&mut self, id: &OpId, verb: &str, now_ms: i64) -> Result<Vec<Out>, Vec<Out>> {
+    /// `durable`: the accepted record must be on disk before the work starts (work with effects
+    /// that a power cut could interrupt). Instant commands skip that flush: their final record is
+    /// written durably a moment later, and a crash in between leaves nothing half-done.
+    fn begin(&mut self, id: &OpId, verb: &str, now_ms: i64, durable: bool) -> Result<Vec<Out>, Vec<Out>> {
         if self.journal.get(id).is_some() {
             tracing::info!(op = %id, "repeated operation id; returning the recorded outcome");
             if let Err(e) = self.journal.repeat(id) {
@@ -355,7 +358,7 @@ impl Core {
             }
             return Err(vec![self.publish_op(id)]);
         }
-        match self.journal.accept(id.clone(), verb, now_ms) {
+        match self.journal.accept(id.clone(), verb, now_ms, !durable) {
             Ok(evicted) => {
                 let mut out: Vec<Out> = evicted.iter().map(|e| self.clear(e)).collect();
                 out.push(self.publish_op(id));
@@ -374,11 +377,11 @@ impl Core {
     }
 
     fn fail_new(&mut self, id: OpId, verb: &str, code: ErrorCode, message: String, now_ms: i64) -> Vec<Out> {
-        let mut out = match self.begin(&id, verb, now_ms) {
+        let mut out = match self.begin(&id, verb, now_ms, false) {
             Ok(out) => out,
             Err(out) => return out,
         };
-        if let Err(e) = self.journal.finish(&id, now_ms, Err(OpError { code, message })) {
+        if let Err(e) = self.journal.finish_instant(&id, now_ms, Err(OpError { code, message })) {
             tracing::error!("{e}");
         }
         out.push(self.publish_op(&id));
@@ -387,7 +390,16 @@ impl Core {
 
     fn run(&mut self, cmd: Command, now_ms: i64) -> Vec<Out> {
         let Command { id, verb, args } = cmd;
-        let mut out = match self.begin(&id, verb.as_str(), now_ms) {
+        // Commands that finish within this call (no job, no side effect outside the journal and
+        // the configuration file, which is written durably itself).
+        let instant = matches!(
+            args,
+            CommandArgs::Ping
+                | CommandArgs::Cfg { .. }
+                | CommandArgs::Clear { .. }
+                | CommandArgs::Restart { unit: None }
+        );
+        let mut out = match self.begin(&id, verb.as_str(), now_ms, !instant) {
             Ok(out) => out,
             Err(out) => return out,
         };
@@ -460,7 +472,13 @@ impl Core {
         if let Err(e) = &outcome {
             tracing::warn!(op = %id, "{} failed: {}", verb.as_str(), e.message);
         }
-        if let Err(e) = self.journal.finish(&id, time::now_unix_ms().max(now_ms), outcome) {
+        let finished = time::now_unix_ms().max(now_ms);
+        let saved = if instant {
+            self.journal.finish_instant(&id, finished, outcome)
+        } else {
+            self.journal.finish(&id, finished, outcome)
+        };
+        if let Err(e) = saved {
             tracing::error!("{e}");
         }
         out.push(self.publish_op(&id));

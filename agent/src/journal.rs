@@ -31,6 +31,10 @@ pub struct Entry {
     /// after it — this agent or its successor — reads the unit's result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<Handoff>,
+    /// An instant command (no job, no effect a crash could cut in half): only its final record
+    /// goes to disk, unflushed.
+    #[serde(skip)]
+    pub instant: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,14 +113,19 @@ impl Journal {
 
     fn save(&self, id: &OpId, durable: bool) -> Result<(), JournalError> {
         let entry = &self.entries[id];
+        if entry.instant && !entry.record.state.is_final() {
+            return Ok(());
+        }
         let bytes = serde_json::to_vec(entry).expect("journal entry serializes");
         let path = self.path(id);
         write_atomic(&path, &bytes, durable).map_err(|source| JournalError::Io { path, source })
     }
 
-    /// Records a new operation as accepted, durably, before anything runs. Evicts the oldest
-    /// entries beyond capacity; returns the ids whose retained records must be cleared.
-    pub fn accept(&mut self, id: OpId, verb: &str, now_ms: i64) -> Result<Vec<OpId>, JournalError> {
+    /// Records a new operation as accepted — durably before anything runs, or, for an `instant`
+    /// command, in memory only.
+    /// Evicts the oldest entries beyond capacity; returns the ids whose retained records must be
+    /// cleared.
+    pub fn accept(&mut self, id: OpId, verb: &str, now_ms: i64, instant: bool) -> Result<Vec<OpId>, JournalError> {
         let now = format_unix_ms(now_ms);
         let record = OpRecord {
             v: CONTRACT_VERSION,
@@ -135,7 +144,7 @@ impl Journal {
         self.next_seq += 1;
         self.entries.insert(
             id.clone(),
-            Entry { record, retained: true, unretained_at: None, seq, packages: Vec::new(), handoff: None },
+            Entry { record, retained: true, unretained_at: None, seq, packages: Vec::new(), handoff: None, instant },
         );
         self.save(&id, true)?;
         self.evict()
@@ -188,6 +197,22 @@ impl Journal {
         }
     }
 
+    /// Finishes an instant command (ping, cfg, clear): written, not flushed. The record survives
+    /// a restart of the agent; a power cut may forget it, and running such a command again has no
+    /// effect beyond its answer (cfg's own change is flushed with the configuration).
+    pub fn finish_instant(
+        &mut self,
+        id: &OpId,
+        now_ms: i64,
+        outcome: Result<serde_json::Value, OpError>,
+    ) -> Result<(), JournalError> {
+        let (result, error) = match outcome {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(e)),
+        };
+        self.finish_as(id, now_ms, result, error, false)
+    }
+
     /// Finishes an operation; a failed one may still carry a result (what a rolled-back change
     /// did). Durable: the outcome survives a power cut.
     pub fn finish_with(
@@ -197,6 +222,17 @@ impl Journal {
         result: Option<serde_json::Value>,
         error: Option<OpError>,
     ) -> Result<(), JournalError> {
+        self.finish_as(id, now_ms, result, error, true)
+    }
+
+    fn finish_as(
+        &mut self,
+        id: &OpId,
+        now_ms: i64,
+        result: Option<serde_json::Value>,
+        error: Option<OpError>,
+        durable: bool,
+    ) -> Result<(), JournalError> {
         if let Some(e) = self.entries.get_mut(id) {
             let r = &mut e.record;
             r.updated_at = format_unix_ms(now_ms);
@@ -205,7 +241,7 @@ impl Journal {
             r.state = if error.is_some() { OpState::Failed } else { OpState::Succeeded };
             r.result = result;
             r.error = error;
-            self.save(id, true)?;
+            self.save(id, durable)?;
         }
         Ok(())
     }
@@ -339,9 +375,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut j, _) = Journal::open(dir.path(), 10, 1000).unwrap();
-            j.accept(id("a"), "ping", 1000).unwrap();
+            j.accept(id("a"), "ping", 1000, false).unwrap();
             j.finish(&id("a"), 1001, Ok(json!({"ok": true}))).unwrap();
-            j.accept(id("b"), "cfg", 1002).unwrap();
+            j.accept(id("b"), "cfg", 1002, false).unwrap();
             j.set_running(&id("b"), 1003, None).unwrap();
         }
         let (j, interrupted) = Journal::open(dir.path(), 10, 2000).unwrap();
@@ -365,7 +401,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut j, _) = Journal::open(dir.path(), 2, 0).unwrap();
         for (n, name) in ["a", "b", "c"].iter().enumerate() {
-            let evicted = j.accept(id(name), "ping", n as i64).unwrap();
+            let evicted = j.accept(id(name), "ping", n as i64, false).unwrap();
             j.finish(&id(name), n as i64, Ok(json!(null))).unwrap();
             assert_eq!(evicted, if n == 2 { vec![id("a")] } else { vec![] });
         }
@@ -378,10 +414,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut j, _) = Journal::open(dir.path(), 10, 0).unwrap();
         for (n, name) in ["a", "b", "c"].iter().enumerate() {
-            j.accept(id(name), "ping", n as i64 * 1000).unwrap();
+            j.accept(id(name), "ping", n as i64 * 1000, false).unwrap();
             j.finish(&id(name), n as i64 * 1000, Ok(json!(null))).unwrap();
         }
-        j.accept(id("running"), "ping", 0).unwrap();
+        j.accept(id("running"), "ping", 0, false).unwrap();
         assert_eq!(j.due_for_unretain(2500, 10_000, 2), vec![id("a"), id("b")]);
         assert_eq!(j.due_for_unretain(2500, 1_000, 10), vec![id("a"), id("b")]);
         assert!(j.unretain(&id("a"), 3000).unwrap());
