@@ -38,8 +38,26 @@ pub enum Out {
     Job(crate::jobs::Job),
 }
 
+/// What the core asks of dpkg's database: the real one (`debfleet_apt::dpkg::Database`) on a
+/// device, a fixed one in tests (which then never read the host's `/var/lib/dpkg`).
+pub trait PackageDb: Send + Sync {
+    fn packages_state(&self, wanted: &[String]) -> BTreeMap<String, debfleet_protocol::PackageState>;
+    fn package_units(&self, name: &str) -> Vec<String>;
+}
+
+impl PackageDb for debfleet_apt::dpkg::Database {
+    fn packages_state(&self, wanted: &[String]) -> BTreeMap<String, debfleet_protocol::PackageState> {
+        debfleet_apt::dpkg::Database::packages_state(self, wanted)
+    }
+
+    fn package_units(&self, name: &str) -> Vec<String> {
+        debfleet_apt::dpkg::Database::package_units(self, name)
+    }
+}
+
 pub struct Core {
     cfg: AgentConfig,
+    dpkg: Arc<dyn PackageDb>,
     runtime: RuntimeCfg,
     overrides: Overrides,
     journal: Journal,
@@ -70,6 +88,7 @@ impl Core {
         identity: Identity,
         under_systemd: bool,
         log_gate: Option<Arc<LogGate>>,
+        dpkg: Arc<dyn PackageDb>,
     ) -> Core {
         let cfg_state_dir = cfg.state_dir.clone();
         let mut overrides = Overrides::load(&cfg.state_dir);
@@ -79,6 +98,7 @@ impl Core {
         }
         Core {
             cfg,
+            dpkg,
             runtime,
             overrides,
             journal,
@@ -189,10 +209,7 @@ impl Core {
         PackagesState {
             v: CONTRACT_VERSION,
             ts: time::now(),
-            packages: debfleet_apt::dpkg::read_packages_state(
-                &self.cfg.dpkg_admindir,
-                &self.managed.names(&self.cfg.packages),
-            ),
+            packages: self.dpkg.packages_state(&self.managed.names(&self.cfg.packages)),
         }
     }
 
@@ -530,7 +547,7 @@ impl Core {
         if p.version.is_some() {
             return Ok(p.clone());
         }
-        let state = debfleet_apt::dpkg::read_packages_state(&self.cfg.dpkg_admindir, std::slice::from_ref(&p.name));
+        let state = self.dpkg.packages_state(std::slice::from_ref(&p.name));
         let current = state.get(&p.name).and_then(|s| s.version.clone());
         match self.managed.previous(&p.name, current.as_deref()) {
             Some(v) => Ok(PackageSpec { name: p.name.clone(), version: Some(v) }),
@@ -547,7 +564,7 @@ impl Core {
         if names.is_empty() {
             return;
         }
-        let state = debfleet_apt::dpkg::read_packages_state(&self.cfg.dpkg_admindir, names);
+        let state = self.dpkg.packages_state(names);
         let changes: Vec<(String, Option<String>)> = state.into_iter().map(|(n, s)| (n, s.version)).collect();
         tracing::info!("reconciled interrupted packages with dpkg: {changes:?}");
         self.managed.record(&changes);
@@ -558,11 +575,7 @@ impl Core {
         self.managed
             .names(&self.cfg.packages)
             .into_iter()
-            .flat_map(|pkg| {
-                debfleet_apt::dpkg::package_units(&self.cfg.dpkg_admindir, &pkg)
-                    .into_iter()
-                    .map(move |u| (u, pkg.clone()))
-            })
+            .flat_map(|pkg| self.dpkg.package_units(&pkg).into_iter().map(move |u| (u, pkg.clone())))
             .collect()
     }
 
@@ -694,6 +707,32 @@ mod tests {
         core: Core,
     }
 
+    /// dpkg as the core tests want it: bash installed, nothing else.
+    #[derive(Default)]
+    struct FakeDpkg;
+
+    impl PackageDb for FakeDpkg {
+        fn packages_state(&self, wanted: &[String]) -> BTreeMap<String, debfleet_protocol::PackageState> {
+            wanted
+                .iter()
+                .map(|w| {
+                    let installed = w == "bash";
+                    let state = debfleet_protocol::PackageState {
+                        version: installed.then(|| "5.2.15-2+b8".to_owned()),
+                        arch: installed.then(|| "amd64".to_owned()),
+                        status: if installed { "installed" } else { "not-installed" }.into(),
+                        held: false,
+                    };
+                    (w.clone(), state)
+                })
+                .collect()
+        }
+
+        fn package_units(&self, _name: &str) -> Vec<String> {
+            Vec::new()
+        }
+    }
+
     fn fixture(under_systemd: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
@@ -703,7 +742,8 @@ mod tests {
         let cfg = AgentConfig::parse(&text).unwrap();
         let (journal, _) = Journal::open(&cfg.state_dir.join("ops"), 4, 0).unwrap();
         let identity = Identity::read();
-        Fixture { core: Core::new(cfg, journal, identity, under_systemd, None), _dir: dir }
+        let dpkg = Arc::new(FakeDpkg::default());
+        Fixture { core: Core::new(cfg, journal, identity, under_systemd, None, dpkg), _dir: dir }
     }
 
     fn publishes(outs: &[Out]) -> Vec<(String, Value, bool)> {

@@ -1,7 +1,6 @@
 //! Long operations — apt transactions, unit restarts, index refreshes — run here, off the core,
 //! one at a time. Each reports progress and ends with exactly one outcome.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,7 +74,8 @@ pub struct JobDone {
 
 pub struct JobContext {
     pub apt: Apt,
-    pub admindir: PathBuf,
+    /// dpkg's database, shared with the core (read once per change).
+    pub db: Arc<debfleet_apt::dpkg::Database>,
     pub systemd: Option<Arc<Systemd>>,
     /// Running as a systemd service with a bus: a transaction on the agent's own package goes
     /// to a transient unit, since the package's postinst restarts this service.
@@ -94,7 +94,7 @@ fn apt_error(e: AptError) -> OpError {
 }
 
 fn versions(ctx: &JobContext, names: &[String]) -> std::collections::BTreeMap<String, Option<String>> {
-    debfleet_apt::dpkg::read_packages_state(&ctx.admindir, names).into_iter().map(|(n, s)| (n, s.version)).collect()
+    ctx.db.packages_state(names).into_iter().map(|(n, s)| (n, s.version)).collect()
 }
 
 struct Reporter {
@@ -260,7 +260,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     }
     // What changed is read from dpkg's database before and after (no separate simulation: the
     // transaction itself resolves, and dependencies show up in the difference).
-    let before = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
+    let before = ctx.db.installed_versions();
     let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Resolving, percent: None }).await;
     let run = loop {
         let (apt, run_op) = (ctx.apt.clone(), op.clone());
@@ -302,11 +302,8 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     if installs && !job.watch.is_zero() && !changes.is_empty() {
         if let Some(sd) = &ctx.systemd {
             let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::VerifyingUnits, percent: None }).await;
-            let units: Vec<String> = changes
-                .iter()
-                .filter(|c| c.after.is_some())
-                .flat_map(|c| debfleet_apt::dpkg::package_units(&ctx.admindir, &c.package))
-                .collect();
+            let units: Vec<String> =
+                changes.iter().filter(|c| c.after.is_some()).flat_map(|c| ctx.db.package_units(&c.package)).collect();
             if let Some(reason) = watch_units(sd, &units, job.watch, job.settle).await {
                 let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::RollingBack, percent: None }).await;
                 let (now, failures) = undo(ctx, &changes).await;
@@ -478,7 +475,7 @@ fn changes_since(
     before: &std::collections::BTreeMap<String, String>,
     ctx: &JobContext,
 ) -> (Vec<PackageChange>, Vec<(String, Option<String>)>) {
-    let after = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
+    let after = ctx.db.installed_versions();
     let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
     let changes: Vec<PackageChange> = names
         .into_iter()
@@ -500,7 +497,7 @@ async fn hand_off(
     tx: &mpsc::Sender<JobEvent>,
     started: Instant,
 ) -> JobDone {
-    let before = debfleet_apt::dpkg::installed_versions(&ctx.admindir);
+    let before = ctx.db.installed_versions();
     let unit = format!("debfleet-op-{id}.service");
     let (ack, acked) = tokio::sync::oneshot::channel();
     let handoff = Handoff { unit: unit.clone(), before: before.clone() };

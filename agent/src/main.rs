@@ -127,9 +127,10 @@ async fn run(
             None
         }
     };
+    let dpkg = Arc::new(debfleet_apt::dpkg::Database::new(&cfg.dpkg_admindir));
     let job_ctx = Arc::new(jobs::JobContext {
         apt,
-        admindir: cfg.dpkg_admindir.clone(),
+        db: dpkg.clone(),
         systemd: systemd.clone(),
         self_upgrade: under_systemd && systemd.is_some(),
     });
@@ -147,7 +148,7 @@ async fn run(
         .collect();
     let (client, eventloop) = connection::client(&cfg)?;
     let reconnect = cfg.reconnect.clone();
-    let mut core = Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()));
+    let mut core = Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()), dpkg);
     core.reconcile_packages(&touched);
     core.jobs_resumed(resumed.len());
     let will = core.will_builder();

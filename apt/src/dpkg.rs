@@ -63,7 +63,10 @@ pub fn packages_state(status_text: &str, wanted: &[String]) -> BTreeMap<String, 
 
 /// Every installed package and its version, from dpkg's status file.
 pub fn installed_versions(admindir: &Path) -> BTreeMap<String, String> {
-    let text = std::fs::read_to_string(admindir.join("status")).unwrap_or_default();
+    installed_versions_in(&std::fs::read_to_string(admindir.join("status")).unwrap_or_default())
+}
+
+fn installed_versions_in(text: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for para in text.split("\n\n") {
         let (mut name, mut version, mut installed) = (None, None, false);
@@ -89,11 +92,73 @@ pub fn read_packages_state(admindir: &Path, wanted: &[String]) -> BTreeMap<Strin
     packages_state(&text, wanted)
 }
 
+/// dpkg's database, read once per change rather than once per question: dpkg replaces
+/// `status` by rename, so the file's identity (device, inode, size, modification time) tells
+/// whether the text held is current. Shared by the agent's core and its jobs.
+pub struct Database {
+    admindir: std::path::PathBuf,
+    cached: std::sync::Mutex<Option<(Stamp, std::sync::Arc<str>)>>,
+}
+
+type Stamp = (u64, u64, u64, i64, i64);
+
+impl Database {
+    pub fn new(admindir: &Path) -> Database {
+        Database { admindir: admindir.to_owned(), cached: std::sync::Mutex::new(None) }
+    }
+
+    pub fn admindir(&self) -> &Path {
+        &self.admindir
+    }
+
+    /// The status file's text, read again only when it changed.
+    pub fn status(&self) -> std::sync::Arc<str> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.admindir.join("status");
+        let stamp = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(now), Some((then, text))) = (stamp, cached.as_ref()) {
+            if now == *then {
+                return text.clone();
+            }
+        }
+        let text: std::sync::Arc<str> = std::fs::read_to_string(&path).unwrap_or_default().into();
+        *cached = stamp.map(|s| (s, text.clone()));
+        text
+    }
+
+    pub fn packages_state(&self, wanted: &[String]) -> BTreeMap<String, PackageState> {
+        packages_state(&self.status(), wanted)
+    }
+
+    pub fn installed_versions(&self) -> BTreeMap<String, String> {
+        installed_versions_in(&self.status())
+    }
+
+    pub fn package_units(&self, name: &str) -> Vec<String> {
+        package_units_in(&self.admindir, &self.status(), name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const STATUS: &str = "Package: bash\nStatus: install ok installed\nPriority: required\nVersion: 5.2.15-2+b2\nArchitecture: amd64\nDescription: shell\n multi\n line\n\nPackage: old\nStatus: deinstall ok config-files\nVersion: 1.0\nArchitecture: all\n\nPackage: pinned\nStatus: hold ok installed\nVersion: 2:1.0~rc1\nArchitecture: arm64\n";
+
+    #[test]
+    fn the_database_is_read_again_only_when_dpkg_replaced_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("status"), STATUS).unwrap();
+        let db = Database::new(dir.path());
+        let first = db.status();
+        assert!(std::sync::Arc::ptr_eq(&first, &db.status()), "unchanged: the same text");
+        // dpkg writes status-new and renames it over status.
+        std::fs::write(dir.path().join("status-new"), "Package: fresh\nStatus: install ok installed\nVersion: 1\n")
+            .unwrap();
+        std::fs::rename(dir.path().join("status-new"), dir.path().join("status")).unwrap();
+        assert_eq!(db.installed_versions().keys().collect::<Vec<_>>(), ["fresh"]);
+    }
 
     #[test]
     fn reads_installed_held_and_missing() {
@@ -114,9 +179,12 @@ mod tests {
 /// The systemd units a package owns: its `X-Debfleet-Units` control field (kept by dpkg in its
 /// status database) and the unit files in its file list.
 pub fn package_units(admindir: &Path, name: &str) -> Vec<String> {
+    package_units_in(admindir, &std::fs::read_to_string(admindir.join("status")).unwrap_or_default(), name)
+}
+
+fn package_units_in(admindir: &Path, status: &str, name: &str) -> Vec<String> {
     let mut units = Vec::new();
     let mut arch = None;
-    let status = std::fs::read_to_string(admindir.join("status")).unwrap_or_default();
     for para in status.split("\n\n") {
         if !para.lines().any(|l| l.strip_prefix("Package:").is_some_and(|v| v.trim() == name)) {
             continue;
