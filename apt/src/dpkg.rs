@@ -9,95 +9,114 @@ use debfleet_protocol::PackageState;
 /// Looks up `wanted` packages in a dpkg status file's text. Packages dpkg does not know are
 /// reported `not-installed`.
 pub fn packages_state(status_text: &str, wanted: &[String]) -> BTreeMap<String, PackageState> {
-    let mut found = BTreeMap::new();
-    for para in status_text.split("\n\n") {
-        let mut name = None;
-        let (mut version, mut arch, mut status) = (None, None, None);
-        for line in para.lines() {
-            if line.starts_with([' ', '\t']) {
-                continue;
-            }
-            let Some((k, v)) = line.split_once(':') else {
-                continue;
+    packages_state_in(&parse_status(std::io::Cursor::new(status_text)), wanted)
+}
+
+fn packages_state_in(records: &BTreeMap<String, Record>, wanted: &[String]) -> BTreeMap<String, PackageState> {
+    wanted
+        .iter()
+        .map(|w| {
+            let state = match records.get(w) {
+                Some(r) => {
+                    let installed = is_installed(&r.state);
+                    PackageState {
+                        version: r.version.clone().filter(|_| installed),
+                        arch: r.arch.clone().filter(|_| installed),
+                        status: r.state.clone(),
+                        held: r.held,
+                    }
+                }
+                None => PackageState { version: None, arch: None, status: "not-installed".into(), held: false },
             };
-            let v = v.trim();
-            match k {
-                "Package" => name = Some(v),
-                "Version" => version = Some(v.to_owned()),
-                "Architecture" => arch = Some(v.to_owned()),
-                "Status" => status = Some(v.to_owned()),
-                _ => {}
-            }
-        }
-        let (Some(name), Some(status)) = (name, status) else {
-            continue;
-        };
-        if !wanted.iter().any(|w| w == name) {
-            continue;
-        }
-        // Status is "want flag state", e.g. "install ok installed" or "hold ok installed".
-        let mut words = status.split_whitespace();
-        let want = words.next().unwrap_or("");
-        let state = words.nth(1).unwrap_or("unknown").to_owned();
-        let installed = state != "not-installed" && state != "config-files";
-        found.insert(
-            name.to_owned(),
-            PackageState {
-                version: if installed { version } else { None },
-                arch: if installed { arch } else { None },
-                status: state,
-                held: want == "hold",
-            },
-        );
-    }
-    for w in wanted {
-        found.entry(w.clone()).or_insert_with(|| PackageState {
-            version: None,
-            arch: None,
-            status: "not-installed".into(),
-            held: false,
-        });
-    }
-    found
+            (w.clone(), state)
+        })
+        .collect()
 }
 
 /// Every installed package and its version, from dpkg's status file.
 pub fn installed_versions(admindir: &Path) -> BTreeMap<String, String> {
-    installed_versions_in(&std::fs::read_to_string(admindir.join("status")).unwrap_or_default())
-}
-
-fn installed_versions_in(text: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for para in text.split("\n\n") {
-        let (mut name, mut version, mut installed) = (None, None, false);
-        for line in para.lines() {
-            if let Some(v) = line.strip_prefix("Package:") {
-                name = Some(v.trim().to_owned());
-            } else if let Some(v) = line.strip_prefix("Version:") {
-                version = Some(v.trim().to_owned());
-            } else if let Some(v) = line.strip_prefix("Status:") {
-                let state = v.split_whitespace().nth(2).unwrap_or("");
-                installed = state != "not-installed" && state != "config-files";
-            }
-        }
-        if let (Some(n), Some(v), true) = (name, version, installed) {
-            out.insert(n, v);
-        }
-    }
-    out
+    Database::new(admindir).installed_versions()
 }
 
 pub fn read_packages_state(admindir: &Path, wanted: &[String]) -> BTreeMap<String, PackageState> {
-    let text = std::fs::read_to_string(admindir.join("status")).unwrap_or_default();
-    packages_state(&text, wanted)
+    Database::new(admindir).packages_state(wanted)
+}
+
+/// The systemd units a package owns (see [`Database::package_units`]).
+pub fn package_units(admindir: &Path, name: &str) -> Vec<String> {
+    Database::new(admindir).package_units(name)
+}
+
+/// What the agent needs of one package's paragraph in dpkg's status file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    version: Option<String>,
+    arch: Option<String>,
+    /// dpkg's state word: `installed`, `config-files`, `half-configured`, ...
+    state: String,
+    held: bool,
+    /// `X-Debfleet-Units`.
+    units: Vec<String>,
+}
+
+/// Reads the status file line by line into the compact records (the file itself, with every
+/// description, is large on a full system; it is never held whole).
+fn parse_status(reader: impl std::io::BufRead) -> BTreeMap<String, Record> {
+    let mut out = BTreeMap::new();
+    let mut name: Option<String> = None;
+    let mut rec = Record { version: None, arch: None, state: String::new(), held: false, units: Vec::new() };
+    let mut flush = |name: &mut Option<String>, rec: &mut Record| {
+        let taken = std::mem::replace(
+            rec,
+            Record { version: None, arch: None, state: String::new(), held: false, units: Vec::new() },
+        );
+        if let Some(n) = name.take() {
+            if !taken.state.is_empty() {
+                out.insert(n, taken);
+            }
+        }
+    };
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        if line.is_empty() {
+            flush(&mut name, &mut rec);
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            continue;
+        }
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let v = v.trim();
+        match k {
+            "Package" => name = Some(v.to_owned()),
+            "Version" => rec.version = Some(v.to_owned()),
+            "Architecture" => rec.arch = Some(v.to_owned()),
+            "Status" => {
+                // "want flag state", e.g. "install ok installed" or "hold ok installed".
+                let mut words = v.split_whitespace();
+                rec.held = words.next() == Some("hold");
+                rec.state = words.nth(1).unwrap_or("unknown").to_owned();
+            }
+            "X-Debfleet-Units" => {
+                rec.units = v.split_whitespace().filter(|u| valid_unit_name(u)).map(str::to_owned).collect()
+            }
+            _ => {}
+        }
+    }
+    flush(&mut name, &mut rec);
+    out
+}
+
+fn is_installed(state: &str) -> bool {
+    state != "not-installed" && state != "config-files"
 }
 
 /// dpkg's database, read once per change rather than once per question: dpkg replaces
 /// `status` by rename, so the file's identity (device, inode, size, modification time) tells
-/// whether the text held is current. Shared by the agent's core and its jobs.
+/// whether the records held are current. Shared by the agent's core and its jobs.
 pub struct Database {
     admindir: std::path::PathBuf,
-    cached: std::sync::Mutex<Option<(Stamp, std::sync::Arc<str>)>>,
+    cached: std::sync::Mutex<Option<(Stamp, std::sync::Arc<BTreeMap<String, Record>>)>>,
 }
 
 type Stamp = (u64, u64, u64, i64, i64);
@@ -111,33 +130,69 @@ impl Database {
         &self.admindir
     }
 
-    /// The status file's text, read again only when it changed.
-    pub fn status(&self) -> std::sync::Arc<str> {
+    fn records(&self) -> std::sync::Arc<BTreeMap<String, Record>> {
         use std::os::unix::fs::MetadataExt;
         let path = self.admindir.join("status");
         let stamp = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Some(now), Some((then, text))) = (stamp, cached.as_ref()) {
+        if let (Some(now), Some((then, records))) = (stamp, cached.as_ref()) {
             if now == *then {
-                return text.clone();
+                return records.clone();
             }
         }
-        let text: std::sync::Arc<str> = std::fs::read_to_string(&path).unwrap_or_default().into();
-        *cached = stamp.map(|s| (s, text.clone()));
-        text
+        let records = std::sync::Arc::new(match std::fs::File::open(&path) {
+            Ok(f) => parse_status(std::io::BufReader::new(f)),
+            Err(_) => BTreeMap::new(),
+        });
+        *cached = stamp.map(|s| (s, records.clone()));
+        records
     }
 
     pub fn packages_state(&self, wanted: &[String]) -> BTreeMap<String, PackageState> {
-        packages_state(&self.status(), wanted)
+        packages_state_in(&self.records(), wanted)
     }
 
     pub fn installed_versions(&self) -> BTreeMap<String, String> {
-        installed_versions_in(&self.status())
+        self.records()
+            .iter()
+            .filter(|(_, r)| is_installed(&r.state))
+            .filter_map(|(n, r)| r.version.clone().map(|v| (n.clone(), v)))
+            .collect()
     }
 
+    /// The systemd units a package owns: its `X-Debfleet-Units` field and the unit files in its
+    /// file list (`NAME.list`, or `NAME:ARCH.list` for a `Multi-Arch: same` package).
     pub fn package_units(&self, name: &str) -> Vec<String> {
-        package_units_in(&self.admindir, &self.status(), name)
+        let records = self.records();
+        let rec = records.get(name);
+        let mut units = rec.map(|r| r.units.clone()).unwrap_or_default();
+        let arch =
+            rec.and_then(|r| r.arch.clone()).unwrap_or_else(|| debfleet_protocol::debian::host_arch().to_owned());
+        units.extend(list_units(&self.admindir, name, &arch));
+        units.sort();
+        units.dedup();
+        units
     }
+}
+
+/// Unit files in a package's dpkg file list.
+fn list_units(admindir: &Path, name: &str, arch: &str) -> Vec<String> {
+    let info = admindir.join("info");
+    let list = std::fs::read_to_string(info.join(format!("{name}.list")))
+        .or_else(|_| std::fs::read_to_string(info.join(format!("{name}:{arch}.list"))))
+        .unwrap_or_default();
+    let mut units = Vec::new();
+    for path in list.lines() {
+        let in_unit_dir = ["/lib/systemd/system/", "/usr/lib/systemd/system/", "/etc/systemd/system/"]
+            .iter()
+            .any(|d| path.strip_prefix(d).is_some_and(|rest| !rest.contains('/')));
+        let file = path.rsplit('/').next().unwrap_or(path);
+        // Templates (`getty@.service`) are not units that run by themselves.
+        if in_unit_dir && valid_unit_name(file) && !file.contains('@') {
+            units.push(file.to_owned());
+        }
+    }
+    units
 }
 
 #[cfg(test)]
@@ -151,8 +206,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("status"), STATUS).unwrap();
         let db = Database::new(dir.path());
-        let first = db.status();
-        assert!(std::sync::Arc::ptr_eq(&first, &db.status()), "unchanged: the same text");
+        let first = db.records();
+        assert!(std::sync::Arc::ptr_eq(&first, &db.records()), "unchanged: the same records");
         // dpkg writes status-new and renames it over status.
         std::fs::write(dir.path().join("status-new"), "Package: fresh\nStatus: install ok installed\nVersion: 1\n")
             .unwrap();
@@ -174,49 +229,6 @@ mod tests {
         assert_eq!(s["absent"].status, "not-installed");
         assert_eq!(s.len(), 4);
     }
-}
-
-/// The systemd units a package owns: its `X-Debfleet-Units` control field (kept by dpkg in its
-/// status database) and the unit files in its file list.
-pub fn package_units(admindir: &Path, name: &str) -> Vec<String> {
-    package_units_in(admindir, &std::fs::read_to_string(admindir.join("status")).unwrap_or_default(), name)
-}
-
-fn package_units_in(admindir: &Path, status: &str, name: &str) -> Vec<String> {
-    let mut units = Vec::new();
-    let mut arch = None;
-    for para in status.split("\n\n") {
-        if !para.lines().any(|l| l.strip_prefix("Package:").is_some_and(|v| v.trim() == name)) {
-            continue;
-        }
-        for l in para.lines() {
-            if let Some(v) = l.strip_prefix("X-Debfleet-Units:") {
-                units.extend(v.split_whitespace().filter(|u| valid_unit_name(u)).map(str::to_owned));
-            } else if let Some(v) = l.strip_prefix("Architecture:") {
-                arch = Some(v.trim().to_owned());
-            }
-        }
-    }
-    // dpkg names the list of a `Multi-Arch: same` package NAME:ARCH.list, with Debian's
-    // architecture name (amd64, not x86_64).
-    let arch = arch.unwrap_or_else(|| debfleet_protocol::debian::host_arch().to_owned());
-    let info = admindir.join("info");
-    let list = std::fs::read_to_string(info.join(format!("{name}.list")))
-        .or_else(|_| std::fs::read_to_string(info.join(format!("{name}:{arch}.list"))))
-        .unwrap_or_default();
-    for path in list.lines() {
-        let in_unit_dir = ["/lib/systemd/system/", "/usr/lib/systemd/system/", "/etc/systemd/system/"]
-            .iter()
-            .any(|d| path.strip_prefix(d).is_some_and(|rest| !rest.contains('/')));
-        let file = path.rsplit('/').next().unwrap_or(path);
-        // Templates (`getty@.service`) are not units that run by themselves.
-        if in_unit_dir && valid_unit_name(file) && !file.contains('@') {
-            units.push(file.to_owned());
-        }
-    }
-    units.sort();
-    units.dedup();
-    units
 }
 
 #[cfg(test)]

@@ -195,7 +195,9 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet upgrade --group lab debfleet-hello       # to 2.0, units verified\n\
          \x20 debfleet rollback lab-1 debfleet-hello            # back to 1.0\n\
          \x20 debfleet watch --group lab                        # status, progress, logs, telemetry\n\
-         \x20 debfleet lab kill lab-2 && debfleet lab boot lab-2\n\
+         \x20 debfleet lab kill lab-2 && debfleet devices      # lost, dated by when it was last heard\n\
+         \x20 debfleet lab boot lab-2                          # and back\n\
+         \x20 source <(debfleet completions bash)              # tab completion\n\
          Ctrl-C stops the demo and removes its devices.",
         n = args.devices
     );
