@@ -77,11 +77,12 @@ fn agent_deb() -> std::path::PathBuf {
 fn a_busy_port_is_named_at_once_and_a_killed_demo_frees_its_ports() {
     let labdir = tempfile::tempdir().unwrap();
     let demo = |broker: u16, repo: u16| {
-        Command::new(bin("debfleet"))
-            .args(["demo", "--devices", "1", "--agent-deb"])
+        let mut c = Command::new(bin("debfleet"));
+        c.args(["demo", "--devices", "1", "--agent-deb"])
             .arg(agent_deb())
             .args(["--broker-listen", &format!("127.0.0.1:{broker}"), "--repo-listen", &format!("127.0.0.1:{repo}")])
-            .env("DEBFLEET_LAB_DIR", labdir.path())
+            .env("DEBFLEET_LAB_DIR", labdir.path());
+        c
     };
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().port();
