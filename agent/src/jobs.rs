@@ -623,6 +623,92 @@ mod tests {
         PackageChange { package: p.into(), before: before.map(Into::into), after: after.map(Into::into) }
     }
 
+    /// A stand-in for apt-get (thin-edge tests its software manager with fake plugins the same
+    /// way): `update` succeeds; a transaction reports progress on fd 3, replaces dpkg's status
+    /// file with `$dir/next-status` the way dpkg does (rename), prints `$dir/stderr` and exits
+    /// with `$dir/exit`.
+    fn fake_apt(dir: &std::path::Path) -> (Arc<JobContext>, std::path::PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let admin = dir.join("admin");
+        std::fs::create_dir_all(admin.join("info")).unwrap();
+        std::fs::write(admin.join("status"), "Package: bash\nStatus: install ok installed\nVersion: 5.2\n").unwrap();
+        let script = dir.join("apt-get");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\ncase \" $* \" in *\" update \"*) exit 0;; esac\nd={d}\necho 'pmstatus:hello:40:Unpacking hello (1.0)' >&3\necho 'pmstatus:hello:90:Setting up hello (1.0)' >&3\n[ -f $d/next-status ] && cp $d/next-status {a}/status-new && mv {a}/status-new {a}/status\n[ -f $d/stderr ] && cat $d/stderr >&2\nexit $(cat $d/exit 2>/dev/null || echo 0)\n",
+                d = dir.display(),
+                a = admin.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let apt = Apt { apt_get: vec![script.display().to_string()], ..Apt::default() };
+        let ctx = JobContext {
+            apt,
+            db: Arc::new(debfleet_apt::dpkg::Database::new(&admin)),
+            systemd: None,
+            self_upgrade: false,
+        };
+        (Arc::new(ctx), admin)
+    }
+
+    fn install(spec: &str) -> Job {
+        Job {
+            id: OpId::new("i-1").unwrap(),
+            kind: JobKind::Install(vec![PackageSpec::parse(spec).unwrap()]),
+            dry_run: false,
+            watch: Duration::ZERO,
+            settle: None,
+        }
+    }
+
+    async fn run_job(job: Job, ctx: Arc<JobContext>) -> (JobDone, Vec<Phase>) {
+        let (tx, mut rx) = mpsc::channel(64);
+        tokio::spawn(run(job, ctx, tx));
+        let mut phases = Vec::new();
+        loop {
+            match rx.recv().await.expect("an outcome") {
+                JobEvent::Progress { phase, .. } => phases.push(phase),
+                JobEvent::Done(done) => return (done, phases),
+                JobEvent::Handoff { .. } => panic!("no handoff here"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_package_job_reports_phases_and_what_dpkg_changed_dependencies_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _) = fake_apt(dir.path());
+        std::fs::write(
+            dir.path().join("next-status"),
+            "Package: bash\nStatus: install ok installed\nVersion: 5.2\n\nPackage: hello\nStatus: install ok installed\nVersion: 1.0\n\nPackage: libhello\nStatus: install ok installed\nVersion: 3\n",
+        )
+        .unwrap();
+        let (done, phases) = run_job(install("hello=1.0"), ctx).await;
+        assert!(done.error.is_none(), "{:?}", done.error);
+        assert_eq!(phases, [Phase::Resolving, Phase::Unpacking, Phase::Configuring]);
+        let result: PackageResult = serde_json::from_value(done.result.unwrap()).unwrap();
+        let changed: Vec<(&str, Option<&str>)> =
+            result.changes.iter().map(|c| (c.package.as_str(), c.after.as_deref())).collect();
+        assert_eq!(changed, [("hello", Some("1.0")), ("libhello", Some("3"))]);
+        // The history has both; the core adopts only what the operator named.
+        assert_eq!(done.changes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_package_refreshes_the_indices_once_then_fails_with_its_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, admin) = fake_apt(dir.path());
+        std::fs::write(dir.path().join("stderr"), "E: Unable to locate package nosuch\n").unwrap();
+        std::fs::write(dir.path().join("exit"), "100").unwrap();
+        let (done, phases) = run_job(install("nosuch"), ctx).await;
+        assert_eq!(done.error.map(|e| e.code), Some(ErrorCode::PackageNotFound));
+        assert!(phases.contains(&Phase::UpdatingIndices), "{phases:?}");
+        assert!(done.changes.is_empty());
+        assert!(std::fs::read_to_string(admin.join("status")).unwrap().contains("bash"));
+    }
+
     #[test]
     fn an_undo_is_judged_by_what_dpkg_has_afterwards() {
         let changes = [change("app", Some("1.0"), Some("2.0")), change("libnew", None, Some("1"))];
