@@ -598,11 +598,15 @@ impl Core {
     pub fn job_done(&mut self, done: JobDone, now_ms: i64) -> Vec<Out> {
         self.jobs_pending = self.jobs_pending.saturating_sub(1);
         let verb = self.journal.verb(&done.id).unwrap_or("").to_owned();
-        match &done.error {
+        let (result, error) = match done.outcome {
+            Ok(v) => (Some(v), None),
+            Err(f) => (f.result, Some(f.error)),
+        };
+        match &error {
             Some(e) => tracing::warn!(op = %done.id, "{verb} failed: {}", e.message),
             None => tracing::info!(op = %done.id, "{verb} succeeded"),
         }
-        if let Err(e) = self.journal.finish_with(&done.id, now_ms, done.result.clone(), done.error.clone()) {
+        if let Err(e) = self.journal.finish_with(&done.id, now_ms, result, error) {
             tracing::error!("{e}");
         }
         // Only what the operator named joins (or leaves) the managed set: dependencies apt
@@ -965,8 +969,7 @@ mod tests {
         let result = serde_json::json!({"changes": [{"package": "hello", "after": "1.0"}], "download_bytes": 1, "duration_ms": 5});
         let done = JobDone {
             id: job.id,
-            result: Some(result),
-            error: None,
+            outcome: Ok(result),
             changes: vec![("hello".into(), Some("1.0".into()))],
             rolled_back: vec![],
         };
@@ -984,8 +987,7 @@ mod tests {
         let job = outs.iter().find_map(|o| if let Out::Job(j) = o { Some(j.clone()) } else { None }).unwrap();
         let done = JobDone {
             id: job.id,
-            result: Some(serde_json::json!({})),
-            error: None,
+            outcome: Ok(serde_json::json!({})),
             changes: vec![("hello".into(), Some("1.0".into())), ("libhello-dep".into(), Some("3".into()))],
             rolled_back: vec![],
         };

@@ -64,12 +64,35 @@ pub enum JobEvent {
 #[derive(Debug)]
 pub struct JobDone {
     pub id: OpId,
-    pub result: Option<Value>,
-    pub error: Option<OpError>,
+    pub outcome: Outcome,
     /// (package, version after) for the managed-package history; empty when nothing changed.
     pub changes: Vec<(String, Option<String>)>,
     /// A rollback (operator's or automatic) landed on these versions.
     pub rolled_back: Vec<(String, String)>,
+}
+
+/// How a job ended: its result, or why it failed.
+pub type Outcome = Result<Value, Failure>;
+
+#[derive(Debug)]
+pub struct Failure {
+    pub error: OpError,
+    /// What a failed job still has to report (a transaction that was made and undone).
+    pub result: Option<Value>,
+}
+
+impl JobDone {
+    fn ok(id: &OpId, result: Value, changes: Vec<(String, Option<String>)>) -> JobDone {
+        JobDone { id: id.clone(), outcome: Ok(result), changes, rolled_back: vec![] }
+    }
+
+    fn failed(id: &OpId, error: OpError, changes: Vec<(String, Option<String>)>) -> JobDone {
+        JobDone { id: id.clone(), outcome: Err(Failure { error, result: None }), changes, rolled_back: vec![] }
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
 pub struct JobContext {
@@ -143,26 +166,18 @@ pub async fn run(job: Job, ctx: Arc<JobContext>, tx: mpsc::Sender<JobEvent>) {
                         .map(|(n, (from, to))| (n, serde_json::json!({"installed": from, "candidate": to})))
                         .collect();
                     let result = serde_json::json!({"updated": true, "upgradable": upgradable});
-                    JobDone { id: id.clone(), result: Some(result), error: None, changes: vec![], rolled_back: vec![] }
+                    JobDone::ok(&id, result, vec![])
                 }
-                Err(e) => JobDone {
-                    id: id.clone(),
-                    result: None,
-                    error: Some(apt_error(e)),
-                    changes: vec![],
-                    rolled_back: vec![],
-                },
+                Err(e) => JobDone::failed(&id, apt_error(e), vec![]),
             }
         }
         JobKind::Resume { unit, before } => match &ctx.systemd {
             Some(sd) => finish_transient(&id, unit, before.clone(), &ctx, sd, Instant::now()).await,
-            None => JobDone {
-                id: id.clone(),
-                result: None,
-                error: Some(error(ErrorCode::Interrupted, format!("cannot read the result of {unit}: no systemd bus"))),
-                changes: vec![],
-                rolled_back: vec![],
-            },
+            None => JobDone::failed(
+                &id,
+                error(ErrorCode::Interrupted, format!("cannot read the result of {unit}: no systemd bus")),
+                vec![],
+            ),
         },
         _ => packages(&job, &ctx, &tx).await,
     };
@@ -170,14 +185,15 @@ pub async fn run(job: Job, ctx: Arc<JobContext>, tx: mpsc::Sender<JobEvent>) {
 }
 
 async fn restart_unit(id: &OpId, unit: &str, ctx: &JobContext) -> JobDone {
-    let (result, error) = match &ctx.systemd {
-        None => (None, Some(error(ErrorCode::NotSupported, "no systemd on this device"))),
+    match &ctx.systemd {
+        None => JobDone::failed(id, error(ErrorCode::NotSupported, "no systemd on this device"), vec![]),
         Some(sd) => match sd.act(unit, Action::Restart, Duration::from_secs(90)).await {
-            Ok(s) => (Some(serde_json::json!({"unit": unit, "active": s.active_state, "sub": s.sub_state})), None),
-            Err(e) => (None, Some(error(ErrorCode::UnitFailed, e.to_string()))),
+            Ok(s) => {
+                JobDone::ok(id, serde_json::json!({"unit": unit, "active": s.active_state, "sub": s.sub_state}), vec![])
+            }
+            Err(e) => JobDone::failed(id, error(ErrorCode::UnitFailed, e.to_string()), vec![]),
         },
-    };
-    JobDone { id: id.clone(), result, error, changes: vec![], rolled_back: vec![] }
+    }
 }
 
 fn to_spec(p: &PackageSpec) -> Spec {
@@ -187,8 +203,7 @@ fn to_spec(p: &PackageSpec) -> Spec {
 async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>) -> JobDone {
     let started = Instant::now();
     let id = job.id.clone();
-    let fail =
-        |e: OpError| JobDone { id: id.clone(), result: None, error: Some(e), changes: vec![], rolled_back: vec![] };
+    let fail = |e: OpError| JobDone::failed(&id, e, vec![]);
     let (op, allow_downgrades) = match &job.kind {
         JobKind::Install(p) => (Op::Install(p.iter().map(to_spec).collect()), false),
         JobKind::Upgrade(p) => (Op::Upgrade(p.iter().map(to_spec).collect()), false),
@@ -251,7 +266,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             dry_run: true,
             rolled_back_to: None,
         };
-        return JobDone { id, result: serde_json::to_value(r).ok(), error: None, changes: vec![], rolled_back: vec![] };
+        return JobDone::ok(&id, json(&r), vec![]);
     }
     if touches_self && ctx.self_upgrade {
         if let Some(sd) = &ctx.systemd {
@@ -284,7 +299,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         Ok(r) => r,
         Err(e) => {
             // Some packages may have changed before the failure: the history follows dpkg.
-            return JobDone { id, result: None, error: Some(apt_error(e)), changes: history, rolled_back: vec![] };
+            return JobDone::failed(&id, apt_error(e), history);
         }
     };
     let mut result = PackageResult {
@@ -312,8 +327,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
                 let verdict = undo_verdict(&reason, &changes, &now, &failures);
                 return JobDone {
                     id,
-                    result: serde_json::to_value(&result).ok(),
-                    error: Some(verdict.error),
+                    outcome: Err(Failure { error: verdict.error, result: Some(json(&result)) }),
                     changes: verdict.history,
                     rolled_back: verdict.rolled_back,
                 };
@@ -321,7 +335,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         }
     }
     result.duration_ms = started.elapsed().as_millis() as u64;
-    JobDone { id, result: serde_json::to_value(&result).ok(), error: None, changes: history, rolled_back }
+    JobDone { id, outcome: Ok(json(&result)), changes: history, rolled_back }
 }
 
 /// Watches units for `window` at most; returns why one is failing, if one is. With `settle`,
@@ -503,24 +517,12 @@ async fn hand_off(
     let handoff = Handoff { unit: unit.clone(), before: before.clone() };
     let _ = tx.send(JobEvent::Handoff { id: id.clone(), handoff, ack }).await;
     if acked.await.is_err() {
-        return JobDone {
-            id: id.clone(),
-            result: None,
-            error: Some(error(ErrorCode::Internal, "the handoff was not journaled")),
-            changes: vec![],
-            rolled_back: vec![],
-        };
+        return JobDone::failed(id, error(ErrorCode::Internal, "the handoff was not journaled"), vec![]);
     }
     let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::OutsideTheAgent, percent: None }).await;
     let argv = ctx.apt.argv(op, allow_downgrades);
     if let Err(e) = sd.start_transient(&unit, "debfleet: a transaction on the agent's own package", &argv).await {
-        return JobDone {
-            id: id.clone(),
-            result: None,
-            error: Some(error(ErrorCode::Internal, e.to_string())),
-            changes: vec![],
-            rolled_back: vec![],
-        };
+        return JobDone::failed(id, error(ErrorCode::Internal, e.to_string()), vec![]);
     }
     finish_transient(id, &unit, before, ctx, sd, started).await
 }
@@ -534,16 +536,13 @@ async fn finish_transient(
     sd: &Arc<Systemd>,
     started: Instant,
 ) -> JobDone {
-    let done = |error: Option<OpError>, result: Option<Value>, changes| JobDone {
-        id: id.clone(),
-        result,
-        error,
-        changes,
-        rolled_back: vec![],
+    let done = |outcome: Result<Value, OpError>, changes| match outcome {
+        Ok(result) => JobDone::ok(id, result, changes),
+        Err(e) => JobDone::failed(id, e, changes),
     };
     let mut states = match sd.watch(&[unit.to_owned()]).await {
         Ok(s) => s,
-        Err(e) => return done(Some(error(ErrorCode::Interrupted, format!("{unit}: {e}"))), None, vec![]),
+        Err(e) => return done(Err(error(ErrorCode::Interrupted, format!("{unit}: {e}"))), vec![]),
     };
     while let Some(state) = states.next().await {
         if state.active_state == "active" || state.active_state == "failed" || state.load_state == "not-found" {
@@ -568,7 +567,7 @@ async fn finish_transient(
                 dry_run: false,
                 rolled_back_to: None,
             };
-            done(None, serde_json::to_value(r).ok(), history)
+            done(Ok(json(&r)), history)
         }
         Ok(Some((result, status))) => {
             let e = debfleet_apt::classify(&log, &[]);
@@ -577,11 +576,9 @@ async fn finish_transient(
             } else {
                 apt_error(e)
             };
-            done(Some(e), None, history)
+            done(Err(e), history)
         }
-        Ok(None) | Err(_) => {
-            done(Some(error(ErrorCode::Interrupted, format!("the result of {unit} is gone"))), None, history)
-        }
+        Ok(None) | Err(_) => done(Err(error(ErrorCode::Interrupted, format!("the result of {unit} is gone"))), history),
     }
 }
 
@@ -686,9 +683,9 @@ mod tests {
         )
         .unwrap();
         let (done, phases) = run_job(install("hello=1.0"), ctx).await;
-        assert!(done.error.is_none(), "{:?}", done.error);
+        assert!(done.outcome.is_ok(), "{:?}", done.outcome);
         assert_eq!(phases, [Phase::Resolving, Phase::Unpacking, Phase::Configuring]);
-        let result: PackageResult = serde_json::from_value(done.result.unwrap()).unwrap();
+        let result: PackageResult = serde_json::from_value(done.outcome.unwrap()).unwrap();
         let changed: Vec<(&str, Option<&str>)> =
             result.changes.iter().map(|c| (c.package.as_str(), c.after.as_deref())).collect();
         assert_eq!(changed, [("hello", Some("1.0")), ("libhello", Some("3"))]);
@@ -703,7 +700,7 @@ mod tests {
         std::fs::write(dir.path().join("stderr"), "E: Unable to locate package nosuch\n").unwrap();
         std::fs::write(dir.path().join("exit"), "100").unwrap();
         let (done, phases) = run_job(install("nosuch"), ctx).await;
-        assert_eq!(done.error.map(|e| e.code), Some(ErrorCode::PackageNotFound));
+        assert_eq!(done.outcome.err().map(|f| f.error.code), Some(ErrorCode::PackageNotFound));
         assert!(phases.contains(&Phase::UpdatingIndices), "{phases:?}");
         assert!(done.changes.is_empty());
         assert!(std::fs::read_to_string(admin.join("status")).unwrap().contains("bash"));
