@@ -639,7 +639,7 @@ impl Core {
     pub fn unit_changed(&mut self, unit: &str, package: &str, state: &debfleet_systemd::UnitState) -> Vec<Out> {
         let info = UnitInfo {
             package: package.to_owned(),
-            active: state.active_state.clone(),
+            active: state.active_state,
             sub: state.sub_state.clone(),
             enabled: state.unit_file_state.clone(),
             since: (state.since_us > 0).then(|| time::format_unix_ms((state.since_us / 1000) as i64)),

@@ -382,7 +382,7 @@ impl Steady {
     }
 
     fn observe(&mut self, state: &debfleet_systemd::UnitState, now: Instant) {
-        let is_steady = matches!(state.active_state.as_str(), "active" | "inactive");
+        let is_steady = state.active_state.is_steady();
         if let Some(slot) = self.since.get_mut(&state.name) {
             *slot = match (is_steady, *slot) {
                 (true, Some(t)) => Some(t),
@@ -545,7 +545,8 @@ async fn finish_transient(
         Err(e) => return done(Err(error(ErrorCode::Interrupted, format!("{unit}: {e}"))), vec![]),
     };
     while let Some(state) = states.next().await {
-        if state.active_state == "active" || state.active_state == "failed" || state.load_state == "not-found" {
+        use debfleet_systemd::ActiveState;
+        if matches!(state.active_state, ActiveState::Active | ActiveState::Failed) || state.load_state == "not-found" {
             break;
         }
     }
@@ -590,7 +591,7 @@ mod tests {
         debfleet_systemd::UnitState {
             name: name.into(),
             load_state: "loaded".into(),
-            active_state: active.into(),
+            active_state: debfleet_systemd::ActiveState::parse(active),
             sub_state: String::new(),
             unit_file_state: "enabled".into(),
             n_restarts: Some(0),

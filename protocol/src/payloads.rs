@@ -111,8 +111,8 @@ pub struct UnitsState {
 pub struct UnitInfo {
     /// The managed package that owns the unit.
     pub package: String,
-    /// systemd's ActiveState: `active`, `inactive`, `failed`, `activating`, ...
-    pub active: String,
+    /// systemd's ActiveState.
+    pub active: crate::units::ActiveState,
     /// systemd's SubState: `running`, `dead`, `auto-restart`, ...
     pub sub: String,
     /// UnitFileState: `enabled`, `disabled`, `static`, ...

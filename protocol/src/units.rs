@@ -18,6 +18,63 @@ pub fn valid_unit_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
 }
 
+/// systemd's ActiveState of a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActiveState {
+    Active,
+    Reloading,
+    Inactive,
+    Failed,
+    Activating,
+    Deactivating,
+    /// `maintenance`, `refreshing`, or what a newer systemd adds.
+    #[serde(other)]
+    Other,
+}
+
+impl ActiveState {
+    pub fn parse(s: &str) -> ActiveState {
+        match s {
+            "active" => ActiveState::Active,
+            "reloading" => ActiveState::Reloading,
+            "inactive" => ActiveState::Inactive,
+            "failed" => ActiveState::Failed,
+            "activating" => ActiveState::Activating,
+            "deactivating" => ActiveState::Deactivating,
+            _ => ActiveState::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActiveState::Active => "active",
+            ActiveState::Reloading => "reloading",
+            ActiveState::Inactive => "inactive",
+            ActiveState::Failed => "failed",
+            ActiveState::Activating => "activating",
+            ActiveState::Deactivating => "deactivating",
+            ActiveState::Other => "other",
+        }
+    }
+
+    /// Neither starting nor stopping: what a unit settles in.
+    pub fn is_steady(self) -> bool {
+        matches!(self, ActiveState::Active | ActiveState::Inactive)
+    }
+
+    /// A job on the unit is still going.
+    pub fn is_changing(self) -> bool {
+        matches!(self, ActiveState::Activating | ActiveState::Deactivating | ActiveState::Reloading)
+    }
+}
+
+impl std::fmt::Display for ActiveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

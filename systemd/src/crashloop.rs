@@ -44,7 +44,7 @@ mod tests {
         UnitState {
             name: "x.service".into(),
             load_state: "loaded".into(),
-            active_state: active.into(),
+            active_state: crate::ActiveState::parse(active),
             sub_state: "running".into(),
             unit_file_state: "enabled".into(),
             n_restarts: Some(n),

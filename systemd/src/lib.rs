@@ -20,7 +20,7 @@ pub enum SystemdError {
     #[error("{0:?} is not a systemd unit name")]
     InvalidUnit(String),
     #[error("unit {unit}: the {action} job ended {result:?} (unit now {active_state})")]
-    JobFailed { unit: String, action: &'static str, result: String, active_state: String },
+    JobFailed { unit: String, action: &'static str, result: String, active_state: ActiveState },
     #[error("unit {0} does not exist")]
     NoSuchUnit(String),
     #[error("unit {unit}: no job result within {timeout:?}")]
@@ -53,7 +53,7 @@ impl Action {
 pub struct UnitState {
     pub name: String,
     pub load_state: String,
-    pub active_state: String,
+    pub active_state: ActiveState,
     pub sub_state: String,
     /// `enabled`, `disabled`, `static`, ... (empty for units without a file).
     pub unit_file_state: String,
@@ -65,11 +65,11 @@ pub struct UnitState {
 
 impl UnitState {
     pub fn is_failed(&self) -> bool {
-        self.active_state == "failed"
+        self.active_state == ActiveState::Failed
     }
 }
 
-pub use debfleet_protocol::units::valid_unit_name;
+pub use debfleet_protocol::units::{valid_unit_name, ActiveState};
 
 fn check(unit: &str) -> Result<(), SystemdError> {
     if valid_unit_name(unit) {
@@ -130,7 +130,7 @@ impl Systemd {
         Ok(UnitState {
             name: unit.to_owned(),
             load_state: u.load_state().await?,
-            active_state: u.active_state().await?,
+            active_state: ActiveState::parse(&u.active_state().await?),
             sub_state: u.sub_state().await?,
             unit_file_state: u.unit_file_state().await.unwrap_or_default(),
             n_restarts,
@@ -222,7 +222,7 @@ impl Systemd {
         check(unit)?;
         let path = self.unit_path(unit).await?;
         let state = self.state_at(unit, &path).await?;
-        if state.active_state == "activating" || state.active_state == "deactivating" {
+        if state.active_state.is_changing() {
             return Ok(None);
         }
         if state.load_state == "not-found" {

@@ -42,10 +42,10 @@ async fn jobs_unit_files_and_watching_on_a_device() {
     let s = sd.act("df-sleeper.service", Action::Start, T).await.unwrap();
     assert_eq!((s.active_state.as_str(), s.sub_state.as_str()), ("active", "running"));
     let s2 = sd.act("df-sleeper.service", Action::Restart, T).await.unwrap();
-    assert_eq!(s2.active_state, "active");
+    assert_eq!(s2.active_state.as_str(), "active");
     assert!(s2.since_us > s.since_us, "restarted");
     let s3 = sd.act("df-sleeper.service", Action::Stop, T).await.unwrap();
-    assert_eq!(s3.active_state, "inactive");
+    assert_eq!(s3.active_state.as_str(), "inactive");
     sd.disable(&["df-sleeper.service"]).await.unwrap();
     assert_eq!(sd.state("df-sleeper.service").await.unwrap().unit_file_state, "disabled");
 
@@ -62,7 +62,7 @@ async fn jobs_unit_files_and_watching_on_a_device() {
     // Watching: a crash-looping service is seen through PropertiesChanged, no polling.
     let mut states = sd.watch(&["df-crashy.service".to_string()]).await.unwrap();
     let first = states.next().await.unwrap();
-    assert_eq!(first.active_state, "inactive");
+    assert_eq!(first.active_state.as_str(), "inactive");
     sd.act("df-crashy.service", Action::Start, T).await.unwrap();
     let mut detector = CrashLoop::new(Duration::from_secs(30), 3);
     let started = Instant::now();
