@@ -123,13 +123,14 @@ impl Core {
         self.cfg.topics.name(&t)
     }
 
+    /// A publish as the contract's table says the topic travels (retain, QoS).
     fn publish<T: Serialize>(&self, t: Topic, payload: &T) -> Out {
-        let retain = t.retained();
+        let (retain, qos) = t.delivery();
         Out::Publish {
             topic: self.topic(t),
             payload: serde_json::to_vec(payload).expect("payload serializes"),
             retain,
-            reliable: true,
+            reliable: qos == debfleet_protocol::topics::Qos::AtLeastOnce,
         }
     }
 
@@ -230,19 +231,11 @@ impl Core {
     }
 
     pub fn telemetry(&self, msg: &Telemetry) -> Out {
-        let mut out = self.publish(Topic::Telemetry(self.cfg.device_id.clone()), msg);
-        if let Out::Publish { reliable, .. } = &mut out {
-            *reliable = false;
-        }
-        out
+        self.publish(Topic::Telemetry(self.cfg.device_id.clone()), msg)
     }
 
     pub fn logs(&self, batch: &debfleet_protocol::LogBatch) -> Out {
-        let mut out = self.publish(Topic::Logs(self.cfg.device_id.clone()), batch);
-        if let Out::Publish { reliable, .. } = &mut out {
-            *reliable = false;
-        }
-        out
+        self.publish(Topic::Logs(self.cfg.device_id.clone()), batch)
     }
 
     /// Expires finished operation records (age and count limits).

@@ -32,20 +32,37 @@ pub enum TopicError {
     BadVerb(String),
 }
 
+/// The QoS a topic's messages are published with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
 impl Topic {
-    /// Whether the device publishes this fact retained. The latest telemetry sample is retained
-    /// too, so a console that connects sees current figures without waiting for the next one.
-    pub fn retained(&self) -> bool {
-        matches!(
-            self,
+    /// How the topic's messages travel — retained or not, and with which QoS — from this one
+    /// table (the topics table of docs/contract.md is checked against it). The latest
+    /// telemetry is retained, so a console that connects sees current figures at once, but sent
+    /// at QoS 0: a lost sample is replaced by the next.
+    pub fn delivery(&self) -> (bool, Qos) {
+        match self {
             Topic::Meta(_)
-                | Topic::Status(_)
-                | Topic::Cfg(_)
-                | Topic::StatePackages(_)
-                | Topic::StateUnits(_)
-                | Topic::Op(..)
-                | Topic::Telemetry(_)
-        )
+            | Topic::Status(_)
+            | Topic::Cfg(_)
+            | Topic::StatePackages(_)
+            | Topic::StateUnits(_)
+            | Topic::Op(..) => (true, Qos::AtLeastOnce),
+            Topic::Telemetry(_) => (true, Qos::AtMostOnce),
+            Topic::Logs(_) => (false, Qos::AtMostOnce),
+            Topic::Rejected(_) | Topic::DeviceCmd(..) | Topic::GroupCmd(..) | Topic::FleetCmd(_) => {
+                (false, Qos::AtLeastOnce)
+            }
+        }
+    }
+
+    /// Whether the device publishes this fact retained.
+    pub fn retained(&self) -> bool {
+        self.delivery().0
     }
 
     /// The device the topic belongs to, for device topics.

@@ -98,6 +98,27 @@ fn every_example_round_trips_through_the_types() {
     for code in ErrorCode::ALL {
         assert!(doc.contains(&format!("| `{}` |", code.as_str())), "error code {} is not in the table", code.as_str());
     }
+    // The topics table says how each topic travels: the same as `Topic::delivery`.
+    let topics = Topics::default();
+    let mut rows = 0;
+    for line in doc.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let Some(name) = cells.get(1).and_then(|c| c.strip_prefix('`')).and_then(|c| c.strip_suffix('`')) else {
+            continue;
+        };
+        if !name.starts_with("debfleet/") || cells.len() < 6 || !cells[4].chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let concrete =
+            name.replace("/ID/", "/lab-1/").replace("OPID", "op-1").replace("VERB", "ping").replace("/G/", "/lab/");
+        let topic = topics.parse(&concrete).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (retained, qos) = topic.delivery();
+        assert_eq!(cells[3].starts_with("yes"), retained, "{name}: retained");
+        let want = if cells[4] == "1" { topics::Qos::AtLeastOnce } else { topics::Qos::AtMostOnce };
+        assert_eq!(qos, want, "{name}: QoS");
+        rows += 1;
+    }
+    assert!(rows >= 12, "only {rows} topic rows checked");
     for phase in Phase::ALL {
         assert!(doc.contains(&format!("| `{}` |", phase.as_str())), "phase {} is not in the table", phase.as_str());
     }
