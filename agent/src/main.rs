@@ -12,7 +12,6 @@ mod managed;
 mod outbox;
 mod telemetry;
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,7 +27,7 @@ use tracing_subscriber::{filter::LevelFilter, Layer};
 
 use crate::config::AgentConfig;
 use crate::connection::NetEvent;
-use crate::core::{Core, Out};
+use crate::core::{Core, Event, Out};
 
 const USAGE: &str =
     "usage: debfleet-agent --config FILE\n\nRuns the debfleet device agent. See the README for the configuration keys.";
@@ -150,7 +149,6 @@ async fn run(
     let reconnect = cfg.reconnect.clone();
     let mut core = Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()), dpkg);
     core.reconcile_packages(&touched);
-    core.jobs_resumed(resumed.len());
     let will = core.will_builder();
 
     let shutdown = CancellationToken::new();
@@ -172,88 +170,14 @@ async fn run(
     let mut last_housekeeping = Instant::now();
     let mut connected = false;
     let (job_tx, mut job_rx) = mpsc::channel(64);
-    let mut jobs_queued: VecDeque<jobs::Job> = resumed.into();
-    let mut job_running = false;
     let (unit_tx, mut unit_rx) = mpsc::channel(64);
     let mut watched = core.managed_units();
     let mut watcher = systemd.as_ref().map(|sd| spawn_unit_watcher(sd.clone(), watched.clone(), unit_tx.clone()));
     tracing::info!("debfleet-agent {} starting", env!("CARGO_PKG_VERSION"));
 
+    let mut outs = core.resume(resumed);
     let restart = loop {
-        // One closed set of events; each becomes the core's actions.
-        let event = tokio::select! {
-            ev = net_rx.recv() => match ev {
-                Some(ev) => Event::Net(ev),
-                None => bail!("the MQTT connection task ended unexpectedly"),
-            },
-            _ = tick.tick() => Event::Tick,
-            Some(ev) = job_rx.recv() => Event::Job(ev),
-            Some((unit, package, state)) = unit_rx.recv() => Event::Unit { unit, package, state },
-            _ = sigterm.recv() => Event::Stop,
-            _ = sigint.recv() => Event::Stop,
-        };
-        let outs = match event {
-            Event::Net(NetEvent::Connected { since }) => {
-                connected = true;
-                // Thresholds compare with what the broker last got; after a gap, start over.
-                sampler = telemetry::Sampler::default();
-                core.on_connected(since, time::now_unix_ms())
-            }
-            Event::Net(NetEvent::Disconnected) => {
-                connected = false;
-                let _ = connected_tx.send(false);
-                outbox.lock().disconnected();
-                core.on_disconnected();
-                Vec::new()
-            }
-            Event::Net(NetEvent::Message { topic, payload, retain }) => {
-                core.set_backlog(outbox.len());
-                core.on_message(&topic, &payload, retain, time::now_unix_ms())
-            }
-            Event::Tick => {
-                let now = Instant::now();
-                let mut outs = Vec::new();
-                if connected {
-                    if let Some(t) = sampler.tick(now, &core.runtime().telemetry, &mut probe) {
-                        outs.push(core.telemetry(&t));
-                    }
-                }
-                for batch in batcher.flush(now, &core.runtime().logs) {
-                    outs.push(core.logs(&batch));
-                }
-                if now.duration_since(last_housekeeping) >= Duration::from_secs(60) {
-                    last_housekeeping = now;
-                    outs.extend(core.housekeeping(time::now_unix_ms()));
-                }
-                outs
-            }
-            Event::Job(jobs::JobEvent::Progress { id, phase, percent }) => core.job_progress(&id, phase, percent),
-            Event::Job(jobs::JobEvent::Handoff { id, handoff, ack }) => {
-                core.handoff(&id, handoff);
-                let _ = ack.send(());
-                Vec::new()
-            }
-            Event::Job(jobs::JobEvent::Done(done)) => {
-                job_running = false;
-                let mut outs = core.job_done(done, time::now_unix_ms());
-                // The managed set may have changed: watch the units it has now.
-                let now_units = core.managed_units();
-                if now_units != watched {
-                    watched = now_units;
-                    outs.extend(core.retain_units(&watched));
-                    if let Some(sd) = &systemd {
-                        if let Some(w) = watcher.take() {
-                            w.abort();
-                        }
-                        watcher = Some(spawn_unit_watcher(sd.clone(), watched.clone(), unit_tx.clone()));
-                    }
-                }
-                outs
-            }
-            Event::Unit { unit, package, state } => core.unit_changed(&unit, &package, &state),
-            Event::Stop => break false,
-        };
-        if perform(&outbox, outs, connected, &mut jobs_queued) {
+        if perform(&outbox, std::mem::take(&mut outs), connected, &job_ctx, &job_tx) {
             break true;
         }
         // The connection counts as up for the sender only once the core has queued what a new
@@ -261,10 +185,66 @@ async fn run(
         if connected && !*connected_tx.borrow() {
             let _ = connected_tx.send(true);
         }
-        if !job_running {
-            if let Some(job) = jobs_queued.pop_front() {
-                job_running = true;
-                tokio::spawn(jobs::run(job, job_ctx.clone(), job_tx.clone()));
+        // One closed set of events; each becomes the core's actions.
+        let event = tokio::select! {
+            ev = net_rx.recv() => match ev {
+                Some(NetEvent::Connected { since }) => {
+                    connected = true;
+                    // Thresholds compare with what the broker last got; after a gap, start over.
+                    sampler = telemetry::Sampler::default();
+                    Event::Connected { since }
+                }
+                Some(NetEvent::Disconnected) => {
+                    connected = false;
+                    let _ = connected_tx.send(false);
+                    outbox.lock().disconnected();
+                    Event::Disconnected
+                }
+                Some(NetEvent::Message { topic, payload, retain }) => {
+                    core.set_backlog(outbox.len());
+                    Event::Message { topic, payload, retain }
+                }
+                None => bail!("the MQTT connection task ended unexpectedly"),
+            },
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let telemetry =
+                    if connected { sampler.tick(now, &core.runtime().telemetry, &mut probe) } else { None };
+                let logs = batcher.flush(now, &core.runtime().logs);
+                let housekeeping = now.duration_since(last_housekeeping) >= Duration::from_secs(60);
+                if housekeeping {
+                    last_housekeeping = now;
+                }
+                Event::Tick { telemetry, logs, housekeeping }
+            }
+            Some(ev) = job_rx.recv() => match ev {
+                jobs::JobEvent::Progress { id, phase, percent } => Event::JobProgress { id, phase, percent },
+                jobs::JobEvent::Handoff { id, handoff, ack } => {
+                    // Journaled (durably) before the job is told to go on.
+                    outs = core.handle(Event::JobHandoff { id, handoff }, time::now_unix_ms());
+                    let _ = ack.send(());
+                    continue;
+                }
+                jobs::JobEvent::Done(done) => Event::JobDone(done),
+            },
+            Some((unit, package, state)) = unit_rx.recv() => Event::Unit { unit, package, state },
+            _ = sigterm.recv() => break false,
+            _ = sigint.recv() => break false,
+        };
+        let job_ended = matches!(event, Event::JobDone(_));
+        outs = core.handle(event, time::now_unix_ms());
+        if job_ended {
+            // The managed set may have changed: watch the units it has now.
+            let now_units = core.managed_units();
+            if now_units != watched {
+                watched = now_units;
+                outs.extend(core.retain_units(&watched));
+                if let Some(sd) = &systemd {
+                    if let Some(w) = watcher.take() {
+                        w.abort();
+                    }
+                    watcher = Some(spawn_unit_watcher(sd.clone(), watched.clone(), unit_tx.clone()));
+                }
             }
         }
     };
@@ -274,7 +254,7 @@ async fn run(
         tracing::info!("stopping");
     }
     if connected {
-        perform(&outbox, vec![core.offline()], true, &mut VecDeque::new());
+        perform(&outbox, vec![core.offline()], true, &job_ctx, &job_tx);
         // What was recorded (the restart's own result, the offline status) goes out first.
         let drained = async {
             loop {
@@ -294,24 +274,16 @@ async fn run(
     Ok(())
 }
 
-/// What the agent's loop reacts to: one closed set.
-enum Event {
-    Net(NetEvent),
-    /// The 1 s tick: telemetry, log batches, housekeeping.
-    Tick,
-    Job(jobs::JobEvent),
-    Unit {
-        unit: String,
-        package: String,
-        state: debfleet_systemd::UnitState,
-    },
-    /// SIGTERM or SIGINT.
-    Stop,
-}
-
-/// Queues the core's actions: broker requests into the outbox (the sender task hands them to
-/// the client), jobs into the job queue. Returns true when the agent should stop for a restart.
-fn perform(outbox: &outbox::Outbox, outs: Vec<Out>, connected: bool, jobs: &mut VecDeque<jobs::Job>) -> bool {
+/// Carries out the core's actions: broker requests into the outbox (the sender task hands them
+/// to the client), jobs started on their own task. Returns true when the agent should stop for
+/// a restart.
+fn perform(
+    outbox: &outbox::Outbox,
+    outs: Vec<Out>,
+    connected: bool,
+    job_ctx: &Arc<jobs::JobContext>,
+    job_tx: &mpsc::Sender<jobs::JobEvent>,
+) -> bool {
     let mut restart = false;
     let mut queued = false;
     {
@@ -320,7 +292,9 @@ fn perform(outbox: &outbox::Outbox, outs: Vec<Out>, connected: bool, jobs: &mut 
             match q.push(out, connected) {
                 None => queued = true,
                 Some(Out::Restart) => restart = true,
-                Some(Out::Job(job)) => jobs.push_back(job),
+                Some(Out::Job(job)) => {
+                    tokio::spawn(jobs::run(job, job_ctx.clone(), job_tx.clone()));
+                }
                 Some(_) => {}
             }
         }

@@ -42,7 +42,7 @@ impl Core {
                 .to_owned();
             return vec![self.rejected(topic, ErrorCode::RetainedCommand, message, now_ms)];
         }
-        if self.backlog > MAX_BACKLOG || self.jobs_pending >= MAX_JOBS_PENDING {
+        if self.backlog > MAX_BACKLOG || self.jobs_pending() >= MAX_JOBS_PENDING {
             return self.busy(topic, &verb, payload, now_ms);
         }
         match parse_command(&verb, payload) {
@@ -62,7 +62,8 @@ impl Core {
     fn busy(&self, topic: &str, verb: &str, payload: &[u8], now_ms: i64) -> Vec<Out> {
         let message = format!(
             "the device is busy ({} messages to send, {} operations queued); nothing was done, send it again later",
-            self.backlog, self.jobs_pending
+            self.backlog,
+            self.jobs_pending()
         );
         let id = match parse_command(verb, payload) {
             Ok(c) => c.id,
@@ -260,14 +261,9 @@ impl Core {
             tracing::error!("{e}");
         }
         out.push(self.publish_op(&id));
-        self.jobs_pending += 1;
-        out.push(Out::Job(Job { id, kind, dry_run, watch, settle }));
+        self.jobs.push_back(Job { id, kind, dry_run, watch, settle });
+        out.extend(self.next_job());
         out
-    }
-
-    /// Jobs resumed at start (transient units) count against the intake bound like others.
-    pub fn jobs_resumed(&mut self, n: usize) {
-        self.jobs_pending += n;
     }
 
     /// The version a rollback goes to: the one named, or the one installed before the current.
@@ -418,14 +414,14 @@ mod tests {
                 .map(|r| r.state)
                 .collect();
         assert_eq!(states, [OpState::Accepted, OpState::Running, OpState::Succeeded]);
-        // Queued jobs count too.
+        // Queued jobs count too: one runs, the rest wait queued.
         for i in 0..MAX_JOBS_PENDING {
             let p = format!(r#"{{"id":"j{i}","packages":["hello"]}}"#);
-            assert!(f
-                .core
-                .on_message("debfleet/device/d1/cmd/install", p.as_bytes(), false, 2)
-                .iter()
-                .any(|o| matches!(o, Out::Job(_))));
+            let outs = f.core.on_message("debfleet/device/d1/cmd/install", p.as_bytes(), false, 2);
+            let started = outs.iter().any(|o| matches!(o, Out::Job(_)));
+            assert_eq!(started, i == 0, "job {i}");
+            let queued = op_states(&outs, &format!("j{i}")).pop().unwrap();
+            assert_eq!(queued.phase, Some(debfleet_protocol::Phase::Queued));
         }
         let outs =
             f.core.on_message("debfleet/device/d1/cmd/install", br#"{"id":"jx","packages":["hello"]}"#, false, 3);

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::config::{AgentConfig, Overrides};
 use crate::identity::Identity;
+use crate::jobs::{Job, JobDone};
 use crate::journal::{Journal, RESEND_CLEARS_MS};
 use crate::logs::LogGate;
 use crate::managed::Managed;
@@ -30,8 +31,9 @@ pub enum Out {
     Unsubscribe(Vec<String>),
     /// Stop the agent; systemd starts it again.
     Restart,
-    /// Run a long operation (apt, systemd) off the core; its progress and outcome come back
-    /// through [`Core::job_progress`] and [`Core::job_done`].
+    /// Start this long operation (apt, systemd) off the core now. One runs at a time: the core
+    /// queues the others and hands the next out when one ends. Progress and outcome come back
+    /// as [`Event::JobProgress`] and [`Event::JobDone`].
     Job(crate::jobs::Job),
 }
 
@@ -68,8 +70,9 @@ pub struct Core {
     /// Retained command deliveries already reported (topic and payload hash): each is reported
     /// once, not again on every reconnect.
     retained_seen: std::collections::HashSet<(String, u64)>,
-    /// Package and unit jobs handed out and not finished yet (bounded intake).
-    jobs_pending: usize,
+    /// Jobs waiting for the one that runs (bounded intake: see `MAX_JOBS_PENDING`).
+    jobs: std::collections::VecDeque<Job>,
+    job_running: bool,
     /// Messages waiting in the outbox, as last told by the edge (bounded intake).
     backlog: usize,
 }
@@ -81,7 +84,93 @@ pub const MAX_JOBS_PENDING: usize = 32;
 mod commands;
 mod packages;
 
+/// Everything the agent's loop reacts to, as the core sees it: one closed set. What needs IO
+/// (sampling telemetry, reading the log queue) the edge does first and hands in.
+pub enum Event {
+    /// A connection is up; `since` is when it started (also in its last will).
+    Connected {
+        since: String,
+    },
+    Disconnected,
+    /// A message on a command subscription; `retain` when delivered from the retained store.
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    },
+    /// The 1 s tick, with a telemetry sample when one is due, log batches, and whether the
+    /// minute's housekeeping is due.
+    Tick {
+        telemetry: Option<Telemetry>,
+        logs: Vec<debfleet_protocol::LogBatch>,
+        housekeeping: bool,
+    },
+    JobProgress {
+        id: OpId,
+        phase: debfleet_protocol::Phase,
+        percent: Option<u8>,
+    },
+    /// A transaction is about to move to a transient unit: journal it durably first.
+    JobHandoff {
+        id: OpId,
+        handoff: crate::journal::Handoff,
+    },
+    JobDone(JobDone),
+    /// A managed unit's state changed (systemd's signals).
+    Unit {
+        unit: String,
+        package: String,
+        state: debfleet_systemd::UnitState,
+    },
+}
+
 impl Core {
+    /// The one entry point of the agent's loop.
+    pub fn handle(&mut self, event: Event, now_ms: i64) -> Vec<Out> {
+        match event {
+            Event::Connected { since } => self.on_connected(since, now_ms),
+            Event::Disconnected => {
+                self.on_disconnected();
+                Vec::new()
+            }
+            Event::Message { topic, payload, retain } => self.on_message(&topic, &payload, retain, now_ms),
+            Event::Tick { telemetry, logs, housekeeping } => {
+                let mut out: Vec<Out> = telemetry.iter().map(|t| self.telemetry(t)).collect();
+                out.extend(logs.iter().map(|b| self.logs(b)));
+                if housekeeping {
+                    out.extend(self.housekeeping(now_ms));
+                }
+                out
+            }
+            Event::JobProgress { id, phase, percent } => self.job_progress(&id, phase, percent),
+            Event::JobHandoff { id, handoff } => {
+                self.handoff(&id, handoff);
+                Vec::new()
+            }
+            Event::JobDone(done) => self.job_done(done, now_ms),
+            Event::Unit { unit, package, state } => self.unit_changed(&unit, &package, &state),
+        }
+    }
+
+    /// Hands out the next queued job when none runs.
+    fn next_job(&mut self) -> Option<Out> {
+        if self.job_running {
+            return None;
+        }
+        let job = self.jobs.pop_front()?;
+        self.job_running = true;
+        Some(Out::Job(job))
+    }
+
+    /// Jobs to finish first after a start (transactions a transient unit carried meanwhile).
+    pub fn resume(&mut self, jobs: Vec<Job>) -> Vec<Out> {
+        self.jobs.extend(jobs);
+        self.next_job().into_iter().collect()
+    }
+
+    fn jobs_pending(&self) -> usize {
+        self.jobs.len() + usize::from(self.job_running)
+    }
     pub fn new(
         cfg: AgentConfig,
         journal: Journal,
@@ -110,7 +199,8 @@ impl Core {
             managed: Managed::load(&cfg_state_dir),
             units: BTreeMap::new(),
             retained_seen: Default::default(),
-            jobs_pending: 0,
+            jobs: Default::default(),
+            job_running: false,
             backlog: 0,
         }
     }

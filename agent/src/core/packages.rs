@@ -45,7 +45,7 @@ impl Core {
 
     /// A job ended: record the outcome, update the managed set, republish the state.
     pub fn job_done(&mut self, done: JobDone, now_ms: i64) -> Vec<Out> {
-        self.jobs_pending = self.jobs_pending.saturating_sub(1);
+        self.job_running = false;
         let verb = self.journal.verb(&done.id).unwrap_or("").to_owned();
         let (result, error) = match done.outcome {
             Ok(v) => (Some(v), None),
@@ -81,6 +81,7 @@ impl Core {
         } else {
             out.push(self.publish(Topic::StatePackages(self.cfg.device_id.clone()), &self.packages_state()));
         }
+        out.extend(self.next_job());
         out
     }
 
@@ -174,5 +175,24 @@ mod tests {
         let pkgs = publishes(&outs).into_iter().find(|(t, _, _)| t.ends_with("/state/packages")).unwrap().1;
         assert!(pkgs["packages"].get("hello").is_some(), "{pkgs}");
         assert!(pkgs["packages"].get("libhello-dep").is_none(), "a dependency became managed: {pkgs}");
+    }
+
+    #[test]
+    fn one_job_runs_at_a_time_and_the_next_starts_when_it_ends() {
+        let mut f = fixture(false);
+        let first = f.core.on_message("debfleet/device/d1/cmd/install", br#"{"id":"a","packages":["x1"]}"#, false, 0);
+        let second = f.core.on_message("debfleet/device/d1/cmd/install", br#"{"id":"b","packages":["x2"]}"#, false, 0);
+        let started =
+            |outs: &[Out]| outs.iter().find_map(|o| if let Out::Job(j) = o { Some(j.id.to_string()) } else { None });
+        assert_eq!((started(&first), started(&second)), (Some("a".into()), None));
+        let done = JobDone {
+            id: OpId::new("a").unwrap(),
+            outcome: Ok(serde_json::json!({})),
+            changes: vec![],
+            rolled_back: vec![],
+        };
+        let outs = f.core.handle(crate::core::Event::JobDone(done), 1);
+        assert_eq!(started(&outs), Some("b".into()));
+        assert_eq!(op_states(&outs, "a").pop().unwrap().state, OpState::Succeeded);
     }
 }
