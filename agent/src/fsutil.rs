@@ -15,6 +15,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> 
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         if durable {
+            slow_disk();
             f.sync_all()?;
         }
     }
@@ -23,4 +24,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> 
         File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Test hook: `DEBFLEET_AGENT_FLUSH_DELAY_MS` makes every durable write that much slower, as
+/// on a worn SD card, so tests can check that nothing time-critical waits for the disk.
+fn slow_disk() {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        std::env::var("DEBFLEET_AGENT_FLUSH_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(d) = delay {
+        std::thread::sleep(*d);
+    }
 }

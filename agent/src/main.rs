@@ -221,7 +221,8 @@ async fn run(
                 jobs::JobEvent::Progress { id, phase, percent } => Event::JobProgress { id, phase, percent },
                 jobs::JobEvent::Handoff { id, handoff, ack } => {
                     // Journaled (durably) before the job is told to go on.
-                    outs = core.handle(Event::JobHandoff { id, handoff }, time::now_unix_ms());
+                    let (c, o) = off_loop(core, Event::JobHandoff { id, handoff }, false).await?;
+                    (core, outs) = (c, o.0);
                     let _ = ack.send(());
                     continue;
                 }
@@ -232,10 +233,10 @@ async fn run(
             _ = sigint.recv() => break false,
         };
         let job_ended = matches!(event, Event::JobDone(_));
-        outs = core.handle(event, time::now_unix_ms());
-        if job_ended {
+        let (c, (o, units)) = off_loop(core, event, job_ended).await?;
+        (core, outs) = (c, o);
+        if let Some(now_units) = units {
             // The managed set may have changed: watch the units it has now.
-            let now_units = core.managed_units();
             if now_units != watched {
                 watched = now_units;
                 outs.extend(core.retain_units(&watched));
@@ -270,8 +271,27 @@ async fn run(
     }
     sender.abort();
     shutdown.cancel();
+    // The driver flushes what was queued (the offline status) for at most 1.5 s, then ends.
     let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
     Ok(())
+}
+
+/// Runs the core on the blocking pool's thread, not the runtime's: its disk work (journal
+/// flushes, dpkg's database, the configuration file) must not hold up the task that keeps the
+/// connection alive (keepalives, reading the socket), which the runtime goes on polling while
+/// this awaits. With `units`, also reads the managed units afterwards (dpkg's file lists).
+async fn off_loop(
+    mut core: Core,
+    event: Event,
+    units: bool,
+) -> Result<(Core, (Vec<Out>, Option<Vec<(String, String)>>))> {
+    tokio::task::spawn_blocking(move || {
+        let outs = core.handle(event, time::now_unix_ms());
+        let units = units.then(|| core.managed_units());
+        (core, (outs, units))
+    })
+    .await
+    .context("the core's thread")
 }
 
 /// Carries out the core's actions: broker requests into the outbox (the sender task hands them

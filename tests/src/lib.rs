@@ -180,16 +180,43 @@ pub struct AgentSpec<'a> {
 }
 
 impl Agent {
+    /// Starts an agent with extra environment (test hooks such as a slow disk).
+    pub fn start_with_env(spec: AgentSpec, env: &[(&str, &str)]) -> Agent {
+        let saved: Vec<(String, Option<std::ffi::OsString>)> =
+            env.iter().map(|(k, _)| ((*k).to_owned(), std::env::var_os(k))).collect();
+        // The child inherits these; set only around the spawn.
+        let _guard = ENV_LOCK.lock().unwrap();
+        for (k, v) in env {
+            std::env::set_var(k, v);
+        }
+        let a = Agent::start(spec);
+        for (k, v) in saved {
+            match v {
+                Some(v) => std::env::set_var(&k, v),
+                None => std::env::remove_var(&k),
+            }
+        }
+        a
+    }
+}
+
+static ENV_LOCK: Mutex<()> = Mutex::new(());
+
+impl Agent {
     pub fn start(spec: AgentSpec) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let groups: Vec<String> = spec.groups.iter().map(|g| format!("{g:?}")).collect();
+        // Top-level keys of `extra` (those before its first table) go before the tables here.
+        let (top, tables) = match spec.extra.find("\n[").map(|i| i + 1).or(spec.extra.starts_with('[').then_some(0)) {
+            Some(i) => spec.extra.split_at(i),
+            None => (spec.extra, ""),
+        };
         let text = format!(
-            "device_id = {:?}\nbroker = \"mqtt://127.0.0.1:{}\"\nstate_dir = {:?}\ngroups = [{}]\n\n[reconnect]\ninitial_delay_ms = 100\nmax_delay_s = 1\n\n{}\n",
+            "device_id = {:?}\nbroker = \"mqtt://127.0.0.1:{}\"\nstate_dir = {:?}\ngroups = [{}]\n{top}\n\n[reconnect]\ninitial_delay_ms = 100\nmax_delay_s = 1\n\n{tables}\n",
             spec.id,
             spec.port,
             dir.path().join("state"),
             groups.join(", "),
-            spec.extra
         );
         let config = dir.path().join("agent.toml");
         std::fs::write(&config, text).unwrap();

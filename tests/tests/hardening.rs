@@ -209,3 +209,75 @@ fn the_fleet_read_is_complete_when_retained_messages_arrive_after_the_marker() {
     let out = console(&url, &["show", "dev-e2", "--json"]);
     assert_eq!(stdout_json(&out)["meta"]["device_id"], "dev-e2");
 }
+
+#[test]
+fn a_slow_disk_does_not_stall_the_connection() {
+    let m = Mosquitto::start();
+    // Every durable write takes 14 s, well over the broker's 7.5 s allowance for a 5 s keepalive.
+    let spec = AgentSpec { id: "dev-slow", port: m.port, groups: &[], extra: "keep_alive_s = 5\n" };
+    let a = Agent::start_with_env(spec, &[("DEBFLEET_AGENT_FLUSH_DELAY_MS", "14000")]);
+    let obs = Observer::connect(m.port, &["debfleet/device/dev-slow/#"]);
+    online(&obs, "dev-slow");
+    // A cfg change is flushed to disk (14 s, on the agent's loop); the connection's own thread
+    // keeps the keepalives going meanwhile.
+    obs.publish("debfleet/device/dev-slow/cmd/cfg", br#"{"id":"c-1","set":{"logs":{"level":"warn"}}}"#.to_vec(), false);
+    let rec = obs.wait("debfleet/device/dev-slow/op/c-1", Duration::from_secs(40), |v| v["state"] == "succeeded");
+    assert_eq!(rec["result"]["logs"]["level"], "warn");
+    let statuses: Vec<Value> =
+        obs.messages().iter().filter(|m| m.topic.ends_with("/status")).map(|m| m.json()).collect();
+    assert!(statuses.iter().all(|s| s["state"] == "online"), "the broker gave up on the agent: {statuses:?}");
+    assert_eq!(onlines(&obs, "dev-slow"), 1, "{}", a.log());
+}
+
+/// TCP_NODELAY as the agent's own socket to the broker has it, read from outside: the socket is
+/// duplicated out of the agent's process (pidfd_getfd, root) and asked.
+fn nodelay_of_socket_to(pid: i32, port: u16) -> Option<bool> {
+    // The agent's socket inodes, then the one whose remote end is the broker's port.
+    let inodes: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
+            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned();
+            Some((fd, inode))
+        })
+        .collect();
+    let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let fd = tcp.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let remote_port = u16::from_str_radix(f.get(2)?.split(':').nth(1)?, 16).ok()?;
+        let inode = f.get(9)?;
+        (remote_port == port).then(|| inodes.iter().find(|(_, i)| i == inode).map(|(fd, _)| *fd)).flatten()
+    })?;
+    // SAFETY: plain system calls on descriptors this function owns (closed below).
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pidfd < 0 {
+            return None;
+        }
+        let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        libc::close(pidfd);
+        if dup < 0 {
+            return None;
+        }
+        let mut on: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let r =
+            libc::getsockopt(dup, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&mut on as *mut libc::c_int).cast(), &mut len);
+        libc::close(dup);
+        (r == 0).then_some(on != 0)
+    }
+}
+
+#[test]
+fn the_agents_broker_socket_does_not_wait_for_delayed_acks() {
+    let m = Mosquitto::start();
+    let a = agent("dev-nd", m.port, "");
+    let obs = Observer::connect(m.port, &["debfleet/device/dev-nd/status"]);
+    online(&obs, "dev-nd");
+    // Without TCP_NODELAY, each of a command's back-to-back records (accepted, running,
+    // succeeded) waits for the broker's delayed ACK of the one before.
+    let nodelay = wait_for(T, "the agent's socket to the broker", || nodelay_of_socket_to(a.pid(), m.port));
+    assert!(nodelay, "TCP_NODELAY is off on the agent's connection");
+}
