@@ -4,7 +4,6 @@
 //! `--watch 0` (no verification). Needs root, the lab packages and target/debs
 //! (bench/agent-install.sh).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -15,16 +14,6 @@ use debfleet_tests::*;
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
-}
-
-fn own_deb(name: &str) -> PathBuf {
-    let dir = bin("debfleet").parent().unwrap().parent().unwrap().join("debs");
-    std::fs::read_dir(&dir)
-        .expect("target/debs: run scripts/build-debs.sh")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{name}_")))
-        .expect("agent .deb")
 }
 
 fn main() {

@@ -405,19 +405,12 @@ impl Proxy {
         let stall = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
         let (stall2, conns2) = (stall.clone(), conns.clone());
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                };
-                conns2.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let stall = stall2.clone();
-                thread::spawn(move || pipe(client, server, Some(stall)));
-                thread::spawn(move || pipe(s2, c2, None));
-            }
+        accept_pairs(listener, upstream, move |client, server| {
+            conns2.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let stall = stall2.clone();
+            thread::spawn(move || pipe(client, server, Some(stall)));
+            thread::spawn(move || pipe(s2, c2, None));
         });
         Proxy { port, stall_upstream: stall, conns }
     }
@@ -431,6 +424,31 @@ impl Proxy {
             let _ = c.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Accepts clients on `listener` and, for each, connects to `upstream` and hands the pair on.
+fn accept_pairs(listener: TcpListener, upstream: u16, mut each: impl FnMut(TcpStream, TcpStream) + Send + 'static) {
+    thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                let _ = client.shutdown(Shutdown::Both);
+                continue;
+            };
+            each(client, server);
+        }
+    });
+}
+
+/// The .deb of one of our own packages that scripts/build-debs.sh made (target/debs).
+pub fn own_deb(name: &str) -> PathBuf {
+    let dir = bin("debfleet").parent().and_then(Path::parent).expect("target dir").join("debs");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-debs.sh first", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{name}_")))
+        .unwrap_or_else(|| panic!("no {name} .deb in {}; run scripts/build-debs.sh", dir.display()))
 }
 
 fn pipe(mut from: TcpStream, mut to: TcpStream, stall: Option<Arc<AtomicBool>>) {
@@ -466,18 +484,11 @@ impl RetainDelayProxy {
         let port = listener.local_addr().unwrap().port();
         let delaying = Arc::new(AtomicBool::new(true));
         let on = delaying.clone();
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                };
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                thread::spawn(move || pipe(client, server, None));
-                let on = on.clone();
-                thread::spawn(move || delay_retained(s2, c2, delay, on));
-            }
+        accept_pairs(listener, upstream, move |client, server| {
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            thread::spawn(move || pipe(client, server, None));
+            let on = on.clone();
+            thread::spawn(move || delay_retained(s2, c2, delay, on));
         });
         RetainDelayProxy { port, delaying }
     }

@@ -64,13 +64,7 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
 }
 
 fn agent_deb() -> std::path::PathBuf {
-    let debs = bin("debfleet").parent().unwrap().parent().unwrap().join("debs");
-    std::fs::read_dir(&debs)
-        .expect("target/debs: run scripts/build-debs.sh")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("debfleet-agent_"))
-        .unwrap()
+    own_deb("debfleet-agent")
 }
 
 #[test]

@@ -12,16 +12,6 @@ use debfleet_tests::repo::RepoServer;
 use debfleet_tests::*;
 use serde_json::Value;
 
-fn own_deb(name: &str) -> PathBuf {
-    let dir = bin("debfleet").parent().unwrap().parent().unwrap().join("debs");
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-debs.sh first", dir.display()))
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{name}_")))
-        .unwrap_or_else(|| panic!("no {name} .deb; run scripts/build-debs.sh"))
-}
-
 /// demo-app at `version`: a service that runs, or (broken) exits at once.
 fn demo_app(dir: &Path, version: &str, broken: bool) -> PathBuf {
     debfleet_tests::repo::service_deb(dir, "demo-app", version, broken)

@@ -8,13 +8,7 @@ use std::time::Duration;
 use debfleet_tests::*;
 
 fn agent_deb() -> PathBuf {
-    let dir = bin("debfleet").parent().unwrap().parent().unwrap().join("debs");
-    std::fs::read_dir(&dir)
-        .expect("target/debs: run scripts/build-debs.sh")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("debfleet-agent_"))
-        .expect("agent .deb")
+    own_deb("debfleet-agent")
 }
 
 #[test]

@@ -8,17 +8,6 @@ use std::time::Duration;
 use debfleet_tests::lab::Device;
 use debfleet_tests::*;
 
-/// The packages scripts/build-debs.sh made (the README's test command runs it first).
-fn own_deb(name: &str) -> PathBuf {
-    let dir = bin("debfleet").parent().unwrap().parent().unwrap().join("debs");
-    let found = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-debs.sh first", dir.display()))
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{name}_")));
-    found.unwrap_or_else(|| panic!("no {name} .deb in {}; run scripts/build-debs.sh", dir.display()))
-}
-
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }

@@ -318,6 +318,16 @@ fn an_existing_key_can_be_imported() {
     assert!(text(&out).contains("secret key"), "{}", text(&out));
 }
 
+/// `debfleet-repo import` into the server's repository, as a second process.
+fn import(server: &RepoServer, deb: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
+        .args(["import", "--suite", "stable", "--root"])
+        .arg(&server.root)
+        .arg(deb)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn an_import_while_the_server_runs_is_kept_and_both_install() {
     let server = RepoServer::start(&[]);
@@ -332,13 +342,7 @@ fn an_import_while_the_server_runs_is_kept_and_both_install() {
     std::thread::sleep(std::time::Duration::from_millis(300));
 
     let imported = build_deb(work.path(), "df-imported", "1.0", "all", "", false);
-    let out = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
-        .args(["import", "--suite", "stable", "--root"])
-        .arg(&server.root)
-        .arg(&imported)
-        .output()
-        .unwrap();
-    ok(&out);
+    ok(&import(&server, &imported));
     upload.write_all(&deb[deb.len() / 2..]).unwrap();
     let mut resp = String::new();
     let _ = upload.read_to_string(&mut resp);
@@ -373,13 +377,7 @@ fn an_orphan_pool_file_is_replaced_not_reused_for_other_bytes() {
     std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
     std::fs::write(&orphan, b"junk").unwrap();
     let deb = build_deb(work.path(), "df-orphan2", "1.0", "all", "", false);
-    let out = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
-        .args(["import", "--suite", "stable", "--root"])
-        .arg(&server.root)
-        .arg(&deb)
-        .output()
-        .unwrap();
-    ok(&out);
+    ok(&import(&server, &deb));
     ok(&server.publish(&build_deb(work.path(), "df-nudge", "1.0", "all", "", false), "stable"));
     ok(&apt.update());
     ok(&apt.install("df-orphan2"));
