@@ -1,5 +1,6 @@
 //! The MQTT edge: owns rumqttc's event loop, reconnects with capped exponential backoff and
-//! jitter, refreshes the last will for each connection, and reports what happens as [`NetEvent`]s.
+//! jitter, refreshes the last will for each connection, and reports what happens as the core's
+//! [`CoreEvent`]s (connected, disconnected, a message).
 
 use std::time::Duration;
 
@@ -13,21 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, ReconnectCfg};
-
-#[derive(Debug)]
-pub enum NetEvent {
-    /// A connection is up; `since` is when it was started (also in its last will).
-    Connected {
-        since: String,
-    },
-    Disconnected,
-    Message {
-        topic: String,
-        payload: Vec<u8>,
-        /// Delivered from the broker's retained store.
-        retain: bool,
-    },
-}
+use crate::core::Event as CoreEvent;
 
 pub fn client(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop)> {
     let mut opts = MqttOptions::new(format!("debfleet-agent-{}", cfg.device_id), &cfg.broker.host, cfg.broker.port);
@@ -87,7 +74,7 @@ impl Backoff {
 /// what was queued before the disconnect (the `offline` status) reaches the broker.
 pub async fn drive(
     mut eventloop: EventLoop,
-    events: mpsc::Sender<NetEvent>,
+    events: mpsc::Sender<CoreEvent>,
     reconnect: ReconnectCfg,
     will: impl Fn(&str) -> (String, Vec<u8>),
     shutdown: CancellationToken,
@@ -110,18 +97,18 @@ pub async fn drive(
                 connected = true;
                 backoff.reset();
                 tracing::info!("connected to the broker");
-                let _ = events.send(NetEvent::Connected { since: since.clone() }).await;
+                let _ = events.send(CoreEvent::Connected { since: since.clone() }).await;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic.clone();
-                let _ = events.send(NetEvent::Message { topic, payload: p.payload.to_vec(), retain: p.retain }).await;
+                let _ = events.send(CoreEvent::Message { topic, payload: p.payload.to_vec(), retain: p.retain }).await;
             }
             Ok(_) => {}
             Err(e) => {
                 if connected {
                     connected = false;
                     tracing::warn!("connection to the broker lost: {e}");
-                    let _ = events.send(NetEvent::Disconnected).await;
+                    let _ = events.send(CoreEvent::Disconnected).await;
                 } else {
                     tracing::debug!("cannot connect to the broker: {e}");
                 }

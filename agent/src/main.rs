@@ -26,7 +26,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{filter::LevelFilter, Layer};
 
 use crate::config::AgentConfig;
-use crate::connection::NetEvent;
 use crate::core::{Core, Event, Out};
 
 const USAGE: &str =
@@ -188,21 +187,21 @@ async fn run(
         // One closed set of events; each becomes the core's actions.
         let event = tokio::select! {
             ev = net_rx.recv() => match ev {
-                Some(NetEvent::Connected { since }) => {
+                Some(ev @ Event::Connected { .. }) => {
                     connected = true;
                     // Thresholds compare with what the broker last got; after a gap, start over.
                     sampler = telemetry::Sampler::default();
-                    Event::Connected { since }
+                    ev
                 }
-                Some(NetEvent::Disconnected) => {
+                Some(ev @ Event::Disconnected) => {
                     connected = false;
                     let _ = connected_tx.send(false);
                     outbox.lock().disconnected();
-                    Event::Disconnected
+                    ev
                 }
-                Some(NetEvent::Message { topic, payload, retain }) => {
+                Some(ev) => {
                     core.set_backlog(outbox.len());
-                    Event::Message { topic, payload, retain }
+                    ev
                 }
                 None => bail!("the MQTT connection task ended unexpectedly"),
             },
