@@ -265,8 +265,13 @@ async fn run(
                 notified.await;
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
-        let _ = client.disconnect().await;
+        // Only a clean DISCONNECT makes the broker drop the last will: send it only once the
+        // offline status is on its way. Otherwise the will says `lost`, which is then true.
+        if tokio::time::timeout(Duration::from_secs(2), drained).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+        } else {
+            tracing::warn!("the outbox did not drain in time; leaving the broker to publish the last will");
+        }
     }
     sender.abort();
     shutdown.cancel();

@@ -73,9 +73,15 @@ impl Queue {
                 }
             }
         }
-        // Subscribing first lets commands in while a backlog drains.
-        if matches!(req, Request::Subscribe(_)) {
-            self.items.push_front((req, reliable));
+        // Subscriptions go ahead of the backlog, so commands get in while it drains, but keep
+        // their order among themselves (groups A→B then B→A must end subscribed to A).
+        if matches!(req, Request::Subscribe(_) | Request::Unsubscribe(_)) {
+            let at = self
+                .items
+                .iter()
+                .rposition(|(r, _)| matches!(r, Request::Subscribe(_) | Request::Unsubscribe(_)))
+                .map_or(0, |i| i + 1);
+            self.items.insert(at, (req, reliable));
         } else {
             self.items.push_back((req, reliable));
         }
@@ -199,6 +205,27 @@ mod tests {
         }
         q.push(publish("tele", false), true);
         assert_eq!((q.len(), q.dropped), (MAX_QUEUED_UNRELIABLE, 2));
+    }
+
+    #[test]
+    fn subscription_changes_keep_their_order_ahead_of_the_backlog() {
+        let mut q = Queue::default();
+        q.push(publish("op/1", true), true);
+        q.push(Out::Unsubscribe(vec!["g/a".into()]), true);
+        q.push(Out::Subscribe(vec!["g/b".into()]), true);
+        q.push(Out::Unsubscribe(vec!["g/b".into()]), true);
+        q.push(Out::Subscribe(vec!["g/a".into()]), true);
+        let order: Vec<Request> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(
+            order,
+            [
+                Request::Unsubscribe(vec!["g/a".into()]),
+                Request::Subscribe(vec!["g/b".into()]),
+                Request::Unsubscribe(vec!["g/b".into()]),
+                Request::Subscribe(vec!["g/a".into()]),
+                Request::Publish { topic: "op/1".into(), payload: b"x".to_vec(), retain: true, qos: QoS::AtLeastOnce },
+            ]
+        );
     }
 
     #[test]

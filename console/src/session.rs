@@ -127,8 +127,11 @@ impl Session {
                         break;
                     }
                     let missing = state.incomplete();
-                    if missing.is_empty() {
+                    if !state.marker_seen() {
                         return Err(anyhow!("the broker did not echo the console's marker within 10 s"));
+                    }
+                    if missing.is_empty() {
+                        break;
                     }
                     let names: Vec<String> = missing.iter().map(|d| d.to_string()).collect();
                     // A device of which nothing at all arrived is taken as gone (its facts were

@@ -25,6 +25,10 @@ use serde::{Deserialize, Serialize};
 
 /// How long after the marker a fleet without an index waits for one.
 pub const NO_INDEX_QUIET: Duration = Duration::from_millis(500);
+/// How long a console that remembers the fleet waits for a late index once every device it
+/// remembers is complete (the index may only add devices; a console that may not write it
+/// would otherwise wait for it every time).
+pub const REMEMBERED_INDEX_WAIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Index {
@@ -51,6 +55,10 @@ impl ReadState {
 
     pub fn marker(&mut self, now: Instant) {
         self.marker_at.get_or_insert(now);
+    }
+
+    pub fn marker_seen(&self) -> bool {
+        self.marker_at.is_some()
     }
 
     pub fn index(&mut self, payload: &[u8]) {
@@ -86,8 +94,10 @@ impl ReadState {
 
     pub fn done(&self, now: Instant) -> bool {
         let Some(marker) = self.marker_at else { return false };
-        let index_settled =
-            self.index.is_some() || (self.remembered.is_none() && now.duration_since(marker) >= NO_INDEX_QUIET);
+        let waited = now.duration_since(marker);
+        let index_settled = self.index.is_some()
+            || (self.remembered.is_none() && waited >= NO_INDEX_QUIET)
+            || (self.remembered.is_some() && waited >= REMEMBERED_INDEX_WAIT);
         index_settled && self.incomplete().is_empty()
     }
 
@@ -95,6 +105,7 @@ impl ReadState {
     pub fn next_check(&self) -> Option<Instant> {
         match (self.marker_at, &self.index, &self.remembered) {
             (Some(m), None, None) => Some(m + NO_INDEX_QUIET),
+            (Some(m), None, Some(_)) => Some(m + REMEMBERED_INDEX_WAIT),
             _ => None,
         }
     }
@@ -188,12 +199,18 @@ mod tests {
         let remembered = [DeviceId::new("a").unwrap()].into_iter().collect();
         let mut s = ReadState::remembering(Some(remembered));
         s.marker(t0);
-        assert_eq!(s.next_check(), None);
-        assert!(!s.done(t0 + Duration::from_secs(5)), "the index and a are late, not absent");
+        assert_eq!(s.next_check(), Some(t0 + REMEMBERED_INDEX_WAIT));
+        assert!(!s.done(t0 + Duration::from_secs(5)), "a is late, not absent");
         core(&mut s, &t, "a");
-        assert!(!s.done(t0 + Duration::from_secs(5)), "the index is still to come");
+        assert!(!s.done(t0 + Duration::from_secs(1)), "the index is still to come");
         s.index(br#"{"v":1,"devices":["a"]}"#);
         assert!(s.done(t0));
+        // A console that may not write the index still ends, once what it remembers is in.
+        let remembered = [DeviceId::new("a").unwrap()].into_iter().collect();
+        let mut s = ReadState::remembering(Some(remembered));
+        s.marker(t0);
+        core(&mut s, &t, "a");
+        assert!(s.done(t0 + REMEMBERED_INDEX_WAIT));
     }
 
     #[test]

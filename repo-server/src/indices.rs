@@ -131,14 +131,18 @@ const PAIRS_KEPT: u64 = 3;
 fn switch_release_pair(dir: &Path, generation: u64, release: &[u8], gpg: &[u8]) -> Result<()> {
     use std::os::unix::fs::symlink;
     let pairs = dir.join(PAIR_DIR);
-    let this = pairs.join(generation.to_string());
+    // A fresh directory for every write, even of the same generation (a repair after a crash
+    // rebuilds it): the pair `current` points at is never rewritten in place.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let name = format!("{generation}.{nanos}.{}", std::process::id());
+    let this = pairs.join(&name);
     std::fs::create_dir_all(&this)?;
     write_unsynced(&this.join("Release"), release)?;
     failpoint("between-release-files");
     write_unsynced(&this.join("Release.gpg"), gpg)?;
     let tmp = pairs.join(format!(".current.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    symlink(generation.to_string(), &tmp)?;
+    symlink(&name, &tmp)?;
     std::fs::rename(&tmp, pairs.join("current"))?;
     // The public names point through `current` once and for all (a repository made before this
     // layout has plain files there: replaced, atomically, by the links).
@@ -153,8 +157,12 @@ fn switch_release_pair(dir: &Path, generation: u64, release: &[u8], gpg: &[u8]) 
         }
     }
     for old in std::fs::read_dir(&pairs)?.flatten() {
-        let gen = old.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
-        if gen.is_some_and(|g| g + PAIRS_KEPT <= generation) {
+        let file_name = old.file_name();
+        let Some(n) = file_name.to_str() else { continue };
+        let gen = n.split('.').next().and_then(|g| g.parse::<u64>().ok());
+        // Older generations go; of this one, the pairs replaced by a repair go too.
+        let stale = gen.is_some_and(|g| g + PAIRS_KEPT <= generation || (g == generation && n != name));
+        if stale && old.path().is_dir() {
             let _ = std::fs::remove_dir_all(old.path());
         }
     }

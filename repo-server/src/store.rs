@@ -99,10 +99,11 @@ struct SuiteDb {
     history: History,
     #[serde(skip)]
     chunks: crate::compress::ChunkCache,
-    /// The database file this copy was read from or written to (device, inode): another
-    /// process's commit renames a new file into place, which changes it.
+    /// The database file this copy was read from or written to, held open: another process's
+    /// commit renames a new file into place, and while we hold the old one its inode cannot be
+    /// reused for the new, so comparing (device, inode) is exact.
     #[serde(skip)]
-    file_id: Option<(u64, u64)>,
+    file: Option<(fs::File, (u64, u64))>,
 }
 
 /// The generations whose indices may still be in a client's hands, and the pool files that
@@ -304,17 +305,24 @@ impl Repo {
                 continue;
             }
             let meta = fs::metadata(&path)?;
-            let id = Some((meta.dev(), meta.ino()));
-            if suites.get(name).is_some_and(|db| db.file_id == id) {
+            let id = (meta.dev(), meta.ino());
+            if suites.get(name).and_then(|db| db.file.as_ref()).is_some_and(|(_, held)| *held == id) {
                 continue;
             }
             if suites.contains_key(name) {
                 tracing::info!("suite {name}: another process changed it; reading it again");
             }
+            let mut f = fs::File::open(&path)?;
+            let held = {
+                let m = f.metadata()?;
+                (m.dev(), m.ino())
+            };
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut bytes)?;
             let mut db: SuiteDb =
-                serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("parsing {}", path.display()))?;
+                serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
             db.history = History::read(&self.history_path(name));
-            db.file_id = id;
+            db.file = Some((f, held));
             suites.insert(name.to_owned(), db);
         }
         Ok(())
@@ -329,6 +337,11 @@ impl Repo {
         let mut suites = self.suites.lock().unwrap_or_else(|p| p.into_inner());
         let lock = FileLock::acquire(&self.root.join("lock"))?;
         self.refresh(&mut suites)?;
+        // The history is written after the database; a lock-free read may have caught the new
+        // database with the old history. Under the lock both are whole: read the history again.
+        for (name, db) in suites.iter_mut() {
+            db.history = History::read(&self.history_path(name));
+        }
         Ok((suites, lock))
     }
 
@@ -356,8 +369,9 @@ impl Repo {
         use std::os::unix::fs::MetadataExt;
         let path = self.root.join("db").join(format!("{suite}.json"));
         write_atomic(&path, &serde_json::to_vec(db)?)?;
-        let meta = fs::metadata(&path)?;
-        db.file_id = Some((meta.dev(), meta.ino()));
+        let f = fs::File::open(&path)?;
+        let m = f.metadata()?;
+        db.file = Some(((f), (m.dev(), m.ino())));
         Ok(())
     }
 
@@ -411,14 +425,17 @@ impl Repo {
                     db.history.retired.push(Retired { filename: e.filename.clone(), from_generation: db.generation });
                 }
             }
-            if let Err(e) = crate::fsutil::write_unsynced(
-                &self.history_path(suite),
-                &serde_json::to_vec(&db.history).unwrap_or_default(),
-            ) {
-                tracing::warn!("suite {suite}: cannot record retired pool files: {e}");
-            }
         }
         self.collect_retired(suites);
+        // Recorded after the collection, for every suite, so no history names a deleted file.
+        for (name, db) in suites.iter() {
+            if let Err(e) = crate::fsutil::write_unsynced(
+                &self.history_path(name),
+                &serde_json::to_vec(&db.history).unwrap_or_default(),
+            ) {
+                tracing::warn!("suite {name}: cannot record retired pool files: {e}");
+            }
+        }
     }
 
     /// Deletes retired pool files no kept generation names and no suite has (again).
@@ -533,14 +550,15 @@ impl Repo {
             .get(suite)
             .map(|db| db.entries.iter().filter(|e| e.name == entry.name && e.arch == entry.arch).collect())
             .unwrap_or_default();
-        if kept.len() >= self.config.retention && kept.iter().all(|k| entry.version_cmp(k).is_lt()) {
+        let newer = kept.iter().filter(|k| entry.version_cmp(k).is_lt()).count();
+        if newer >= self.config.retention {
             let oldest = kept.iter().min_by(|a, b| a.version_cmp(b)).map(|e| e.version.as_str()).unwrap_or("");
             return Err(RepoError::Conflict(format!(
                 "{} {} is older than all {} versions {suite} keeps (the oldest is {oldest}): retention would drop it at once; \
                  remove a newer version first or raise the retention",
                 entry.name,
                 entry.version,
-                kept.len()
+                newer
             )));
         }
         Ok(())
@@ -558,11 +576,13 @@ impl Repo {
         let pool_file = self.public().join(&entry.filename);
         let named = suites.values().find_map(|db| {
             db.entries.iter().find(|e| e.filename == entry.filename).map(|e| e.sha256.clone()).or_else(|| {
+                // A retired file that is gone (collected) names nothing.
                 db.history
                     .retired
                     .iter()
                     .any(|r| r.filename == entry.filename)
-                    .then(|| crate::fsutil::file_sha256(&pool_file).unwrap_or_default())
+                    .then(|| crate::fsutil::file_sha256(&pool_file).ok())
+                    .flatten()
             })
         });
         match named {

@@ -43,7 +43,11 @@ impl Core {
             return vec![self.rejected(topic, ErrorCode::RetainedCommand, message, now_ms)];
         }
         if self.backlog > MAX_BACKLOG || self.jobs_pending() >= MAX_JOBS_PENDING {
-            return self.busy(topic, &verb, payload, now_ms);
+            // A repeat of an id already recorded still gets its recorded outcome.
+            match parse_command(&verb, payload) {
+                Ok(cmd) if self.journal.get(&cmd.id).is_some() => return self.run(cmd, now_ms),
+                _ => return self.busy(topic, &verb, payload, now_ms),
+            }
         }
         match parse_command(&verb, payload) {
             Ok(cmd) => self.run(cmd, now_ms),
@@ -406,6 +410,12 @@ mod tests {
         let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"b1"}"#, false, 0);
         let (_, v, retain) = publishes(&outs).pop().unwrap();
         assert_eq!((v["state"].as_str(), v["error"]["code"].as_str(), retain), (Some("failed"), Some("busy"), false));
+        // An id already recorded gets its recorded outcome, busy or not.
+        f.core.set_backlog(0);
+        f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"done-1"}"#, false, 0);
+        f.core.set_backlog(MAX_BACKLOG + 1);
+        let again = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"done-1"}"#, false, 0);
+        assert_eq!(op_states(&again, "done-1").pop().unwrap().state, OpState::Succeeded);
         f.core.set_backlog(0);
         // The id was not journaled: sent again, it runs.
         let states: Vec<OpState> =
