@@ -191,10 +191,7 @@ impl Journal {
         now_ms: i64,
         outcome: Result<serde_json::Value, OpError>,
     ) -> Result<(), JournalError> {
-        match outcome {
-            Ok(result) => self.finish_with(id, now_ms, Some(result), None),
-            Err(error) => self.finish_with(id, now_ms, None, Some(error)),
-        }
+        self.finish_outcome(id, now_ms, outcome, true)
     }
 
     /// Finishes an instant command (ping, cfg, clear): written, not flushed. The record survives
@@ -206,11 +203,21 @@ impl Journal {
         now_ms: i64,
         outcome: Result<serde_json::Value, OpError>,
     ) -> Result<(), JournalError> {
+        self.finish_outcome(id, now_ms, outcome, false)
+    }
+
+    fn finish_outcome(
+        &mut self,
+        id: &OpId,
+        now_ms: i64,
+        outcome: Result<serde_json::Value, OpError>,
+        durable: bool,
+    ) -> Result<(), JournalError> {
         let (result, error) = match outcome {
             Ok(r) => (Some(r), None),
             Err(e) => (None, Some(e)),
         };
-        self.finish_as(id, now_ms, result, error, false)
+        self.finish_as(id, now_ms, result, error, durable)
     }
 
     /// Finishes an operation; a failed one may still carry a result (what a rolled-back change
