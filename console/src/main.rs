@@ -1,6 +1,7 @@
 //! `debfleet`: the operator's console.
 
 mod cmds;
+mod delta;
 mod demo;
 mod fleet;
 mod lab;
@@ -254,6 +255,13 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Package deltas, offline: `make` one from two versions of a package, `apply` one to the
+    /// old version to get the new (verified before it is written).
+    Delta {
+        /// make or apply.
+        #[command(subcommand)]
+        action: delta::DeltaAction,
+    },
     /// Run the zero-setup services: an embedded MQTT broker on 127.0.0.1.
     Serve {
         /// Address the embedded broker listens on.
@@ -408,6 +416,9 @@ fn main() -> ExitCode {
     }
     if let Command::Demo { devices, agent_deb, broker_listen, repo_listen } = cli.command {
         return finish(demo::run(&ctx, demo::DemoArgs { devices, agent_deb, broker_listen, repo_listen }));
+    }
+    if let Command::Delta { action } = cli.command {
+        return finish(delta::run(action));
     }
     if let Command::Lab { command } = cli.command {
         return finish(lab::run(&ctx, command));
