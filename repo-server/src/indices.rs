@@ -36,6 +36,7 @@ pub fn write_suite(
     suite: &str,
     generation: u64,
     entries: &[Entry],
+    deltas: &[crate::deltas::DeltaRecord],
     cfg: &RepoConfig,
     signer: &Signer,
     cache: &mut ChunkCache,
@@ -66,6 +67,15 @@ pub fn write_suite(
         files.push((format!("{base}.gz"), set.clone(), 0));
         files.push((format!("{base}.xz"), set.clone(), 1));
         files.push((base, set, 2));
+        // The delta index, for apt to fetch and verify like Packages (an index target the agent
+        // package declares). Listed even when empty: apt then drops an old copy.
+        let plain = crate::deltas::index(deltas, arch).into_bytes();
+        let gz = gzip(&plain);
+        let (gz_sha, plain_sha) = (sha256_hex(&gz), sha256_hex(&plain));
+        let set = std::sync::Arc::new([(gz, gz_sha), (plain, plain_sha.clone()), (Vec::new(), plain_sha)]);
+        let base = format!("main/binary-{arch}/Deltas");
+        files.push((format!("{base}.gz"), set.clone(), 0));
+        files.push((base, set, 1));
     }
     cache.retain(&used);
     let mut release_lines = String::new();
@@ -118,6 +128,13 @@ pub fn write_suite(
     failpoint("before-inrelease");
     write_atomic(&dir.join("InRelease"), &inrelease)?;
     Ok(by_hash)
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let _ = enc.write_all(bytes);
+    enc.finish().unwrap_or_default()
 }
 
 /// Where the detached-signature pair lives: `.release/GEN/{Release,Release.gpg}`, with

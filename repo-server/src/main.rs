@@ -3,6 +3,7 @@
 mod compress;
 mod control;
 mod deb;
+mod deltas;
 mod fsutil;
 mod http;
 mod indices;
@@ -68,6 +69,19 @@ enum Command {
         /// The .deb files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Make the deltas the suites want now, and list them (a serving repository makes them in
+    /// the background after each publish).
+    Deltas {
+        /// The repository's directory.
+        #[arg(long)]
+        root: PathBuf,
+        /// Forget every delta (or a suite's) and make them all again.
+        #[arg(long)]
+        rebuild: bool,
+        /// Only this suite (with --rebuild).
+        #[arg(long, requires = "rebuild")]
+        suite: Option<String>,
     },
     /// Manage publish tokens.
     Token {
@@ -151,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve { root, listen } => {
             let repo = Repo::open(&root)?;
             let state = Arc::new(http::AppState { repo, tokens: Tokens::new(&Repo::tokens_path(&root)) });
+            spawn_delta_builder(state.clone());
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(listen)
@@ -171,6 +186,21 @@ fn run(cli: Cli) -> Result<()> {
                     repo.config.retention,
                     done.pruned.join(", ")
                 );
+            }
+        }
+        Command::Deltas { root, rebuild, suite } => {
+            let repo = Repo::open(&root)?;
+            if rebuild {
+                repo.forget_deltas(suite.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            let n = repo.build_deltas()?;
+            println!("{n} pair(s) settled now");
+            for (suite, d) in repo.delta_records().map_err(|e| anyhow::anyhow!("{e}"))? {
+                let what = match &d.outcome {
+                    deltas::Outcome::Built { size, filename, .. } => format!("{size} bytes\t{filename}"),
+                    deltas::Outcome::Skipped { reason } => format!("skipped: {reason}"),
+                };
+                println!("{suite}\t{} {}\t{} -> {}\t{what}", d.name, d.arch, d.from, d.to);
             }
         }
         Command::Token { action: TokenAction::Add { name, root } } => {
@@ -195,6 +225,22 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One thread makes deltas, one pair at a time, woken by each change (and once a minute, for
+/// changes another process made, such as `debfleet-repo import`).
+fn spawn_delta_builder(state: Arc<http::AppState>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    state.repo.set_delta_wake(tx);
+    std::thread::spawn(move || loop {
+        if let Err(e) = state.repo.build_deltas() {
+            tracing::warn!("making deltas: {e:#}");
+        }
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => while rx.try_recv().is_ok() {},
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    });
 }
 
 async fn shutdown() {

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::{valid_package_name, valid_suite, valid_version, Paragraph};
 use crate::deb::{read_control, DebError};
+use crate::deltas::{self, DeltaRecord};
 use crate::fsutil::{failpoint, sync_dir, write_atomic};
 use crate::indices;
 use crate::signing::Signer;
@@ -32,6 +33,9 @@ pub struct RepoConfig {
     pub retention: usize,
     pub max_upload_bytes: u64,
     pub xz_preset: u32,
+    /// Repositories made before deltas existed read the defaults.
+    #[serde(default)]
+    pub deltas: crate::deltas::DeltaConfig,
 }
 
 impl Default for RepoConfig {
@@ -42,6 +46,7 @@ impl Default for RepoConfig {
             retention: 5,
             max_upload_bytes: 512 << 20,
             xz_preset: 6,
+            deltas: Default::default(),
         }
     }
 }
@@ -93,6 +98,9 @@ impl Entry {
 struct SuiteDb {
     generation: u64,
     entries: Vec<Entry>,
+    /// Deltas between versions of the same package, built and skipped.
+    #[serde(default)]
+    deltas: Vec<DeltaRecord>,
     /// What recent generations still name; kept in its own small file (`db/SUITE.by-hash`),
     /// written after each index build.
     #[serde(skip)]
@@ -194,6 +202,8 @@ pub struct Repo {
     pub config: RepoConfig,
     signer: Signer,
     suites: Mutex<BTreeMap<String, SuiteDb>>,
+    /// Wakes the delta builder of a serving process after a change.
+    delta_wake: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 /// Holds the cross-process lock while alive.
@@ -271,7 +281,13 @@ impl Repo {
         )
         .with_context(|| format!("parsing {}", cfg_path.display()))?;
         let signer = Signer::load(&root.join("keys/signing.asc"))?;
-        let repo = Repo { root: root.to_owned(), config, signer, suites: Mutex::new(BTreeMap::new()) };
+        let repo = Repo {
+            root: root.to_owned(),
+            config,
+            signer,
+            suites: Mutex::new(BTreeMap::new()),
+            delta_wake: Mutex::new(None),
+        };
         {
             let _lock = FileLock::acquire(&root.join("lock"))?;
             let mut suites = repo.suites.lock().unwrap_or_else(|p| p.into_inner());
@@ -381,6 +397,7 @@ impl Repo {
             suite,
             db.generation,
             &db.entries,
+            &db.deltas,
             &self.config,
             &self.signer,
             &mut db.chunks,
@@ -418,11 +435,11 @@ impl Repo {
     /// Pool files the suite's last commit dropped: kept while an index of a kept generation
     /// still names them (a device with slightly old lists downloads them, a rollback target
     /// just pushed out by retention among them), deleted after.
-    fn retire(&self, suites: &mut BTreeMap<String, SuiteDb>, suite: &str, dropped: &[Entry]) {
+    fn retire(&self, suites: &mut BTreeMap<String, SuiteDb>, suite: &str, dropped: &[Entry], deltas: Vec<String>) {
         if let Some(db) = suites.get_mut(suite) {
-            for e in dropped {
-                if !db.history.retired.iter().any(|r| r.filename == e.filename) {
-                    db.history.retired.push(Retired { filename: e.filename.clone(), from_generation: db.generation });
+            for f in dropped.iter().map(|e| e.filename.clone()).chain(deltas) {
+                if !db.history.retired.iter().any(|r| r.filename == f) {
+                    db.history.retired.push(Retired { filename: f, from_generation: db.generation });
                 }
             }
         }
@@ -450,7 +467,9 @@ impl Repo {
         }
         for f in due {
             let referenced = suites.values().any(|db| {
-                db.entries.iter().any(|e| e.filename == f) || db.history.retired.iter().any(|r| r.filename == f)
+                db.entries.iter().any(|e| e.filename == f)
+                    || db.deltas.iter().any(|d| d.filename() == Some(f.as_str()))
+                    || db.history.retired.iter().any(|r| r.filename == f)
             });
             if !referenced {
                 tracing::info!("removing {f} (no suite or kept index names it)");
@@ -467,6 +486,7 @@ impl Repo {
                 db.entries
                     .iter()
                     .map(|e| e.filename.as_str())
+                    .chain(db.deltas.iter().filter_map(|d| d.filename()))
                     .chain(db.history.retired.iter().map(|r| r.filename.as_str()))
             })
             .collect();
@@ -489,9 +509,12 @@ impl Repo {
         Ok(())
     }
 
-    /// Commits a changed suite: database first (durable), then indices.
-    fn commit(&self, suites: &mut BTreeMap<String, SuiteDb>, suite: &str) -> Result<(), RepoError> {
+    /// Commits a changed suite: database first (durable), then indices. Returns the delta files
+    /// whose versions left the suite (to retire).
+    fn commit(&self, suites: &mut BTreeMap<String, SuiteDb>, suite: &str) -> Result<Vec<String>, RepoError> {
         let db = suites.get_mut(suite).expect("suite present");
+        let gone = deltas::prune(&db.entries, &mut db.deltas);
+        let gone: Vec<String> = gone.iter().filter_map(|d| d.filename().map(str::to_owned)).collect();
         db.generation += 1;
         let started = std::time::Instant::now();
         self.save_db(suite, db)?;
@@ -499,7 +522,7 @@ impl Repo {
         failpoint("after-db");
         self.reindex(suite, db)?;
         tracing::debug!("commit {suite}: database {saved:?}, indices {:?}", started.elapsed() - saved);
-        Ok(())
+        Ok(gone)
     }
 
     fn check_suite(suite: &str) -> Result<(), RepoError> {
@@ -536,8 +559,9 @@ impl Repo {
         if result.is_err() {
             tracing::error!("publishing {} into {suite} failed half-way; the next start repairs it", entry.filename);
         }
-        result?;
-        self.retire(&mut suites, suite, &pruned);
+        let gone = result?;
+        self.retire(&mut suites, suite, &pruned, gone);
+        self.wake_deltas();
         let pruned = pruned.into_iter().map(|e| e.version).collect();
         tracing::info!("published {} {} {} into {suite}", entry.name, entry.version, entry.arch);
         Ok(published(suite, &entry, "published", pruned))
@@ -638,10 +662,11 @@ impl Repo {
             for (name, arch) in keys {
                 dropped.extend(self.apply_retention(db, &name, &arch));
             }
-            self.commit(&mut suites, suite)?;
+            let gone = self.commit(&mut suites, suite)?;
             outcome.pruned = dropped.iter().map(|e| format!("{}={}", e.name, e.version)).collect();
             outcome.added.retain(|a| !outcome.pruned.contains(a));
-            self.retire(&mut suites, suite, &dropped);
+            self.retire(&mut suites, suite, &dropped, gone);
+            self.wake_deltas();
         }
         Ok(outcome)
     }
@@ -670,8 +695,8 @@ impl Repo {
             return Err(RepoError::NotFound(format!("{name}={version} is not in {suite}")));
         }
         db.entries.retain(|e| !matches(e));
-        self.commit(&mut suites, suite)?;
-        self.retire(&mut suites, suite, &removed);
+        let gone = self.commit(&mut suites, suite)?;
+        self.retire(&mut suites, suite, &removed, gone);
         Ok(removed)
     }
 
@@ -711,10 +736,138 @@ impl Repo {
             changed = true;
         }
         if changed {
-            self.commit(&mut suites, to)?;
-            self.retire(&mut suites, to, &dropped);
+            let gone = self.commit(&mut suites, to)?;
+            self.retire(&mut suites, to, &dropped, gone);
+            self.wake_deltas();
         }
         Ok(out)
+    }
+
+    /// Lets a serving process's delta builder be woken after each change.
+    pub fn set_delta_wake(&self, tx: std::sync::mpsc::Sender<()>) {
+        *self.delta_wake.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    fn wake_deltas(&self) {
+        if let Some(tx) = self.delta_wake.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Builds the deltas every suite wants (see `deltas`), one suite at a time and one commit
+    /// per suite; returns how many pairs were settled (built or skipped). The diffing runs
+    /// without the lock: publishing goes on meanwhile, and what changed under it is re-checked.
+    pub fn build_deltas(&self) -> anyhow::Result<usize> {
+        if !self.config.deltas.enabled {
+            return Ok(0);
+        }
+        let mut settled = 0;
+        loop {
+            let jobs: Vec<(String, deltas::Job)> = {
+                let suites = self.read_view()?;
+                suites
+                    .iter()
+                    .flat_map(|(s, db)| {
+                        deltas::wanted(&db.entries, &db.deltas).into_iter().map(move |j| (s.clone(), j))
+                    })
+                    .collect()
+            };
+            let Some(suite) = jobs.first().map(|(s, _)| s.clone()) else { return Ok(settled) };
+            let mut results = Vec::new();
+            for (_, job) in jobs.iter().filter(|(s, _)| *s == suite) {
+                match deltas::build(&self.public(), job, &self.config.deltas) {
+                    Ok((outcome, bytes)) => results.push((job.clone(), outcome, bytes)),
+                    // Collected meanwhile: the pair is no longer wanted.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(anyhow::Error::new(e).context(format!("making {}", job.filename()))),
+                }
+            }
+            let n = self.record_deltas(&suite, results)?;
+            if n == 0 {
+                // Everything went stale under us; the next change wakes the builder again.
+                return Ok(settled);
+            }
+            settled += n;
+        }
+    }
+
+    fn record_deltas(
+        &self,
+        suite: &str,
+        results: Vec<(deltas::Job, deltas::Outcome, Option<Vec<u8>>)>,
+    ) -> Result<usize, RepoError> {
+        let (mut suites, _lock) = self.begin()?;
+        let Some(db) = suites.get_mut(suite) else { return Ok(0) };
+        let mut recorded = 0;
+        for (job, outcome, bytes) in results {
+            let current = |e: &Entry| db.entries.iter().any(|x| x.filename == e.filename && x.sha256 == e.sha256);
+            let known = db.deltas.iter().any(|r| {
+                r.name == job.name && r.arch == job.arch && r.from == job.from.version && r.to == job.to.version
+            });
+            if !current(&job.from) || !current(&job.to) || known {
+                continue;
+            }
+            if let (Some(bytes), deltas::Outcome::Built { filename, sha256, .. }) = (&bytes, &outcome) {
+                // Another suite may hold the same delta already (the same pool files).
+                let path = self.public().join(filename);
+                if crate::fsutil::file_sha256(&path).ok().as_ref() != Some(sha256) {
+                    fs::create_dir_all(path.parent().expect("pool path has a parent"))?;
+                    write_atomic(&path, bytes)?;
+                }
+            }
+            match &outcome {
+                deltas::Outcome::Built { size, .. } => tracing::info!(
+                    "{suite}: delta {} {} -> {} {} ({size} bytes, the package is {})",
+                    job.name,
+                    job.from.version,
+                    job.to.version,
+                    job.arch,
+                    job.to.size
+                ),
+                deltas::Outcome::Skipped { reason } => tracing::info!(
+                    "{suite}: no delta {} {} -> {} {}: {reason}",
+                    job.name,
+                    job.from.version,
+                    job.to.version,
+                    job.arch
+                ),
+            }
+            db.deltas.push(DeltaRecord {
+                name: job.name,
+                arch: job.arch,
+                from: job.from.version,
+                to: job.to.version,
+                outcome,
+            });
+            recorded += 1;
+        }
+        if recorded > 0 {
+            let gone = self.commit(&mut suites, suite)?;
+            self.retire(&mut suites, suite, &[], gone);
+        }
+        Ok(recorded)
+    }
+
+    /// Forgets every delta (of one suite, or all) so that `build_deltas` makes them again.
+    pub fn forget_deltas(&self, only: Option<&str>) -> Result<(), RepoError> {
+        let (mut suites, _lock) = self.begin()?;
+        let names: Vec<String> = suites.keys().filter(|s| only.is_none_or(|o| o == s.as_str())).cloned().collect();
+        for suite in names {
+            let db = suites.get_mut(&suite).expect("listed");
+            if db.deltas.is_empty() {
+                continue;
+            }
+            let files: Vec<String> = db.deltas.drain(..).filter_map(|d| d.filename().map(str::to_owned)).collect();
+            let gone = self.commit(&mut suites, &suite)?;
+            self.retire(&mut suites, &suite, &[], files.into_iter().chain(gone).collect());
+        }
+        Ok(())
+    }
+
+    /// Every suite's delta records.
+    pub fn delta_records(&self) -> Result<Vec<(String, DeltaRecord)>, RepoError> {
+        let suites = self.read_view()?;
+        Ok(suites.iter().flat_map(|(s, db)| db.deltas.iter().map(move |d| (s.clone(), d.clone()))).collect())
     }
 
     /// Read-only views refresh without the cross-process lock: database files are replaced by
