@@ -47,6 +47,8 @@ struct FileConfig {
     ops: OpsCfg,
     #[serde(default)]
     apt: AptCfg,
+    #[serde(default)]
+    deltas: DeltasCfg,
     #[serde(default = "default_keep_alive")]
     keep_alive_s: u16,
 }
@@ -104,6 +106,21 @@ pub struct AptCfg {
     pub settle_s: u32,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeltasCfg {
+    /// Fetch packages by delta where the repository lists one from the installed version.
+    pub enabled: bool,
+    /// The most the kept copies of installed packages (the bases of deltas) may take, in MiB.
+    pub keep_mb: u64,
+}
+
+impl Default for DeltasCfg {
+    fn default() -> Self {
+        DeltasCfg { enabled: true, keep_mb: 512 }
+    }
+}
+
 impl Default for AptCfg {
     fn default() -> Self {
         AptCfg { lock_timeout_s: 120, watch_s: 30, settle_s: 3 }
@@ -134,6 +151,7 @@ pub struct AgentConfig {
     pub reconnect: ReconnectCfg,
     pub ops: OpsCfg,
     pub apt: AptCfg,
+    pub deltas: DeltasCfg,
     pub keep_alive: Duration,
     /// The runtime configuration as the file sets it, before overrides from the wire.
     pub file_runtime: RuntimeCfg,
@@ -207,6 +225,7 @@ impl AgentConfig {
             reconnect: f.reconnect,
             ops: f.ops,
             apt: f.apt,
+            deltas: f.deltas,
             keep_alive: Duration::from_secs(f.keep_alive_s.into()),
             file_runtime,
         })

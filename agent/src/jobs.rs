@@ -97,6 +97,8 @@ fn json<T: serde::Serialize>(v: &T) -> Value {
 
 pub struct JobContext {
     pub apt: Apt,
+    /// Packages by delta, and the keep of installed versions they start from.
+    pub fetcher: crate::fetch::Fetcher,
     /// dpkg's database, shared with the core (read once per change).
     pub db: Arc<debfleet_apt::dpkg::Database>,
     pub systemd: Option<Arc<Systemd>>,
@@ -155,7 +157,7 @@ pub async fn run(job: Job, ctx: Arc<JobContext>, tx: mpsc::Sender<JobEvent>) {
             let apt = ctx.apt.clone();
             let specs: Vec<Spec> = managed.iter().map(|n| Spec { name: n.clone(), version: None }).collect();
             let outcome = blocking(move || {
-                apt.update()?;
+                let _ = apt.update()?;
                 apt.upgradable(&specs)
             })
             .await;
@@ -219,13 +221,15 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     // An upgrade is about the newest the repository has, so it starts from fresh indices; other
     // operations refresh them only when apt does not know what was asked for (just published).
     let mut updated = false;
+    let mut index_bytes = 0u64;
     let update = |tx: mpsc::Sender<JobEvent>, id: OpId, apt: Apt| async move {
         let _ = tx.send(JobEvent::Progress { id, phase: Phase::UpdatingIndices, percent: None }).await;
         blocking(move || apt.update()).await
     };
     if matches!(job.kind, JobKind::Upgrade(_)) {
-        if let Err(e) = update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-            return fail(apt_error(e));
+        match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
+            Ok(bytes) => index_bytes += bytes,
+            Err(e) => return fail(apt_error(e)),
         }
         updated = true;
     }
@@ -237,8 +241,9 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
                 Ok(p) => break p,
                 Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
                     updated = true;
-                    if let Err(e) = update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-                        return fail(apt_error(e));
+                    match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
+                        Ok(bytes) => index_bytes += bytes,
+                        Err(e) => return fail(apt_error(e)),
                     }
                 }
                 Err(e) => return fail(apt_error(e)),
@@ -262,6 +267,9 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         let r = PackageResult {
             changes,
             download_bytes: 0,
+            index_bytes,
+            full_bytes: 0,
+            fetches: vec![],
             duration_ms: started.elapsed().as_millis() as u64,
             dry_run: true,
             rolled_back_to: None,
@@ -277,24 +285,43 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     // transaction itself resolves, and dependencies show up in the difference).
     let before = ctx.db.installed_versions();
     let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Resolving, percent: None }).await;
+    let mut plan = crate::fetch::Plan::default();
     let run = loop {
-        let (apt, run_op) = (ctx.apt.clone(), op.clone());
+        if ctx.fetcher.enabled && plan.fetches.is_empty() && !matches!(op, Op::Remove { .. }) {
+            // What apt would download, so that the packages with a delta come by delta. A plan
+            // that fails here fails the same way in the run below, which reports it.
+            let (apt, plan_op) = (ctx.apt.clone(), op.clone());
+            if let Ok(c) = blocking(move || apt.simulate(&plan_op, allow_downgrades)).await {
+                if !c.upgrade.is_empty() || !c.install.is_empty() {
+                    let _ =
+                        tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Downloading, percent: None }).await;
+                }
+                plan = ctx.fetcher.prepare(&ctx.apt, &c.upgrade, &c.install).await;
+            }
+        }
+        let (apt, run_op, local) = (ctx.apt.clone(), op.clone(), plan.local.clone());
         let mut reporter = Reporter { id: id.clone(), tx: tx.clone(), last: None };
         let r = blocking(move || {
-            apt.run(&run_op, allow_downgrades, &mut |p| reporter.report(p.phase, Some(p.percent.round() as u8)))
+            apt.run_with(&run_op, allow_downgrades, &local, &mut |p| {
+                reporter.report(p.phase, Some(p.percent.round() as u8))
+            })
         })
         .await;
         match r {
             Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
                 updated = true;
-                if let Err(e) = update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-                    return fail(apt_error(e));
+                match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
+                    Ok(bytes) => index_bytes += bytes,
+                    Err(e) => return fail(apt_error(e)),
                 }
             }
             other => break other,
         }
     };
     let (changes, history) = changes_since(&before, ctx);
+    let installed: Vec<(String, String)> =
+        changes.iter().filter_map(|c| c.after.clone().map(|v| (c.package.clone(), v))).collect();
+    ctx.fetcher.keep(&installed, &plan.local);
     let report = match run {
         Ok(r) => r,
         Err(e) => {
@@ -302,9 +329,17 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             return JobDone::failed(&id, apt_error(e), history);
         }
     };
+    let full_packages: u64 = if plan.fetches.is_empty() {
+        report.download_bytes
+    } else {
+        plan.fetches.iter().filter(|f| f.bytes > 0).map(|f| f.full_bytes).sum()
+    };
     let mut result = PackageResult {
         changes: changes.clone(),
-        download_bytes: report.download_bytes,
+        download_bytes: report.download_bytes + plan.delta_bytes,
+        index_bytes,
+        full_bytes: full_packages + index_bytes,
+        fetches: plan.fetches,
         duration_ms: 0,
         dry_run: false,
         rolled_back_to: None,
@@ -564,6 +599,9 @@ async fn finish_transient(
             let r = PackageResult {
                 changes,
                 download_bytes: debfleet_apt::need_to_get(&log),
+                index_bytes: 0,
+                full_bytes: debfleet_apt::need_to_get(&log),
+                fetches: vec![],
                 duration_ms: started.elapsed().as_millis() as u64,
                 dry_run: false,
                 rolled_back_to: None,
@@ -644,6 +682,12 @@ mod tests {
         let apt = Apt { apt_get: vec![script.display().to_string()], ..Apt::default() };
         let ctx = JobContext {
             apt,
+            fetcher: crate::fetch::Fetcher {
+                enabled: false,
+                keep_dir: dir.join("debs"),
+                work_dir: dir.join("fetch"),
+                keep_max_bytes: 0,
+            },
             db: Arc::new(debfleet_apt::dpkg::Database::new(&admin)),
             systemd: None,
             self_upgrade: false,

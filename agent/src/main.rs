@@ -3,6 +3,7 @@
 mod config;
 mod connection;
 mod core;
+mod fetch;
 mod fsutil;
 mod identity;
 mod jobs;
@@ -126,8 +127,18 @@ async fn run(
         }
     };
     let dpkg = Arc::new(debfleet_apt::dpkg::Database::new(&cfg.dpkg_admindir));
+    let fetcher = fetch::Fetcher {
+        enabled: cfg.deltas.enabled,
+        keep_dir: cfg.state_dir.join("debs"),
+        work_dir: cfg.state_dir.join("fetch"),
+        keep_max_bytes: cfg.deltas.keep_mb << 20,
+    };
+    fetcher.clean();
+    // reqwest's rustls takes the process's provider; the MQTT connection sets its own.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let job_ctx = Arc::new(jobs::JobContext {
         apt,
+        fetcher,
         db: dpkg.clone(),
         systemd: systemd.clone(),
         self_upgrade: under_systemd && systemd.is_some(),

@@ -13,5 +13,5 @@ pub mod simulate;
 pub mod status;
 
 pub use errors::{classify, AptError};
-pub use run::{need_to_get, Apt, Op, Progress, Report, Spec};
+pub use run::{fetched, need_to_get, Apt, LocalDeb, Op, Progress, Report, Spec};
 pub use simulate::Changes;

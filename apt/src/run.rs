@@ -30,6 +30,14 @@ impl Spec {
     }
 }
 
+/// A package apt installs from a local file instead of a repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalDeb {
+    pub package: String,
+    /// Absolute (apt takes an argument as a file only when it looks like a path).
+    pub path: std::path::PathBuf,
+}
+
 #[derive(Debug, Clone)]
 pub enum Op {
     Install(Vec<Spec>),
@@ -78,8 +86,18 @@ impl Default for Apt {
 
 /// Parses apt's "Need to get 1,234 kB of archives" (SI units, as apt prints them).
 pub fn need_to_get(output: &str) -> u64 {
-    let Some(line) = output.lines().find(|l| l.starts_with("Need to get ")) else { return 0 };
-    let mut words = line["Need to get ".len()..].split_whitespace();
+    after_words(output, "Need to get ")
+}
+
+/// Parses apt-get update's "Fetched 1,234 kB in 1s (...)": what the indices cost.
+pub fn fetched(output: &str) -> u64 {
+    after_words(output, "Fetched ")
+}
+
+/// The size apt prints after `prefix` at the start of a line, in bytes.
+fn after_words(output: &str, prefix: &str) -> u64 {
+    let Some(line) = output.lines().find(|l| l.starts_with(prefix)) else { return 0 };
+    let mut words = line[prefix.len()..].split_whitespace();
     let (Some(num), Some(unit)) = (words.next(), words.next()) else { return 0 };
     let num = num.split('/').next().unwrap_or(num).replace(',', "");
     let Ok(n) = num.parse::<f64>() else { return 0 };
@@ -106,6 +124,12 @@ impl Apt {
     }
 
     fn op_args(op: &Op, allow_downgrades: bool) -> Vec<String> {
+        Self::op_args_with(op, allow_downgrades, &[])
+    }
+
+    /// With packages from local files (rebuilt from deltas): each replaces the spec of the same
+    /// package, and the rest still come from the repositories (dependencies resolve as usual).
+    fn op_args_with(op: &Op, allow_downgrades: bool, local: &[LocalDeb]) -> Vec<String> {
         let mut args = Vec::new();
         match op {
             Op::Install(specs) | Op::Upgrade(specs) => {
@@ -116,7 +140,8 @@ impl Apt {
                 if allow_downgrades {
                     args.push("--allow-downgrades".into());
                 }
-                args.extend(specs.iter().map(Spec::arg));
+                args.extend(specs.iter().filter(|s| !local.iter().any(|l| l.package == s.name)).map(Spec::arg));
+                args.extend(local.iter().map(|l| l.path.to_string_lossy().into_owned()));
             }
             Op::Remove { names, purge } => {
                 args.push(if *purge { "purge".into() } else { "remove".into() });
@@ -161,16 +186,66 @@ impl Apt {
             .collect())
     }
 
-    /// `apt-get update`, failing on any repository error (a wrong key included).
-    pub fn update(&self) -> Result<(), AptError> {
+    /// `apt-get update`, failing on any repository error (a wrong key included). Returns the
+    /// bytes it fetched.
+    pub fn update(&self) -> Result<u64, AptError> {
         let mut cmd = self.base();
         cmd.args(["-o", "APT::Update::Error-Mode=any", "update"]);
         let (ok, text) = output(&mut cmd)?;
         if ok {
-            Ok(())
+            Ok(fetched(&text))
         } else {
             Err(classify(&text, &[]))
         }
+    }
+
+    /// `apt-cache` beside the `apt-get` this runs.
+    fn apt_cache(&self) -> Command {
+        let mut argv = self.apt_get.clone();
+        if let Some(last) = argv.last_mut() {
+            *last = last.replace("apt-get", "apt-cache");
+        }
+        let mut c = command(&argv);
+        c.env("LC_ALL", "C.UTF-8");
+        c
+    }
+
+    /// The sizes of these package versions in the repositories (what fetching them whole costs).
+    pub fn sizes(&self, versions: &[(String, String)]) -> std::collections::BTreeMap<(String, String), u64> {
+        let mut out = std::collections::BTreeMap::new();
+        if versions.is_empty() {
+            return out;
+        }
+        let mut cmd = self.apt_cache();
+        cmd.args(["show", "--no-all-versions"]).args(versions.iter().map(|(n, v)| format!("{n}={v}")));
+        let Ok((_, text)) = output(&mut cmd) else { return out };
+        for stanza in text.split("\n\n") {
+            let field = |f: &str| stanza.lines().find_map(|l| l.strip_prefix(f)?.strip_prefix(": ").map(str::to_owned));
+            if let (Some(n), Some(v), Some(size)) = (field("Package"), field("Version"), field("Size")) {
+                if let Ok(size) = size.trim().parse() {
+                    out.insert((n, v), size);
+                }
+            }
+        }
+        out
+    }
+
+    /// The files apt fetched for an index target (`Identifier`), with the base URI of the
+    /// repository each came from (`http://host/dists/SUITE/`).
+    pub fn index_target_files(&self, identifier: &str) -> Vec<(std::path::PathBuf, String)> {
+        let mut cmd = command(&self.apt_get);
+        cmd.env("LC_ALL", "C.UTF-8").args([
+            "indextargets",
+            "--format",
+            "$(FILENAME)\t$(BASE_URI)",
+            &format!("Identifier: {identifier}"),
+        ]);
+        let Ok((true, text)) = output(&mut cmd) else { return Vec::new() };
+        text.lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(f, b)| (std::path::PathBuf::from(f.trim()), b.trim().to_owned()))
+            .filter(|(f, b)| f.is_absolute() && !b.is_empty())
+            .collect()
     }
 
     /// Repairs what an interrupted dpkg left (`dpkg --configure -a`, then `apt-get -f install`).
@@ -204,8 +279,19 @@ impl Apt {
         allow_downgrades: bool,
         on_progress: &mut dyn FnMut(Progress),
     ) -> Result<Report, AptError> {
+        self.run_with(op, allow_downgrades, &[], on_progress)
+    }
+
+    /// Runs the transaction with some packages from local files.
+    pub fn run_with(
+        &self,
+        op: &Op,
+        allow_downgrades: bool,
+        local: &[LocalDeb],
+        on_progress: &mut dyn FnMut(Progress),
+    ) -> Result<Report, AptError> {
         let mut cmd = self.base();
-        cmd.args(["-o", "APT::Status-Fd=3"]).args(Self::op_args(op, allow_downgrades));
+        cmd.args(["-o", "APT::Status-Fd=3"]).args(Self::op_args_with(op, allow_downgrades, local));
         let (read_end, write_end) = pipe()?;
         let write_fd = write_end.as_raw_fd();
         // SAFETY: between fork and exec only async-signal-safe calls: dup2 onto fd 3 (which also

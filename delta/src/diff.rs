@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 
 use crate::DeltaError;
 
+#[cfg(feature = "make")]
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let b = (v & 0x7f) as u8;

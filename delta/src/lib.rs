@@ -70,6 +70,7 @@ pub struct Header {
     pub data: Stream,
 }
 
+#[cfg(feature = "make")]
 fn side(p: &Payload) -> Side {
     let field = |name: &str| -> String {
         expand::file(&p.control.bytes, "control")

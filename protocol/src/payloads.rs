@@ -130,7 +130,19 @@ pub struct UnitInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackageResult {
     pub changes: Vec<PackageChange>,
+    /// Bytes fetched for packages: deltas plus whole packages.
     pub download_bytes: u64,
+    /// Bytes fetched for indices (`apt-get update`, index diffs included).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub index_bytes: u64,
+    /// What the same fetches would have cost without deltas and index diffs (packages and
+    /// indices together): the saving is `full_bytes - download_bytes - index_bytes`.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub full_bytes: u64,
+    /// How each package that had to be fetched came: by delta, or whole (and why not by delta
+    /// when one was listed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fetches: Vec<PackageFetch>,
     pub duration_ms: u64,
     /// A dry run: what would change; nothing did.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -138,6 +150,49 @@ pub struct PackageResult {
     /// After a unit failed: the version the package went back to (`null` entries mean removed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_to: Option<BTreeMap<String, Option<String>>>,
+}
+
+/// One package's fetch in a package operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageFetch {
+    pub package: String,
+    pub version: String,
+    pub method: FetchMethod,
+    /// Bytes fetched for it (the delta, or the package).
+    pub bytes: u64,
+    /// The whole package's size.
+    pub full_bytes: u64,
+    /// A delta was listed but could not be used: the package came whole, and this says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FetchMethod {
+    Delta,
+    Full,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fallback {
+    pub reason: FallbackReason,
+    pub message: String,
+}
+
+/// Why a listed delta was not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackReason {
+    /// The device keeps no copy of the installed version (installed before debfleet managed
+    /// it, or the copy was evicted).
+    NoBase,
+    /// The kept copy of the installed version is not the payload the delta applies to.
+    BaseMismatch,
+    /// The delta could not be downloaded (after retries and resumes).
+    DownloadFailed,
+    /// The delta was refused: its hash, its contents or the rebuilt package did not match.
+    DeltaInvalid,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -437,5 +492,9 @@ pub struct OpRecord {
 }
 
 fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }

@@ -1,0 +1,401 @@
+//! Fetching packages by delta (docs/delta.md): before an apt transaction, each package that
+//! would be downloaded whole and has a delta from the installed version in the repository's
+//! signed `Deltas` index is rebuilt here instead, from the copy of the installed version the
+//! agent keeps, and handed to apt as a local file (so dependencies still resolve and the change
+//! is one ordinary apt transaction). Anything that does not fit — no copy, a copy that is not
+//! the delta's base, a download that fails, a delta or result that does not verify — falls back
+//! to the whole package, and the result says why.
+//!
+//! Trust: apt fetched the `Deltas` index and checked it against the signed Release (an index
+//! target the agent's package declares); a delta's bytes are checked against that index, and
+//! the rebuilt payload against the index's result hash, before apt sees the file.
+//!
+//! The keep: `state_dir/debs/NAME_VERSION_ARCH.deb`, one version per managed package (the
+//! installed one), linked from apt's archive cache or kept from a rebuild; bounded in bytes.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use debfleet_apt::{Apt, LocalDeb};
+use debfleet_protocol::{Fallback, FallbackReason, FetchMethod, PackageFetch};
+use sha2::{Digest, Sha256};
+
+/// The index target's identifier in the apt configuration the agent package ships.
+pub const INDEX_TARGET: &str = "debfleet-deltas";
+/// apt's downloaded packages.
+const APT_ARCHIVES: &str = "/var/cache/apt/archives";
+
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    pub enabled: bool,
+    /// The keep of installed versions.
+    pub keep_dir: PathBuf,
+    /// Downloads in progress and rebuilt packages.
+    pub work_dir: PathBuf,
+    pub keep_max_bytes: u64,
+}
+
+/// One entry of a `Deltas` index, with the repository it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Listed {
+    package: String,
+    arch: String,
+    from: String,
+    to: String,
+    base_payload: String,
+    result_payload: String,
+    url: String,
+    size: u64,
+    sha256: String,
+}
+
+fn parse_index(text: &str, repo_root: &str) -> Vec<Listed> {
+    text.split("\n\n")
+        .filter_map(|stanza| {
+            let field = |f: &str| stanza.lines().find_map(|l| l.strip_prefix(f)?.strip_prefix(": ").map(str::to_owned));
+            let filename = field("Filename")?;
+            // The index is signed, but a path is still checked before it becomes a URL.
+            if filename.starts_with('/') || filename.split('/').any(|p| p == ".." || p.is_empty()) {
+                return None;
+            }
+            Some(Listed {
+                package: field("Package")?,
+                arch: field("Architecture")?,
+                from: field("From-Version")?,
+                to: field("To-Version")?,
+                base_payload: field("Base-Payload")?,
+                result_payload: field("Result-Payload")?,
+                url: format!("{repo_root}{filename}"),
+                size: field("Size")?.parse().ok()?,
+                sha256: field("SHA256")?,
+            })
+        })
+        .collect()
+}
+
+/// `http://host/path/dists/SUITE/` → `http://host/path/`.
+fn repo_root(base_uri: &str) -> Option<String> {
+    let trimmed = base_uri.trim_end_matches('/');
+    let (root, _suite) = trimmed.rsplit_once('/')?;
+    root.strip_suffix("/dists").map(|r| format!("{r}/"))
+}
+
+/// apt's file name for a package version (`:` of an epoch as `%3a`).
+pub fn deb_name(package: &str, version: &str, arch: &str) -> String {
+    format!("{package}_{}_{arch}.deb", version.replace(':', "%3a"))
+}
+
+/// What the fetch step decided, for apt and for the result.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub local: Vec<LocalDeb>,
+    pub fetches: Vec<PackageFetch>,
+    /// Bytes fetched here (deltas).
+    pub delta_bytes: u64,
+}
+
+impl Fetcher {
+    /// Prepares the packages `changes` would download: rebuilt from deltas where it can be done.
+    /// `upgrades` are (name, installed, target); `installs` (name, target) have no base.
+    pub async fn prepare(
+        &self,
+        apt: &Apt,
+        upgrades: &[(String, String, String)],
+        installs: &[(String, String)],
+    ) -> Plan {
+        let mut plan = Plan::default();
+        let mut wanted: Vec<(String, String)> = upgrades.iter().map(|(n, _, v)| (n.clone(), v.clone())).collect();
+        wanted.extend(installs.iter().cloned());
+        if wanted.is_empty() {
+            return plan;
+        }
+        let (apt2, w) = (apt.clone(), wanted.clone());
+        let (listed, sizes) =
+            tokio::task::spawn_blocking(move || (listed_deltas(&apt2), apt2.sizes(&w))).await.unwrap_or_default();
+        let _ = std::fs::create_dir_all(&self.work_dir);
+        for (name, version) in &wanted {
+            let full = sizes.get(&(name.clone(), version.clone())).copied().unwrap_or(0);
+            let cached = self.already_downloaded(name, version, full);
+            let mut fetch = PackageFetch {
+                package: name.clone(),
+                version: version.clone(),
+                method: FetchMethod::Full,
+                bytes: if cached { 0 } else { full },
+                full_bytes: full,
+                fallback: None,
+            };
+            let installed = upgrades.iter().find(|(n, _, _)| n == name).map(|(_, from, _)| from);
+            let candidate = installed
+                .and_then(|from| listed.iter().find(|l| &l.package == name && &l.from == from && &l.to == version));
+            if let (true, false, Some(listed)) = (self.enabled, cached, candidate) {
+                match self.by_delta(listed).await {
+                    Ok(path) => {
+                        fetch.method = FetchMethod::Delta;
+                        fetch.bytes = listed.size;
+                        plan.delta_bytes += listed.size;
+                        plan.local.push(LocalDeb { package: name.clone(), path });
+                    }
+                    Err(fallback) => {
+                        tracing::warn!("{name} {version}: fetching it whole: {}", fallback.message);
+                        fetch.fallback = Some(fallback);
+                    }
+                }
+            }
+            plan.fetches.push(fetch);
+        }
+        plan
+    }
+
+    /// apt will not download what its archive cache already holds (a rollback, say).
+    fn already_downloaded(&self, name: &str, version: &str, size: u64) -> bool {
+        let prefix = format!("{name}_{}_", version.replace(':', "%3a"));
+        std::fs::read_dir(APT_ARCHIVES).into_iter().flatten().flatten().any(|f| {
+            f.file_name().to_string_lossy().starts_with(&prefix) && f.metadata().is_ok_and(|m| m.len() == size)
+        })
+    }
+
+    async fn by_delta(&self, listed: &Listed) -> Result<PathBuf, Fallback> {
+        let fail = |reason, message: String| Fallback { reason, message };
+        let base = self.keep_dir.join(deb_name(&listed.package, &listed.from, &listed.arch));
+        if !base.exists() {
+            return Err(fail(FallbackReason::NoBase, format!("no kept copy of {} {}", listed.package, listed.from)));
+        }
+        let part = self.work_dir.join(format!("{}.debdelta", &listed.sha256[..listed.sha256.len().min(32)]));
+        download(&listed.url, &part, listed.size, &listed.sha256).await.map_err(|e| match e {
+            DownloadError::Refused(m) => fail(FallbackReason::DeltaInvalid, m),
+            DownloadError::Failed(m) => fail(FallbackReason::DownloadFailed, m),
+        })?;
+        let out = self.work_dir.join(deb_name(&listed.package, &listed.to, &listed.arch));
+        let (l, p, o) = (listed.clone(), part.clone(), out.clone());
+        let applied = tokio::task::spawn_blocking(move || rebuild(&base, &p, &o, &l)).await;
+        let _ = std::fs::remove_file(&part);
+        match applied {
+            Ok(Ok(())) => Ok(out),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(fail(FallbackReason::DeltaInvalid, format!("applying the delta: {e}"))),
+        }
+    }
+
+    /// After a transaction: the keep holds each changed package's installed version, from the
+    /// rebuilt file or apt's archive cache, and nothing older.
+    pub fn keep(&self, installed: &[(String, String)], rebuilt: &[LocalDeb]) {
+        if !self.enabled {
+            return;
+        }
+        let _ = std::fs::create_dir_all(&self.keep_dir);
+        for (name, version) in installed {
+            let prefix = format!("{name}_");
+            let want = format!("{name}_{}_", version.replace(':', "%3a"));
+            let from = rebuilt.iter().find(|l| &l.package == name).map(|l| l.path.clone()).or_else(|| {
+                std::fs::read_dir(APT_ARCHIVES)
+                    .ok()?
+                    .flatten()
+                    .find(|f| f.file_name().to_string_lossy().starts_with(&want))
+                    .map(|f| f.path())
+            });
+            // Older versions of this package go (the name's own underscore keeps `foo` from
+            // matching `foo-bar`).
+            for old in std::fs::read_dir(&self.keep_dir).into_iter().flatten().flatten() {
+                let n = old.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&prefix) && !n.starts_with(&want) {
+                    let _ = std::fs::remove_file(old.path());
+                }
+            }
+            let Some(from) = from else { continue };
+            let Some(file) = from.file_name() else { continue };
+            let to = self.keep_dir.join(file);
+            let size = std::fs::metadata(&from).map(|m| m.len()).unwrap_or(0);
+            if self.kept_bytes() + size > self.keep_max_bytes {
+                tracing::info!("not keeping {} for deltas: the keep is full", file.to_string_lossy());
+                continue;
+            }
+            let linked = std::fs::hard_link(&from, &to).or_else(|_| std::fs::copy(&from, &to).map(|_| ()));
+            if let Err(e) = linked {
+                tracing::warn!("keeping {}: {e}", to.display());
+            }
+        }
+        for l in rebuilt {
+            let _ = std::fs::remove_file(&l.path);
+        }
+    }
+
+    fn kept_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.keep_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Clears what an interrupted run left: rebuilt packages (partial downloads are kept, to be
+    /// resumed).
+    pub fn clean(&self) {
+        for f in std::fs::read_dir(&self.work_dir).into_iter().flatten().flatten() {
+            if f.path().extension().is_some_and(|e| e == "deb") {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
+}
+
+/// Every delta the device's apt lists name.
+fn listed_deltas(apt: &Apt) -> Vec<Listed> {
+    apt.index_target_files(INDEX_TARGET)
+        .into_iter()
+        .filter_map(|(file, base)| Some(parse_index(&std::fs::read_to_string(file).ok()?, &repo_root(&base)?)))
+        .flatten()
+        .collect()
+}
+
+fn rebuild(base: &Path, delta: &Path, out: &Path, listed: &Listed) -> Result<(), Fallback> {
+    let invalid = |m: String| Fallback { reason: FallbackReason::DeltaInvalid, message: m };
+    let base_bytes = std::fs::read(base).map_err(|e| Fallback {
+        reason: FallbackReason::NoBase,
+        message: format!("reading {}: {e}", base.display()),
+    })?;
+    let delta_bytes = std::fs::read(delta).map_err(|e| invalid(format!("reading the delta: {e}")))?;
+    let (header, deb) = debfleet_delta::apply(&base_bytes, &delta_bytes).map_err(|e| match e {
+        debfleet_delta::DeltaError::Mismatch(m) if m.starts_with("it applies to") => {
+            Fallback { reason: FallbackReason::BaseMismatch, message: m }
+        }
+        other => invalid(other.to_string()),
+    })?;
+    if header.result.payload != listed.result_payload || header.base.payload != listed.base_payload {
+        return Err(invalid("the delta is not the one the signed index lists".into()));
+    }
+    let tmp = out.with_extension("deb.tmp");
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&deb).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, out))
+        .map_err(|e| invalid(format!("writing {}: {e}", out.display())))
+}
+
+enum DownloadError {
+    /// What came is not what the index lists.
+    Refused(String),
+    Failed(String),
+}
+
+/// Downloads `url` to `dest` (resuming a partial file with a Range request, and again after a
+/// dropped connection), at most `size` bytes, and checks its SHA-256.
+async fn download(url: &str, dest: &Path, size: u64, sha256: &str) -> Result<(), DownloadError> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| DownloadError::Failed(format!("http client: {e}")))?;
+    let mut last = String::new();
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 << attempt.min(4))).await;
+        }
+        match fetch_once(&client, url, dest, size).await {
+            Ok(()) => {
+                let bytes = tokio::fs::read(dest).await.map_err(|e| DownloadError::Failed(e.to_string()))?;
+                let got = hex(&Sha256::digest(&bytes));
+                if got == sha256 {
+                    return Ok(());
+                }
+                let _ = tokio::fs::remove_file(dest).await;
+                return Err(DownloadError::Refused(format!("{url}: SHA-256 {got}, the signed index says {sha256}")));
+            }
+            Err(Some(refused)) => {
+                let _ = tokio::fs::remove_file(dest).await;
+                return Err(DownloadError::Refused(refused));
+            }
+            Err(None) => last = format!("{url}: the connection failed {} time(s)", attempt + 1),
+        }
+    }
+    Err(DownloadError::Failed(last))
+}
+
+/// One request; `Err(None)` is worth retrying, `Err(Some(why))` is not.
+async fn fetch_once(client: &reqwest::Client, url: &str, dest: &Path, size: u64) -> Result<(), Option<String>> {
+    use tokio::io::AsyncWriteExt;
+    let have = tokio::fs::metadata(dest).await.map(|m| m.len()).unwrap_or(0);
+    if have > size {
+        let _ = tokio::fs::remove_file(dest).await;
+    }
+    let have = have.min(size);
+    if have == size && size > 0 {
+        return Ok(());
+    }
+    let mut req = client.get(url);
+    if have > 0 {
+        req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let mut resp = req.send().await.map_err(|e| {
+        tracing::info!("{url}: {e}");
+        None
+    })?;
+    let status = resp.status();
+    let resumed = status == reqwest::StatusCode::PARTIAL_CONTENT;
+    if !status.is_success() {
+        return Err(if status.is_server_error() { None } else { Some(format!("{url}: HTTP {status}")) });
+    }
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resumed)
+        .truncate(!resumed)
+        .open(dest)
+        .await
+        .map_err(|e| Some(format!("{}: {e}", dest.display())))?;
+    let mut written = if resumed { have } else { 0 };
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                written += chunk.len() as u64;
+                if written > size {
+                    return Err(Some(format!("{url}: more than the {size} bytes the signed index lists")));
+                }
+                file.write_all(&chunk).await.map_err(|e| Some(format!("{}: {e}", dest.display())))?;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                // Keep what came: the next attempt asks for the rest.
+                let _ = file.flush().await;
+                tracing::info!("{url}: dropped after {written} bytes: {e}");
+                return Err(None);
+            }
+        }
+    }
+    file.flush().await.map_err(|e| Some(e.to_string()))?;
+    if written < size {
+        return Err(None);
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_is_read_and_hostile_paths_are_dropped() {
+        let text = "Package: hello\nArchitecture: amd64\nFrom-Version: 1.0\nTo-Version: 2.0\nBase-Payload: aa\n\
+                    Result-Payload: bb\nFilename: pool/main/h/hello/hello_1.0_to_2.0_amd64.debdelta\nSize: 12\nSHA256: cc\n\n\
+                    Package: evil\nArchitecture: all\nFrom-Version: 1\nTo-Version: 2\nBase-Payload: aa\nResult-Payload: bb\n\
+                    Filename: ../../etc/passwd\nSize: 1\nSHA256: dd\n\n";
+        let root = repo_root("http://127.0.0.1:8080/dists/stable/").unwrap();
+        assert_eq!(root, "http://127.0.0.1:8080/");
+        let listed = parse_index(text, &root);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].url, "http://127.0.0.1:8080/pool/main/h/hello/hello_1.0_to_2.0_amd64.debdelta");
+        assert_eq!((listed[0].from.as_str(), listed[0].to.as_str(), listed[0].size), ("1.0", "2.0", 12));
+        assert_eq!(repo_root("http://h/debian/dists/bookworm/").as_deref(), Some("http://h/debian/"));
+        assert_eq!(repo_root("http://h/flat/"), None);
+    }
+
+    #[test]
+    fn epochs_are_escaped_as_apt_does() {
+        assert_eq!(deb_name("x", "1:2.0", "amd64"), "x_1%3a2.0_amd64.deb");
+    }
+}
