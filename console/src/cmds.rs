@@ -100,6 +100,7 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
     session.disconnect().await;
     let d = known(&fleet, &id)?;
     let ops: Vec<&debfleet_protocol::OpRecord> = d.ops.values().collect();
+    let transfer = Transfer::of(&ops);
     let all = json!({
         "id": id,
         "meta": d.meta,
@@ -108,6 +109,7 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         "packages": d.packages,
         "telemetry": d.telemetry,
         "last_heard": d.last_heard(),
+        "transfer": transfer,
         "ops": ops,
     });
     if json {
@@ -163,10 +165,53 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
             flatten(&serde_json::to_value(&c.cfg)?).into_iter().map(|(k, v)| vec![k, v]).collect();
         print!("\n{}", table(&["CFG", "VALUE"], &rows));
     }
+    if transfer.operations > 0 {
+        let saved = transfer.full_bytes.saturating_sub(transfer.fetched_bytes);
+        let rows = vec![
+            vec!["fetched".into(), crate::packages::bytes(transfer.fetched_bytes)],
+            vec!["whole packages and indices".into(), crate::packages::bytes(transfer.full_bytes)],
+            vec![
+                "saved".into(),
+                format!(
+                    "{} ({:.0}%), {} package(s) by delta",
+                    crate::packages::bytes(saved),
+                    100.0 * saved as f64 / transfer.full_bytes.max(1) as f64,
+                    transfer.by_delta
+                ),
+            ],
+        ];
+        print!("\n{}", table(&[&format!("TRANSFER ({} operations held)", transfer.operations), ""], &rows));
+    }
     if !ops.is_empty() {
         print!("\n{}", ops_table(&ops));
     }
     Ok(0)
+}
+
+/// What a device's package operations fetched, over the operation records the broker holds.
+#[derive(serde::Serialize, Default)]
+struct Transfer {
+    operations: usize,
+    fetched_bytes: u64,
+    full_bytes: u64,
+    by_delta: usize,
+}
+
+impl Transfer {
+    fn of(ops: &[&debfleet_protocol::OpRecord]) -> Transfer {
+        let mut t = Transfer::default();
+        for r in ops.iter().filter_map(|o| o.result.as_ref()) {
+            let Ok(r) = serde_json::from_value::<debfleet_protocol::PackageResult>(r.clone()) else { continue };
+            if r.dry_run {
+                continue;
+            }
+            t.operations += 1;
+            t.fetched_bytes += r.download_bytes + r.index_bytes;
+            t.full_bytes += r.full_bytes.max(r.download_bytes + r.index_bytes);
+            t.by_delta += r.fetches.iter().filter(|f| f.method == debfleet_protocol::FetchMethod::Delta).count();
+        }
+        t
+    }
 }
 
 fn ops_table(ops: &[&debfleet_protocol::OpRecord]) -> String {

@@ -183,12 +183,13 @@ fn print_outcomes(outcomes: &[Outcome], json_out: bool, dry_run: bool) -> Result
                     o.device.to_string(),
                     if changes.is_empty() { "no change".into() } else { changes },
                     format!("{result}{rolled}"),
-                    r.as_ref().map(|r| r.download_bytes.to_string()).unwrap_or_else(|| "-".into()),
+                    r.as_ref().map(|r| bytes(r.download_bytes + r.index_bytes)).unwrap_or_else(|| "-".into()),
+                    r.as_ref().map(saving).unwrap_or_else(|| "-".into()),
                     r.as_ref().map(|r| format!("{:.1}", r.duration_ms as f64 / 1000.0)).unwrap_or_else(|| "-".into()),
                 ]
             })
             .collect();
-        print!("{}", table(&["DEVICE", "CHANGE", "RESULT", "BYTES", "SECONDS"], &rows));
+        print!("{}", table(&["DEVICE", "CHANGE", "RESULT", "FETCHED", "SAVED", "SECONDS"], &rows));
     }
     Ok(if outcomes.iter().all(|o| o.ok) { 0 } else { exit::FAILED })
 }
@@ -215,4 +216,44 @@ pub async fn restart_unit(ctx: &Ctx, device: &str, unit: &str, json_out: bool) -
         }
     }
     Ok(if outcomes.iter().all(|o| o.ok) { 0 } else { exit::FAILED })
+}
+
+/// Bytes the way a person reads them.
+pub fn bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        _ => format!("{:.1} MB", n as f64 / 1e6),
+    }
+}
+
+/// What deltas and index diffs saved against whole fetches, and how each package came.
+fn saving(r: &debfleet_protocol::PackageResult) -> String {
+    let fetched = r.download_bytes + r.index_bytes;
+    let deltas = r.fetches.iter().filter(|f| f.method == debfleet_protocol::FetchMethod::Delta).count();
+    let fallbacks: Vec<String> = r
+        .fetches
+        .iter()
+        .filter_map(|f| {
+            f.fallback.as_ref().map(|fb| {
+                format!(
+                    "{}: {}",
+                    f.package,
+                    serde_json::to_value(fb.reason).unwrap_or_default().as_str().unwrap_or("?")
+                )
+            })
+        })
+        .collect();
+    let mut out = if r.full_bytes > fetched {
+        format!("{:.0}% of {}", 100.0 * (r.full_bytes - fetched) as f64 / r.full_bytes as f64, bytes(r.full_bytes))
+    } else {
+        "-".into()
+    };
+    if deltas > 0 {
+        out.push_str(&format!(", {deltas} by delta"));
+    }
+    if !fallbacks.is_empty() {
+        out.push_str(&format!(" (whole: {})", fallbacks.join(", ")));
+    }
+    out
 }

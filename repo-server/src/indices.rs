@@ -33,6 +33,7 @@ pub fn packages_stanzas(entries: &[Entry], arch: &str) -> Vec<compress::Stanza> 
 /// (relative to the suite directory) so older ones can be collected later.
 pub fn write_suite(
     public: &Path,
+    pdiff_history: &Path,
     suite: &str,
     generation: u64,
     entries: &[Entry],
@@ -63,7 +64,18 @@ pub fn write_suite(
                 set
             }
         };
+        // Index diffs: a device with an older Packages fetches one small patch instead of the
+        // whole index. The patches go out before the Release that names their Index.
+        let plain = &set[2].0;
+        let history = crate::pdiff::History::update(&pdiff_history.join(format!("binary-{arch}")), plain)?;
+        let patches = crate::pdiff::make_patches(&history, plain);
+        crate::pdiff::write_patches(&dir.join(format!("main/binary-{arch}/Packages.diff")), &patches)?;
+        let diff_index = crate::pdiff::render_index(plain, &patches).into_bytes();
+        let diff_sha = sha256_hex(&diff_index);
+        let diff_set =
+            std::sync::Arc::new([(diff_index, diff_sha), (Vec::new(), String::new()), (Vec::new(), String::new())]);
         let base = format!("main/binary-{arch}/Packages");
+        files.push((format!("{base}.diff/Index"), diff_set, 0));
         files.push((format!("{base}.gz"), set.clone(), 0));
         files.push((format!("{base}.xz"), set.clone(), 1));
         files.push((base, set, 2));

@@ -7,6 +7,7 @@ mod deltas;
 mod fsutil;
 mod http;
 mod indices;
+mod pdiff;
 mod signing;
 mod store;
 mod tokens;

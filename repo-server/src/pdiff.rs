@@ -257,7 +257,8 @@ impl History {
         }
         let now = History { versions: out.iter().map(|(v, _)| v.clone()).chain([sha]).collect() };
         if now.versions != recorded.versions {
-            write_unsynced(&order, &serde_json::to_vec(&now)?).with_context(|| format!("writing {}", order.display()))?;
+            write_unsynced(&order, &serde_json::to_vec(&now)?)
+                .with_context(|| format!("writing {}", order.display()))?;
         }
         // Only after order.json: a crash leaves extra files, never a listed one missing.
         for entry in fs::read_dir(dir)? {
@@ -527,12 +528,14 @@ mod tests {
 
     #[test]
     fn patches_index_and_files() {
-        let [v1, v2, v3] = [[("a", "1"), ("b", "1")], [("a", "1"), ("b", "2")], [("a", "2"), ("b", "2")]].map(|v| packages(&v));
+        let [v1, v2, v3] =
+            [[("a", "1"), ("b", "1")], [("a", "1"), ("b", "2")], [("a", "2"), ("b", "2")]].map(|v| packages(&v));
         let history = [&v1, &v2].map(|v| (sha256_hex(v.as_bytes()), v.clone().into_bytes())).to_vec();
         let cur_sha = sha256_hex(v3.as_bytes());
         let patches = make_patches(&history, v3.as_bytes());
         assert_eq!(patches.len(), 2);
-        let mut expected = [format!("SHA256-Current: {cur_sha} {}\nSHA256-History:\n", v3.len()), String::new(), String::new()];
+        let mut expected =
+            [format!("SHA256-Current: {cur_sha} {}\nSHA256-History:\n", v3.len()), String::new(), String::new()];
         for (p, (sha, old)) in patches.iter().zip(&history) {
             assert_eq!(p.name, format!("T-{}-F-{}", &cur_sha[..16], &sha[..16]));
             assert_eq!((p.from_sha.as_str(), p.from_size), (sha.as_str(), old.len() as u64));
@@ -545,9 +548,15 @@ mod tests {
             expected[1] += &format!(" {} {} {}\n", p.patch_sha, script.len(), p.name);
             expected[2] += &format!(" {} {} {}.gz\n", p.gz_sha, p.gz.len(), p.name);
         }
-        let expected = format!("{}SHA256-Patches:\n{}SHA256-Download:\n{}X-Patch-Precedence: merged\n", expected[0], expected[1], expected[2]);
+        let expected = format!(
+            "{}SHA256-Patches:\n{}SHA256-Download:\n{}X-Patch-Precedence: merged\n",
+            expected[0], expected[1], expected[2]
+        );
         assert_eq!(render_index(v3.as_bytes(), &patches), expected);
-        assert_eq!(render_index(b"", &[]), format!("SHA256-Current: {} 0\nX-Patch-Precedence: merged\n", sha256_hex(b"")));
+        assert_eq!(
+            render_index(b"", &[]),
+            format!("SHA256-Current: {} 0\nX-Patch-Precedence: merged\n", sha256_hex(b""))
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let file = |name: String, age: u64| {

@@ -394,6 +394,7 @@ impl Repo {
     fn reindex(&self, suite: &str, db: &mut SuiteDb) -> anyhow::Result<()> {
         let files = indices::write_suite(
             &self.public(),
+            &self.root.join("pdiff").join(suite),
             suite,
             db.generation,
             &db.entries,
@@ -416,16 +417,19 @@ impl Repo {
         let keep: HashSet<&String> = db.history.generations.iter().flat_map(|g| &g.by_hash).collect();
         let dir = self.public().join("dists").join(suite).join("main");
         for arch_dir in fs::read_dir(&dir)?.flatten() {
-            let hashes = arch_dir.path().join("by-hash/SHA256");
-            let Ok(list) = fs::read_dir(&hashes) else { continue };
-            for f in list.flatten() {
-                let rel = format!(
-                    "main/{}/by-hash/SHA256/{}",
-                    arch_dir.file_name().to_string_lossy(),
-                    f.file_name().to_string_lossy()
-                );
-                if !keep.contains(&rel) {
-                    let _ = fs::remove_file(f.path());
+            // The indices' by-hash copies, and the index diffs' (Packages.diff/Index).
+            for sub in ["", "Packages.diff/"] {
+                let hashes = arch_dir.path().join(format!("{sub}by-hash/SHA256"));
+                let Ok(list) = fs::read_dir(&hashes) else { continue };
+                for f in list.flatten() {
+                    let rel = format!(
+                        "main/{}/{sub}by-hash/SHA256/{}",
+                        arch_dir.file_name().to_string_lossy(),
+                        f.file_name().to_string_lossy()
+                    );
+                    if !keep.contains(&rel) {
+                        let _ = fs::remove_file(f.path());
+                    }
                 }
             }
         }

@@ -175,6 +175,65 @@ pub fn build_deb_with_scripts(
     out
 }
 
+/// A package whose versions differ a little in a large payload, as real updates do: 256 KiB
+/// of fixed pseudo-random data with a few bytes changed per version (compressed with xz, as
+/// Debian does), and a changelog compressed with `gzip -9n` that grows by an entry per version.
+pub fn bulky_deb(dir: &Path, name: &str, version: &str) -> PathBuf {
+    let stage = dir.join(format!("stage-{name}-{version}-{}", crate::rand_u32()));
+    let share = stage.join(format!("usr/share/{name}"));
+    let doc = stage.join(format!("usr/share/doc/{name}"));
+    for d in [stage.join("DEBIAN"), share.clone(), doc.clone()] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut data: Vec<u8> = (0..256 * 1024)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect();
+    let seed: usize = version.bytes().map(usize::from).sum();
+    for i in 0..64 {
+        let at = (seed * 7919 + i * 4099) % data.len();
+        data[at] = data[at].wrapping_add(1);
+    }
+    std::fs::write(share.join("data"), &data).unwrap();
+    std::fs::write(share.join("version"), format!("{version}\n")).unwrap();
+    let changelog: String = (0..40)
+        .map(|i| {
+            format!("{name} ({version}-{i}) stable; urgency=low\n\n  * Change number {i} of version {version}.\n\n")
+        })
+        .collect();
+    let gz = Command::new("sh")
+        .arg("-c")
+        .arg("gzip -9n > \"$1\"")
+        .arg("sh")
+        .arg(doc.join("changelog.gz"))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(changelog.as_bytes())?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(gz.success());
+    std::fs::write(
+        stage.join("DEBIAN/control"),
+        format!("Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: Ops <ops@example.com>\nDescription: bulky test package\n"),
+    )
+    .unwrap();
+    let out = dir.join(format!("{name}_{version}_all.deb"));
+    let res = Command::new("dpkg-deb")
+        .args(["--build", "--root-owner-group", "-Zxz"])
+        .arg(&stage)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "dpkg-deb: {}", String::from_utf8_lossy(&res.stderr));
+    out
+}
+
 /// apt on the host, confined to a directory: its own sources, keyring, lists, cache and a dpkg
 /// root where packages really get installed.
 pub struct AptSandbox {
@@ -209,32 +268,54 @@ impl AptSandbox {
         AptSandbox { dir }
     }
 
+    /// Adds apt configuration (as a file apt reads through APT_CONFIG).
+    pub fn configure(&self, text: &str) {
+        std::fs::write(self.dir.path().join("apt.conf"), text).unwrap();
+    }
+
+    /// The lists file apt keeps for an index target ("Packages", "Deltas").
+    pub fn list(&self, suffix: &str) -> Option<Vec<u8>> {
+        let lists = self.dir.path().join("var/lib/apt/lists");
+        let f = std::fs::read_dir(lists).ok()?.flatten().find(|f| {
+            let n = f.file_name().to_string_lossy().into_owned();
+            n.ends_with(&format!("_binary-amd64_{suffix}"))
+        })?;
+        std::fs::read(f.path()).ok()
+    }
+
     fn apt(&self, args: &[&str]) -> Output {
         let d = self.dir.path().display().to_string();
-        Command::new("apt-get")
-            .args([
-                "-q",
-                "-o",
-                &format!("Dir={d}"),
-                "-o",
-                &format!("Dir::State::status={d}/root/var/lib/dpkg/status"),
-                "-o",
-                &format!("Dir::Log={d}/var/log/apt"),
-                "-o",
-                "APT::Update::Error-Mode=any",
-                "-o",
-                "Debug::NoLocking=1",
-                "-o",
-                "APT::Architecture=amd64",
-                "-o",
-                &format!("DPkg::Options::=--root={d}/root"),
-                "-o",
-                "DPkg::Options::=--force-not-root",
-            ])
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-            .unwrap()
+        let mut cmd = Command::new("apt-get");
+        let conf = self.dir.path().join("apt.conf");
+        if conf.exists() {
+            cmd.env("APT_CONFIG", conf);
+        }
+        cmd.args([
+            "-q",
+            "-o",
+            &format!("Dir={d}"),
+            "-o",
+            &format!("Dir::State::status={d}/root/var/lib/dpkg/status"),
+            "-o",
+            &format!("Dir::Log={d}/var/log/apt"),
+            "-o",
+            "APT::Update::Error-Mode=any",
+            "-o",
+            "Debug::NoLocking=1",
+            "-o",
+            "APT::Architecture=amd64",
+            // Lists uncompressed, as on a device (this machine's apt may keep them compressed).
+            "-o",
+            "Acquire::GzipIndexes=false",
+            "-o",
+            &format!("DPkg::Options::=--root={d}/root"),
+            "-o",
+            "DPkg::Options::=--force-not-root",
+        ])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .unwrap()
     }
 
     pub fn update(&self) -> Output {
