@@ -155,6 +155,52 @@ impl Fetcher {
         })
     }
 
+    /// Whether any repository lists deltas: without one there is nothing to plan (and no
+    /// simulation to pay for).
+    pub fn has_deltas(&self, apt: &Apt) -> bool {
+        self.enabled
+            && apt.index_target_files(INDEX_TARGET).iter().any(|(f, _)| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+    }
+
+    /// The packages apt's archive cache holds now (file names).
+    pub fn archived() -> std::collections::HashSet<String> {
+        std::fs::read_dir(APT_ARCHIVES)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|f| f.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Adds the packages a transaction installed that the plan did not fetch (no delta was
+    /// listed, or nothing was planned): fetched whole by apt, unless its cache had them already.
+    pub fn account(
+        apt: &Apt,
+        installed: &[(String, String)],
+        archived_before: &std::collections::HashSet<String>,
+        plan: &mut Plan,
+    ) {
+        let rest: Vec<(String, String)> =
+            installed.iter().filter(|(n, _)| !plan.fetches.iter().any(|f| &f.package == n)).cloned().collect();
+        if rest.is_empty() {
+            return;
+        }
+        let sizes = apt.sizes(&rest);
+        for (name, version) in rest {
+            let Some(full) = sizes.get(&(name.clone(), version.clone())).copied() else { continue };
+            let prefix = format!("{name}_{}_", version.replace(':', "%3a"));
+            let cached = archived_before.iter().any(|f| f.starts_with(&prefix));
+            plan.fetches.push(PackageFetch {
+                package: name,
+                version,
+                method: FetchMethod::Full,
+                bytes: if cached { 0 } else { full },
+                full_bytes: full,
+                fallback: None,
+            });
+        }
+    }
+
     async fn by_delta(&self, listed: &Listed) -> Result<PathBuf, Fallback> {
         let fail = |reason, message: String| Fallback { reason, message };
         let base = self.keep_dir.join(deb_name(&listed.package, &listed.from, &listed.arch));
@@ -167,6 +213,7 @@ impl Fetcher {
             DownloadError::Failed(m) => fail(FallbackReason::DownloadFailed, m),
         })?;
         let out = self.work_dir.join(deb_name(&listed.package, &listed.to, &listed.arch));
+        apply_delay().await;
         let (l, p, o) = (listed.clone(), part.clone(), out.clone());
         let applied = tokio::task::spawn_blocking(move || rebuild(&base, &p, &o, &l)).await;
         let _ = std::fs::remove_file(&part);
@@ -238,6 +285,14 @@ impl Fetcher {
                 let _ = std::fs::remove_file(f.path());
             }
         }
+    }
+}
+
+/// Test hook: `DEBFLEET_AGENT_APPLY_DELAY_MS` holds a downloaded delta that long before it is
+/// applied, so a test can cut the power in between.
+async fn apply_delay() {
+    if let Some(ms) = std::env::var("DEBFLEET_AGENT_APPLY_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 

@@ -286,12 +286,20 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     let before = ctx.db.installed_versions();
     let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Resolving, percent: None }).await;
     let mut plan = crate::fetch::Plan::default();
+    let archived = crate::fetch::Fetcher::archived();
+    let mut planned = false;
     let run = loop {
-        if ctx.fetcher.enabled && plan.fetches.is_empty() && !matches!(op, Op::Remove { .. }) {
+        let fetcher = ctx.fetcher.clone();
+        let apt = ctx.apt.clone();
+        let wants_plan =
+            !planned && !matches!(op, Op::Remove { .. }) && blocking(move || fetcher.has_deltas(&apt)).await;
+        if wants_plan {
             // What apt would download, so that the packages with a delta come by delta. A plan
-            // that fails here fails the same way in the run below, which reports it.
+            // that fails here fails the same way in the run below, which reports it (and after
+            // a refresh of the indices, planning is tried again).
             let (apt, plan_op) = (ctx.apt.clone(), op.clone());
             if let Ok(c) = blocking(move || apt.simulate(&plan_op, allow_downgrades)).await {
+                planned = true;
                 if !c.upgrade.is_empty() || !c.install.is_empty() {
                     let _ =
                         tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Downloading, percent: None }).await;
@@ -322,6 +330,12 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     let installed: Vec<(String, String)> =
         changes.iter().filter_map(|c| c.after.clone().map(|v| (c.package.clone(), v))).collect();
     ctx.fetcher.keep(&installed, &plan.local);
+    let (apt, inst) = (ctx.apt.clone(), installed.clone());
+    let plan = blocking(move || {
+        crate::fetch::Fetcher::account(&apt, &inst, &archived, &mut plan);
+        plan
+    })
+    .await;
     let report = match run {
         Ok(r) => r,
         Err(e) => {
@@ -329,11 +343,15 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             return JobDone::failed(&id, apt_error(e), history);
         }
     };
-    let full_packages: u64 = if plan.fetches.is_empty() {
-        report.download_bytes
-    } else {
-        plan.fetches.iter().filter(|f| f.bytes > 0).map(|f| f.full_bytes).sum()
-    };
+    // What apt downloaded whole is what it said it would; the whole cost of the rest is
+    // what their deltas replaced.
+    let full_packages: u64 = report.download_bytes
+        + plan
+            .fetches
+            .iter()
+            .filter(|f| f.method == debfleet_protocol::FetchMethod::Delta)
+            .map(|f| f.full_bytes)
+            .sum::<u64>();
     let mut result = PackageResult {
         changes: changes.clone(),
         download_bytes: report.download_bytes + plan.delta_bytes,

@@ -404,3 +404,152 @@ fn the_agent_upgrades_its_own_package() {
     let units = lab.dev.ok(&["systemctl", "list-units", "--all", "--no-legend", "debfleet-op-*"]);
     assert!(units.trim().is_empty(), "{units}");
 }
+
+/// (method, fallback reason, bytes fetched for packages, full cost) of a device's package result.
+fn fetch_of(result: &Value) -> (String, String, u64, u64) {
+    let f = &result["fetches"][0];
+    (
+        f["method"].as_str().unwrap_or_default().to_owned(),
+        f["fallback"]["reason"].as_str().unwrap_or_default().to_owned(),
+        result["download_bytes"].as_u64().unwrap_or_default(),
+        result["full_bytes"].as_u64().unwrap_or_default(),
+    )
+}
+
+fn outcome_of<'a>(v: &'a Value, device: &str) -> &'a Value {
+    v.as_array().unwrap().iter().find(|o| o["id"] == device).unwrap_or_else(|| panic!("{device} in {v}"))
+}
+
+/// Waits until the repository lists a delta of df-bulky from `from` to `to`.
+fn wait_delta(lab: &Lab, from: &str, to: &str) -> PathBuf {
+    let index = lab.repo.root.join("public/dists/stable/main/binary-amd64/Deltas");
+    let file = wait_for(Duration::from_secs(60), &format!("the delta {from} -> {to}"), || {
+        let text = std::fs::read_to_string(&index).unwrap_or_default();
+        text.split("\n\n")
+            .find(|s| s.contains(&format!("From-Version: {from}\nTo-Version: {to}\n")))
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Filename: ")).map(str::to_owned))
+    });
+    lab.repo.root.join("public").join(file)
+}
+
+/// What dpkg holds about a package and its files, to compare two devices.
+fn dpkg_state(dev: &Device, pkg: &str) -> String {
+    let status = dev.ok(&["dpkg-query", "-s", pkg]);
+    let md5sums = dev.ok(&["cat", &format!("/var/lib/dpkg/info/{pkg}.md5sums")]);
+    let verify = dev.ok(&["dpkg", "--verify", pkg]);
+    let files = dev.ok(&["sh", "-c", &format!("dpkg -L {pkg} | sort | xargs -d '\\n' sha256sum 2>/dev/null || true")]);
+    format!("{status}\n{md5sums}\nverify: [{verify}]\n{files}")
+}
+
+#[test]
+fn upgrades_come_by_delta_and_fall_back_whole_when_a_delta_does_not_fit() {
+    let mut lab = setup_with("fl-d1", 30, &["fl-d2"]);
+    let work = tempfile::tempdir().unwrap();
+    let deb = |v: &str| debfleet_tests::repo::bulky_deb(work.path(), "df-bulky", v);
+    // fl-d2 fetches whole packages: the reference the delta path must end identical to.
+    {
+        let d2 = &lab.others[0].1;
+        let conf = d2.ok(&["cat", "/etc/debfleet/agent.toml"]);
+        d2.write("/etc/debfleet/agent.toml", &format!("{conf}\n[deltas]\nenabled = false\n"));
+        d2.ok(&["systemctl", "restart", "debfleet-agent"]);
+        lab.obs.wait("debfleet/device/fl-d2/status", Duration::from_secs(30), |v| v["state"] == "online");
+    }
+    assert!(lab.repo.publish(&deb("1.0"), "stable").status.success());
+    let (code, _, text) = lab.console(&["install", "--group", "lab", "df-bulky=1.0", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    lab.dev.ok(&["test", "-f", "/var/lib/debfleet/debs/df-bulky_1.0_all.deb"]);
+
+    // By delta on fl-d1, whole on fl-d2; the same dpkg state on both.
+    assert!(lab.repo.publish(&deb("2.0"), "stable").status.success());
+    wait_delta(&lab, "1.0", "2.0");
+    let (code, v, text) = lab.console(&["upgrade", "--group", "lab", "df-bulky", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (method, _, fetched, full) = fetch_of(&outcome_of(&v, "fl-d1")["result"]);
+    assert_eq!(method, "delta", "{v}");
+    assert!(fetched * 3 < full, "fetched {fetched} of {full}: {v}");
+    let (method, _, fetched2, full2) = fetch_of(&outcome_of(&v, "fl-d2")["result"]);
+    assert_eq!(method, "full", "{v}");
+    assert!(
+        fetched2 > 0 && fetched2 == full2 - outcome_of(&v, "fl-d2")["result"]["index_bytes"].as_u64().unwrap(),
+        "{v}"
+    );
+    lab.assert_agree("df-bulky", Some("2.0"));
+    assert_eq!(dpkg_state(&lab.dev, "df-bulky"), dpkg_state(&lab.others[0].1, "df-bulky"));
+    // The reference has served; the rest concerns fl-d1 alone.
+    drop(lab.others.pop());
+    let (code, _, table) = lab.console(&["upgrade", "fl-d1", "df-bulky"]);
+    assert_eq!(code, Some(0), "{table}");
+    let (_, _, show) = lab.console(&["show", "fl-d1"]);
+    assert!(show.contains("TRANSFER") && show.contains("1 package(s) by delta"), "{show}");
+
+    // A tampered delta is refused; the package comes whole and the result says why.
+    assert!(lab.repo.publish(&deb("3.0"), "stable").status.success());
+    let file = wait_delta(&lab, "2.0", "3.0");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let (code, v, text) = lab.console(&["upgrade", "fl-d1", "df-bulky", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (method, reason, _, _) = fetch_of(&v[0]["result"]);
+    assert_eq!((method.as_str(), reason.as_str()), ("full", "delta_invalid"), "{v}");
+    lab.assert_agree("df-bulky", Some("3.0"));
+
+    // No kept copy of the installed version: whole.
+    lab.dev.ok(&["sh", "-c", "rm -f /var/lib/debfleet/debs/*"]);
+    assert!(lab.repo.publish(&deb("4.0"), "stable").status.success());
+    wait_delta(&lab, "3.0", "4.0");
+    let (_, v, text) = lab.console(&["upgrade", "fl-d1", "df-bulky", "--json"]);
+    assert_eq!(fetch_of(&v[0]["result"]).1, "no_base", "{text}");
+    lab.assert_agree("df-bulky", Some("4.0"));
+
+    // The kept copy is not the delta's base (another payload under its name): whole.
+    lab.dev.ok(&["test", "-f", "/var/lib/debfleet/debs/df-bulky_4.0_all.deb"]);
+    lab.dev.put(&deb("3.5"), "/var/lib/debfleet/debs/df-bulky_4.0_all.deb");
+    assert!(lab.repo.publish(&deb("5.0"), "stable").status.success());
+    wait_delta(&lab, "4.0", "5.0");
+    let (_, v, text) = lab.console(&["upgrade", "fl-d1", "df-bulky", "--json"]);
+    assert_eq!(fetch_of(&v[0]["result"]).1, "base_mismatch", "{text}");
+    lab.assert_agree("df-bulky", Some("5.0"));
+
+    // A partial download is resumed with a Range request.
+    assert!(lab.repo.publish(&deb("6.0"), "stable").status.success());
+    let file = wait_delta(&lab, "5.0", "6.0");
+    let bytes = std::fs::read(&file).unwrap();
+    let sha = debfleet_tests::sha256_hex(&bytes);
+    let part = work.path().join("part");
+    std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+    lab.dev.put(&part, &format!("/var/lib/debfleet/fetch/{}.debdelta", &sha[..32]));
+    let (code, v, text) = lab.console(&["upgrade", "fl-d1", "df-bulky", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(fetch_of(&v[0]["result"]).0, "delta", "{v}");
+    let log = lab.repo.log();
+    assert!(log.lines().any(|l| l.contains(".debdelta bytes=") && l.contains(" 206 ")), "a Range request: {log}");
+    lab.assert_agree("df-bulky", Some("6.0"));
+
+    // The power goes between the download and the rebuild: the next start ends the operation.
+    lab.dev.write(
+        "/etc/systemd/system/debfleet-agent.service.d/hold.conf",
+        "[Service]\nEnvironment=DEBFLEET_AGENT_APPLY_DELAY_MS=60000\n",
+    );
+    lab.dev.ok(&["systemctl", "daemon-reload"]);
+    lab.dev.ok(&["systemctl", "restart", "debfleet-agent"]);
+    lab.obs.wait("debfleet/device/fl-d1/status", Duration::from_secs(30), |v| v["state"] == "online");
+    assert!(lab.repo.publish(&deb("7.0"), "stable").status.success());
+    wait_delta(&lab, "6.0", "7.0");
+    lab.obs.publish("debfleet/device/fl-d1/cmd/upgrade", r#"{"id":"cut-delta","packages":["df-bulky"]}"#, false);
+    wait_for(Duration::from_secs(60), "the delta to be downloaded", || {
+        let fetch = lab.dev.ok(&["ls", "/var/lib/debfleet/fetch"]);
+        lab.repo.log().contains("6.0_to_7.0_all.debdelta 200").then_some(fetch)
+    });
+    lab.dev.power_cut();
+    lab.obs.wait("debfleet/device/fl-d1/status", Duration::from_secs(60), |v| v["state"] == "lost");
+    let (dir, name) = (lab.dev.dir.clone(), lab.dev.name.clone());
+    let mut rebooted = debfleet_lab::Device::create(&name, &dir).unwrap();
+    let rec = lab.obs.wait("debfleet/device/fl-d1/op/cut-delta", Duration::from_secs(120), |v| {
+        v["state"] == "failed" || v["state"] == "succeeded"
+    });
+    assert_eq!(rec["error"]["code"], "interrupted", "{rec}");
+    assert_eq!(rebooted.ok(&["dpkg", "--audit"]).unwrap().trim(), "");
+    rebooted.power_cut();
+}
