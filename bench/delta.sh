@@ -10,7 +10,8 @@
 # Goals (issue 11): total bytes <= 0.8x debdelta's and <= 1.0x on every pair; apply <= 0.1x
 # debpatch's time; apply peak memory <= 64 MiB. Installs debdelta (and the bsdiff it runs) when
 # missing (as root).
-# The index-update figure (pdiffs after one publish into 5,000 packages) is bench/index-diff.sh.
+# Then index diffs: what `apt-get update` fetches after one publish into a suite of N (default
+# 5,000) packages, against the full Packages.xz (goal <= 2%). PAIRS_ONLY=1 skips that part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=$(realpath "${1:-../shared/bench/delta-pairs}")
@@ -19,10 +20,11 @@ if ! command -v debdelta >/dev/null || ! command -v bsdiff >/dev/null; then
     [ "$(id -u)" -eq 0 ] || { echo "needs debdelta and bsdiff: run as root or install them" >&2; exit 1; }
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debdelta bsdiff >/dev/null
 fi
-cargo build --release -p debfleet-console >&2
+cargo build --release -p debfleet-console -p debfleet-repo >&2
 BIN=$PWD/target/release/debfleet
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+server=
+trap 'kill $server 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 
 list=$work/pairs
 if [ -d "$PAIRS" ]; then
@@ -75,3 +77,58 @@ echo "total: ours $tot_ours bytes, debdelta $tot_dd bytes: $(ratio "$tot_ours" "
 echo "worst pair: ${worst}x debdelta's bytes (goal <= 1.0x)"
 echo "worst apply: ${worst_apply}x debpatch's time (goal <= 0.1x); peak memory ${worst_mem} MiB (goal <= 64)"
 echo "rebuilt packages identical to the new ones (files and control fields): $all_identical"
+
+[ "${PAIRS_ONLY:-0}" = 1 ] && exit 0
+
+# Index diffs after one publish into a suite of N packages (same generated packages as
+# bench/repo-publish.sh, cached).
+N=${N:-5000}
+REPO=$PWD/target/release/debfleet-repo
+cache=${BENCH_CACHE:-/tmp/debfleet-bench-debs-$N}
+if [ ! -f "$cache/.complete" ]; then
+    echo "generating $N small packages with dpkg-deb (cached in $cache)..." >&2
+    rm -rf "$cache" && mkdir -p "$cache/debs"
+    seq 1 "$N" | xargs -P "$(nproc)" -I{} sh -c '
+        d=$(mktemp -d); mkdir -p "$d/DEBIAN" "$d/usr/share/bench-pkg-{}"
+        echo {} > "$d/usr/share/bench-pkg-{}/id"
+        printf "Package: bench-pkg-{}\nVersion: 1.0-1\nArchitecture: all\nMaintainer: Bench <bench@example.com>\nDescription: benchmark package {}\n generated for the repository benchmark\n" > "$d/DEBIAN/control"
+        dpkg-deb --build --root-owner-group -Zgzip "$d" "'"$cache"'/debs/bench-pkg-{}_1.0-1_all.deb" >/dev/null
+        rm -rf "$d"' || true
+    touch "$cache/.complete"
+fi
+"$REPO" init --root "$work/repo" > "$work/init.out"
+token=$(tail -1 "$work/init.out")
+"$REPO" import --root "$work/repo" --suite stable "$cache"/debs/*.deb >/dev/null
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$REPO" serve --root "$work/repo" --listen "127.0.0.1:$port" 2>/dev/null &
+server=$!
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+publish() {
+    local d; d=$(mktemp -d); mkdir -p "$d/DEBIAN" "$d/usr/share/$1"; echo "$1" > "$d/usr/share/$1/id"
+    printf "Package: %s\nVersion: 1.0\nArchitecture: all\nMaintainer: Bench <bench@example.com>\nDescription: one more\n" "$1" > "$d/DEBIAN/control"
+    dpkg-deb --build --root-owner-group -Zgzip "$d" "$work/$1.deb" >/dev/null; rm -rf "$d"
+    "$BIN" publish --repo "http://127.0.0.1:$port" --token "$token" "$work/$1.deb" >/dev/null
+}
+a=$work/apt
+mkdir -p "$a/etc/apt/apt.conf.d" "$a/etc/apt/preferences.d" "$a/etc/apt/sources.list.d" "$a/var/lib/apt/lists/partial" \
+    "$a/var/cache/apt/archives/partial" "$a/var/lib/dpkg"
+: > "$a/var/lib/dpkg/status"
+"$REPO" export-key --root "$work/repo" > "$work/key.gpg"
+echo "deb [signed-by=$work/key.gpg] http://127.0.0.1:$port/ stable main" > "$a/etc/apt/sources.list"
+update() {
+    apt-get -q -o Dir="$a" -o Dir::State::status="$a/var/lib/dpkg/status" -o Debug::NoLocking=1 \
+        -o APT::Architecture=amd64 -o Acquire::GzipIndexes=false -o APT::Update::Error-Mode=any update 2>&1
+}
+publish bench-first
+update >/dev/null
+publish bench-second
+out=$(update)
+fetched=$(echo "$out" | awk '/^Fetched/ { gsub(",", "", $2); v = $2; u = $3; if (u == "kB") v *= 1000; if (u == "MB") v *= 1000000; print int(v) }')
+fetched=${fetched:-0}
+full=$(stat -c %s "$work/repo/public/dists/stable/main/binary-amd64/Packages.xz")
+used=$(echo "$out" | grep -c 'Packages.diff' || true)
+same=$(cmp -s "$work/repo/public/dists/stable/main/binary-amd64/Packages" "$a"/var/lib/apt/lists/*binary-amd64_Packages && echo yes || echo NO)
+echo
+echo "index update after one publish into $N packages: fetched $fetched bytes (InRelease, Packages.diff/Index, one patch,"
+echo "  Deltas) against the full Packages.xz $full bytes: $(ratio "$fetched" "$full")x (goal <= 0.02); index diffs used: $([ "$used" -gt 0 ] && echo yes || echo NO);"
+echo "  lists identical to the served Packages: $same"

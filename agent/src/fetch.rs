@@ -13,13 +13,12 @@
 //! The keep: `state_dir/debs/NAME_VERSION_ARCH.deb`, one version per managed package (the
 //! installed one), linked from apt's archive cache or kept from a rebuild; bounded in bytes.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use debfleet_apt::{Apt, LocalDeb};
 use debfleet_protocol::{Fallback, FallbackReason, FetchMethod, PackageFetch};
-use sha2::{Digest, Sha256};
+
+pub use crate::fetch_request::FetchRequest;
 
 /// The index target's identifier in the apt configuration the agent package ships.
 pub const INDEX_TARGET: &str = "debfleet-deltas";
@@ -207,20 +206,35 @@ impl Fetcher {
         if !base.exists() {
             return Err(fail(FallbackReason::NoBase, format!("no kept copy of {} {}", listed.package, listed.from)));
         }
-        let part = self.work_dir.join(format!("{}.debdelta", &listed.sha256[..listed.sha256.len().min(32)]));
-        download(&listed.url, &part, listed.size, &listed.sha256).await.map_err(|e| match e {
-            DownloadError::Refused(m) => fail(FallbackReason::DeltaInvalid, m),
-            DownloadError::Failed(m) => fail(FallbackReason::DownloadFailed, m),
-        })?;
         let out = self.work_dir.join(deb_name(&listed.package, &listed.to, &listed.arch));
-        apply_delay().await;
-        let (l, p, o) = (listed.clone(), part.clone(), out.clone());
-        let applied = tokio::task::spawn_blocking(move || rebuild(&base, &p, &o, &l)).await;
-        let _ = std::fs::remove_file(&part);
-        match applied {
-            Ok(Ok(())) => Ok(out),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(fail(FallbackReason::DeltaInvalid, format!("applying the delta: {e}"))),
+        let request = FetchRequest {
+            url: listed.url.clone(),
+            size: listed.size,
+            sha256: listed.sha256.clone(),
+            base_payload: listed.base_payload.clone(),
+            result_payload: listed.result_payload.clone(),
+            base,
+            part: self.work_dir.join(format!("{}.debdelta", &listed.sha256[..listed.sha256.len().min(32)])),
+            out: out.clone(),
+        };
+        // The download and the rebuild run in their own process: their code and their tens of
+        // MiB never become part of the agent's resident memory.
+        let helper = helper_path();
+        let json = serde_json::to_string(&request).unwrap_or_default();
+        match tokio::process::Command::new(&helper).arg(json).kill_on_drop(true).output().await {
+            Ok(o) if o.status.success() => Ok(out),
+            Ok(o) => Err(serde_json::from_slice::<Fallback>(&o.stdout).unwrap_or_else(|_| {
+                fail(
+                    FallbackReason::DeltaInvalid,
+                    format!(
+                        "{} ended with {}: {}",
+                        helper.display(),
+                        o.status,
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                )
+            })),
+            Err(e) => Err(fail(FallbackReason::DownloadFailed, format!("cannot run {}: {e}", helper.display()))),
         }
     }
 
@@ -288,12 +302,16 @@ impl Fetcher {
     }
 }
 
-/// Test hook: `DEBFLEET_AGENT_APPLY_DELAY_MS` holds a downloaded delta that long before it is
-/// applied, so a test can cut the power in between.
-async fn apply_delay() {
-    if let Some(ms) = std::env::var("DEBFLEET_AGENT_APPLY_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+/// The helper that downloads and applies a delta: beside the agent (a build tree), or where the
+/// package installs it.
+fn helper_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let beside = dir.join("debfleet-fetch");
+    if beside.exists() {
+        return beside;
     }
+    dir.join("../lib/debfleet/debfleet-fetch")
 }
 
 /// Every delta the device's apt lists name.
@@ -303,130 +321,6 @@ fn listed_deltas(apt: &Apt) -> Vec<Listed> {
         .filter_map(|(file, base)| Some(parse_index(&std::fs::read_to_string(file).ok()?, &repo_root(&base)?)))
         .flatten()
         .collect()
-}
-
-fn rebuild(base: &Path, delta: &Path, out: &Path, listed: &Listed) -> Result<(), Fallback> {
-    let invalid = |m: String| Fallback { reason: FallbackReason::DeltaInvalid, message: m };
-    let base_bytes = std::fs::read(base).map_err(|e| Fallback {
-        reason: FallbackReason::NoBase,
-        message: format!("reading {}: {e}", base.display()),
-    })?;
-    let delta_bytes = std::fs::read(delta).map_err(|e| invalid(format!("reading the delta: {e}")))?;
-    let (header, deb) = debfleet_delta::apply(&base_bytes, &delta_bytes).map_err(|e| match e {
-        debfleet_delta::DeltaError::Mismatch(m) if m.starts_with("it applies to") => {
-            Fallback { reason: FallbackReason::BaseMismatch, message: m }
-        }
-        other => invalid(other.to_string()),
-    })?;
-    if header.result.payload != listed.result_payload || header.base.payload != listed.base_payload {
-        return Err(invalid("the delta is not the one the signed index lists".into()));
-    }
-    let tmp = out.with_extension("deb.tmp");
-    std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(&deb).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, out))
-        .map_err(|e| invalid(format!("writing {}: {e}", out.display())))
-}
-
-enum DownloadError {
-    /// What came is not what the index lists.
-    Refused(String),
-    Failed(String),
-}
-
-/// Downloads `url` to `dest` (resuming a partial file with a Range request, and again after a
-/// dropped connection), at most `size` bytes, and checks its SHA-256.
-async fn download(url: &str, dest: &Path, size: u64, sha256: &str) -> Result<(), DownloadError> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(15))
-        .read_timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| DownloadError::Failed(format!("http client: {e}")))?;
-    let mut last = String::new();
-    for attempt in 0..5u32 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(500 << attempt.min(4))).await;
-        }
-        match fetch_once(&client, url, dest, size).await {
-            Ok(()) => {
-                let bytes = tokio::fs::read(dest).await.map_err(|e| DownloadError::Failed(e.to_string()))?;
-                let got = hex(&Sha256::digest(&bytes));
-                if got == sha256 {
-                    return Ok(());
-                }
-                let _ = tokio::fs::remove_file(dest).await;
-                return Err(DownloadError::Refused(format!("{url}: SHA-256 {got}, the signed index says {sha256}")));
-            }
-            Err(Some(refused)) => {
-                let _ = tokio::fs::remove_file(dest).await;
-                return Err(DownloadError::Refused(refused));
-            }
-            Err(None) => last = format!("{url}: the connection failed {} time(s)", attempt + 1),
-        }
-    }
-    Err(DownloadError::Failed(last))
-}
-
-/// One request; `Err(None)` is worth retrying, `Err(Some(why))` is not.
-async fn fetch_once(client: &reqwest::Client, url: &str, dest: &Path, size: u64) -> Result<(), Option<String>> {
-    use tokio::io::AsyncWriteExt;
-    let have = tokio::fs::metadata(dest).await.map(|m| m.len()).unwrap_or(0);
-    if have > size {
-        let _ = tokio::fs::remove_file(dest).await;
-    }
-    let have = have.min(size);
-    if have == size && size > 0 {
-        return Ok(());
-    }
-    let mut req = client.get(url);
-    if have > 0 {
-        req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
-    }
-    let mut resp = req.send().await.map_err(|e| {
-        tracing::info!("{url}: {e}");
-        None
-    })?;
-    let status = resp.status();
-    let resumed = status == reqwest::StatusCode::PARTIAL_CONTENT;
-    if !status.is_success() {
-        return Err(if status.is_server_error() { None } else { Some(format!("{url}: HTTP {status}")) });
-    }
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(resumed)
-        .truncate(!resumed)
-        .open(dest)
-        .await
-        .map_err(|e| Some(format!("{}: {e}", dest.display())))?;
-    let mut written = if resumed { have } else { 0 };
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                written += chunk.len() as u64;
-                if written > size {
-                    return Err(Some(format!("{url}: more than the {size} bytes the signed index lists")));
-                }
-                file.write_all(&chunk).await.map_err(|e| Some(format!("{}: {e}", dest.display())))?;
-            }
-            Ok(None) => break,
-            Err(e) => {
-                // Keep what came: the next attempt asks for the rest.
-                let _ = file.flush().await;
-                tracing::info!("{url}: dropped after {written} bytes: {e}");
-                return Err(None);
-            }
-        }
-    }
-    file.flush().await.map_err(|e| Some(e.to_string()))?;
-    if written < size {
-        return Err(None);
-    }
-    Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

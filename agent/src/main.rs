@@ -4,6 +4,7 @@ mod config;
 mod connection;
 mod core;
 mod fetch;
+mod fetch_request;
 mod fsutil;
 mod identity;
 mod jobs;
@@ -134,8 +135,6 @@ async fn run(
         keep_max_bytes: cfg.deltas.keep_mb << 20,
     };
     fetcher.clean();
-    // reqwest's rustls takes the process's provider; the MQTT connection sets its own.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let job_ctx = Arc::new(jobs::JobContext {
         apt,
         fetcher,

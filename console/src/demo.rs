@@ -42,10 +42,22 @@ fn find_agent_deb(given: Option<PathBuf>) -> Result<PathBuf> {
     found.context("no agent package: build it with scripts/build-debs.sh (target/debs) or pass --agent-deb FILE")
 }
 
-/// A sample component: a service that says hello with its version.
+/// A sample component: a service that says hello with its version, with a data file that
+/// changes a little between versions (as real updates do), so that its upgrade goes by delta.
 fn sample_package(dir: &Path, version: &str) -> Result<PathBuf> {
     let d = dir.join(format!("hello-{version}"));
     std::fs::create_dir_all(&d)?;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut data: Vec<u8> = (0..192 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect();
+    data.extend_from_slice(format!("debfleet-hello {version}\n").as_bytes());
+    std::fs::write(d.join("data"), data)?;
     std::fs::write(
         d.join("debfleet-hello"),
         format!("#!/bin/sh\necho \"debfleet-hello {version} running\"\nexec sleep infinity\n"),
@@ -57,7 +69,7 @@ fn sample_package(dir: &Path, version: &str) -> Result<PathBuf> {
     std::fs::write(
         d.join("manifest.toml"),
         format!(
-            "[package]\nname = \"debfleet-hello\"\nversion = \"{version}\"\narchitecture = \"all\"\nmaintainer = \"debfleet demo <demo@example.com>\"\ndescription = \"debfleet sample service\"\n\n[[files]]\nsource = \"debfleet-hello\"\ndest = \"/usr/bin/debfleet-hello\"\nmode = \"0755\"\n\n[[units]]\nsource = \"debfleet-hello.service\"\n"
+            "[package]\nname = \"debfleet-hello\"\nversion = \"{version}\"\narchitecture = \"all\"\nmaintainer = \"debfleet demo <demo@example.com>\"\ndescription = \"debfleet sample service\"\n\n[[files]]\nsource = \"debfleet-hello\"\ndest = \"/usr/bin/debfleet-hello\"\nmode = \"0755\"\n\n[[files]]\nsource = \"data\"\ndest = \"/usr/share/debfleet-hello/data\"\n\n[[units]]\nsource = \"debfleet-hello.service\"\n"
         ),
     )?;
     let manifest = d.join("manifest.toml");
@@ -192,7 +204,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 export PATH={bin_dir}:$PATH DEBFLEET_BROKER={broker_url} DEBFLEET_REPO={repo_url} DEBFLEET_TOKEN={token}\n\
          \x20 debfleet devices                                  # the fleet, from retained topics\n\
          \x20 debfleet install --group lab debfleet-hello=1.0   # one publish, every device installs\n\
-         \x20 debfleet upgrade --group lab debfleet-hello       # to 2.0, units verified\n\
+         \x20 debfleet upgrade --group lab debfleet-hello       # to 2.0 by delta (FETCHED, SAVED), units verified\n\
+         \x20 debfleet show lab-1                               # ... and what its transfers cost (TRANSFER)\n\
          \x20 debfleet rollback lab-1 debfleet-hello            # back to 1.0\n\
          \x20 debfleet watch --group lab                        # status, progress, logs, telemetry\n\
          \x20 debfleet lab kill lab-2 && debfleet devices      # lost, dated by when it was last heard\n\

@@ -49,6 +49,17 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
+    // The tour's upgrade to 2.0 comes by delta on every device.
+    let out = Command::new(bin("debfleet"))
+        .args(["upgrade", "--group", "lab", "debfleet-hello", "--watch", "2", "--json"])
+        .env("DEBFLEET_BROKER", &broker)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for o in v.as_array().unwrap() {
+        assert_eq!(o["result"]["fetches"][0]["method"], "delta", "{v}");
+    }
 
     // SIGTERM: devices and services go away.
     Command::new("kill").arg("-TERM").arg(demo.id().to_string()).status().unwrap();
