@@ -84,18 +84,7 @@ echo "rebuilt packages identical to the new ones (files and control fields): $al
 # bench/repo-publish.sh, cached).
 N=${N:-5000}
 REPO=$PWD/target/release/debfleet-repo
-cache=${BENCH_CACHE:-/tmp/debfleet-bench-debs-$N}
-if [ ! -f "$cache/.complete" ]; then
-    echo "generating $N small packages with dpkg-deb (cached in $cache)..." >&2
-    rm -rf "$cache" && mkdir -p "$cache/debs"
-    seq 1 "$N" | xargs -P "$(nproc)" -I{} sh -c '
-        d=$(mktemp -d); mkdir -p "$d/DEBIAN" "$d/usr/share/bench-pkg-{}"
-        echo {} > "$d/usr/share/bench-pkg-{}/id"
-        printf "Package: bench-pkg-{}\nVersion: 1.0-1\nArchitecture: all\nMaintainer: Bench <bench@example.com>\nDescription: benchmark package {}\n generated for the repository benchmark\n" > "$d/DEBIAN/control"
-        dpkg-deb --build --root-owner-group -Zgzip "$d" "'"$cache"'/debs/bench-pkg-{}_1.0-1_all.deb" >/dev/null
-        rm -rf "$d"' || true
-    touch "$cache/.complete"
-fi
+source bench/bench-debs.sh
 "$REPO" init --root "$work/repo" > "$work/init.out"
 token=$(tail -1 "$work/init.out")
 "$REPO" import --root "$work/repo" --suite stable "$cache"/debs/*.deb >/dev/null

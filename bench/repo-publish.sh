@@ -17,20 +17,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 cargo build --release -p debfleet-repo
 BIN=$PWD/target/release/debfleet-repo
-cache=${BENCH_CACHE:-/tmp/debfleet-bench-debs-$N}
-if [ ! -f "$cache/.complete" ]; then
-    echo "generating $N small packages with dpkg-deb (cached in $cache)..." >&2
-    rm -rf "$cache" && mkdir -p "$cache/debs"
-    seq 1 "$N" | xargs -P "$(nproc)" -I{} sh -c '
-        d=$(mktemp -d); mkdir -p "$d/DEBIAN" "$d/usr/share/bench-pkg-{}"
-        echo {} > "$d/usr/share/bench-pkg-{}/id"
-        printf "Package: bench-pkg-{}\nVersion: 1.0-1\nArchitecture: all\nMaintainer: Bench <bench@example.com>\nDescription: benchmark package {}\n generated for the repository benchmark\n" > "$d/DEBIAN/control"
-        dpkg-deb --build --root-owner-group -Zgzip "$d" "'"$cache"'/debs/bench-pkg-{}_1.0-1_all.deb" >/dev/null
-        rm -rf "$d"' || true
-    made=$(find "$cache/debs" -name '*.deb' | wc -l)
-    [ "$made" -eq "$N" ] || { echo "only $made of $N packages were built" >&2; exit 1; }
-    touch "$cache/.complete"
-fi
+source bench/bench-debs.sh
 work=$(mktemp -d)
 trap 'kill $server 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 server=
