@@ -96,7 +96,7 @@ publish() {
     local d; d=$(mktemp -d); mkdir -p "$d/DEBIAN" "$d/usr/share/$1"; echo "$1" > "$d/usr/share/$1/id"
     printf "Package: %s\nVersion: 1.0\nArchitecture: all\nMaintainer: Bench <bench@example.com>\nDescription: one more\n" "$1" > "$d/DEBIAN/control"
     dpkg-deb --build --root-owner-group -Zgzip "$d" "$work/$1.deb" >/dev/null; rm -rf "$d"
-    "$BIN" publish --repo "http://127.0.0.1:$port" --token "$token" "$work/$1.deb" >/dev/null
+    "$BIN" publish --suite stable --repo "http://127.0.0.1:$port" --token "$token" "$work/$1.deb" >/dev/null
 }
 a=$work/apt
 mkdir -p "$a/etc/apt/apt.conf.d" "$a/etc/apt/preferences.d" "$a/etc/apt/sources.list.d" "$a/var/lib/apt/lists/partial" \
