@@ -10,7 +10,7 @@
 # Goals (issue 11): total bytes <= 0.8x debdelta's and <= 1.0x on every pair; apply <= 0.1x
 # debpatch's time; apply peak memory <= 64 MiB. Installs debdelta (and the bsdiff it runs) when
 # missing (as root).
-# Then index diffs: what `apt-get update` fetches after one publish into a suite of N (default
+# Then our diff engine against bidiff on the same data, and index diffs: what `apt-get update` fetches after one publish into a suite of N (default
 # 5,000) packages, against the full Packages.xz (goal <= 2%). PAIRS_ONLY=1 skips that part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +77,14 @@ echo "total: ours $tot_ours bytes, debdelta $tot_dd bytes: $(ratio "$tot_ours" "
 echo "worst pair: ${worst}x debdelta's bytes (goal <= 1.0x)"
 echo "worst apply: ${worst_apply}x debpatch's time (goal <= 0.1x); peak memory ${worst_mem} MiB (goal <= 64)"
 echo "rebuilt packages identical to the new ones (files and control fields): $all_identical"
+
+
+# The other diff engine the issue names, on the same expanded data (decision 0004).
+echo
+cargo build --release -p debfleet-delta --features bench-bidiff --example engines >&2
+args=()
+while read -r old new; do [ -n "$old" ] && args+=("$old" "$new"); done <"$list"
+target/release/examples/engines "${args[@]}"
 
 [ "${PAIRS_ONLY:-0}" = 1 ] && exit 0
 

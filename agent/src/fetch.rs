@@ -24,6 +24,8 @@ pub use crate::fetch_request::FetchRequest;
 pub const INDEX_TARGET: &str = "debfleet-deltas";
 /// apt's downloaded packages.
 const APT_ARCHIVES: &str = "/var/cache/apt/archives";
+/// apt's lists (the indices `apt-get update` fetched).
+const APT_LISTS: &str = "/var/lib/apt/lists";
 
 #[derive(Debug, Clone)]
 pub struct Fetcher {
@@ -154,49 +156,29 @@ impl Fetcher {
         })
     }
 
-    /// Whether any repository lists deltas: without one there is nothing to plan (and no
-    /// simulation to pay for).
-    pub fn has_deltas(&self, apt: &Apt) -> bool {
+    /// Whether any repository lists deltas (a non-empty `…_Deltas` in apt's lists): without one
+    /// there is nothing to plan, and no simulation to pay for.
+    pub fn has_deltas(&self) -> bool {
         self.enabled
-            && apt.index_target_files(INDEX_TARGET).iter().any(|(f, _)| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+            && std::fs::read_dir(APT_LISTS).into_iter().flatten().flatten().any(|f| {
+                f.file_name().to_string_lossy().ends_with("_Deltas") && f.metadata().is_ok_and(|m| m.len() > 0)
+            })
     }
 
-    /// The packages apt's archive cache holds now (file names).
-    pub fn archived() -> std::collections::HashSet<String> {
-        std::fs::read_dir(APT_ARCHIVES)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|f| f.file_name().to_string_lossy().into_owned())
-            .collect()
-    }
-
-    /// Adds the packages a transaction installed that the plan did not fetch (no delta was
-    /// listed, or nothing was planned): fetched whole by apt, unless its cache had them already.
-    pub fn account(
-        apt: &Apt,
-        installed: &[(String, String)],
-        archived_before: &std::collections::HashSet<String>,
-        plan: &mut Plan,
-    ) {
-        let rest: Vec<(String, String)> =
-            installed.iter().filter(|(n, _)| !plan.fetches.iter().any(|f| &f.package == n)).cloned().collect();
-        if rest.is_empty() {
-            return;
-        }
-        let sizes = apt.sizes(&rest);
-        for (name, version) in rest {
-            let Some(full) = sizes.get(&(name.clone(), version.clone())).copied() else { continue };
-            let prefix = format!("{name}_{}_", version.replace(':', "%3a"));
-            let cached = archived_before.iter().any(|f| f.starts_with(&prefix));
-            plan.fetches.push(PackageFetch {
-                package: name,
-                version,
-                method: FetchMethod::Full,
-                bytes: if cached { 0 } else { full },
-                full_bytes: full,
-                fallback: None,
-            });
+    /// Adds the packages apt downloaded whole that the plan did not list (no delta was listed,
+    /// or nothing was planned), from apt's own account of the transaction.
+    pub fn account(downloads: &[(String, String, u64)], plan: &mut Plan) {
+        for (name, version, size) in downloads {
+            if !plan.fetches.iter().any(|f| &f.package == name) {
+                plan.fetches.push(PackageFetch {
+                    package: name.clone(),
+                    version: version.clone(),
+                    method: FetchMethod::Full,
+                    bytes: *size,
+                    full_bytes: *size,
+                    fallback: None,
+                });
+            }
         }
     }
 

@@ -221,14 +221,17 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     // An upgrade is about the newest the repository has, so it starts from fresh indices; other
     // operations refresh them only when apt does not know what was asked for (just published).
     let mut updated = false;
-    let mut index_bytes = 0u64;
+    let (mut index_bytes, mut index_full) = (0u64, 0u64);
     let update = |tx: mpsc::Sender<JobEvent>, id: OpId, apt: Apt| async move {
         let _ = tx.send(JobEvent::Progress { id, phase: Phase::UpdatingIndices, percent: None }).await;
         blocking(move || apt.update()).await
     };
     if matches!(job.kind, JobKind::Upgrade(_)) {
         match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-            Ok(bytes) => index_bytes += bytes,
+            Ok(b) => {
+                index_bytes += b.fetched;
+                index_full += b.without_diffs;
+            }
             Err(e) => return fail(apt_error(e)),
         }
         updated = true;
@@ -242,7 +245,10 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
                 Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
                     updated = true;
                     match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-                        Ok(bytes) => index_bytes += bytes,
+                        Ok(b) => {
+                            index_bytes += b.fetched;
+                            index_full += b.without_diffs;
+                        }
                         Err(e) => return fail(apt_error(e)),
                     }
                 }
@@ -268,7 +274,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             changes,
             download_bytes: 0,
             index_bytes,
-            full_bytes: 0,
+            full_bytes: index_full,
             fetches: vec![],
             duration_ms: started.elapsed().as_millis() as u64,
             dry_run: true,
@@ -286,14 +292,9 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     let before = ctx.db.installed_versions();
     let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Resolving, percent: None }).await;
     let mut plan = crate::fetch::Plan::default();
-    let archived = crate::fetch::Fetcher::archived();
     let mut planned = false;
     let run = loop {
-        let fetcher = ctx.fetcher.clone();
-        let apt = ctx.apt.clone();
-        let wants_plan =
-            !planned && !matches!(op, Op::Remove { .. }) && blocking(move || fetcher.has_deltas(&apt)).await;
-        if wants_plan {
+        if !planned && !matches!(op, Op::Remove { .. }) && ctx.fetcher.has_deltas() {
             // What apt would download, so that the packages with a delta come by delta. A plan
             // that fails here fails the same way in the run below, which reports it (and after
             // a refresh of the indices, planning is tried again).
@@ -319,7 +320,10 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
                 updated = true;
                 match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-                    Ok(bytes) => index_bytes += bytes,
+                    Ok(b) => {
+                        index_bytes += b.fetched;
+                        index_full += b.without_diffs;
+                    }
                     Err(e) => return fail(apt_error(e)),
                 }
             }
@@ -330,14 +334,11 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     let installed: Vec<(String, String)> =
         changes.iter().filter_map(|c| c.after.clone().map(|v| (c.package.clone(), v))).collect();
     ctx.fetcher.keep(&installed, &plan.local);
-    let (apt, inst) = (ctx.apt.clone(), installed.clone());
-    let plan = blocking(move || {
-        crate::fetch::Fetcher::account(&apt, &inst, &archived, &mut plan);
-        plan
-    })
-    .await;
     let report = match run {
-        Ok(r) => r,
+        Ok(r) => {
+            crate::fetch::Fetcher::account(&r.downloads, &mut plan);
+            r
+        }
         Err(e) => {
             // Some packages may have changed before the failure: the history follows dpkg.
             return JobDone::failed(&id, apt_error(e), history);
@@ -356,7 +357,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         changes: changes.clone(),
         download_bytes: report.download_bytes + plan.delta_bytes,
         index_bytes,
-        full_bytes: full_packages + index_bytes,
+        full_bytes: full_packages + index_full,
         fetches: plan.fetches,
         duration_ms: 0,
         dry_run: false,

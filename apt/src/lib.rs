@@ -13,5 +13,5 @@ pub mod simulate;
 pub mod status;
 
 pub use errors::{classify, AptError};
-pub use run::{fetched, need_to_get, Apt, LocalDeb, Op, Progress, Report, Spec};
+pub use run::{fetched, need_to_get, update_bytes, Apt, LocalDeb, Op, Progress, Report, Spec, UpdateBytes};
 pub use simulate::Changes;

@@ -63,6 +63,8 @@ pub struct Progress {
 pub struct Report {
     /// What apt said it would fetch ("Need to get ..."), in bytes.
     pub download_bytes: u64,
+    /// The packages apt downloaded from repositories: (name, version, bytes).
+    pub downloads: Vec<(String, String, u64)>,
     pub conffiles_kept: Vec<String>,
 }
 
@@ -94,10 +96,86 @@ pub fn fetched(output: &str) -> u64 {
     after_words(output, "Fetched ")
 }
 
+/// The packages a transaction downloaded, from its `Get:N URL DIST/COMP ARCH NAME ARCH VERSION
+/// [SIZE]` lines (local files have no URL and are left out).
+pub fn downloads(output: &str) -> Vec<(String, String, u64)> {
+    output
+        .lines()
+        .filter(|l| l.starts_with("Get:"))
+        .filter_map(|l| {
+            let (head, size) = l.rsplit_once(" [")?;
+            let w: Vec<&str> = head.split_whitespace().collect();
+            let [_, url, _, _, name, _, version] = w.as_slice() else { return None };
+            url.contains("://")
+                .then(|| ((*name).to_owned(), (*version).to_owned(), size_words(size.trim_end_matches(']'))))
+        })
+        .collect()
+}
+
+/// What an `apt-get update` fetched, and what it would have fetched without index diffs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpdateBytes {
+    pub fetched: u64,
+    pub without_diffs: u64,
+}
+
+/// Reads apt-get update's `Get:` lines: where it fetched a `Packages.diff/Index` and patches,
+/// the whole index would have cost the `Packages.xz` its (signed, already fetched) InRelease
+/// lists. `lists` is apt's lists directory.
+pub fn update_bytes(output: &str, lists: &std::path::Path) -> UpdateBytes {
+    let fetched = fetched(output);
+    let mut seen = std::collections::HashSet::new();
+    let (mut diffs, mut instead) = (0u64, 0u64);
+    for line in output.lines().filter(|l| l.starts_with("Get:")) {
+        // apt prints a patch's line twice.
+        if !seen.insert(line) {
+            continue;
+        }
+        let Some((head, size)) = line.rsplit_once(" [") else { continue };
+        let size = size_words(size.trim_end_matches(']'));
+        let words: Vec<&str> = head.split_whitespace().collect();
+        // Get:N URL SUITE/COMPONENT ARCH WHAT [NAME]
+        let [_, url, suite_comp, arch, what, rest @ ..] = words.as_slice() else { continue };
+        if *what == "Packages.diff/Index" {
+            diffs += size;
+            let Some((suite, comp)) = suite_comp.split_once('/') else { continue };
+            instead += whole_index_size(lists, url, suite, &format!("{comp}/binary-{arch}/Packages"));
+        } else if *what == "Packages" && rest.first().is_some_and(|n| n.ends_with(".pdiff")) {
+            diffs += size;
+        }
+    }
+    UpdateBytes { fetched, without_diffs: (fetched + instead).saturating_sub(diffs) }
+}
+
+/// The size of the compressed index apt would fetch whole (xz first, as apt prefers), from the
+/// InRelease apt keeps in its lists.
+fn whole_index_size(lists: &std::path::Path, url: &str, suite: &str, key: &str) -> u64 {
+    let site = url.split_once("://").map(|(_, r)| r).unwrap_or(url).trim_end_matches('/');
+    let file = lists.join(format!("{}_dists_{suite}_InRelease", site.replace('/', "_")));
+    let Ok(text) = std::fs::read_to_string(file) else { return 0 };
+    let sizes: Vec<(String, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (_hash, size, name) = (w.next()?, w.next()?.parse().ok()?, w.next()?);
+            Some((name.to_owned(), size))
+        })
+        .collect();
+    [".xz", ".gz", ""]
+        .iter()
+        .find_map(|ext| sizes.iter().find(|(n, _)| *n == format!("{key}{ext}")).map(|(_, s)| *s))
+        .unwrap_or(0)
+}
+
 /// The size apt prints after `prefix` at the start of a line, in bytes.
 fn after_words(output: &str, prefix: &str) -> u64 {
     let Some(line) = output.lines().find(|l| l.starts_with(prefix)) else { return 0 };
-    let mut words = line[prefix.len()..].split_whitespace();
+    size_words(&line[prefix.len()..])
+}
+
+/// "1,234 kB ..." (SI units, as apt prints them) in bytes.
+fn size_words(text: &str) -> u64 {
+    let mut words = text.split_whitespace();
     let (Some(num), Some(unit)) = (words.next(), words.next()) else { return 0 };
     let num = num.split('/').next().unwrap_or(num).replace(',', "");
     let Ok(n) = num.parse::<f64>() else { return 0 };
@@ -187,13 +265,13 @@ impl Apt {
     }
 
     /// `apt-get update`, failing on any repository error (a wrong key included). Returns the
-    /// bytes it fetched.
-    pub fn update(&self) -> Result<u64, AptError> {
+    /// bytes it fetched, and what they would have been without index diffs.
+    pub fn update(&self) -> Result<UpdateBytes, AptError> {
         let mut cmd = self.base();
         cmd.args(["-o", "APT::Update::Error-Mode=any", "update"]);
         let (ok, text) = output(&mut cmd)?;
         if ok {
-            Ok(fetched(&text))
+            Ok(update_bytes(&text, std::path::Path::new("/var/lib/apt/lists")))
         } else {
             Err(classify(&text, &[]))
         }
@@ -342,7 +420,7 @@ impl Apt {
         if !status.success() {
             return Err(classify(&text, &dpkg_errors));
         }
-        Ok(Report { download_bytes: need_to_get(&text), conffiles_kept: conffiles })
+        Ok(Report { download_bytes: need_to_get(&text), downloads: downloads(&text), conffiles_kept: conffiles })
     }
 }
 
@@ -395,6 +473,39 @@ mod tests {
         assert_eq!(args, ["install", "--allow-downgrades", "hello=1.0"]);
         let args = Apt::op_args(&Op::Remove { names: vec![Spec::parse("hello").unwrap()], purge: true }, false);
         assert_eq!(args, ["purge", "hello"]);
+    }
+
+    #[test]
+    fn downloads_are_read_from_the_get_lines() {
+        let out = "Get:1 http://127.0.0.1:8080 stable/main amd64 demo-app all 1.0 [1,234 B]\n\
+                   Get:2 /var/lib/debfleet/fetch/x_2.0_all.deb x all 2.0 [5,000 B]\n\
+                   Get:3 http://deb.debian.org/debian bookworm/main amd64 sl amd64 5.02-1+b1 [12.1 kB]\n";
+        assert_eq!(
+            downloads(out),
+            [("demo-app".to_owned(), "1.0".to_owned(), 1234), ("sl".to_owned(), "5.02-1+b1".to_owned(), 12_100)]
+        );
+    }
+
+    #[test]
+    fn index_diffs_are_credited_with_the_whole_index_they_replaced() {
+        let lists = tempfile::tempdir().unwrap();
+        std::fs::write(
+            lists.path().join("127.0.0.1:18991_dists_stable_InRelease"),
+            "SHA256:\n 0a 13300 main/binary-amd64/Packages.xz\n 0b 15000 main/binary-amd64/Packages.gz\n 0c 90000 main/binary-amd64/Packages\n",
+        )
+        .unwrap();
+        let out = "Get:1 http://127.0.0.1:18991 stable InRelease [2356 B]\n\
+                   Get:2 http://127.0.0.1:18991 stable/main amd64 Packages.diff/Index [492 B]\n\
+                   Get:3 http://127.0.0.1:18991 stable/main amd64 Packages T-fde9-F-68b3.pdiff [199 B]\n\
+                   Get:3 http://127.0.0.1:18991 stable/main amd64 Packages T-fde9-F-68b3.pdiff [199 B]\n\
+                   Fetched 3047 B in 0s (15.1 kB/s)\n";
+        assert_eq!(
+            update_bytes(out, lists.path()),
+            UpdateBytes { fetched: 3047, without_diffs: 3047 - 492 - 199 + 13300 }
+        );
+        let whole = "Get:1 http://127.0.0.1:18991 stable InRelease [2356 B]\n\
+                     Get:2 http://127.0.0.1:18991 stable/main amd64 Packages [13.3 kB]\nFetched 15.7 kB in 0s (98.2 kB/s)\n";
+        assert_eq!(update_bytes(whole, lists.path()), UpdateBytes { fetched: 15_700, without_diffs: 15_700 });
     }
 
     #[test]

@@ -467,12 +467,11 @@ fn upgrades_come_by_delta_and_fall_back_whole_when_a_delta_does_not_fit() {
     let (method, _, fetched, full) = fetch_of(&outcome_of(&v, "fl-d1")["result"]);
     assert_eq!(method, "delta", "{v}");
     assert!(fetched * 3 < full, "fetched {fetched} of {full}: {v}");
-    let (method, _, fetched2, full2) = fetch_of(&outcome_of(&v, "fl-d2")["result"]);
-    assert_eq!(method, "full", "{v}");
-    assert!(
-        fetched2 > 0 && fetched2 == full2 - outcome_of(&v, "fl-d2")["result"]["index_bytes"].as_u64().unwrap(),
-        "{v}"
-    );
+    // Whole: the package's bytes are what it cost, and all the packages cost.
+    let r2 = &outcome_of(&v, "fl-d2")["result"];
+    assert_eq!(r2["fetches"][0]["method"], "full", "{v}");
+    assert!(r2["download_bytes"].as_u64().unwrap() > 0 && r2["download_bytes"] == r2["fetches"][0]["bytes"], "{v}");
+    assert_eq!(r2["fetches"][0]["bytes"], r2["fetches"][0]["full_bytes"], "{v}");
     lab.assert_agree("df-bulky", Some("2.0"));
     assert_eq!(dpkg_state(&lab.dev, "df-bulky"), dpkg_state(&lab.others[0].1, "df-bulky"));
     // The reference has served; the rest concerns fl-d1 alone.
