@@ -47,6 +47,8 @@ struct Listed {
     base_payload: String,
     result_payload: String,
     url: String,
+    /// The repository the index came from (`http://host/path/`).
+    repo_root: String,
     size: u64,
     sha256: String,
 }
@@ -56,21 +58,28 @@ fn parse_index(text: &str, repo_root: &str) -> Vec<Listed> {
         .filter_map(|stanza| {
             let field = |f: &str| stanza.lines().find_map(|l| l.strip_prefix(f)?.strip_prefix(": ").map(str::to_owned));
             let filename = field("Filename")?;
-            // The index is signed, but a path is still checked before it becomes a URL.
-            if filename.starts_with('/') || filename.split('/').any(|p| p == ".." || p.is_empty()) {
+            // The index is signed, but what becomes a URL, a path or a command-line word is
+            // still checked: a stanza that does not fit is ignored.
+            if filename.starts_with('/') || filename.split('/').any(|p| p == ".." || p == "." || p.is_empty()) {
                 return None;
             }
-            Some(Listed {
+            let hash = |h: String| (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then_some(h);
+            let spec = |n: &str, v: &str| debfleet_protocol::PackageSpec::parse(&format!("{n}={v}")).is_ok();
+            let listed = Listed {
                 package: field("Package")?,
                 arch: field("Architecture")?,
                 from: field("From-Version")?,
                 to: field("To-Version")?,
-                base_payload: field("Base-Payload")?,
-                result_payload: field("Result-Payload")?,
+                base_payload: hash(field("Base-Payload")?)?,
+                result_payload: hash(field("Result-Payload")?)?,
                 url: format!("{repo_root}{filename}"),
+                repo_root: repo_root.to_owned(),
                 size: field("Size")?.parse().ok()?,
-                sha256: field("SHA256")?,
-            })
+                sha256: hash(field("SHA256")?)?,
+            };
+            let arch_ok = !listed.arch.is_empty()
+                && listed.arch.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            (arch_ok && spec(&listed.package, &listed.from) && spec(&listed.package, &listed.to)).then_some(listed)
         })
         .collect()
 }
@@ -99,24 +108,29 @@ pub struct Plan {
 impl Fetcher {
     /// Prepares the packages `changes` would download: rebuilt from deltas where it can be done.
     /// `upgrades` are (name, installed, target); `installs` (name, target) have no base.
+    /// Only the packages an operator `named` come by delta: apt marks a package given on its
+    /// command line as manually installed, which a dependency must not become.
     pub async fn prepare(
         &self,
         apt: &Apt,
         upgrades: &[(String, String, String)],
         installs: &[(String, String)],
+        named: &[String],
     ) -> Plan {
         let mut plan = Plan::default();
         let mut wanted: Vec<(String, String)> = upgrades.iter().map(|(n, _, v)| (n.clone(), v.clone())).collect();
         wanted.extend(installs.iter().cloned());
+        wanted.retain(|(n, _)| named.contains(n));
         if wanted.is_empty() {
             return plan;
         }
         let (apt2, w) = (apt.clone(), wanted.clone());
-        let (listed, sizes) =
-            tokio::task::spawn_blocking(move || (listed_deltas(&apt2), apt2.sizes(&w))).await.unwrap_or_default();
+        let (listed, uris) = tokio::task::spawn_blocking(move || (listed_deltas(&apt2), apt2.download_uris(&w)))
+            .await
+            .unwrap_or_default();
         let _ = std::fs::create_dir_all(&self.work_dir);
         for (name, version) in &wanted {
-            let full = sizes.get(&(name.clone(), version.clone())).copied().unwrap_or(0);
+            let (uri, full) = uris.get(&(name.clone(), version.clone())).cloned().unwrap_or_default();
             let cached = self.already_downloaded(name, version, full);
             let mut fetch = PackageFetch {
                 package: name.clone(),
@@ -126,9 +140,20 @@ impl Fetcher {
                 full_bytes: full,
                 fallback: None,
             };
+            // A delta counts only from the repository apt would fetch this very package from, and
+            // for its architecture: a repository is trusted for what apt takes from it, no more.
             let installed = upgrades.iter().find(|(n, _, _)| n == name).map(|(_, from, _)| from);
-            let candidate = installed
-                .and_then(|from| listed.iter().find(|l| &l.package == name && &l.from == from && &l.to == version));
+            let arch = uri.strip_suffix(".deb").and_then(|u| u.rsplit_once('_')).map(|(_, a)| a).unwrap_or("");
+            let candidate = installed.and_then(|from| {
+                listed.iter().find(|l| {
+                    &l.package == name
+                        && &l.from == from
+                        && &l.to == version
+                        && l.arch == arch
+                        && !l.repo_root.is_empty()
+                        && uri.starts_with(&l.repo_root)
+                })
+            });
             if let (true, false, Some(listed)) = (self.enabled, cached, candidate) {
                 match self.by_delta(listed).await {
                     Ok(path) => {
@@ -196,7 +221,7 @@ impl Fetcher {
             base_payload: listed.base_payload.clone(),
             result_payload: listed.result_payload.clone(),
             base,
-            part: self.work_dir.join(format!("{}.debdelta", &listed.sha256[..listed.sha256.len().min(32)])),
+            part: self.work_dir.join(format!("{}.debdelta", listed.sha256.get(..32).unwrap_or("delta"))),
             out: out.clone(),
         };
         // The download and the rebuild run in their own process: their code and their tens of
@@ -221,12 +246,20 @@ impl Fetcher {
     }
 
     /// After a transaction: the keep holds each changed package's installed version, from the
-    /// rebuilt file or apt's archive cache, and nothing older.
-    pub fn keep(&self, installed: &[(String, String)], rebuilt: &[LocalDeb]) {
+    /// rebuilt file or apt's archive cache, and nothing older; removed packages leave it.
+    pub fn keep(&self, installed: &[(String, String)], removed: &[String], rebuilt: &[LocalDeb]) {
         if !self.enabled {
             return;
         }
         let _ = std::fs::create_dir_all(&self.keep_dir);
+        for name in removed {
+            let prefix = format!("{name}_");
+            for old in std::fs::read_dir(&self.keep_dir).into_iter().flatten().flatten() {
+                if old.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(old.path());
+                }
+            }
+        }
         for (name, version) in installed {
             let prefix = format!("{name}_");
             let want = format!("{name}_{}_", version.replace(':', "%3a"));
@@ -253,8 +286,7 @@ impl Fetcher {
                 tracing::info!("not keeping {} for deltas: the keep is full", file.to_string_lossy());
                 continue;
             }
-            let linked = std::fs::hard_link(&from, &to).or_else(|_| std::fs::copy(&from, &to).map(|_| ()));
-            if let Err(e) = linked {
+            if let Err(e) = place(&from, &to) {
                 tracing::warn!("keeping {}: {e}", to.display());
             }
         }
@@ -273,15 +305,33 @@ impl Fetcher {
             .sum()
     }
 
-    /// Clears what an interrupted run left: rebuilt packages (partial downloads are kept, to be
-    /// resumed).
+    /// Clears what an interrupted run left: rebuilt packages and their temporary files, and
+    /// partial downloads older than a week (newer ones are resumed by the next operation).
     pub fn clean(&self) {
+        let week = std::time::Duration::from_secs(7 * 86_400);
         for f in std::fs::read_dir(&self.work_dir).into_iter().flatten().flatten() {
-            if f.path().extension().is_some_and(|e| e == "deb") {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let stale = f.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > week);
+            if name.ends_with(".deb") || name.ends_with(".deb.tmp") || (name.ends_with(".debdelta") && stale) {
                 let _ = std::fs::remove_file(f.path());
             }
         }
     }
+}
+
+/// Puts `from` at `to` under another name (a hard link, else a copy), through a temporary name
+/// and a rename: never writing into the file `to` names, which may be `from` itself.
+fn place(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(from), std::fs::metadata(to)) {
+        if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+            return Ok(());
+        }
+    }
+    let tmp = to.with_extension("deb.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::hard_link(from, &tmp).or_else(|_| std::fs::copy(from, &tmp).map(|_| ()))?;
+    std::fs::rename(&tmp, to)
 }
 
 /// The helper that downloads and applies a delta: beside the agent (a build tree), or where the
@@ -311,10 +361,14 @@ mod tests {
 
     #[test]
     fn the_index_is_read_and_hostile_paths_are_dropped() {
-        let text = "Package: hello\nArchitecture: amd64\nFrom-Version: 1.0\nTo-Version: 2.0\nBase-Payload: aa\n\
-                    Result-Payload: bb\nFilename: pool/main/h/hello/hello_1.0_to_2.0_amd64.debdelta\nSize: 12\nSHA256: cc\n\n\
-                    Package: evil\nArchitecture: all\nFrom-Version: 1\nTo-Version: 2\nBase-Payload: aa\nResult-Payload: bb\n\
-                    Filename: ../../etc/passwd\nSize: 1\nSHA256: dd\n\n";
+        let (h1, h2, h3) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        let text = format!(
+            "Package: hello\nArchitecture: amd64\nFrom-Version: 1.0\nTo-Version: 2.0\nBase-Payload: {h1}\n\
+             Result-Payload: {h2}\nFilename: pool/main/h/hello/hello_1.0_to_2.0_amd64.debdelta\nSize: 12\nSHA256: {h3}\n\n\
+             Package: evil\nArchitecture: all\nFrom-Version: 1\nTo-Version: 2\nBase-Payload: {h1}\nResult-Payload: {h2}\n\
+             Filename: ../../etc/passwd\nSize: 1\nSHA256: {h3}\n\n"
+        );
+        let text = text.as_str();
         let root = repo_root("http://127.0.0.1:8080/dists/stable/").unwrap();
         assert_eq!(root, "http://127.0.0.1:8080/");
         let listed = parse_index(text, &root);
@@ -323,6 +377,36 @@ mod tests {
         assert_eq!((listed[0].from.as_str(), listed[0].to.as_str(), listed[0].size), ("1.0", "2.0", 12));
         assert_eq!(repo_root("http://h/debian/dists/bookworm/").as_deref(), Some("http://h/debian/"));
         assert_eq!(repo_root("http://h/flat/"), None);
+    }
+
+    #[test]
+    fn stanzas_that_do_not_fit_are_ignored() {
+        let good = |sha: &str, version: &str| {
+            format!(
+                "Package: hello\nArchitecture: amd64\nFrom-Version: 1.0\nTo-Version: {version}\nBase-Payload: {a}\n\
+                 Result-Payload: {a}\nFilename: pool/x.debdelta\nSize: 1\nSHA256: {sha}\n\n",
+                a = "a".repeat(64)
+            )
+        };
+        assert_eq!(parse_index(&good(&"b".repeat(64), "2.0"), "http://h/").len(), 1);
+        for (sha, version) in
+            [("../../etc/x", "2.0"), ("é".repeat(32).as_str(), "2.0"), (&"b".repeat(64)[..], "2 0;rm")]
+        {
+            assert!(parse_index(&good(sha, version), "http://h/").is_empty(), "{sha} {version}");
+        }
+    }
+
+    #[test]
+    fn keeping_a_file_never_truncates_it_through_another_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.deb"), dir.path().join("b.deb"));
+        std::fs::write(&a, b"package bytes").unwrap();
+        place(&a, &b).unwrap();
+        // Again, now that both names are one file (as after a reinstall from apt's cache).
+        place(&a, &b).unwrap();
+        place(&b, &a).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"package bytes");
+        assert_eq!(std::fs::read(&b).unwrap(), b"package bytes");
     }
 
     #[test]

@@ -305,7 +305,12 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
                     let _ =
                         tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Downloading, percent: None }).await;
                 }
-                plan = ctx.fetcher.prepare(&ctx.apt, &c.upgrade, &c.install).await;
+                let named: Vec<String> = match &op {
+                    Op::Install(s) | Op::Upgrade(s) | Op::Remove { names: s, .. } => {
+                        s.iter().map(|s| s.name.clone()).collect()
+                    }
+                };
+                plan = ctx.fetcher.prepare(&ctx.apt, &c.upgrade, &c.install, &named).await;
             }
         }
         let (apt, run_op, local) = (ctx.apt.clone(), op.clone(), plan.local.clone());
@@ -333,7 +338,8 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     let (changes, history) = changes_since(&before, ctx);
     let installed: Vec<(String, String)> =
         changes.iter().filter_map(|c| c.after.clone().map(|v| (c.package.clone(), v))).collect();
-    ctx.fetcher.keep(&installed, &plan.local);
+    let removed: Vec<String> = changes.iter().filter(|c| c.after.is_none()).map(|c| c.package.clone()).collect();
+    ctx.fetcher.keep(&installed, &removed, &plan.local);
     let report = match run {
         Ok(r) => {
             crate::fetch::Fetcher::account(&r.downloads, &mut plan);

@@ -125,7 +125,8 @@ pub struct UpdateBytes {
 pub fn update_bytes(output: &str, lists: &std::path::Path) -> UpdateBytes {
     let fetched = fetched(output);
     let mut seen = std::collections::HashSet::new();
-    let (mut diffs, mut instead) = (0u64, 0u64);
+    // Per index (URL, suite/component, architecture): bytes of its diff index and patches.
+    let mut targets: std::collections::BTreeMap<(&str, &str, &str), (u64, bool)> = Default::default();
     for line in output.lines().filter(|l| l.starts_with("Get:")) {
         // apt prints a patch's line twice.
         if !seen.insert(line) {
@@ -136,12 +137,21 @@ pub fn update_bytes(output: &str, lists: &std::path::Path) -> UpdateBytes {
         let words: Vec<&str> = head.split_whitespace().collect();
         // Get:N URL SUITE/COMPONENT ARCH WHAT [NAME]
         let [_, url, suite_comp, arch, what, rest @ ..] = words.as_slice() else { continue };
-        if *what == "Packages.diff/Index" {
-            diffs += size;
-            let Some((suite, comp)) = suite_comp.split_once('/') else { continue };
+        let patch = *what == "Packages" && rest.first().is_some_and(|n| n.ends_with(".pdiff"));
+        if *what == "Packages.diff/Index" || patch {
+            let t = targets.entry((url, suite_comp, arch)).or_default();
+            t.0 += size;
+            t.1 |= patch;
+        }
+    }
+    // Only an index that was patched replaced a whole download (one more than 15 versions
+    // behind fetched the diff index, then the whole file anyway).
+    let (mut diffs, mut instead) = (0u64, 0u64);
+    for ((url, suite_comp, arch), (bytes, patched)) in targets {
+        let Some((suite, comp)) = suite_comp.split_once('/') else { continue };
+        if patched {
+            diffs += bytes;
             instead += whole_index_size(lists, url, suite, &format!("{comp}/binary-{arch}/Packages"));
-        } else if *what == "Packages" && rest.first().is_some_and(|n| n.ends_with(".pdiff")) {
-            diffs += size;
         }
     }
     UpdateBytes { fetched, without_diffs: (fetched + instead).saturating_sub(diffs) }
@@ -277,32 +287,31 @@ impl Apt {
         }
     }
 
-    /// `apt-cache` beside the `apt-get` this runs.
-    fn apt_cache(&self) -> Command {
-        let mut argv = self.apt_get.clone();
-        if let Some(last) = argv.last_mut() {
-            *last = last.replace("apt-get", "apt-cache");
-        }
-        let mut c = command(&argv);
-        c.env("LC_ALL", "C.UTF-8");
-        c
-    }
-
-    /// The sizes of these package versions in the repositories (what fetching them whole costs).
-    pub fn sizes(&self, versions: &[(String, String)]) -> std::collections::BTreeMap<(String, String), u64> {
+    /// Where apt would download these package versions from, and their sizes:
+    /// (name, version) → (URI, size), from `apt-get download --print-uris`.
+    pub fn download_uris(
+        &self,
+        versions: &[(String, String)],
+    ) -> std::collections::BTreeMap<(String, String), (String, u64)> {
         let mut out = std::collections::BTreeMap::new();
         if versions.is_empty() {
             return out;
         }
-        let mut cmd = self.apt_cache();
-        cmd.args(["show", "--no-all-versions"]).args(versions.iter().map(|(n, v)| format!("{n}={v}")));
+        let mut cmd = command(&self.apt_get);
+        cmd.env("LC_ALL", "C.UTF-8")
+            .args(["-qq", "--print-uris", "download"])
+            .args(versions.iter().map(|(n, v)| format!("{n}={v}")));
         let Ok((_, text)) = output(&mut cmd) else { return out };
-        for stanza in text.split("\n\n") {
-            let field = |f: &str| stanza.lines().find_map(|l| l.strip_prefix(f)?.strip_prefix(": ").map(str::to_owned));
-            if let (Some(n), Some(v), Some(size)) = (field("Package"), field("Version"), field("Size")) {
-                if let Ok(size) = size.trim().parse() {
-                    out.insert((n, v), size);
-                }
+        for line in text.lines() {
+            // 'URI' NAME_VERSION_ARCH.deb SIZE SHA256:HASH
+            let mut w = line.split_whitespace();
+            let (Some(uri), Some(file), Some(size)) = (w.next(), w.next(), w.next()) else { continue };
+            let uri = uri.trim_matches('\'');
+            let Some((name, rest)) = file.strip_suffix(".deb").and_then(|f| f.split_once('_')) else { continue };
+            let Some((version, _arch)) = rest.rsplit_once('_') else { continue };
+            let version = version.replace("%3a", ":");
+            if let (Ok(size), true) = (size.parse(), versions.iter().any(|(n, v)| n == name && *v == version)) {
+                out.insert((name.to_owned(), version), (uri.to_owned(), size));
             }
         }
         out

@@ -124,10 +124,10 @@ fn members(deb: &[u8]) -> Result<Vec<Member<'_>>, DeltaError> {
     Ok(out)
 }
 
-fn read_tar(member: &Member<'_>, prefix: &str) -> Result<Tar, DeltaError> {
+fn read_tar(member: &Member<'_>, prefix: &str, limit: u64) -> Result<Tar, DeltaError> {
     let compression = Compression::of(member.name, prefix)
         .ok_or_else(|| DeltaError::NotADeb(format!("unsupported member {}", member.name)))?;
-    let mut reader = compression.reader(member.data)?.take(MAX_MEMBER_BYTES + 1);
+    let mut reader = compression.reader(member.data)?.take(limit.saturating_add(1));
     let mut bytes = Vec::with_capacity(member.data.len() * 4);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -139,14 +139,19 @@ fn read_tar(member: &Member<'_>, prefix: &str) -> Result<Tar, DeltaError> {
         hasher.update(&buf[..n]);
         bytes.extend_from_slice(&buf[..n]);
     }
-    if bytes.len() as u64 > MAX_MEMBER_BYTES {
-        return Err(DeltaError::NotADeb(format!("{} expands beyond 4 GiB", member.name)));
+    if bytes.len() as u64 > limit {
+        return Err(DeltaError::NotADeb(format!("{} expands beyond {limit} bytes", member.name)));
     }
     Ok(Tar { bytes, sha256: hasher.finalize().into(), compression })
 }
 
 /// Reads a .deb's payload (both members decompressed).
 pub fn read_payload(deb: &[u8]) -> Result<Payload, DeltaError> {
+    read_payload_limited(deb, MAX_MEMBER_BYTES)
+}
+
+/// Like [`read_payload`], refusing a member that expands beyond `limit` bytes.
+pub fn read_payload_limited(deb: &[u8], limit: u64) -> Result<Payload, DeltaError> {
     let list = members(deb)?;
     match list.first() {
         Some(m) if m.name == "debian-binary" && m.data.starts_with(b"2.") => {}
@@ -158,8 +163,8 @@ pub fn read_payload(deb: &[u8]) -> Result<Payload, DeltaError> {
             .ok_or_else(|| DeltaError::NotADeb(format!("no {prefix} member")))
     };
     Ok(Payload {
-        control: read_tar(find("control.tar")?, "control.tar")?,
-        data: read_tar(find("data.tar")?, "data.tar")?,
+        control: read_tar(find("control.tar")?, "control.tar", limit)?,
+        data: read_tar(find("data.tar")?, "data.tar", limit)?,
     })
 }
 

@@ -94,7 +94,7 @@ pub fn make(old: &[u8], new: &[u8]) -> Result<Vec<u8>, DeltaError> {
 /// The window that reaches back over the whole reference (the old bytes) from the end of `len`
 /// new bytes.
 fn window_log(reference: usize, len: usize) -> u32 {
-    let span = (reference + len).max(1 << 10) as u64;
+    let span = (reference as u64).saturating_add(len as u64).max(1 << 10);
     (64 - (span - 1).leading_zeros()).clamp(10, 30)
 }
 
@@ -120,6 +120,9 @@ pub fn new_len(mut patch: &[u8]) -> Result<u64, DeltaError> {
 /// Applies `patch` to `old`, writing the new bytes to `out`; returns how many were written.
 pub fn apply(old: &[u8], mut patch: &[u8], out: &mut dyn Write) -> Result<u64, DeltaError> {
     let new_len = get_varint(&mut patch)?;
+    if new_len > crate::deb::MAX_MEMBER_BYTES {
+        return Err(DeltaError::Corrupt(format!("the patch claims {new_len} bytes, more than a member may hold")));
+    }
     let take = |patch: &mut &[u8]| -> Result<usize, DeltaError> {
         let n = get_varint(patch)?;
         usize::try_from(n).map_err(|_| DeltaError::Corrupt("stream size overflows".into()))
@@ -136,7 +139,7 @@ pub fn apply(old: &[u8], mut patch: &[u8], out: &mut dyn Write) -> Result<u64, D
     let mut ctrl = Vec::new();
     zstd::stream::read::Decoder::with_buffer(cz)
         .map_err(|e| corrupt("control", e))?
-        .take(new_len.saturating_mul(30).saturating_add(64))
+        .take(new_len.saturating_mul(30).saturating_add(64).min(256 << 20))
         .read_to_end(&mut ctrl)
         .map_err(|e| corrupt("control", e))?;
     let mut diff = zstd::stream::read::Decoder::with_buffer(dz).map_err(|e| corrupt("difference", e))?;

@@ -170,6 +170,20 @@ fn expand(tar: &[u8], mut try_expand: impl FnMut(&[u8]) -> Option<(Vec<u8>, u8)>
     (out, segments)
 }
 
+/// Segments must be in order, apart, and no larger than a file may expand: a delta that says
+/// otherwise is damaged (and would make the writer below gather without bound).
+pub fn check_segments(segments: &[Segment]) -> Result<(), DeltaError> {
+    let mut end = 0u64;
+    for s in segments {
+        let bad = s.offset < end || s.len > MAX_EXPANDED || s.gz_len > MAX_EXPANDED || !(1..=9).contains(&s.level);
+        end = s.offset.checked_add(s.len).ok_or_else(|| DeltaError::Corrupt("a segment overflows".into()))?;
+        if bad {
+            return Err(DeltaError::Corrupt("recompression segments out of order or out of range".into()));
+        }
+    }
+    Ok(())
+}
+
 /// A writer that turns an expanded stream back into the tar: bytes inside a segment are
 /// gathered and written compressed, the rest pass through. Checks each segment's size.
 pub struct Recompose<W: Write> {

@@ -91,7 +91,14 @@ fn side(p: &Payload) -> Side {
 /// Makes the delta that turns `old` into `new` (both whole .deb files).
 #[cfg(feature = "make")]
 pub fn make(old: &[u8], new: &[u8]) -> Result<Vec<u8>, DeltaError> {
-    let (old, new) = (read_payload(old)?, read_payload(new)?);
+    make_limited(old, new, deb::MAX_MEMBER_BYTES)
+}
+
+/// Like [`make`], refusing packages whose members expand beyond `limit` bytes (making a delta
+/// holds both payloads and a suffix array several times their size).
+#[cfg(feature = "make")]
+pub fn make_limited(old: &[u8], new: &[u8], limit: u64) -> Result<Vec<u8>, DeltaError> {
+    let (old, new) = (deb::read_payload_limited(old, limit)?, deb::read_payload_limited(new, limit)?);
     let (base, result) = (side(&old), side(&new));
     if base.package != result.package || base.architecture != result.architecture {
         return Err(DeltaError::Mismatch(format!(
@@ -146,6 +153,17 @@ pub fn open(delta: &[u8]) -> Result<(Header, &[u8], &[u8]), DeltaError> {
             return Err(DeltaError::Corrupt(format!("the {what} patch does not match its hash")));
         }
     }
+    // The payload ids must be those of the member hashes the delta is checked against, or a
+    // header could name one payload and rebuild another.
+    for side in [&header.base, &header.result] {
+        let (Some(c), Some(d)) = (unhex(&side.control_sha256), unhex(&side.data_sha256)) else {
+            return Err(DeltaError::Corrupt("a member hash is not 64 hex digits".into()));
+        };
+        if payload_id(&c, &d) != side.payload {
+            return Err(DeltaError::Corrupt("a payload id does not match its member hashes".into()));
+        }
+    }
+    expand::check_segments(&header.recompress)?;
     Ok((header, control, data))
 }
 
@@ -185,6 +203,17 @@ pub fn apply(old: &[u8], delta: &[u8]) -> Result<(Header, Vec<u8>), DeltaError> 
     w.tar("control", &control, OUTPUT_LEVEL).map_err(io)?;
     w.compressed_tar("data", &data).map_err(io)?;
     Ok((header, w.finish().map_err(io)?))
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn check(bytes: &[u8], want: &str, what: &str) -> Result<(), DeltaError> {
@@ -281,6 +310,12 @@ mod tests {
             }
         }
         assert!(matches!(apply(&old, b"DFDELTA1\xff\xff\xff\xff"), Err(DeltaError::Corrupt(_))));
+        // A header that names another result payload than its member hashes make.
+        let (mut header, control, data) = open(&delta).map(|(h, c, d)| (h, c.to_vec(), d.to_vec())).unwrap();
+        header.result.payload = header.base.payload.clone();
+        let json = serde_json::to_vec(&header).unwrap();
+        let forged = [&MAGIC[..], &(json.len() as u32).to_le_bytes(), &json, &control, &data].concat();
+        assert!(matches!(apply(&old, &forged), Err(DeltaError::Corrupt(_))));
         assert!(matches!(apply(&old, b"PK\x03\x04 zip"), Err(DeltaError::NotADelta(_))));
     }
 }

@@ -21,11 +21,13 @@ pub struct DeltaConfig {
     pub max_deb_bytes: u64,
     /// A delta is kept only when it saves at least this share of the new package.
     pub min_saving: f64,
+    /// Packages whose members expand beyond this get no delta.
+    pub max_payload_bytes: u64,
 }
 
 impl Default for DeltaConfig {
     fn default() -> Self {
-        DeltaConfig { enabled: true, max_deb_bytes: 256 << 20, min_saving: 0.2 }
+        DeltaConfig { enabled: true, max_deb_bytes: 256 << 20, min_saving: 0.2, max_payload_bytes: 1 << 30 }
     }
 }
 
@@ -77,11 +79,20 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn filename(&self) -> String {
+    /// Where a delta with this SHA-256 goes: the name carries part of the hash, so a delta made
+    /// again with other bytes (a newer compressor) never overwrites one an index still lists.
+    pub fn filename(&self, sha256: &str) -> String {
         let stem = |v: &str| v.split_once(':').map(|(_, v)| v.to_owned()).unwrap_or_else(|| v.to_owned());
         let deb = crate::store::pool_path(&self.name, &self.to.version, &self.arch);
         let dir = deb.rsplit_once('/').map(|(d, _)| d).unwrap_or("pool");
-        format!("{dir}/{}_{}_to_{}_{}.debdelta", self.name, stem(&self.from.version), stem(&self.to.version), self.arch)
+        let tag = sha256.get(..12).unwrap_or("");
+        format!(
+            "{dir}/{}_{}_to_{}_{}.{tag}.debdelta",
+            self.name,
+            stem(&self.from.version),
+            stem(&self.to.version),
+            self.arch
+        )
     }
 }
 
@@ -129,7 +140,7 @@ pub fn build(public: &Path, job: &Job, cfg: &DeltaConfig) -> Result<(Outcome, Op
     }
     let old = std::fs::read(public.join(&job.from.filename))?;
     let new = std::fs::read(public.join(&job.to.filename))?;
-    let delta = match debfleet_delta::make(&old, &new) {
+    let delta = match debfleet_delta::make_limited(&old, &new, cfg.max_payload_bytes) {
         Ok(d) => d,
         Err(e) => return Ok((Outcome::Skipped { reason: format!("cannot make a delta: {e}") }, None)),
     };
@@ -145,10 +156,11 @@ pub fn build(public: &Path, job: &Job, cfg: &DeltaConfig) -> Result<(Outcome, Op
         return Ok((Outcome::Skipped { reason }, None));
     }
     let (header, _, _) = debfleet_delta::open(&delta).map_err(std::io::Error::other)?;
+    let sha256 = crate::fsutil::sha256_hex(&delta);
     let outcome = Outcome::Built {
-        filename: job.filename(),
+        filename: job.filename(&sha256),
         size: delta.len() as u64,
-        sha256: crate::fsutil::sha256_hex(&delta),
+        sha256,
         base_payload: header.base.payload,
         result_payload: header.result.payload,
     };

@@ -765,6 +765,7 @@ impl Repo {
         if !self.config.deltas.enabled {
             return Ok(0);
         }
+        self.settle_interrupted_attempt()?;
         let mut settled = 0;
         loop {
             let jobs: Vec<(String, deltas::Job)> = {
@@ -776,23 +777,68 @@ impl Repo {
                     })
                     .collect()
             };
-            let Some(suite) = jobs.first().map(|(s, _)| s.clone()) else { return Ok(settled) };
-            let mut results = Vec::new();
-            for (_, job) in jobs.iter().filter(|(s, _)| *s == suite) {
-                match deltas::build(&self.public(), job, &self.config.deltas) {
-                    Ok((outcome, bytes)) => results.push((job.clone(), outcome, bytes)),
-                    // Collected meanwhile: the pair is no longer wanted.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(anyhow::Error::new(e).context(format!("making {}", job.filename()))),
+            let names: BTreeSet<String> = jobs.iter().map(|(s, _)| s.clone()).collect();
+            let mut progress = 0;
+            for suite in names {
+                let mut results = Vec::new();
+                for (_, job) in jobs.iter().filter(|(s, _)| *s == suite) {
+                    // Named on disk while it is made: a pair that takes the process down (memory)
+                    // is recorded as skipped on the next start instead of being tried forever.
+                    self.mark_attempt(Some((&suite, job)));
+                    let (outcome, bytes) = match deltas::build(&self.public(), job, &self.config.deltas) {
+                        Ok(r) => r,
+                        // Gone meanwhile (the recording re-checks), or unreadable: no delta.
+                        Err(e) => (deltas::Outcome::Skipped { reason: format!("reading the packages: {e}") }, None),
+                    };
+                    results.push((job.clone(), outcome, bytes));
                 }
+                progress += self.record_deltas(&suite, results)?;
+                self.mark_attempt(None);
             }
-            let n = self.record_deltas(&suite, results)?;
-            if n == 0 {
-                // Everything went stale under us; the next change wakes the builder again.
+            if progress == 0 {
+                // Nothing wanted, or everything went stale under us: the next change wakes it.
                 return Ok(settled);
             }
-            settled += n;
+            settled += progress;
         }
+    }
+
+    fn attempt_path(&self) -> PathBuf {
+        self.root.join("db").join("delta-attempt.json")
+    }
+
+    fn mark_attempt(&self, job: Option<(&str, &deltas::Job)>) {
+        let path = self.attempt_path();
+        let _ = match job {
+            Some((suite, j)) => crate::fsutil::write_unsynced(
+                &path,
+                &serde_json::to_vec(&(suite, &j.name, &j.arch, &j.from.version, &j.to.version)).unwrap_or_default(),
+            ),
+            None => fs::remove_file(&path),
+        };
+    }
+
+    /// A pair whose making did not finish last time (the process died): recorded as skipped.
+    fn settle_interrupted_attempt(&self) -> Result<(), RepoError> {
+        let Ok(bytes) = fs::read(self.attempt_path()) else { return Ok(()) };
+        let _ = fs::remove_file(self.attempt_path());
+        let Ok((suite, name, arch, from, to)) =
+            serde_json::from_slice::<(String, String, String, String, String)>(&bytes)
+        else {
+            return Ok(());
+        };
+        tracing::warn!("{suite}: making the delta {name} {from} -> {to} {arch} did not finish last time; skipping it");
+        let (mut suites, _lock) = self.begin()?;
+        let Some(db) = suites.get_mut(&suite) else { return Ok(()) };
+        let present = |v: &str| db.entries.iter().any(|e| e.name == name && e.arch == arch && e.version == v);
+        let known = db.deltas.iter().any(|r| r.name == name && r.arch == arch && r.from == from && r.to == to);
+        if present(&from) && present(&to) && !known {
+            let reason = "making it did not finish (the process stopped; too large?)".to_owned();
+            db.deltas.push(DeltaRecord { name, arch, from, to, outcome: deltas::Outcome::Skipped { reason } });
+            let gone = self.commit(&mut suites, &suite)?;
+            self.retire(&mut suites, &suite, &[], gone);
+        }
+        Ok(())
     }
 
     fn record_deltas(

@@ -535,11 +535,12 @@ fn upgrades_come_by_delta_and_fall_back_whole_when_a_delta_does_not_fit() {
     lab.dev.ok(&["systemctl", "restart", "debfleet-agent"]);
     lab.obs.wait("debfleet/device/fl-d1/status", Duration::from_secs(30), |v| v["state"] == "online");
     assert!(lab.repo.publish(&deb("7.0"), "stable").status.success());
-    wait_delta(&lab, "6.0", "7.0");
+    let file = wait_delta(&lab, "6.0", "7.0");
+    let served = format!("{} 200", file.file_name().unwrap().to_string_lossy());
     lab.obs.publish("debfleet/device/fl-d1/cmd/upgrade", r#"{"id":"cut-delta","packages":["df-bulky"]}"#, false);
     wait_for(Duration::from_secs(60), "the delta to be downloaded", || {
         let fetch = lab.dev.ok(&["ls", "/var/lib/debfleet/fetch"]);
-        lab.repo.log().contains("6.0_to_7.0_all.debdelta 200").then_some(fetch)
+        lab.repo.log().contains(&served).then_some(fetch)
     });
     lab.dev.power_cut();
     lab.obs.wait("debfleet/device/fl-d1/status", Duration::from_secs(60), |v| v["state"] == "lost");
