@@ -804,7 +804,8 @@ impl Repo {
     }
 
     fn attempt_path(&self) -> PathBuf {
-        self.root.join("db").join("delta-attempt.json")
+        // Not in db/: every JSON file there is a suite.
+        self.root.join("delta-attempt.json")
     }
 
     fn mark_attempt(&self, job: Option<(&str, &deltas::Job)>) {

@@ -173,3 +173,30 @@ fn index_diffs_bring_apt_lists_up_to_date_for_a_few_kilobytes() {
         );
     }
 }
+
+#[test]
+fn a_pair_whose_making_died_is_skipped_rather_than_tried_forever() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("repo");
+    let repo = |args: &[&str]| Command::new(bin("debfleet-repo")).args(args).arg("--root").arg(&root).output().unwrap();
+    ok(&repo(&["init"]));
+    for v in ["1.0", "2.0"] {
+        let deb = bulky_deb(work.path(), "df-bulky", v);
+        ok(&Command::new(bin("debfleet-repo"))
+            .args(["import", "--suite", "stable", "--root"])
+            .arg(&root)
+            .arg(deb)
+            .output()
+            .unwrap());
+    }
+    // What the builder leaves on disk while it makes a delta, as if the process had died then.
+    std::fs::write(root.join("delta-attempt.json"), r#"["stable","df-bulky","all","1.0","2.0"]"#).unwrap();
+    let out = repo(&["deltas"]);
+    ok(&out);
+    assert!(text(&out).contains("skipped: making it did not finish"), "{}", text(&out));
+    assert!(!root.join("delta-attempt.json").exists());
+    // --rebuild tries it again, and it is made.
+    let out = repo(&["deltas", "--rebuild"]);
+    ok(&out);
+    assert!(text(&out).contains(".debdelta"), "{}", text(&out));
+}
