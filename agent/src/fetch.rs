@@ -101,8 +101,13 @@ pub fn deb_name(package: &str, version: &str, arch: &str) -> String {
 pub struct Plan {
     pub local: Vec<LocalDeb>,
     pub fetches: Vec<PackageFetch>,
+}
+
+impl Plan {
     /// Bytes fetched here (deltas).
-    pub delta_bytes: u64,
+    pub fn delta_bytes(&self) -> u64 {
+        self.fetches.iter().filter(|f| f.method == FetchMethod::Delta).map(|f| f.bytes).sum()
+    }
 }
 
 impl Fetcher {
@@ -159,7 +164,6 @@ impl Fetcher {
                     Ok(path) => {
                         fetch.method = FetchMethod::Delta;
                         fetch.bytes = listed.size;
-                        plan.delta_bytes += listed.size;
                         plan.local.push(LocalDeb { package: name.clone(), path });
                     }
                     Err(fallback) => {

@@ -104,7 +104,7 @@ async fn download(url: &str, dest: &Path, size: u64, sha256: &str) -> Result<(),
         match fetch_once(&client, url, dest, size).await {
             Ok(()) => {
                 let bytes = tokio::fs::read(dest).await.map_err(|e| DownloadError::Failed(e.to_string()))?;
-                let got = hex(&Sha256::digest(&bytes));
+                let got = debfleet_delta::deb::hex(&Sha256::digest(&bytes));
                 if got == sha256 {
                     return Ok(());
                 }
@@ -177,8 +177,4 @@ async fn fetch_once(client: &reqwest::Client, url: &str, dest: &Path, size: u64)
         return Err(None);
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

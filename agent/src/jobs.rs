@@ -361,7 +361,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             .sum::<u64>();
     let mut result = PackageResult {
         changes: changes.clone(),
-        download_bytes: report.download_bytes + plan.delta_bytes,
+        download_bytes: report.download_bytes + plan.delta_bytes(),
         index_bytes,
         full_bytes: full_packages + index_full,
         fetches: plan.fetches,

@@ -143,7 +143,8 @@ fn xz_stream(chunks: &[Arc<Chunk>]) -> Vec<u8> {
     out
 }
 
-fn gzip_member(data: &[u8]) -> Vec<u8> {
+/// One gzip member of `data`: a whole .gz file on its own.
+pub(crate) fn gzip_member(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
     enc.write_all(data).expect("in-memory write");
     enc.finish().expect("in-memory write")

@@ -64,7 +64,7 @@ impl DeltaRecord {
         }
     }
 
-    fn is(&self, name: &str, arch: &str, from: &str, to: &str) -> bool {
+    pub fn is(&self, name: &str, arch: &str, from: &str, to: &str) -> bool {
         self.name == name && self.arch == arch && self.from == from && self.to == to
     }
 }

@@ -82,7 +82,7 @@ pub fn write_suite(
         // The delta index, for apt to fetch and verify like Packages (an index target the agent
         // package declares). Listed even when empty: apt then drops an old copy.
         let plain = crate::deltas::index(deltas, arch).into_bytes();
-        let gz = gzip(&plain);
+        let gz = compress::gzip_member(&plain);
         let (gz_sha, plain_sha) = (sha256_hex(&gz), sha256_hex(&plain));
         let set = std::sync::Arc::new([(gz, gz_sha), (plain, plain_sha.clone()), (Vec::new(), plain_sha)]);
         let base = format!("main/binary-{arch}/Deltas");
@@ -140,13 +140,6 @@ pub fn write_suite(
     failpoint("before-inrelease");
     write_atomic(&dir.join("InRelease"), &inrelease)?;
     Ok(by_hash)
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    let _ = enc.write_all(bytes);
-    enc.finish().unwrap_or_default()
 }
 
 /// Where the detached-signature pair lives: `.release/GEN/{Release,Release.gpg}`, with

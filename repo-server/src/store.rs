@@ -832,7 +832,7 @@ impl Repo {
         let (mut suites, _lock) = self.begin()?;
         let Some(db) = suites.get_mut(&suite) else { return Ok(()) };
         let present = |v: &str| db.entries.iter().any(|e| e.name == name && e.arch == arch && e.version == v);
-        let known = db.deltas.iter().any(|r| r.name == name && r.arch == arch && r.from == from && r.to == to);
+        let known = db.deltas.iter().any(|r| r.is(&name, &arch, &from, &to));
         if present(&from) && present(&to) && !known {
             let reason = "making it did not finish (the process stopped; too large?)".to_owned();
             db.deltas.push(DeltaRecord { name, arch, from, to, outcome: deltas::Outcome::Skipped { reason } });
@@ -852,9 +852,7 @@ impl Repo {
         let mut recorded = 0;
         for (job, outcome, bytes) in results {
             let current = |e: &Entry| db.entries.iter().any(|x| x.filename == e.filename && x.sha256 == e.sha256);
-            let known = db.deltas.iter().any(|r| {
-                r.name == job.name && r.arch == job.arch && r.from == job.from.version && r.to == job.to.version
-            });
+            let known = db.deltas.iter().any(|r| r.is(&job.name, &job.arch, &job.from.version, &job.to.version));
             if !current(&job.from) || !current(&job.to) || known {
                 continue;
             }
