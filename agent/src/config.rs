@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use debfleet_protocol::debian::valid_package_name;
@@ -41,6 +40,15 @@ struct FileConfig {
     telemetry: Option<toml::Table>,
     #[serde(default)]
     logs: Option<toml::Table>,
+    /// `default` or `cellular`: the defaults of the runtime keys below.
+    #[serde(default)]
+    profile: Option<String>,
+    #[serde(default)]
+    link: Option<toml::Table>,
+    #[serde(default)]
+    budget: Option<toml::Table>,
+    #[serde(default)]
+    outbox: Option<toml::Table>,
     #[serde(default)]
     reconnect: ReconnectCfg,
     #[serde(default)]
@@ -49,8 +57,9 @@ struct FileConfig {
     apt: AptCfg,
     #[serde(default)]
     deltas: DeltasCfg,
-    #[serde(default = "default_keep_alive")]
-    keep_alive_s: u16,
+    /// Kept for existing files: the same as `link.keepalive_s`.
+    #[serde(default)]
+    keep_alive_s: Option<u32>,
 }
 
 fn default_prefix() -> String {
@@ -61,9 +70,6 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_dpkg_admindir() -> PathBuf {
     "/var/lib/dpkg".into()
-}
-fn default_keep_alive() -> u16 {
-    30
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,7 +158,9 @@ pub struct AgentConfig {
     pub ops: OpsCfg,
     pub apt: AptCfg,
     pub deltas: DeltasCfg,
-    pub keep_alive: Duration,
+    /// The runtime keys the file sets (its profile included), the bottom layer under the
+    /// overrides from the wire.
+    pub file_patch: Value,
     /// The runtime configuration as the file sets it, before overrides from the wire.
     pub file_runtime: RuntimeCfg,
 }
@@ -187,7 +195,26 @@ impl AgentConfig {
         if let Some(l) = f.logs {
             patch.insert("logs".into(), serde_json::to_value(l)?);
         }
-        let file_runtime = RuntimeCfg::default().apply_patch(&Value::Object(patch))?;
+        if let Some(p) = f.profile {
+            patch.insert("profile".into(), Value::String(p));
+        }
+        let mut link = f.link.map(serde_json::to_value).transpose()?.unwrap_or_else(|| Value::Object(Default::default()));
+        if let (Some(k), Value::Object(l)) = (f.keep_alive_s, &mut link) {
+            if l.contains_key("keepalive_s") {
+                bail!("keep_alive_s: set link.keepalive_s or keep_alive_s, not both");
+            }
+            l.insert("keepalive_s".into(), Value::from(k));
+        }
+        if link.as_object().is_some_and(|l| !l.is_empty()) {
+            patch.insert("link".into(), link);
+        }
+        for (key, table) in [("budget", f.budget), ("outbox", f.outbox)] {
+            if let Some(t) = table {
+                patch.insert(key.into(), serde_json::to_value(t)?);
+            }
+        }
+        let file_patch = Value::Object(patch);
+        let file_runtime = RuntimeCfg::compose(&[&file_patch])?;
         for p in &f.packages {
             if !valid_package_name(p) {
                 bail!("packages: {p:?} is not a Debian package name");
@@ -198,9 +225,6 @@ impl AgentConfig {
         }
         if f.ops.journal_size == 0 || f.ops.max_retained == 0 {
             bail!("ops: journal_size and max_retained must be greater than 0");
-        }
-        if f.keep_alive_s < 5 {
-            bail!("keep_alive_s: {} is below 5 seconds", f.keep_alive_s);
         }
         let password = match &f.password_file {
             Some(p) => Some(
@@ -226,7 +250,7 @@ impl AgentConfig {
             ops: f.ops,
             apt: f.apt,
             deltas: f.deltas,
-            keep_alive: Duration::from_secs(f.keep_alive_s.into()),
+            file_patch,
             file_runtime,
         })
     }
@@ -264,15 +288,27 @@ impl Overrides {
 
     /// The file's runtime configuration with the overrides on top. Overrides that no longer
     /// fit (the file changed under them) are dropped with a warning rather than blocking start.
-    pub fn effective(&mut self, file: &RuntimeCfg) -> RuntimeCfg {
-        match file.apply_patch(&self.patch) {
+    pub fn effective(&mut self, file_patch: &Value) -> RuntimeCfg {
+        match RuntimeCfg::compose(&[file_patch, &self.patch]) {
             Ok(cfg) => cfg,
             Err(e) => {
                 tracing::warn!("ignoring stored configuration overrides ({e}); using the file's values");
                 self.patch = Value::Object(Default::default());
-                file.clone()
+                RuntimeCfg::compose(&[file_patch]).unwrap_or_default()
             }
         }
+    }
+
+    /// What the configuration would be with `patch` added (nothing is recorded).
+    pub fn with(&self, patch: &Value, file_patch: &Value) -> Result<RuntimeCfg, debfleet_protocol::CfgError> {
+        if !patch.is_object() {
+            return Err(debfleet_protocol::CfgError::NotAnObject);
+        }
+        let mut merged = self.patch.clone();
+        deep_merge(&mut merged, patch);
+        // Errors name the key of this change, checked on its own first.
+        RuntimeCfg::compose(&[file_patch, &self.patch])?.apply_patch(patch)?;
+        RuntimeCfg::compose(&[file_patch, &merged])
     }
 
     /// Records a validated patch durably.
@@ -355,11 +391,30 @@ mod tests {
     fn overrides_accumulate_and_persist() {
         let dir = tempfile::tempdir().unwrap();
         let file = RuntimeCfg::default();
+        let file_patch = serde_json::json!({});
         let mut o = Overrides::load(dir.path());
         o.add(&serde_json::json!({"telemetry": {"cpu": {"interval_s": 3}}})).unwrap();
         o.add(&serde_json::json!({"telemetry": {"cpu": {"enabled": false}}})).unwrap();
-        let eff = Overrides::load(dir.path()).effective(&file);
+        let eff = Overrides::load(dir.path()).effective(&file_patch);
         assert_eq!((eff.telemetry.cpu.interval_s, eff.telemetry.cpu.enabled), (3, false));
         assert_eq!(eff.telemetry.memory, file.telemetry.memory);
+    }
+
+    #[test]
+    fn the_cellular_profile_from_the_file_and_from_the_wire() {
+        let c = AgentConfig::parse(&format!("{MINIMAL}profile = \"cellular\"\n[link]\nkeepalive_s = 600\n")).unwrap();
+        assert_eq!((c.file_runtime.link.keepalive_s, c.file_runtime.logs.level.as_str()), (600, "warn"));
+        assert!(c.file_runtime.link.persistent_session);
+        let err = format!("{:#}", AgentConfig::parse(&format!("{MINIMAL}profile = \"lte\"\n")).unwrap_err());
+        assert!(err.contains("profile"), "{err}");
+        let old = AgentConfig::parse(&format!("{MINIMAL}keep_alive_s = 45\n")).unwrap();
+        assert_eq!(old.file_runtime.link.keepalive_s, 45);
+        // The wire switches a default device to cellular; the file's own keys still win.
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overrides::load(dir.path());
+        let eff = o.with(&serde_json::json!({"profile": "cellular"}), &old.file_patch).unwrap();
+        assert_eq!((eff.link.keepalive_s, eff.telemetry.window_s), (45, 3600));
+        let err = o.with(&serde_json::json!({"link": {"keepalive_s": 1}}), &old.file_patch).unwrap_err().to_string();
+        assert!(err.starts_with("link.keepalive_s"), "{err}");
     }
 }

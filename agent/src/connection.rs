@@ -1,7 +1,10 @@
 //! The MQTT edge: owns rumqttc's event loop, reconnects with capped exponential backoff and
-//! jitter, refreshes the last will for each connection, and reports what happens as the core's
+//! jitter, refreshes the last will for each connection, applies new connection settings with a
+//! clean reconnect, counts what the link carries that the outbox does not see (connects,
+//! keepalives, acknowledgements, incoming commands), and reports what happens as the core's
 //! [`CoreEvent`]s (connected, disconnected, a message).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -10,16 +13,31 @@ use debfleet_protocol::time;
 use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
-use tokio::sync::mpsc;
+use debfleet_protocol::TrafficClass;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, ReconnectCfg};
 use crate::core::Event as CoreEvent;
+use crate::link::Link;
 
-pub fn client(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop)> {
+/// The connection settings the runtime configuration controls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub keepalive_s: u32,
+    pub persistent_session: bool,
+}
+
+impl Settings {
+    fn apply(&self, opts: &mut MqttOptions) {
+        opts.set_keep_alive(Duration::from_secs(self.keepalive_s.into()));
+        opts.set_clean_session(!self.persistent_session);
+    }
+}
+
+pub fn client(cfg: &AgentConfig, settings: Settings) -> Result<(AsyncClient, EventLoop)> {
     let mut opts = MqttOptions::new(format!("debfleet-agent-{}", cfg.device_id), &cfg.broker.host, cfg.broker.port);
-    opts.set_keep_alive(cfg.keep_alive);
-    opts.set_clean_session(true);
+    settings.apply(&mut opts);
     opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
     if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
         opts.set_credentials(user, pass);
@@ -70,17 +88,46 @@ impl Backoff {
     }
 }
 
+/// Bytes of an MQTT packet with a remaining length of `n`: the fixed header's varint.
+pub fn packet_len(n: usize) -> usize {
+    1 + match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    } + n
+}
+
+/// What a CONNECT with these options costs, and the TCP handshake before it (SYN, SYN-ACK's
+/// answer): counted as control traffic.
+fn connect_len(opts: &MqttOptions) -> usize {
+    let mut n = 10 + 2 + opts.client_id().len();
+    if let Some(w) = opts.last_will() {
+        n += 4 + w.topic.len() + w.message.len();
+    }
+    if let Some(l) = opts.credentials() {
+        n += 4 + l.username.len() + l.password.len();
+    }
+    packet_len(n) + 2 * crate::link::TCP_IP_OVERHEAD as usize
+}
+
 /// Drives the event loop until `shutdown` is cancelled; then it keeps polling briefly so that
 /// what was queued before the disconnect (the `offline` status) reaches the broker.
-pub async fn drive(
-    mut eventloop: EventLoop,
-    events: mpsc::Sender<CoreEvent>,
-    reconnect: ReconnectCfg,
-    will: impl Fn(&str) -> (String, Vec<u8>),
-    shutdown: CancellationToken,
-) {
+pub struct Driver {
+    pub eventloop: EventLoop,
+    pub client: AsyncClient,
+    pub events: mpsc::Sender<CoreEvent>,
+    pub reconnect: ReconnectCfg,
+    pub link: Arc<Link>,
+    pub settings: watch::Receiver<Settings>,
+    pub shutdown: CancellationToken,
+}
+
+pub async fn drive(d: Driver, will: impl Fn(&str) -> (String, Vec<u8>)) {
+    let Driver { mut eventloop, client, events, reconnect, link, mut settings, shutdown } = d;
     let mut backoff = Backoff::new(&reconnect);
     let mut connected = false;
+    let mut relinking = false;
     let mut since = time::now();
     let set_will = |el: &mut EventLoop, since: &str| {
         let (topic, payload) = will(since);
@@ -91,24 +138,56 @@ pub async fn drive(
         let polled = tokio::select! {
             r = eventloop.poll() => r,
             _ = shutdown.cancelled() => break,
+            Ok(()) = settings.changed() => {
+                let s = *settings.borrow_and_update();
+                s.apply(&mut eventloop.mqtt_options);
+                if connected {
+                    // A clean DISCONNECT (no last will), then a new connection with the new
+                    // settings once the broker closes this one.
+                    tracing::info!("reconnecting with keepalive {} s, persistent session {}", s.keepalive_s, s.persistent_session);
+                    relinking = client.try_disconnect().is_ok();
+                }
+                continue;
+            }
         };
         match polled {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 connected = true;
                 backoff.reset();
-                tracing::info!("connected to the broker");
+                link.sent(TrafficClass::Control, connect_len(&eventloop.mqtt_options));
+                link.received(TrafficClass::Control, 4);
+                link.connected(4, ack.session_present);
+                tracing::info!(session_present = ack.session_present, "connected to the broker");
                 let _ = events.send(CoreEvent::Connected { since: since.clone() }).await;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic.clone();
+                let qos_extra = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
+                link.received(TrafficClass::Ack, packet_len(2 + topic.len() + qos_extra + p.payload.len()));
                 let _ = events.send(CoreEvent::Message { topic, payload: p.payload.to_vec(), retain: p.retain }).await;
+            }
+            Ok(Event::Incoming(Packet::PingResp)) => link.received(TrafficClass::Control, 2),
+            Ok(Event::Incoming(Packet::PubAck(_))) => link.received(TrafficClass::Control, 4),
+            Ok(Event::Incoming(Packet::SubAck(s))) => link.received(TrafficClass::Control, 4 + s.return_codes.len()),
+            Ok(Event::Incoming(Packet::UnsubAck(_))) => link.received(TrafficClass::Control, 4),
+            Ok(Event::Outgoing(Outgoing::PingReq)) => link.sent(TrafficClass::Control, 2),
+            Ok(Event::Outgoing(Outgoing::PubAck(_))) => link.sent(TrafficClass::Control, 4),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) if relinking => {
+                // The broker drops the connection on a DISCONNECT; don't wait for it.
+                relinking = false;
+                eventloop.clean();
+                connected = false;
+                link.sent(TrafficClass::Control, 2);
+                let _ = events.send(CoreEvent::Disconnected { unsent: Vec::new() }).await;
+                since = time::now();
+                set_will(&mut eventloop, &since);
             }
             Ok(_) => {}
             Err(e) => {
                 if connected {
                     connected = false;
                     tracing::warn!("connection to the broker lost: {e}");
-                    let _ = events.send(CoreEvent::Disconnected).await;
+                    let _ = events.send(CoreEvent::Disconnected { unsent: Vec::new() }).await;
                 } else {
                     tracing::debug!("cannot connect to the broker: {e}");
                 }

@@ -42,6 +42,8 @@ pub struct Job {
     pub watch: Duration,
     /// End the watch once every unit has been steady this long (None: watch it all).
     pub settle: Option<Duration>,
+    /// The command's expiry (unix ms): a job still queued then is not started.
+    pub expires_at: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -727,6 +729,7 @@ mod tests {
             dry_run: false,
             watch: Duration::ZERO,
             settle: None,
+            expires_at: None,
         }
     }
 

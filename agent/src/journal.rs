@@ -245,7 +245,11 @@ impl Journal {
             r.updated_at = format_unix_ms(now_ms);
             r.phase = None;
             r.percent = None;
-            r.state = if error.is_some() { OpState::Failed } else { OpState::Succeeded };
+            r.state = match &error {
+                Some(e) if e.code == debfleet_protocol::ErrorCode::Expired => OpState::Expired,
+                Some(_) => OpState::Failed,
+                None => OpState::Succeeded,
+            };
             r.result = result;
             r.error = error;
             self.save(id, durable)?;

@@ -9,9 +9,11 @@ mod fsutil;
 mod identity;
 mod jobs;
 mod journal;
+mod link;
 mod logs;
 mod managed;
 mod outbox;
+mod spool;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -152,20 +154,37 @@ async fn run(
             dry_run: false,
             watch: Duration::ZERO,
             settle: None,
+            expires_at: None,
         })
         .collect();
-    let (client, eventloop) = connection::client(&cfg)?;
     let reconnect = cfg.reconnect.clone();
-    let mut core = Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()), dpkg);
+    let link = Arc::new(link::Link::open(&cfg.state_dir, time::now_unix_ms()));
+    let cfg_for_client = cfg.clone();
+    let mut core =
+        Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()), dpkg, link.clone());
     core.reconcile_packages(&touched);
     let will = core.will_builder();
+    let (client, eventloop) = connection::client(&cfg_for_client, core.link_settings())?;
+    drop(cfg_for_client);
 
     let shutdown = CancellationToken::new();
     let (net_tx, mut net_rx) = mpsc::channel(256);
-    let driver = tokio::spawn(connection::drive(eventloop, net_tx, reconnect, will, shutdown.clone()));
+    let (settings_tx, settings_rx) = tokio::sync::watch::channel(core.link_settings());
+    let driver = tokio::spawn(connection::drive(
+        connection::Driver {
+            eventloop,
+            client: client.clone(),
+            events: net_tx,
+            reconnect,
+            link: link.clone(),
+            settings: settings_rx,
+            shutdown: shutdown.clone(),
+        },
+        will,
+    ));
     let outbox = Arc::new(outbox::Outbox::default());
     let (connected_tx, connected_rx) = tokio::sync::watch::channel(false);
-    let sender = tokio::spawn(outbox::send(client.clone(), outbox.clone(), connected_rx));
+    let sender = tokio::spawn(outbox::send(client.clone(), outbox.clone(), link.clone(), connected_rx));
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -185,8 +204,9 @@ async fn run(
     tracing::info!("debfleet-agent {} starting", env!("CARGO_PKG_VERSION"));
 
     let mut outs = core.resume(resumed);
+    let ctx = Perform { outbox: &outbox, job_ctx: &job_ctx, job_tx: &job_tx, settings: &settings_tx, link: &link };
     let restart = loop {
-        if perform(&outbox, std::mem::take(&mut outs), connected, &job_ctx, &job_tx) {
+        if ctx.perform(std::mem::take(&mut outs), connected) {
             break true;
         }
         // The connection counts as up for the sender only once the core has queued what a new
@@ -199,15 +219,14 @@ async fn run(
             ev = net_rx.recv() => match ev {
                 Some(ev @ Event::Connected { .. }) => {
                     connected = true;
-                    // Thresholds compare with what the broker last got; after a gap, start over.
-                    sampler = telemetry::Sampler::default();
                     ev
                 }
-                Some(ev @ Event::Disconnected) => {
+                Some(Event::Disconnected { .. }) => {
                     connected = false;
                     let _ = connected_tx.send(false);
-                    outbox.lock().disconnected();
-                    ev
+                    // Telemetry and logs the connection left unsent go to the on-disk outbox.
+                    let unsent = outbox.lock().disconnected();
+                    Event::Disconnected { unsent }
                 }
                 Some(ev) => {
                     core.set_backlog(outbox.len());
@@ -217,8 +236,8 @@ async fn run(
             },
             _ = tick.tick() => {
                 let now = Instant::now();
-                let telemetry =
-                    if connected { sampler.tick(now, &core.runtime().telemetry, &mut probe) } else { None };
+                // Sampled while disconnected too: the core keeps what cannot go in the outbox.
+                let telemetry = sampler.tick(now, &core.runtime().telemetry, &mut probe);
                 let logs = batcher.flush(now, &core.runtime().logs);
                 let housekeeping = now.duration_since(last_housekeeping) >= Duration::from_secs(60);
                 if housekeeping {
@@ -264,7 +283,7 @@ async fn run(
         tracing::info!("stopping");
     }
     if connected {
-        perform(&outbox, vec![core.offline()], true, &job_ctx, &job_tx);
+        ctx.perform(vec![core.offline()], true);
         // What was recorded (the restart's own result, the offline status) goes out first.
         let drained = async {
             loop {
@@ -279,6 +298,8 @@ async fn run(
         // offline status is on its way. Otherwise the will says `lost`, which is then true.
         if tokio::time::timeout(Duration::from_secs(2), drained).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+            // Everything was handed over: a kept session holds what the link remembers.
+            link.save_facts();
         } else {
             tracing::warn!("the outbox did not drain in time; leaving the broker to publish the last will");
         }
@@ -308,35 +329,45 @@ async fn off_loop(
     .context("the core's thread")
 }
 
-/// Carries out the core's actions: broker requests into the outbox (the sender task hands them
-/// to the client), jobs started on their own task. Returns true when the agent should stop for
-/// a restart.
-fn perform(
-    outbox: &outbox::Outbox,
-    outs: Vec<Out>,
-    connected: bool,
-    job_ctx: &Arc<jobs::JobContext>,
-    job_tx: &mpsc::Sender<jobs::JobEvent>,
-) -> bool {
-    let mut restart = false;
-    let mut queued = false;
-    {
-        let mut q = outbox.lock();
-        for out in outs {
-            match q.push(out, connected) {
-                None => queued = true,
-                Some(Out::Restart) => restart = true,
-                Some(Out::Job(job)) => {
-                    tokio::spawn(jobs::run(job, job_ctx.clone(), job_tx.clone()));
+/// Where the core's actions go.
+struct Perform<'a> {
+    outbox: &'a outbox::Outbox,
+    job_ctx: &'a Arc<jobs::JobContext>,
+    job_tx: &'a mpsc::Sender<jobs::JobEvent>,
+    settings: &'a tokio::sync::watch::Sender<connection::Settings>,
+    link: &'a link::Link,
+}
+
+impl Perform<'_> {
+    /// Carries out the core's actions: broker requests into the outbox (the sender task hands
+    /// them to the client), jobs started on their own task, new connection settings to the
+    /// connection task. Returns true when the agent should stop for a restart.
+    fn perform(&self, outs: Vec<Out>, connected: bool) -> bool {
+        let mut restart = false;
+        let mut queued = false;
+        {
+            let mut q = self.outbox.lock();
+            let dropped = q.dropped;
+            for out in outs {
+                match q.push(out, connected) {
+                    None => queued = true,
+                    Some(Out::Restart) => restart = true,
+                    Some(Out::Job(job)) => {
+                        tokio::spawn(jobs::run(job, self.job_ctx.clone(), self.job_tx.clone()));
+                    }
+                    Some(Out::Relink(s)) => {
+                        let _ = self.settings.send(s);
+                    }
+                    Some(_) => {}
                 }
-                Some(_) => {}
             }
+            self.link.dropped(q.dropped - dropped);
         }
+        if queued {
+            self.outbox.wake.notify_one();
+        }
+        restart
     }
-    if queued {
-        outbox.wake.notify_one();
-    }
-    restart
 }
 
 /// Follows the managed units' states through systemd's signals and hands them to the core.

@@ -4,24 +4,29 @@
 //! here; what a broken connection swallows inside the client is retained state, which the core
 //! republishes on every connect.
 //!
-//! Unreliable messages (telemetry, logs) are dropped, and counted, while disconnected and when
-//! the queue is over its bound; the core refuses new commands with `busy` before that (see
+//! Unreliable messages (telemetry, logs) that a broken connection leaves here go back to the core
+//! for the on-disk outbox (`spool.rs`); one that arrives while disconnected or over the queue's
+//! bound is dropped and counted. The core refuses new commands with `busy` before that (see
 //! `core::MAX_BACKLOG`).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use debfleet_protocol::TrafficClass;
 use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::{watch, Notify};
 
+use crate::connection::packet_len;
 use crate::core::Out;
+use crate::link::Link;
+use crate::spool::Spooled;
 
 /// Above this many waiting messages an unreliable one is dropped rather than queued.
 const MAX_QUEUED_UNRELIABLE: usize = 200;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Publish { topic: String, payload: Vec<u8>, retain: bool, qos: QoS },
+    Publish { topic: String, payload: Vec<u8>, retain: bool, qos: QoS, class: TrafficClass },
     Subscribe(Vec<String>),
     Unsubscribe(Vec<String>),
 }
@@ -41,9 +46,9 @@ impl Queue {
     /// Queues an action for the broker; other actions are not the outbox's and come back.
     pub fn push(&mut self, out: Out, connected: bool) -> Option<Out> {
         let (req, reliable) = match out {
-            Out::Publish { topic, payload, retain, reliable } => {
+            Out::Publish { topic, payload, retain, reliable, class } => {
                 let qos = if reliable { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-                (Request::Publish { topic, payload, retain, qos }, reliable)
+                (Request::Publish { topic, payload, retain, qos, class }, reliable)
             }
             // Subscriptions are made afresh on every connect.
             Out::Subscribe(_) | Out::Unsubscribe(_) if !connected => return None,
@@ -88,11 +93,18 @@ impl Queue {
         None
     }
 
-    /// The connection broke: what was unreliable is stale, subscriptions go with the session.
-    pub fn disconnected(&mut self) {
-        let before = self.items.len();
-        self.items.retain(|(r, reliable)| *reliable && matches!(r, Request::Publish { .. }));
-        self.dropped += (before - self.items.len()) as u64;
+    /// The connection broke: subscriptions go with the session (a kept one has them, a new
+    /// one gets them afresh); telemetry and logs not sent come back for the on-disk outbox.
+    pub fn disconnected(&mut self) -> Vec<Spooled> {
+        let mut unsent = Vec::new();
+        for (r, reliable) in std::mem::take(&mut self.items) {
+            match r {
+                Request::Publish { .. } if reliable => self.items.push_back((r, reliable)),
+                Request::Publish { topic, payload, class, .. } => unsent.push(Spooled { class, topic, payload }),
+                Request::Subscribe(_) | Request::Unsubscribe(_) => {}
+            }
+        }
+        unsent
     }
 
     pub fn pop(&mut self) -> Option<Request> {
@@ -120,8 +132,20 @@ impl Outbox {
     }
 }
 
-/// Hands the outbox to the client while `connected` says so.
-pub async fn send(client: AsyncClient, outbox: Arc<Outbox>, mut connected: watch::Receiver<bool>) {
+/// What a request costs on the wire, MQTT packet only.
+fn request_len(req: &Request) -> usize {
+    match req {
+        Request::Publish { topic, payload, qos, .. } => {
+            packet_len(2 + topic.len() + if *qos == QoS::AtMostOnce { 0 } else { 2 } + payload.len())
+        }
+        Request::Subscribe(f) => packet_len(2 + f.iter().map(|f| 3 + f.len()).sum::<usize>()),
+        Request::Unsubscribe(f) => f.iter().map(|f| packet_len(4 + f.len())).sum(),
+    }
+}
+
+/// Hands the outbox to the client while `connected` says so, counting each request in its class
+/// and noting the retained facts handed over (see [`Link::handed`]).
+pub async fn send(client: AsyncClient, outbox: Arc<Outbox>, link: Arc<Link>, mut connected: watch::Receiver<bool>) {
     loop {
         while !*connected.borrow_and_update() {
             if connected.changed().await.is_err() {
@@ -137,8 +161,17 @@ pub async fn send(client: AsyncClient, outbox: Arc<Outbox>, mut connected: watch
             }
             continue;
         };
+        match &req {
+            Request::Publish { class, topic, payload, retain, qos } => {
+                link.sent(*class, request_len(&req));
+                if *retain && *qos == QoS::AtLeastOnce {
+                    link.handed(topic, payload);
+                }
+            }
+            other => link.sent(TrafficClass::Control, request_len(other)),
+        }
         let r = match req {
-            Request::Publish { topic, payload, retain, qos } => client.publish(topic, qos, retain, payload).await,
+            Request::Publish { topic, payload, retain, qos, .. } => client.publish(topic, qos, retain, payload).await,
             Request::Subscribe(f) => {
                 client.subscribe_many(f.into_iter().map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce))).await
             }
@@ -163,7 +196,8 @@ mod tests {
     use super::*;
 
     fn publish(topic: &str, reliable: bool) -> Out {
-        Out::Publish { topic: topic.into(), payload: b"x".to_vec(), retain: reliable, reliable }
+        let class = if reliable { TrafficClass::Result } else { TrafficClass::Telemetry };
+        Out::Publish { topic: topic.into(), payload: b"x".to_vec(), retain: reliable, reliable, class }
     }
 
     #[test]
@@ -180,7 +214,13 @@ mod tests {
     #[test]
     fn a_newer_retained_fact_replaces_an_unsent_one_but_a_deletion_never_does() {
         let mut q = Queue::default();
-        let rec = |p: &[u8]| Out::Publish { topic: "op/1".into(), payload: p.to_vec(), retain: true, reliable: true };
+        let rec = |p: &[u8]| Out::Publish {
+            topic: "op/1".into(),
+            payload: p.to_vec(),
+            retain: true,
+            reliable: true,
+            class: TrafficClass::Result,
+        };
         q.push(rec(b"accepted"), true);
         q.push(publish("other", true), true);
         q.push(rec(b"succeeded"), true);
@@ -223,7 +263,13 @@ mod tests {
                 Request::Subscribe(vec!["g/b".into()]),
                 Request::Unsubscribe(vec!["g/b".into()]),
                 Request::Subscribe(vec!["g/a".into()]),
-                Request::Publish { topic: "op/1".into(), payload: b"x".to_vec(), retain: true, qos: QoS::AtLeastOnce },
+                Request::Publish {
+                    topic: "op/1".into(),
+                    payload: b"x".to_vec(),
+                    retain: true,
+                    qos: QoS::AtLeastOnce,
+                    class: TrafficClass::Result
+                },
             ]
         );
     }
@@ -236,7 +282,8 @@ mod tests {
         assert!(matches!(q.pop(), Some(Request::Subscribe(_))));
         q.push(Out::Subscribe(vec!["cmd/+".into()]), true);
         q.push(publish("tele", false), true);
-        q.disconnected();
+        let unsent = q.disconnected();
+        assert_eq!(unsent, [Spooled { class: TrafficClass::Telemetry, topic: "tele".into(), payload: b"x".to_vec() }]);
         assert_eq!(q.len(), 1);
         assert!(matches!(q.pop(), Some(Request::Publish { ref topic, .. }) if topic == "op"));
         assert_eq!(q.push(Out::Restart, true), Some(Out::Restart));

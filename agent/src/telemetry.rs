@@ -91,6 +91,33 @@ impl Gate {
     }
 }
 
+/// One metric over an aggregation window.
+#[derive(Debug, Clone, Copy)]
+struct Agg {
+    min: f64,
+    max: f64,
+    sum: f64,
+    n: u32,
+}
+
+impl Agg {
+    fn add(a: Option<Agg>, v: f64) -> Agg {
+        match a {
+            None => Agg { min: v, max: v, sum: v, n: 1 },
+            Some(a) => Agg { min: a.min.min(v), max: a.max.max(v), sum: a.sum + v, n: a.n + 1 },
+        }
+    }
+}
+
+/// Aggregation (`telemetry.window_s` > 0): samples gathered over the window, and the means last
+/// sent (the deadband's reference).
+#[derive(Default)]
+struct Window {
+    started: Option<Instant>,
+    aggs: BTreeMap<String, Agg>,
+    sent: BTreeMap<String, f64>,
+}
+
 /// Gates samples and keeps the retained view: the latest published value of every enabled
 /// metric, each with the time it was sampled.
 #[derive(Default)]
@@ -100,12 +127,20 @@ pub struct Sampler {
     disk: Gate,
     disk_published: BTreeMap<String, f64>,
     view: Telemetry,
+    window: Window,
 }
 
 impl Sampler {
     /// Called about once a second; when any metric is due and moved, returns the whole view
-    /// (the retained message), not only what moved.
+    /// (the retained message), not only what moved. With a window, returns one aggregated
+    /// message at the end of each window in which a mean moved past its threshold.
     pub fn tick(&mut self, now: Instant, cfg: &TelemetryCfg, probe: &mut dyn Probe) -> Option<Telemetry> {
+        if cfg.window_s > 0 {
+            return self.aggregate(now, cfg, probe);
+        }
+        self.window = Window::default();
+        self.view.window_s = None;
+        self.view.range.clear();
         let ts = time::now();
         let mut moved = false;
         let view = &mut self.view;
@@ -162,6 +197,65 @@ impl Sampler {
         view.v = CONTRACT_VERSION;
         view.ts = ts;
         Some(view.clone())
+    }
+
+    fn aggregate(&mut self, now: Instant, cfg: &TelemetryCfg, probe: &mut dyn Probe) -> Option<Telemetry> {
+        let w = &mut self.window;
+        let started = *w.started.get_or_insert(now);
+        let mut sample = |key: String, v: f64| {
+            let a = w.aggs.get(&key).copied();
+            w.aggs.insert(key, Agg::add(a, v));
+        };
+        if cfg.cpu.enabled && self.cpu.due(now, cfg.cpu.interval_s) {
+            self.cpu.sampled_at = Some(now);
+            sample("cpu".into(), probe.cpu());
+        }
+        if cfg.memory.enabled && self.memory.due(now, cfg.memory.interval_s) {
+            self.memory.sampled_at = Some(now);
+            sample("memory".into(), probe.memory());
+        }
+        if cfg.disk.enabled && self.disk.due(now, cfg.disk.interval_s) {
+            self.disk.sampled_at = Some(now);
+            for mount in &cfg.disk.mounts {
+                if let Some(v) = probe.disk(mount) {
+                    sample(format!("disk:{mount}"), v);
+                }
+            }
+        }
+        if now.duration_since(started) + Duration::from_millis(50) < Duration::from_secs(cfg.window_s.into()) {
+            return None;
+        }
+        let aggs = std::mem::take(&mut w.aggs);
+        w.started = Some(now);
+        let threshold = |key: &str| match key {
+            "cpu" => cfg.cpu.threshold,
+            "memory" => cfg.memory.threshold,
+            _ => cfg.disk.threshold,
+        };
+        let mean = |a: &Agg| round(a.sum / f64::from(a.n.max(1)));
+        let moved = aggs.iter().any(|(k, a)| w.sent.get(k).is_none_or(|last| (mean(a) - last).abs() >= threshold(k)))
+            || w.sent.keys().any(|k| !aggs.contains_key(k));
+        if !moved || aggs.is_empty() {
+            return None;
+        }
+        let ts = time::now();
+        let mut view = Telemetry { v: CONTRACT_VERSION, ts: ts.clone(), window_s: Some(cfg.window_s), ..Telemetry::default() };
+        w.sent.clear();
+        for (k, a) in &aggs {
+            let m = mean(a);
+            w.sent.insert(k.clone(), m);
+            match k.as_str() {
+                "cpu" => view.cpu = Some(m),
+                "memory" => view.memory = Some(m),
+                other => {
+                    view.disk.insert(other.trim_start_matches("disk:").to_owned(), m);
+                }
+            }
+            view.range.insert(k.clone(), [a.min, a.max]);
+            view.at.insert(k.clone(), ts.clone());
+        }
+        self.view = view.clone();
+        Some(view)
     }
 }
 
@@ -239,6 +333,31 @@ mod tests {
         let third = s.tick(t0 + Duration::from_secs(4), &c, &mut p).unwrap();
         assert_eq!(third.memory, None);
         assert!(!third.at.contains_key("memory"));
+    }
+
+    #[test]
+    fn a_window_sends_one_aggregate_and_the_deadband_holds_back_a_quiet_one() {
+        let t0 = Instant::now();
+        let mut c = cfg();
+        c.window_s = 10;
+        c.disk.interval_s = 10;
+        let mut s = Sampler::default();
+        let mut p = Script { cpu: vec![10.0, 20.0, 30.0, 40.0, 50.0, 30.0, 29.0, 30.0, 32.0, 28.0, 30.0], calls: 0 };
+        let mut sent = Vec::new();
+        for sec in 0..=20 {
+            if let Some(t) = s.tick(t0 + Duration::from_secs(sec), &c, &mut p) {
+                sent.push((sec, t));
+            }
+        }
+        assert_eq!(sent.len(), 1, "the second window's mean moved less than 5 points: {sent:?}");
+        let (at, t) = &sent[0];
+        assert_eq!(*at, 10);
+        assert_eq!((t.cpu, t.window_s, t.range["cpu"]), (Some(30.0), Some(10), [10.0, 50.0]));
+        assert_eq!(t.disk["/"], 40.0);
+        // A move beyond the deadband is sent at the end of its window.
+        let mut p = Script { cpu: vec![90.0; 6], calls: 0 };
+        let t = (21..=30).find_map(|sec| s.tick(t0 + Duration::from_secs(sec), &c, &mut p)).unwrap();
+        assert_eq!(t.cpu, Some(90.0));
     }
 
     #[test]

@@ -7,9 +7,90 @@ use crate::ids::GroupName;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RuntimeCfg {
+    /// Which set of defaults the other keys start from (see [`RuntimeCfg::compose`]).
+    #[serde(default)]
+    pub profile: Profile,
     pub groups: Vec<GroupName>,
     pub telemetry: TelemetryCfg,
     pub logs: LogsCfg,
+    #[serde(default)]
+    pub link: LinkCfg,
+    #[serde(default)]
+    pub budget: BudgetCfg,
+    #[serde(default)]
+    pub outbox: OutboxCfg,
+}
+
+/// A named set of defaults: `default` for wired devices, `cellular` for metered links (long
+/// keepalive, persistent session, aggregated telemetry, warnings only, a data budget).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    #[default]
+    Default,
+    Cellular,
+}
+
+impl Profile {
+    pub const ALL: [Profile; 2] = [Profile::Default, Profile::Cellular];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Default => "default",
+            Profile::Cellular => "cellular",
+        }
+    }
+}
+
+/// The connection to the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkCfg {
+    /// MQTT keepalive: how often an idle connection is checked, and (×1.5) how long the broker
+    /// waits before it declares the device lost. Changing it reconnects.
+    pub keepalive_s: u32,
+    /// Keep the MQTT session across reconnects (clean session off): the broker keeps the
+    /// subscriptions and queues commands (QoS 1) while the device is away. Changing it reconnects.
+    pub persistent_session: bool,
+    /// After a reconnect into a kept session, publish only the retained facts that differ from
+    /// what the broker acknowledged before.
+    pub skip_unchanged: bool,
+    /// Seconds between reports on `state/link` (also sent on every connect).
+    pub report_s: u32,
+}
+
+/// What the device may send in a day (UTC), by priority class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetCfg {
+    /// 0: no budget. Over 70 % of it telemetry waits (in the outbox) or is dropped, over 90 %
+    /// logs do too; operation results, status and acknowledgements always go.
+    pub bytes_per_day: u64,
+}
+
+/// The on-disk outbox for telemetry and logs produced while the link is down or over budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxCfg {
+    /// Bound of the outbox on disk; beyond it the oldest messages are dropped and counted.
+    pub max_kb: u32,
+    /// Messages sent from the outbox per second once the link is back.
+    pub drain_per_s: u32,
+}
+
+impl Default for LinkCfg {
+    fn default() -> Self {
+        LinkCfg { keepalive_s: 30, persistent_session: false, skip_unchanged: false, report_s: 3600 }
+    }
+}
+
+impl Default for BudgetCfg {
+    fn default() -> Self {
+        BudgetCfg { bytes_per_day: 0 }
+    }
+}
+
+impl Default for OutboxCfg {
+    fn default() -> Self {
+        OutboxCfg { max_kb: 256, drain_per_s: 10 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,6 +98,11 @@ pub struct TelemetryCfg {
     pub cpu: MetricCfg,
     pub memory: MetricCfg,
     pub disk: DiskCfg,
+    /// 0: every sample that moved past its threshold is sent. Otherwise samples are aggregated
+    /// over this many seconds and sent as one message (mean, with min and max), and only when a
+    /// mean moved past its threshold (the deadband) since the last one sent.
+    #[serde(default)]
+    pub window_s: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +146,7 @@ impl Default for TelemetryCfg {
             cpu: MetricCfg::default(),
             memory: MetricCfg { interval_s: 30, ..MetricCfg::default() },
             disk: DiskCfg { enabled: true, interval_s: 60, threshold: 1.0, mounts: vec!["/".into()] },
+            window_s: 0,
         }
     }
 }
@@ -72,7 +159,63 @@ impl Default for LogsCfg {
 
 impl Default for RuntimeCfg {
     fn default() -> Self {
-        RuntimeCfg { groups: Vec::new(), telemetry: TelemetryCfg::default(), logs: LogsCfg::default() }
+        RuntimeCfg {
+            profile: Profile::Default,
+            groups: Vec::new(),
+            telemetry: TelemetryCfg::default(),
+            logs: LogsCfg::default(),
+            link: LinkCfg::default(),
+            budget: BudgetCfg::default(),
+            outbox: OutboxCfg::default(),
+        }
+    }
+}
+
+impl RuntimeCfg {
+    /// The defaults of a profile. Cellular: a 20-minute keepalive (each keepalive exchange is
+    /// about 160 bytes on the wire with TCP/IP headers), a kept session, telemetry as hourly
+    /// aggregates with a 5-point deadband, warnings batched every 15 minutes, 256 KiB a day.
+    pub fn for_profile(profile: Profile) -> RuntimeCfg {
+        let base = RuntimeCfg { profile, ..RuntimeCfg::default() };
+        match profile {
+            Profile::Default => base,
+            Profile::Cellular => {
+                let metric = MetricCfg { enabled: true, interval_s: 60, threshold: 5.0 };
+                RuntimeCfg {
+                    telemetry: TelemetryCfg {
+                        cpu: metric.clone(),
+                        memory: metric,
+                        disk: DiskCfg { enabled: true, interval_s: 600, threshold: 2.0, mounts: vec!["/".into()] },
+                        window_s: 3600,
+                    },
+                    logs: LogsCfg { enabled: true, level: "warn".into(), batch_s: 900, max_lines_per_min: 30 },
+                    link: LinkCfg { keepalive_s: 1200, persistent_session: true, skip_unchanged: true, report_s: 21_600 },
+                    budget: BudgetCfg { bytes_per_day: 256 * 1024 },
+                    outbox: OutboxCfg { max_kb: 1024, drain_per_s: 2 },
+                    ..base
+                }
+            }
+        }
+    }
+
+    /// The configuration from layered partial updates (the file's, then the wire's): the
+    /// profile named last picks the defaults, then every patch applies in order, so a key set
+    /// anywhere wins over the profile's default.
+    pub fn compose(patches: &[&Value]) -> Result<RuntimeCfg, CfgError> {
+        let mut profile = Profile::Default;
+        for p in patches {
+            if let Some(v) = p.get("profile") {
+                profile = serde_json::from_value(v.clone()).map_err(|_| {
+                    let names: Vec<&str> = Profile::ALL.iter().map(|p| p.as_str()).collect();
+                    invalid("profile", format!("{v} is not one of {}", names.join(", ")))
+                })?;
+            }
+        }
+        let mut cfg = RuntimeCfg::for_profile(profile);
+        for p in patches {
+            cfg = cfg.apply_patch(p)?;
+        }
+        Ok(cfg)
     }
 }
 
@@ -129,6 +272,25 @@ impl RuntimeCfg {
             if !m.starts_with('/') || m.len() > 256 || m.contains('\0') || m.split('/').any(|l| l == "..") {
                 return Err(invalid("telemetry.disk.mounts", format!("{m:?} is not an absolute path")));
             }
+        }
+        if t.window_s > 86_400 {
+            return Err(invalid("telemetry.window_s", format!("{} is outside 0..=86400 seconds", t.window_s)));
+        }
+        let k = &self.link;
+        if !(5..=65_535).contains(&k.keepalive_s) {
+            return Err(invalid("link.keepalive_s", format!("{} is outside 5..=65535 seconds", k.keepalive_s)));
+        }
+        if !(60..=86_400).contains(&k.report_s) {
+            return Err(invalid("link.report_s", format!("{} is outside 60..=86400 seconds", k.report_s)));
+        }
+        if self.budget.bytes_per_day != 0 && self.budget.bytes_per_day < 16 * 1024 {
+            return Err(invalid("budget.bytes_per_day", "0 (no budget) or at least 16384"));
+        }
+        if self.outbox.max_kb > 1024 * 1024 {
+            return Err(invalid("outbox.max_kb", format!("{} is over 1048576 (1 GiB)", self.outbox.max_kb)));
+        }
+        if !(1..=1000).contains(&self.outbox.drain_per_s) {
+            return Err(invalid("outbox.drain_per_s", format!("{} is outside 1..=1000", self.outbox.drain_per_s)));
         }
         let l = &self.logs;
         if !LOG_LEVELS.contains(&l.level.as_str()) {
@@ -267,6 +429,29 @@ mod tests {
             assert!(err.starts_with(key), "{patch}: {err}");
         }
         assert_eq!(cfg.apply_patch(&json!([1])).unwrap_err(), CfgError::NotAnObject);
+    }
+
+    #[test]
+    fn profiles_pick_defaults_and_every_key_still_wins() {
+        let cell = json!({"profile": "cellular"});
+        let c = RuntimeCfg::compose(&[&cell]).unwrap();
+        assert_eq!(c, RuntimeCfg::for_profile(Profile::Cellular));
+        assert!(c.link.persistent_session && c.telemetry.window_s > 0 && c.logs.level == "warn");
+        // A file key wins over the profile; a later profile change keeps it.
+        let file = json!({"profile": "cellular", "link": {"keepalive_s": 300}});
+        let wire = json!({"logs": {"level": "error"}});
+        let c = RuntimeCfg::compose(&[&file, &wire]).unwrap();
+        assert_eq!((c.link.keepalive_s, c.logs.level.as_str(), c.budget.bytes_per_day), (300, "error", 256 * 1024));
+        let back = json!({"profile": "default"});
+        let d = RuntimeCfg::compose(&[&file, &wire, &back]).unwrap();
+        assert_eq!((d.profile, d.link.keepalive_s, d.link.persistent_session), (Profile::Default, 300, false));
+        let err = RuntimeCfg::compose(&[&json!({"profile": "satellite"})]).unwrap_err().to_string();
+        assert!(err.starts_with("profile"), "{err}");
+        for p in Profile::ALL {
+            RuntimeCfg::for_profile(p).validate().unwrap();
+        }
+        let err = c.apply_patch(&json!({"link": {"keepalive_s": 2}})).unwrap_err().to_string();
+        assert!(err.starts_with("link.keepalive_s"), "{err}");
     }
 
     #[test]

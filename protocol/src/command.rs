@@ -142,6 +142,8 @@ pub struct Command {
     pub id: OpId,
     pub verb: Verb,
     pub args: CommandArgs,
+    /// `expires_at` (unix milliseconds): a device that gets the command later does not run it.
+    pub expires_at: Option<i64>,
 }
 
 /// Why a command was not accepted. With an `id` the failure is reported on that operation's
@@ -176,6 +178,8 @@ struct PackageArgs {
     #[serde(default)]
     v: Option<Value>,
     #[serde(default)]
+    expires_at: Option<Value>,
+    #[serde(default)]
     packages: Vec<String>,
     #[serde(default)]
     package: Option<String>,
@@ -203,7 +207,7 @@ struct PackageWords {
 
 fn package_words(v: Value) -> Result<PackageWords, String> {
     let a: PackageArgs = serde_json::from_value(v).map_err(|e| e.to_string())?;
-    let _ = (a.id, a.v);
+    let _ = (a.id, a.v, a.expires_at);
     if a.watch_s.is_some_and(|w| w > 3600) {
         return Err("watch_s must be at most 3600".into());
     }
@@ -251,12 +255,25 @@ pub fn parse_command(verb: &str, payload: &[u8]) -> Result<Command, Rejection> {
         }
         None => return Err(reject(None, ErrorCode::MissingId, "the command has no \"id\"")),
     };
+    let expires_at = match object.get("expires_at") {
+        None => None,
+        Some(Value::String(s)) => Some(crate::time::parse_unix_ms(s).ok_or_else(|| {
+            reject(Some(id.clone()), ErrorCode::InvalidValue, format!("expires_at: {s:?} is not an RFC 3339 time"))
+        })?),
+        Some(other) => {
+            return Err(reject(
+                Some(id),
+                ErrorCode::InvalidValue,
+                format!("expires_at must be an RFC 3339 time string, got {}", type_name(other)),
+            ))
+        }
+    };
     let Some(verb) = Verb::from_name(verb) else {
         return Err(reject(Some(id), ErrorCode::UnknownVerb, format!("unknown verb {verb:?}")));
     };
     let args = parse_args(verb, Value::Object(object))
         .map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, format!("{}: {e}", verb.as_str())))?;
-    Ok(Command { id, verb, args })
+    Ok(Command { id, verb, args, expires_at })
 }
 
 fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
@@ -320,8 +337,16 @@ impl CommandArgs {
     /// [`parse_command`] reads back as the same arguments, so sender and receiver cannot
     /// disagree.
     pub fn to_payload(&self, id: &OpId) -> Vec<u8> {
+        self.to_payload_expiring(id, None)
+    }
+
+    /// The payload with an expiry (unix milliseconds): devices that get it later refuse it.
+    pub fn to_payload_expiring(&self, id: &OpId, expires_at: Option<i64>) -> Vec<u8> {
         let mut m = Map::new();
         m.insert("id".into(), Value::String(id.to_string()));
+        if let Some(t) = expires_at {
+            m.insert("expires_at".into(), Value::String(crate::time::format_unix_ms(t)));
+        }
         let specs = |p: &[PackageSpec]| Value::Array(p.iter().map(|s| Value::String(s.to_string())).collect());
         let put_options = |m: &mut Map<String, Value>, o: &PackageOptions| {
             if o.dry_run {
@@ -372,7 +397,12 @@ impl CommandArgs {
 
 impl Command {
     pub fn to_payload(&self) -> Vec<u8> {
-        self.args.to_payload(&self.id)
+        self.args.to_payload_expiring(&self.id, self.expires_at)
+    }
+
+    /// Whether the command's expiry has passed at `now_ms`.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.expires_at.is_some_and(|t| now_ms >= t)
     }
 }
 
@@ -464,7 +494,15 @@ mod tests {
             let payload = args.to_payload(&id);
             let back = parse_command(args.verb().as_str(), &payload)
                 .unwrap_or_else(|e| panic!("{args:?}: {} ({})", e.message, String::from_utf8_lossy(&payload)));
-            assert_eq!((back.id, back.verb, back.args), (id.clone(), args.verb(), args));
+            assert_eq!((back.id, back.verb, back.args, back.expires_at), (id.clone(), args.verb(), args.clone(), None));
+            let expiring = args.to_payload_expiring(&id, Some(1_800_000_000_123));
+            let back = parse_command(args.verb().as_str(), &expiring).unwrap();
+            assert_eq!(back.expires_at, Some(1_800_000_000_123));
+            assert!(back.expired(1_800_000_000_123) && !back.expired(1_800_000_000_122));
+        }
+        for bad in [r#"{"id":"e1","expires_at":"tomorrow"}"#, r#"{"id":"e1","expires_at":5}"#] {
+            let r = parse_command("ping", bad.as_bytes()).unwrap_err();
+            assert_eq!((r.code, r.id.map(|i| i.to_string())), (ErrorCode::InvalidValue, Some("e1".into())), "{bad}");
         }
     }
 

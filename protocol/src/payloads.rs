@@ -224,6 +224,76 @@ pub struct Telemetry {
     /// latest value of every enabled metric, so one metric's sample never hides the others.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub at: BTreeMap<String, String>,
+    /// Aggregated samples (`telemetry.window_s` > 0): the values above are means over this many
+    /// seconds, and `range` holds each one's `[min, max]` over the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_s: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub range: BTreeMap<String, [f64; 2]>,
+}
+
+/// The priority classes of what a device sends, highest first. Over the data budget the lower
+/// classes wait in the outbox or are dropped; the top two always go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrafficClass {
+    /// Final operation results and the device's retained facts (status, meta, cfg, state).
+    Result,
+    /// Acknowledgements: accepted and running records, progress, rejections.
+    Ack,
+    Logs,
+    Telemetry,
+    /// The connection itself: connect, keepalive, subscriptions, and `state/link`.
+    Control,
+}
+
+impl TrafficClass {
+    pub const ALL: [TrafficClass; 5] =
+        [TrafficClass::Result, TrafficClass::Ack, TrafficClass::Logs, TrafficClass::Telemetry, TrafficClass::Control];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficClass::Result => "result",
+            TrafficClass::Ack => "ack",
+            TrafficClass::Logs => "logs",
+            TrafficClass::Telemetry => "telemetry",
+            TrafficClass::Control => "control",
+        }
+    }
+}
+
+/// Bytes of one class today: sent and received, each counted as the MQTT packet plus an
+/// estimated 52 bytes of TCP/IP header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassBytes {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// `device/ID/state/link` (retained): what the link carried today (UTC), against the budget.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkState {
+    pub v: u32,
+    pub ts: String,
+    /// The UTC day the counters are for (`YYYY-MM-DD`).
+    pub day: String,
+    pub profile: crate::cfg::Profile,
+    /// The MQTT protocol level of the connection (4 is 3.1.1).
+    pub mqtt: u8,
+    pub keepalive_s: u32,
+    /// Whether the broker kept the session at the last connect.
+    pub session_present: bool,
+    /// `budget.bytes_per_day` (0: none).
+    pub budget: u64,
+    /// By class (`result`, `ack`, `logs`, `telemetry`, `control`).
+    pub classes: BTreeMap<TrafficClass, ClassBytes>,
+    /// Telemetry and logs dropped today: over the outbox's bound, or lost with a connection.
+    pub dropped: u64,
+    /// Connections made today after the first.
+    pub reconnects: u64,
+    /// Messages waiting in the on-disk outbox, and their bytes.
+    pub outbox: u64,
+    pub outbox_bytes: u64,
 }
 
 /// `device/ID/logs`: a batch of the agent's log lines.
@@ -296,10 +366,13 @@ pub enum ErrorCode {
     /// The command was delivered from the broker's retained store: commands are events, so a
     /// retained one (left by a sender that set the retain flag) is never run.
     RetainedCommand,
+    /// The command's `expires_at` had passed when it arrived or before it could start: it was
+    /// not run (the operation's state is `expired`).
+    Expired,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::MalformedJson,
         ErrorCode::MissingId,
         ErrorCode::InvalidId,
@@ -322,6 +395,7 @@ impl ErrorCode {
         ErrorCode::UndoFailed,
         ErrorCode::Busy,
         ErrorCode::RetainedCommand,
+        ErrorCode::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -348,6 +422,7 @@ impl ErrorCode {
             ErrorCode::UndoFailed => "undo_failed",
             ErrorCode::Busy => "busy",
             ErrorCode::RetainedCommand => "retained_command",
+            ErrorCode::Expired => "expired",
         }
     }
 }
@@ -451,11 +526,13 @@ pub enum OpState {
     Running,
     Succeeded,
     Failed,
+    /// Not run: the command's expiry passed before it could start.
+    Expired,
 }
 
 impl OpState {
     pub fn is_final(self) -> bool {
-        matches!(self, OpState::Succeeded | OpState::Failed)
+        matches!(self, OpState::Succeeded | OpState::Failed | OpState::Expired)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -464,6 +541,7 @@ impl OpState {
             OpState::Running => "running",
             OpState::Succeeded => "succeeded",
             OpState::Failed => "failed",
+            OpState::Expired => "expired",
         }
     }
 }

@@ -10,6 +10,7 @@ pub enum Topic {
     Cfg(DeviceId),
     StatePackages(DeviceId),
     StateUnits(DeviceId),
+    StateLink(DeviceId),
     Telemetry(DeviceId),
     Logs(DeviceId),
     /// Commands the device could not even attribute to an operation (no usable id).
@@ -51,6 +52,7 @@ impl Topic {
             | Topic::Cfg(_)
             | Topic::StatePackages(_)
             | Topic::StateUnits(_)
+            | Topic::StateLink(_)
             | Topic::Op(..) => (true, Qos::AtLeastOnce),
             Topic::Telemetry(_) => (true, Qos::AtMostOnce),
             Topic::Logs(_) => (false, Qos::AtMostOnce),
@@ -73,6 +75,7 @@ impl Topic {
             | Topic::Cfg(d)
             | Topic::StatePackages(d)
             | Topic::StateUnits(d)
+            | Topic::StateLink(d)
             | Topic::Telemetry(d)
             | Topic::Logs(d)
             | Topic::Rejected(d)
@@ -129,6 +132,7 @@ impl Topics {
             Topic::Cfg(d) => format!("{p}/device/{d}/cfg"),
             Topic::StatePackages(d) => format!("{p}/device/{d}/state/packages"),
             Topic::StateUnits(d) => format!("{p}/device/{d}/state/units"),
+            Topic::StateLink(d) => format!("{p}/device/{d}/state/link"),
             Topic::Telemetry(d) => format!("{p}/device/{d}/telemetry"),
             Topic::Logs(d) => format!("{p}/device/{d}/logs"),
             Topic::Rejected(d) => format!("{p}/device/{d}/rejected"),
@@ -195,6 +199,7 @@ impl Topics {
                     ["cfg"] => Topic::Cfg(d),
                     ["state", "packages"] => Topic::StatePackages(d),
                     ["state", "units"] => Topic::StateUnits(d),
+                    ["state", "link"] => Topic::StateLink(d),
                     ["telemetry"] => Topic::Telemetry(d),
                     ["logs"] => Topic::Logs(d),
                     ["rejected"] => Topic::Rejected(d),

@@ -57,6 +57,7 @@ fn every_example_round_trips_through_the_types() {
             "rejected" => round_trip::<Rejected>(kind, body),
             "units" => round_trip::<UnitsState>(kind, body),
             "package-result" => round_trip::<PackageResult>(kind, body),
+            "link" => round_trip::<LinkState>(kind, body),
             k if k.starts_with("cmd:") => {
                 let verb = &k[4..];
                 let cmd =
@@ -84,6 +85,7 @@ fn every_example_round_trips_through_the_types() {
         "logs",
         "op",
         "package-result",
+        "link",
         "rejected",
         "cmd",
         "cmd-error",

@@ -139,7 +139,15 @@ impl Core {
     }
 
     fn run(&mut self, cmd: Command, now_ms: i64) -> Vec<Out> {
-        let Command { id, verb, args } = cmd;
+        if cmd.expired(now_ms) && self.journal.get(&cmd.id).is_none() {
+            let mut out = match self.begin(&cmd.id, cmd.verb.as_str(), now_ms, false) {
+                Ok(out) => out,
+                Err(out) => return out,
+            };
+            out.extend(self.expire(&cmd.id, cmd.expires_at.unwrap_or(now_ms), now_ms));
+            return out;
+        }
+        let Command { id, verb, args, expires_at } = cmd;
         // Commands that finish within this call (no job, no side effect outside the journal and
         // the configuration file, which is written durably itself).
         let instant = matches!(
@@ -166,10 +174,10 @@ impl Core {
             })),
             CommandArgs::Refresh => {
                 let managed = self.managed.names(&self.cfg.packages);
-                return self.start_job(out, id, JobKind::Refresh(managed), false, None);
+                return self.start_job(out, id, JobKind::Refresh(managed), false, None, expires_at);
             }
             CommandArgs::Install { packages, options } => {
-                return self.start_job(out, id, JobKind::Install(packages), options.dry_run, options.watch_s)
+                return self.start_job(out, id, JobKind::Install(packages), options.dry_run, options.watch_s, expires_at)
             }
             CommandArgs::Upgrade { packages, options } => {
                 let packages = if packages.is_empty() {
@@ -181,20 +189,41 @@ impl Core {
                 } else {
                     packages
                 };
-                return self.start_job(out, id, JobKind::Upgrade(packages), options.dry_run, options.watch_s);
+                return self.start_job(
+                    out,
+                    id,
+                    JobKind::Upgrade(packages),
+                    options.dry_run,
+                    options.watch_s,
+                    expires_at,
+                );
             }
             CommandArgs::Uninstall { packages, purge, options } => {
-                return self.start_job(out, id, JobKind::Uninstall { packages, purge }, options.dry_run, None)
+                return self.start_job(
+                    out,
+                    id,
+                    JobKind::Uninstall { packages, purge },
+                    options.dry_run,
+                    None,
+                    expires_at,
+                )
             }
             CommandArgs::Rollback { package, options } => match self.rollback_target(&package) {
                 Ok(target) => {
-                    return self.start_job(out, id, JobKind::Rollback(target), options.dry_run, options.watch_s)
+                    return self.start_job(
+                        out,
+                        id,
+                        JobKind::Rollback(target),
+                        options.dry_run,
+                        options.watch_s,
+                        expires_at,
+                    )
                 }
                 Err(e) => Err(e),
             },
             CommandArgs::Restart { unit: Some(unit) } => {
                 if self.managed_units().iter().any(|(u, _)| *u == unit) {
-                    return self.start_job(out, id, JobKind::RestartUnit(unit), false, None);
+                    return self.start_job(out, id, JobKind::RestartUnit(unit), false, None, expires_at);
                 }
                 Err(OpError {
                     code: ErrorCode::InvalidValue,
@@ -244,6 +273,7 @@ impl Core {
         kind: JobKind,
         dry_run: bool,
         watch_s: Option<u32>,
+        expires_at: Option<i64>,
     ) -> Vec<Out> {
         let watch = std::time::Duration::from_secs(watch_s.unwrap_or(self.cfg.apt.watch_s).into());
         // A single operation with the defaults ends once its units have settled; a window the
@@ -265,7 +295,7 @@ impl Core {
             tracing::error!("{e}");
         }
         out.push(self.publish_op(&id));
-        self.jobs.push_back(Job { id, kind, dry_run, watch, settle });
+        self.jobs.push_back(Job { id, kind, dry_run, watch, settle, expires_at });
         out.extend(self.next_job());
         out
     }
@@ -287,16 +317,25 @@ impl Core {
     }
 
     fn apply_cfg(&mut self, patch: &Value, after: &mut Vec<Out>) -> Result<Value, OpError> {
+        // The file's keys, the earlier overrides, then this change: a profile named here picks
+        // new defaults for every key no layer sets.
         let next = self
-            .runtime
-            .apply_patch(patch)
+            .overrides
+            .with(patch, &self.cfg.file_patch)
             .map_err(|e| OpError { code: ErrorCode::InvalidValue, message: e.to_string() })?;
         self.overrides.add(patch).map_err(|e| OpError {
             code: ErrorCode::Internal,
             message: format!("cannot persist the configuration: {e}"),
         })?;
         let old_filters = self.command_filters();
+        let old_link = self.link_settings();
         self.runtime = next;
+        if let Some(spool) = &mut self.spool {
+            let before = spool.dropped;
+            spool.set_max_bytes(u64::from(self.runtime.outbox.max_kb) * 1024);
+            self.link.dropped(spool.dropped - before);
+        }
+        let relink = self.link_settings() != old_link;
         let new_filters = self.command_filters();
         let gone: Vec<String> = old_filters.iter().filter(|f| !new_filters.contains(f)).cloned().collect();
         let added: Vec<String> = new_filters.iter().filter(|f| !old_filters.contains(f)).cloned().collect();
@@ -314,6 +353,10 @@ impl Core {
             self.publish(Topic::Cfg(dev.clone()), &CfgMessage { v: CONTRACT_VERSION, cfg: self.runtime.clone() }),
         );
         after.push(self.publish(Topic::Meta(dev), &self.meta()));
+        if relink {
+            // Last: what this change publishes is queued before the reconnect.
+            after.push(Out::Relink(self.link_settings()));
+        }
         tracing::info!("configuration changed: {patch}");
         Ok(serde_json::to_value(&self.runtime).expect("serializes"))
     }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use debfleet_protocol::{
     time, CfgMessage, ErrorCode, Liveness, Meta, OpId, PackagesState, Rejected, RuntimeCfg, Status, Telemetry, Topic,
-    UnitInfo, Verb, CONTRACT_VERSION,
+    TrafficClass, UnitInfo, Verb, CONTRACT_VERSION,
 };
 use serde::Serialize;
 
@@ -16,8 +16,10 @@ use crate::config::{AgentConfig, Overrides};
 use crate::identity::Identity;
 use crate::jobs::{Job, JobDone};
 use crate::journal::{Journal, RESEND_CLEARS_MS};
+use crate::link::Link;
 use crate::logs::LogGate;
 use crate::managed::Managed;
+use crate::spool::Spool;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Out {
@@ -26,9 +28,13 @@ pub enum Out {
         payload: Vec<u8>,
         retain: bool,
         reliable: bool,
+        class: TrafficClass,
     },
     Subscribe(Vec<String>),
     Unsubscribe(Vec<String>),
+    /// The connection settings changed (`link.keepalive_s`, `link.persistent_session`):
+    /// reconnect with them.
+    Relink(crate::connection::Settings),
     /// Stop the agent; systemd starts it again.
     Restart,
     /// Start this long operation (apt, systemd) off the core now. One runs at a time: the core
@@ -75,6 +81,15 @@ pub struct Core {
     job_running: bool,
     /// Messages waiting in the outbox, as last told by the edge (bounded intake).
     backlog: usize,
+    link: Arc<Link>,
+    /// Telemetry and logs that could not go yet (link down, over budget); `None` when the
+    /// outbox directory cannot be used (then they are dropped and counted).
+    spool: Option<Spool>,
+    /// When `state/link` was last reported.
+    link_reported_ms: i64,
+    /// The latest telemetry view went to the outbox, not to the broker: the retained one is
+    /// older, so it is published again (retained) on the next connect.
+    telemetry_behind: Option<Telemetry>,
 }
 
 /// Over these, a new command is answered with `busy` instead of being accepted.
@@ -82,16 +97,22 @@ pub const MAX_BACKLOG: usize = 1000;
 pub const MAX_JOBS_PENDING: usize = 32;
 
 mod commands;
+mod link;
 mod packages;
 
 /// Everything the agent's loop reacts to, as the core sees it: one closed set. What needs IO
 /// (sampling telemetry, reading the log queue) the edge does first and hands in.
 pub enum Event {
-    /// A connection is up; `since` is when it started (also in its last will).
+    /// A connection is up; `since` is when it started (also in its last will). Whether the
+    /// broker kept the session is in the shared [`Link`].
     Connected {
         since: String,
     },
-    Disconnected,
+    /// The connection broke; `unsent` are the telemetry and log messages it left in the
+    /// outbox (they go to the on-disk outbox).
+    Disconnected {
+        unsent: Vec<crate::spool::Spooled>,
+    },
     /// A message on a command subscription; `retain` when delivered from the retained store.
     Message {
         topic: String,
@@ -129,14 +150,18 @@ impl Core {
     pub fn handle(&mut self, event: Event, now_ms: i64) -> Vec<Out> {
         match event {
             Event::Connected { since } => self.on_connected(since, now_ms),
-            Event::Disconnected => {
+            Event::Disconnected { unsent } => {
                 self.on_disconnected();
+                for m in unsent {
+                    self.spool_push(m);
+                }
                 Vec::new()
             }
             Event::Message { topic, payload, retain } => self.on_message(&topic, &payload, retain, now_ms),
             Event::Tick { telemetry, logs, housekeeping } => {
-                let mut out: Vec<Out> = telemetry.iter().map(|t| self.telemetry(t)).collect();
-                out.extend(logs.iter().map(|b| self.logs(b)));
+                let mut out: Vec<Out> = telemetry.iter().filter_map(|t| self.telemetry(t)).collect();
+                out.extend(logs.iter().filter_map(|b| self.logs(b)));
+                out.extend(self.drain(now_ms));
                 if housekeeping {
                     out.extend(self.housekeeping(now_ms));
                 }
@@ -152,20 +177,45 @@ impl Core {
         }
     }
 
-    /// Hands out the next queued job when none runs.
-    fn next_job(&mut self) -> Option<Out> {
+    /// Hands out the next queued job when none runs. Queued jobs whose command expired while
+    /// they waited end as `expired` instead.
+    fn next_job(&mut self) -> Vec<Out> {
+        let mut out = Vec::new();
         if self.job_running {
-            return None;
+            return out;
         }
-        let job = self.jobs.pop_front()?;
-        self.job_running = true;
-        Some(Out::Job(job))
+        let now_ms = time::now_unix_ms();
+        while let Some(job) = self.jobs.pop_front() {
+            if job.expires_at.is_some_and(|t| now_ms >= t) {
+                out.extend(self.expire(&job.id, job.expires_at.unwrap_or(now_ms), now_ms));
+                continue;
+            }
+            self.job_running = true;
+            out.push(Out::Job(job));
+            break;
+        }
+        out
+    }
+
+    /// Records an operation as expired (not run) and publishes its record.
+    fn expire(&mut self, id: &OpId, expires_at: i64, now_ms: i64) -> Vec<Out> {
+        let message = format!(
+            "the command expired at {} and was not run (the device had it at {})",
+            time::format_unix_ms(expires_at),
+            time::format_unix_ms(now_ms)
+        );
+        tracing::warn!(op = %id, "{message}");
+        let err = debfleet_protocol::OpError { code: ErrorCode::Expired, message };
+        if let Err(e) = self.journal.finish(id, now_ms, Err(err)) {
+            tracing::error!("{e}");
+        }
+        vec![self.publish_op(id)]
     }
 
     /// Jobs to finish first after a start (transactions a transient unit carried meanwhile).
     pub fn resume(&mut self, jobs: Vec<Job>) -> Vec<Out> {
         self.jobs.extend(jobs);
-        self.next_job().into_iter().collect()
+        self.next_job()
     }
 
     fn jobs_pending(&self) -> usize {
@@ -178,10 +228,18 @@ impl Core {
         under_systemd: bool,
         log_gate: Option<Arc<LogGate>>,
         dpkg: Arc<dyn PackageDb>,
+        link: Arc<Link>,
     ) -> Core {
         let cfg_state_dir = cfg.state_dir.clone();
         let mut overrides = Overrides::load(&cfg.state_dir);
-        let runtime = overrides.effective(&cfg.file_runtime);
+        let runtime = overrides.effective(&cfg.file_patch);
+        let spool = match Spool::open(&cfg.state_dir.join("outbox"), u64::from(runtime.outbox.max_kb) * 1024) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!("the on-disk outbox is unusable ({e}); telemetry and logs are dropped while offline");
+                None
+            }
+        };
         if let Some(g) = &log_gate {
             g.apply(&runtime.logs);
         }
@@ -202,6 +260,10 @@ impl Core {
             jobs: Default::default(),
             job_running: false,
             backlog: 0,
+            link,
+            spool,
+            link_reported_ms: 0,
+            telemetry_behind: None,
         }
     }
 
@@ -213,14 +275,23 @@ impl Core {
         self.cfg.topics.name(&t)
     }
 
-    /// A publish as the contract's table says the topic travels (retain, QoS).
+    /// A publish as the contract's table says the topic travels (retain, QoS), in the class
+    /// its topic implies (operation records: see [`Core::publish_op`]).
     fn publish<T: Serialize>(&self, t: Topic, payload: &T) -> Out {
         let (retain, qos) = t.delivery();
+        let class = match t {
+            Topic::Telemetry(_) => TrafficClass::Telemetry,
+            Topic::Logs(_) => TrafficClass::Logs,
+            Topic::Rejected(_) => TrafficClass::Ack,
+            Topic::StateLink(_) => TrafficClass::Control,
+            _ => TrafficClass::Result,
+        };
         Out::Publish {
             topic: self.topic(t),
             payload: serde_json::to_vec(payload).expect("payload serializes"),
             retain,
             reliable: qos == debfleet_protocol::topics::Qos::AtLeastOnce,
+            class,
         }
     }
 
@@ -230,6 +301,7 @@ impl Core {
             payload: Vec::new(),
             retain: true,
             reliable: true,
+            class: TrafficClass::Result,
         }
     }
 
@@ -305,14 +377,33 @@ impl Core {
     }
 
     /// A connection was established at `since`: subscribe, then republish every retained fact,
-    /// including operation results produced while the connection was down.
+    /// including operation results produced while the connection was down. Into a session the
+    /// broker kept (`link.persistent_session`), the subscriptions are already there and, with
+    /// `link.skip_unchanged`, only the facts that differ from what the broker got are sent.
+    /// The status always goes: the last will may have replaced it.
     pub fn on_connected(&mut self, since: String, now_ms: i64) -> Vec<Out> {
-        let mut out = vec![Out::Subscribe(self.command_filters())];
+        let filters = self.command_filters();
+        let mut out = Vec::new();
+        if !(self.runtime.link.persistent_session && self.link.subscribed_to(&filters)) {
+            out.push(Out::Subscribe(filters.clone()));
+        }
+        self.link.set_subscribed(filters);
         out.push(
             self.publish(Topic::Status(self.cfg.device_id.clone()), &self.status(Liveness::Online, since.clone())),
         );
         self.connected_since = Some(since);
-        out.extend(self.retained_facts(now_ms));
+        let skip = self.runtime.link.skip_unchanged && self.link.session_present();
+        let mut facts = self.retained_facts(now_ms);
+        if let Some(t) = self.telemetry_behind.take() {
+            facts.push(self.publish(Topic::Telemetry(self.cfg.device_id.clone()), &t));
+        }
+        out.extend(facts.into_iter().filter(|o| match o {
+            Out::Publish { topic, payload, retain: true, .. } if skip && !payload.is_empty() => {
+                !self.link.holds(topic, payload)
+            }
+            _ => true,
+        }));
+        out.push(self.link_report(now_ms));
         out
     }
 
@@ -320,18 +411,11 @@ impl Core {
         self.connected_since = None;
     }
 
-    pub fn telemetry(&self, msg: &Telemetry) -> Out {
-        self.publish(Topic::Telemetry(self.cfg.device_id.clone()), msg)
-    }
-
-    pub fn logs(&self, batch: &debfleet_protocol::LogBatch) -> Out {
-        self.publish(Topic::Logs(self.cfg.device_id.clone()), batch)
-    }
-
-    /// Expires finished operation records (age and count limits).
+    /// Expires finished operation records (age and count limits); saves the link's counters.
     pub fn housekeeping(&mut self, now_ms: i64) -> Vec<Out> {
         let keep_ms = (self.cfg.ops.keep_finished_s as i64).saturating_mul(1000);
         let due = self.journal.due_for_unretain(now_ms, keep_ms, self.cfg.ops.max_retained);
+        self.link.save();
         self.unretain_all(&due, now_ms)
     }
 
@@ -362,9 +446,14 @@ impl Core {
         out
     }
 
+    /// An operation's record: a final one is a result, the others acknowledgements.
     fn publish_op(&self, id: &OpId) -> Out {
         let record = &self.journal.get(id).expect("journaled").record;
-        self.publish(Topic::Op(self.cfg.device_id.clone(), id.clone()), record)
+        let mut out = self.publish(Topic::Op(self.cfg.device_id.clone(), id.clone()), record);
+        if let Out::Publish { class, .. } = &mut out {
+            *class = if record.state.is_final() { TrafficClass::Result } else { TrafficClass::Ack };
+        }
+        out
     }
 }
 
@@ -416,7 +505,8 @@ pub(super) mod tests {
         let (journal, _) = Journal::open(&cfg.state_dir.join("ops"), 4, 0).unwrap();
         let identity = Identity::read();
         let dpkg = Arc::new(FakeDpkg::default());
-        Fixture { core: Core::new(cfg, journal, identity, under_systemd, None, dpkg), _dir: dir }
+        let link = Arc::new(Link::open(&cfg.state_dir, 0));
+        Fixture { core: Core::new(cfg, journal, identity, under_systemd, None, dpkg, link), _dir: dir }
     }
 
     pub(super) fn publishes(outs: &[Out]) -> Vec<(String, Value, bool)> {
