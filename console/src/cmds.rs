@@ -108,6 +108,7 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         "cfg": d.cfg,
         "packages": d.packages,
         "telemetry": d.telemetry,
+        "link": d.link,
         "last_heard": d.last_heard(),
         "transfer": transfer,
         "ops": ops,
@@ -148,7 +149,14 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         for (mount, v) in &t.disk {
             rows.push(vec![format!("disk {mount}"), format!("{v:.1}%")]);
         }
-        print!("\n{}", table(&[&format!("TELEMETRY ({})", ago(&t.ts)), ""], &rows));
+        let title = match t.window_s {
+            Some(w) => format!("TELEMETRY ({}, means over {})", ago(&t.ts), crate::output::duration_words(w.into())),
+            None => format!("TELEMETRY ({})", ago(&t.ts)),
+        };
+        print!("\n{}", table(&[&title, ""], &rows));
+    }
+    if let Some(l) = &d.link {
+        print!("\n{}", link_table(l));
     }
     if let Some(p) = &d.packages {
         let rows: Vec<Vec<String>> = p
@@ -186,6 +194,36 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         print!("\n{}", ops_table(&ops));
     }
     Ok(0)
+}
+
+/// `state/link` as a table: today's bytes by class against the budget.
+fn link_table(l: &debfleet_protocol::LinkState) -> String {
+    use crate::packages::bytes;
+    let mut rows: Vec<Vec<String>> = l
+        .classes
+        .iter()
+        .map(|(c, b)| vec![c.as_str().to_owned(), bytes(b.sent), bytes(b.received)])
+        .collect();
+    let sent: u64 = l.classes.values().map(|c| c.sent).sum();
+    let received: u64 = l.classes.values().map(|c| c.received).sum();
+    rows.push(vec!["total".into(), bytes(sent), bytes(received)]);
+    let budget = if l.budget == 0 {
+        "no budget".to_owned()
+    } else {
+        format!("{:.0}% of {} a day", 100.0 * sent as f64 / l.budget as f64, bytes(l.budget))
+    };
+    let session = if l.session_present { "kept session" } else { "new session" };
+    let title = format!(
+        "LINK {} ({}; {}, keepalive {} s, {session}; {budget}; {} reconnects, {} dropped, {} waiting)",
+        l.day,
+        l.profile.as_str(),
+        ago(&l.ts),
+        l.keepalive_s,
+        l.reconnects,
+        l.dropped,
+        l.outbox
+    );
+    table(&[&title, "SENT", "RECEIVED"], &rows)
 }
 
 /// What a device's package operations fetched, over the operation records the broker holds.

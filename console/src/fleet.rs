@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use debfleet_protocol::{
-    CfgMessage, DeviceId, GroupName, Meta, OpId, OpRecord, PackagesState, Status, Telemetry, Topic, Topics, UnitsState,
+    CfgMessage, DeviceId, GroupName, LinkState, Meta, OpId, OpRecord, PackagesState, Status, Telemetry, Topic, Topics,
+    UnitsState,
 };
 
 #[derive(Debug, Default, Clone)]
@@ -14,6 +15,7 @@ pub struct Device {
     pub packages: Option<PackagesState>,
     pub units: Option<UnitsState>,
     pub telemetry: Option<Telemetry>,
+    pub link: Option<LinkState>,
     pub ops: BTreeMap<OpId, OpRecord>,
 }
 
@@ -33,6 +35,7 @@ impl Device {
             && self.packages.is_none()
             && self.units.is_none()
             && self.telemetry.is_none()
+            && self.link.is_none()
             && self.ops.is_empty()
     }
 
@@ -45,6 +48,7 @@ impl Device {
             self.telemetry.as_ref().map(|t| t.ts.as_str()),
             self.packages.as_ref().map(|p| p.ts.as_str()),
             self.units.as_ref().map(|u| u.ts.as_str()),
+            self.link.as_ref().map(|l| l.ts.as_str()),
         ];
         let ops = self.ops.values().map(|o| Some(o.updated_at.as_str()));
         // RFC 3339 in UTC with fixed milliseconds: the text order is the time order.
@@ -129,6 +133,10 @@ impl Fleet {
             }
             Topic::Telemetry(_) => {
                 set!(telemetry);
+                Change::Other(dev.clone())
+            }
+            Topic::StateLink(_) => {
+                set!(link);
                 Change::Other(dev.clone())
             }
             Topic::Op(_, op) => {

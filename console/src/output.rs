@@ -50,6 +50,17 @@ pub fn ago(ts: &str) -> String {
     }
 }
 
+/// "90 s", "15 min", "1 h" style length of a span of seconds.
+pub fn duration_words(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 if secs % 60 == 0 => format!("{} min", secs / 60),
+        120..=7199 => format!("{:.1} min", secs as f64 / 60.0),
+        _ if secs % 3600 == 0 => format!("{} h", secs / 3600),
+        _ => format!("{:.1} h", secs as f64 / 3600.0),
+    }
+}
+
 /// Flattens a JSON object into `dotted.key = value` lines, sorted.
 pub fn flatten(v: &Value) -> Vec<(String, String)> {
     fn walk(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {

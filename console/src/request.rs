@@ -44,6 +44,9 @@ impl Outcome {
     }
 }
 
+/// The shortest life a command gets (see [`send`]).
+pub const EXPIRY_FLOOR: Duration = Duration::from_secs(300);
+
 pub fn new_op_id(verb: &str) -> OpId {
     let id = format!("{verb}-{}-{:04x}", debfleet_protocol::time::now_unix_ms(), fastrand::u16(..));
     OpId::new(id).expect("generated ids are valid")
@@ -87,7 +90,11 @@ pub async fn send(
     let (target, timeout) = (&req.target, req.timeout);
     let verb = req.args.verb().as_str();
     let id = new_op_id(verb);
-    let payload = req.args.to_payload(&id);
+    // A command is good while its sender waits for it: a device that gets it later (a kept
+    // session queued it while the device was away) records it as expired instead of running
+    // it. Never less than EXPIRY_FLOOR, so a device clock a few minutes off does not refuse it.
+    let expires_at = debfleet_protocol::time::now_unix_ms() + timeout.max(EXPIRY_FLOOR).as_millis() as i64;
+    let payload = req.args.to_payload_expiring(&id, Some(expires_at));
     let candidates: Vec<DeviceId> = match target {
         Target::Devices(ids) => ids.clone(),
         Target::Group(g) => fleet.members(g),

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod lab;
+pub mod netem;
 pub mod repo;
 
 /// Where cargo put the workspace binaries: next to the test executable's `deps/` folder.
@@ -321,7 +322,11 @@ pub struct Observer {
 
 impl Observer {
     pub fn connect(port: u16, filters: &[&str]) -> Observer {
-        let mut opts = rumqttc::MqttOptions::new(format!("test-{:08x}", rand_u32()), "127.0.0.1", port);
+        Self::connect_to("127.0.0.1", port, filters)
+    }
+
+    pub fn connect_to(host: &str, port: u16, filters: &[&str]) -> Observer {
+        let mut opts = rumqttc::MqttOptions::new(format!("test-{:08x}", rand_u32()), host, port);
         opts.set_max_packet_size(1 << 20, 1 << 20);
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut conn) = rumqttc::Client::new(opts, 256);

@@ -1,0 +1,226 @@
+//! The cellular profile (issue 12): a kept MQTT session that republishes only what changed,
+//! commands queued by the broker while the device was away and stale ones refused as `expired`,
+//! the profile switched at runtime, and ten forced disconnects through `tc netem` in a network
+//! namespace that lose no operation result and keep the on-disk outbox within its bound.
+//! Real Mosquitto, real agents (a host process, and the .deb in a lab device).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use debfleet_tests::lab::Device;
+use debfleet_tests::netem::{Netns, NsBroker};
+use debfleet_tests::repo::RepoServer;
+use debfleet_tests::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(30);
+
+fn topics_since(obs: &Observer, id: &str) -> Vec<String> {
+    let prefix = format!("debfleet/device/{id}/");
+    obs.messages().into_iter().filter_map(|m| m.topic.strip_prefix(&prefix).map(str::to_owned)).collect()
+}
+
+#[test]
+fn a_cellular_device_keeps_its_session_sends_only_what_changed_and_refuses_stale_commands() {
+    let m = Mosquitto::start();
+    let proxy = Proxy::start(m.port);
+    let extra = "profile = \"cellular\"\n[link]\nkeepalive_s = 5\n";
+    let mut a = Agent::start(AgentSpec { id: "cell-1", port: proxy.port, groups: &["lab"], extra });
+    let obs = Observer::connect(m.port, &["debfleet/device/cell-1/#"]);
+    obs.wait("debfleet/device/cell-1/status", T, |v| v["state"] == "online");
+    let cfg = obs.wait("debfleet/device/cell-1/cfg", T, |_| true);
+    assert_eq!(cfg["profile"], "cellular");
+    assert_eq!((cfg["logs"]["level"].as_str(), cfg["link"]["keepalive_s"].as_u64()), (Some("warn"), Some(5)));
+    assert_eq!(cfg["link"]["persistent_session"], true);
+    assert!(cfg["telemetry"]["window_s"].as_u64() > Some(0));
+    let link = obs.wait("debfleet/device/cell-1/state/link", T, |_| true);
+    assert_eq!((link["profile"].as_str(), link["session_present"].as_bool()), (Some("cellular"), Some(false)));
+
+    // The connection breaks: the broker kept the session, so the agent neither resubscribes nor
+    // sends its unchanged facts again — only its status (the last will replaced it) and the
+    // link report.
+    obs.clear();
+    proxy.cut_all();
+    let link = obs.wait("debfleet/device/cell-1/state/link", T, |v| v["session_present"] == true);
+    assert!(link["reconnects"].as_u64() >= Some(1), "{link}");
+    obs.wait("debfleet/device/cell-1/status", T, |v| v["state"] == "online");
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = topics_since(&obs, "cell-1");
+    assert!(
+        sent.iter().all(|t| t == "status" || t == "state/link"),
+        "a kept session got facts again: {sent:?}\n{}",
+        a.log()
+    );
+    // Still subscribed (through the kept session): a command gets through.
+    obs.publish("debfleet/device/cell-1/cmd/ping", br#"{"id":"after-cut"}"#.to_vec(), false);
+    obs.wait("debfleet/device/cell-1/op/after-cut", T, |v| v["state"] == "succeeded");
+
+    // While the agent is down, the broker queues what is sent to it. A command still fresh
+    // when it arrives runs; last week's install does not.
+    a.kill9();
+    obs.wait("debfleet/device/cell-1/status", T, |v| v["state"] == "lost");
+    let fresh = format!(r#"{{"id":"queued-1","expires_at":"{}"}}"#, later(600));
+    obs.publish("debfleet/device/cell-1/cmd/ping", fresh.into_bytes(), false);
+    let stale = br#"{"id":"stale-1","packages":["hello"],"expires_at":"2026-01-01T00:00:00.000Z"}"#;
+    obs.publish("debfleet/group/lab/cmd/install", stale.to_vec(), false);
+    std::thread::sleep(Duration::from_millis(300));
+    a.spawn();
+    let q = obs.wait("debfleet/device/cell-1/op/queued-1", T, |v| v["state"] == "succeeded");
+    assert_eq!(q["verb"], "ping");
+    let s = obs.wait("debfleet/device/cell-1/op/stale-1", T, |v| v["state"] != "accepted");
+    assert_eq!((s["state"].as_str(), s["error"]["code"].as_str()), (Some("expired"), Some("expired")), "{s}");
+    assert!(s["error"]["message"].as_str().unwrap().contains("2026-01-01"), "{s}");
+    assert!(a.log().contains("expired"), "{}", a.log());
+
+    // Back to the default profile at runtime: a new connection with a clean session, the
+    // default profile's keys except the keepalive the file sets itself; the console shows the
+    // link.
+    let out = console(&m.url(), &["cfg", "set", "cell-1", "profile=default"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let link = obs.wait("debfleet/device/cell-1/state/link", T, |v| v["profile"] == "default");
+    assert_eq!((link["keepalive_s"].as_u64(), link["session_present"].as_bool()), (Some(5), Some(false)), "{link}");
+    let cfg = obs.last("debfleet/device/cell-1/cfg").unwrap().json();
+    assert_eq!((cfg["logs"]["level"].as_str(), cfg["telemetry"]["window_s"].as_u64()), (Some("info"), Some(0)));
+    let show = console(&m.url(), &["show", "cell-1"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("LINK") && text.contains("control") && text.contains("reconnects"), "{text}");
+    let json = stdout_json(&console(&m.url(), &["show", "cell-1", "--json"]));
+    assert!(json["link"]["classes"]["result"]["sent"].as_u64() > Some(0), "{json}");
+}
+
+/// An RFC 3339 time `secs` from now.
+fn later(secs: i64) -> String {
+    debfleet_protocol::time::format_unix_ms(debfleet_protocol::time::now_unix_ms() + secs * 1000)
+}
+
+fn final_state(v: &Value) -> bool {
+    matches!(v["state"].as_str(), Some("succeeded" | "failed" | "expired"))
+}
+
+/// Bytes of the device's on-disk outbox.
+fn outbox_bytes(dev: &Device) -> u64 {
+    let out = dev.exec(&["sh", "-c", "cat /var/lib/debfleet/outbox/*.seg 2>/dev/null | wc -c"]);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn ten_forced_disconnects_through_netem_lose_no_result_and_keep_the_outbox_bounded() {
+    let ns = Netns::create();
+    ns.netem("delay 60ms 20ms loss 2%");
+    let broker = NsBroker::start(&ns);
+    let obs = Observer::connect_to(&ns.clean_addr, broker.port, &["debfleet/device/+/#"]);
+    let repo = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let deb = debfleet_tests::repo::service_deb(work.path(), "demo-app", "1.0", false);
+    assert!(repo.publish(&deb, "stable").status.success());
+
+    let name = "cl-1";
+    let dev = Device::boot(name);
+    dev.put(&own_deb("debfleet-agent"), "/var/tmp/agent.deb");
+    dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
+    // Kept session, unchanged facts skipped: the path with the most to get wrong. Telemetry
+    // every second and info logs, so there is always something to keep while the link is down;
+    // an 8 KiB outbox, so the longest outage overflows it.
+    let max_kb = 8;
+    dev.write(
+        "/etc/debfleet/agent.toml",
+        &format!(
+            "broker = \"mqtt://{}:{}\"\nstate_dir = \"/var/lib/debfleet\"\ngroups = [\"lab\"]\n\n\
+             [link]\nkeepalive_s = 5\npersistent_session = true\nskip_unchanged = true\n\n\
+             [telemetry.cpu]\ninterval_s = 1\nthreshold = 0.0\n\n[logs]\nlevel = \"info\"\nbatch_s = 1\n\n\
+             [outbox]\nmax_kb = {max_kb}\ndrain_per_s = 50\n\n[reconnect]\ninitial_delay_ms = 200\nmax_delay_s = 2\n\n\
+             [apt]\nwatch_s = 2\n",
+            ns.device_addr, broker.port
+        ),
+    );
+    dev.put(&repo.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
+    dev.write(
+        "/etc/apt/sources.list.d/debfleet.list",
+        &format!("deb [signed-by=/etc/apt/keyrings/debfleet.gpg] {}/ stable main\n", repo.url()),
+    );
+    let _ = std::fs::remove_file(dev.root.join("etc/apt/sources.list.d/debian.sources"));
+    dev.ok(&["systemctl", "restart", "debfleet-agent"]);
+    let status = format!("debfleet/device/{name}/status");
+    obs.wait(&status, Duration::from_secs(60), |v| v["state"] == "online");
+
+    // Ten outages, each long enough for the agent's keepalive to notice (over 2 × 5 s); one of
+    // 40 s, longer than the outbox holds. Each starts just after a command was sent, so its
+    // result is produced while the link is down.
+    let mut ids = Vec::new();
+    let mut downs: Vec<(i64, i64)> = Vec::new();
+    let mut max_outbox = 0;
+    for i in 0..10 {
+        let id = format!("net-{i}");
+        let (verb, payload) = match i % 3 {
+            0 => ("install", format!(r#"{{"id":"{id}","packages":["demo-app"]}}"#)),
+            1 => ("uninstall", format!(r#"{{"id":"{id}","packages":["demo-app"]}}"#)),
+            _ => ("ping", format!(r#"{{"id":"{id}"}}"#)),
+        };
+        obs.publish(&format!("debfleet/device/{name}/cmd/{verb}"), payload.into_bytes(), false);
+        ids.push(id.clone());
+        obs.wait(&format!("debfleet/device/{name}/op/{id}"), T, |_| true);
+        let down_s = if i == 5 { 40 } else { 12 };
+        let from = debfleet_protocol::time::now_unix_ms();
+        ns.link(false);
+        let until = Instant::now() + Duration::from_secs(down_s);
+        while Instant::now() < until {
+            max_outbox = max_outbox.max(outbox_bytes(&dev));
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        ns.link(true);
+        downs.push((from, debfleet_protocol::time::now_unix_ms()));
+        // Back online before the next round.
+        let since = obs.messages().len();
+        wait_for(Duration::from_secs(30), "the agent back online", || {
+            obs.messages()[since..]
+                .iter()
+                .any(|m| m.topic == status && m.json()["state"] == "online")
+                .then_some(())
+        });
+    }
+
+    // Every operation has its final record on the broker, as the device's journal says.
+    let results: BTreeMap<String, Value> = ids
+        .iter()
+        .map(|id| (id.clone(), obs.wait(&format!("debfleet/device/{name}/op/{id}"), Duration::from_secs(90), final_state)))
+        .collect();
+    for (id, r) in &results {
+        assert_eq!(r["state"], "succeeded", "{id}: {r}");
+        let journal = dev.ok(&["cat", &format!("/var/lib/debfleet/ops/{id}.json")]);
+        assert!(journal.contains("succeeded"), "{id}: {journal}");
+    }
+    // A fresh reader of the retained set sees them too (not only what was streamed).
+    let reader = Observer::connect_to(&ns.clean_addr, broker.port, &[&format!("debfleet/device/{name}/op/+")]);
+    wait_for(T, "every result retained", || {
+        let finals = reader.messages().iter().filter(|m| m.retain && final_state(&m.json())).count();
+        (finals >= ids.len()).then_some(())
+    });
+
+    // The outbox stayed within its bound (plus at most one record past it on disk while a
+    // segment is cut), overflowed in the long outage, counted what it dropped, and drained.
+    assert!(max_outbox <= (max_kb + 1) * 1024, "outbox reached {max_outbox} bytes");
+    let link = wait_for(Duration::from_secs(60), "the outbox drained", || {
+        let l = obs.last(&format!("debfleet/device/{name}/state/link"))?.json();
+        (l["outbox"] == 0).then_some(l)
+    });
+    let _ = link;
+    let out = console(&format!("mqtt://{}:{}", ns.clean_addr, broker.port), &["show", name, "--json"]);
+    let link = stdout_json(&out)["link"].clone();
+    assert!(link["reconnects"].as_u64() >= Some(10), "{link}");
+    assert!(link["dropped"].as_u64() > Some(0), "the 40 s outage overflowed the outbox: {link}");
+    assert!(link["classes"]["telemetry"]["sent"].as_u64() > Some(0), "{link}");
+    // Telemetry sampled while the link was down reached the broker afterwards, with the time
+    // it was sampled.
+    let topic = format!("debfleet/device/{name}/telemetry");
+    let kept = obs
+        .messages()
+        .iter()
+        .filter(|m| m.topic == topic)
+        .filter_map(|m| debfleet_protocol::time::parse_unix_ms(m.json()["ts"].as_str()?))
+        .filter(|ts| downs.iter().any(|(a, b)| ts > a && ts < b))
+        .count();
+    assert!(kept >= 10, "only {kept} samples from the outages arrived");
+    let log = dev.exec(&["journalctl", "-u", "debfleet-agent", "--no-pager"]);
+    let log = String::from_utf8_lossy(&log.stdout);
+    assert!(!log.contains("panicked"), "{log}");
+}
