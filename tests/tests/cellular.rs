@@ -1,7 +1,8 @@
 //! The cellular profile (issue 12): a kept MQTT session that republishes only what changed,
 //! commands queued by the broker while the device was away and stale ones refused as `expired`,
-//! the profile switched at runtime, and ten forced disconnects through `tc netem` in a network
-//! namespace that lose no operation result and keep the on-disk outbox within its bound.
+//! the profile switched at runtime, and ten forced disconnects over a delayed, lossy link into a
+//! network namespace (see `debfleet_tests::netem`) that lose no operation result and keep the
+//! on-disk outbox within its bound.
 //! Real Mosquitto, real agents (a host process, and the .deb in a lab device).
 
 use std::collections::BTreeMap;
@@ -106,7 +107,7 @@ fn outbox_bytes(dev: &Device) -> u64 {
 #[test]
 fn ten_forced_disconnects_through_netem_lose_no_result_and_keep_the_outbox_bounded() {
     let ns = Netns::create();
-    ns.netem("delay 60ms 20ms loss 2%");
+    ns.impair(Duration::from_millis(60), Duration::from_millis(40), 2.0);
     let broker = NsBroker::start(&ns);
     let obs = Observer::connect_to(&ns.clean_addr, broker.port, &["debfleet/device/+/#"]);
     let repo = RepoServer::start(&[]);
@@ -120,8 +121,8 @@ fn ten_forced_disconnects_through_netem_lose_no_result_and_keep_the_outbox_bound
     dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
     // Kept session, unchanged facts skipped: the path with the most to get wrong. Telemetry
     // every second and info logs, so there is always something to keep while the link is down;
-    // an 8 KiB outbox, so the longest outage overflows it.
-    let max_kb = 8;
+    // a 4 KiB outbox, so the longest outage overflows it.
+    let max_kb = 4;
     dev.write(
         "/etc/debfleet/agent.toml",
         &format!(

@@ -71,9 +71,15 @@ impl Core {
         let link = self.link.clone();
         let Some(spool) = &mut self.spool else { return out };
         let n = self.runtime.outbox.drain_per_s as usize;
-        for m in spool.pop_while(n, |class| link.allows(class, budget)) {
+        let popped = spool.pop_while(n, |class| link.allows(class, budget));
+        let emptied = !popped.is_empty() && spool.is_empty();
+        for m in popped {
             let reliable = false;
             out.push(Out::Publish { topic: m.topic, payload: m.payload, retain: false, reliable, class: m.class });
+        }
+        if emptied {
+            // The backlog is gone: say so, the report on connect said it was there.
+            out.push(self.link_report(now_ms));
         }
         out
     }
