@@ -239,7 +239,7 @@ impl Sampler {
             return None;
         }
         let ts = time::now();
-        let mut view = Telemetry { v: CONTRACT_VERSION, ts: ts.clone(), window_s: Some(cfg.window_s), ..Telemetry::default() };
+        let mut view = Telemetry { v: CONTRACT_VERSION, ts, window_s: Some(cfg.window_s), ..Telemetry::default() };
         w.sent.clear();
         for (k, a) in &aggs {
             let m = mean(a);
@@ -251,8 +251,8 @@ impl Sampler {
                     view.disk.insert(other.trim_start_matches("disk:").to_owned(), m);
                 }
             }
+            // No `at`: every value is of the window that ends at `ts`.
             view.range.insert(k.clone(), [a.min, a.max]);
-            view.at.insert(k.clone(), ts.clone());
         }
         self.view = view.clone();
         Some(view)

@@ -225,7 +225,8 @@ pub struct Telemetry {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub at: BTreeMap<String, String>,
     /// Aggregated samples (`telemetry.window_s` > 0): the values above are means over this many
-    /// seconds, and `range` holds each one's `[min, max]` over the window.
+    /// seconds ending at `ts` (so there is no `at`), and `range` holds each one's `[min, max]`,
+    /// keyed like `at`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_s: Option<u32>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

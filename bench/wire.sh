@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Bytes on the wire per device (tcpdump on each agent's broker port): first connect, idle
+# projected to a month, one ping, one reconnect, one install — the agent before issue 12
+# (BASELINE, a git revision; `none` to skip) beside this one with the default and the cellular
+# profile, in the same run. See tests/benches/wire.rs. DURATION: idle seconds (3600).
+# INSTALL=0 skips the install on lab devices (which needs root and systemd-nspawn).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+BASELINE=${BASELINE:-5bf421d}
+mkdir -p target/wire
+if [ "$BASELINE" != none ]; then
+    # The baseline's sources, built with this tree's target directory (dependencies are shared),
+    # and its binary kept aside before this tree's agent is built.
+    src=target/wire/baseline-src
+    rm -rf "$src" && mkdir -p "$src"
+    git archive "$BASELINE" | tar -x -C "$src"
+    cargo build --profile agent -p debfleet-agent --manifest-path "$src/Cargo.toml" --target-dir target
+    cp target/agent/debfleet-agent target/wire/baseline-agent
+    export BASELINE_AGENT_BIN=$PWD/target/wire/baseline-agent
+fi
+# The agent as users get it (the size profile, as in the package), and the packages for the
+# install on lab devices.
+bash scripts/build-debs.sh >/dev/null
+export DEBFLEET_AGENT_BIN=$PWD/target/agent/debfleet-agent
+exec cargo bench -p debfleet-tests --bench wire

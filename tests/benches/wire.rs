@@ -1,0 +1,247 @@
+//! Bytes on the wire per device, TCP/IP headers included, from a capture (tcpdump) of each
+//! agent's own connection: first connect, idle (projected to a month), one ping, one
+//! reconnect, and one install of a small package (on lab devices). Three agents side by side in
+//! the same run: the baseline (the agent before issue 12, `BASELINE_AGENT_BIN`), this agent with
+//! the default profile, and with `profile = "cellular"`. Printed with ratios to the goals: idle
+//! cellular ≤ 0.5 MB a month, a reconnect ≤ 2 KB, the defaults no worse than the baseline.
+//! Run by bench/wire.sh (which builds both agents); `DURATION` is the idle time in seconds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use debfleet_tests::lab::Device;
+use debfleet_tests::repo::RepoServer;
+use debfleet_tests::*;
+
+/// One tcpdump on a port of the loopback interface.
+struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(dir: &Path, port: u16) -> Capture {
+        let file = dir.join(format!("{port}.pcap"));
+        let child = Command::new("tcpdump")
+            .args(["-i", "lo", "-U", "-n", "-s", "128", "-w"])
+            .arg(&file)
+            .arg(format!("tcp port {port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump is installed (bench/wire.sh installs it)");
+        std::thread::sleep(Duration::from_millis(1500));
+        Capture { child, file }
+    }
+
+    /// (time in µs, IP packet length) of every packet so far.
+    fn packets(&self) -> Vec<(u64, u64)> {
+        let b = std::fs::read(&self.file).unwrap_or_default();
+        let mut out = Vec::new();
+        if b.len() < 24 {
+            return out;
+        }
+        let link = u32::from_le_bytes(b[20..24].try_into().unwrap());
+        let ip_at = match link {
+            1 => 14,   // Ethernet (what Linux gives for lo)
+            113 => 16, // Linux cooked
+            _ => 0,
+        };
+        let mut at = 24;
+        while at + 16 <= b.len() {
+            let sec = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as u64;
+            let usec = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as u64;
+            let incl = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
+            let data = &b[at + 16..(at + 16 + incl).min(b.len())];
+            if data.len() >= ip_at + 4 {
+                let ip_len = u16::from_be_bytes([data[ip_at + 2], data[ip_at + 3]]) as u64;
+                out.push((sec * 1_000_000 + usec, ip_len));
+            }
+            at += 16 + incl;
+        }
+        out
+    }
+
+    /// Bytes (and packets) between two times (µs since the epoch).
+    fn between(&self, from: u64, to: u64) -> (u64, usize) {
+        let p: Vec<u64> = self.packets().into_iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, l)| l).collect();
+        (p.iter().sum(), p.len())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+/// One agent under measurement: its proxy port is what the capture sees.
+struct Subject {
+    label: &'static str,
+    id: String,
+    proxy: Proxy,
+    cap: Capture,
+    agent: Option<Agent>,
+}
+
+fn online_after(obs: &Observer, id: &str, from: usize) {
+    let topic = format!("debfleet/device/{id}/status");
+    wait_for(Duration::from_secs(60), "online", || {
+        obs.messages()[from..].iter().any(|m| m.topic == topic && m.json()["state"] == "online").then_some(())
+    });
+}
+
+fn kb(b: u64) -> String {
+    format!("{:.2} KB", b as f64 / 1000.0)
+}
+
+fn mb(b: f64) -> String {
+    format!("{:.3} MB", b / 1e6)
+}
+
+fn main() {
+    let duration: u64 = std::env::var("DURATION").ok().and_then(|d| d.parse().ok()).unwrap_or(3600);
+    let baseline = std::env::var_os("BASELINE_AGENT_BIN").map(PathBuf::from);
+    let current = std::env::var_os("DEBFLEET_AGENT_BIN").map(PathBuf::from).expect("DEBFLEET_AGENT_BIN");
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mosquitto::start();
+    let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
+    let mut kinds: Vec<(&'static str, PathBuf, &str)> = Vec::new();
+    if let Some(b) = &baseline {
+        kinds.push(("baseline (before)", b.clone(), ""));
+    }
+    kinds.push(("default profile", current.clone(), ""));
+    kinds.push(("cellular profile", current.clone(), "profile = \"cellular\"\n"));
+
+    // First connect.
+    let mut subjects = Vec::new();
+    let t0 = now_us();
+    for (i, (label, bin, extra)) in kinds.iter().enumerate() {
+        let proxy = Proxy::start(m.port);
+        let cap = Capture::start(dir.path(), proxy.port);
+        std::env::set_var("DEBFLEET_AGENT_BIN", bin);
+        let id = format!("wire-{i}");
+        let agent = Agent::start(AgentSpec { id: &id, port: proxy.port, groups: &["bench"], extra });
+        subjects.push(Subject { label, id, proxy, cap, agent: Some(agent) });
+    }
+    for s in &subjects {
+        online_after(&obs, &s.id, 0);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let t1 = now_us();
+    eprintln!("idle for {duration} s ...");
+    std::thread::sleep(Duration::from_secs(duration));
+    let t2 = now_us();
+
+    // One ping each.
+    for s in &subjects {
+        let id = format!("ping-{}", s.id);
+        obs.publish(&format!("debfleet/device/{}/cmd/ping", s.id), format!(r#"{{"id":"{id}"}}"#).into_bytes(), false);
+        obs.wait(&format!("debfleet/device/{}/op/{id}", s.id), Duration::from_secs(30), |v| v["state"] == "succeeded");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let t3 = now_us();
+
+    // One reconnect each: the connection is cut (as a network drop would), the agent comes back.
+    let from = obs.messages().len();
+    for s in &subjects {
+        s.proxy.cut_all();
+    }
+    for s in &subjects {
+        online_after(&obs, &s.id, from);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let t4 = now_us();
+
+    let month = 30.0 * 86_400.0 / duration as f64;
+    println!("\nwire bytes per device, TCP/IP headers included (tcpdump on each agent's broker port)");
+    println!("idle: {duration} s, projected to 30 days\n");
+    println!(
+        "{:<20} {:>12} {:>14} {:>14} {:>10} {:>12}",
+        "agent", "connect", "idle (window)", "idle / month", "ping", "reconnect"
+    );
+    let mut figures = Vec::new();
+    for s in &subjects {
+        let connect = s.cap.between(t0, t1).0;
+        let idle = s.cap.between(t1, t2);
+        let ping = s.cap.between(t2, t3).0;
+        let reconnect = s.cap.between(t3, t4).0;
+        let per_month = idle.0 as f64 * month;
+        println!(
+            "{:<20} {:>12} {:>14} {:>14} {:>10} {:>12}",
+            s.label,
+            kb(connect),
+            format!("{} ({} pk)", kb(idle.0), idle.1),
+            mb(per_month),
+            kb(ping),
+            kb(reconnect)
+        );
+        figures.push((s.label, per_month, reconnect));
+    }
+    let cell = figures.iter().find(|f| f.0 == "cellular profile").unwrap();
+    let default = figures.iter().find(|f| f.0 == "default profile").unwrap();
+    println!("\nratios to the goals (≤ 1 meets the goal)");
+    println!("  idle cellular / 0.5 MB a month:   {:.2}", cell.1 / 0.5e6);
+    println!("  reconnect cellular / 2 KB:        {:.2}", cell.2 as f64 / 2000.0);
+    println!("  reconnect default / 2 KB:         {:.2}", default.2 as f64 / 2000.0);
+    if let Some(b) = figures.iter().find(|f| f.0.starts_with("baseline")) {
+        println!("  idle default / baseline:          {:.2}", default.1 / b.1.max(1.0));
+        println!("  reconnect default / baseline:     {:.2}", default.2 as f64 / (b.2 as f64).max(1.0));
+    }
+    for s in &mut subjects {
+        s.agent.take();
+    }
+    if std::env::var("INSTALL").as_deref() == Ok("0") {
+        return;
+    }
+    install(&m, &obs, dir.path());
+}
+
+/// One install of a small package on a lab device per profile, as the agent's traffic for it.
+fn install(m: &Mosquitto, obs: &Observer, dir: &Path) {
+    let repo = RepoServer::start(&[]);
+    let deb = debfleet_tests::repo::service_deb(dir, "wire-app", "1.0", false);
+    assert!(repo.publish(&deb, "stable").status.success());
+    println!("\none install of a small package ({} bytes), the agent's MQTT traffic from command to result", std::fs::metadata(&deb).unwrap().len());
+    for (i, (label, extra)) in [("default profile", ""), ("cellular profile", "profile = \"cellular\"\n")].into_iter().enumerate() {
+        let name = format!("wire-l{i}");
+        let proxy = Proxy::start(m.port);
+        let cap = Capture::start(dir, proxy.port);
+        let dev = Device::boot(&name);
+        dev.put(&own_deb("debfleet-agent"), "/var/tmp/agent.deb");
+        dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
+        dev.write(
+            "/etc/debfleet/agent.toml",
+            &format!(
+                "{extra}broker = \"mqtt://127.0.0.1:{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[apt]\nwatch_s = 2\n",
+                proxy.port
+            ),
+        );
+        dev.put(&repo.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
+        dev.write(
+            "/etc/apt/sources.list.d/debfleet.list",
+            &format!("deb [signed-by=/etc/apt/keyrings/debfleet.gpg] {}/ stable main\n", repo.url()),
+        );
+        let _ = std::fs::remove_file(dev.root.join("etc/apt/sources.list.d/debian.sources"));
+        dev.ok(&["systemctl", "restart", "debfleet-agent"]);
+        obs.wait(&format!("debfleet/device/{name}/status"), Duration::from_secs(60), |v| v["state"] == "online");
+        std::thread::sleep(Duration::from_secs(5));
+        let t0 = now_us();
+        let id = format!("inst-{name}");
+        obs.publish(
+            &format!("debfleet/device/{name}/cmd/install"),
+            format!(r#"{{"id":"{id}","packages":["wire-app"]}}"#).into_bytes(),
+            false,
+        );
+        obs.wait(&format!("debfleet/device/{name}/op/{id}"), Duration::from_secs(300), |v| v["state"] == "succeeded");
+        std::thread::sleep(Duration::from_secs(3));
+        let (bytes, packets) = cap.between(t0, now_us());
+        println!("  {label:<20} {} ({packets} packets)", kb(bytes));
+    }
+}
