@@ -15,13 +15,14 @@ fi
 BASELINE=${BASELINE:-5bf421d}
 mkdir -p target/wire
 if [ "$BASELINE" != none ]; then
-    # The baseline's sources, built with this tree's target directory (dependencies are shared),
-    # and its binary kept aside before this tree's agent is built.
+    # The baseline's sources in a target directory of their own: cargo names workspace crates by
+    # their path inside the workspace and judges freshness by file times, so in this tree's
+    # target directory the (older) baseline sources would reuse this tree's crates.
     src=target/wire/baseline-src
     rm -rf "$src" && mkdir -p "$src"
     git archive "$BASELINE" | tar -x -C "$src"
-    cargo build --profile agent -p debfleet-agent --manifest-path "$src/Cargo.toml" --target-dir target
-    cp target/agent/debfleet-agent target/wire/baseline-agent
+    cargo build --profile agent -p debfleet-agent --manifest-path "$src/Cargo.toml" --target-dir target/wire/baseline-target
+    cp target/wire/baseline-target/agent/debfleet-agent target/wire/baseline-agent
     export BASELINE_AGENT_BIN=$PWD/target/wire/baseline-agent
 fi
 # The agent as users get it (the size profile, as in the package), and the packages for the

@@ -57,9 +57,16 @@ struct FileConfig {
     apt: AptCfg,
     #[serde(default)]
     deltas: DeltasCfg,
+    /// MQTT protocol level: `auto` (5, or 3.1.1 when the broker refuses 5), `5`, `3.1.1`.
+    #[serde(default = "default_mqtt")]
+    mqtt: crate::mqtt::Protocol,
     /// Kept for existing files: the same as `link.keepalive_s`.
     #[serde(default)]
     keep_alive_s: Option<u32>,
+}
+
+fn default_mqtt() -> crate::mqtt::Protocol {
+    crate::mqtt::Protocol::Auto
 }
 
 fn default_prefix() -> String {
@@ -158,6 +165,7 @@ pub struct AgentConfig {
     pub ops: OpsCfg,
     pub apt: AptCfg,
     pub deltas: DeltasCfg,
+    pub mqtt: crate::mqtt::Protocol,
     /// The runtime keys the file sets (its profile included), the bottom layer under the
     /// overrides from the wire.
     pub file_patch: Value,
@@ -250,6 +258,7 @@ impl AgentConfig {
             ops: f.ops,
             apt: f.apt,
             deltas: f.deltas,
+            mqtt: f.mqtt,
             file_patch,
             file_runtime,
         })

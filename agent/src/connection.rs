@@ -7,12 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use debfleet_protocol::limits::MAX_PACKET_BYTES;
 use debfleet_protocol::time;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
-};
 use debfleet_protocol::TrafficClass;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -20,44 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AgentConfig, ReconnectCfg};
 use crate::core::Event as CoreEvent;
 use crate::link::Link;
-
-/// The connection settings the runtime configuration controls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
-    pub keepalive_s: u32,
-    pub persistent_session: bool,
-}
-
-impl Settings {
-    fn apply(&self, opts: &mut MqttOptions) {
-        opts.set_keep_alive(Duration::from_secs(self.keepalive_s.into()));
-        opts.set_clean_session(!self.persistent_session);
-    }
-}
-
-pub fn client(cfg: &AgentConfig, settings: Settings) -> Result<(AsyncClient, EventLoop)> {
-    let mut opts = MqttOptions::new(format!("debfleet-agent-{}", cfg.device_id), &cfg.broker.host, cfg.broker.port);
-    settings.apply(&mut opts);
-    opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-    if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
-        opts.set_credentials(user, pass);
-    }
-    if cfg.broker.tls {
-        let ca_file = cfg.ca_file.as_ref().expect("validated: mqtts needs ca_file");
-        let ca = std::fs::read(ca_file).with_context(|| format!("ca_file: reading {}", ca_file.display()))?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }));
-    }
-    // Small: the outbox holds the backlog; the client's channel only feeds the socket. What sits
-    // in it when a connection breaks is dropped by rumqttc on a clean session anyway.
-    let (client, mut eventloop) = AsyncClient::new(opts, 32);
-    // Every answer is a few small publishes back to back: without TCP_NODELAY each waits for the
-    // broker's delayed ACK (tens of milliseconds).
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
-    Ok((client, eventloop))
-}
+pub use crate::mqtt::{packet_len, Protocol, Settings};
+use crate::mqtt::{Client, Loop, Net};
 
 /// Backoff state: doubling from the initial delay up to the cap, with "equal jitter" (half
 /// fixed, half random) so a fleet that lost the same broker does not return in lockstep.
@@ -88,50 +47,36 @@ impl Backoff {
     }
 }
 
-/// Bytes of an MQTT packet with a remaining length of `n`: the fixed header's varint.
-pub fn packet_len(n: usize) -> usize {
-    1 + match n {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
-    } + n
-}
-
-/// What a CONNECT with these options costs, and the TCP handshake before it (SYN, SYN-ACK's
-/// answer): counted as control traffic.
-fn connect_len(opts: &MqttOptions) -> usize {
-    let mut n = 10 + 2 + opts.client_id().len();
-    if let Some(w) = opts.last_will() {
-        n += 4 + w.topic.len() + w.message.len();
-    }
-    if let Some(l) = opts.credentials() {
-        n += 4 + l.username.len() + l.password.len();
-    }
-    packet_len(n) + 2 * crate::link::TCP_IP_OVERHEAD as usize
-}
-
 /// Drives the event loop until `shutdown` is cancelled; then it keeps polling briefly so that
 /// what was queued before the disconnect (the `offline` status) reaches the broker.
 pub struct Driver {
-    pub eventloop: EventLoop,
-    pub client: AsyncClient,
+    pub cfg: AgentConfig,
+    pub protocol: Protocol,
+    /// The client the sender uses: replaced when the connection falls back to 3.1.1.
+    pub client: watch::Sender<Client>,
     pub events: mpsc::Sender<CoreEvent>,
-    pub reconnect: ReconnectCfg,
     pub link: Arc<Link>,
     pub settings: watch::Receiver<Settings>,
     pub shutdown: CancellationToken,
 }
 
-pub async fn drive(d: Driver, will: impl Fn(&str) -> (String, Vec<u8>)) {
-    let Driver { mut eventloop, client, events, reconnect, link, mut settings, shutdown } = d;
-    let mut backoff = Backoff::new(&reconnect);
+/// The first client and event loop: MQTT 5 unless the configuration says 3.1.1.
+pub fn open(cfg: &AgentConfig, protocol: Protocol, settings: Settings) -> anyhow::Result<(Client, Loop)> {
+    crate::mqtt::open(cfg, if protocol == Protocol::V311 { 4 } else { 5 }, settings)
+}
+
+pub async fn drive(d: Driver, mut eventloop: Loop, will: impl Fn(&str) -> (String, Vec<u8>)) {
+    let Driver { cfg, protocol, client, events, link, mut settings, shutdown } = d;
+    let mut backoff = Backoff::new(&cfg.reconnect);
     let mut connected = false;
+    // Whether a connection at the current protocol level ever succeeded (then failures are the
+    // network's, not the level's).
+    let mut level_proven = false;
     let mut relinking = false;
     let mut since = time::now();
-    let set_will = |el: &mut EventLoop, since: &str| {
+    let set_will = |el: &mut Loop, since: &str| {
         let (topic, payload) = will(since);
-        el.mqtt_options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
+        el.set_will(topic, payload);
     };
     set_will(&mut eventloop, &since);
     loop {
@@ -140,39 +85,38 @@ pub async fn drive(d: Driver, will: impl Fn(&str) -> (String, Vec<u8>)) {
             _ = shutdown.cancelled() => break,
             Ok(()) = settings.changed() => {
                 let s = *settings.borrow_and_update();
-                s.apply(&mut eventloop.mqtt_options);
+                eventloop.apply(s);
                 if connected {
                     // A clean DISCONNECT (no last will), then a new connection with the new
-                    // settings once the broker closes this one.
+                    // settings.
                     tracing::info!("reconnecting with keepalive {} s, persistent session {}", s.keepalive_s, s.persistent_session);
-                    relinking = client.try_disconnect().is_ok();
+                    relinking = client.borrow().try_disconnect();
                 }
                 continue;
             }
         };
         match polled {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Ok(Net::ConnAck { session_present }) => {
                 connected = true;
+                level_proven = true;
                 backoff.reset();
-                link.sent(TrafficClass::Control, connect_len(&eventloop.mqtt_options));
+                link.sent(TrafficClass::Control, eventloop.connect_len());
                 link.received(TrafficClass::Control, 4);
-                link.connected(4, ack.session_present);
-                tracing::info!(session_present = ack.session_present, "connected to the broker");
+                link.connected(eventloop.level(), session_present);
+                tracing::info!(mqtt = eventloop.level(), session_present, "connected to the broker");
                 let _ = events.send(CoreEvent::Connected { since: since.clone() }).await;
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let topic = p.topic.clone();
-                let qos_extra = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
-                link.received(TrafficClass::Ack, packet_len(2 + topic.len() + qos_extra + p.payload.len()));
-                let _ = events.send(CoreEvent::Message { topic, payload: p.payload.to_vec(), retain: p.retain }).await;
+            Ok(Net::Publish { topic, payload, retain, qos1 }) => {
+                link.received(TrafficClass::Ack, packet_len(2 + topic.len() + if qos1 { 2 } else { 0 } + payload.len()));
+                let _ = events.send(CoreEvent::Message { topic, payload, retain }).await;
             }
-            Ok(Event::Incoming(Packet::PingResp)) => link.received(TrafficClass::Control, 2),
-            Ok(Event::Incoming(Packet::PubAck(_))) => link.received(TrafficClass::Control, 4),
-            Ok(Event::Incoming(Packet::SubAck(s))) => link.received(TrafficClass::Control, 4 + s.return_codes.len()),
-            Ok(Event::Incoming(Packet::UnsubAck(_))) => link.received(TrafficClass::Control, 4),
-            Ok(Event::Outgoing(Outgoing::PingReq)) => link.sent(TrafficClass::Control, 2),
-            Ok(Event::Outgoing(Outgoing::PubAck(_))) => link.sent(TrafficClass::Control, 4),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) if relinking => {
+            Ok(Net::PingResp) => link.received(TrafficClass::Control, 2),
+            Ok(Net::PubAck) => link.received(TrafficClass::Control, 4),
+            Ok(Net::SubAck(n)) => link.received(TrafficClass::Control, 4 + n),
+            Ok(Net::UnsubAck) => link.received(TrafficClass::Control, 4),
+            Ok(Net::OutPingReq) => link.sent(TrafficClass::Control, 2),
+            Ok(Net::OutPubAck) => link.sent(TrafficClass::Control, 4),
+            Ok(Net::OutDisconnect) if relinking => {
                 // The broker drops the connection on a DISCONNECT; don't wait for it.
                 relinking = false;
                 eventloop.clean();
@@ -186,10 +130,23 @@ pub async fn drive(d: Driver, will: impl Fn(&str) -> (String, Vec<u8>)) {
             Err(e) => {
                 if connected {
                     connected = false;
-                    tracing::warn!("connection to the broker lost: {e}");
+                    tracing::warn!("connection to the broker lost: {}", e.message);
                     let _ = events.send(CoreEvent::Disconnected { unsent: Vec::new() }).await;
+                } else if protocol == Protocol::Auto && eventloop.level() == 5 && !level_proven && e.maybe_unsupported {
+                    // The broker took the connection but not MQTT 5: speak 3.1.1 from now on.
+                    tracing::info!("the broker did not accept MQTT 5 ({}); using MQTT 3.1.1", e.message);
+                    match crate::mqtt::open(&cfg, 4, *settings.borrow()) {
+                        Ok((c, l)) => {
+                            eventloop = l;
+                            let _ = client.send(c);
+                            since = time::now();
+                            set_will(&mut eventloop, &since);
+                            continue;
+                        }
+                        Err(err) => tracing::error!("cannot set up MQTT 3.1.1: {err:#}"),
+                    }
                 } else {
-                    tracing::debug!("cannot connect to the broker: {e}");
+                    tracing::debug!("cannot connect to the broker: {}", e.message);
                 }
                 let delay = backoff.next_delay();
                 tokio::select! {
@@ -207,7 +164,7 @@ pub async fn drive(d: Driver, will: impl Fn(&str) -> (String, Vec<u8>)) {
     let flush = async {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(Net::OutDisconnect) | Err(_) => break,
                 Ok(_) => {}
             }
         }

@@ -12,6 +12,7 @@ mod journal;
 mod link;
 mod logs;
 mod managed;
+mod mqtt;
 mod outbox;
 mod spool;
 mod telemetry;
@@ -157,34 +158,34 @@ async fn run(
             expires_at: None,
         })
         .collect();
-    let reconnect = cfg.reconnect.clone();
     let link = Arc::new(link::Link::open(&cfg.state_dir, time::now_unix_ms()));
-    let cfg_for_client = cfg.clone();
+    let cfg_for_link = cfg.clone();
     let mut core =
         Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()), dpkg, link.clone());
     core.reconcile_packages(&touched);
     let will = core.will_builder();
-    let (client, eventloop) = connection::client(&cfg_for_client, core.link_settings())?;
-    drop(cfg_for_client);
+    let (client, eventloop) = connection::open(&cfg_for_link, cfg_for_link.mqtt, core.link_settings())?;
 
     let shutdown = CancellationToken::new();
     let (net_tx, mut net_rx) = mpsc::channel(256);
     let (settings_tx, settings_rx) = tokio::sync::watch::channel(core.link_settings());
+    let (client_tx, client_rx) = tokio::sync::watch::channel(client);
     let driver = tokio::spawn(connection::drive(
         connection::Driver {
-            eventloop,
-            client: client.clone(),
+            protocol: cfg_for_link.mqtt,
+            cfg: cfg_for_link,
+            client: client_tx,
             events: net_tx,
-            reconnect,
             link: link.clone(),
             settings: settings_rx,
             shutdown: shutdown.clone(),
         },
+        eventloop,
         will,
     ));
     let outbox = Arc::new(outbox::Outbox::default());
     let (connected_tx, connected_rx) = tokio::sync::watch::channel(false);
-    let sender = tokio::spawn(outbox::send(client.clone(), outbox.clone(), link.clone(), connected_rx));
+    let sender = tokio::spawn(outbox::send(client_rx.clone(), outbox.clone(), link.clone(), connected_rx));
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -297,6 +298,7 @@ async fn run(
         // Only a clean DISCONNECT makes the broker drop the last will: send it only once the
         // offline status is on its way. Otherwise the will says `lost`, which is then true.
         if tokio::time::timeout(Duration::from_secs(2), drained).await.is_ok() {
+            let client = client_rx.borrow().clone();
             let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
             // Everything was handed over: a kept session holds what the link remembers.
             link.save_facts();

@@ -13,12 +13,13 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use debfleet_protocol::TrafficClass;
-use rumqttc::{AsyncClient, QoS, SubscribeFilter};
+use rumqttc::QoS;
 use tokio::sync::{watch, Notify};
 
 use crate::connection::packet_len;
 use crate::core::Out;
 use crate::link::Link;
+use crate::mqtt::Client;
 use crate::spool::Spooled;
 
 /// Above this many waiting messages an unreliable one is dropped rather than queued.
@@ -145,7 +146,12 @@ fn request_len(req: &Request) -> usize {
 
 /// Hands the outbox to the client while `connected` says so, counting each request in its class
 /// and noting the retained facts handed over (see [`Link::handed`]).
-pub async fn send(client: AsyncClient, outbox: Arc<Outbox>, link: Arc<Link>, mut connected: watch::Receiver<bool>) {
+pub async fn send(
+    client: watch::Receiver<Client>,
+    outbox: Arc<Outbox>,
+    link: Arc<Link>,
+    mut connected: watch::Receiver<bool>,
+) {
     loop {
         while !*connected.borrow_and_update() {
             if connected.changed().await.is_err() {
@@ -170,11 +176,11 @@ pub async fn send(client: AsyncClient, outbox: Arc<Outbox>, link: Arc<Link>, mut
             }
             other => link.sent(TrafficClass::Control, request_len(other)),
         }
+        // The current client: the connection task replaces it when it falls back to 3.1.1.
+        let client = client.borrow().clone();
         let r = match req {
             Request::Publish { topic, payload, retain, qos, .. } => client.publish(topic, qos, retain, payload).await,
-            Request::Subscribe(f) => {
-                client.subscribe_many(f.into_iter().map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce))).await
-            }
+            Request::Subscribe(f) => client.subscribe_many(f).await,
             Request::Unsubscribe(f) => {
                 let mut r = Ok(());
                 for f in f {

@@ -207,6 +207,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet upgrade --group lab debfleet-hello       # to 2.0 by delta (FETCHED, SAVED), units verified\n\
          \x20 debfleet show lab-1                               # ... and what its transfers cost (TRANSFER)\n\
          \x20 debfleet rollback lab-1 debfleet-hello            # back to 1.0\n\
+         \x20 debfleet cfg set lab-2 profile=cellular          # metered link: long keepalive, kept session, a budget\n\
+         \x20 debfleet show lab-2                               # LINK: today's bytes by class against the budget\n\
          \x20 debfleet watch --group lab                        # status, progress, logs, telemetry\n\
          \x20 debfleet lab kill lab-2 && debfleet devices      # lost, dated by when it was last heard\n\
          \x20 debfleet lab boot lab-2                          # and back\n\

@@ -51,6 +51,10 @@ pub struct LinkCfg {
     /// Keep the MQTT session across reconnects (clean session off): the broker keeps the
     /// subscriptions and queues commands (QoS 1) while the device is away. Changing it reconnects.
     pub persistent_session: bool,
+    /// MQTT 5: how long the broker keeps a kept session after a connection ends (3.1.1 brokers
+    /// keep it until their own limit).
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_s: u32,
     /// After a reconnect into a kept session, publish only the retained facts that differ from
     /// what the broker acknowledged before.
     pub skip_unchanged: bool,
@@ -75,9 +79,19 @@ pub struct OutboxCfg {
     pub drain_per_s: u32,
 }
 
+fn default_session_expiry() -> u32 {
+    7 * 86_400
+}
+
 impl Default for LinkCfg {
     fn default() -> Self {
-        LinkCfg { keepalive_s: 30, persistent_session: false, skip_unchanged: false, report_s: 3600 }
+        LinkCfg {
+            keepalive_s: 30,
+            persistent_session: false,
+            session_expiry_s: default_session_expiry(),
+            skip_unchanged: false,
+            report_s: 3600,
+        }
     }
 }
 
@@ -189,7 +203,13 @@ impl RuntimeCfg {
                         window_s: 3600,
                     },
                     logs: LogsCfg { enabled: true, level: "warn".into(), batch_s: 900, max_lines_per_min: 30 },
-                    link: LinkCfg { keepalive_s: 1200, persistent_session: true, skip_unchanged: true, report_s: 21_600 },
+                    link: LinkCfg {
+                        keepalive_s: 1200,
+                        persistent_session: true,
+                        session_expiry_s: default_session_expiry(),
+                        skip_unchanged: true,
+                        report_s: 21_600,
+                    },
                     budget: BudgetCfg { bytes_per_day: 256 * 1024 },
                     outbox: OutboxCfg { max_kb: 1024, drain_per_s: 2 },
                     ..base
@@ -279,6 +299,12 @@ impl RuntimeCfg {
         let k = &self.link;
         if !(5..=65_535).contains(&k.keepalive_s) {
             return Err(invalid("link.keepalive_s", format!("{} is outside 5..=65535 seconds", k.keepalive_s)));
+        }
+        if !(60..=30 * 86_400).contains(&k.session_expiry_s) {
+            return Err(invalid(
+                "link.session_expiry_s",
+                format!("{} is outside 60..=2592000 seconds", k.session_expiry_s),
+            ));
         }
         if !(60..=86_400).contains(&k.report_s) {
             return Err(invalid("link.report_s", format!("{} is outside 60..=86400 seconds", k.report_s)));

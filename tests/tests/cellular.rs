@@ -36,6 +36,7 @@ fn a_cellular_device_keeps_its_session_sends_only_what_changed_and_refuses_stale
     assert!(cfg["telemetry"]["window_s"].as_u64() > Some(0));
     let link = obs.wait("debfleet/device/cell-1/state/link", T, |_| true);
     assert_eq!((link["profile"].as_str(), link["session_present"].as_bool()), (Some("cellular"), Some(false)));
+    assert_eq!(link["mqtt"], 5, "Mosquitto speaks MQTT 5: {link}");
 
     // The connection breaks: the broker kept the session, so the agent neither resubscribes nor
     // sends its unchanged facts again — only its status (the last will replaced it) and the
@@ -87,6 +88,33 @@ fn a_cellular_device_keeps_its_session_sends_only_what_changed_and_refuses_stale
     assert!(text.contains("LINK") && text.contains("control") && text.contains("reconnects"), "{text}");
     let json = stdout_json(&console(&m.url(), &["show", "cell-1", "--json"]));
     assert!(json["link"]["classes"]["result"]["sent"].as_u64() > Some(0), "{json}");
+}
+
+#[test]
+fn mqtt_5_falls_back_to_3_1_1_on_a_broker_without_it_and_can_be_pinned() {
+    // The embedded broker speaks 3.1.1 only: the agent notices at its first connect.
+    let port = free_port();
+    let mut serve = std::process::Command::new(bin("debfleet"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(T, "the embedded broker", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    let a = Agent::start(AgentSpec { id: "v4-only", port, groups: &["lab"], extra: "profile = \"cellular\"\n" });
+    let obs = Observer::connect(port, &["debfleet/device/v4-only/#"]);
+    let link = obs.wait("debfleet/device/v4-only/state/link", T, |_| true);
+    assert_eq!(link["mqtt"], 4, "{link}");
+    assert!(a.log().contains("did not accept MQTT 5"), "{}", a.log());
+    obs.publish("debfleet/device/v4-only/cmd/ping", br#"{"id":"p-v4"}"#.to_vec(), false);
+    obs.wait("debfleet/device/v4-only/op/p-v4", T, |v| v["state"] == "succeeded");
+    let _ = serve.kill();
+    let _ = serve.wait();
+
+    // `mqtt = "3.1.1"` keeps a broker that has 5 on 3.1.1.
+    let m = Mosquitto::start();
+    let _b = Agent::start(AgentSpec { id: "pinned", port: m.port, groups: &["lab"], extra: "mqtt = \"3.1.1\"\n" });
+    let obs = Observer::connect(m.port, &["debfleet/device/pinned/state/link"]);
+    assert_eq!(obs.wait("debfleet/device/pinned/state/link", T, |_| true)["mqtt"], 4);
 }
 
 /// An RFC 3339 time `secs` from now.

@@ -61,6 +61,20 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
         assert_eq!(o["result"]["fetches"][0]["method"], "delta", "{v}");
     }
 
+    // The tour's switch to the cellular profile: the device reconnects with it and reports its
+    // link (the embedded broker speaks 3.1.1).
+    let out = Command::new(bin("debfleet"))
+        .args(["cfg", "set", "lab-2", "profile=cellular", "--json"])
+        .env("DEBFLEET_BROKER", &broker)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let link = Observer::connect(broker_port, &["debfleet/device/lab-2/state/link"]);
+    let l = link.wait("debfleet/device/lab-2/state/link", Duration::from_secs(60), |v| v["profile"] == "cellular");
+    assert_eq!(l["keepalive_s"], 1200, "{l}");
+    let show = Command::new(bin("debfleet")).args(["show", "lab-2"]).env("DEBFLEET_BROKER", &broker).output().unwrap();
+    assert!(String::from_utf8_lossy(&show.stdout).contains("LINK"), "{}", String::from_utf8_lossy(&show.stdout));
+
     // SIGTERM: devices and services go away.
     Command::new("kill").arg("-TERM").arg(demo.id().to_string()).status().unwrap();
     let status = wait_for(Duration::from_secs(60), "the demo to stop", || demo.try_wait().unwrap());

@@ -103,6 +103,7 @@ impl Core {
         crate::connection::Settings {
             keepalive_s: self.runtime.link.keepalive_s,
             persistent_session: self.runtime.link.persistent_session,
+            session_expiry_s: self.runtime.link.session_expiry_s,
         }
     }
 }

@@ -1,0 +1,326 @@
+//! One face for the two MQTT protocol levels rumqttc implements as separate types: 5 where the
+//! broker speaks it (session expiry), 3.1.1 otherwise. [`Client`] is what the sender hands
+//! requests to; [`Loop`] is the event loop the connection task polls, its packets reduced to the
+//! few [`Net`] events the agent acts on.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use debfleet_protocol::limits::MAX_PACKET_BYTES;
+use rumqttc::v5 as m5;
+use rumqttc::{QoS, TlsConfiguration, Transport};
+
+use crate::config::AgentConfig;
+
+/// `mqtt` in agent.toml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub enum Protocol {
+    /// 5, and 3.1.1 when the broker refuses 5.
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "5")]
+    V5,
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+/// The connection settings the runtime configuration controls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub keepalive_s: u32,
+    pub persistent_session: bool,
+    /// MQTT 5 only: how long the broker keeps a kept session after the connection ends.
+    pub session_expiry_s: u32,
+}
+
+#[derive(Clone)]
+pub enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(m5::AsyncClient),
+}
+
+fn qos5(q: QoS) -> m5::mqttbytes::QoS {
+    match q {
+        QoS::AtMostOnce => m5::mqttbytes::QoS::AtMostOnce,
+        QoS::AtLeastOnce => m5::mqttbytes::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => m5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+impl Client {
+    pub async fn publish(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.publish(topic, qos, retain, payload).await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.publish(topic, qos5(qos), retain, payload).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn subscribe_many(&self, filters: Vec<String>) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .subscribe_many(filters.into_iter().map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)))
+                .await
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .subscribe_many(
+                    filters.into_iter().map(|f| m5::mqttbytes::v5::Filter::new(f, m5::mqttbytes::QoS::AtLeastOnce)),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn unsubscribe(&self, filter: String) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn try_disconnect(&self) -> bool {
+        match self {
+            Client::V4(c) => c.try_disconnect().is_ok(),
+            Client::V5(c) => c.try_disconnect().is_ok(),
+        }
+    }
+}
+
+/// What the connection task acts on.
+#[derive(Debug)]
+pub enum Net {
+    ConnAck { session_present: bool },
+    Publish { topic: String, payload: Vec<u8>, retain: bool, qos1: bool },
+    PingResp,
+    PubAck,
+    SubAck(usize),
+    UnsubAck,
+    OutPingReq,
+    OutPubAck,
+    OutDisconnect,
+    Other,
+}
+
+/// A failed poll: the message, and whether it looks like a broker that does not speak the
+/// protocol level tried (the connection was made, then refused or closed without a CONNACK).
+pub struct PollError {
+    pub message: String,
+    pub maybe_unsupported: bool,
+}
+
+pub enum Loop {
+    V4(rumqttc::EventLoop),
+    V5(Box<m5::EventLoop>),
+}
+
+/// Client and event loop for `level` (4 or 5), configured from the file and `settings`.
+pub fn open(cfg: &AgentConfig, level: u8, settings: Settings) -> Result<(Client, Loop)> {
+    let id = format!("debfleet-agent-{}", cfg.device_id);
+    let transport = match &cfg.broker.tls {
+        false => None,
+        true => {
+            let ca_file = cfg.ca_file.as_ref().expect("validated: mqtts needs ca_file");
+            let ca = std::fs::read(ca_file).with_context(|| format!("ca_file: reading {}", ca_file.display()))?;
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Some(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }))
+        }
+    };
+    // Every answer is a few small publishes back to back: without TCP_NODELAY each waits for the
+    // broker's delayed ACK (tens of milliseconds).
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    // Small: the outbox holds the backlog; the client's channel only feeds the socket.
+    const CHANNEL: usize = 32;
+    if level == 5 {
+        let mut opts = m5::MqttOptions::new(id, &cfg.broker.host, cfg.broker.port);
+        // Also lifts rumqttc's 10 KiB default limit on incoming packets (rumqtt #1018).
+        opts.set_max_packet_size(Some(MAX_PACKET_BYTES as u32));
+        if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
+            opts.set_credentials(user, pass);
+        }
+        if let Some(t) = transport {
+            opts.set_transport(t);
+        }
+        opts.set_network_options(net);
+        let (client, eventloop) = m5::AsyncClient::new(opts, CHANNEL);
+        let mut l = Loop::V5(Box::new(eventloop));
+        l.apply(settings);
+        return Ok((Client::V5(client), l));
+    }
+    let mut opts = rumqttc::MqttOptions::new(id, &cfg.broker.host, cfg.broker.port);
+    opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
+        opts.set_credentials(user, pass);
+    }
+    if let Some(t) = transport {
+        opts.set_transport(t);
+    }
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, CHANNEL);
+    eventloop.set_network_options(net);
+    let mut l = Loop::V4(eventloop);
+    l.apply(settings);
+    Ok((Client::V4(client), l))
+}
+
+/// Bytes of an MQTT packet with a remaining length of `n`: the fixed header's varint.
+pub fn packet_len(n: usize) -> usize {
+    1 + match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    } + n
+}
+
+impl Loop {
+    pub fn level(&self) -> u8 {
+        match self {
+            Loop::V4(_) => 4,
+            Loop::V5(_) => 5,
+        }
+    }
+
+    pub fn apply(&mut self, s: Settings) {
+        let keep = Duration::from_secs(s.keepalive_s.into());
+        match self {
+            Loop::V4(el) => {
+                el.mqtt_options.set_keep_alive(keep);
+                el.mqtt_options.set_clean_session(!s.persistent_session);
+            }
+            Loop::V5(el) => {
+                el.options.set_keep_alive(keep);
+                el.options.set_clean_start(!s.persistent_session);
+                el.options.set_session_expiry_interval(s.persistent_session.then_some(s.session_expiry_s));
+            }
+        }
+    }
+
+    pub fn set_will(&mut self, topic: String, payload: Vec<u8>) {
+        match self {
+            Loop::V4(el) => {
+                el.mqtt_options.set_last_will(rumqttc::LastWill::new(topic, payload, QoS::AtLeastOnce, true));
+            }
+            Loop::V5(el) => {
+                let will = m5::mqttbytes::v5::LastWill::new(topic, payload, qos5(QoS::AtLeastOnce), true, None);
+                el.options.set_last_will(will);
+            }
+        }
+    }
+
+    /// Drops the network connection now; the next poll connects again.
+    pub fn clean(&mut self) {
+        match self {
+            Loop::V4(el) => el.clean(),
+            Loop::V5(el) => el.clean(),
+        }
+    }
+
+    /// What a CONNECT with these options costs, with the TCP handshake before it.
+    pub fn connect_len(&self) -> usize {
+        let (id, will, login, props) = match self {
+            Loop::V4(el) => {
+                let o = &el.mqtt_options;
+                let will = o.last_will().map(|w| w.topic.len() + w.message.len());
+                (o.client_id().len(), will, o.credentials().map(|l| l.username.len() + l.password.len()), 0)
+            }
+            Loop::V5(el) => {
+                let o = &el.options;
+                let will = o.last_will().map(|w| w.topic.len() + w.message.len() + 1);
+                // Properties: session expiry (5), maximum packet size (5), their length (1).
+                (o.client_id().len(), will, o.credentials().map(|l| l.username.len() + l.password.len()), 11)
+            }
+        };
+        let n = 10 + 2 + id + will.map_or(0, |w| 4 + w) + login.map_or(0, |l| 4 + l) + props;
+        packet_len(n) + 2 * crate::link::TCP_IP_OVERHEAD as usize
+    }
+
+    pub async fn poll(&mut self) -> Result<Net, PollError> {
+        match self {
+            Loop::V4(el) => match el.poll().await {
+                Ok(ev) => Ok(net4(ev)),
+                Err(e) => Err(PollError { maybe_unsupported: unsupported4(&e), message: e.to_string() }),
+            },
+            Loop::V5(el) => match el.poll().await {
+                Ok(ev) => Ok(net5(ev)),
+                Err(e) => Err(PollError { maybe_unsupported: unsupported5(&e), message: e.to_string() }),
+            },
+        }
+    }
+}
+
+/// A TCP-level failure says nothing about the protocol; anything after the connection was made
+/// (refused as an unsupported version, closed, garbled) may.
+fn io_is_network(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable | AddrNotAvailable | NotFound)
+}
+
+fn unsupported4(e: &rumqttc::ConnectionError) -> bool {
+    match e {
+        rumqttc::ConnectionError::ConnectionRefused(code) => {
+            *code == rumqttc::ConnectReturnCode::RefusedProtocolVersion
+        }
+        _ => false,
+    }
+}
+
+fn unsupported5(e: &m5::ConnectionError) -> bool {
+    match e {
+        m5::ConnectionError::ConnectionRefused(code) => {
+            *code == m5::mqttbytes::v5::ConnectReturnCode::UnsupportedProtocolVersion
+        }
+        m5::ConnectionError::Io(io) => !io_is_network(io),
+        m5::ConnectionError::MqttState(_) | m5::ConnectionError::NotConnAck(_) => true,
+        _ => false,
+    }
+}
+
+fn net4(ev: rumqttc::Event) -> Net {
+    use rumqttc::{Event, Outgoing, Packet};
+    match ev {
+        Event::Incoming(Packet::ConnAck(a)) => Net::ConnAck { session_present: a.session_present },
+        Event::Incoming(Packet::Publish(p)) => Net::Publish {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+            retain: p.retain,
+            qos1: p.qos != QoS::AtMostOnce,
+        },
+        Event::Incoming(Packet::PingResp) => Net::PingResp,
+        Event::Incoming(Packet::PubAck(_)) => Net::PubAck,
+        Event::Incoming(Packet::SubAck(s)) => Net::SubAck(s.return_codes.len()),
+        Event::Incoming(Packet::UnsubAck(_)) => Net::UnsubAck,
+        Event::Outgoing(Outgoing::PingReq) => Net::OutPingReq,
+        Event::Outgoing(Outgoing::PubAck(_)) => Net::OutPubAck,
+        Event::Outgoing(Outgoing::Disconnect) => Net::OutDisconnect,
+        _ => Net::Other,
+    }
+}
+
+fn net5(ev: m5::Event) -> Net {
+    use m5::mqttbytes::v5::Packet;
+    use m5::Event;
+    use rumqttc::Outgoing;
+    match ev {
+        Event::Incoming(Packet::ConnAck(a)) => Net::ConnAck { session_present: a.session_present },
+        Event::Incoming(Packet::Publish(p)) => Net::Publish {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload.to_vec(),
+            retain: p.retain,
+            qos1: p.qos != m5::mqttbytes::QoS::AtMostOnce,
+        },
+        Event::Incoming(Packet::PingResp(_)) => Net::PingResp,
+        Event::Incoming(Packet::PubAck(_)) => Net::PubAck,
+        Event::Incoming(Packet::SubAck(s)) => Net::SubAck(s.return_codes.len()),
+        Event::Incoming(Packet::UnsubAck(_)) => Net::UnsubAck,
+        Event::Outgoing(Outgoing::PingReq) => Net::OutPingReq,
+        Event::Outgoing(Outgoing::PubAck(_)) => Net::OutPubAck,
+        Event::Outgoing(Outgoing::Disconnect) => Net::OutDisconnect,
+        _ => Net::Other,
+    }
+}
