@@ -59,14 +59,14 @@ struct FileConfig {
     deltas: DeltasCfg,
     /// MQTT protocol level: `auto` (5, or 3.1.1 when the broker refuses 5), `5`, `3.1.1`.
     #[serde(default = "default_mqtt")]
-    mqtt: crate::mqtt::Protocol,
+    mqtt: debfleet_mqtt::Protocol,
     /// Kept for existing files: the same as `link.keepalive_s`.
     #[serde(default)]
     keep_alive_s: Option<u32>,
 }
 
-fn default_mqtt() -> crate::mqtt::Protocol {
-    crate::mqtt::Protocol::Auto
+fn default_mqtt() -> debfleet_mqtt::Protocol {
+    debfleet_mqtt::Protocol::Auto
 }
 
 fn default_prefix() -> String {
@@ -165,7 +165,7 @@ pub struct AgentConfig {
     pub ops: OpsCfg,
     pub apt: AptCfg,
     pub deltas: DeltasCfg,
-    pub mqtt: crate::mqtt::Protocol,
+    pub mqtt: debfleet_mqtt::Protocol,
     /// The runtime keys the file sets (its profile included), the bottom layer under the
     /// overrides from the wire.
     pub file_patch: Value,

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AgentConfig, ReconnectCfg};
 use crate::core::Event as CoreEvent;
 use crate::link::Link;
-pub use crate::mqtt::{packet_len, Protocol, Settings};
-use crate::mqtt::{Client, Loop, Net};
+use debfleet_mqtt::{packet_len, Client, Endpoint, Loop, Net};
+pub use debfleet_mqtt::{Protocol, Settings};
 
 /// Backoff state: doubling from the initial delay up to the cap, with "equal jitter" (half
 /// fixed, half random) so a fleet that lost the same broker does not return in lockstep.
@@ -50,7 +50,8 @@ impl Backoff {
 /// Drives the event loop until `shutdown` is cancelled; then it keeps polling briefly so that
 /// what was queued before the disconnect (the `offline` status) reaches the broker.
 pub struct Driver {
-    pub cfg: AgentConfig,
+    pub endpoint: Endpoint,
+    pub reconnect: ReconnectCfg,
     pub protocol: Protocol,
     /// The client the sender uses: replaced when the connection falls back to 3.1.1.
     pub client: watch::Sender<Client>,
@@ -60,14 +61,33 @@ pub struct Driver {
     pub shutdown: CancellationToken,
 }
 
+/// Where the agent connects, as whom.
+pub fn endpoint(cfg: &AgentConfig) -> anyhow::Result<Endpoint> {
+    use anyhow::Context;
+    let ca = match (&cfg.ca_file, cfg.broker.tls) {
+        (Some(f), true) => Some(std::fs::read(f).with_context(|| format!("ca_file: reading {}", f.display()))?),
+        _ => None,
+    };
+    Ok(Endpoint {
+        client_id: format!("debfleet-agent-{}", cfg.device_id),
+        host: cfg.broker.host.clone(),
+        port: cfg.broker.port,
+        ca,
+        credentials: cfg.username.clone().zip(cfg.password.clone()),
+        max_packet: debfleet_protocol::limits::MAX_PACKET_BYTES,
+        // Small: the outbox holds the backlog; the client's channel only feeds the socket.
+        channel: 32,
+    })
+}
+
 /// The first client and event loop: MQTT 5 unless the configuration says 3.1.1.
-pub fn open(cfg: &AgentConfig, protocol: Protocol, settings: Settings) -> anyhow::Result<(Client, Loop)> {
-    crate::mqtt::open(cfg, if protocol == Protocol::V311 { 4 } else { 5 }, settings)
+pub fn open(ep: &Endpoint, protocol: Protocol, settings: Settings) -> (Client, Loop) {
+    debfleet_mqtt::open(ep, if protocol == Protocol::V311 { 4 } else { 5 }, settings)
 }
 
 pub async fn drive(d: Driver, mut eventloop: Loop, will: impl Fn(&str) -> (String, Vec<u8>)) {
-    let Driver { cfg, protocol, client, events, link, mut settings, shutdown } = d;
-    let mut backoff = Backoff::new(&cfg.reconnect);
+    let Driver { endpoint, reconnect, protocol, client, events, link, mut settings, shutdown } = d;
+    let mut backoff = Backoff::new(&reconnect);
     let mut connected = false;
     // Whether a connection at the current protocol level ever succeeded (then failures are the
     // network's, not the level's).
@@ -135,16 +155,12 @@ pub async fn drive(d: Driver, mut eventloop: Loop, will: impl Fn(&str) -> (Strin
                 } else if protocol == Protocol::Auto && eventloop.level() == 5 && !level_proven && e.maybe_unsupported {
                     // The broker took the connection but not MQTT 5: speak 3.1.1 from now on.
                     tracing::info!("the broker did not accept MQTT 5 ({}); using MQTT 3.1.1", e.message);
-                    match crate::mqtt::open(&cfg, 4, *settings.borrow()) {
-                        Ok((c, l)) => {
-                            eventloop = l;
-                            let _ = client.send(c);
-                            since = time::now();
-                            set_will(&mut eventloop, &since);
-                            continue;
-                        }
-                        Err(err) => tracing::error!("cannot set up MQTT 3.1.1: {err:#}"),
-                    }
+                    let (c, l) = debfleet_mqtt::open(&endpoint, 4, *settings.borrow());
+                    eventloop = l;
+                    let _ = client.send(c);
+                    since = time::now();
+                    set_will(&mut eventloop, &since);
+                    continue;
                 } else {
                     tracing::debug!("cannot connect to the broker: {}", e.message);
                 }

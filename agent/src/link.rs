@@ -14,9 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
 
-/// Counted per MQTT packet on top of its own bytes: IPv4 and TCP headers with the timestamp
-/// option Linux sends by default (20 + 32).
-pub const TCP_IP_OVERHEAD: u64 = 52;
+pub use debfleet_mqtt::TCP_IP_OVERHEAD;
 
 /// Telemetry may use this share of the daily budget, logs this one; the rest is kept for the
 /// classes that always go.

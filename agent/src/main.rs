@@ -12,7 +12,6 @@ mod journal;
 mod link;
 mod logs;
 mod managed;
-mod mqtt;
 mod outbox;
 mod spool;
 mod telemetry;
@@ -159,12 +158,13 @@ async fn run(
         })
         .collect();
     let link = Arc::new(link::Link::open(&cfg.state_dir, time::now_unix_ms()));
-    let cfg_for_link = cfg.clone();
+    let endpoint = connection::endpoint(&cfg)?;
+    let (protocol, reconnect) = (cfg.mqtt, cfg.reconnect.clone());
     let mut core =
         Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()), dpkg, link.clone());
     core.reconcile_packages(&touched);
     let will = core.will_builder();
-    let (client, eventloop) = connection::open(&cfg_for_link, cfg_for_link.mqtt, core.link_settings())?;
+    let (client, eventloop) = connection::open(&endpoint, protocol, core.link_settings());
 
     let shutdown = CancellationToken::new();
     let (net_tx, mut net_rx) = mpsc::channel(256);
@@ -172,8 +172,9 @@ async fn run(
     let (client_tx, client_rx) = tokio::sync::watch::channel(client);
     let driver = tokio::spawn(connection::drive(
         connection::Driver {
-            protocol: cfg_for_link.mqtt,
-            cfg: cfg_for_link,
+            protocol,
+            endpoint,
+            reconnect,
             client: client_tx,
             events: net_tx,
             link: link.clone(),

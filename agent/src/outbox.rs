@@ -16,10 +16,10 @@ use debfleet_protocol::TrafficClass;
 use rumqttc::QoS;
 use tokio::sync::{watch, Notify};
 
-use crate::connection::packet_len;
+use debfleet_mqtt::packet_len;
 use crate::core::Out;
 use crate::link::Link;
-use crate::mqtt::Client;
+use debfleet_mqtt::Client;
 use crate::spool::Spooled;
 
 /// Above this many waiting messages an unreliable one is dropped rather than queued.

@@ -314,7 +314,7 @@ pub async fn ping(ctx: &Ctx, t: &Targets, timeout: f64, json: bool) -> Result<u8
     let target = targets(t)?;
     let timeout = seconds(timeout)?;
     let (mut session, mut fleet) = load_fleet(ctx).await?;
-    let req = Request { target, args: CommandArgs::Ping, timeout };
+    let req = Request { target, args: CommandArgs::Ping, timeout, expires: ctx.expires };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
     print_outcomes(&outcomes, json)
@@ -350,7 +350,8 @@ pub async fn cfg_set(ctx: &Ctx, device: &str, assignments: &[String], timeout: f
     if let Some(cfg) = fleet.devices.get(&id).and_then(|d| d.cfg.as_ref()) {
         cfg.cfg.apply_patch(&patch).map_err(|e| usage(e.to_string()))?;
     }
-    let req = Request { target: Target::Devices(vec![id]), args: CommandArgs::Cfg { set: patch }, timeout };
+    let req =
+        Request { target: Target::Devices(vec![id]), args: CommandArgs::Cfg { set: patch }, timeout, expires: ctx.expires };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
     let o = &outcomes[0];
@@ -371,6 +372,7 @@ pub async fn ops(ctx: &Ctx, device: &str, clear: bool, older_than: Option<u64>, 
             target: Target::Devices(vec![id]),
             args: CommandArgs::Clear { ops: vec![], older_than_s: older_than },
             timeout: Duration::from_secs(10),
+            expires: ctx.expires,
         };
         let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
         session.disconnect().await;

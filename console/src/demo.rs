@@ -120,7 +120,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     }
     let broker_url = format!("mqtt://{}", args.broker_listen);
     let repo_url = format!("http://{}", args.repo_listen);
-    let ctx = Ctx { broker: broker_url.clone(), ca_file: None, topics: ctx.topics.clone() };
+    let ctx = Ctx { broker: broker_url.clone(), ca_file: None, topics: ctx.topics.clone(), expires: ctx.expires };
 
     // The broker, in this process.
     std::net::TcpListener::bind(args.broker_listen)

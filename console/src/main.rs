@@ -48,6 +48,11 @@ pub(crate) struct Cli {
     /// Topic prefix.
     #[arg(long, global = true, env = "DEBFLEET_PREFIX", default_value = "debfleet")]
     prefix: String,
+    /// Seconds a command stays good for devices that get it late (away, their session kept by
+    /// the broker); later they record it as expired instead of running it [default: as long as
+    /// the command waits for results, at least 300].
+    #[arg(long, global = true, env = "DEBFLEET_EXPIRES", value_name = "SECONDS")]
+    expires: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -341,6 +346,8 @@ pub struct Ctx {
     pub broker: String,
     pub ca_file: Option<PathBuf>,
     pub topics: debfleet_protocol::Topics,
+    /// `--expires`: how long commands stay good.
+    pub expires: Option<std::time::Duration>,
 }
 
 fn main() -> ExitCode {
@@ -365,7 +372,8 @@ fn main() -> ExitCode {
         }
     };
     let broker = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
-    let ctx = Ctx { broker, ca_file: cli.ca_file.or(file.ca_file), topics };
+    let expires = cli.expires.map(std::time::Duration::from_secs);
+    let ctx = Ctx { broker, ca_file: cli.ca_file.or(file.ca_file), topics, expires };
     let (repo_url, token) = (cli.repo.or(file.repo), cli.token.or(file.token));
     let repo_cmd = match &cli.command {
         Command::Publish { .. } | Command::Packages { .. } | Command::Promote { .. } | Command::Unpublish { .. } => {

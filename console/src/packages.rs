@@ -122,7 +122,7 @@ pub async fn run(ctx: &Ctx, req: PackageRequest) -> Result<u8> {
     };
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     let mut view = ProgressView { tty: std::io::stderr().is_terminal() && !req.json, lines: BTreeMap::new(), drawn: 0 };
-    let request = Request { target, args, timeout: Duration::from_secs_f64(req.timeout) };
+    let request = Request { target, args, timeout: Duration::from_secs_f64(req.timeout), expires: ctx.expires };
     let outcomes = send(&mut session, &ctx.topics, &mut fleet, &request, &mut |dev, r| view.update(dev, r)).await?;
     session.disconnect().await;
     print_outcomes(&outcomes, req.json, req.dry_run)
@@ -201,6 +201,7 @@ pub async fn restart_unit(ctx: &Ctx, device: &str, unit: &str, json_out: bool) -
         target: Target::Devices(vec![dev]),
         args: CommandArgs::Restart { unit: Some(unit.to_owned()) },
         timeout: Duration::from_secs(120),
+        expires: ctx.expires,
     };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;

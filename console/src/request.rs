@@ -63,6 +63,8 @@ pub struct Request {
     pub target: Target,
     pub args: CommandArgs,
     pub timeout: Duration,
+    /// How long the command stays good (None: see [`send`]).
+    pub expires: Option<Duration>,
 }
 
 /// Sends the request and waits up to its timeout for every reachable target, with a spinner.
@@ -90,11 +92,14 @@ pub async fn send(
     let (target, timeout) = (&req.target, req.timeout);
     let verb = req.args.verb().as_str();
     let id = new_op_id(verb);
-    // A command is good while its sender waits for it: a device that gets it later (a kept
-    // session queued it while the device was away) records it as expired instead of running
-    // it. Never less than EXPIRY_FLOOR, so a device clock a few minutes off does not refuse it.
-    let expires_at = debfleet_protocol::time::now_unix_ms() + timeout.max(EXPIRY_FLOOR).as_millis() as i64;
+    // A command is good while its sender waits for it (or as long as the operator said): a
+    // device that gets it later (a kept session queued it while the device was away) records it
+    // as expired instead of running it. By default never less than EXPIRY_FLOOR, so a device
+    // clock a few minutes off does not refuse it.
+    let life = req.expires.unwrap_or(timeout.max(EXPIRY_FLOOR));
+    let expires_at = debfleet_protocol::time::now_unix_ms() + life.as_millis() as i64;
     let payload = req.args.to_payload_expiring(&id, Some(expires_at));
+    let expiry_s = life.as_secs().min(u64::from(u32::MAX)) as u32;
     let candidates: Vec<DeviceId> = match target {
         Target::Devices(ids) => ids.clone(),
         Target::Group(g) => fleet.members(g),
@@ -124,14 +129,14 @@ pub async fn send(
     match target {
         Target::Devices(_) => {
             for d in &waiting {
-                session.publish(topics.name(&Topic::DeviceCmd(d.clone(), verb.into())), payload.clone(), false).await?;
+                session.publish_command(topics.name(&Topic::DeviceCmd(d.clone(), verb.into())), payload.clone(), expiry_s).await?;
             }
         }
         Target::Group(g) if !waiting.is_empty() => {
-            session.publish(topics.name(&Topic::GroupCmd(g.clone(), verb.into())), payload, false).await?
+            session.publish_command(topics.name(&Topic::GroupCmd(g.clone(), verb.into())), payload, expiry_s).await?
         }
         Target::All if !waiting.is_empty() => {
-            session.publish(topics.name(&Topic::FleetCmd(verb.into())), payload, false).await?
+            session.publish_command(topics.name(&Topic::FleetCmd(verb.into())), payload, expiry_s).await?
         }
         _ => {}
     }

@@ -1,12 +1,13 @@
-//! One console connection to the broker: connect (with a clear error when it cannot), subscribe,
-//! read the retained set to its end, publish commands, and hand every message to the caller.
+//! One console connection to the broker: connect (with a clear error when it cannot; MQTT 5, or
+//! 3.1.1 when the broker refuses 5), subscribe, read the retained set to its end, publish
+//! commands (with a message expiry under MQTT 5), and hand every message to the caller.
 
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use debfleet_protocol::limits::MAX_PACKET_BYTES;
 use debfleet_protocol::Topics;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter, TlsConfiguration, Transport};
+use debfleet_mqtt::{Client, Endpoint, Loop, Net, QoS, Settings};
 use tokio::sync::mpsc;
 
 use crate::sync::ReadState;
@@ -21,7 +22,7 @@ pub struct Message {
 }
 
 pub struct Session {
-    client: AsyncClient,
+    client: Client,
     rx: mpsc::Receiver<Message>,
     client_id: String,
     prefix: String,
@@ -39,40 +40,49 @@ impl Session {
     pub async fn connect(opts: ConnectOptions<'_>) -> Result<Session> {
         let url = debfleet_protocol::broker::BrokerUrl::parse(opts.url).map_err(|e| anyhow!("broker {e}"))?;
         let client_id = format!("debfleet-console-{:08x}", fastrand::u32(..));
-        let mut mo = MqttOptions::new(&client_id, &url.host, url.port);
-        mo.set_keep_alive(Duration::from_secs(30));
-        mo.set_clean_session(true);
-        mo.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-        if url.tls {
-            let ca_path = opts.ca_file.context("an mqtts:// broker needs --ca-file (or DEBFLEET_CA_FILE)")?;
-            let ca = std::fs::read(ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            mo.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-                ca,
-                alpn: None,
-                client_auth: None,
-            }));
-        }
-        let (client, mut eventloop) = AsyncClient::new(mo, 1024);
-        // A command and its answers are small packets: without TCP_NODELAY they wait for
-        // delayed ACKs.
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
-        // The first ConnAck (or the first error) decides whether the broker is reachable.
-        let first = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(e),
-                }
+        let ca = match url.tls {
+            false => None,
+            true => {
+                let ca_path = opts.ca_file.context("an mqtts:// broker needs --ca-file (or DEBFLEET_CA_FILE)")?;
+                Some(std::fs::read(ca_path).with_context(|| format!("reading {}", ca_path.display()))?)
             }
-        })
-        .await;
-        match first {
+        };
+        let ep = Endpoint {
+            client_id: client_id.clone(),
+            host: url.host.clone(),
+            port: url.port,
+            ca,
+            credentials: None,
+            max_packet: MAX_PACKET_BYTES,
+            channel: 1024,
+        };
+        let settings = Settings { keepalive_s: 30, persistent_session: false, session_expiry_s: 0 };
+        // The first ConnAck (or the first error) decides whether the broker is reachable; a
+        // broker that takes the connection but not MQTT 5 gets 3.1.1.
+        let ep = &ep;
+        let first = |level| async move {
+            let (client, mut eventloop) = debfleet_mqtt::open(ep, level, settings);
+            let r = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Net::ConnAck { .. }) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            })
+            .await;
+            (client, eventloop, r)
+        };
+        let (mut client, mut eventloop, mut r) = first(5).await;
+        if matches!(&r, Ok(Err(e)) if e.maybe_unsupported) {
+            (client, eventloop, r) = first(4).await;
+        }
+        match r {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(anyhow!(Unreachable(format!("cannot reach the broker at {}: {e}", opts.url)))),
+            Ok(Err(e)) => {
+                return Err(anyhow!(Unreachable(format!("cannot reach the broker at {}: {}", opts.url, e.message))))
+            }
             Err(_) => {
                 return Err(anyhow!(Unreachable(format!("no answer from the broker at {} within 5 s", opts.url))))
             }
@@ -83,13 +93,23 @@ impl Session {
     }
 
     pub async fn subscribe(&self, filters: &[String]) -> Result<()> {
-        let filters = filters.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-        self.client.subscribe_many(filters).await.context("subscribing")
+        self.client.subscribe_many(filters.to_vec()).await.map_err(|e| anyhow!("subscribing: {e}"))
     }
 
     pub async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<()> {
-        self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.context("publishing")
+        self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.map_err(|e| anyhow!("publishing: {e}"))
     }
+
+    /// A command: under MQTT 5 the broker drops it after `expiry_s` if it could not deliver it
+    /// (to a device's kept session) by then; the payload's `expires_at` says the same to the
+    /// device on any protocol level.
+    pub async fn publish_command(&self, topic: String, payload: Vec<u8>, expiry_s: u32) -> Result<()> {
+        self.client
+            .publish_expiring(topic, QoS::AtLeastOnce, false, payload, Some(expiry_s))
+            .await
+            .map_err(|e| anyhow!("publishing: {e}"))
+    }
+
 
     pub async fn recv(&mut self) -> Result<Message> {
         self.rx.recv().await.ok_or_else(|| anyhow!(Unreachable("the connection to the broker was lost".into())))
@@ -190,15 +210,15 @@ impl std::fmt::Display for Unreachable {
 
 impl std::error::Error for Unreachable {}
 
-async fn pump(mut eventloop: EventLoop, tx: mpsc::Sender<Message>) {
+async fn pump(mut eventloop: Loop, tx: mpsc::Sender<Message>) {
     loop {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let msg = Message { topic: p.topic.clone(), payload: p.payload.to_vec(), retained: p.retain };
+            Ok(Net::Publish { topic, payload, retain, .. }) => {
+                let msg = Message { topic, payload, retained: retain };
                 // Once the receiver is gone the loop keeps running only to flush the DISCONNECT.
                 let _ = tx.send(msg).await;
             }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(Net::OutDisconnect) => return,
             Ok(_) => {}
             // A console session is short; rather than reconnecting behind the operator's back
             // (and missing messages), it reports the loss.

@@ -1,18 +1,35 @@
 //! One face for the two MQTT protocol levels rumqttc implements as separate types: 5 where the
-//! broker speaks it (session expiry), 3.1.1 otherwise. [`Client`] is what the sender hands
-//! requests to; [`Loop`] is the event loop the connection task polls, its packets reduced to the
-//! few [`Net`] events the agent acts on.
+//! broker speaks it (session expiry, message expiry), 3.1.1 otherwise. [`Client`] is what
+//! requests go to; [`Loop`] is the event loop a connection task polls, its packets reduced to
+//! the few [`Net`] events debfleet acts on. No policy here: when to fall back is the caller's
+//! decision, from [`PollError::maybe_unsupported`].
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use debfleet_protocol::limits::MAX_PACKET_BYTES;
 use rumqttc::v5 as m5;
-use rumqttc::{QoS, TlsConfiguration, Transport};
+pub use rumqttc::QoS;
+use rumqttc::{TlsConfiguration, Transport};
 
-use crate::config::AgentConfig;
+/// Counted per MQTT packet on top of its own bytes: IPv4 and TCP headers with the timestamp
+/// option Linux sends by default (20 + 32).
+pub const TCP_IP_OVERHEAD: u64 = 52;
 
-/// `mqtt` in agent.toml.
+/// Where and who to connect as.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub client_id: String,
+    pub host: String,
+    pub port: u16,
+    /// With a CA (PEM), the connection is TLS.
+    pub ca: Option<Vec<u8>>,
+    pub credentials: Option<(String, String)>,
+    /// The largest packet either side may send.
+    pub max_packet: usize,
+    /// Capacity of the client's request channel.
+    pub channel: usize,
+}
+
+/// Which protocol level to speak (`mqtt` in agent.toml).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub enum Protocol {
     /// 5, and 3.1.1 when the broker refuses 5.
@@ -48,10 +65,38 @@ fn qos5(q: QoS) -> m5::mqttbytes::QoS {
 }
 
 impl Client {
+    pub fn level(&self) -> u8 {
+        match self {
+            Client::V4(_) => 4,
+            Client::V5(_) => 5,
+        }
+    }
+
     pub async fn publish(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) -> Result<(), String> {
+        self.publish_expiring(topic, qos, retain, payload, None).await
+    }
+
+    /// With MQTT 5 and `expiry_s`, the broker discards the message when it could not deliver it
+    /// within that many seconds (to a session it keeps for an absent client); 3.1.1 has no such
+    /// thing and publishes it plainly.
+    pub async fn publish_expiring(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        expiry_s: Option<u32>,
+    ) -> Result<(), String> {
         match self {
             Client::V4(c) => c.publish(topic, qos, retain, payload).await.map_err(|e| e.to_string()),
-            Client::V5(c) => c.publish(topic, qos5(qos), retain, payload).await.map_err(|e| e.to_string()),
+            Client::V5(c) => match expiry_s {
+                None => c.publish(topic, qos5(qos), retain, payload).await.map_err(|e| e.to_string()),
+                Some(s) => {
+                    let props =
+                        m5::mqttbytes::v5::PublishProperties { message_expiry_interval: Some(s), ..Default::default() };
+                    c.publish_with_properties(topic, qos5(qos), retain, payload, props).await.map_err(|e| e.to_string())
+                }
+            },
         }
     }
 
@@ -119,53 +164,45 @@ pub enum Loop {
     V5(Box<m5::EventLoop>),
 }
 
-/// Client and event loop for `level` (4 or 5), configured from the file and `settings`.
-pub fn open(cfg: &AgentConfig, level: u8, settings: Settings) -> Result<(Client, Loop)> {
-    let id = format!("debfleet-agent-{}", cfg.device_id);
-    let transport = match &cfg.broker.tls {
-        false => None,
-        true => {
-            let ca_file = cfg.ca_file.as_ref().expect("validated: mqtts needs ca_file");
-            let ca = std::fs::read(ca_file).with_context(|| format!("ca_file: reading {}", ca_file.display()))?;
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            Some(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }))
-        }
-    };
-    // Every answer is a few small publishes back to back: without TCP_NODELAY each waits for the
-    // broker's delayed ACK (tens of milliseconds).
+/// Client and event loop for `level` (4 or 5), with `settings`. Every debfleet client sets
+/// TCP_NODELAY: an answer is a few small publishes back to back, and each would otherwise wait
+/// for the broker's delayed ACK (tens of milliseconds).
+pub fn open(ep: &Endpoint, level: u8, settings: Settings) -> (Client, Loop) {
+    let transport = ep.ca.as_ref().map(|ca| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Transport::tls_with_config(TlsConfiguration::Simple { ca: ca.clone(), alpn: None, client_auth: None })
+    });
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
-    // Small: the outbox holds the backlog; the client's channel only feeds the socket.
-    const CHANNEL: usize = 32;
     if level == 5 {
-        let mut opts = m5::MqttOptions::new(id, &cfg.broker.host, cfg.broker.port);
+        let mut opts = m5::MqttOptions::new(&ep.client_id, &ep.host, ep.port);
         // Also lifts rumqttc's 10 KiB default limit on incoming packets (rumqtt #1018).
-        opts.set_max_packet_size(Some(MAX_PACKET_BYTES as u32));
-        if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
+        opts.set_max_packet_size(Some(ep.max_packet as u32));
+        if let Some((user, pass)) = &ep.credentials {
             opts.set_credentials(user, pass);
         }
         if let Some(t) = transport {
             opts.set_transport(t);
         }
         opts.set_network_options(net);
-        let (client, eventloop) = m5::AsyncClient::new(opts, CHANNEL);
+        let (client, eventloop) = m5::AsyncClient::new(opts, ep.channel);
         let mut l = Loop::V5(Box::new(eventloop));
         l.apply(settings);
-        return Ok((Client::V5(client), l));
+        return (Client::V5(client), l);
     }
-    let mut opts = rumqttc::MqttOptions::new(id, &cfg.broker.host, cfg.broker.port);
-    opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-    if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
+    let mut opts = rumqttc::MqttOptions::new(&ep.client_id, &ep.host, ep.port);
+    opts.set_max_packet_size(ep.max_packet, ep.max_packet);
+    if let Some((user, pass)) = &ep.credentials {
         opts.set_credentials(user, pass);
     }
     if let Some(t) = transport {
         opts.set_transport(t);
     }
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, CHANNEL);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, ep.channel);
     eventloop.set_network_options(net);
     let mut l = Loop::V4(eventloop);
     l.apply(settings);
-    Ok((Client::V4(client), l))
+    (Client::V4(client), l)
 }
 
 /// Bytes of an MQTT packet with a remaining length of `n`: the fixed header's varint.
@@ -237,7 +274,7 @@ impl Loop {
             }
         };
         let n = 10 + 2 + id + will.map_or(0, |w| 4 + w) + login.map_or(0, |l| 4 + l) + props;
-        packet_len(n) + 2 * crate::link::TCP_IP_OVERHEAD as usize
+        packet_len(n) + 2 * TCP_IP_OVERHEAD as usize
     }
 
     pub async fn poll(&mut self) -> Result<Net, PollError> {
