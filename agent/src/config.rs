@@ -206,7 +206,8 @@ impl AgentConfig {
         if let Some(p) = f.profile {
             patch.insert("profile".into(), Value::String(p));
         }
-        let mut link = f.link.map(serde_json::to_value).transpose()?.unwrap_or_else(|| Value::Object(Default::default()));
+        let mut link =
+            f.link.map(serde_json::to_value).transpose()?.unwrap_or_else(|| Value::Object(Default::default()));
         if let (Some(k), Value::Object(l)) = (f.keep_alive_s, &mut link) {
             if l.contains_key("keepalive_s") {
                 bail!("keep_alive_s: set link.keepalive_s or keep_alive_s, not both");

@@ -127,7 +127,10 @@ pub async fn drive(d: Driver, mut eventloop: Loop, will: impl Fn(&str) -> (Strin
                 let _ = events.send(CoreEvent::Connected { since: since.clone() }).await;
             }
             Ok(Net::Publish { topic, payload, retain, qos1 }) => {
-                link.received(TrafficClass::Ack, packet_len(2 + topic.len() + if qos1 { 2 } else { 0 } + payload.len()));
+                link.received(
+                    TrafficClass::Ack,
+                    packet_len(2 + topic.len() + if qos1 { 2 } else { 0 } + payload.len()),
+                );
                 let _ = events.send(CoreEvent::Message { topic, payload, retain }).await;
             }
             Ok(Net::PingResp) => link.received(TrafficClass::Control, 2),
@@ -150,7 +153,9 @@ pub async fn drive(d: Driver, mut eventloop: Loop, will: impl Fn(&str) -> (Strin
             Err(e) => {
                 if connected {
                     connected = false;
-                    tracing::warn!("connection to the broker lost: {}", e.message);
+                    // Routine on a cellular link, and counted in `state/link`: not a warning that
+                    // would cost a log batch on a metered link.
+                    tracing::info!("connection to the broker lost: {}", e.message);
                     let _ = events.send(CoreEvent::Disconnected { unsent: Vec::new() }).await;
                 } else if protocol == Protocol::Auto && eventloop.level() == 5 && !level_proven && e.maybe_unsupported {
                     // The broker took the connection but not MQTT 5: speak 3.1.1 from now on.

@@ -31,10 +31,15 @@ struct Day {
     connects: u64,
 }
 
+/// How often the day's counters are written while they change (a restart loses at most this
+/// much of the day's count; an SD card is spared a write a minute).
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 #[derive(Debug, Default)]
 struct Inner {
     today: Day,
     dirty: bool,
+    saved_at: Option<std::time::Instant>,
     mqtt: u8,
     session_present: bool,
     /// Retained facts handed to the client on a kept session, by topic: the payload's hash.
@@ -224,7 +229,10 @@ impl Link {
             keepalive_s,
             session_present: i.session_present,
             budget,
-            classes: TrafficClass::ALL.iter().map(|c| (*c, i.today.classes.get(c).copied().unwrap_or_default())).collect(),
+            classes: TrafficClass::ALL
+                .iter()
+                .map(|c| (*c, i.today.classes.get(c).copied().unwrap_or_default()))
+                .collect(),
             dropped: i.today.dropped,
             reconnects: i.today.connects.saturating_sub(1),
             outbox: outbox.0,
@@ -232,14 +240,24 @@ impl Link {
         }
     }
 
-    /// Writes today's counters when they changed (the core's thread, once a minute).
+    /// Writes today's counters when they changed and [`SAVE_EVERY`] has passed (the core's
+    /// thread, from its housekeeping).
     pub fn save(&self) {
+        let due = self.lock().saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
+        if due {
+            self.save_now();
+        }
+    }
+
+    /// Writes today's counters now if they changed (at a stop).
+    pub fn save_now(&self) {
         let day = {
             let mut i = self.lock();
             if !i.dirty {
                 return;
             }
             i.dirty = false;
+            i.saved_at = Some(std::time::Instant::now());
             i.today.clone()
         };
         if let Ok(b) = serde_json::to_vec(&day) {
@@ -251,7 +269,7 @@ impl Link {
 
     /// At a clean stop, after the outbox drained: what the kept session holds, for the next run.
     pub fn save_facts(&self) {
-        self.save();
+        self.save_now();
         let facts = {
             let i = self.lock();
             if !i.session_present {
@@ -286,9 +304,12 @@ mod tests {
         let again = Link::open(dir.path(), time::now_unix_ms());
         assert_eq!(again.sent_today(), l.sent_today(), "the day's counters survive a restart");
         let tomorrow = Link::open(dir.path(), time::now_unix_ms() + 86_400_000);
-        assert_eq!(tomorrow.report(time::now_unix_ms() + 86_400_000, Default::default(), 30, 0, (0, 0)).classes
-            [&TrafficClass::Result]
-            .sent, 0);
+        assert_eq!(
+            tomorrow.report(time::now_unix_ms() + 86_400_000, Default::default(), 30, 0, (0, 0)).classes
+                [&TrafficClass::Result]
+                .sent,
+            0
+        );
     }
 
     #[test]

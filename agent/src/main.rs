@@ -307,6 +307,7 @@ async fn run(
             tracing::warn!("the outbox did not drain in time; leaving the broker to publish the last will");
         }
     }
+    link.save_now();
     sender.abort();
     shutdown.cancel();
     // The driver flushes what was queued (the offline status) for at most 1.5 s, then ends.

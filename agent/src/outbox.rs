@@ -16,11 +16,11 @@ use debfleet_protocol::TrafficClass;
 use rumqttc::QoS;
 use tokio::sync::{watch, Notify};
 
-use debfleet_mqtt::packet_len;
 use crate::core::Out;
 use crate::link::Link;
-use debfleet_mqtt::Client;
 use crate::spool::Spooled;
+use debfleet_mqtt::packet_len;
+use debfleet_mqtt::Client;
 
 /// Above this many waiting messages an unreliable one is dropped rather than queued.
 const MAX_QUEUED_UNRELIABLE: usize = 200;

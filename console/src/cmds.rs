@@ -169,8 +169,7 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         }
     }
     if let Some(c) = &d.cfg {
-        let rows: Vec<Vec<String>> =
-            flatten(&serde_json::to_value(&c.cfg)?).into_iter().map(|(k, v)| vec![k, v]).collect();
+        let rows: Vec<Vec<String>> = flatten(&c.cfg.full_value()).into_iter().map(|(k, v)| vec![k, v]).collect();
         print!("\n{}", table(&["CFG", "VALUE"], &rows));
     }
     if transfer.operations > 0 {
@@ -199,11 +198,8 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
 /// `state/link` as a table: today's bytes by class against the budget.
 fn link_table(l: &debfleet_protocol::LinkState) -> String {
     use crate::packages::bytes;
-    let mut rows: Vec<Vec<String>> = l
-        .classes
-        .iter()
-        .map(|(c, b)| vec![c.as_str().to_owned(), bytes(b.sent), bytes(b.received)])
-        .collect();
+    let mut rows: Vec<Vec<String>> =
+        l.classes.iter().map(|(c, b)| vec![c.as_str().to_owned(), bytes(b.sent), bytes(b.received)]).collect();
     let sent: u64 = l.classes.values().map(|c| c.sent).sum();
     let received: u64 = l.classes.values().map(|c| c.received).sum();
     rows.push(vec!["total".into(), bytes(sent), bytes(received)]);
@@ -328,7 +324,7 @@ pub async fn cfg_get(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         .cfg
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("device {id} has not published its configuration"))?;
-    print_cfg(&serde_json::to_value(&cfg.cfg)?, json)
+    print_cfg(&cfg.cfg.full_value(), json)
 }
 
 fn print_cfg(v: &Value, json: bool) -> Result<u8> {
@@ -350,8 +346,12 @@ pub async fn cfg_set(ctx: &Ctx, device: &str, assignments: &[String], timeout: f
     if let Some(cfg) = fleet.devices.get(&id).and_then(|d| d.cfg.as_ref()) {
         cfg.cfg.apply_patch(&patch).map_err(|e| usage(e.to_string()))?;
     }
-    let req =
-        Request { target: Target::Devices(vec![id]), args: CommandArgs::Cfg { set: patch }, timeout, expires: ctx.expires };
+    let req = Request {
+        target: Target::Devices(vec![id]),
+        args: CommandArgs::Cfg { set: patch },
+        timeout,
+        expires: ctx.expires,
+    };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
     let o = &outcomes[0];

@@ -54,9 +54,9 @@ pub fn ago(ts: &str) -> String {
 pub fn duration_words(secs: u64) -> String {
     match secs {
         0..=119 => format!("{secs} s"),
-        120..=7199 if secs % 60 == 0 => format!("{} min", secs / 60),
+        120..=7199 if secs.is_multiple_of(60) => format!("{} min", secs / 60),
         120..=7199 => format!("{:.1} min", secs as f64 / 60.0),
-        _ if secs % 3600 == 0 => format!("{} h", secs / 3600),
+        _ if secs.is_multiple_of(3600) => format!("{} h", secs / 3600),
         _ => format!("{:.1} h", secs as f64 / 3600.0),
     }
 }

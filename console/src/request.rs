@@ -129,7 +129,9 @@ pub async fn send(
     match target {
         Target::Devices(_) => {
             for d in &waiting {
-                session.publish_command(topics.name(&Topic::DeviceCmd(d.clone(), verb.into())), payload.clone(), expiry_s).await?;
+                session
+                    .publish_command(topics.name(&Topic::DeviceCmd(d.clone(), verb.into())), payload.clone(), expiry_s)
+                    .await?;
             }
         }
         Target::Group(g) if !waiting.is_empty() => {

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+use debfleet_mqtt::{Client, Endpoint, Loop, Net, QoS, Settings};
 use debfleet_protocol::limits::MAX_PACKET_BYTES;
 use debfleet_protocol::Topics;
-use debfleet_mqtt::{Client, Endpoint, Loop, Net, QoS, Settings};
 use tokio::sync::mpsc;
 
 use crate::sync::ReadState;
@@ -109,7 +109,6 @@ impl Session {
             .await
             .map_err(|e| anyhow!("publishing: {e}"))
     }
-
 
     pub async fn recv(&mut self) -> Result<Message> {
         self.rx.recv().await.ok_or_else(|| anyhow!(Unreachable("the connection to the broker was lost".into())))

@@ -160,7 +160,7 @@ pub struct PollError {
 }
 
 pub enum Loop {
-    V4(rumqttc::EventLoop),
+    V4(Box<rumqttc::EventLoop>),
     V5(Box<m5::EventLoop>),
 }
 
@@ -200,7 +200,7 @@ pub fn open(ep: &Endpoint, level: u8, settings: Settings) -> (Client, Loop) {
     }
     let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, ep.channel);
     eventloop.set_network_options(net);
-    let mut l = Loop::V4(eventloop);
+    let mut l = Loop::V4(Box::new(eventloop));
     l.apply(settings);
     (Client::V4(client), l)
 }
@@ -295,7 +295,10 @@ impl Loop {
 /// (refused as an unsupported version, closed, garbled) may.
 fn io_is_network(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable | AddrNotAvailable | NotFound)
+    matches!(
+        e.kind(),
+        ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable | AddrNotAvailable | NotFound
+    )
 }
 
 fn unsupported4(e: &rumqttc::ConnectionError) -> bool {

@@ -5,20 +5,27 @@ use serde_json::{Map, Value};
 
 use crate::ids::GroupName;
 
+/// On the wire, a key at the default profile's value may be left out (and reads back as that
+/// value): a wired device's `cfg` stays as small as it was before profiles existed. See
+/// [`RuntimeCfg::full_value`] for every key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RuntimeCfg {
     /// Which set of defaults the other keys start from (see [`RuntimeCfg::compose`]).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub profile: Profile,
     pub groups: Vec<GroupName>,
     pub telemetry: TelemetryCfg,
     pub logs: LogsCfg,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub link: LinkCfg,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub budget: BudgetCfg,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub outbox: OutboxCfg,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// A named set of defaults: `default` for wired devices, `cellular` for metered links (long
@@ -58,12 +65,16 @@ pub struct LinkCfg {
     /// After a reconnect into a kept session, publish only the retained facts that differ from
     /// what the broker acknowledged before.
     pub skip_unchanged: bool,
-    /// Seconds between reports on `state/link` (also sent on every connect).
+    /// Seconds between reports on `state/link` (also sent when the outbox has drained and on
+    /// `refresh`).
     pub report_s: u32,
+    /// Also report on every connect.
+    #[serde(default)]
+    pub report_connects: bool,
 }
 
 /// What the device may send in a day (UTC), by priority class.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BudgetCfg {
     /// 0: no budget. Over 70 % of it telemetry waits (in the outbox) or is dropped, over 90 %
     /// logs do too; operation results, status and acknowledgements always go.
@@ -90,14 +101,9 @@ impl Default for LinkCfg {
             persistent_session: false,
             session_expiry_s: default_session_expiry(),
             skip_unchanged: false,
-            report_s: 3600,
+            report_s: 86_400,
+            report_connects: false,
         }
-    }
-}
-
-impl Default for BudgetCfg {
-    fn default() -> Self {
-        BudgetCfg { bytes_per_day: 0 }
     }
 }
 
@@ -115,7 +121,7 @@ pub struct TelemetryCfg {
     /// 0: every sample that moved past its threshold is sent. Otherwise samples are aggregated
     /// over this many seconds and sent as one message (mean, with min and max), and only when a
     /// mean moved past its threshold (the deadband) since the last one sent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub window_s: u32,
 }
 
@@ -209,6 +215,7 @@ impl RuntimeCfg {
                         session_expiry_s: default_session_expiry(),
                         skip_unchanged: true,
                         report_s: 21_600,
+                        report_connects: true,
                     },
                     budget: BudgetCfg { bytes_per_day: 256 * 1024 },
                     outbox: OutboxCfg { max_kb: 1024, drain_per_s: 2 },
@@ -216,6 +223,21 @@ impl RuntimeCfg {
                 }
             }
         }
+    }
+
+    /// Every key, those at the default profile's value included (for showing a configuration).
+    pub fn full_value(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("configuration serializes");
+        if let Some(o) = v.as_object_mut() {
+            o.insert("profile".into(), serde_json::to_value(self.profile).expect("serializes"));
+            o.insert("link".into(), serde_json::to_value(&self.link).expect("serializes"));
+            o.insert("budget".into(), serde_json::to_value(&self.budget).expect("serializes"));
+            o.insert("outbox".into(), serde_json::to_value(&self.outbox).expect("serializes"));
+            if let Some(t) = o.get_mut("telemetry").and_then(Value::as_object_mut) {
+                t.insert("window_s".into(), self.telemetry.window_s.into());
+            }
+        }
+        v
     }
 
     /// The configuration from layered partial updates (the file's, then the wire's): the
@@ -338,7 +360,7 @@ impl RuntimeCfg {
         let Value::Object(patch) = patch else {
             return Err(CfgError::NotAnObject);
         };
-        let mut current = serde_json::to_value(self).expect("configuration serializes");
+        let mut current = self.full_value();
         merge(&mut current, patch, "")?;
         let next: RuntimeCfg = serde_json::from_value(current).map_err(|e| invalid("cfg", e.to_string()))?;
         next.validate()?;

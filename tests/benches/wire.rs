@@ -63,6 +63,75 @@ impl Capture {
         out
     }
 
+    /// PUBLISH packets the agent sent (to `port`) between two times, and the bytes of their
+    /// topic names: what MQTT 5 topic aliases could replace (each segment's first MQTT packet
+    /// only, so a lower bound).
+    fn publishes_to(&self, port: u16, from: u64, to: u64) -> (usize, u64) {
+        let b = std::fs::read(&self.file).unwrap_or_default();
+        let (mut n, mut topic_bytes) = (0, 0);
+        let mut at = 24;
+        while b.len() >= 24 && at + 16 <= b.len() {
+            let sec = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as u64;
+            let usec = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as u64;
+            let incl = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
+            let d = &b[at + 16..(at + 16 + incl).min(b.len())];
+            at += 16 + incl;
+            let t = sec * 1_000_000 + usec;
+            if t < from || t >= to || d.len() < 14 + 20 {
+                continue;
+            }
+            let ip = &d[14..];
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            if ip.len() < ihl + 20 {
+                continue;
+            }
+            let tcp = &ip[ihl..];
+            let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+            let off = usize::from(tcp[12] >> 4) * 4;
+            let m = &tcp[off.min(tcp.len())..];
+            if dport != port || m.len() < 4 || m[0] & 0xf0 != 0x30 {
+                continue;
+            }
+            let mut i = 1;
+            while i < m.len() && m[i] & 0x80 != 0 {
+                i += 1;
+            }
+            if i + 2 < m.len() {
+                n += 1;
+                topic_bytes += u64::from(u16::from_be_bytes([m[i + 1], m[i + 2]]));
+            }
+        }
+        (n, topic_bytes)
+    }
+
+    /// Every packet between two times: to the broker?, IP length, the MQTT packet type of the
+    /// segment's first byte (for `WIRE_DUMP=1`).
+    fn dump(&self, port: u16, from: u64, to: u64) -> Vec<(bool, u64, u8)> {
+        let b = std::fs::read(&self.file).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut at = 24;
+        while b.len() >= 24 && at + 16 <= b.len() {
+            let sec = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as u64;
+            let usec = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as u64;
+            let incl = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
+            let d = &b[at + 16..(at + 16 + incl).min(b.len())];
+            at += 16 + incl;
+            let t = sec * 1_000_000 + usec;
+            if t < from || t >= to || d.len() < 14 + 40 {
+                continue;
+            }
+            let ip = &d[14..];
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let len = u64::from(u16::from_be_bytes([ip[2], ip[3]]));
+            let tcp = &ip[ihl..];
+            let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+            let off = usize::from(tcp[12] >> 4) * 4;
+            let kind = tcp.get(off).map_or(0, |b| b >> 4);
+            out.push((dport == port, len, kind));
+        }
+        out
+    }
+
     /// Bytes (and packets) between two times (µs since the epoch).
     fn between(&self, from: u64, to: u64) -> (u64, usize) {
         let p: Vec<u64> = self.packets().into_iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, l)| l).collect();
@@ -133,7 +202,8 @@ fn main() {
     for s in &subjects {
         online_after(&obs, &s.id, 0);
     }
-    std::thread::sleep(Duration::from_secs(5));
+    // Long enough for what a connect sets off (the first log batch, 5 s later by default).
+    std::thread::sleep(Duration::from_secs(8));
     let t1 = now_us();
     eprintln!("idle for {duration} s ...");
     std::thread::sleep(Duration::from_secs(duration));
@@ -156,10 +226,20 @@ fn main() {
     for s in &subjects {
         online_after(&obs, &s.id, from);
     }
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(8));
     let t4 = now_us();
 
     let month = 30.0 * 86_400.0 / duration as f64;
+    if std::env::var("WIRE_DUMP").as_deref() == Ok("1") {
+        for s in &subjects {
+            for (name, a, b) in [("connect", t0, t1), ("reconnect", t3, t4)] {
+                let p = s.cap.dump(s.proxy.port, a, b);
+                let text: Vec<String> =
+                    p.iter().map(|(up, len, kind)| format!("{}{len}:{kind}", if *up { ">" } else { "<" })).collect();
+                eprintln!("{} {name}: {}", s.label, text.join(" "));
+            }
+        }
+    }
     println!("\nwire bytes per device, TCP/IP headers included (tcpdump on each agent's broker port)");
     println!("idle: {duration} s, projected to 30 days\n");
     println!(
@@ -183,6 +263,12 @@ fn main() {
             kb(reconnect)
         );
         figures.push((s.label, per_month, reconnect));
+    }
+    println!("\nMQTT 5 topic aliases: what the idle window's publishes spent on topic names (an alias is 3 bytes)");
+    for s in &subjects {
+        let (n, topic_bytes) = s.cap.publishes_to(s.proxy.port, t1, t2);
+        let saving = topic_bytes.saturating_sub(3 * n as u64) as f64 * month;
+        println!("  {:<20} {n} publishes, {topic_bytes} topic bytes: at most {} a month", s.label, mb(saving));
     }
     let cell = figures.iter().find(|f| f.0 == "cellular profile").unwrap();
     let default = figures.iter().find(|f| f.0 == "default profile").unwrap();
@@ -208,8 +294,13 @@ fn install(m: &Mosquitto, obs: &Observer, dir: &Path) {
     let repo = RepoServer::start(&[]);
     let deb = debfleet_tests::repo::service_deb(dir, "wire-app", "1.0", false);
     assert!(repo.publish(&deb, "stable").status.success());
-    println!("\none install of a small package ({} bytes), the agent's MQTT traffic from command to result", std::fs::metadata(&deb).unwrap().len());
-    for (i, (label, extra)) in [("default profile", ""), ("cellular profile", "profile = \"cellular\"\n")].into_iter().enumerate() {
+    println!(
+        "\none install of a small package ({} bytes), the agent's MQTT traffic from command to result",
+        std::fs::metadata(&deb).unwrap().len()
+    );
+    for (i, (label, extra)) in
+        [("default profile", ""), ("cellular profile", "profile = \"cellular\"\n")].into_iter().enumerate()
+    {
         let name = format!("wire-l{i}");
         let proxy = Proxy::start(m.port);
         let cap = Capture::start(dir, proxy.port);

@@ -73,7 +73,11 @@ fn a_cellular_device_keeps_its_session_sends_only_what_changed_and_refuses_stale
     let out = console(&m.url(), &["--expires", "2", "ping", "--group", "lab", "--timeout", "5", "--json"]);
     let pinged = stdout_json(&out);
     let by_id = |id: &str| pinged.as_array().unwrap().iter().find(|o| o["id"] == id).cloned().unwrap();
-    assert_eq!((by_id("cell-2")["ok"].as_bool(), by_id("cell-1")["error"].as_str()), (Some(true), Some("lost")), "{pinged}");
+    assert_eq!(
+        (by_id("cell-2")["ok"].as_bool(), by_id("cell-1")["error"].as_str()),
+        (Some(true), Some("lost")),
+        "{pinged}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     a.spawn();
     let q = obs.wait("debfleet/device/cell-1/op/queued-1", T, |v| v["state"] == "succeeded");
@@ -93,10 +97,19 @@ fn a_cellular_device_keeps_its_session_sends_only_what_changed_and_refuses_stale
     // link.
     let out = console(&m.url(), &["cfg", "set", "cell-1", "profile=default"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let link = obs.wait("debfleet/device/cell-1/state/link", T, |v| v["profile"] == "default");
+    let link = obs
+        .wait("debfleet/device/cell-1/state/link", T, |v| v["profile"] == "default" && v["session_present"] == false);
     assert_eq!((link["keepalive_s"].as_u64(), link["session_present"].as_bool()), (Some(5), Some(false)), "{link}");
     let cfg = obs.last("debfleet/device/cell-1/cfg").unwrap().json();
-    assert_eq!((cfg["logs"]["level"].as_str(), cfg["telemetry"]["window_s"].as_u64()), (Some("info"), Some(0)));
+    // Keys at the default profile's value are left out of `cfg` (0: no aggregation).
+    assert_eq!((cfg["logs"]["level"].as_str(), cfg["telemetry"]["window_s"].as_u64()), (Some("info"), None));
+    assert!(cfg.get("profile").is_none() && cfg.get("budget").is_none(), "{cfg}");
+    let full = stdout_json(&console(&m.url(), &["cfg", "get", "cell-1", "--json"]));
+    assert_eq!(
+        (full["profile"].as_str(), full["telemetry"]["window_s"].as_u64()),
+        (Some("default"), Some(0)),
+        "{full}"
+    );
     let show = console(&m.url(), &["show", "cell-1"]);
     let text = String::from_utf8_lossy(&show.stdout);
     assert!(text.contains("LINK") && text.contains("control") && text.contains("reconnects"), "{text}");
@@ -126,7 +139,12 @@ fn mqtt_5_falls_back_to_3_1_1_on_a_broker_without_it_and_can_be_pinned() {
 
     // `mqtt = "3.1.1"` keeps a broker that has 5 on 3.1.1.
     let m = Mosquitto::start();
-    let _b = Agent::start(AgentSpec { id: "pinned", port: m.port, groups: &["lab"], extra: "mqtt = \"3.1.1\"\n" });
+    let _b = Agent::start(AgentSpec {
+        id: "pinned",
+        port: m.port,
+        groups: &["lab"],
+        extra: "profile = \"cellular\"\nmqtt = \"3.1.1\"\n",
+    });
     let obs = Observer::connect(m.port, &["debfleet/device/pinned/state/link"]);
     assert_eq!(obs.wait("debfleet/device/pinned/state/link", T, |_| true)["mqtt"], 4);
 }
@@ -215,17 +233,16 @@ fn ten_forced_disconnects_through_netem_lose_no_result_and_keep_the_outbox_bound
         // Back online before the next round.
         let since = obs.messages().len();
         wait_for(Duration::from_secs(30), "the agent back online", || {
-            obs.messages()[since..]
-                .iter()
-                .any(|m| m.topic == status && m.json()["state"] == "online")
-                .then_some(())
+            obs.messages()[since..].iter().any(|m| m.topic == status && m.json()["state"] == "online").then_some(())
         });
     }
 
     // Every operation has its final record on the broker, as the device's journal says.
     let results: BTreeMap<String, Value> = ids
         .iter()
-        .map(|id| (id.clone(), obs.wait(&format!("debfleet/device/{name}/op/{id}"), Duration::from_secs(90), final_state)))
+        .map(|id| {
+            (id.clone(), obs.wait(&format!("debfleet/device/{name}/op/{id}"), Duration::from_secs(90), final_state))
+        })
         .collect();
     for (id, r) in &results {
         assert_eq!(r["state"], "succeeded", "{id}: {r}");

@@ -177,7 +177,14 @@ impl Core {
                 return self.start_job(out, id, JobKind::Refresh(managed), false, None, expires_at);
             }
             CommandArgs::Install { packages, options } => {
-                return self.start_job(out, id, JobKind::Install(packages), options.dry_run, options.watch_s, expires_at)
+                return self.start_job(
+                    out,
+                    id,
+                    JobKind::Install(packages),
+                    options.dry_run,
+                    options.watch_s,
+                    expires_at,
+                )
             }
             CommandArgs::Upgrade { packages, options } => {
                 let packages = if packages.is_empty() {
@@ -353,7 +360,10 @@ impl Core {
             self.publish(Topic::Cfg(dev.clone()), &CfgMessage { v: CONTRACT_VERSION, cfg: self.runtime.clone() }),
         );
         after.push(self.publish(Topic::Meta(dev), &self.meta()));
+        // The profile, keepalive or budget it reports may have changed.
+        after.push(self.link_report(time::now_unix_ms()));
         if relink {
+            self.report_next_connect = true;
             // Last: what this change publishes is queued before the reconnect.
             after.push(Out::Relink(self.link_settings()));
         }

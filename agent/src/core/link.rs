@@ -60,8 +60,8 @@ impl Core {
     /// published without the retain flag: they are history, the retained view stays current.
     pub(super) fn drain(&mut self, now_ms: i64) -> Vec<Out> {
         let mut out = Vec::new();
-        if self.connected_since.is_some() && now_ms - self.link_reported_ms >= i64::from(self.runtime.link.report_s) * 1000
-        {
+        let due = now_ms - self.link_reported_ms >= i64::from(self.runtime.link.report_s) * 1000;
+        if self.connected_since.is_some() && due {
             out.push(self.link_report(now_ms));
         }
         if self.connected_since.is_none() || self.backlog >= LIVE_BACKLOG {
@@ -157,6 +157,7 @@ mod tests {
         let mut f = fixture(false);
         f.core.runtime.link.persistent_session = true;
         f.core.runtime.link.skip_unchanged = true;
+        f.core.runtime.link.report_connects = true;
         f.core.link.connected(4, false);
         let first = f.core.on_connected(time::now(), 0);
         assert!(matches!(first[0], Out::Subscribe(_)));

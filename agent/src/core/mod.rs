@@ -87,6 +87,8 @@ pub struct Core {
     spool: Option<Spool>,
     /// When `state/link` was last reported.
     link_reported_ms: i64,
+    /// The connection settings changed: report the link on the next connect.
+    report_next_connect: bool,
     /// The latest telemetry view went to the outbox, not to the broker: the retained one is
     /// older, so it is published again (retained) on the next connect.
     telemetry_behind: Option<Telemetry>,
@@ -262,8 +264,10 @@ impl Core {
             backlog: 0,
             link,
             spool,
-            link_reported_ms: 0,
+            // The first periodic report comes `link.report_s` after the start.
+            link_reported_ms: time::now_unix_ms(),
             telemetry_behind: None,
+            report_next_connect: false,
         }
     }
 
@@ -403,7 +407,9 @@ impl Core {
             }
             _ => true,
         }));
-        out.push(self.link_report(now_ms));
+        if self.runtime.link.report_connects || std::mem::take(&mut self.report_next_connect) {
+            out.push(self.link_report(now_ms));
+        }
         out
     }
 

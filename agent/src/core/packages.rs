@@ -73,6 +73,7 @@ impl Core {
         let mut out = vec![self.publish_op(&done.id)];
         if verb == "refresh" {
             out.extend(self.retained_facts(now_ms));
+            out.push(self.link_report(now_ms));
             if let Some(since) = self.connected_since.clone() {
                 out.push(
                     self.publish(Topic::Status(self.cfg.device_id.clone()), &self.status(Liveness::Online, since)),
