@@ -239,7 +239,7 @@ mod tests {
 
     fn rec(i: usize) -> Spooled {
         Spooled {
-            class: if i % 2 == 0 { TrafficClass::Telemetry } else { TrafficClass::Logs },
+            class: if i.is_multiple_of(2) { TrafficClass::Telemetry } else { TrafficClass::Logs },
             topic: format!("debfleet/device/d/t{i}"),
             payload: format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(100)).into_bytes(),
         }

@@ -185,6 +185,9 @@ pub fn open(ep: &Endpoint, level: u8, settings: Settings) -> (Client, Loop) {
             opts.set_transport(t);
         }
         opts.set_network_options(net);
+        // rumqttc's v5 state preallocates a slot per possible in-flight publish: unbounded, that
+        // is 65,536 slots (about 14 MiB). 100 is its 3.1.1 default.
+        opts.set_outgoing_inflight_upper_limit(100);
         let (client, eventloop) = m5::AsyncClient::new(opts, ep.channel);
         let mut l = Loop::V5(Box::new(eventloop));
         l.apply(settings);
