@@ -35,8 +35,9 @@ impl Capture {
         Capture { child, file }
     }
 
-    /// (time in µs, IP packet length) of every packet so far.
-    fn packets(&self) -> Vec<(u64, u64)> {
+    /// Every captured frame so far: (time in µs since the epoch, the IP packet, as far as
+    /// captured).
+    fn records(&self) -> Vec<(u64, Vec<u8>)> {
         let b = std::fs::read(&self.file).unwrap_or_default();
         let mut out = Vec::new();
         if b.len() < 24 {
@@ -54,11 +55,29 @@ impl Capture {
             let usec = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as u64;
             let incl = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
             let data = &b[at + 16..(at + 16 + incl).min(b.len())];
-            if data.len() >= ip_at + 4 {
-                let ip_len = u16::from_be_bytes([data[ip_at + 2], data[ip_at + 3]]) as u64;
-                out.push((sec * 1_000_000 + usec, ip_len));
+            if data.len() >= ip_at + 20 {
+                out.push((sec * 1_000_000 + usec, data[ip_at..].to_vec()));
             }
             at += 16 + incl;
+        }
+        out
+    }
+
+    /// (time, IP length, to `port`?, the TCP payload as captured) of every segment between two
+    /// times.
+    fn segments(&self, port: u16, from: u64, to: u64) -> Vec<(u64, u64, bool, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (t, ip) in self.records() {
+            if t < from || t >= to {
+                continue;
+            }
+            let len = u64::from(u16::from_be_bytes([ip[2], ip[3]]));
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let Some(tcp) = ip.get(ihl..).filter(|t| t.len() >= 20) else { continue };
+            let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+            let off = usize::from(tcp[12] >> 4) * 4;
+            let mqtt = tcp.get(off..).map(<[u8]>::to_vec).unwrap_or_default();
+            out.push((t, len, dport == port, mqtt));
         }
         out
     }
@@ -67,29 +86,9 @@ impl Capture {
     /// topic names: what MQTT 5 topic aliases could replace (each segment's first MQTT packet
     /// only, so a lower bound).
     fn publishes_to(&self, port: u16, from: u64, to: u64) -> (usize, u64) {
-        let b = std::fs::read(&self.file).unwrap_or_default();
         let (mut n, mut topic_bytes) = (0, 0);
-        let mut at = 24;
-        while b.len() >= 24 && at + 16 <= b.len() {
-            let sec = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as u64;
-            let usec = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as u64;
-            let incl = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
-            let d = &b[at + 16..(at + 16 + incl).min(b.len())];
-            at += 16 + incl;
-            let t = sec * 1_000_000 + usec;
-            if t < from || t >= to || d.len() < 14 + 20 {
-                continue;
-            }
-            let ip = &d[14..];
-            let ihl = usize::from(ip[0] & 0x0f) * 4;
-            if ip.len() < ihl + 20 {
-                continue;
-            }
-            let tcp = &ip[ihl..];
-            let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-            let off = usize::from(tcp[12] >> 4) * 4;
-            let m = &tcp[off.min(tcp.len())..];
-            if dport != port || m.len() < 4 || m[0] & 0xf0 != 0x30 {
+        for (_, _, up, m) in self.segments(port, from, to) {
+            if !up || m.len() < 4 || m[0] & 0xf0 != 0x30 {
                 continue;
             }
             let mut i = 1;
@@ -104,37 +103,23 @@ impl Capture {
         (n, topic_bytes)
     }
 
-    /// Every packet between two times: to the broker?, IP length, the MQTT packet type of the
-    /// segment's first byte (for `WIRE_DUMP=1`).
+    /// Every segment between two times: to the broker?, IP length, the MQTT packet type of
+    /// its first byte (for `WIRE_DUMP=1`).
     fn dump(&self, port: u16, from: u64, to: u64) -> Vec<(bool, u64, u8)> {
-        let b = std::fs::read(&self.file).unwrap_or_default();
-        let mut out = Vec::new();
-        let mut at = 24;
-        while b.len() >= 24 && at + 16 <= b.len() {
-            let sec = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as u64;
-            let usec = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as u64;
-            let incl = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
-            let d = &b[at + 16..(at + 16 + incl).min(b.len())];
-            at += 16 + incl;
-            let t = sec * 1_000_000 + usec;
-            if t < from || t >= to || d.len() < 14 + 40 {
-                continue;
-            }
-            let ip = &d[14..];
-            let ihl = usize::from(ip[0] & 0x0f) * 4;
-            let len = u64::from(u16::from_be_bytes([ip[2], ip[3]]));
-            let tcp = &ip[ihl..];
-            let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-            let off = usize::from(tcp[12] >> 4) * 4;
-            let kind = tcp.get(off).map_or(0, |b| b >> 4);
-            out.push((dport == port, len, kind));
-        }
-        out
+        self.segments(port, from, to)
+            .into_iter()
+            .map(|(_, len, up, m)| (up, len, m.first().map_or(0, |b| b >> 4)))
+            .collect()
     }
 
     /// Bytes (and packets) between two times (µs since the epoch).
     fn between(&self, from: u64, to: u64) -> (u64, usize) {
-        let p: Vec<u64> = self.packets().into_iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, l)| l).collect();
+        let p: Vec<u64> = self
+            .records()
+            .into_iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(_, ip)| u64::from(u16::from_be_bytes([ip[2], ip[3]])))
+            .collect();
         (p.iter().sum(), p.len())
     }
 }
@@ -305,22 +290,11 @@ fn install(m: &Mosquitto, obs: &Observer, dir: &Path) {
         let proxy = Proxy::start(m.port);
         let cap = Capture::start(dir, proxy.port);
         let dev = Device::boot(&name);
-        dev.put(&own_deb("debfleet-agent"), "/var/tmp/agent.deb");
-        dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
-        dev.write(
-            "/etc/debfleet/agent.toml",
-            &format!(
-                "{extra}broker = \"mqtt://127.0.0.1:{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[apt]\nwatch_s = 2\n",
-                proxy.port
-            ),
+        let config = format!(
+            "{extra}broker = \"mqtt://127.0.0.1:{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[apt]\nwatch_s = 2\n",
+            proxy.port
         );
-        dev.put(&repo.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
-        dev.write(
-            "/etc/apt/sources.list.d/debfleet.list",
-            &format!("deb [signed-by=/etc/apt/keyrings/debfleet.gpg] {}/ stable main\n", repo.url()),
-        );
-        let _ = std::fs::remove_file(dev.root.join("etc/apt/sources.list.d/debian.sources"));
-        dev.ok(&["systemctl", "restart", "debfleet-agent"]);
+        dev.install_agent(&config, &repo);
         obs.wait(&format!("debfleet/device/{name}/status"), Duration::from_secs(60), |v| v["state"] == "online");
         std::thread::sleep(Duration::from_secs(5));
         let t0 = now_us();

@@ -46,6 +46,22 @@ impl Device {
     pub fn reboot(&mut self) {
         self.inner.reboot().unwrap_or_else(|e| panic!("rebooting {}: {e}", self.inner.name))
     }
+
+    /// Installs the agent's .deb (scripts/build-debs.sh) with `config` as its agent.toml and
+    /// points apt at `repo` only, trusting its key; then (re)starts the agent.
+    pub fn install_agent(&self, config: &str, repo: &crate::repo::RepoServer) {
+        self.put(&crate::own_deb("debfleet-agent"), "/var/tmp/agent.deb");
+        self.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
+        self.write("/etc/debfleet/agent.toml", config);
+        self.put(&repo.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
+        self.write(
+            "/etc/apt/sources.list.d/debfleet.list",
+            &format!("deb [signed-by=/etc/apt/keyrings/debfleet.gpg] {}/ stable main\n", repo.url()),
+        );
+        // Only our repository: the device has no route to a Debian mirror in tests.
+        let _ = std::fs::remove_file(self.root.join("etc/apt/sources.list.d/debian.sources"));
+        self.ok(&["systemctl", "restart", "debfleet-agent"]);
+    }
 }
 
 impl Deref for Device {

@@ -84,20 +84,9 @@ impl Mosquitto {
 
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
-        // Run as root, Mosquitto would switch to its own user, which cannot read our temporary files;
-        // as any other user the line is ignored. The packet cap is the one we document for
-        // production brokers: below what our clients accept. The queue per client is raised
-        // from 1000 so an observer of a burst of results is not what loses them.
-        let text = format!(
-            "listener {} 127.0.0.1\n{}allow_anonymous true\npersistence false\nuser root\nmax_packet_size {}\nmax_queued_messages 10000\nset_tcp_nodelay true\n",
-            self.port,
-            self.extra,
-            debfleet_protocol::limits::BROKER_MAX_PACKET_BYTES
-        );
-        std::fs::write(&conf, text).unwrap();
-        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).expect(
-            "mosquitto is not installed: run the README's test command (it installs it) or apt-get install mosquitto",
-        );
+        let listeners = format!("listener {} 127.0.0.1\n{}", self.port, self.extra);
+        std::fs::write(&conf, mosquitto_conf(&listeners)).unwrap();
+        let exe = mosquitto_exe();
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new(exe).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.child = Some(child);
@@ -121,6 +110,35 @@ impl Mosquitto {
         self.stop();
         self.spawn();
     }
+}
+
+/// A test broker's configuration with these listener lines. Run as root, Mosquitto would switch
+/// to its own user, which cannot read our temporary files; as any other user the line is
+/// ignored. The packet cap is the one we document for production brokers: below what our clients
+/// accept. The queue per client is raised from 1000 so an observer of a burst of results is not
+/// what loses them.
+pub fn mosquitto_conf(listeners: &str) -> String {
+    format!(
+        "{listeners}allow_anonymous true\npersistence false\nuser root\nmax_packet_size {}\nmax_queued_messages 10000\nset_tcp_nodelay true\n",
+        debfleet_protocol::limits::BROKER_MAX_PACKET_BYTES
+    )
+}
+
+pub fn mosquitto_exe() -> &'static str {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).expect(
+        "mosquitto is not installed: run the README's test command (it installs it) or apt-get install mosquitto",
+    )
+}
+
+/// `debfleet serve` (the embedded broker, MQTT 3.1.1) on `port`, once it listens.
+pub fn embedded_broker(port: u16) -> Child {
+    let child = Command::new(bin("debfleet"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(20), "the embedded broker", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    child
 }
 
 impl Drop for Mosquitto {

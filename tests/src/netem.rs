@@ -12,7 +12,6 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -194,14 +193,9 @@ impl NsBroker {
         let dir = tempfile::tempdir().unwrap();
         let port = 1883;
         let conf = dir.path().join("mosquitto.conf");
-        let text = format!(
-            "listener {port} {}\nlistener {port} {}\nallow_anonymous true\npersistence false\nuser root\nmax_packet_size {}\nmax_queued_messages 10000\nset_tcp_nodelay true\n",
-            ns.device_addr,
-            ns.clean_addr,
-            debfleet_protocol::limits::BROKER_MAX_PACKET_BYTES
-        );
-        std::fs::write(&conf, text).unwrap();
-        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).unwrap();
+        let listeners = format!("listener {port} {}\nlistener {port} {}\n", ns.device_addr, ns.clean_addr);
+        std::fs::write(&conf, crate::mosquitto_conf(&listeners)).unwrap();
+        let exe = crate::mosquitto_exe();
         let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, exe, "-c"])

@@ -121,12 +121,7 @@ fn a_cellular_device_keeps_its_session_sends_only_what_changed_and_refuses_stale
 fn mqtt_5_falls_back_to_3_1_1_on_a_broker_without_it_and_can_be_pinned() {
     // The embedded broker speaks 3.1.1 only: the agent notices at its first connect.
     let port = free_port();
-    let mut serve = std::process::Command::new(bin("debfleet"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(T, "the embedded broker", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    let mut serve = embedded_broker(port);
     let a = Agent::start(AgentSpec { id: "v4-only", port, groups: &["lab"], extra: "profile = \"cellular\"\n" });
     let obs = Observer::connect(port, &["debfleet/device/v4-only/#"]);
     let link = obs.wait("debfleet/device/v4-only/state/link", T, |_| true);
@@ -177,14 +172,11 @@ fn ten_forced_disconnects_through_netem_lose_no_result_and_keep_the_outbox_bound
 
     let name = "cl-1";
     let dev = Device::boot(name);
-    dev.put(&own_deb("debfleet-agent"), "/var/tmp/agent.deb");
-    dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
     // Kept session, unchanged facts skipped: the path with the most to get wrong. Telemetry
     // every second and info logs, so there is always something to keep while the link is down;
     // a 4 KiB outbox, so the longest outage overflows it.
     let max_kb = 4;
-    dev.write(
-        "/etc/debfleet/agent.toml",
+    dev.install_agent(
         &format!(
             "broker = \"mqtt://{}:{}\"\nstate_dir = \"/var/lib/debfleet\"\ngroups = [\"lab\"]\n\n\
              [link]\nkeepalive_s = 5\npersistent_session = true\nskip_unchanged = true\n\n\
@@ -193,14 +185,8 @@ fn ten_forced_disconnects_through_netem_lose_no_result_and_keep_the_outbox_bound
              [apt]\nwatch_s = 2\n",
             ns.device_addr, broker.port
         ),
+        &repo,
     );
-    dev.put(&repo.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
-    dev.write(
-        "/etc/apt/sources.list.d/debfleet.list",
-        &format!("deb [signed-by=/etc/apt/keyrings/debfleet.gpg] {}/ stable main\n", repo.url()),
-    );
-    let _ = std::fs::remove_file(dev.root.join("etc/apt/sources.list.d/debian.sources"));
-    dev.ok(&["systemctl", "restart", "debfleet-agent"]);
     let status = format!("debfleet/device/{name}/status");
     obs.wait(&status, Duration::from_secs(60), |v| v["state"] == "online");
 

@@ -377,12 +377,7 @@ fn bad_config_is_refused_with_the_key_named() {
 #[test]
 fn embedded_broker_serves_a_fleet() {
     let port = free_port();
-    let mut serve = std::process::Command::new(bin("debfleet"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(T, "the embedded broker", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    let mut serve = embedded_broker(port);
     let url = format!("mqtt://127.0.0.1:{port}");
     let _a = agent("emb-1", port, &["lab"]);
     let v = wait_for(T, "the device in the list", || {

@@ -78,23 +78,12 @@ fn provision(name: &str, m: &Mosquitto, repo: &RepoServer, obs: &Observer, lock_
 
 fn provision_on(dev: Device, m: &Mosquitto, repo: &RepoServer, obs: &Observer, lock_timeout_s: u32) -> Device {
     let name = dev.name.clone();
-    dev.put(&own_deb("debfleet-agent"), "/var/tmp/agent.deb");
-    dev.ok(&["dpkg", "-i", "/var/tmp/agent.deb"]);
-    dev.write(
-        "/etc/debfleet/agent.toml",
-        &format!(
-            "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\ngroups = [\"lab\"]\n\n[apt]\nwatch_s = 4\nlock_timeout_s = {}\n",
-            m.url(),
-            lock_timeout_s
-        ),
+    let config = format!(
+        "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\ngroups = [\"lab\"]\n\n[apt]\nwatch_s = 4\nlock_timeout_s = {}\n",
+        m.url(),
+        lock_timeout_s
     );
-    dev.put(&repo.root.join("public/debfleet-archive-keyring.gpg"), "/etc/apt/keyrings/debfleet.gpg");
-    dev.write(
-        "/etc/apt/sources.list.d/debfleet.list",
-        &format!("deb [signed-by=/etc/apt/keyrings/debfleet.gpg] {}/ stable main\n", repo.url()),
-    );
-    let _ = std::fs::remove_file(dev.root.join("etc/apt/sources.list.d/debian.sources"));
-    dev.ok(&["systemctl", "restart", "debfleet-agent"]);
+    dev.install_agent(&config, repo);
     obs.wait(&format!("debfleet/device/{name}/status"), Duration::from_secs(30), |v| v["state"] == "online");
     dev
 }

@@ -4,12 +4,19 @@
 
 use debfleet_protocol::command::parse_command;
 use debfleet_protocol::{
-    time, CfgMessage, Command, CommandArgs, ErrorCode, OpError, OpId, PackageSpec, Rejection, Topic, CONTRACT_VERSION,
+    time, CfgMessage, Command, CommandArgs, ErrorCode, OpError, OpId, PackageOptions, PackageSpec, Rejection, Topic,
+    CONTRACT_VERSION,
 };
 use serde_json::{json, Value};
 
 use super::{Core, Out, MAX_BACKLOG, MAX_JOBS_PENDING};
 use crate::jobs::{Job, JobKind};
+
+/// The operation a job belongs to, and when its command expires.
+struct Origin {
+    id: OpId,
+    expires_at: Option<i64>,
+}
 
 impl Core {
     /// A message arrived on one of the command subscriptions; `retained` when the broker
@@ -167,6 +174,7 @@ impl Core {
         out.push(self.publish_op(&id));
         tracing::info!(op = %id, "running {}", verb.as_str());
         let mut after = Vec::new();
+        let op = || Origin { id: id.clone(), expires_at };
         let outcome = match args {
             CommandArgs::Ping => Ok(json!({
                 "agent_version": env!("CARGO_PKG_VERSION"),
@@ -174,17 +182,10 @@ impl Core {
             })),
             CommandArgs::Refresh => {
                 let managed = self.managed.names(&self.cfg.packages);
-                return self.start_job(out, id, JobKind::Refresh(managed), false, None, expires_at);
+                return self.start_job(out, op(), JobKind::Refresh(managed), PackageOptions::default());
             }
             CommandArgs::Install { packages, options } => {
-                return self.start_job(
-                    out,
-                    id,
-                    JobKind::Install(packages),
-                    options.dry_run,
-                    options.watch_s,
-                    expires_at,
-                )
+                return self.start_job(out, op(), JobKind::Install(packages), options)
             }
             CommandArgs::Upgrade { packages, options } => {
                 let packages = if packages.is_empty() {
@@ -196,41 +197,20 @@ impl Core {
                 } else {
                     packages
                 };
-                return self.start_job(
-                    out,
-                    id,
-                    JobKind::Upgrade(packages),
-                    options.dry_run,
-                    options.watch_s,
-                    expires_at,
-                );
+                return self.start_job(out, op(), JobKind::Upgrade(packages), options);
             }
             CommandArgs::Uninstall { packages, purge, options } => {
-                return self.start_job(
-                    out,
-                    id,
-                    JobKind::Uninstall { packages, purge },
-                    options.dry_run,
-                    None,
-                    expires_at,
-                )
+                // No units to watch after a removal.
+                let options = PackageOptions { watch_s: None, ..options };
+                return self.start_job(out, op(), JobKind::Uninstall { packages, purge }, options);
             }
             CommandArgs::Rollback { package, options } => match self.rollback_target(&package) {
-                Ok(target) => {
-                    return self.start_job(
-                        out,
-                        id,
-                        JobKind::Rollback(target),
-                        options.dry_run,
-                        options.watch_s,
-                        expires_at,
-                    )
-                }
+                Ok(target) => return self.start_job(out, op(), JobKind::Rollback(target), options),
                 Err(e) => Err(e),
             },
             CommandArgs::Restart { unit: Some(unit) } => {
                 if self.managed_units().iter().any(|(u, _)| *u == unit) {
-                    return self.start_job(out, id, JobKind::RestartUnit(unit), false, None, expires_at);
+                    return self.start_job(out, op(), JobKind::RestartUnit(unit), PackageOptions::default());
                 }
                 Err(OpError {
                     code: ErrorCode::InvalidValue,
@@ -273,15 +253,9 @@ impl Core {
         out
     }
 
-    fn start_job(
-        &mut self,
-        mut out: Vec<Out>,
-        id: OpId,
-        kind: JobKind,
-        dry_run: bool,
-        watch_s: Option<u32>,
-        expires_at: Option<i64>,
-    ) -> Vec<Out> {
+    fn start_job(&mut self, mut out: Vec<Out>, op: Origin, kind: JobKind, options: PackageOptions) -> Vec<Out> {
+        let Origin { id, expires_at } = op;
+        let PackageOptions { dry_run, watch_s } = options;
         let watch = std::time::Duration::from_secs(watch_s.unwrap_or(self.cfg.apt.watch_s).into());
         // A single operation with the defaults ends once its units have settled; a window the
         // operator asked for is watched in full.
