@@ -117,6 +117,13 @@ pub async fn drive(d: Driver, mut eventloop: Loop, will: impl Fn(&str) -> (Strin
         };
         match polled {
             Ok(Net::ConnAck { session_present }) => {
+                if session_present {
+                    // What the client sends again must not put an older fact over a newer one.
+                    let dropped = eventloop.drop_pending(|t, p| link.is_stale(t, p));
+                    if dropped > 0 {
+                        tracing::debug!("{dropped} superseded retained publishes not sent again");
+                    }
+                }
                 connected = true;
                 level_proven = true;
                 backoff.reset();

@@ -195,6 +195,11 @@ impl Link {
         i.session_present && i.facts.get(topic) == Some(&hash(payload))
     }
 
+    /// Whether a newer version of this retained fact has been handed to the client since.
+    pub fn is_stale(&self, topic: &str, payload: &[u8]) -> bool {
+        self.lock().facts.get(topic).is_some_and(|h| *h != hash(payload))
+    }
+
     /// Whether the kept session is subscribed to exactly these filters.
     pub fn subscribed_to(&self, filters: &[String]) -> bool {
         let i = self.lock();
@@ -320,6 +325,12 @@ mod tests {
         l.handed("t/meta", b"m1");
         l.set_subscribed(vec!["cmd/#".into()]);
         assert!(l.holds("t/meta", b"m1") && !l.holds("t/meta", b"m2"));
+        // What the client re-sends into a kept session: an older version is stale.
+        l.handed("t/op", br#"{"state":"running","ts":"1"}"#);
+        l.handed("t/op", br#"{"state":"succeeded","ts":"2"}"#);
+        assert!(l.is_stale("t/op", br#"{"state":"running","ts":"1"}"#));
+        assert!(!l.is_stale("t/op", br#"{"state":"succeeded","ts":"3"}"#), "compared without ts");
+        assert!(!l.is_stale("t/other", b"x"), "never handed: not stale");
         assert!(l.subscribed_to(&["cmd/#".into()]));
         l.save_facts();
         let next = Link::open(dir.path(), time::now_unix_ms());

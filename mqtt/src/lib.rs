@@ -253,6 +253,32 @@ impl Loop {
         }
     }
 
+    /// Removes from what the client will send again into a kept session (its publishes that were
+    /// in flight when the last connection broke) the retained publishes `stale` names. The client
+    /// re-sends them in packet-id order, not in the order they were first sent, so an older
+    /// version of a retained fact could land after a newer one.
+    pub fn drop_pending(&mut self, stale: impl Fn(&str, &[u8]) -> bool) -> usize {
+        let before;
+        let after;
+        match self {
+            Loop::V4(el) => {
+                before = el.pending.len();
+                el.pending
+                    .retain(|r| !matches!(r, rumqttc::Request::Publish(p) if p.retain && stale(&p.topic, &p.payload)));
+                after = el.pending.len();
+            }
+            Loop::V5(el) => {
+                before = el.pending.len();
+                el.pending.retain(|r| {
+                    !matches!(r, m5::Request::Publish(p)
+                        if p.retain && stale(&String::from_utf8_lossy(&p.topic), &p.payload))
+                });
+                after = el.pending.len();
+            }
+        }
+        before - after
+    }
+
     /// Drops the network connection now; the next poll connects again.
     pub fn clean(&mut self) {
         match self {
