@@ -190,7 +190,7 @@ fn ten_forced_disconnects_through_netem_lose_no_result_and_keep_the_outbox_bound
     let status = format!("debfleet/device/{name}/status");
     obs.wait(&status, Duration::from_secs(60), |v| v["state"] == "online");
 
-    // Ten outages, each long enough for the agent's keepalive to notice (over 2 × 5 s); one of
+    // Ten outages, each long enough for the agent's keepalive to notice (over 3 × 5 s); one of
     // two minutes, longer than the outbox holds. Each starts just after a command was sent, so its
     // result is produced while the link is down.
     let mut ids = Vec::new();
@@ -206,7 +206,7 @@ fn ten_forced_disconnects_through_netem_lose_no_result_and_keep_the_outbox_bound
         obs.publish(&format!("debfleet/device/{name}/cmd/{verb}"), payload.into_bytes(), false);
         ids.push(id.clone());
         obs.wait(&format!("debfleet/device/{name}/op/{id}"), T, |_| true);
-        let down_s = if i == 5 { 120 } else { 12 };
+        let down_s = if i == 5 { 120 } else { 16 };
         let from = debfleet_protocol::time::now_unix_ms();
         ns.link(false);
         let until = Instant::now() + Duration::from_secs(down_s);
