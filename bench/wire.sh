@@ -2,7 +2,8 @@
 # Bytes on the wire per device (tcpdump on each agent's broker port): first connect, idle
 # projected to a month, one ping, one reconnect, one install — the agent before issue 12
 # (BASELINE, a git revision; `none` to skip) beside this one with the default and the cellular
-# profile, in the same run. See tests/benches/wire.rs. DURATION: idle seconds (3600).
+# profile, in the same run. See tests/benches/wire.rs. DURATION: idle seconds (3600), measured
+# once every agent has sent its first telemetry (the cellular one's comes after its first hour).
 # INSTALL=0 skips the install on lab devices (which needs root and systemd-nspawn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +30,7 @@ fi
 # install on lab devices.
 bash scripts/build-debs.sh >/dev/null
 export DEBFLEET_AGENT_BIN=$PWD/target/agent/debfleet-agent
-exec cargo bench -p debfleet-tests --bench wire
+# Run outside cargo, so a build meanwhile does not wait on cargo's lock for the hours this takes.
+bench=$(cargo bench -p debfleet-tests --bench wire --no-run --message-format=json \
+    | grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d '"' -f 4)
+exec "$bench" --bench

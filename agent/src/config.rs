@@ -30,6 +30,9 @@ struct FileConfig {
     state_dir: PathBuf,
     #[serde(default = "default_dpkg_admindir")]
     dpkg_admindir: PathBuf,
+    /// Where components connect (a Unix socket); "" turns components off.
+    #[serde(default = "default_components_socket")]
+    components_socket: PathBuf,
     #[serde(default)]
     groups: Vec<String>,
     #[serde(default)]
@@ -77,6 +80,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_dpkg_admindir() -> PathBuf {
     "/var/lib/dpkg".into()
+}
+fn default_components_socket() -> PathBuf {
+    debfleet_protocol::component::SOCKET_PATH.into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +165,8 @@ pub struct AgentConfig {
     pub topics: Topics,
     pub state_dir: PathBuf,
     pub dpkg_admindir: PathBuf,
+    /// `None`: components are off.
+    pub components_socket: Option<PathBuf>,
     pub labels: BTreeMap<String, String>,
     pub packages: Vec<String>,
     pub reconnect: ReconnectCfg,
@@ -253,6 +261,7 @@ impl AgentConfig {
             topics,
             state_dir: f.state_dir,
             dpkg_admindir: f.dpkg_admindir,
+            components_socket: (!f.components_socket.as_os_str().is_empty()).then_some(f.components_socket),
             labels: f.labels,
             packages: f.packages,
             reconnect: f.reconnect,

@@ -1,5 +1,6 @@
 //! `debfleet-agent --config FILE`: the long-lived agent on every device.
 
+mod components;
 mod config;
 mod connection;
 mod core;
@@ -160,6 +161,7 @@ async fn run(
     let link = Arc::new(link::Link::open(&cfg.state_dir, time::now_unix_ms()));
     let endpoint = connection::endpoint(&cfg)?;
     let (protocol, reconnect) = (cfg.mqtt, cfg.reconnect.clone());
+    let socket = cfg.components_socket.clone();
     let mut core =
         Core::new(cfg, journal, identity::Identity::read(), under_systemd, Some(gate.clone()), dpkg, link.clone());
     core.reconcile_packages(&touched);
@@ -205,8 +207,28 @@ async fn run(
     let mut watcher = systemd.as_ref().map(|sd| spawn_unit_watcher(sd.clone(), watched.clone(), unit_tx.clone()));
     tracing::info!("debfleet-agent {} starting", env!("CARGO_PKG_VERSION"));
 
+    let (component_tx, mut component_rx) = mpsc::channel(256);
+    let registry = components::Registry::default();
+    let _components = match &socket {
+        Some(path) => match components::bind(path) {
+            Ok(listener) => Some(components::spawn(listener, component_tx, registry.clone())),
+            Err(e) => {
+                tracing::error!("components' socket {}: {e}; components cannot connect", path.display());
+                None
+            }
+        },
+        None => None,
+    };
+
     let mut outs = core.resume(resumed);
-    let ctx = Perform { outbox: &outbox, job_ctx: &job_ctx, job_tx: &job_tx, settings: &settings_tx, link: &link };
+    let ctx = Perform {
+        outbox: &outbox,
+        job_ctx: &job_ctx,
+        job_tx: &job_tx,
+        settings: &settings_tx,
+        link: &link,
+        components: &registry,
+    };
     let restart = loop {
         if ctx.perform(std::mem::take(&mut outs), connected) {
             break true;
@@ -259,6 +281,7 @@ async fn run(
                 jobs::JobEvent::Done(done) => Event::JobDone(done),
             },
             Some((unit, package, state)) = unit_rx.recv() => Event::Unit { unit, package, state },
+            Some(ev) = component_rx.recv() => ev,
             _ = sigterm.recv() => break false,
             _ = sigint.recv() => break false,
         };
@@ -340,6 +363,7 @@ struct Perform<'a> {
     job_tx: &'a mpsc::Sender<jobs::JobEvent>,
     settings: &'a tokio::sync::watch::Sender<connection::Settings>,
     link: &'a link::Link,
+    components: &'a components::Registry,
 }
 
 impl Perform<'_> {
@@ -362,6 +386,7 @@ impl Perform<'_> {
                     Some(Out::Relink(s)) => {
                         let _ = self.settings.send(s);
                     }
+                    Some(Out::Component { conn, frame, close }) => self.components.send(conn, frame, close),
                     Some(_) => {}
                 }
             }

@@ -57,6 +57,8 @@ struct Record {
     held: bool,
     /// `X-Debfleet-Units`.
     units: Vec<String>,
+    /// `X-Debfleet-Component`: the component the package ships.
+    component: Option<String>,
 }
 
 /// Reads the status file line by line into the compact records (the file itself, with every
@@ -64,12 +66,10 @@ struct Record {
 fn parse_status(reader: impl std::io::BufRead) -> BTreeMap<String, Record> {
     let mut out = BTreeMap::new();
     let mut name: Option<String> = None;
-    let mut rec = Record { version: None, arch: None, state: String::new(), held: false, units: Vec::new() };
+    let empty = || Record { version: None, arch: None, state: String::new(), held: false, units: Vec::new(), component: None };
+    let mut rec = empty();
     let mut flush = |name: &mut Option<String>, rec: &mut Record| {
-        let taken = std::mem::replace(
-            rec,
-            Record { version: None, arch: None, state: String::new(), held: false, units: Vec::new() },
-        );
+        let taken = std::mem::replace(rec, empty());
         if let Some(n) = name.take() {
             if !taken.state.is_empty() {
                 out.insert(n, taken);
@@ -99,6 +99,9 @@ fn parse_status(reader: impl std::io::BufRead) -> BTreeMap<String, Record> {
             }
             "X-Debfleet-Units" => {
                 rec.units = v.split_whitespace().filter(|u| valid_unit_name(u)).map(str::to_owned).collect()
+            }
+            "X-Debfleet-Component" => {
+                rec.component = debfleet_protocol::ComponentId::new(v).ok().map(|c| c.to_string())
             }
             _ => {}
         }
@@ -160,6 +163,24 @@ impl Database {
             .collect()
     }
 
+    /// The installed packages that ship a component (`X-Debfleet-Component`): component id,
+    /// package, version, and the package's first unit.
+    pub fn components(&self) -> Vec<InstalledComponent> {
+        let records = self.records();
+        records
+            .iter()
+            .filter(|(_, r)| is_installed(&r.state))
+            .filter_map(|(name, r)| {
+                Some(InstalledComponent {
+                    component: r.component.clone()?,
+                    package: name.clone(),
+                    version: r.version.clone().unwrap_or_default(),
+                    unit: self.package_units(name).into_iter().find(|u| u.ends_with(".service")).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
     /// The systemd units a package owns: its `X-Debfleet-Units` field and the unit files in its
     /// file list (`NAME.list`, or `NAME:ARCH.list` for a `Multi-Arch: same` package).
     pub fn package_units(&self, name: &str) -> Vec<String> {
@@ -173,6 +194,16 @@ impl Database {
         units.dedup();
         units
     }
+}
+
+/// A component as the package database has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstalledComponent {
+    pub component: String,
+    pub package: String,
+    pub version: String,
+    /// Its service (empty when the package has none).
+    pub unit: String,
 }
 
 /// Unit files in a package's dpkg file list.
@@ -241,11 +272,15 @@ mod unit_tests {
         std::fs::create_dir_all(dir.path().join("info")).unwrap();
         std::fs::write(
             dir.path().join("status"),
-            "Package: led\nStatus: install ok installed\nVersion: 1\nX-Debfleet-Units: led.service led-watch.timer\n\nPackage: other\nStatus: install ok installed\n",
+            "Package: led\nStatus: install ok installed\nVersion: 1\nX-Debfleet-Units: led.service led-watch.timer\nX-Debfleet-Component: led-strip\n\nPackage: other\nStatus: install ok installed\nX-Debfleet-Component: ../bad\n",
         )
         .unwrap();
         std::fs::write(dir.path().join("info/led.list"), "/usr/bin/led\n/lib/systemd/system/led.service\n/lib/systemd/system/led-extra.socket\n/lib/systemd/system/getty@.service\n").unwrap();
         assert_eq!(package_units(dir.path(), "led"), ["led-extra.socket", "led-watch.timer", "led.service"]);
+        // A component id that breaks the syntax is no component.
+        let c = Database::new(dir.path()).components();
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].component.as_str(), c[0].package.as_str(), c[0].unit.as_str()), ("led-strip", "led", "led.service"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::ids::OpId;
+use crate::ids::{ActionName, ComponentId, OpId};
 use crate::limits::MAX_COMMAND_BYTES;
 use crate::payloads::ErrorCode;
 
@@ -20,10 +20,11 @@ pub enum Verb {
     Upgrade,
     Uninstall,
     Rollback,
+    Call,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 9] = [
+    pub const ALL: [Verb; 10] = [
         Verb::Ping,
         Verb::Refresh,
         Verb::Restart,
@@ -33,6 +34,7 @@ impl Verb {
         Verb::Upgrade,
         Verb::Uninstall,
         Verb::Rollback,
+        Verb::Call,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +48,7 @@ impl Verb {
             Verb::Upgrade => "upgrade",
             Verb::Uninstall => "uninstall",
             Verb::Rollback => "rollback",
+            Verb::Call => "call",
         }
     }
 
@@ -91,6 +94,13 @@ pub enum CommandArgs {
     Rollback {
         package: PackageSpec,
         options: PackageOptions,
+    },
+    /// One action of a component; its arguments are checked by the component against the
+    /// action's parameters.
+    Call {
+        component: ComponentId,
+        action: ActionName,
+        args: Map<String, Value>,
     },
 }
 
@@ -220,6 +230,14 @@ fn package_words(v: Value) -> Result<PackageWords, String> {
 }
 
 #[derive(Deserialize)]
+struct CallArgs {
+    component: ComponentId,
+    action: ActionName,
+    #[serde(default)]
+    args: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
 struct ClearArgs {
     #[serde(default)]
     ops: Vec<OpId>,
@@ -308,6 +326,10 @@ fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
             }
             CommandArgs::Uninstall { packages: w.packages, purge: w.purge, options: w.options }
         }
+        Verb::Call => {
+            let a: CallArgs = serde_json::from_value(v).map_err(de)?;
+            CommandArgs::Call { component: a.component, action: a.action, args: a.args }
+        }
         Verb::Rollback => {
             let mut w = package_words(v)?;
             match (w.packages.pop(), w.packages.is_empty()) {
@@ -330,6 +352,7 @@ impl CommandArgs {
             CommandArgs::Upgrade { .. } => Verb::Upgrade,
             CommandArgs::Uninstall { .. } => Verb::Uninstall,
             CommandArgs::Rollback { .. } => Verb::Rollback,
+            CommandArgs::Call { .. } => Verb::Call,
         }
     }
 
@@ -388,6 +411,11 @@ impl CommandArgs {
             CommandArgs::Rollback { package, options } => {
                 m.insert("package".into(), Value::String(package.to_string()));
                 put_options(&mut m, options);
+            }
+            CommandArgs::Call { component, action, args } => {
+                m.insert("component".into(), Value::String(component.to_string()));
+                m.insert("action".into(), Value::String(action.to_string()));
+                m.insert("args".into(), Value::Object(args.clone()));
             }
         }
         // A map of strings, numbers and booleans always serialises.
@@ -470,6 +498,15 @@ mod tests {
         }
         assert_eq!(code("uninstall", br#"{"id":"u","packages":["hello=1.0"]}"#), ErrorCode::InvalidValue);
         assert_eq!(code("rollback", br#"{"id":"r","packages":["a","b"]}"#), ErrorCode::InvalidValue);
+        for bad in [
+            r#"{"id":"c","action":"clear"}"#,
+            r#"{"id":"c","component":"led-strip"}"#,
+            r#"{"id":"c","component":"../x","action":"clear"}"#,
+            r#"{"id":"c","component":"led-strip","action":"Clear"}"#,
+            r#"{"id":"c","component":"led-strip","action":"clear","args":[1]}"#,
+        ] {
+            assert_eq!(code("call", bad.as_bytes()), ErrorCode::InvalidValue, "{bad}");
+        }
     }
 
     #[test]
@@ -488,6 +525,11 @@ mod tests {
             CommandArgs::Upgrade { packages: vec![], options: PackageOptions::default() },
             CommandArgs::Uninstall { packages: vec![spec("hello")], purge: true, options: PackageOptions::default() },
             CommandArgs::Rollback { package: spec("hello=1:1.0~rc1"), options: opts },
+            CommandArgs::Call {
+                component: "led-strip".parse().unwrap(),
+                action: "set-color".parse().unwrap(),
+                args: serde_json::json!({"color": "#ff0000"}).as_object().unwrap().clone(),
+            },
         ];
         let id = OpId::new("op-1").unwrap();
         for args in cases {

@@ -48,6 +48,14 @@ fn alnum(b: u8) -> bool {
     b.is_ascii_alphanumeric()
 }
 
+fn lower_alnum_dash(b: u8) -> bool {
+    lower_alnum(b) || b == b'-'
+}
+
+fn lower(b: u8) -> bool {
+    b.is_ascii_lowercase()
+}
+
 fn op_char(b: u8) -> bool {
     alnum(b) || b == b'_' || b == b'-' || b == b'.'
 }
@@ -108,6 +116,15 @@ id_type!(
     /// name on the device, hence the narrow alphabet: `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`.
     OpId, "operation id", "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", 64, alnum, op_char
 );
+id_type!(
+    /// A component's id (`led-strip`): a topic level, a file name and part of its package's
+    /// name, `[a-z0-9][a-z0-9-]{0,31}`.
+    ComponentId, "component id", "[a-z0-9][a-z0-9-]{0,31}", 32, lower_alnum, lower_alnum_dash
+);
+id_type!(
+    /// One of a component's actions (`set-color`): `[a-z][a-z0-9-]{0,31}`.
+    ActionName, "action", "[a-z][a-z0-9-]{0,31}", 32, lower, lower_alnum_dash
+);
 
 #[cfg(test)]
 mod tests {
@@ -131,6 +148,19 @@ mod tests {
         assert!(OpId::new("ABC_def").is_ok());
         for bad in [".hidden", "a/b", "../x", "a+b", "a#"] {
             assert!(OpId::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn component_ids_and_actions() {
+        assert!(ComponentId::new("led-strip").is_ok());
+        assert!(ComponentId::new("ros1-bridge").is_ok());
+        for bad in ["-a", "Led", "a_b", "a/b", "a+", ""] {
+            assert!(ComponentId::new(bad).is_err(), "{bad}");
+        }
+        assert!(ActionName::new("set-color").is_ok());
+        for bad in ["1x", "-x", "X", "a b", "a/b", ""] {
+            assert!(ActionName::new(bad).is_err(), "{bad}");
         }
     }
 

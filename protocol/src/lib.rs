@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod cfg;
 pub mod command;
+pub mod component;
 pub mod debian;
 pub mod ids;
 pub mod payloads;
@@ -40,6 +41,6 @@ pub mod limits {
 
 pub use cfg::{CfgError, RuntimeCfg};
 pub use command::{Command, CommandArgs, PackageOptions, PackageSpec, Rejection, Verb};
-pub use ids::{DeviceId, GroupName, IdError, OpId};
+pub use ids::{ActionName, ComponentId, DeviceId, GroupName, IdError, OpId};
 pub use payloads::*;
 pub use topics::{Topic, TopicError, Topics};

@@ -370,10 +370,17 @@ pub enum ErrorCode {
     /// The command's `expires_at` had passed when it arrived or before it could start: it was
     /// not run (the operation's state is `expired`).
     Expired,
+    /// The component named in a `call` is not installed, not connected to the agent, or its
+    /// hardware is missing.
+    ComponentUnavailable,
+    /// The component has no such action (its meta lists those it has).
+    UnknownAction,
+    /// The component did not answer in time; what it did is unknown (its state tells).
+    Timeout,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::MalformedJson,
         ErrorCode::MissingId,
         ErrorCode::InvalidId,
@@ -397,6 +404,9 @@ impl ErrorCode {
         ErrorCode::Busy,
         ErrorCode::RetainedCommand,
         ErrorCode::Expired,
+        ErrorCode::ComponentUnavailable,
+        ErrorCode::UnknownAction,
+        ErrorCode::Timeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -424,6 +434,9 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::RetainedCommand => "retained_command",
             ErrorCode::Expired => "expired",
+            ErrorCode::ComponentUnavailable => "component_unavailable",
+            ErrorCode::UnknownAction => "unknown_action",
+            ErrorCode::Timeout => "timeout",
         }
     }
 }

@@ -1,6 +1,40 @@
 //! Topic names: built from typed parts and parsed back, so no other crate formats a topic string.
 
-use crate::ids::{DeviceId, GroupName, IdError, OpId};
+use crate::ids::{ComponentId, DeviceId, GroupName, IdError, OpId};
+
+/// What a component publishes (through its device's agent) under
+/// `device/ID/components/CID/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComponentFact {
+    Meta,
+    Status,
+    State,
+    Cfg,
+    Telemetry,
+    Logs,
+}
+
+impl ComponentFact {
+    pub const ALL: [ComponentFact; 6] = [
+        ComponentFact::Meta,
+        ComponentFact::Status,
+        ComponentFact::State,
+        ComponentFact::Cfg,
+        ComponentFact::Telemetry,
+        ComponentFact::Logs,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentFact::Meta => "meta",
+            ComponentFact::Status => "status",
+            ComponentFact::State => "state",
+            ComponentFact::Cfg => "cfg",
+            ComponentFact::Telemetry => "telemetry",
+            ComponentFact::Logs => "logs",
+        }
+    }
+}
 
 /// One topic of the contract. See `docs/contract.md` for direction, retention and QoS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,6 +45,9 @@ pub enum Topic {
     StatePackages(DeviceId),
     StateUnits(DeviceId),
     StateLink(DeviceId),
+    /// The components installed on the device.
+    StateComponents(DeviceId),
+    Component(DeviceId, ComponentId, ComponentFact),
     Telemetry(DeviceId),
     Logs(DeviceId),
     /// Commands the device could not even attribute to an operation (no usable id).
@@ -53,7 +90,13 @@ impl Topic {
             | Topic::StatePackages(_)
             | Topic::StateUnits(_)
             | Topic::StateLink(_)
+            | Topic::StateComponents(_)
             | Topic::Op(..) => (true, Qos::AtLeastOnce),
+            Topic::Component(_, _, fact) => match fact {
+                ComponentFact::Telemetry => (true, Qos::AtMostOnce),
+                ComponentFact::Logs => (false, Qos::AtMostOnce),
+                _ => (true, Qos::AtLeastOnce),
+            },
             Topic::Telemetry(_) => (true, Qos::AtMostOnce),
             Topic::Logs(_) => (false, Qos::AtMostOnce),
             Topic::Rejected(_) | Topic::DeviceCmd(..) | Topic::GroupCmd(..) | Topic::FleetCmd(_) => {
@@ -76,6 +119,8 @@ impl Topic {
             | Topic::StatePackages(d)
             | Topic::StateUnits(d)
             | Topic::StateLink(d)
+            | Topic::StateComponents(d)
+            | Topic::Component(d, ..)
             | Topic::Telemetry(d)
             | Topic::Logs(d)
             | Topic::Rejected(d)
@@ -133,6 +178,8 @@ impl Topics {
             Topic::StatePackages(d) => format!("{p}/device/{d}/state/packages"),
             Topic::StateUnits(d) => format!("{p}/device/{d}/state/units"),
             Topic::StateLink(d) => format!("{p}/device/{d}/state/link"),
+            Topic::StateComponents(d) => format!("{p}/device/{d}/state/components"),
+            Topic::Component(d, c, fact) => format!("{p}/device/{d}/components/{c}/{}", fact.as_str()),
             Topic::Telemetry(d) => format!("{p}/device/{d}/telemetry"),
             Topic::Logs(d) => format!("{p}/device/{d}/logs"),
             Topic::Rejected(d) => format!("{p}/device/{d}/rejected"),
@@ -200,6 +247,12 @@ impl Topics {
                     ["state", "packages"] => Topic::StatePackages(d),
                     ["state", "units"] => Topic::StateUnits(d),
                     ["state", "link"] => Topic::StateLink(d),
+                    ["state", "components"] => Topic::StateComponents(d),
+                    ["components", c, fact] => {
+                        let c = ComponentId::new(*c).map_err(bad_id)?;
+                        let fact = ComponentFact::ALL.into_iter().find(|f| f.as_str() == *fact).ok_or_else(unknown)?;
+                        Topic::Component(d, c, fact)
+                    }
                     ["telemetry"] => Topic::Telemetry(d),
                     ["logs"] => Topic::Logs(d),
                     ["rejected"] => Topic::Rejected(d),
@@ -237,6 +290,9 @@ mod tests {
             Topic::Logs(dev("d1")),
             Topic::Rejected(dev("d1")),
             Topic::Op(dev("d1"), op),
+            Topic::StateComponents(dev("d1")),
+            Topic::Component(dev("d1"), ComponentId::new("led-strip").unwrap(), ComponentFact::State),
+            Topic::Component(dev("d1"), ComponentId::new("led-strip").unwrap(), ComponentFact::Logs),
             Topic::DeviceCmd(dev("d1"), "ping".into()),
             Topic::GroupCmd(GroupName::new("lab").unwrap(), "ping".into()),
             Topic::FleetCmd("refresh".into()),
@@ -253,6 +309,8 @@ mod tests {
         assert!(matches!(t.parse("acme/fleet/device/D/meta"), Err(TopicError::BadId { .. })));
         assert!(matches!(t.parse("acme/fleet/device/d/nope"), Err(TopicError::Unknown(_))));
         assert!(matches!(t.parse("acme/fleet/fleet/cmd/Bad"), Err(TopicError::BadVerb(_))));
+        assert!(matches!(t.parse("acme/fleet/device/d/components/Led/meta"), Err(TopicError::BadId { .. })));
+        assert!(matches!(t.parse("acme/fleet/device/d/components/led/nope"), Err(TopicError::Unknown(_))));
         assert!(Topics::new("a/+/b").is_err());
         assert!(Topics::new("a//b").is_err());
     }

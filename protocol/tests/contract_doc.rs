@@ -58,6 +58,12 @@ fn every_example_round_trips_through_the_types() {
             "units" => round_trip::<UnitsState>(kind, body),
             "package-result" => round_trip::<PackageResult>(kind, body),
             "link" => round_trip::<LinkState>(kind, body),
+            "components" => round_trip::<component::ComponentsState>(kind, body),
+            "component-meta" => round_trip::<component::ComponentMeta>(kind, body),
+            "component-status" => round_trip::<component::ComponentStatus>(kind, body),
+            "component-state" => round_trip::<component::ComponentStateMessage>(kind, body),
+            "component-cfg" => round_trip::<component::ComponentCfgMessage>(kind, body),
+            "component-telemetry" => round_trip::<component::ComponentTelemetry>(kind, body),
             k if k.starts_with("cmd:") => {
                 let verb = &k[4..];
                 let cmd =
@@ -86,6 +92,12 @@ fn every_example_round_trips_through_the_types() {
         "op",
         "package-result",
         "link",
+        "components",
+        "component-meta",
+        "component-status",
+        "component-state",
+        "component-cfg",
+        "component-telemetry",
         "rejected",
         "cmd",
         "cmd-error",
@@ -112,7 +124,7 @@ fn every_example_round_trips_through_the_types() {
             continue;
         }
         let concrete =
-            name.replace("/ID/", "/lab-1/").replace("OPID", "op-1").replace("VERB", "ping").replace("/G/", "/lab/");
+            name.replace("/ID/", "/lab-1/").replace("OPID", "op-1").replace("VERB", "ping").replace("/G/", "/lab/").replace("CID", "led-strip");
         let topic = topics.parse(&concrete).unwrap_or_else(|e| panic!("{name}: {e}"));
         let (retained, qos) = topic.delivery();
         assert_eq!(cells[3].starts_with("yes"), retained, "{name}: retained");

@@ -190,9 +190,6 @@ fn main() {
     // Long enough for what a connect sets off (the first log batch, 5 s later by default).
     std::thread::sleep(Duration::from_secs(8));
     let t1 = now_us();
-    eprintln!("idle for {duration} s ...");
-    std::thread::sleep(Duration::from_secs(duration));
-    let t2 = now_us();
 
     // One ping each.
     for s in &subjects {
@@ -201,7 +198,7 @@ fn main() {
         obs.wait(&format!("debfleet/device/{}/op/{id}", s.id), Duration::from_secs(30), |v| v["state"] == "succeeded");
     }
     std::thread::sleep(Duration::from_secs(3));
-    let t3 = now_us();
+    let t2 = now_us();
 
     // One reconnect each: the connection is cut (as a network drop would), the agent comes back.
     let from = obs.messages().len();
@@ -212,12 +209,35 @@ fn main() {
         online_after(&obs, &s.id, from);
     }
     std::thread::sleep(Duration::from_secs(8));
+    let t3 = now_us();
+
+    // Idle is measured in the steady state: after every agent's first telemetry, which for the
+    // cellular profile is its first window's aggregate, sent whatever the deadband (nothing was
+    // sent before it). After that an idle device's aggregates stay inside the deadband.
+    let first: Vec<Duration> = subjects
+        .iter()
+        .map(|s| {
+            let topic = format!("debfleet/device/{}/telemetry", s.id);
+            let aggregated = s.label.starts_with("cellular");
+            wait_for(Duration::from_secs(2 * 3600), "the first telemetry", || {
+                obs.messages()
+                    .iter()
+                    .any(|m| m.topic == topic && (!aggregated || m.json()["window_s"].is_u64()))
+                    .then_some(())
+            });
+            Duration::from_micros(now_us() - t0)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(8));
     let t4 = now_us();
+    eprintln!("idle for {duration} s ...");
+    std::thread::sleep(Duration::from_secs(duration));
+    let t5 = now_us();
 
     let month = 30.0 * 86_400.0 / duration as f64;
     if std::env::var("WIRE_DUMP").as_deref() == Ok("1") {
         for s in &subjects {
-            for (name, a, b) in [("connect", t0, t1), ("reconnect", t3, t4)] {
+            for (name, a, b) in [("connect", t0, t1), ("reconnect", t2, t3)] {
                 let p = s.cap.dump(s.proxy.port, a, b);
                 let text: Vec<String> =
                     p.iter().map(|(up, len, kind)| format!("{}{len}:{kind}", if *up { ">" } else { "<" })).collect();
@@ -226,7 +246,11 @@ fn main() {
         }
     }
     println!("\nwire bytes per device, TCP/IP headers included (tcpdump on each agent's broker port)");
-    println!("idle: {duration} s, projected to 30 days\n");
+    println!("idle: {duration} s once every agent had sent its first telemetry, projected to 30 days");
+    for (s, at) in subjects.iter().zip(&first) {
+        println!("  {:<20} first telemetry {:>5} s after its start", s.label, at.as_secs());
+    }
+    println!();
     println!(
         "{:<20} {:>12} {:>14} {:>14} {:>10} {:>12}",
         "agent", "connect", "idle (window)", "idle / month", "ping", "reconnect"
@@ -234,9 +258,9 @@ fn main() {
     let mut figures = Vec::new();
     for s in &subjects {
         let connect = s.cap.between(t0, t1).0;
-        let idle = s.cap.between(t1, t2);
-        let ping = s.cap.between(t2, t3).0;
-        let reconnect = s.cap.between(t3, t4).0;
+        let ping = s.cap.between(t1, t2).0;
+        let reconnect = s.cap.between(t2, t3).0;
+        let idle = s.cap.between(t4, t5);
         let per_month = idle.0 as f64 * month;
         println!(
             "{:<20} {:>12} {:>14} {:>14} {:>10} {:>12}",
@@ -251,7 +275,7 @@ fn main() {
     }
     println!("\nMQTT 5 topic aliases: what the idle window's publishes spent on topic names (an alias is 3 bytes)");
     for s in &subjects {
-        let (n, topic_bytes) = s.cap.publishes_to(s.proxy.port, t1, t2);
+        let (n, topic_bytes) = s.cap.publishes_to(s.proxy.port, t4, t5);
         let saving = topic_bytes.saturating_sub(3 * n as u64) as f64 * month;
         println!("  {:<20} {n} publishes, {topic_bytes} topic bytes: at most {} a month", s.label, mb(saving));
     }

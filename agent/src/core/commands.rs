@@ -227,6 +227,16 @@ impl Core {
                 Ok(json!({"restarting": true}))
             }
             CommandArgs::Cfg { set } => self.apply_cfg(&set, &mut after),
+            // Answered when the component answers (or its time is up).
+            CommandArgs::Call { component, action, args } => {
+                match self.call_component(&id, component, action, args, now_ms) {
+                    Ok(sent) => {
+                        out.extend(sent);
+                        return out;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             CommandArgs::Clear { ops, older_than_s } => {
                 let older = older_than_s.map(|s| (s as i64).saturating_mul(1000));
                 let (clear, skipped) = self.journal.clearable(&ops, older, now_ms);

@@ -33,7 +33,7 @@ impl Core {
             && self.link.allows(class, self.runtime.budget.bytes_per_day)
     }
 
-    fn stream(&mut self, out: Out) -> Option<Out> {
+    pub(super) fn stream(&mut self, out: Out) -> Option<Out> {
         let Out::Publish { topic, payload, class, .. } = &out else { return Some(out) };
         if self.can_send_now(*class) {
             return Some(out);

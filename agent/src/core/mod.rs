@@ -10,6 +10,7 @@ use debfleet_protocol::{
     time, CfgMessage, ErrorCode, Liveness, Meta, OpId, PackagesState, Rejected, RuntimeCfg, Status, Telemetry, Topic,
     TrafficClass, UnitInfo, Verb, CONTRACT_VERSION,
 };
+use debfleet_protocol::topics::ComponentFact;
 use serde::Serialize;
 
 use crate::config::{AgentConfig, Overrides};
@@ -37,6 +38,12 @@ pub enum Out {
     Relink(crate::connection::Settings),
     /// Stop the agent; systemd starts it again.
     Restart,
+    /// A frame for a component's connection; `close` ends the connection after it.
+    Component {
+        conn: u64,
+        frame: debfleet_protocol::component::Down,
+        close: bool,
+    },
     /// Start this long operation (apt, systemd) off the core now. One runs at a time: the core
     /// queues the others and hands the next out when one ends. Progress and outcome come back
     /// as [`Event::JobProgress`] and [`Event::JobDone`].
@@ -48,6 +55,10 @@ pub enum Out {
 pub trait PackageDb: Send + Sync {
     fn packages_state(&self, wanted: &[String]) -> BTreeMap<String, debfleet_protocol::PackageState>;
     fn package_units(&self, name: &str) -> Vec<String>;
+    /// The installed packages that ship a component.
+    fn components(&self) -> Vec<debfleet_apt::dpkg::InstalledComponent> {
+        Vec::new()
+    }
 }
 
 impl PackageDb for debfleet_apt::dpkg::Database {
@@ -57,6 +68,10 @@ impl PackageDb for debfleet_apt::dpkg::Database {
 
     fn package_units(&self, name: &str) -> Vec<String> {
         debfleet_apt::dpkg::Database::package_units(self, name)
+    }
+
+    fn components(&self) -> Vec<debfleet_apt::dpkg::InstalledComponent> {
+        debfleet_apt::dpkg::Database::components(self)
     }
 }
 
@@ -92,6 +107,7 @@ pub struct Core {
     /// The latest telemetry view went to the outbox, not to the broker: the retained one is
     /// older, so it is published again (retained) on the next connect.
     telemetry_behind: Option<Telemetry>,
+    components: components::Components,
 }
 
 /// Over these, a new command is answered with `busy` instead of being accepted.
@@ -99,6 +115,7 @@ pub const MAX_BACKLOG: usize = 1000;
 pub const MAX_JOBS_PENDING: usize = 32;
 
 mod commands;
+mod components;
 mod link;
 mod packages;
 
@@ -139,6 +156,16 @@ pub enum Event {
         handoff: crate::journal::Handoff,
     },
     JobDone(JobDone),
+    /// A frame from a component's connection (`pid`: its process, from the socket).
+    Component {
+        conn: u64,
+        pid: Option<u32>,
+        frame: debfleet_protocol::component::Up,
+    },
+    /// A component's connection ended.
+    ComponentClosed {
+        conn: u64,
+    },
     /// A managed unit's state changed (systemd's signals).
     Unit {
         unit: String,
@@ -164,6 +191,7 @@ impl Core {
                 let mut out: Vec<Out> = telemetry.iter().filter_map(|t| self.telemetry(t)).collect();
                 out.extend(logs.iter().filter_map(|b| self.logs(b)));
                 out.extend(self.drain(now_ms));
+                out.extend(self.call_deadlines(now_ms));
                 if housekeeping {
                     out.extend(self.housekeeping(now_ms));
                 }
@@ -176,6 +204,8 @@ impl Core {
             }
             Event::JobDone(done) => self.job_done(done, now_ms),
             Event::Unit { unit, package, state } => self.unit_changed(&unit, &package, &state),
+            Event::Component { conn, pid, frame } => self.on_component(conn, pid, frame, now_ms),
+            Event::ComponentClosed { conn } => self.on_component_closed(conn, now_ms),
         }
     }
 
@@ -268,6 +298,7 @@ impl Core {
             link_reported_ms: time::now_unix_ms(),
             telemetry_behind: None,
             report_next_connect: false,
+            components: Default::default(),
         }
     }
 
@@ -284,8 +315,8 @@ impl Core {
     fn publish<T: Serialize>(&self, t: Topic, payload: &T) -> Out {
         let (retain, qos) = t.delivery();
         let class = match t {
-            Topic::Telemetry(_) => TrafficClass::Telemetry,
-            Topic::Logs(_) => TrafficClass::Logs,
+            Topic::Telemetry(_) | Topic::Component(_, _, ComponentFact::Telemetry) => TrafficClass::Telemetry,
+            Topic::Logs(_) | Topic::Component(_, _, ComponentFact::Logs) => TrafficClass::Logs,
             Topic::Rejected(_) => TrafficClass::Ack,
             Topic::StateLink(_) => TrafficClass::Control,
             _ => TrafficClass::Result,
@@ -362,6 +393,7 @@ impl Core {
             self.publish(Topic::StatePackages(dev.clone()), &self.packages_state()),
             self.units_message(),
         ];
+        out.extend(self.component_facts());
         for e in self.journal.entries() {
             if e.retained {
                 out.push(self.publish(Topic::Op(dev.clone(), e.record.id.clone()), &e.record));
@@ -397,7 +429,8 @@ impl Core {
         );
         self.connected_since = Some(since);
         let skip = self.runtime.link.skip_unchanged && self.link.session_present();
-        let mut facts = self.retained_facts(now_ms);
+        let mut facts = self.list_components();
+        facts.extend(self.retained_facts(now_ms));
         if let Some(t) = self.telemetry_behind.take() {
             facts.push(self.publish(Topic::Telemetry(self.cfg.device_id.clone()), &t));
         }

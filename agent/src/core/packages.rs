@@ -82,6 +82,8 @@ impl Core {
         } else {
             out.push(self.publish(Topic::StatePackages(self.cfg.device_id.clone()), &self.packages_state()));
         }
+        // A component's package may have come, changed or gone.
+        out.extend(self.list_components());
         out.extend(self.next_job());
         out
     }
