@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds debfleet's own packages (debfleet-agent, debfleet-repo, debfleet) into OUT (default
+# Builds debfleet's own packages (debfleet-agent, debfleet-repo, debfleet, and the components:
+# debfleet-led-strip) into OUT (default
 # target/debs). Reproducible: the timestamp is the last commit's (SOURCE_DATE_EPOCH), so the
 # same source gives byte-identical .debs.
 #   scripts/build-debs.sh [--version V] [--out DIR]
@@ -18,13 +19,16 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/n
 cargo build --release --bins -p debfleet-repo -p debfleet-console
 # The agent is built for size (profile `agent` in Cargo.toml): it runs on small boards.
 cargo build --profile agent -p debfleet-agent
+# Components run on the same boards: the same profile, built on their own so their
+# dependencies' features never change the agent's build.
+cargo build --profile agent -p debfleet-led-strip
 # Man pages and completions, generated from the programs' own command-line definitions.
 mkdir -p target/man
 target/release/debfleet manpages --out target/man >/dev/null
 target/release/debfleet-repo manpage > target/man/debfleet-repo.1
 target/release/debfleet completions bash > target/man/debfleet.bash
 gzip -9nf target/man/debfleet.1 target/man/debfleet-agent.1 target/man/debfleet-repo.1
-for pkg in debfleet-agent debfleet-repo debfleet; do
-    target/release/debfleet package "packaging/$pkg/manifest.toml" --out "$out" \
+for manifest in packaging/debfleet-agent packaging/debfleet-repo packaging/debfleet components/led-strip/package; do
+    target/release/debfleet package "$manifest/manifest.toml" --out "$out" \
         --arch "$(dpkg --print-architecture)" "${version_args[@]}"
 done

@@ -90,7 +90,7 @@ pub async fn devices(ctx: &Ctx, json: bool) -> Result<u8> {
     Ok(0)
 }
 
-fn known<'a>(fleet: &'a Fleet, id: &DeviceId) -> Result<&'a Device> {
+pub fn known<'a>(fleet: &'a Fleet, id: &DeviceId) -> Result<&'a Device> {
     fleet.devices.get(id).ok_or_else(|| anyhow::anyhow!("device {id} is not known to the broker"))
 }
 
@@ -109,6 +109,8 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         "packages": d.packages,
         "telemetry": d.telemetry,
         "link": d.link,
+        "components": d.components,
+        "component": d.component,
         "last_heard": d.last_heard(),
         "transfer": transfer,
         "ops": ops,
@@ -167,6 +169,9 @@ pub async fn show(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
         if !rows.is_empty() {
             print!("\n{}", table(&["PACKAGE", "VERSION", "STATUS"], &rows));
         }
+    }
+    if let Some(t) = crate::components::components_table(d) {
+        print!("\n{t}");
     }
     if let Some(c) = &d.cfg {
         let rows: Vec<Vec<String>> = flatten(&c.cfg.full_value()).into_iter().map(|(k, v)| vec![k, v]).collect();

@@ -2,9 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use debfleet_protocol::component::{
+    ComponentCfgMessage, ComponentMeta, ComponentStateMessage, ComponentStatus, ComponentTelemetry, ComponentsState,
+};
+use debfleet_protocol::topics::ComponentFact;
 use debfleet_protocol::{
-    CfgMessage, DeviceId, GroupName, LinkState, Meta, OpId, OpRecord, PackagesState, Status, Telemetry, Topic, Topics,
-    UnitsState,
+    CfgMessage, ComponentId, DeviceId, GroupName, LinkState, Meta, OpId, OpRecord, PackagesState, Status, Telemetry,
+    Topic, Topics, UnitsState,
 };
 
 #[derive(Debug, Default, Clone)]
@@ -17,6 +21,26 @@ pub struct Device {
     pub telemetry: Option<Telemetry>,
     pub link: Option<LinkState>,
     pub ops: BTreeMap<OpId, OpRecord>,
+    /// `state/components`.
+    pub components: Option<ComponentsState>,
+    /// Each component's own retained facts.
+    pub component: BTreeMap<ComponentId, ComponentView>,
+}
+
+/// What the broker holds of one component.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ComponentView {
+    pub meta: Option<ComponentMeta>,
+    pub status: Option<ComponentStatus>,
+    pub state: Option<ComponentStateMessage>,
+    pub cfg: Option<ComponentCfgMessage>,
+    pub telemetry: Option<ComponentTelemetry>,
+}
+
+impl ComponentView {
+    fn is_empty(&self) -> bool {
+        self.meta.is_none() && self.status.is_none() && self.state.is_none() && self.cfg.is_none() && self.telemetry.is_none()
+    }
 }
 
 impl Device {
@@ -37,6 +61,8 @@ impl Device {
             && self.telemetry.is_none()
             && self.link.is_none()
             && self.ops.is_empty()
+            && self.components.is_none()
+            && self.component.is_empty()
     }
 
     /// When the device was last heard from: the newest timestamp among the facts the broker
@@ -139,6 +165,38 @@ impl Fleet {
                 set!(link);
                 Change::Other(dev.clone())
             }
+            Topic::StateComponents(_) => {
+                set!(components);
+                Change::Other(dev.clone())
+            }
+            Topic::Component(_, c, fact) => {
+                let d = self.devices.entry(dev.clone()).or_default();
+                let view = d.component.entry(c.clone()).or_default();
+                macro_rules! put {
+                    ($field:ident) => {{
+                        if empty {
+                            view.$field = None;
+                        } else {
+                            match serde_json::from_slice(payload) {
+                                Ok(v) => view.$field = Some(v),
+                                Err(e) => return invalid(e),
+                            }
+                        }
+                    }};
+                }
+                match fact {
+                    ComponentFact::Meta => put!(meta),
+                    ComponentFact::Status => put!(status),
+                    ComponentFact::State => put!(state),
+                    ComponentFact::Cfg => put!(cfg),
+                    ComponentFact::Telemetry => put!(telemetry),
+                    ComponentFact::Logs => {}
+                }
+                if view.is_empty() {
+                    d.component.remove(&c);
+                }
+                Change::Other(dev.clone())
+            }
             Topic::Op(_, op) => {
                 let d = self.devices.entry(dev.clone()).or_default();
                 if empty {
@@ -186,6 +244,14 @@ mod tests {
         assert!(f.devices[&DeviceId::new("d2").unwrap()].telemetry.is_some());
         f.apply(&t, "debfleet/device/d1/status", b"");
         assert!(!f.devices.contains_key(&DeviceId::new("d1").unwrap()));
+        // A component's facts, and their deletion.
+        let status = br#"{"v":1,"state":"running","since":"2026-01-01T00:00:00.000Z"}"#;
+        f.apply(&t, "debfleet/device/d3/components/led-strip/status", status);
+        let d3 = DeviceId::new("d3").unwrap();
+        let led = ComponentId::new("led-strip").unwrap();
+        assert_eq!(f.devices[&d3].component[&led].status.as_ref().unwrap().state.as_str(), "running");
+        f.apply(&t, "debfleet/device/d3/components/led-strip/status", b"");
+        assert!(!f.devices.contains_key(&d3), "its only fact is gone, and so is the device");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `debfleet`: the operator's console.
 
 mod cmds;
+mod components;
 mod delta;
 mod demo;
 mod fleet;
@@ -151,6 +152,11 @@ enum Command {
     Rollback {
         #[command(flatten)]
         pkg: PackageArgs,
+    },
+    /// A device's components (installed as packages): list, show, call an action, change cfg.
+    Component {
+        #[command(subcommand)]
+        command: components::ComponentCommand,
     },
     /// Restart a managed package's systemd unit on a device.
     Restart {
@@ -465,6 +471,7 @@ fn main() -> ExitCode {
             }
             Command::Restart { device, unit, json } => packages::restart_unit(&ctx, &device, &unit, json).await,
             Command::Ops { device, clear, older_than, json } => cmds::ops(&ctx, &device, clear, older_than, json).await,
+            Command::Component { command } => components::run(&ctx, command).await,
             _ => unreachable!("handled above"),
         }
     });

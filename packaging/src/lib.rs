@@ -16,6 +16,8 @@ use simple_file_manifest::{FileEntry, FileManifest};
 
 /// The control field listing the systemd units a package owns; the agent watches them.
 pub const UNITS_FIELD: &str = "X-Debfleet-Units";
+/// The control field naming the component a package ships; the agent lists it.
+pub const COMPONENT_FIELD: &str = "X-Debfleet-Component";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackagingError {
@@ -66,6 +68,9 @@ pub struct PackageInfo {
     pub copyright: Option<PathBuf>,
     #[serde(default = "default_license")]
     pub license: String,
+    /// The component the package ships (its id), for `X-Debfleet-Component`.
+    #[serde(default)]
+    pub component: Option<String>,
 }
 
 fn default_section() -> String {
@@ -191,6 +196,11 @@ fn check(m: &Manifest, base: &Path, path: &Path, opts: &BuildOptions) -> Result<
     let p = &m.package;
     if !valid_package_name(&p.name) {
         return Err(bad(format!("package.name {:?} is not a Debian package name", p.name)));
+    }
+    if let Some(id) = &p.component {
+        if let Err(e) = debfleet_protocol::ComponentId::new(id.as_str()) {
+            return Err(bad(format!("package.component: {e}")));
+        }
     }
     let version = opts.version.clone().unwrap_or_else(|| p.version.clone());
     if !valid_version(&version) {
@@ -320,6 +330,9 @@ pub fn build(m: &Manifest, manifest_path: &Path, opts: &BuildOptions) -> Result<
     }
     if !c.units.is_empty() {
         set(UNITS_FIELD, c.units.iter().map(|u| u.0.clone()).collect::<Vec<_>>().join(" "));
+    }
+    if let Some(id) = &p.component {
+        set(COMPONENT_FIELD, id.clone());
     }
     set("Description", description_field(&p.description));
     let mut control = ControlFile::default();

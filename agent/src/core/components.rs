@@ -44,7 +44,14 @@ pub struct Components {
     facts: BTreeMap<(ComponentId, &'static str), Out>,
     /// The `state/components` last published.
     listed: Option<ComponentsState>,
+    /// Whether the broker may hold a list with components in it (kept across restarts in
+    /// `state_dir/components-listed`): a device that never had one publishes none, so
+    /// devices without components pay nothing for them on the wire.
+    had_list: Option<bool>,
 }
+
+/// The marker file of [`Components::had_list`].
+const LISTED_MARKER: &str = "components-listed";
 
 impl Core {
     fn component_topic(&self, c: &ComponentId, fact: ComponentFact) -> Topic {
@@ -247,6 +254,8 @@ impl Core {
         if self.components.listed.as_ref() == Some(&list) {
             return Vec::new();
         }
+        let marker = self.cfg.state_dir.join(LISTED_MARKER);
+        let had = *self.components.had_list.get_or_insert_with(|| marker.exists());
         let mut out = Vec::new();
         let gone: Vec<(ComponentId, &'static str)> = self
             .components
@@ -261,7 +270,29 @@ impl Core {
                 out.push(Out::Publish { topic, payload: Vec::new(), retain: true, reliable, class });
             }
         }
-        out.push(self.publish(Topic::StateComponents(self.cfg.device_id.clone()), &list));
+        let topic = Topic::StateComponents(self.cfg.device_id.clone());
+        match (list.components.is_empty(), had) {
+            (true, false) => {}
+            (true, true) => {
+                // Cleared: the topic's absence says "no components".
+                if let Out::Publish { topic, reliable, class, .. } = self.publish(topic, &list) {
+                    out.push(Out::Publish { topic, payload: Vec::new(), retain: true, reliable, class });
+                }
+                if let Err(e) = std::fs::remove_file(&marker) {
+                    tracing::warn!("{}: {e}", marker.display());
+                }
+                self.components.had_list = Some(false);
+            }
+            (false, _) => {
+                out.push(self.publish(topic, &list));
+                if !had {
+                    if let Err(e) = std::fs::write(&marker, b"") {
+                        tracing::warn!("{}: {e}", marker.display());
+                    }
+                    self.components.had_list = Some(true);
+                }
+            }
+        }
         self.components.listed = Some(list);
         out
     }
@@ -269,7 +300,7 @@ impl Core {
     /// The components' retained facts, for a connect.
     pub(super) fn component_facts(&self) -> Vec<Out> {
         let mut out: Vec<Out> = self.components.facts.values().cloned().collect();
-        if let Some(list) = &self.components.listed {
+        if let Some(list) = self.components.listed.as_ref().filter(|l| !l.components.is_empty()) {
             out.push(self.publish(Topic::StateComponents(self.cfg.device_id.clone()), list));
         }
         out
@@ -367,5 +398,19 @@ mod tests {
         call(core, "c4", "led-strip", "clear");
         let out = core.call_deadlines(time::now_unix_ms() + CALL_TIMEOUT_MS);
         assert_eq!(op_states(&out, "c4").pop().unwrap().error.unwrap().code, ErrorCode::Timeout);
+
+        // Gone for good (its package removed, here: a hand-started one that stopped): the list
+        // is cleared, as are the component's retained facts.
+        let out = core.handle(Event::ComponentClosed { conn: 4 }, time::now_unix_ms());
+        let cleared: Vec<String> = publishes(&out).into_iter().filter(|(_, v, _)| v.is_null()).map(|(t, ..)| t).collect();
+        assert!(cleared.contains(&"debfleet/device/d1/state/components".to_owned()), "{cleared:?}");
+        assert!(cleared.contains(&"debfleet/device/d1/components/led-strip/meta".to_owned()), "{cleared:?}");
+    }
+
+    #[test]
+    fn a_device_without_components_publishes_no_list() {
+        let mut f = fixture(false);
+        let out = f.core.handle(Event::Connected { since: time::now() }, time::now_unix_ms());
+        assert!(!publishes(&out).iter().any(|(t, ..)| t.contains("components")));
     }
 }
