@@ -81,6 +81,7 @@ pub(crate) struct Runtime<C: Component> {
     generation: u64,
     next_connect: Instant,
     backoff: Duration,
+    warned: bool,
     tx: Sender<(u64, Incoming)>,
     rx: Receiver<(u64, Incoming)>,
     next_tick: Instant,
@@ -116,6 +117,7 @@ impl<C: Component> Runtime<C> {
             generation: 0,
             next_connect: now,
             backoff: Duration::from_millis(250),
+            warned: false,
             tx,
             rx,
             next_tick: now,
@@ -218,11 +220,11 @@ impl<C: Component> Runtime<C> {
             Ok(link) => {
                 self.link = Some(link);
                 self.backoff = Duration::from_millis(250);
+                self.warned = false;
             }
             Err(e) => {
-                if self.backoff >= MAX_BACKOFF {
-                    // Said once per outage, not every retry.
-                } else {
+                // Said once per outage, not at every retry.
+                if !std::mem::replace(&mut self.warned, true) {
                     eprintln!("warn: the agent's socket {}: {e}; retrying", self.options.socket.display());
                 }
                 self.next_connect = now + self.backoff;
