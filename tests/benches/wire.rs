@@ -180,6 +180,11 @@ fn main() {
         let proxy = Proxy::start(m.port);
         let cap = Capture::start(dir.path(), proxy.port);
         std::env::set_var("DEBFLEET_AGENT_BIN", bin);
+        if label.starts_with("baseline") {
+            std::env::set_var("DEBFLEET_AGENT_LEGACY", "1");
+        } else {
+            std::env::remove_var("DEBFLEET_AGENT_LEGACY");
+        }
         let id = format!("wire-{i}");
         let agent = Agent::start(AgentSpec { id: &id, port: proxy.port, groups: &["bench"], extra });
         subjects.push(Subject { label, id, proxy, cap, agent: Some(agent) });

@@ -230,8 +230,15 @@ impl Agent {
             Some(i) => spec.extra.split_at(i),
             None => (spec.extra, ""),
         };
+        // Each test agent's components' socket in its own directory (agents before components
+        // — the wire benchmark's baseline — refuse the key).
+        let socket = if spec.extra.contains("components_socket") || std::env::var_os("DEBFLEET_AGENT_LEGACY").is_some() {
+            String::new()
+        } else {
+            format!("components_socket = {:?}\n", dir.path().join("agent.sock"))
+        };
         let text = format!(
-            "device_id = {:?}\nbroker = \"mqtt://127.0.0.1:{}\"\nstate_dir = {:?}\ngroups = [{}]\n{top}\n\n[reconnect]\ninitial_delay_ms = 100\nmax_delay_s = 1\n\n{tables}\n",
+            "device_id = {:?}\nbroker = \"mqtt://127.0.0.1:{}\"\nstate_dir = {:?}\ngroups = [{}]\n{socket}{top}\n\n[reconnect]\ninitial_delay_ms = 100\nmax_delay_s = 1\n\n{tables}\n",
             spec.id,
             spec.port,
             dir.path().join("state"),
@@ -270,6 +277,11 @@ impl Agent {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    /// Where its components connect.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
     }
 
     pub fn signal(&self, sig: i32) {
