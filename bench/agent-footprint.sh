@@ -19,6 +19,7 @@ cat > "$work/agent.toml" <<TOML
 device_id = "bench-1"
 broker = "mqtt://127.0.0.1:$port"
 state_dir = "$work/state"
+components_socket = "$work/agent.sock"
 [telemetry.cpu]
 interval_s = 1
 threshold = 0

@@ -12,17 +12,17 @@ pub fn packages_state(status_text: &str, wanted: &[String]) -> BTreeMap<String, 
     packages_state_in(&parse_status(std::io::Cursor::new(status_text)), wanted)
 }
 
-fn packages_state_in(records: &BTreeMap<String, Record>, wanted: &[String]) -> BTreeMap<String, PackageState> {
+fn packages_state_in(records: &Records, wanted: &[String]) -> BTreeMap<String, PackageState> {
     wanted
         .iter()
         .map(|w| {
             let state = match records.get(w) {
                 Some(r) => {
-                    let installed = is_installed(&r.state);
+                    let installed = is_installed(r.state);
                     PackageState {
-                        version: r.version.clone().filter(|_| installed),
-                        arch: r.arch.clone().filter(|_| installed),
-                        status: r.state.clone(),
+                        version: r.version.filter(|_| installed).map(str::to_owned),
+                        arch: r.arch.filter(|_| installed).map(str::to_owned),
+                        status: r.state.to_owned(),
                         held: r.held,
                     }
                 }
@@ -47,39 +47,103 @@ pub fn package_units(admindir: &Path, name: &str) -> Vec<String> {
     Database::new(admindir).package_units(name)
 }
 
-/// What the agent needs of one package's paragraph in dpkg's status file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Record {
-    version: Option<String>,
-    arch: Option<String>,
+/// What the agent needs of dpkg's status file, compact: a full system has a thousand or more
+/// packages and the agent holds them all, so they live in one text buffer (a line per package:
+/// name, version, architecture, state, held, units, component, tab-separated) with an index
+/// sorted by name — about 50 bytes a package, where a map of strings costs five times that.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Records {
+    text: String,
+    /// Start of each package's line, sorted by name.
+    index: Vec<u32>,
+}
+
+/// One package's line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record<'a> {
+    name: &'a str,
+    version: Option<&'a str>,
+    arch: Option<&'a str>,
     /// dpkg's state word: `installed`, `config-files`, `half-configured`, ...
+    state: &'a str,
+    held: bool,
+    /// `X-Debfleet-Units`, space-separated.
+    units: &'a str,
+    /// `X-Debfleet-Component`.
+    component: Option<&'a str>,
+}
+
+impl Records {
+    fn line(&self, start: u32) -> Record<'_> {
+        let rest = &self.text[start as usize..];
+        let line = rest.split('\n').next().unwrap_or("");
+        let mut f = line.split('\t');
+        let mut next = || f.next().unwrap_or("");
+        fn some(s: &str) -> Option<&str> {
+            (!s.is_empty()).then_some(s)
+        }
+        let (name, version, arch, state, held, units, component) = (next(), next(), next(), next(), next(), next(), next());
+        Record {
+            name,
+            version: some(version),
+            arch: some(arch),
+            state,
+            held: held == "h",
+            units,
+            component: some(component),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<Record<'_>> {
+        self.index.binary_search_by(|i| self.line(*i).name.cmp(name)).ok().map(|i| self.line(self.index[i]))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Record<'_>> {
+        self.index.iter().map(|i| self.line(*i))
+    }
+}
+
+impl Record<'_> {
+    fn units(&self) -> impl Iterator<Item = &str> {
+        self.units.split(' ').filter(|u| !u.is_empty())
+    }
+}
+
+/// One paragraph's fields as they are read.
+#[derive(Default)]
+struct Paragraph {
+    name: String,
+    version: String,
+    arch: String,
     state: String,
     held: bool,
-    /// `X-Debfleet-Units`.
-    units: Vec<String>,
-    /// `X-Debfleet-Component`: the component the package ships.
-    component: Option<String>,
+    units: String,
+    component: String,
 }
 
 /// Reads the status file line by line into the compact records (the file itself, with every
-/// description, is large on a full system; it is never held whole).
-fn parse_status(reader: impl std::io::BufRead) -> BTreeMap<String, Record> {
-    let mut out = BTreeMap::new();
-    let mut name: Option<String> = None;
-    let empty = || Record { version: None, arch: None, state: String::new(), held: false, units: Vec::new(), component: None };
-    let mut rec = empty();
-    let mut flush = |name: &mut Option<String>, rec: &mut Record| {
-        let taken = std::mem::replace(rec, empty());
-        if let Some(n) = name.take() {
-            if !taken.state.is_empty() {
-                out.insert(n, taken);
-            }
+/// description, is large on a full system; it is never held whole). A package listed twice
+/// keeps its last paragraph, as dpkg would.
+fn parse_status(reader: impl std::io::BufRead) -> Records {
+    let mut r = Records::default();
+    let mut p = Paragraph::default();
+    let clean = |s: &str| s.replace(['\t', '\n'], " ");
+    let flush = |p: &mut Paragraph, r: &mut Records| {
+        let p = std::mem::take(p);
+        if p.name.is_empty() || p.state.is_empty() || r.text.len() > u32::MAX as usize / 2 {
+            return;
         }
+        let start = r.text.len() as u32;
+        let held = if p.held { "h" } else { "" };
+        let fields = [p.name.as_str(), &p.version, &p.arch, &p.state, held, &p.units, &p.component];
+        r.text.push_str(&fields.map(clean).join("\t"));
+        r.text.push('\n');
+        r.index.push(start);
     };
     for line in reader.lines() {
         let Ok(line) = line else { break };
         if line.is_empty() {
-            flush(&mut name, &mut rec);
+            flush(&mut p, &mut r);
             continue;
         }
         if line.starts_with([' ', '\t']) {
@@ -88,26 +152,36 @@ fn parse_status(reader: impl std::io::BufRead) -> BTreeMap<String, Record> {
         let Some((k, v)) = line.split_once(':') else { continue };
         let v = v.trim();
         match k {
-            "Package" => name = Some(v.to_owned()),
-            "Version" => rec.version = Some(v.to_owned()),
-            "Architecture" => rec.arch = Some(v.to_owned()),
+            "Package" => p.name = v.to_owned(),
+            "Version" => p.version = v.to_owned(),
+            "Architecture" => p.arch = v.to_owned(),
             "Status" => {
                 // "want flag state", e.g. "install ok installed" or "hold ok installed".
                 let mut words = v.split_whitespace();
-                rec.held = words.next() == Some("hold");
-                rec.state = words.nth(1).unwrap_or("unknown").to_owned();
+                p.held = words.next() == Some("hold");
+                p.state = words.nth(1).unwrap_or("unknown").to_owned();
             }
             "X-Debfleet-Units" => {
-                rec.units = v.split_whitespace().filter(|u| valid_unit_name(u)).map(str::to_owned).collect()
+                p.units = v.split_whitespace().filter(|u| valid_unit_name(u)).collect::<Vec<_>>().join(" ")
             }
             "X-Debfleet-Component" => {
-                rec.component = debfleet_protocol::ComponentId::new(v).ok().map(|c| c.to_string())
+                if let Ok(c) = debfleet_protocol::ComponentId::new(v) {
+                    p.component = c.to_string();
+                }
             }
             _ => {}
         }
     }
-    flush(&mut name, &mut rec);
-    out
+    flush(&mut p, &mut r);
+    // Sorted by name, the last paragraph of a name winning.
+    let mut index = std::mem::take(&mut r.index);
+    index.reverse();
+    index.sort_by(|a, b| r.line(*a).name.cmp(r.line(*b).name));
+    index.dedup_by(|a, b| r.line(*a).name == r.line(*b).name);
+    index.shrink_to_fit();
+    r.index = index;
+    r.text.shrink_to_fit();
+    r
 }
 
 fn is_installed(state: &str) -> bool {
@@ -119,7 +193,7 @@ fn is_installed(state: &str) -> bool {
 /// whether the records held are current. Shared by the agent's core and its jobs.
 pub struct Database {
     admindir: std::path::PathBuf,
-    cached: std::sync::Mutex<Option<(Stamp, std::sync::Arc<BTreeMap<String, Record>>)>>,
+    cached: std::sync::Mutex<Option<(Stamp, std::sync::Arc<Records>)>>,
 }
 
 type Stamp = (u64, u64, u64, i64, i64);
@@ -133,7 +207,7 @@ impl Database {
         &self.admindir
     }
 
-    fn records(&self) -> std::sync::Arc<BTreeMap<String, Record>> {
+    fn records(&self) -> std::sync::Arc<Records> {
         use std::os::unix::fs::MetadataExt;
         let path = self.admindir.join("status");
         let stamp = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
@@ -145,7 +219,7 @@ impl Database {
         }
         let records = std::sync::Arc::new(match std::fs::File::open(&path) {
             Ok(f) => parse_status(std::io::BufReader::new(f)),
-            Err(_) => BTreeMap::new(),
+            Err(_) => Records::default(),
         });
         *cached = stamp.map(|s| (s, records.clone()));
         records
@@ -158,8 +232,8 @@ impl Database {
     pub fn installed_versions(&self) -> BTreeMap<String, String> {
         self.records()
             .iter()
-            .filter(|(_, r)| is_installed(&r.state))
-            .filter_map(|(n, r)| r.version.clone().map(|v| (n.clone(), v)))
+            .filter(|r| is_installed(r.state))
+            .filter_map(|r| r.version.map(|v| (r.name.to_owned(), v.to_owned())))
             .collect()
     }
 
@@ -169,13 +243,13 @@ impl Database {
         let records = self.records();
         records
             .iter()
-            .filter(|(_, r)| is_installed(&r.state))
-            .filter_map(|(name, r)| {
+            .filter(|r| is_installed(r.state))
+            .filter_map(|r| {
                 Some(InstalledComponent {
-                    component: r.component.clone()?,
-                    package: name.clone(),
-                    version: r.version.clone().unwrap_or_default(),
-                    unit: self.package_units(name).into_iter().find(|u| u.ends_with(".service")).unwrap_or_default(),
+                    component: r.component?.to_owned(),
+                    package: r.name.to_owned(),
+                    version: r.version.unwrap_or_default().to_owned(),
+                    unit: self.package_units(r.name).into_iter().find(|u| u.ends_with(".service")).unwrap_or_default(),
                 })
             })
             .collect()
@@ -186,9 +260,8 @@ impl Database {
     pub fn package_units(&self, name: &str) -> Vec<String> {
         let records = self.records();
         let rec = records.get(name);
-        let mut units = rec.map(|r| r.units.clone()).unwrap_or_default();
-        let arch =
-            rec.and_then(|r| r.arch.clone()).unwrap_or_else(|| debfleet_protocol::debian::host_arch().to_owned());
+        let mut units: Vec<String> = rec.map(|r| r.units().map(str::to_owned).collect()).unwrap_or_default();
+        let arch = rec.and_then(|r| r.arch).unwrap_or_else(|| debfleet_protocol::debian::host_arch()).to_owned();
         units.extend(list_units(&self.admindir, name, &arch));
         units.sort();
         units.dedup();
@@ -244,6 +317,17 @@ mod tests {
             .unwrap();
         std::fs::rename(dir.path().join("status-new"), dir.path().join("status")).unwrap();
         assert_eq!(db.installed_versions().keys().collect::<Vec<_>>(), ["fresh"]);
+    }
+
+    #[test]
+    fn a_package_listed_twice_keeps_its_last_paragraph_and_lookups_need_no_order() {
+        let text = "Package: zed\nStatus: install ok installed\nVersion: 1\n\nPackage: abc\nStatus: install ok installed\nVersion: 1\n\nPackage: zed\nStatus: install ok installed\nVersion: 2\nX-Debfleet-Units: z.service\n";
+        let r = parse_status(std::io::Cursor::new(text));
+        assert_eq!(r.index.len(), 2);
+        assert_eq!(r.get("zed").unwrap().version, Some("2"));
+        assert_eq!(r.get("zed").unwrap().units().collect::<Vec<_>>(), ["z.service"]);
+        assert_eq!(r.get("abc").unwrap().version, Some("1"));
+        assert!(r.get("abd").is_none());
     }
 
     #[test]

@@ -273,15 +273,15 @@ async fn show(ctx: &Ctx, device: &str, component: &str, json: bool) -> Result<u8
                     .params
                     .iter()
                     .map(|p| {
-                        let kind = serde_json::to_value(&p.kind).unwrap_or(Value::Null);
-                        let mut desc = kind["type"].as_str().unwrap_or("?").to_owned();
-                        if let (Some(lo), Some(hi)) = (kind.get("min"), kind.get("max")) {
-                            desc = format!("{desc} {lo}-{hi}");
-                        }
-                        if let Some(vals) = kind.get("values").and_then(Value::as_array) {
-                            let words: Vec<&str> = vals.iter().filter_map(Value::as_str).collect();
-                            desc = words.join("|");
-                        }
+                        use debfleet_protocol::component::ParamKind;
+                        let desc = match &p.kind {
+                            ParamKind::Int { min, max } => format!("int {min}-{max}"),
+                            ParamKind::Number { min, max } => format!("number {min}-{max}"),
+                            ParamKind::Bool => "bool".into(),
+                            ParamKind::Color => "color".into(),
+                            ParamKind::Text { max_len } => format!("text (at most {max_len})"),
+                            ParamKind::Choice { values } => values.join("|"),
+                        };
                         format!("{}{}={desc}", p.name, if p.required { "" } else { "?" })
                     })
                     .collect();

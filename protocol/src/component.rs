@@ -57,9 +57,10 @@ pub struct ComponentStatus {
 }
 
 /// The type of one action parameter: what the component's runtime checks before the
-/// component sees a call, and what a console shows as help.
+/// component sees a call, and what a console shows as help. (Externally tagged, like every
+/// enum here: serde's internally tagged and flattened forms cost the agent code size.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ParamKind {
     /// A whole number in `[min, max]`.
     Int { min: i64, max: i64 },
@@ -77,7 +78,6 @@ pub enum ParamKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ParamSpec {
     pub name: String,
-    #[serde(flatten)]
     pub kind: ParamKind,
     /// Absent parameters take the component's default; a required one must be given.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -180,7 +180,7 @@ pub enum CallResult {
 
 /// Component → agent, one frame each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Up {
     /// The first frame: who it is and what it can do. The agent answers `welcome` or `bye`.
     Hello { meta: ComponentMeta },
@@ -197,7 +197,7 @@ pub enum Up {
 
 /// Agent → component, one frame each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Down {
     Welcome { device: DeviceId },
     /// Run `action` (arguments not yet checked against the action's parameters: the
@@ -389,7 +389,7 @@ mod tests {
         let down = Down::Call { id: OpId::new("c-2").unwrap(), action: ActionName::new("clear").unwrap(), args: Map::new() };
         let f = encode(&down).unwrap();
         assert_eq!(decode::<Down>(&f[4..]).unwrap(), down);
-        assert!(decode::<Up>(br#"{"t":"hello"}"#).is_err());
+        assert!(decode::<Up>(br#"{"hello":{}}"#).is_err());
         assert!(decode::<Up>(b"\xff\x00").is_err());
     }
 
