@@ -45,6 +45,20 @@ pub enum ComponentCommand {
         #[command(flatten)]
         common: CallFlags,
     },
+    /// What a component with a `frames` action (the LED strip) shows: its last frames in colour,
+    /// a line each, oldest first; or as a PNG picture (a row a frame).
+    Frames {
+        /// The device's id.
+        device: String,
+        /// The component's id, e.g. led-strip.
+        component: String,
+        /// How many of the last frames.
+        #[arg(long, default_value_t = 8)]
+        count: u32,
+        /// Write a PNG here instead of drawing in the terminal.
+        #[arg(long)]
+        png: Option<std::path::PathBuf>,
+    },
     /// Change a component's configuration (`brightness=40 logs.level=warn`; KEY=null for the
     /// default), or print it without assignments.
     Cfg {
@@ -81,6 +95,9 @@ pub async fn run(ctx: &Ctx, cmd: ComponentCommand) -> Result<u8> {
             let (component, action) = (component_id(&rest[0])?, action_name(&rest[1])?);
             let args = arguments(&args)?;
             call(ctx, target, component, action, args, &common).await
+        }
+        ComponentCommand::Frames { device, component, count, png } => {
+            frames(ctx, &device, &component, count, png.as_deref()).await
         }
         ComponentCommand::Cfg { words, common } => {
             let (target, rest, assignments) = split(&words, &common, 1)?;
@@ -156,16 +173,17 @@ fn precheck(d: &Device, component: &ComponentId, action: &ActionName, args: &Map
     spec.check(args).map_err(usage)
 }
 
-async fn call(
+/// Sends a call and waits for every target's outcome.
+async fn send_call(
     ctx: &Ctx,
     target: Target,
     component: ComponentId,
     action: ActionName,
     args: Map<String, Value>,
-    f: &CallFlags,
-) -> Result<u8> {
-    if !(f.timeout.is_finite() && f.timeout > 0.0 && f.timeout <= 86_400.0) {
-        bail!(usage(format!("timeout {} must be between 0 and 86400 seconds", f.timeout)));
+    timeout: f64,
+) -> Result<Vec<crate::request::Outcome>> {
+    if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
+        bail!(usage(format!("timeout {timeout} must be between 0 and 86400 seconds")));
     }
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     if let Target::Devices(ids) = &target {
@@ -178,11 +196,23 @@ async fn call(
     let req = Request {
         target,
         args: CommandArgs::Call { component, action, args },
-        timeout: Duration::from_secs_f64(f.timeout),
+        timeout: Duration::from_secs_f64(timeout),
         expires: ctx.expires,
     };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
+    Ok(outcomes)
+}
+
+async fn call(
+    ctx: &Ctx,
+    target: Target,
+    component: ComponentId,
+    action: ActionName,
+    args: Map<String, Value>,
+    f: &CallFlags,
+) -> Result<u8> {
+    let outcomes = send_call(ctx, target, component, action, args, f.timeout).await?;
     if f.json {
         let all: Vec<Value> = outcomes.iter().map(|o| o.to_json()).collect();
         println!("{}", serde_json::to_string_pretty(&all)?);
@@ -198,6 +228,62 @@ async fn call(
         }
     }
     Ok(if outcomes.iter().all(|o| o.ok) { 0 } else { crate::exit::FAILED })
+}
+
+/// Hex colours (`rrggbb` per light) as a frame.
+fn parse_frame(hex: &str) -> Option<Vec<[u8; 3]>> {
+    if hex.len() % 6 != 0 || !hex.is_ascii() {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(6)
+        .map(|i| {
+            let n = u32::from_str_radix(&hex[i..i + 6], 16).ok()?;
+            Some([(n >> 16) as u8, (n >> 8) as u8, n as u8])
+        })
+        .collect()
+}
+
+/// Lights drawn per line in the terminal; longer strips are cut, saying so.
+const TERMINAL_LIGHTS: usize = 120;
+
+async fn frames(ctx: &Ctx, device: &str, component: &str, count: u32, png: Option<&std::path::Path>) -> Result<u8> {
+    let id = DeviceId::new(device).map_err(|e| usage(e.to_string()))?;
+    let c = component_id(component)?;
+    let mut args = Map::new();
+    args.insert("count".into(), count.into());
+    let outcomes = send_call(ctx, Target::Devices(vec![id.clone()]), c.clone(), action_name("frames")?, args, 20.0).await?;
+    let o = &outcomes[0];
+    let result = match (&o.record, o.ok) {
+        (Some(r), true) => r.result.clone().unwrap_or(Value::Null),
+        _ => bail!("{id}: {}", o.error.clone().unwrap_or_default()),
+    };
+    let rows: Vec<Vec<[u8; 3]>> = result["frames"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|f| f.as_str().and_then(parse_frame)).collect())
+        .unwrap_or_default();
+    if rows.is_empty() {
+        bail!("{c} on {id} answered no frames: {result}");
+    }
+    if let Some(path) = png {
+        std::fs::write(path, debfleet_component::png::frames(&rows))
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        println!("{}: {} frames of {} lights", path.display(), rows.len(), rows[0].len());
+        return Ok(0);
+    }
+    for row in &rows {
+        let mut line = String::new();
+        for [r, g, b] in row.iter().take(TERMINAL_LIGHTS) {
+            line.push_str(&format!("\x1b[38;2;{r};{g};{b}m\u{2588}"));
+        }
+        line.push_str("\x1b[0m");
+        if row.len() > TERMINAL_LIGHTS {
+            line.push_str(&format!(" (+{} more)", row.len() - TERMINAL_LIGHTS));
+        }
+        println!("{line}");
+    }
+    println!("{c} on {id}: the last {} frames of {} lights, oldest first", rows.len(), rows[0].len());
+    Ok(0)
 }
 
 async fn list(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
@@ -349,6 +435,9 @@ mod tests {
             assert!(split(&words(w), &f, 2).is_err(), "{w}");
         }
         assert!(arguments(&words("a=1 a=2")).is_err());
+        assert_eq!(parse_frame("ff000000ff00"), Some(vec![[255, 0, 0], [0, 255, 0]]));
+        assert_eq!(parse_frame("ff00"), None);
+        assert_eq!(parse_frame("zz0000"), None);
         assert!(arguments(&words("=1")).is_err());
     }
 }

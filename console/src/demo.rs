@@ -83,6 +83,16 @@ fn sample_package(dir: &Path, version: &str) -> Result<PathBuf> {
     Ok(debfleet_packaging::build(&m, &manifest, &opts)?)
 }
 
+/// A package beside `deb` whose file name starts with `prefix`.
+fn sibling_deb(deb: &Path, prefix: &str) -> Option<PathBuf> {
+    let dir = deb.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
+}
+
 struct Services {
     repo: Option<Child>,
     lab: Lab,
@@ -180,7 +190,11 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     for v in ["1.0", "2.0"] {
         client.upload(&sample_package(&work, v)?, "stable")?;
     }
-    eprintln!("demo: repository at {repo_url} with debfleet-agent and debfleet-hello 1.0, 2.0");
+    // The LED-strip component, built beside the agent's package (scripts/build-debs.sh).
+    let led = sibling_deb(&agent_deb, "debfleet-led-strip_")
+        .context("no debfleet-led-strip package beside the agent's: build both with scripts/build-debs.sh")?;
+    client.upload(&led, "stable")?;
+    eprintln!("demo: repository at {repo_url} with debfleet-agent, debfleet-led-strip and debfleet-hello 1.0, 2.0");
 
     // The devices, taking the agent from the repository like a real fleet would.
     let key = root.join("public/debfleet-archive-keyring.gpg");
@@ -209,6 +223,11 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet rollback lab-1 debfleet-hello            # back to 1.0\n\
          \x20 debfleet cfg set lab-2 profile=cellular          # metered link: long keepalive, kept session, a budget\n\
          \x20 debfleet show lab-2                               # LINK: today's bytes by class against the budget\n\
+         \x20 debfleet install lab-1 debfleet-led-strip         # a component: its own .deb and unit (a virtual strip here)\n\
+         \x20 debfleet component call lab-1 led-strip rainbow-cycle wait_ms=20\n\
+         \x20 debfleet component frames lab-1 led-strip         # what the strip shows, frame by frame\n\
+         \x20 debfleet component cfg lab-1 led-strip brightness=30\n\
+         \x20 debfleet component show lab-1 led-strip           # its actions, state, metrics, configuration\n\
          \x20 debfleet watch --group lab                        # status, progress, logs, telemetry\n\
          \x20 debfleet lab kill lab-2 && debfleet devices      # lost, dated by when it was last heard\n\
          \x20 debfleet lab boot lab-2                          # and back\n\

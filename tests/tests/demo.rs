@@ -75,6 +75,24 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let show = Command::new(bin("debfleet")).args(["show", "lab-2"]).env("DEBFLEET_BROKER", &broker).output().unwrap();
     assert!(String::from_utf8_lossy(&show.stdout).contains("LINK"), "{}", String::from_utf8_lossy(&show.stdout));
 
+    // The tour's component: the LED strip from the repository, an effect, its frames as a picture.
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("debfleet")).args(args).env("DEBFLEET_BROKER", &broker).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["install", "lab-1", "debfleet-led-strip", "--watch", "2"]);
+    let led = Observer::connect(broker_port, &["debfleet/device/lab-1/state/components"]);
+    led.wait("debfleet/device/lab-1/state/components", Duration::from_secs(60), |v| {
+        v["components"]["led-strip"]["state"] == "idle"
+    });
+    run(&["component", "call", "lab-1", "led-strip", "rainbow-cycle", "wait_ms=20"]);
+    let drawn = run(&["component", "frames", "lab-1", "led-strip", "--count", "2"]);
+    assert!(drawn.contains("\x1b[38;2;") && drawn.contains("the last 2 frames of 60 lights"), "{drawn}");
+    let png = labdir.path().join("strip.png");
+    run(&["component", "frames", "lab-1", "led-strip", "--count", "32", "--png", png.to_str().unwrap()]);
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+
     // SIGTERM: devices and services go away.
     Command::new("kill").arg("-TERM").arg(demo.id().to_string()).status().unwrap();
     let status = wait_for(Duration::from_secs(60), "the demo to stop", || demo.try_wait().unwrap());

@@ -10,6 +10,7 @@
 
 mod gate;
 mod link;
+pub mod png;
 mod runtime;
 
 use std::collections::BTreeMap;

@@ -149,26 +149,10 @@ impl Output for Spi {
     }
 }
 
-/// The last frames as a picture: one row a frame (oldest at the top), each LED `scale` pixels
-/// wide and tall.
+/// The last frames as a picture: one row a frame, oldest at the top.
 pub fn history_png(h: &History) -> Vec<u8> {
-    let leds = h.frames.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let scale = (480 / leds).clamp(1, 8);
-    let (w, rows) = (leds * scale, h.frames.len().max(1));
-    let mut rgb = Vec::with_capacity(w * rows * scale * 3);
-    for i in 0..rows {
-        let mut line = Vec::with_capacity(w * 3);
-        for led in 0..leds {
-            let c = h.frames.get(i).and_then(|f| f.get(led)).copied().unwrap_or([0, 0, 0]);
-            for _ in 0..scale {
-                line.extend_from_slice(&c);
-            }
-        }
-        for _ in 0..scale {
-            rgb.extend_from_slice(&line);
-        }
-    }
-    crate::png::encode(w as u32, (rows * scale) as u32, &rgb)
+    let frames: Vec<&[Rgb]> = h.frames.iter().map(Vec::as_slice).collect();
+    debfleet_component::png::frames(&frames)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! A PNG writer for the virtual strip's pictures: 8-bit RGB, one IDAT of stored (uncompressed)
-//! deflate blocks — what a person needs to look at frames, without a compression library.
+//! A PNG writer for pictures of what a component's hardware would show (the virtual LED strip's
+//! frames, a console's rendering of them): 8-bit RGB, one IDAT of stored (uncompressed) deflate
+//! blocks — what a person needs to look at, without a compression library.
 
 fn crc32(bytes: &[&[u8]]) -> u32 {
     let mut crc = !0u32;
@@ -66,6 +67,28 @@ pub fn encode(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Frames of a strip of lights as a picture: a row a frame (oldest at the top), each light a
+/// square `scale` pixels wide, the scale chosen so a short strip is still visible.
+pub fn frames<F: AsRef<[[u8; 3]]>>(frames: &[F]) -> Vec<u8> {
+    let lights = frames.iter().map(|f| f.as_ref().len()).max().unwrap_or(0).max(1);
+    let scale = (480 / lights).clamp(1, 8);
+    let (w, rows) = (lights * scale, frames.len().max(1));
+    let mut rgb = Vec::with_capacity(w * rows * scale * 3);
+    for i in 0..rows {
+        let mut line = Vec::with_capacity(w * 3);
+        for light in 0..lights {
+            let c = frames.get(i).and_then(|f| f.as_ref().get(light)).copied().unwrap_or([0, 0, 0]);
+            for _ in 0..scale {
+                line.extend_from_slice(&c);
+            }
+        }
+        for _ in 0..scale {
+            rgb.extend_from_slice(&line);
+        }
+    }
+    encode(w as u32, (rows * scale) as u32, &rgb)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +109,8 @@ mod tests {
         // Large enough for several stored blocks.
         let big = encode(300, 100, &vec![7; 300 * 100 * 3]);
         assert!(big.len() > 90_000);
+        // Three lights, two frames: 8 px squares, 24 x 16 pixels.
+        let p = frames(&[[[255, 0, 0]; 3], [[0, 0, 255]; 3]]);
+        assert_eq!(&p[16..24], &[0, 0, 0, 24, 0, 0, 0, 16]);
     }
 }
