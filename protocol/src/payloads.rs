@@ -375,7 +375,8 @@ pub enum ErrorCode {
     ComponentUnavailable,
     /// The component has no such action (its meta lists those it has).
     UnknownAction,
-    /// The component did not answer in time; what it did is unknown (its state tells).
+    /// The component, or the hardware behind it, did not answer in time; what it did is
+    /// unknown (its state tells).
     Timeout,
 }
 

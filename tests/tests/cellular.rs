@@ -263,6 +263,10 @@ fn ten_forced_disconnects_through_netem_lose_no_result_and_keep_the_outbox_bound
         (l["outbox"] == 0).then_some(l)
     });
     let _ = link;
+    // The report is published on events (a drained outbox), not on every reconnect with the
+    // default profile: a refresh publishes a current one.
+    obs.publish(&format!("debfleet/device/{name}/cmd/refresh"), br#"{"id":"net-refresh"}"#.to_vec(), false);
+    obs.wait(&format!("debfleet/device/{name}/op/net-refresh"), Duration::from_secs(60), |v| v["state"] == "succeeded");
     let out = console(&format!("mqtt://{}:{}", ns.clean_addr, broker.port), &["show", name, "--json"]);
     let link = stdout_json(&out)["link"].clone();
     assert!(link["reconnects"].as_u64() >= Some(10), "{link}");
