@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds debfleet's own packages (debfleet-agent, debfleet-repo, debfleet, and the components:
-# debfleet-led-strip) into OUT (default
+# debfleet-led-strip, debfleet-projector) into OUT (default
 # target/debs). Reproducible: the timestamp is the last commit's (SOURCE_DATE_EPOCH), so the
 # same source gives byte-identical .debs.
 #   scripts/build-debs.sh [--version V] [--out DIR]
@@ -22,13 +22,15 @@ cargo build --profile agent -p debfleet-agent
 # Components run on the same boards: the same profile, built on their own so their
 # dependencies' features never change the agent's build.
 cargo build --profile agent -p debfleet-led-strip
+cargo build --profile agent -p debfleet-projector
 # Man pages and completions, generated from the programs' own command-line definitions.
 mkdir -p target/man
 target/release/debfleet manpages --out target/man >/dev/null
 target/release/debfleet-repo manpage > target/man/debfleet-repo.1
 target/release/debfleet completions bash > target/man/debfleet.bash
 gzip -9nf target/man/debfleet.1 target/man/debfleet-agent.1 target/man/debfleet-repo.1
-for manifest in packaging/debfleet-agent packaging/debfleet-repo packaging/debfleet components/led-strip/package; do
+for manifest in packaging/debfleet-agent packaging/debfleet-repo packaging/debfleet components/led-strip/package \
+    components/projector/package; do
     target/release/debfleet package "$manifest/manifest.toml" --out "$out" \
         --arch "$(dpkg --print-architecture)" "${version_args[@]}"
 done

@@ -270,3 +270,63 @@ fn installed_from_the_repository_restarted_upgraded_rolled_back_and_removed() {
     let rec = raw_call(&obs, "cm-2", "after-1", json!({"component": "led-strip", "action": "clear"}));
     assert_eq!(rec["error"]["code"], "component_unavailable", "{rec}");
 }
+
+#[test]
+fn the_projector_from_the_repository_against_a_simulated_projector_unplugged_and_back() {
+    let m = Mosquitto::start();
+    let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
+    let repo = RepoServer::start(&[]);
+    assert!(repo.publish(&own_deb("debfleet-projector"), "stable").status.success());
+    let dev = Device::boot("cm-3");
+    let config = format!("broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[apt]\nwatch_s = 3\n", m.url());
+    dev.install_agent(&config, &repo);
+    obs.wait("debfleet/device/cm-3/status", Duration::from_secs(30), |v| v["state"] == "online");
+
+    let (code, _, text) = console(&m, &["install", "cm-3", "debfleet-projector", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    // No projector on its default port: it runs, says why it cannot work, and calls say so too.
+    obs.wait("debfleet/device/cm-3/components/projector/status", Duration::from_secs(30), |v| {
+        v["state"] == "error" && v["message"].as_str().unwrap_or("").contains("/dev/ttyUSB0")
+    });
+    let rec = raw_call(&obs, "cm-3", "pj-1", json!({"component": "projector", "action": "power", "args": {"on": true}}));
+    assert_eq!(rec["error"]["code"], "component_unavailable", "{rec}");
+
+    // A simulated projector on a pseudo-terminal in the device (a drop-in allows ptys), and the
+    // component pointed at it through its configuration.
+    dev.ok(&["systemd-run", "--unit=projector-sim", "/usr/bin/debfleet-projector", "--simulate", "/run/projector-sim.tty"]);
+    dev.ok(&["mkdir", "-p", "/etc/systemd/system/debfleet-projector.service.d"]);
+    dev.write("/etc/systemd/system/debfleet-projector.service.d/pty.conf", "[Service]\nDeviceAllow=char-pts rw\n");
+    dev.ok(&["systemctl", "daemon-reload"]);
+    dev.ok(&["systemctl", "restart", "debfleet-projector"]);
+    let (code, _, text) = console(&m, &["component", "cfg", "cm-3", "projector", "port=/run/projector-sim.tty"]);
+    assert_eq!(code, Some(0), "{text}");
+    obs.wait("debfleet/device/cm-3/components/projector/state", Duration::from_secs(20), |v| {
+        v["state"]["connection"] == "connected" && v["state"]["power"] == "off"
+    });
+    let (code, v, text) = console(&m, &["component", "call", "cm-3", "projector", "power", "on=true", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["power"], "on", "{text}");
+    let (code, _, text) = console(&m, &["component", "call", "cm-3", "projector", "input", "source=hdmi2"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, _, text) = console(&m, &["component", "call", "cm-3", "projector", "input", "source=scart"]);
+    assert_eq!(code, Some(2), "the console names a source the projector does not have: {text}");
+
+    // Unplugged (the simulator stops): disconnected; plugged in again: connected, and asked.
+    dev.ok(&["systemctl", "stop", "projector-sim"]);
+    obs.wait("debfleet/device/cm-3/components/projector/state", Duration::from_secs(20), |v| {
+        v["state"]["connection"] == "disconnected"
+    });
+    let rec = raw_call(&obs, "cm-3", "pj-2", json!({"component": "projector", "action": "power", "args": {"on": false}}));
+    assert_eq!(rec["error"]["code"], "component_unavailable", "{rec}");
+    dev.ok(&["systemd-run", "--unit=projector-sim2", "/usr/bin/debfleet-projector", "--simulate", "/run/projector-sim.tty"]);
+    let since = obs.messages().len();
+    wait_for(Duration::from_secs(20), "the projector back", || {
+        obs.messages()[since..]
+            .iter()
+            .any(|m| m.topic == "debfleet/device/cm-3/components/projector/state" && m.json()["state"]["connection"] == "connected")
+            .then_some(())
+    });
+    let (code, v, text) = console(&m, &["component", "call", "cm-3", "projector", "refresh", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["connection"], "connected", "{text}");
+}

@@ -40,6 +40,12 @@ fn openpty() -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: both are fresh descriptors this function owns from here.
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // Anyone may open it: the component runs as a user of its own (a real adapter's group is
+    // `dialout`; a simulator's pty needs no protection).
+    // SAFETY: a valid descriptor.
+    unsafe {
+        libc::fchmod(slave.as_raw_fd(), 0o666);
+    }
     // Raw: no echo, no line editing, no CR/LF translation — a serial line carries bytes.
     // SAFETY: a valid descriptor and a termios filled in by tcgetattr before use.
     unsafe {
