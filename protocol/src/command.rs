@@ -434,7 +434,8 @@ impl Command {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How a JSON value is named in error messages ("got a string").
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

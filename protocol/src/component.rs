@@ -273,21 +273,21 @@ impl ParamKind {
             ParamKind::Int { min, max } => match v.as_i64() {
                 Some(n) if (*min..=*max).contains(&n) => Ok(()),
                 Some(n) => Err(format!("{n} is outside {min}..={max}")),
-                None => Err(format!("expected a whole number in {min}..={max}, got {}", kind_of(v))),
+                None => Err(format!("expected a whole number in {min}..={max}, got {}", crate::command::type_name(v))),
             },
             ParamKind::Number { min, max } => match v.as_f64() {
                 Some(n) if n >= *min && n <= *max => Ok(()),
                 Some(n) => Err(format!("{n} is outside {min}..={max}")),
-                None => Err(format!("expected a number in {min}..={max}, got {}", kind_of(v))),
+                None => Err(format!("expected a number in {min}..={max}, got {}", crate::command::type_name(v))),
             },
-            ParamKind::Bool => v.as_bool().map(|_| ()).ok_or_else(|| format!("expected true or false, got {}", kind_of(v))),
+            ParamKind::Bool => v.as_bool().map(|_| ()).ok_or_else(|| format!("expected true or false, got {}", crate::command::type_name(v))),
             ParamKind::Color => {
                 parse_color(v).map(|_| ()).ok_or_else(|| "expected a colour: \"#rrggbb\" or [r, g, b] (0-255)".to_owned())
             }
             ParamKind::Text { max_len } => match v.as_str() {
                 Some(s) if s.chars().count() <= *max_len as usize => Ok(()),
                 Some(_) => Err(format!("longer than {max_len} characters")),
-                None => Err(format!("expected a string, got {}", kind_of(v))),
+                None => Err(format!("expected a string, got {}", crate::command::type_name(v))),
             },
             ParamKind::Choice { values } => match v.as_str() {
                 Some(s) if values.iter().any(|c| c == s) => Ok(()),
@@ -297,18 +297,24 @@ impl ParamKind {
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+impl ParamSpec {
+    pub fn required(name: &str, kind: ParamKind, help: &str) -> ParamSpec {
+        ParamSpec { name: name.into(), kind, required: true, help: help.into() }
+    }
+
+    pub fn optional(name: &str, kind: ParamKind, help: &str) -> ParamSpec {
+        ParamSpec { name: name.into(), kind, required: false, help: help.into() }
     }
 }
 
 impl ActionSpec {
+    /// An action written in a component's code. Panics on a name that breaks the syntax: that
+    /// is a programming error, caught by the component's first test.
+    pub fn new(name: &'static str, help: &str, params: Vec<ParamSpec>) -> ActionSpec {
+        let name = ActionName::new(name).unwrap_or_else(|e| panic!("action {name:?}: {e}"));
+        ActionSpec { name, help: help.into(), params }
+    }
+
     /// Checks a call's arguments against the parameters: none unknown, every required one
     /// present, each of its type and range.
     pub fn check(&self, args: &Map<String, Value>) -> Result<(), String> {

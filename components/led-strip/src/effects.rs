@@ -2,7 +2,7 @@
 //! computed for any moment (tests compare golden frames; `frames` answers ahead of time). A
 //! step lasts `wait_ms`; the frame number at the strip's rate gives the step.
 
-use debfleet_component::{json, parse_color, ActionName, ActionSpec, Map, ParamKind, ParamSpec, Value};
+use debfleet_component::{json, parse_color, ActionSpec, Map, ParamKind, ParamSpec, Value};
 
 pub type Rgb = [u8; 3];
 
@@ -82,38 +82,34 @@ pub struct Effect {
     pub cycles: u32,
 }
 
-fn param(name: &str, kind: ParamKind, help: &str) -> ParamSpec {
-    ParamSpec { name: name.into(), kind, required: false, help: help.into() }
-}
-
 impl Effect {
     /// The action of an effect, with the parameters it takes.
     pub fn action(kind: Kind) -> ActionSpec {
-        let mut params = vec![param("wait_ms", ParamKind::Int { min: 1, max: 60_000 }, "milliseconds a step")];
-        let color = param("color", ParamKind::Color, "\"#rrggbb\" or [r, g, b]");
+        let mut params = vec![ParamSpec::optional("wait_ms", ParamKind::Int { min: 1, max: 60_000 }, "milliseconds a step")];
+        let color = ParamSpec::optional("color", ParamKind::Color, "\"#rrggbb\" or [r, g, b]");
         match kind {
             Kind::Rainbow | Kind::RainbowCycle => {}
             Kind::ColorFade => {
                 params.push(color);
-                params.push(param("to", ParamKind::Color, "the colour faded to (default black)"));
-                params.push(param("steps", ParamKind::Int { min: 1, max: 10_000 }, "steps each way"));
+                params.push(ParamSpec::optional("to", ParamKind::Color, "the colour faded to (default black)"));
+                params.push(ParamSpec::optional("steps", ParamKind::Int { min: 1, max: 10_000 }, "steps each way"));
             }
             Kind::Glow => {
                 params.push(color);
-                params.push(param("steps", ParamKind::Int { min: 2, max: 10_000 }, "steps a breath"));
+                params.push(ParamSpec::optional("steps", ParamKind::Int { min: 2, max: 10_000 }, "steps a breath"));
             }
             Kind::Sparkle => {
                 params.push(color);
-                params.push(param("density", ParamKind::Int { min: 1, max: 100 }, "percent of LEDs lit a step"));
+                params.push(ParamSpec::optional("density", ParamKind::Int { min: 1, max: 100 }, "percent of LEDs lit a step"));
             }
             Kind::Wave | Kind::TheaterChase | Kind::Running => {
                 params.push(color);
-                params.push(param("width", ParamKind::Int { min: 1, max: 10_000 }, "LEDs"));
+                params.push(ParamSpec::optional("width", ParamKind::Int { min: 1, max: 10_000 }, "LEDs"));
             }
             Kind::ColorWipe => params.push(color),
         }
-        params.push(param("cycles", ParamKind::Int { min: 0, max: 1_000_000 }, "periods to play, then hold (0: until replaced)"));
-        ActionSpec { name: ActionName::new(kind.name()).expect("effect names are action names"), help: kind.help().into(), params }
+        params.push(ParamSpec::optional("cycles", ParamKind::Int { min: 0, max: 1_000_000 }, "periods to play, then hold (0: until replaced)"));
+        ActionSpec::new(kind.name(), kind.help(), params)
     }
 
     /// From a call's arguments (already checked against [`Effect::action`]), over defaults.

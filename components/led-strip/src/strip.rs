@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use debfleet_component::{
-    json, parse_color, ActionName, ActionSpec, CallError, Component, ComponentMeta, ComponentState, Ctx, ErrorCode,
+    json, parse_color, ActionSpec, CallError, Component, ComponentMeta, ComponentState, Ctx, ErrorCode,
     Level, Map, ParamKind, ParamSpec, Value,
 };
 
@@ -255,32 +255,26 @@ impl Default for Strip {
     }
 }
 
-fn param(name: &str, kind: ParamKind, required: bool, help: &str) -> ParamSpec {
-    ParamSpec { name: name.into(), kind, required, help: help.into() }
-}
 
-fn action(name: &str, help: &str, params: Vec<ParamSpec>) -> ActionSpec {
-    ActionSpec { name: ActionName::new(name).expect("a valid action name"), help: help.into(), params }
-}
 
 impl Component for Strip {
     fn meta(&self) -> ComponentMeta {
         let mut actions = vec![
-            action("clear", "all LEDs off (an effect stops)", vec![]),
-            action("set-color", "the whole strip in one colour", vec![param("color", ParamKind::Color, true, "\"#rrggbb\" or [r, g, b]")]),
-            action(
+            ActionSpec::new("clear", "all LEDs off (an effect stops)", vec![]),
+            ActionSpec::new("set-color", "the whole strip in one colour", vec![ParamSpec::required("color", ParamKind::Color, "\"#rrggbb\" or [r, g, b]")]),
+            ActionSpec::new(
                 "set-range",
                 "LEDs from..to (inclusive) in one colour, the rest as they are",
                 vec![
-                    param("color", ParamKind::Color, true, "\"#rrggbb\" or [r, g, b]"),
-                    param("from", ParamKind::Number { min: 0.0, max: 100_000.0 }, false, "first (default 0)"),
-                    param("to", ParamKind::Number { min: 0.0, max: 100_000.0 }, false, "last (default the end)"),
-                    param("unit", ParamKind::Choice { values: vec!["percent".into(), "index".into()] }, false, "percent (default) or index"),
+                    ParamSpec::required("color", ParamKind::Color, "\"#rrggbb\" or [r, g, b]"),
+                    ParamSpec::optional("from", ParamKind::Number { min: 0.0, max: 100_000.0 }, "first (default 0)"),
+                    ParamSpec::optional("to", ParamKind::Number { min: 0.0, max: 100_000.0 }, "last (default the end)"),
+                    ParamSpec::optional("unit", ParamKind::Choice { values: vec!["percent".into(), "index".into()] }, "percent (default) or index"),
                 ],
             ),
-            action("brightness", "brightness now, 0-100 (the cfg key sets it at start)", vec![param("level", ParamKind::Int { min: 0, max: 100 }, true, "percent")]),
-            action("frames", "the last frames shown, as hex colours per LED", vec![param("count", ParamKind::Int { min: 1, max: 64 }, false, "frames (default 1)")]),
-            action("snapshot", "the virtual strip's last frames as a PNG (a row a frame)", vec![]),
+            ActionSpec::new("brightness", "brightness now, 0-100 (the cfg key sets it at start)", vec![ParamSpec::required("level", ParamKind::Int { min: 0, max: 100 }, "percent")]),
+            ActionSpec::new("frames", "the last frames shown, as hex colours per LED", vec![ParamSpec::optional("count", ParamKind::Int { min: 1, max: 64 }, "frames (default 1)")]),
+            ActionSpec::new("snapshot", "the virtual strip's last frames as a PNG (a row a frame)", vec![]),
         ];
         actions.extend(Kind::ALL.into_iter().map(Effect::action));
         ComponentMeta {

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use debfleet_component::{
-    json, ActionName, ActionSpec, CallError, Component, ComponentMeta, ComponentState, Ctx, ErrorCode, Level, Map,
+    json, ActionSpec, CallError, Component, ComponentMeta, ComponentState, Ctx, ErrorCode, Level, Map,
     ParamKind, ParamSpec, Value, CONTRACT_VERSION,
 };
 
@@ -80,13 +80,7 @@ impl Default for Projector {
     }
 }
 
-fn param(name: &str, kind: ParamKind, required: bool, help: &str) -> ParamSpec {
-    ParamSpec { name: name.into(), kind, required, help: help.into() }
-}
 
-fn action(name: &str, help: &str, params: Vec<ParamSpec>) -> ActionSpec {
-    ActionSpec { name: ActionName::new(name).expect("a valid action name"), help: help.into(), params }
-}
 
 fn choice(words: &[&str]) -> ParamKind {
     ParamKind::Choice { values: words.iter().map(|w| (*w).to_owned()).collect() }
@@ -213,24 +207,24 @@ impl Component for Projector {
             component: "projector".parse().expect("a valid component id"),
             version: env!("CARGO_PKG_VERSION").into(),
             actions: vec![
-                action("power", "switch on or off (acknowledged)", vec![param("on", ParamKind::Bool, true, "true: on")]),
-                action("input", "the input source", vec![param("source", choice(d.inputs()), true, "")]),
-                action("aspect", "the aspect ratio", vec![param("ratio", choice(d.aspects()), true, "")]),
-                action(
+                ActionSpec::new("power", "switch on or off (acknowledged)", vec![ParamSpec::required("on", ParamKind::Bool, "true: on")]),
+                ActionSpec::new("input", "the input source", vec![ParamSpec::required("source", choice(d.inputs()), "")]),
+                ActionSpec::new("aspect", "the aspect ratio", vec![ParamSpec::required("ratio", choice(d.aspects()), "")]),
+                ActionSpec::new(
                     "keystone",
                     "vertical keystone correction",
-                    vec![param("value", ParamKind::Int { min: klo.into(), max: khi.into() }, true, "")],
+                    vec![ParamSpec::required("value", ParamKind::Int { min: klo.into(), max: khi.into() }, "")],
                 ),
-                action(
+                ActionSpec::new(
                     "shift",
                     "image shift, horizontal and vertical",
                     vec![
-                        param("h", ParamKind::Int { min: slo.into(), max: shi.into() }, false, ""),
-                        param("v", ParamKind::Int { min: slo.into(), max: shi.into() }, false, ""),
+                        ParamSpec::optional("h", ParamKind::Int { min: slo.into(), max: shi.into() }, ""),
+                        ParamSpec::optional("v", ParamKind::Int { min: slo.into(), max: shi.into() }, ""),
                     ],
                 ),
-                action("key", "a remote-control key (menu navigation)", vec![param("name", choice(d.keys()), true, "")]),
-                action("refresh", "ask the projector for its power state and input", vec![]),
+                ActionSpec::new("key", "a remote-control key (menu navigation)", vec![ParamSpec::required("name", choice(d.keys()), "")]),
+                ActionSpec::new("refresh", "ask the projector for its power state and input", vec![]),
             ],
             metrics: vec!["acknowledged".into(), "refused".into(), "unanswered".into()],
         }
