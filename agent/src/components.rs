@@ -26,10 +26,13 @@ const MAX_FRAMES_PER_S: u32 = 200;
 /// Frames waiting for one component; a component this far behind is not reading.
 const QUEUE: usize = 64;
 
+/// A frame for a connection, and whether the connection ends after it.
+type Outgoing = mpsc::Sender<(Down, bool)>;
+
 /// The writers of the open connections, by number.
 #[derive(Clone, Default)]
 pub struct Registry {
-    writers: Arc<Mutex<HashMap<u64, mpsc::Sender<(Down, bool)>>>>,
+    writers: Arc<Mutex<HashMap<u64, Outgoing>>>,
 }
 
 impl Registry {

@@ -84,7 +84,8 @@ impl Streams {
                     let mut base = serde_json::to_value(&*slot).map_err(|e| e.to_string())?;
                     merge(&mut base, v);
                     let m: MetricCfg = serde_json::from_value(base).map_err(|e| format!("telemetry.{name}: {e}"))?;
-                    if m.interval_s == 0 || !(m.threshold >= 0.0) {
+                    // NaN is no threshold either.
+                    if m.interval_s == 0 || m.threshold.is_nan() || m.threshold < 0.0 {
                         return Err(format!("telemetry.{name}: interval_s must be at least 1 and threshold not negative"));
                     }
                     *slot = m;

@@ -238,7 +238,7 @@ impl Effect {
             Kind::TheaterChase => {
                 let w = u64::from(self.width.max(1));
                 for (i, px) in out.iter_mut().enumerate() {
-                    *px = if (i as u64 + w - step % w) % w == 0 { c } else { BLACK };
+                    *px = if (i as u64 + w - step % w).is_multiple_of(w) { c } else { BLACK };
                 }
             }
             Kind::Running => {
