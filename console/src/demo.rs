@@ -93,6 +93,61 @@ fn sibling_deb(deb: &Path, prefix: &str) -> Option<PathBuf> {
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
 }
 
+/// Where the simulated projector's serial line appears on its device.
+const SIM_TTY: &str = "/run/projector-sim.tty";
+
+/// Gives a device "a projector on its serial port": the projector component installed through
+/// debfleet like any package, a simulated Optoma projector on a pseudo-terminal beside it (the
+/// lab has no serial ports; a drop-in allows ptys), and the component pointed at it.
+fn attach_projector(ctx: &Ctx, lab: &Lab, name: &str) -> Result<()> {
+    use debfleet_protocol::{CommandArgs, DeviceId, PackageOptions, PackageSpec};
+    eprintln!("demo: attaching a (simulated) projector to {name}...");
+    let id = DeviceId::new(name)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let call = |args: CommandArgs| -> Result<()> {
+        rt.block_on(async {
+            let (mut session, mut fleet) = crate::cmds::load_fleet(ctx).await?;
+            let req = crate::request::Request {
+                target: crate::request::Target::Devices(vec![id.clone()]),
+                args,
+                timeout: Duration::from_secs(300),
+                expires: None,
+            };
+            let outcomes = crate::request::send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
+            session.disconnect().await;
+            match outcomes.first() {
+                Some(o) if o.ok => Ok(()),
+                Some(o) => bail!("{name}: {}", o.error.clone().unwrap_or_default()),
+                None => bail!("{name}: no answer"),
+            }
+        })
+    };
+    let package = PackageSpec { name: "debfleet-projector".into(), version: None };
+    call(CommandArgs::Install { packages: vec![package], options: PackageOptions::default() })?;
+    let dev = lab.attach(name)?;
+    dev.ok(&["mkdir", "-p", "/etc/systemd/system/debfleet-projector.service.d"])?;
+    dev.write("/etc/systemd/system/debfleet-projector.service.d/demo-pty.conf", "[Service]\nDeviceAllow=char-pts rw\n")?;
+    dev.ok(&["systemctl", "daemon-reload"])?;
+    dev.ok(&["systemd-run", "--unit=projector-sim", "/usr/bin/debfleet-projector", "--simulate", SIM_TTY])?;
+    dev.ok(&["systemctl", "restart", "debfleet-projector"])?;
+    let mut port = serde_json::Map::new();
+    port.insert("port".into(), SIM_TTY.into());
+    // The component may take a moment to connect to the agent after its restart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let args = CommandArgs::Call {
+            component: "projector".parse()?,
+            action: "cfg".parse()?,
+            args: port.clone(),
+        };
+        match call(args) {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
 struct Services {
     repo: Option<Child>,
     lab: Lab,
@@ -194,7 +249,12 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     let led = sibling_deb(&agent_deb, "debfleet-led-strip_")
         .context("no debfleet-led-strip package beside the agent's: build both with scripts/build-debs.sh")?;
     client.upload(&led, "stable")?;
-    eprintln!("demo: repository at {repo_url} with debfleet-agent, debfleet-led-strip and debfleet-hello 1.0, 2.0");
+    let projector = sibling_deb(&agent_deb, "debfleet-projector_")
+        .context("no debfleet-projector package beside the agent's: build both with scripts/build-debs.sh")?;
+    client.upload(&projector, "stable")?;
+    eprintln!(
+        "demo: repository at {repo_url} with debfleet-agent, debfleet-led-strip, debfleet-projector and debfleet-hello 1.0, 2.0"
+    );
 
     // The devices, taking the agent from the repository like a real fleet would.
     let key = root.join("public/debfleet-archive-keyring.gpg");
@@ -206,6 +266,10 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
             Err(_) => services.lab.create(&name)?,
         };
         crate::lab::provision(&dev, &ctx, None, Some(&repo_url), Some(&key), "lab")?;
+    }
+    let projector_on = (args.devices >= 2).then(|| "lab-2".to_owned());
+    if let Some(name) = &projector_on {
+        attach_projector(&ctx, &services.lab, name)?;
     }
     // The lines below are meant to be pasted: this binary's directory goes on the PATH.
     let bin_dir = std::env::current_exe()
@@ -228,12 +292,20 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet component frames lab-1 led-strip         # what the strip shows, frame by frame\n\
          \x20 debfleet component cfg lab-1 led-strip brightness=30\n\
          \x20 debfleet component show lab-1 led-strip           # its actions, state, metrics, configuration\n\
-         \x20 debfleet watch --group lab                        # status, progress, logs, telemetry\n\
+{projector}\x20 debfleet watch --group lab                        # status, progress, logs, telemetry\n\
          \x20 debfleet lab kill lab-2 && debfleet devices      # lost, dated by when it was last heard\n\
          \x20 debfleet lab boot lab-2                          # and back\n\
          \x20 source <(debfleet completions bash)              # tab completion\n\
          Ctrl-C stops the demo and removes its devices.",
-        n = args.devices
+        n = args.devices,
+        projector = match &projector_on {
+            Some(d) => format!(
+                "\x20 debfleet component call {d} projector power on=true   # {d}'s (simulated) projector: acknowledged\n\
+                 \x20 debfleet component call {d} projector input source=hdmi2\n\
+                 \x20 debfleet component show {d} projector              # what the projector said: power, input\n"
+            ),
+            None => String::new(),
+        }
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();

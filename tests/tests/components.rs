@@ -256,6 +256,18 @@ fn installed_from_the_repository_restarted_upgraded_rolled_back_and_removed() {
     let (code, v, text) = console(&m, &["component", "call", "cm-2", "led-strip", "theater-chase", "color=#ff0000", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(v[0]["result"]["effect"], "theater-chase");
+    // Hostile arguments on the device: error codes, and the effect plays on.
+    for (id, body, code) in [
+        ("cm2-h1", json!({"component": "led-strip", "action": "fireworks"}), "unknown_action"),
+        ("cm2-h2", json!({"component": "led-strip", "action": "set-color", "args": {"color": [300, 0, 0]}}), "invalid_value"),
+        ("cm2-h3", json!({"component": "led-strip", "action": "set-range", "args": {"color": "#ffffff", "to": 99999, "unit": "index"}}), "invalid_value"),
+        ("cm2-h4", json!({"component": "led-strip", "action": "running", "args": {"width": "wide"}}), "invalid_value"),
+    ] {
+        let rec = raw_call(&obs, "cm-2", id, body);
+        assert_eq!(rec["error"]["code"], code, "{id}: {rec}");
+    }
+    let (_, v, _) = console(&m, &["component", "call", "cm-2", "led-strip", "state", "--json"]);
+    assert_eq!(v[0]["result"]["effect"], "theater-chase", "{v}");
 
     let (code, _, text) = console(&m, &["uninstall", "cm-2", "debfleet-led-strip", "--purge", "--json"]);
     assert_eq!(code, Some(0), "{text}");

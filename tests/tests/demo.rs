@@ -92,6 +92,11 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let png = labdir.path().join("strip.png");
     run(&["component", "frames", "lab-1", "led-strip", "--count", "32", "--png", png.to_str().unwrap()]);
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    // lab-2's (simulated) projector, set up by the demo: a command, acknowledged.
+    let on = run(&["component", "call", "lab-2", "projector", "power", "on=true", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&on).unwrap();
+    assert_eq!(v[0]["result"]["power"], "on", "{on}");
+    assert_eq!(v[0]["result"]["connection"], "connected", "{on}");
 
     // SIGTERM: devices and services go away.
     Command::new("kill").arg("-TERM").arg(demo.id().to_string()).status().unwrap();
