@@ -17,10 +17,15 @@ state=$(mktemp -d)
 sed -e "s#@BROKER@#mqtt://$LISTEN#" -e "s#@STATE@#$state#" examples/agent.toml > "$state/agent.toml"
 target/debug/debfleet serve --listen "$LISTEN" &
 serve=$!
-trap 'kill $serve $agent 2>/dev/null; wait 2>/dev/null; rm -rf "$state"' EXIT INT TERM
+trap 'kill $serve $agent $led 2>/dev/null; wait 2>/dev/null; rm -rf "$state"' EXIT INT TERM
 sleep 0.3
 target/debug/debfleet-agent --config "$state/agent.toml" &
 agent=$!
+# The LED-strip component beside it (a virtual strip), as its unit would run it on a device.
+mkdir -p "$state/led-strip"
+DEBFLEET_SOCKET="$state/agent.sock" STATE_DIRECTORY="$state/led-strip" RUNTIME_DIRECTORY="$state/led-strip" \
+    target/debug/debfleet-led-strip 2>/dev/null &
+led=$!
 cat <<TOUR
 
 debfleet is running: embedded broker on mqtt://$LISTEN, one agent as device "local".
@@ -30,8 +35,10 @@ Try, in another terminal:
   target/debug/debfleet show local
   target/debug/debfleet ping --all
   target/debug/debfleet cfg set local telemetry.cpu.interval_s=2
+  target/debug/debfleet component call local led-strip rainbow-cycle wait_ms=20
+  target/debug/debfleet component frames local led-strip
   target/debug/debfleet watch
-Ctrl-C here stops both.
+Ctrl-C here stops them all.
 
 TOUR
 wait $serve
