@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use debfleet_protocol::component::{decode, encode, frame_len, Down, Up};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio_util::sync::CancellationToken;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::core::Event;
 

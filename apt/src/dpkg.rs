@@ -82,7 +82,8 @@ impl Records {
         fn some(s: &str) -> Option<&str> {
             (!s.is_empty()).then_some(s)
         }
-        let (name, version, arch, state, held, units, component) = (next(), next(), next(), next(), next(), next(), next());
+        let (name, version, arch, state, held, units, component) =
+            (next(), next(), next(), next(), next(), next(), next());
         Record {
             name,
             version: some(version),
@@ -364,7 +365,10 @@ mod unit_tests {
         // A component id that breaks the syntax is no component.
         let c = Database::new(dir.path()).components();
         assert_eq!(c.len(), 1);
-        assert_eq!((c[0].component.as_str(), c[0].package.as_str(), c[0].unit.as_str()), ("led-strip", "led", "led.service"));
+        assert_eq!(
+            (c[0].component.as_str(), c[0].package.as_str(), c[0].unit.as_str()),
+            ("led-strip", "led", "led.service")
+        );
     }
 
     #[test]

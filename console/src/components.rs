@@ -135,7 +135,10 @@ fn split(words: &[String], f: &CallFlags, fixed: usize) -> Result<(Target, Vec<S
         (Some(g), false, true) => Target::Group(GroupName::new(g.as_str()).map_err(|e| usage(e.to_string()))?),
         (None, true, true) => Target::All,
         (None, false, false) => Target::Devices(
-            devices.iter().map(|d| DeviceId::new(d.as_str()).map_err(|e| usage(e.to_string()))).collect::<Result<_>>()?,
+            devices
+                .iter()
+                .map(|d| DeviceId::new(d.as_str()).map_err(|e| usage(e.to_string())))
+                .collect::<Result<_>>()?,
         ),
         (None, false, true) => bail!(usage(format!("name devices (or --group G, --all), then {what}"))),
         _ => bail!(usage("devices, --group and --all exclude each other")),
@@ -252,7 +255,8 @@ async fn frames(ctx: &Ctx, device: &str, component: &str, count: u32, png: Optio
     let c = component_id(component)?;
     let mut args = Map::new();
     args.insert("count".into(), count.into());
-    let outcomes = send_call(ctx, Target::Devices(vec![id.clone()]), c.clone(), action_name("frames")?, args, 20.0).await?;
+    let outcomes =
+        send_call(ctx, Target::Devices(vec![id.clone()]), c.clone(), action_name("frames")?, args, 20.0).await?;
     let o = &outcomes[0];
     let result = match (&o.record, o.ok) {
         (Some(r), true) => r.result.clone().unwrap_or(Value::Null),
@@ -422,7 +426,8 @@ mod tests {
 
     #[test]
     fn words_split_into_targets_component_action_and_arguments() {
-        let (t, rest, args) = split(&words("lab-1 lab-2 led-strip set-color color=#ff0000"), &flags(None, false), 2).unwrap();
+        let (t, rest, args) =
+            split(&words("lab-1 lab-2 led-strip set-color color=#ff0000"), &flags(None, false), 2).unwrap();
         assert!(matches!(t, Target::Devices(ref d) if d.len() == 2));
         assert_eq!(rest, ["led-strip", "set-color"]);
         let a = arguments(&args).unwrap();
@@ -431,7 +436,11 @@ mod tests {
         assert_eq!((a["level"].as_i64(), a["color"][2].as_i64(), a["on"].as_bool()), (Some(50), Some(3), Some(true)));
         let (t, ..) = split(&words("led-strip clear"), &flags(Some("lab"), false), 2).unwrap();
         assert!(matches!(t, Target::Group(_)));
-        for (w, f) in [("led-strip", flags(None, false)), ("led-strip clear", flags(None, false)), ("lab-1 led-strip clear", flags(None, true))] {
+        for (w, f) in [
+            ("led-strip", flags(None, false)),
+            ("led-strip clear", flags(None, false)),
+            ("lab-1 led-strip clear", flags(None, true)),
+        ] {
             assert!(split(&words(w), &f, 2).is_err(), "{w}");
         }
         assert!(arguments(&words("a=1 a=2")).is_err());

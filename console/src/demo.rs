@@ -126,7 +126,10 @@ fn attach_projector(ctx: &Ctx, lab: &Lab, name: &str) -> Result<()> {
     call(CommandArgs::Install { packages: vec![package], options: PackageOptions::default() })?;
     let dev = lab.attach(name)?;
     dev.ok(&["mkdir", "-p", "/etc/systemd/system/debfleet-projector.service.d"])?;
-    dev.write("/etc/systemd/system/debfleet-projector.service.d/demo-pty.conf", "[Service]\nDeviceAllow=char-pts rw\n")?;
+    dev.write(
+        "/etc/systemd/system/debfleet-projector.service.d/demo-pty.conf",
+        "[Service]\nDeviceAllow=char-pts rw\n",
+    )?;
     dev.ok(&["systemctl", "daemon-reload"])?;
     dev.ok(&["systemd-run", "--unit=projector-sim", "/usr/bin/debfleet-projector", "--simulate", SIM_TTY])?;
     dev.ok(&["systemctl", "restart", "debfleet-projector"])?;
@@ -135,11 +138,7 @@ fn attach_projector(ctx: &Ctx, lab: &Lab, name: &str) -> Result<()> {
     // The component may take a moment to connect to the agent after its restart.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let args = CommandArgs::Call {
-            component: "projector".parse()?,
-            action: "cfg".parse()?,
-            args: port.clone(),
-        };
+        let args = CommandArgs::Call { component: "projector".parse()?, action: "cfg".parse()?, args: port.clone() };
         match call(args) {
             Ok(()) => return Ok(()),
             Err(e) if std::time::Instant::now() > deadline => return Err(e),

@@ -39,7 +39,11 @@ pub struct ComponentView {
 
 impl ComponentView {
     fn is_empty(&self) -> bool {
-        self.meta.is_none() && self.status.is_none() && self.state.is_none() && self.cfg.is_none() && self.telemetry.is_none()
+        self.meta.is_none()
+            && self.status.is_none()
+            && self.state.is_none()
+            && self.cfg.is_none()
+            && self.telemetry.is_none()
     }
 }
 

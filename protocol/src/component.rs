@@ -63,16 +63,26 @@ pub struct ComponentStatus {
 #[serde(rename_all = "snake_case")]
 pub enum ParamKind {
     /// A whole number in `[min, max]`.
-    Int { min: i64, max: i64 },
+    Int {
+        min: i64,
+        max: i64,
+    },
     /// A number in `[min, max]`.
-    Number { min: f64, max: f64 },
+    Number {
+        min: f64,
+        max: f64,
+    },
     Bool,
     /// `#rrggbb`, or `[r, g, b]` with each in 0..=255.
     Color,
     /// A string of at most `max_len` characters.
-    Text { max_len: u32 },
+    Text {
+        max_len: u32,
+    },
     /// One of the listed words.
-    Choice { values: Vec<String> },
+    Choice {
+        values: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,29 +193,52 @@ pub enum CallResult {
 #[serde(rename_all = "snake_case")]
 pub enum Up {
     /// The first frame: who it is and what it can do. The agent answers `welcome` or `bye`.
-    Hello { meta: ComponentMeta },
-    Status { status: ComponentStatus },
+    Hello {
+        meta: ComponentMeta,
+    },
+    Status {
+        status: ComponentStatus,
+    },
     /// Its state (component-defined JSON object), retained.
-    State { state: Map<String, Value> },
+    State {
+        state: Map<String, Value>,
+    },
     /// Its configuration as it now applies, retained.
-    Cfg { cfg: Map<String, Value> },
-    Telemetry { telemetry: ComponentTelemetry },
-    Logs { logs: LogBatch },
+    Cfg {
+        cfg: Map<String, Value>,
+    },
+    Telemetry {
+        telemetry: ComponentTelemetry,
+    },
+    Logs {
+        logs: LogBatch,
+    },
     /// The answer to `call` `id`.
-    Result { id: OpId, result: CallResult },
+    Result {
+        id: OpId,
+        result: CallResult,
+    },
 }
 
 /// Agent → component, one frame each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Down {
-    Welcome { device: DeviceId },
+    Welcome {
+        device: DeviceId,
+    },
     /// Run `action` (arguments not yet checked against the action's parameters: the
     /// component's runtime does that) and answer with `result` for `id`.
-    Call { id: OpId, action: ActionName, args: Map<String, Value> },
+    Call {
+        id: OpId,
+        action: ActionName,
+        args: Map<String, Value>,
+    },
     /// The agent refuses the connection (a second connection for the same id, a bad hello)
     /// and closes it.
-    Bye { reason: String },
+    Bye {
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -280,10 +313,13 @@ impl ParamKind {
                 Some(n) => Err(format!("{n} is outside {min}..={max}")),
                 None => Err(format!("expected a number in {min}..={max}, got {}", crate::command::type_name(v))),
             },
-            ParamKind::Bool => v.as_bool().map(|_| ()).ok_or_else(|| format!("expected true or false, got {}", crate::command::type_name(v))),
-            ParamKind::Color => {
-                parse_color(v).map(|_| ()).ok_or_else(|| "expected a colour: \"#rrggbb\" or [r, g, b] (0-255)".to_owned())
-            }
+            ParamKind::Bool => v
+                .as_bool()
+                .map(|_| ())
+                .ok_or_else(|| format!("expected true or false, got {}", crate::command::type_name(v))),
+            ParamKind::Color => parse_color(v)
+                .map(|_| ())
+                .ok_or_else(|| "expected a colour: \"#rrggbb\" or [r, g, b] (0-255)".to_owned()),
             ParamKind::Text { max_len } => match v.as_str() {
                 Some(s) if s.chars().count() <= *max_len as usize => Ok(()),
                 Some(_) => Err(format!("longer than {max_len} characters")),
@@ -348,7 +384,12 @@ mod tests {
             help: String::new(),
             params: vec![
                 ParamSpec { name: "color".into(), kind: ParamKind::Color, required: true, help: String::new() },
-                ParamSpec { name: "from".into(), kind: ParamKind::Int { min: 0, max: 100 }, required: false, help: String::new() },
+                ParamSpec {
+                    name: "from".into(),
+                    kind: ParamKind::Int { min: 0, max: 100 },
+                    required: false,
+                    help: String::new(),
+                },
                 ParamSpec {
                     name: "unit".into(),
                     kind: ParamKind::Choice { values: vec!["percent".into(), "index".into()] },
@@ -392,7 +433,8 @@ mod tests {
         let n = frame_len(f[..4].try_into().unwrap()).unwrap();
         assert_eq!(decode::<Up>(&f[4..4 + n]).unwrap(), up);
         assert!(frame_len((MAX_FRAME_BYTES as u32 + 1).to_be_bytes()).is_err());
-        let down = Down::Call { id: OpId::new("c-2").unwrap(), action: ActionName::new("clear").unwrap(), args: Map::new() };
+        let down =
+            Down::Call { id: OpId::new("c-2").unwrap(), action: ActionName::new("clear").unwrap(), args: Map::new() };
         let f = encode(&down).unwrap();
         assert_eq!(decode::<Down>(&f[4..]).unwrap(), down);
         assert!(decode::<Up>(br#"{"hello":{}}"#).is_err());

@@ -123,8 +123,12 @@ fn every_example_round_trips_through_the_types() {
         if !name.starts_with("debfleet/") || cells.len() < 6 || !cells[4].chars().all(|c| c.is_ascii_digit()) {
             continue;
         }
-        let concrete =
-            name.replace("/ID/", "/lab-1/").replace("OPID", "op-1").replace("VERB", "ping").replace("/G/", "/lab/").replace("CID", "led-strip");
+        let concrete = name
+            .replace("/ID/", "/lab-1/")
+            .replace("OPID", "op-1")
+            .replace("VERB", "ping")
+            .replace("/G/", "/lab/")
+            .replace("CID", "led-strip");
         let topic = topics.parse(&concrete).unwrap_or_else(|e| panic!("{name}: {e}"));
         let (retained, qos) = topic.delivery();
         assert_eq!(cells[3].starts_with("yes"), retained, "{name}: retained");

@@ -232,7 +232,8 @@ impl Agent {
         };
         // Each test agent's components' socket in its own directory (agents before components
         // — the wire benchmark's baseline — refuse the key).
-        let socket = if spec.extra.contains("components_socket") || std::env::var_os("DEBFLEET_AGENT_LEGACY").is_some() {
+        let socket = if spec.extra.contains("components_socket") || std::env::var_os("DEBFLEET_AGENT_LEGACY").is_some()
+        {
             String::new()
         } else {
             format!("components_socket = {:?}\n", dir.path().join("agent.sock"))

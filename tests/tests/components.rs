@@ -87,7 +87,8 @@ fn a_component_through_the_agent_and_what_hostile_input_gets() {
     obs.wait("debfleet/device/cm-1/components/led-strip/cfg", Duration::from_secs(20), |v| v["cfg"]["leds"] == 60);
 
     // An effect from the console; its state and a frame.
-    let (code, v, text) = console(&m, &["component", "call", "cm-1", "led-strip", "rainbow-cycle", "wait_ms=20", "--json"]);
+    let (code, v, text) =
+        console(&m, &["component", "call", "cm-1", "led-strip", "rainbow-cycle", "wait_ms=20", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(v[0]["result"]["effect"], "rainbow-cycle", "{text}");
     obs.wait("debfleet/device/cm-1/components/led-strip/state", Duration::from_secs(10), |v| {
@@ -105,7 +106,9 @@ fn a_component_through_the_agent_and_what_hostile_input_gets() {
     let (code, v, text) = console(&m, &["component", "cfg", "cm-1", "led-strip", "brightness=10", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(v[0]["result"]["brightness"], 10, "{text}");
-    obs.wait("debfleet/device/cm-1/components/led-strip/state", Duration::from_secs(10), |v| v["state"]["brightness"] == 10);
+    obs.wait("debfleet/device/cm-1/components/led-strip/state", Duration::from_secs(10), |v| {
+        v["state"]["brightness"] == 10
+    });
     let (_, v, _) = console(&m, &["component", "call", "cm-1", "led-strip", "frames", "--json"]);
     let frame = v[0]["result"]["frames"][0].as_str().unwrap().to_owned();
     let max = (0..frame.len()).step_by(2).map(|i| u8::from_str_radix(&frame[i..i + 2], 16).unwrap()).max().unwrap();
@@ -118,15 +121,50 @@ fn a_component_through_the_agent_and_what_hostile_input_gets() {
     // The device refuses the rest, with codes, and the effect plays on.
     for (id, body, code, says) in [
         ("h1", json!({"component": "led-strip", "action": "dance"}), "unknown_action", "no action"),
-        ("h2", json!({"component": "led-strip", "action": "set-color", "args": {"color": "#zzzzzz"}}), "invalid_value", "colour"),
-        ("h3", json!({"component": "led-strip", "action": "set-color", "args": {"color": [255, 0, 256]}}), "invalid_value", "colour"),
-        ("h4", json!({"component": "led-strip", "action": "set-range", "args": {"color": "#ff0000", "from": 0, "to": 5000, "unit": "index"}}), "invalid_value", "past the strip's end"),
-        ("h5", json!({"component": "led-strip", "action": "brightness", "args": {"level": "high"}}), "invalid_value", "got a string"),
-        ("h6", json!({"component": "led-strip", "action": "rainbow", "args": {"wait_ms": -1}}), "invalid_value", "outside"),
-        ("h7", json!({"component": "led-strip", "action": "glow", "args": {"colour": "#ffffff"}}), "invalid_value", "unknown argument"),
+        (
+            "h2",
+            json!({"component": "led-strip", "action": "set-color", "args": {"color": "#zzzzzz"}}),
+            "invalid_value",
+            "colour",
+        ),
+        (
+            "h3",
+            json!({"component": "led-strip", "action": "set-color", "args": {"color": [255, 0, 256]}}),
+            "invalid_value",
+            "colour",
+        ),
+        (
+            "h4",
+            json!({"component": "led-strip", "action": "set-range", "args": {"color": "#ff0000", "from": 0, "to": 5000, "unit": "index"}}),
+            "invalid_value",
+            "past the strip's end",
+        ),
+        (
+            "h5",
+            json!({"component": "led-strip", "action": "brightness", "args": {"level": "high"}}),
+            "invalid_value",
+            "got a string",
+        ),
+        (
+            "h6",
+            json!({"component": "led-strip", "action": "rainbow", "args": {"wait_ms": -1}}),
+            "invalid_value",
+            "outside",
+        ),
+        (
+            "h7",
+            json!({"component": "led-strip", "action": "glow", "args": {"colour": "#ffffff"}}),
+            "invalid_value",
+            "unknown argument",
+        ),
         ("h8", json!({"component": "nope", "action": "clear"}), "component_unavailable", "no component nope"),
         ("h9", json!({"component": "../led-strip", "action": "clear"}), "invalid_value", "component id"),
-        ("h10", json!({"component": "led-strip", "action": "frames", "args": {"count": 1000000}}), "invalid_value", "outside"),
+        (
+            "h10",
+            json!({"component": "led-strip", "action": "frames", "args": {"count": 1000000}}),
+            "invalid_value",
+            "outside",
+        ),
     ] {
         let rec = raw_call(&obs, "cm-1", id, body);
         assert_eq!(rec["state"], "failed", "{id}: {rec}");
@@ -171,7 +209,9 @@ fn a_component_through_the_agent_and_what_hostile_input_gets() {
     assert!(cut || closed(&mut c), "a flood of frames is cut off");
     let (code, _, text) = console(&m, &["ping", "cm-1"]);
     assert_eq!(code, Some(0), "the agent answers after all that: {text}");
-    wait_for(Duration::from_secs(10), "the agent's word on the flood", || agent.log().contains("cut off").then_some(()));
+    wait_for(Duration::from_secs(10), "the agent's word on the flood", || {
+        agent.log().contains("cut off").then_some(())
+    });
 
     // The strip's process dies: stopped; a new one is a restart.
     strip.kill().unwrap();
@@ -184,7 +224,9 @@ fn a_component_through_the_agent_and_what_hostile_input_gets() {
         v["components"]["led-strip"]["restarts"] == 1
     });
     // Its configuration was kept across the restart.
-    obs.wait("debfleet/device/cm-1/components/led-strip/cfg", Duration::from_secs(10), |v| v["cfg"]["brightness"] == 10);
+    obs.wait("debfleet/device/cm-1/components/led-strip/cfg", Duration::from_secs(10), |v| {
+        v["cfg"]["brightness"] == 10
+    });
     let (code, _, text) = console(&m, &["component", "list", "cm-1"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("led-strip") && text.contains("RESTARTS"), "{text}");
@@ -222,9 +264,13 @@ fn installed_from_the_repository_restarted_upgraded_rolled_back_and_removed() {
     assert_eq!(v[0]["state"], "succeeded", "{text}");
     obs.wait("debfleet/device/cm-2/state/components", Duration::from_secs(30), |v| {
         let e = &v["components"]["led-strip"];
-        e["package"] == "debfleet-led-strip" && e["version"] == "0.1.0" && e["state"] == "idle" && e["unit"] == "debfleet-led-strip.service"
+        e["package"] == "debfleet-led-strip"
+            && e["version"] == "0.1.0"
+            && e["state"] == "idle"
+            && e["unit"] == "debfleet-led-strip.service"
     });
-    let (code, v, text) = console(&m, &["component", "call", "cm-2", "led-strip", "set-color", "color=#00ff00", "--json"]);
+    let (code, v, text) =
+        console(&m, &["component", "call", "cm-2", "led-strip", "set-color", "color=#00ff00", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(v[0]["result"]["mode"], "still");
     let (_, v, _) = console(&m, &["component", "call", "cm-2", "led-strip", "frames", "--json"]);
@@ -241,7 +287,9 @@ fn installed_from_the_repository_restarted_upgraded_rolled_back_and_removed() {
     obs.wait("debfleet/device/cm-2/state/components", Duration::from_secs(30), |v| {
         v["components"]["led-strip"]["restarts"] == 1 && v["components"]["led-strip"]["state"] == "idle"
     });
-    obs.wait("debfleet/device/cm-2/components/led-strip/cfg", Duration::from_secs(10), |v| v["cfg"]["brightness"] == 50);
+    obs.wait("debfleet/device/cm-2/components/led-strip/cfg", Duration::from_secs(10), |v| {
+        v["cfg"]["brightness"] == 50
+    });
 
     let (code, _, text) = console(&m, &["upgrade", "cm-2", "debfleet-led-strip", "--json"]);
     assert_eq!(code, Some(0), "{text}");
@@ -253,14 +301,23 @@ fn installed_from_the_repository_restarted_upgraded_rolled_back_and_removed() {
     obs.wait("debfleet/device/cm-2/state/components", Duration::from_secs(30), |v| {
         v["components"]["led-strip"]["version"] == "0.1.0" && v["components"]["led-strip"]["state"] == "idle"
     });
-    let (code, v, text) = console(&m, &["component", "call", "cm-2", "led-strip", "theater-chase", "color=#ff0000", "--json"]);
+    let (code, v, text) =
+        console(&m, &["component", "call", "cm-2", "led-strip", "theater-chase", "color=#ff0000", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(v[0]["result"]["effect"], "theater-chase");
     // Hostile arguments on the device: error codes, and the effect plays on.
     for (id, body, code) in [
         ("cm2-h1", json!({"component": "led-strip", "action": "fireworks"}), "unknown_action"),
-        ("cm2-h2", json!({"component": "led-strip", "action": "set-color", "args": {"color": [300, 0, 0]}}), "invalid_value"),
-        ("cm2-h3", json!({"component": "led-strip", "action": "set-range", "args": {"color": "#ffffff", "to": 99999, "unit": "index"}}), "invalid_value"),
+        (
+            "cm2-h2",
+            json!({"component": "led-strip", "action": "set-color", "args": {"color": [300, 0, 0]}}),
+            "invalid_value",
+        ),
+        (
+            "cm2-h3",
+            json!({"component": "led-strip", "action": "set-range", "args": {"color": "#ffffff", "to": 99999, "unit": "index"}}),
+            "invalid_value",
+        ),
         ("cm2-h4", json!({"component": "led-strip", "action": "running", "args": {"width": "wide"}}), "invalid_value"),
     ] {
         let rec = raw_call(&obs, "cm-2", id, body);
@@ -300,12 +357,19 @@ fn the_projector_from_the_repository_against_a_simulated_projector_unplugged_and
     obs.wait("debfleet/device/cm-3/components/projector/status", Duration::from_secs(30), |v| {
         v["state"] == "error" && v["message"].as_str().unwrap_or("").contains("/dev/ttyUSB0")
     });
-    let rec = raw_call(&obs, "cm-3", "pj-1", json!({"component": "projector", "action": "power", "args": {"on": true}}));
+    let rec =
+        raw_call(&obs, "cm-3", "pj-1", json!({"component": "projector", "action": "power", "args": {"on": true}}));
     assert_eq!(rec["error"]["code"], "component_unavailable", "{rec}");
 
     // A simulated projector on a pseudo-terminal in the device (a drop-in allows ptys), and the
     // component pointed at it through its configuration.
-    dev.ok(&["systemd-run", "--unit=projector-sim", "/usr/bin/debfleet-projector", "--simulate", "/run/projector-sim.tty"]);
+    dev.ok(&[
+        "systemd-run",
+        "--unit=projector-sim",
+        "/usr/bin/debfleet-projector",
+        "--simulate",
+        "/run/projector-sim.tty",
+    ]);
     dev.ok(&["mkdir", "-p", "/etc/systemd/system/debfleet-projector.service.d"]);
     dev.write("/etc/systemd/system/debfleet-projector.service.d/pty.conf", "[Service]\nDeviceAllow=char-pts rw\n");
     dev.ok(&["systemctl", "daemon-reload"]);
@@ -328,14 +392,24 @@ fn the_projector_from_the_repository_against_a_simulated_projector_unplugged_and
     obs.wait("debfleet/device/cm-3/components/projector/state", Duration::from_secs(20), |v| {
         v["state"]["connection"] == "disconnected"
     });
-    let rec = raw_call(&obs, "cm-3", "pj-2", json!({"component": "projector", "action": "power", "args": {"on": false}}));
+    let rec =
+        raw_call(&obs, "cm-3", "pj-2", json!({"component": "projector", "action": "power", "args": {"on": false}}));
     assert_eq!(rec["error"]["code"], "component_unavailable", "{rec}");
-    dev.ok(&["systemd-run", "--unit=projector-sim2", "/usr/bin/debfleet-projector", "--simulate", "/run/projector-sim.tty"]);
+    dev.ok(&[
+        "systemd-run",
+        "--unit=projector-sim2",
+        "/usr/bin/debfleet-projector",
+        "--simulate",
+        "/run/projector-sim.tty",
+    ]);
     let since = obs.messages().len();
     wait_for(Duration::from_secs(20), "the projector back", || {
         obs.messages()[since..]
             .iter()
-            .any(|m| m.topic == "debfleet/device/cm-3/components/projector/state" && m.json()["state"]["connection"] == "connected")
+            .any(|m| {
+                m.topic == "debfleet/device/cm-3/components/projector/state"
+                    && m.json()["state"]["connection"] == "connected"
+            })
             .then_some(())
     });
     let (code, v, text) = console(&m, &["component", "call", "cm-3", "projector", "refresh", "--json"]);

@@ -78,7 +78,12 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     // The tour's component: the LED strip from the repository, an effect, its frames as a picture.
     let run = |args: &[&str]| {
         let out = Command::new(bin("debfleet")).args(args).env("DEBFLEET_BROKER", &broker).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     run(&["install", "lab-1", "debfleet-led-strip", "--watch", "2"]);

@@ -138,7 +138,8 @@ impl Core {
         tracing::info!("component {id} {} connected (connection {conn})", meta.version);
         self.components.conns.insert(conn, id.clone());
         self.components.live.insert(id.clone(), Live { conn, meta: meta.clone(), state: ComponentState::Idle });
-        let mut out = vec![Out::Component { conn, frame: Down::Welcome { device: self.cfg.device_id.clone() }, close: false }];
+        let mut out =
+            vec![Out::Component { conn, frame: Down::Welcome { device: self.cfg.device_id.clone() }, close: false }];
         out.push(self.component_fact(&id, ComponentFact::Meta, &meta));
         out.extend(self.list_components());
         out
@@ -160,7 +161,8 @@ impl Core {
             self.components.pending.iter().filter(|(_, p)| p.conn == conn).map(|(op, _)| op.clone()).collect();
         for op in orphans {
             self.components.pending.remove(&op);
-            let e = OpError { code: ErrorCode::ComponentUnavailable, message: format!("{id} stopped before it answered") };
+            let e =
+                OpError { code: ErrorCode::ComponentUnavailable, message: format!("{id} stopped before it answered") };
             out.extend(self.finish_call(&op, Err(e), now_ms));
         }
         out.extend(self.list_components());
@@ -225,7 +227,8 @@ impl Core {
         let mut out = Vec::new();
         for (op, c) in late {
             self.components.pending.remove(&op);
-            let message = format!("{c} did not answer within {} s; its state shows what it did", CALL_TIMEOUT_MS / 1000);
+            let message =
+                format!("{c} did not answer within {} s; its state shows what it did", CALL_TIMEOUT_MS / 1000);
             out.extend(self.finish_call(&op, Err(OpError { code: ErrorCode::Timeout, message }), now_ms));
         }
         out
@@ -239,7 +242,8 @@ impl Core {
             let Ok(id) = ComponentId::new(c.component) else { continue };
             let state = self.components.live.get(&id).map_or(ComponentState::Stopped, |l| l.state);
             let restarts = self.components.pids.get(&id).map_or(0, |p| p.1);
-            list.components.insert(id, ComponentEntry { package: c.package, version: c.version, unit: c.unit, state, restarts });
+            list.components
+                .insert(id, ComponentEntry { package: c.package, version: c.version, unit: c.unit, state, restarts });
         }
         // A component running without a package (started by hand) is listed too.
         for (id, l) in &self.components.live {
@@ -257,15 +261,11 @@ impl Core {
         let marker = self.cfg.state_dir.join(LISTED_MARKER);
         let had = *self.components.had_list.get_or_insert_with(|| marker.exists());
         let mut out = Vec::new();
-        let gone: Vec<(ComponentId, &'static str)> = self
-            .components
-            .facts
-            .keys()
-            .filter(|(id, _)| !list.components.contains_key(id))
-            .cloned()
-            .collect();
+        let gone: Vec<(ComponentId, &'static str)> =
+            self.components.facts.keys().filter(|(id, _)| !list.components.contains_key(id)).cloned().collect();
         for key in gone {
-            if let Some(Out::Publish { topic, retain: true, reliable, class, .. }) = self.components.facts.remove(&key) {
+            if let Some(Out::Publish { topic, retain: true, reliable, class, .. }) = self.components.facts.remove(&key)
+            {
                 // An empty retained message clears the topic on the broker.
                 out.push(Out::Publish { topic, payload: Vec::new(), retain: true, reliable, class });
             }
@@ -340,7 +340,11 @@ mod tests {
     fn call(core: &mut Core, id: &str, component: &str, action: &str) -> Vec<Out> {
         let payload = format!(r#"{{"id":"{id}","component":"{component}","action":"{action}"}}"#);
         core.handle(
-            Event::Message { topic: "debfleet/device/d1/cmd/call".into(), payload: payload.into_bytes(), retain: false },
+            Event::Message {
+                topic: "debfleet/device/d1/cmd/call".into(),
+                payload: payload.into_bytes(),
+                retain: false,
+            },
             time::now_unix_ms(),
         )
     }
@@ -352,13 +356,23 @@ mod tests {
         let out = up(core, 1, 100, Up::Hello { meta: meta("led-strip") });
         assert!(matches!(&frames(&out)[..], [(1, Down::Welcome { .. }, false)]));
         let pubs = publishes(&out);
-        assert!(pubs.iter().any(|(t, v, r)| t == "debfleet/device/d1/components/led-strip/meta" && v["version"] == "1.0" && *r));
-        assert!(pubs.iter().any(|(t, v, _)| t == "debfleet/device/d1/state/components" && v["components"]["led-strip"]["state"] == "idle"));
+        assert!(pubs
+            .iter()
+            .any(|(t, v, r)| t == "debfleet/device/d1/components/led-strip/meta" && v["version"] == "1.0" && *r));
+        assert!(pubs
+            .iter()
+            .any(|(t, v, _)| t == "debfleet/device/d1/state/components"
+                && v["components"]["led-strip"]["state"] == "idle"));
 
         let out = call(core, "c1", "led-strip", "clear");
         assert!(matches!(&frames(&out)[..], [(1, Down::Call { .. }, false)]));
         assert_eq!(op_states(&out, "c1").last().unwrap().state.as_str(), "running");
-        let out = up(core, 1, 100, Up::Result { id: "c1".parse().unwrap(), result: CallResult::Ok(serde_json::json!({"ok": 1})) });
+        let out = up(
+            core,
+            1,
+            100,
+            Up::Result { id: "c1".parse().unwrap(), result: CallResult::Ok(serde_json::json!({"ok": 1})) },
+        );
         let rec = op_states(&out, "c1").pop().unwrap();
         assert_eq!((rec.state.as_str(), rec.result.unwrap()["ok"].as_i64()), ("succeeded", Some(1)));
         // A repeated id gets the recorded outcome; the component is not asked again.
@@ -376,7 +390,10 @@ mod tests {
         assert_eq!(e.code, ErrorCode::ComponentUnavailable);
         up(core, 1, 100, Up::Hello { meta: meta("led-strip") });
         // A frame before the hello, a second process for the same id: refused and closed.
-        assert!(matches!(&frames(&up(core, 2, 101, Up::Hello { meta: meta("led-strip") }))[..], [(2, Down::Bye { .. }, true)]));
+        assert!(matches!(
+            &frames(&up(core, 2, 101, Up::Hello { meta: meta("led-strip") }))[..],
+            [(2, Down::Bye { .. }, true)]
+        ));
         let state = Up::State { state: Map::new() };
         assert!(matches!(&frames(&up(core, 3, 102, state))[..], [(3, Down::Bye { .. }, true)]));
         let out = call(core, "c2", "led-strip", "dance");
@@ -402,7 +419,8 @@ mod tests {
         // Gone for good (its package removed, here: a hand-started one that stopped): the list
         // is cleared, as are the component's retained facts.
         let out = core.handle(Event::ComponentClosed { conn: 4 }, time::now_unix_ms());
-        let cleared: Vec<String> = publishes(&out).into_iter().filter(|(_, v, _)| v.is_null()).map(|(t, ..)| t).collect();
+        let cleared: Vec<String> =
+            publishes(&out).into_iter().filter(|(_, v, _)| v.is_null()).map(|(t, ..)| t).collect();
         assert!(cleared.contains(&"debfleet/device/d1/state/components".to_owned()), "{cleared:?}");
         assert!(cleared.contains(&"debfleet/device/d1/components/led-strip/meta".to_owned()), "{cleared:?}");
     }

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use debfleet_protocol::topics::ComponentFact;
 use debfleet_protocol::{
     time, CfgMessage, ErrorCode, Liveness, Meta, OpId, PackagesState, Rejected, RuntimeCfg, Status, Telemetry, Topic,
     TrafficClass, UnitInfo, Verb, CONTRACT_VERSION,
 };
-use debfleet_protocol::topics::ComponentFact;
 use serde::Serialize;
 
 use crate::config::{AgentConfig, Overrides};

@@ -73,7 +73,8 @@ impl Streams {
                 l
             }
         };
-        let mut telemetry: BTreeMap<String, MetricCfg> = metrics.iter().map(|m| (m.clone(), default_metric())).collect();
+        let mut telemetry: BTreeMap<String, MetricCfg> =
+            metrics.iter().map(|m| (m.clone(), default_metric())).collect();
         match cfg.get("telemetry") {
             None => {}
             Some(Value::Object(t)) => {
@@ -86,7 +87,9 @@ impl Streams {
                     let m: MetricCfg = serde_json::from_value(base).map_err(|e| format!("telemetry.{name}: {e}"))?;
                     // NaN is no threshold either.
                     if m.interval_s == 0 || m.threshold.is_nan() || m.threshold < 0.0 {
-                        return Err(format!("telemetry.{name}: interval_s must be at least 1 and threshold not negative"));
+                        return Err(format!(
+                            "telemetry.{name}: interval_s must be at least 1 and threshold not negative"
+                        ));
                     }
                     *slot = m;
                 }
@@ -142,13 +145,20 @@ impl LogGate {
             self.dropped += 1;
         }
         let msg: String = msg.chars().take(debfleet_protocol::limits::MAX_LOG_LINE_CHARS).collect();
-        self.lines.push(LogLine { ts: debfleet_protocol::time::now(), level: level.as_str().into(), target: target.into(), msg });
+        self.lines.push(LogLine {
+            ts: debfleet_protocol::time::now(),
+            level: level.as_str().into(),
+            target: target.into(),
+            msg,
+        });
     }
 
     /// The batch due now, if any.
     pub fn batch(&mut self, cfg: &LogsCfg, now: Instant) -> Option<LogBatch> {
         let last = *self.last_batch.get_or_insert(now);
-        if (self.lines.is_empty() && self.dropped == 0) || now.duration_since(last) < Duration::from_secs(cfg.batch_s.into()) {
+        if (self.lines.is_empty() && self.dropped == 0)
+            || now.duration_since(last) < Duration::from_secs(cfg.batch_s.into())
+        {
             return None;
         }
         self.last_batch = Some(now);
@@ -179,13 +189,22 @@ impl MetricGate {
     /// Whether any enabled metric is due for a sample.
     pub fn due(&self, cfg: &BTreeMap<String, MetricCfg>, now: Instant) -> bool {
         cfg.iter().any(|(name, m)| {
-            m.enabled && self.sampled.get(name).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(m.interval_s.into()))
+            m.enabled
+                && self
+                    .sampled
+                    .get(name)
+                    .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(m.interval_s.into()))
         })
     }
 
     /// Offers a sample of every metric; returns the view to publish when a due metric moved
     /// past its threshold (or a metric was switched off).
-    pub fn offer(&mut self, cfg: &BTreeMap<String, MetricCfg>, now: Instant, sample: &BTreeMap<String, f64>) -> Option<ComponentTelemetry> {
+    pub fn offer(
+        &mut self,
+        cfg: &BTreeMap<String, MetricCfg>,
+        now: Instant,
+        sample: &BTreeMap<String, f64>,
+    ) -> Option<ComponentTelemetry> {
         let mut moved = false;
         for (name, m) in cfg {
             if !m.enabled {
@@ -193,7 +212,10 @@ impl MetricGate {
                 self.sampled.remove(name);
                 continue;
             }
-            let due = self.sampled.get(name).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(m.interval_s.into()));
+            let due = self
+                .sampled
+                .get(name)
+                .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(m.interval_s.into()));
             let Some(&v) = sample.get(name).filter(|v| v.is_finite()) else { continue };
             if !due {
                 continue;
@@ -204,7 +226,11 @@ impl MetricGate {
                 moved = true;
             }
         }
-        moved.then(|| ComponentTelemetry { v: CONTRACT_VERSION, ts: debfleet_protocol::time::now(), metrics: self.published.clone() })
+        moved.then(|| ComponentTelemetry {
+            v: CONTRACT_VERSION,
+            ts: debfleet_protocol::time::now(),
+            metrics: self.published.clone(),
+        })
     }
 }
 
@@ -220,7 +246,11 @@ mod tests {
     #[test]
     fn stream_keys_over_defaults_and_checked() {
         let metrics = vec!["fps".to_owned()];
-        let s = Streams::from_cfg(&obj(json!({"logs": {"level": "info"}, "telemetry": {"fps": {"interval_s": 2}}})), &metrics).unwrap();
+        let s = Streams::from_cfg(
+            &obj(json!({"logs": {"level": "info"}, "telemetry": {"fps": {"interval_s": 2}}})),
+            &metrics,
+        )
+        .unwrap();
         assert_eq!(s.logs.level, "info");
         assert_eq!(s.logs.batch_s, 10);
         assert_eq!(s.telemetry["fps"].interval_s, 2);

@@ -17,9 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use debfleet_protocol::component::{
-    parse_color, ActionSpec, ComponentMeta, ComponentState, ParamKind, ParamSpec,
-};
+pub use debfleet_protocol::component::{parse_color, ActionSpec, ComponentMeta, ComponentState, ParamKind, ParamSpec};
 pub use debfleet_protocol::ids::{ActionName, ComponentId, DeviceId};
 pub use debfleet_protocol::{ErrorCode, CONTRACT_VERSION};
 pub use gate::{merge, Level};

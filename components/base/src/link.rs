@@ -24,7 +24,12 @@ pub struct Link {
 impl Link {
     /// Connects and sends the hello; the reader thread posts what the agent says, tagged with
     /// `generation`, so a late frame of an old connection is told apart from the current one's.
-    pub fn open(path: &Path, meta: &ComponentMeta, generation: u64, to: Sender<(u64, Incoming)>) -> std::io::Result<Link> {
+    pub fn open(
+        path: &Path,
+        meta: &ComponentMeta,
+        generation: u64,
+        to: Sender<(u64, Incoming)>,
+    ) -> std::io::Result<Link> {
         let stream = UnixStream::connect(path)?;
         // A wedged agent must not wedge the component: its effect keeps running.
         stream.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -77,7 +82,11 @@ mod tests {
 
     #[test]
     fn frames_are_read_whole_and_bad_ones_end_the_link() {
-        let down = Down::Call { id: OpId::new("a").unwrap(), action: ActionName::new("clear").unwrap(), args: Default::default() };
+        let down = Down::Call {
+            id: OpId::new("a").unwrap(),
+            action: ActionName::new("clear").unwrap(),
+            args: Default::default(),
+        };
         let mut bytes = encode(&down).unwrap();
         bytes.extend_from_slice(&[0, 0, 0, 2, b'{', b'x']);
         let mut r = &bytes[..];

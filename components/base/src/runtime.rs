@@ -98,10 +98,8 @@ impl<C: Component> Runtime<C> {
         let (tx, rx) = channel();
         let now = Instant::now();
         let ctx = Ctx::new(options.state_dir.clone());
-        let streams = Streams::from_cfg(&Map::new(), &meta.metrics).unwrap_or_else(|_| Streams {
-            logs: crate::gate::default_logs(),
-            telemetry: Default::default(),
-        });
+        let streams = Streams::from_cfg(&Map::new(), &meta.metrics)
+            .unwrap_or_else(|_| Streams { logs: crate::gate::default_logs(), telemetry: Default::default() });
         Runtime {
             c,
             meta,
@@ -140,7 +138,8 @@ impl<C: Component> Runtime<C> {
             Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
                 Ok(v @ Value::Object(_)) => v,
                 _ => {
-                    self.ctx.log(crate::Level::Error, format!("{}: not a JSON object; the defaults apply", file.display()));
+                    self.ctx
+                        .log(crate::Level::Error, format!("{}: not a JSON object; the defaults apply", file.display()));
                     Value::Object(Map::new())
                 }
             },

@@ -220,7 +220,12 @@ fn cfg_is_kept_across_restarts_and_gates_the_streams() {
     let (mut rt, listener) = runtime(dir.path());
     rt.start();
     let mut agent = welcomed(&mut rt, &listener);
-    call(&mut agent, "c1", "cfg", json!({"max": 30, "logs": {"level": "error", "batch_s": 1}, "telemetry": {"level": {"interval_s": 1}}}));
+    call(
+        &mut agent,
+        "c1",
+        "cfg",
+        json!({"max": 30, "logs": {"level": "error", "batch_s": 1}, "telemetry": {"level": {"interval_s": 1}}}),
+    );
     match result_of(&mut rt, &mut agent, "c1") {
         CallResult::Ok(cfg) => assert_eq!(cfg["max"], 30),
         e => panic!("{e:?}"),
@@ -235,7 +240,10 @@ fn cfg_is_kept_across_restarts_and_gates_the_streams() {
 
     // A new process: the kept configuration applies before the agent is even there.
     drop(agent);
-    let mut rt = Runtime::new(Lamp::default(), Options { socket: dir.path().join("agent.sock"), state_dir: dir.path().join("state") });
+    let mut rt = Runtime::new(
+        Lamp::default(),
+        Options { socket: dir.path().join("agent.sock"), state_dir: dir.path().join("state") },
+    );
     rt.start();
     assert_eq!(rt.c.max, 30);
     // null puts a key back to its default.

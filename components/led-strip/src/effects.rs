@@ -85,7 +85,8 @@ pub struct Effect {
 impl Effect {
     /// The action of an effect, with the parameters it takes.
     pub fn action(kind: Kind) -> ActionSpec {
-        let mut params = vec![ParamSpec::optional("wait_ms", ParamKind::Int { min: 1, max: 60_000 }, "milliseconds a step")];
+        let mut params =
+            vec![ParamSpec::optional("wait_ms", ParamKind::Int { min: 1, max: 60_000 }, "milliseconds a step")];
         let color = ParamSpec::optional("color", ParamKind::Color, "\"#rrggbb\" or [r, g, b]");
         match kind {
             Kind::Rainbow | Kind::RainbowCycle => {}
@@ -100,7 +101,11 @@ impl Effect {
             }
             Kind::Sparkle => {
                 params.push(color);
-                params.push(ParamSpec::optional("density", ParamKind::Int { min: 1, max: 100 }, "percent of LEDs lit a step"));
+                params.push(ParamSpec::optional(
+                    "density",
+                    ParamKind::Int { min: 1, max: 100 },
+                    "percent of LEDs lit a step",
+                ));
             }
             Kind::Wave | Kind::TheaterChase | Kind::Running => {
                 params.push(color);
@@ -108,13 +113,18 @@ impl Effect {
             }
             Kind::ColorWipe => params.push(color),
         }
-        params.push(ParamSpec::optional("cycles", ParamKind::Int { min: 0, max: 1_000_000 }, "periods to play, then hold (0: until replaced)"));
+        params.push(ParamSpec::optional(
+            "cycles",
+            ParamKind::Int { min: 0, max: 1_000_000 },
+            "periods to play, then hold (0: until replaced)",
+        ));
         ActionSpec::new(kind.name(), kind.help(), params)
     }
 
     /// From a call's arguments (already checked against [`Effect::action`]), over defaults.
     pub fn from_args(kind: Kind, args: &Map<String, Value>) -> Effect {
-        let int = |k: &str, d: u32| args.get(k).and_then(Value::as_u64).map_or(d, |v| v.min(u64::from(u32::MAX)) as u32);
+        let int =
+            |k: &str, d: u32| args.get(k).and_then(Value::as_u64).map_or(d, |v| v.min(u64::from(u32::MAX)) as u32);
         let color = |k: &str, d: Rgb| args.get(k).and_then(parse_color).unwrap_or(d);
         let (wait, width) = match kind {
             Kind::Rainbow | Kind::RainbowCycle | Kind::ColorFade | Kind::Glow => (20, 1),

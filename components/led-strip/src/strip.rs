@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use debfleet_component::{
-    json, parse_color, ActionSpec, CallError, Component, ComponentMeta, ComponentState, Ctx, ErrorCode,
-    Level, Map, ParamKind, ParamSpec, Value,
+    json, parse_color, ActionSpec, CallError, Component, ComponentMeta, ComponentState, Ctx, ErrorCode, Level, Map,
+    ParamKind, ParamSpec, Value,
 };
 
 use crate::effects::{dim, Effect, Kind, Rgb, BLACK};
@@ -203,7 +203,10 @@ impl Strip {
                 return Err(CallError::invalid("set-range: indices are whole numbers"));
             }
             if to as usize >= leds {
-                return Err(CallError::invalid(format!("set-range: index {to} is past the strip's end ({leds} LEDs, 0-{})", leds - 1)));
+                return Err(CallError::invalid(format!(
+                    "set-range: index {to} is past the strip's end ({leds} LEDs, 0-{})",
+                    leds - 1
+                )));
             }
             (from as usize, to as usize)
         };
@@ -237,9 +240,10 @@ impl Strip {
 
     /// The virtual strip's last frames as a PNG in the runtime directory.
     fn snapshot(&self) -> Result<Value, CallError> {
-        let h = self.output.as_ref().and_then(|o| o.history()).ok_or_else(|| {
-            CallError::new(ErrorCode::NotSupported, "snapshot: only the virtual output keeps frames")
-        })?;
+        let h =
+            self.output.as_ref().and_then(|o| o.history()).ok_or_else(|| {
+                CallError::new(ErrorCode::NotSupported, "snapshot: only the virtual output keeps frames")
+            })?;
         let png = history_png(h);
         let path = self.runtime_dir.join("strip.png");
         std::fs::create_dir_all(&self.runtime_dir)
@@ -255,13 +259,15 @@ impl Default for Strip {
     }
 }
 
-
-
 impl Component for Strip {
     fn meta(&self) -> ComponentMeta {
         let mut actions = vec![
             ActionSpec::new("clear", "all LEDs off (an effect stops)", vec![]),
-            ActionSpec::new("set-color", "the whole strip in one colour", vec![ParamSpec::required("color", ParamKind::Color, "\"#rrggbb\" or [r, g, b]")]),
+            ActionSpec::new(
+                "set-color",
+                "the whole strip in one colour",
+                vec![ParamSpec::required("color", ParamKind::Color, "\"#rrggbb\" or [r, g, b]")],
+            ),
             ActionSpec::new(
                 "set-range",
                 "LEDs from..to (inclusive) in one colour, the rest as they are",
@@ -269,11 +275,23 @@ impl Component for Strip {
                     ParamSpec::required("color", ParamKind::Color, "\"#rrggbb\" or [r, g, b]"),
                     ParamSpec::optional("from", ParamKind::Number { min: 0.0, max: 100_000.0 }, "first (default 0)"),
                     ParamSpec::optional("to", ParamKind::Number { min: 0.0, max: 100_000.0 }, "last (default the end)"),
-                    ParamSpec::optional("unit", ParamKind::Choice { values: vec!["percent".into(), "index".into()] }, "percent (default) or index"),
+                    ParamSpec::optional(
+                        "unit",
+                        ParamKind::Choice { values: vec!["percent".into(), "index".into()] },
+                        "percent (default) or index",
+                    ),
                 ],
             ),
-            ActionSpec::new("brightness", "brightness now, 0-100 (the cfg key sets it at start)", vec![ParamSpec::required("level", ParamKind::Int { min: 0, max: 100 }, "percent")]),
-            ActionSpec::new("frames", "the last frames shown, as hex colours per LED", vec![ParamSpec::optional("count", ParamKind::Int { min: 1, max: 64 }, "frames (default 1)")]),
+            ActionSpec::new(
+                "brightness",
+                "brightness now, 0-100 (the cfg key sets it at start)",
+                vec![ParamSpec::required("level", ParamKind::Int { min: 0, max: 100 }, "percent")],
+            ),
+            ActionSpec::new(
+                "frames",
+                "the last frames shown, as hex colours per LED",
+                vec![ParamSpec::optional("count", ParamKind::Int { min: 1, max: 64 }, "frames (default 1)")],
+            ),
             ActionSpec::new("snapshot", "the virtual strip's last frames as a PNG (a row a frame)", vec![]),
         ];
         actions.extend(Kind::ALL.into_iter().map(Effect::action));
@@ -293,7 +311,10 @@ impl Component for Strip {
 
     fn configure(&mut self, cfg: &Map<String, Value>, ctx: &mut Ctx) -> Result<(), String> {
         let new = StripCfg::from_map(cfg)?;
-        let reopen = self.cfg.as_ref().is_none_or(|old| (old.output.as_str(), old.spi_bus, old.spi_slave, old.order) != (new.output.as_str(), new.spi_bus, new.spi_slave, new.order));
+        let reopen = self.cfg.as_ref().is_none_or(|old| {
+            (old.output.as_str(), old.spi_bus, old.spi_slave, old.order)
+                != (new.output.as_str(), new.spi_bus, new.spi_slave, new.order)
+        });
         if reopen {
             let out: Box<dyn Output> = if new.output == "spi" {
                 match Spi::open(new.spi_bus, new.spi_slave, new.order) {
@@ -346,7 +367,8 @@ impl Component for Strip {
             "frames" => return self.frames(args),
             "snapshot" => return self.snapshot(),
             name => {
-                let kind = Kind::from_name(name).ok_or_else(|| CallError::new(ErrorCode::UnknownAction, format!("no action {name:?}")))?;
+                let kind = Kind::from_name(name)
+                    .ok_or_else(|| CallError::new(ErrorCode::UnknownAction, format!("no action {name:?}")))?;
                 // A new effect replaces the running one from its first frame.
                 self.set_show(Show::Effect(Effect::from_args(kind, args), Instant::now()), ctx);
             }
@@ -379,7 +401,9 @@ impl Component for Strip {
     fn tick(&mut self, now: Instant, ctx: &mut Ctx) -> Option<Duration> {
         self.draw(now, ctx);
         match &self.show {
-            Show::Effect(..) => Some(Duration::from_micros(1_000_000 / u64::from(self.cfg.as_ref().map_or(60, |c| c.fps)))),
+            Show::Effect(..) => {
+                Some(Duration::from_micros(1_000_000 / u64::from(self.cfg.as_ref().map_or(60, |c| c.fps))))
+            }
             _ => None,
         }
     }
@@ -389,7 +413,6 @@ impl Component for Strip {
         BTreeMap::from([("fps".to_owned(), fps)])
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -470,7 +493,13 @@ mod tests {
     fn cfg_is_checked_whole() {
         let (mut s, mut ctx) = strip(4);
         let mut cfg = s.default_cfg();
-        for (k, v) in [("leds", json!(0)), ("fps", json!(1000)), ("output", json!("hdmi")), ("order", json!("xyz")), ("colour", json!(1))] {
+        for (k, v) in [
+            ("leds", json!(0)),
+            ("fps", json!(1000)),
+            ("output", json!("hdmi")),
+            ("order", json!("xyz")),
+            ("colour", json!(1)),
+        ] {
             let mut bad = cfg.clone();
             bad.insert(k.into(), v);
             assert!(s.configure(&bad, &mut ctx).is_err(), "{k}");

@@ -143,7 +143,9 @@ impl Dialect for Optoma {
                 };
                 let text = String::from_utf8_lossy(&buf[..end]);
                 let upper = text.to_ascii_uppercase();
-                if let Some(v) = upper.strip_prefix("OK").filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric())) {
+                if let Some(v) =
+                    upper.strip_prefix("OK").filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric()))
+                {
                     return Parsed::Reply(Reply::Value(v.to_owned()), end + 1);
                 }
                 if let Some(n) = upper.strip_prefix("INFO").and_then(|v| v.parse::<u8>().ok()) {

@@ -86,7 +86,12 @@ impl Port {
 
     /// Sends one command and waits for its acknowledgement (reports arriving meanwhile are
     /// returned beside it).
-    pub fn exchange(&mut self, dialect: &dyn Dialect, bytes: &[u8], timeout: Duration) -> Result<(Reply, Vec<u8>), LineError> {
+    pub fn exchange(
+        &mut self,
+        dialect: &dyn Dialect,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<(Reply, Vec<u8>), LineError> {
         // What came before belongs to no command of ours.
         let mut infos = self.poll(dialect)?;
         self.buf.clear();

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use debfleet_component::{
-    json, ActionSpec, CallError, Component, ComponentMeta, ComponentState, Ctx, ErrorCode, Level, Map,
-    ParamKind, ParamSpec, Value, CONTRACT_VERSION,
+    json, ActionSpec, CallError, Component, ComponentMeta, ComponentState, Ctx, ErrorCode, Level, Map, ParamKind,
+    ParamSpec, Value, CONTRACT_VERSION,
 };
 
 use crate::dialect::{self, Command, Dialect, Reply};
@@ -79,8 +79,6 @@ impl Default for Projector {
         Projector::new()
     }
 }
-
-
 
 fn choice(words: &[&str]) -> ParamKind {
     ParamKind::Choice { values: words.iter().map(|w| (*w).to_owned()).collect() }
@@ -207,9 +205,21 @@ impl Component for Projector {
             component: "projector".parse().expect("a valid component id"),
             version: env!("CARGO_PKG_VERSION").into(),
             actions: vec![
-                ActionSpec::new("power", "switch on or off (acknowledged)", vec![ParamSpec::required("on", ParamKind::Bool, "true: on")]),
-                ActionSpec::new("input", "the input source", vec![ParamSpec::required("source", choice(d.inputs()), "")]),
-                ActionSpec::new("aspect", "the aspect ratio", vec![ParamSpec::required("ratio", choice(d.aspects()), "")]),
+                ActionSpec::new(
+                    "power",
+                    "switch on or off (acknowledged)",
+                    vec![ParamSpec::required("on", ParamKind::Bool, "true: on")],
+                ),
+                ActionSpec::new(
+                    "input",
+                    "the input source",
+                    vec![ParamSpec::required("source", choice(d.inputs()), "")],
+                ),
+                ActionSpec::new(
+                    "aspect",
+                    "the aspect ratio",
+                    vec![ParamSpec::required("ratio", choice(d.aspects()), "")],
+                ),
                 ActionSpec::new(
                     "keystone",
                     "vertical keystone correction",
@@ -223,7 +233,11 @@ impl Component for Projector {
                         ParamSpec::optional("v", ParamKind::Int { min: slo.into(), max: shi.into() }, ""),
                     ],
                 ),
-                ActionSpec::new("key", "a remote-control key (menu navigation)", vec![ParamSpec::required("name", choice(d.keys()), "")]),
+                ActionSpec::new(
+                    "key",
+                    "a remote-control key (menu navigation)",
+                    vec![ParamSpec::required("name", choice(d.keys()), "")],
+                ),
                 ActionSpec::new("refresh", "ask the projector for its power state and input", vec![]),
             ],
             metrics: vec!["acknowledged".into(), "refused".into(), "unanswered".into()],
@@ -270,12 +284,14 @@ impl Component for Projector {
                 self.known.power = Some(if on { "on" } else { "off" });
             }
             "input" => {
-                let w = Self::pick(self.dialect.inputs(), args.get("source")).ok_or_else(|| CallError::invalid("source"))?;
+                let w = Self::pick(self.dialect.inputs(), args.get("source"))
+                    .ok_or_else(|| CallError::invalid("source"))?;
                 self.set(Command::Input(w), ctx)?;
                 self.known.input = Some(w);
             }
             "aspect" => {
-                let w = Self::pick(self.dialect.aspects(), args.get("ratio")).ok_or_else(|| CallError::invalid("ratio"))?;
+                let w =
+                    Self::pick(self.dialect.aspects(), args.get("ratio")).ok_or_else(|| CallError::invalid("ratio"))?;
                 self.set(Command::Aspect(w), ctx)?;
                 self.known.aspect = Some(w);
             }
@@ -357,6 +373,10 @@ impl Component for Projector {
     }
 
     fn metrics(&mut self) -> std::collections::BTreeMap<String, f64> {
-        ["acknowledged", "refused", "unanswered"].iter().zip(self.counts).map(|(k, n)| ((*k).to_owned(), n as f64)).collect()
+        ["acknowledged", "refused", "unanswered"]
+            .iter()
+            .zip(self.counts)
+            .map(|(k, n)| ((*k).to_owned(), n as f64))
+            .collect()
     }
 }

@@ -34,7 +34,8 @@ pub struct SimProjector {
 fn openpty() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let (mut master, mut slave) = (0, 0);
     // SAFETY: openpty writes two descriptors into the given ints; the rest may be null.
-    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    let rc =
+        unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -61,7 +62,11 @@ fn openpty() -> std::io::Result<(OwnedFd, OwnedFd)> {
 impl SimProjector {
     /// A projector plugged in at `link`.
     pub fn start(link: &Path) -> SimProjector {
-        let mut sim = SimProjector { link: link.to_owned(), state: Arc::new(Mutex::new(SimState { input: 1, aspect: 2, ..Default::default() })), plugged: None };
+        let mut sim = SimProjector {
+            link: link.to_owned(),
+            state: Arc::new(Mutex::new(SimState { input: 1, aspect: 2, ..Default::default() })),
+            plugged: None,
+        };
         sim.plug();
         sim
     }

@@ -119,7 +119,13 @@ fn configuration_is_checked_whole() {
     let mut ctx = Ctx::for_tests();
     let mut p = Projector::new();
     let base = p.default_cfg();
-    for (k, v) in [("port", json!("ttyUSB0")), ("baud", json!(7)), ("dialect", json!("epson")), ("id", json!(100)), ("colour", json!(1))] {
+    for (k, v) in [
+        ("port", json!("ttyUSB0")),
+        ("baud", json!(7)),
+        ("dialect", json!("epson")),
+        ("id", json!(100)),
+        ("colour", json!(1)),
+    ] {
         let mut bad = base.clone();
         bad.insert(k.into(), v);
         assert!(p.configure(&bad, &mut ctx).is_err(), "{k}");
