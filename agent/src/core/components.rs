@@ -44,6 +44,9 @@ pub struct Components {
     facts: BTreeMap<(ComponentId, &'static str), Out>,
     /// The `state/components` last published.
     listed: Option<ComponentsState>,
+    /// What dpkg's database says is installed, read again after package operations and on a
+    /// connect (a component's status changes do not read the disk).
+    installed: Option<Vec<debfleet_apt::dpkg::InstalledComponent>>,
     /// Whether the broker may hold a list with components in it (kept across restarts in
     /// `state_dir/components-listed`): a device that never had one publishes none, so
     /// devices without components pay nothing for them on the wire.
@@ -54,6 +57,16 @@ pub struct Components {
 const LISTED_MARKER: &str = "components-listed";
 
 impl Core {
+    fn installed_components(&mut self) -> &[debfleet_apt::dpkg::InstalledComponent] {
+        let dpkg = &self.dpkg;
+        self.components.installed.get_or_insert_with(|| dpkg.components())
+    }
+
+    /// Packages may have changed (an operation ended, a new connection): read them again.
+    pub(super) fn forget_installed_components(&mut self) {
+        self.components.installed = None;
+    }
+
     fn component_topic(&self, c: &ComponentId, fact: ComponentFact) -> Topic {
         Topic::Component(self.cfg.device_id.clone(), c.clone(), fact)
     }
@@ -179,19 +192,7 @@ impl Core {
         now_ms: i64,
     ) -> Result<Vec<Out>, OpError> {
         let Some(live) = self.components.live.get(&component) else {
-            let installed = self.dpkg.components();
-            let message = match installed.iter().find(|c| c.component == component.as_str()) {
-                Some(c) => format!(
-                    "{component} is installed ({} {}) but not connected to the agent; see its unit {}",
-                    c.package, c.version, c.unit
-                ),
-                None => {
-                    let names: Vec<&str> = installed.iter().map(|c| c.component.as_str()).collect();
-                    let have = if names.is_empty() { "none".to_owned() } else { names.join(", ") };
-                    format!("no component {component} on this device (installed: {have})")
-                }
-            };
-            return Err(OpError { code: ErrorCode::ComponentUnavailable, message });
+            return Err(self.unavailable(&component));
         };
         if live.meta.action(action.as_str()).is_none() {
             let names: Vec<&str> = live.meta.actions.iter().map(|a| a.name.as_str()).collect();
@@ -203,6 +204,23 @@ impl Core {
         let conn = live.conn;
         self.components.pending.insert(op.clone(), Pending { component, conn, deadline_ms: now_ms + CALL_TIMEOUT_MS });
         Ok(vec![Out::Component { conn, frame: Down::Call { id: op.clone(), action, args }, close: false }])
+    }
+
+    /// Why a component that is not connected cannot take a call.
+    fn unavailable(&mut self, component: &ComponentId) -> OpError {
+        let installed = self.installed_components();
+        let message = match installed.iter().find(|c| c.component == component.as_str()) {
+            Some(c) => format!(
+                "{component} is installed ({} {}) but not connected to the agent; see its unit {}",
+                c.package, c.version, c.unit
+            ),
+            None => {
+                let names: Vec<&str> = installed.iter().map(|c| c.component.as_str()).collect();
+                let have = if names.is_empty() { "none".to_owned() } else { names.join(", ") };
+                format!("no component {component} on this device (installed: {have})")
+            }
+        };
+        OpError { code: ErrorCode::ComponentUnavailable, message }
     }
 
     fn finish_call(&mut self, op: &OpId, outcome: Result<Value, OpError>, now_ms: i64) -> Vec<Out> {
@@ -238,7 +256,7 @@ impl Core {
     /// each last reported; a component whose package is gone has its retained facts cleared.
     pub(super) fn list_components(&mut self) -> Vec<Out> {
         let mut list = ComponentsState { v: CONTRACT_VERSION, components: BTreeMap::new() };
-        for c in self.dpkg.components() {
+        for c in self.installed_components().to_vec() {
             let Ok(id) = ComponentId::new(c.component) else { continue };
             let state = self.components.live.get(&id).map_or(ComponentState::Stopped, |l| l.state);
             let restarts = self.components.pids.get(&id).map_or(0, |p| p.1);

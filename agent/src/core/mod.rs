@@ -429,6 +429,7 @@ impl Core {
         );
         self.connected_since = Some(since);
         let skip = self.runtime.link.skip_unchanged && self.link.session_present();
+        self.forget_installed_components();
         let mut facts = self.list_components();
         facts.extend(self.retained_facts(now_ms));
         if let Some(t) = self.telemetry_behind.take() {
@@ -499,7 +500,7 @@ impl Core {
 #[cfg(test)]
 pub(super) mod tests {
     pub(super) use super::*;
-    pub(super) use crate::jobs::{JobDone, JobKind};
+    pub(super) use crate::jobs::JobKind;
     pub(super) use debfleet_protocol::{OpRecord, PackageSpec};
     pub(super) use serde_json::Value;
 

@@ -83,6 +83,7 @@ impl Core {
             out.push(self.publish(Topic::StatePackages(self.cfg.device_id.clone()), &self.packages_state()));
         }
         // A component's package may have come, changed or gone.
+        self.forget_installed_components();
         out.extend(self.list_components());
         out.extend(self.next_job());
         out
