@@ -304,7 +304,8 @@ fn print_outcomes(outcomes: &[Outcome], json: bool) -> Result<u8> {
     Ok(if outcomes.iter().all(|o| o.ok) { 0 } else { exit::FAILED })
 }
 
-fn seconds(s: f64) -> Result<Duration> {
+/// A timeout from the command line, checked (exit status 2 when out of range).
+pub fn seconds(s: f64) -> Result<Duration> {
     if !(s.is_finite() && s > 0.0 && s <= 86_400.0) {
         bail!(usage(format!("timeout {s} must be between 0 and 86400 seconds")));
     }
@@ -332,7 +333,7 @@ pub async fn cfg_get(ctx: &Ctx, device: &str, json: bool) -> Result<u8> {
     print_cfg(&cfg.cfg.full_value(), json)
 }
 
-fn print_cfg(v: &Value, json: bool) -> Result<u8> {
+pub fn print_cfg(v: &Value, json: bool) -> Result<u8> {
     if json {
         println!("{}", serde_json::to_string_pretty(v)?);
     } else {

@@ -1,8 +1,6 @@
 //! `debfleet component ...`: a device's components (list, show) and their actions (call, cfg),
 //! from the retained set and through the `call` command.
 
-use std::time::Duration;
-
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use debfleet_protocol::cfg::patch_from_assignments;
@@ -185,9 +183,7 @@ async fn send_call(
     args: Map<String, Value>,
     timeout: f64,
 ) -> Result<Vec<crate::request::Outcome>> {
-    if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
-        bail!(usage(format!("timeout {timeout} must be between 0 and 86400 seconds")));
-    }
+    let timeout = crate::cmds::seconds(timeout)?;
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     if let Target::Devices(ids) = &target {
         for id in ids {
@@ -196,12 +192,7 @@ async fn send_call(
             }
         }
     }
-    let req = Request {
-        target,
-        args: CommandArgs::Call { component, action, args },
-        timeout: Duration::from_secs_f64(timeout),
-        expires: ctx.expires,
-    };
+    let req = Request { target, args: CommandArgs::Call { component, action, args }, timeout, expires: ctx.expires };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
     Ok(outcomes)
@@ -402,14 +393,7 @@ async fn print_cfg(ctx: &Ctx, id: &DeviceId, c: &ComponentId, json: bool) -> Res
     session.disconnect().await;
     let v = view(known(&fleet, id)?, id, c)?;
     let cfg = v.cfg.as_ref().ok_or_else(|| anyhow::anyhow!("{c} on {id} has not published its configuration"))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&cfg.cfg)?);
-    } else {
-        let rows: Vec<Vec<String>> =
-            flatten(&Value::Object(cfg.cfg.clone())).into_iter().map(|(k, v)| vec![k, v]).collect();
-        print!("{}", table(&["CFG", "VALUE"], &rows));
-    }
-    Ok(0)
+    crate::cmds::print_cfg(&Value::Object(cfg.cfg.clone()), json)
 }
 
 #[cfg(test)]
