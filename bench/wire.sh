@@ -3,7 +3,7 @@
 # projected to a month, one ping, one reconnect, one install — the agent before issue 12
 # (BASELINE, a git revision; `none` to skip) beside this one with the default and the cellular
 # profile, in the same run. See tests/benches/wire.rs. DURATION: idle seconds (3600), measured
-# once every agent has sent its first telemetry (the cellular one's comes after its first hour).
+# once every agent has sent its first telemetry (the cellular one's 5 minutes after its start).
 # INSTALL=0 skips the install on lab devices (which needs root and systemd-nspawn).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -109,6 +109,9 @@ impl Agg {
     }
 }
 
+/// The longest first window of aggregation after the agent starts.
+const FIRST_WINDOW_S: u32 = 300;
+
 /// Aggregation (`telemetry.window_s` > 0): samples gathered over the window, and the means last
 /// sent (the deadband's reference).
 #[derive(Default)]
@@ -222,7 +225,10 @@ impl Sampler {
                 }
             }
         }
-        if now.duration_since(started) + Duration::from_millis(50) < Duration::from_secs(cfg.window_s.into()) {
+        // The first window after a start is at most five minutes, so a device that (re)started
+        // reports soon; the deadband then measures every later window against it.
+        let window_s = if w.sent.is_empty() { cfg.window_s.min(FIRST_WINDOW_S) } else { cfg.window_s };
+        if now.duration_since(started) + Duration::from_millis(50) < Duration::from_secs(window_s.into()) {
             return None;
         }
         let aggs = std::mem::take(&mut w.aggs);
@@ -239,7 +245,7 @@ impl Sampler {
             return None;
         }
         let ts = time::now();
-        let mut view = Telemetry { v: CONTRACT_VERSION, ts, window_s: Some(cfg.window_s), ..Telemetry::default() };
+        let mut view = Telemetry { v: CONTRACT_VERSION, ts, window_s: Some(window_s), ..Telemetry::default() };
         w.sent.clear();
         for (k, a) in &aggs {
             let m = mean(a);
@@ -358,6 +364,25 @@ mod tests {
         let mut p = Script { cpu: vec![90.0; 6], calls: 0 };
         let t = (21..=30).find_map(|sec| s.tick(t0 + Duration::from_secs(sec), &c, &mut p)).unwrap();
         assert_eq!(t.cpu, Some(90.0));
+    }
+
+    #[test]
+    fn the_first_window_after_a_start_is_five_minutes_then_the_configured_one() {
+        let t0 = Instant::now();
+        let mut c = cfg();
+        c.window_s = 3600;
+        c.cpu.interval_s = 60;
+        let mut s = Sampler::default();
+        let mut p = Script { cpu: vec![20.0; 70], calls: 0 };
+        let sent: Vec<(u64, Telemetry)> = (0..=3900)
+            .step_by(10)
+            .filter_map(|sec| s.tick(t0 + Duration::from_secs(sec), &c, &mut p).map(|t| (sec, t)))
+            .collect();
+        assert_eq!(sent.len(), 1, "the hour after the first window held still: {sent:?}");
+        assert_eq!((sent[0].0, sent[0].1.window_s, sent[0].1.cpu), (300, Some(300), Some(20.0)));
+        let mut p = Script { cpu: vec![80.0; 80], calls: 0 };
+        let t = (3910..=7600).step_by(10).find_map(|sec| s.tick(t0 + Duration::from_secs(sec), &c, &mut p)).unwrap();
+        assert_eq!((t.window_s, t.cpu.map(|c| c > 25.0)), (Some(3600), Some(true)));
     }
 
     #[test]

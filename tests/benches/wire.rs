@@ -103,6 +103,38 @@ impl Capture {
         (n, topic_bytes)
     }
 
+    /// What one `state/link` report costs on the wire, from the last one the agent sent before
+    /// `to`: its segment, the broker's PUBACK (QoS 1) and the agent's bare ACK, each with the
+    /// TCP/IP header size this capture shows. None when no report went alone in a segment.
+    fn link_report(&self, port: u16, to: u64) -> Option<u64> {
+        let mut found = None;
+        for (_, len, up, m) in self.segments(port, 0, to) {
+            if !up || m.len() < 4 || m[0] & 0xf0 != 0x30 {
+                continue;
+            }
+            let (mut remaining, mut i, mut shift) = (0u64, 1, 0);
+            while i < m.len() {
+                remaining |= u64::from(m[i] & 0x7f) << shift;
+                shift += 7;
+                i += 1;
+                if m[i - 1] & 0x80 == 0 {
+                    break;
+                }
+            }
+            let Some(topic_len) = m.get(i..i + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else {
+                continue;
+            };
+            let topic = m.get(i + 2..i + 2 + topic_len).unwrap_or_default();
+            let packet = i as u64 + remaining;
+            if topic.ends_with(b"/state/link") && len > packet {
+                let header = len - packet;
+                let qos1 = m[0] & 0x06 != 0;
+                found = Some(len + if qos1 { (header + 4) + header } else { header });
+            }
+        }
+        found
+    }
+
     /// Every segment between two times: to the broker?, IP length, the MQTT packet type of
     /// its first byte (for `WIRE_DUMP=1`).
     fn dump(&self, port: u16, from: u64, to: u64) -> Vec<(bool, u64, u8)> {
@@ -217,8 +249,9 @@ fn main() {
     let t3 = now_us();
 
     // Idle is measured in the steady state: after every agent's first telemetry, which for the
-    // cellular profile is its first window's aggregate, sent whatever the deadband (nothing was
-    // sent before it). After that an idle device's aggregates stay inside the deadband.
+    // cellular profile is its first (five-minute) window's aggregate, sent whatever the deadband
+    // (nothing was sent before it). After that an idle device's aggregates stay inside the
+    // deadband.
     let first: Vec<Duration> = subjects
         .iter()
         .map(|s| {
@@ -240,6 +273,9 @@ fn main() {
     let t5 = now_us();
 
     let month = 30.0 * 86_400.0 / duration as f64;
+    // `state/link` goes once a day (and on connects), so an idle hour does not hold one: the
+    // month adds thirty, each as much as the last one this agent sent (none before issue 12).
+    let links: Vec<u64> = subjects.iter().map(|s| s.cap.link_report(s.proxy.port, t5).unwrap_or(0)).collect();
     if std::env::var("WIRE_DUMP").as_deref() == Ok("1") {
         for s in &subjects {
             for (name, a, b) in [("connect", t0, t1), ("reconnect", t2, t3)] {
@@ -251,27 +287,29 @@ fn main() {
         }
     }
     println!("\nwire bytes per device, TCP/IP headers included (tcpdump on each agent's broker port)");
-    println!("idle: {duration} s once every agent had sent its first telemetry, projected to 30 days");
+    println!("idle: {duration} s once every agent had sent its first telemetry, projected to 30 days,");
+    println!("plus one state/link report a day (what the agent's last one cost: publish, PUBACK, ACK)");
     for (s, at) in subjects.iter().zip(&first) {
         println!("  {:<20} first telemetry {:>5} s after its start", s.label, at.as_secs());
     }
     println!();
     println!(
-        "{:<20} {:>12} {:>14} {:>14} {:>10} {:>12}",
-        "agent", "connect", "idle (window)", "idle / month", "ping", "reconnect"
+        "{:<20} {:>12} {:>14} {:>10} {:>14} {:>10} {:>12}",
+        "agent", "connect", "idle (window)", "link/day", "idle / month", "ping", "reconnect"
     );
     let mut figures = Vec::new();
-    for s in &subjects {
+    for (s, link) in subjects.iter().zip(&links) {
         let connect = s.cap.between(t0, t1).0;
         let ping = s.cap.between(t1, t2).0;
         let reconnect = s.cap.between(t2, t3).0;
         let idle = s.cap.between(t4, t5);
-        let per_month = idle.0 as f64 * month;
+        let per_month = idle.0 as f64 * month + 30.0 * *link as f64;
         println!(
-            "{:<20} {:>12} {:>14} {:>14} {:>10} {:>12}",
+            "{:<20} {:>12} {:>14} {:>10} {:>14} {:>10} {:>12}",
             s.label,
             kb(connect),
             format!("{} ({} pk)", kb(idle.0), idle.1),
+            kb(*link),
             mb(per_month),
             kb(ping),
             kb(reconnect)
