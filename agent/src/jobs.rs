@@ -23,6 +23,12 @@ pub enum JobKind {
     },
     /// Back to an exact version (resolved by the core from its history when not given).
     Rollback(PackageSpec),
+    /// To the desired state: exact versions (downgrades allowed) and newest ones (after
+    /// `apt-get update` when `refresh`).
+    Converge {
+        packages: Vec<Spec>,
+        refresh: bool,
+    },
     RestartUnit(String),
     /// `apt-get update`, then the upgrades available for these (managed) packages.
     Refresh(Vec<String>),
@@ -157,7 +163,7 @@ pub async fn run(job: Job, ctx: Arc<JobContext>, tx: mpsc::Sender<JobEvent>) {
         JobKind::RestartUnit(unit) => restart_unit(&id, unit, &ctx).await,
         JobKind::Refresh(managed) => {
             let apt = ctx.apt.clone();
-            let specs: Vec<Spec> = managed.iter().map(|n| Spec { name: n.clone(), version: None }).collect();
+            let specs: Vec<Spec> = managed.iter().map(|n| Spec::named(n)).collect();
             let outcome = blocking(move || {
                 let _ = apt.update()?;
                 apt.upgradable(&specs)
@@ -201,7 +207,7 @@ async fn restart_unit(id: &OpId, unit: &str, ctx: &JobContext) -> JobDone {
 }
 
 fn to_spec(p: &PackageSpec) -> Spec {
-    Spec { name: p.name.clone(), version: p.version.clone() }
+    Spec { name: p.name.clone(), version: p.version.clone(), release: None }
 }
 
 async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>) -> JobDone {
@@ -215,6 +221,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             (Op::Remove { names: packages.iter().map(to_spec).collect(), purge: *purge }, false)
         }
         JobKind::Rollback(p) => (Op::Install(vec![to_spec(p)]), true),
+        JobKind::Converge { packages, .. } => (Op::Install(packages.clone()), true),
         _ => unreachable!("package jobs only"),
     };
     let touches_self = match &op {
@@ -228,7 +235,7 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         let _ = tx.send(JobEvent::Progress { id, phase: Phase::UpdatingIndices, percent: None }).await;
         blocking(move || apt.update()).await
     };
-    if matches!(job.kind, JobKind::Upgrade(_)) {
+    if matches!(job.kind, JobKind::Upgrade(_) | JobKind::Converge { refresh: true, .. }) {
         match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
             Ok(b) => {
                 index_bytes += b.fetched;
@@ -474,13 +481,11 @@ async fn undo(
     let mut failures = Vec::new();
     let reinstall: Vec<Spec> = changes
         .iter()
-        .filter_map(|c| c.before.as_ref().map(|v| Spec { name: c.package.clone(), version: Some(v.clone()) }))
+        .filter_map(|c| {
+            c.before.as_ref().map(|v| Spec { name: c.package.clone(), version: Some(v.clone()), release: None })
+        })
         .collect();
-    let remove: Vec<Spec> = changes
-        .iter()
-        .filter(|c| c.before.is_none())
-        .map(|c| Spec { name: c.package.clone(), version: None })
-        .collect();
+    let remove: Vec<Spec> = changes.iter().filter(|c| c.before.is_none()).map(|c| Spec::named(&c.package)).collect();
     if !reinstall.is_empty() {
         let apt = ctx.apt.clone();
         let op = Op::Install(reinstall.clone());

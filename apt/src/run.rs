@@ -14,18 +14,26 @@ use crate::status::{self, Status};
 pub struct Spec {
     pub name: String,
     pub version: Option<String>,
+    /// Without a version: the newest from this release (suite), apt's `NAME/RELEASE`.
+    pub release: Option<String>,
 }
 
 impl Spec {
     pub fn parse(s: &str) -> Result<Spec, AptError> {
         let p = debfleet_protocol::PackageSpec::parse(s).map_err(|_| AptError::InvalidSpec(s.to_owned()))?;
-        Ok(Spec { name: p.name, version: p.version })
+        Ok(Spec { name: p.name, version: p.version, release: None })
+    }
+
+    /// A package by name alone: the newest version apt has.
+    pub fn named(name: &str) -> Spec {
+        Spec { name: name.to_owned(), version: None, release: None }
     }
 
     fn arg(&self) -> String {
-        match &self.version {
-            Some(v) => format!("{}={v}", self.name),
-            None => self.name.clone(),
+        match (&self.version, &self.release) {
+            (Some(v), _) => format!("{}={v}", self.name),
+            (None, Some(r)) => format!("{}/{r}", self.name),
+            (None, None) => self.name.clone(),
         }
     }
 }
@@ -469,7 +477,15 @@ mod tests {
 
     #[test]
     fn specs_are_validated() {
-        assert_eq!(Spec::parse("hello=2.10-3").unwrap(), Spec { name: "hello".into(), version: Some("2.10-3".into()) });
+        assert_eq!(
+            Spec::parse("hello=2.10-3").unwrap(),
+            Spec { name: "hello".into(), version: Some("2.10-3".into()), release: None }
+        );
+        let from_suite = Spec { release: Some("stable".into()), ..Spec::named("hello") };
+        assert_eq!(
+            Apt::op_args(&Op::Install(vec![from_suite]), true),
+            ["install", "--allow-downgrades", "hello/stable"]
+        );
         assert_eq!(Spec::parse("hello").unwrap().version, None);
         for bad in ["Hello", "hello=", "hello=1 2", "-o=x", "hello;rm", "--purge", "a=b=c"] {
             assert!(Spec::parse(bad).is_err(), "{bad}");

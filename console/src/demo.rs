@@ -284,6 +284,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet upgrade --group lab debfleet-hello       # to 2.0 by delta (FETCHED, SAVED), units verified\n\
          \x20 debfleet show lab-1                               # ... and what its transfers cost (TRANSFER)\n\
          \x20 debfleet rollback lab-1 debfleet-hello            # back to 1.0\n\
+         \x20 debfleet desired set --group lab debfleet-hello=1.0   # desired state: lab-2 goes back too, and a\n\
+         \x20 debfleet desired show                             # device away meanwhile would on its return\n\
          \x20 debfleet cfg set lab-2 profile=cellular          # metered link: long keepalive, kept session, a budget\n\
          \x20 debfleet show lab-2                               # LINK: today's bytes by class against the budget\n\
          \x20 debfleet install lab-1 debfleet-led-strip         # a component: its own .deb and unit (a virtual strip here)\n\

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use debfleet_protocol::component::{
     ComponentCfgMessage, ComponentMeta, ComponentStateMessage, ComponentStatus, ComponentTelemetry, ComponentsState,
 };
+use debfleet_protocol::desired::DesiredReport;
 use debfleet_protocol::topics::ComponentFact;
 use debfleet_protocol::{
     CfgMessage, ComponentId, DeviceId, GroupName, LinkState, Meta, OpId, OpRecord, PackagesState, Status, Telemetry,
@@ -25,6 +26,8 @@ pub struct Device {
     pub components: Option<ComponentsState>,
     /// Each component's own retained facts.
     pub component: BTreeMap<ComponentId, ComponentView>,
+    /// `state/desired`: where the device stands against its desired state.
+    pub desired: Option<DesiredReport>,
 }
 
 /// What the broker holds of one component.
@@ -67,6 +70,7 @@ impl Device {
             && self.ops.is_empty()
             && self.components.is_none()
             && self.component.is_empty()
+            && self.desired.is_none()
     }
 
     /// When the device was last heard from: the newest timestamp among the facts the broker
@@ -173,6 +177,10 @@ impl Fleet {
                 set!(components);
                 Change::Other(dev.clone())
             }
+            Topic::StateDesired(_) => {
+                set!(desired);
+                Change::Other(dev.clone())
+            }
             Topic::Component(_, c, fact) => {
                 let d = self.devices.entry(dev.clone()).or_default();
                 let view = d.component.entry(c.clone()).or_default();
@@ -216,7 +224,11 @@ impl Fleet {
                 Change::Op(dev.clone(), op)
             }
             Topic::Logs(_) | Topic::Rejected(_) => return Change::Other(dev),
-            Topic::DeviceCmd(..) | Topic::GroupCmd(..) | Topic::FleetCmd(_) => return Change::Ignored,
+            Topic::DeviceCmd(..)
+            | Topic::GroupCmd(..)
+            | Topic::FleetCmd(_)
+            | Topic::DesiredDevice(_)
+            | Topic::DesiredGroup(_) => return Change::Ignored,
         };
         // A device whose facts have all been deleted is gone.
         if empty && self.devices.get(&dev).is_some_and(Device::is_empty) {

@@ -4,6 +4,7 @@ mod cmds;
 mod components;
 mod delta;
 mod demo;
+mod desired;
 mod fleet;
 mod lab;
 mod manual;
@@ -157,6 +158,12 @@ enum Command {
     Component {
         #[command(subcommand)]
         command: components::ComponentCommand,
+    },
+    /// Desired state: what groups and devices should have installed; devices converge on it,
+    /// also when they come back after being away.
+    Desired {
+        #[command(subcommand)]
+        command: desired::DesiredCommand,
     },
     /// Restart a managed package's systemd unit on a device.
     Restart {
@@ -472,6 +479,7 @@ fn main() -> ExitCode {
             Command::Restart { device, unit, json } => packages::restart_unit(&ctx, &device, &unit, json).await,
             Command::Ops { device, clear, older_than, json } => cmds::ops(&ctx, &device, clear, older_than, json).await,
             Command::Component { command } => components::run(&ctx, command).await,
+            Command::Desired { command } => desired::run(&ctx, command).await,
             _ => unreachable!("handled above"),
         }
     });

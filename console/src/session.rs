@@ -28,6 +28,8 @@ pub struct Session {
     prefix: String,
     broker_url: String,
     pump: tokio::task::JoinHandle<()>,
+    /// The fleet index as the last read left it.
+    index: Option<crate::sync::Index>,
 }
 
 pub struct ConnectOptions<'a> {
@@ -89,7 +91,15 @@ impl Session {
         }
         let (tx, rx) = mpsc::channel(4096);
         let pump = tokio::spawn(pump(eventloop, tx));
-        Ok(Session { client, rx, client_id, prefix: opts.prefix.to_owned(), broker_url: opts.url.to_owned(), pump })
+        Ok(Session {
+            client,
+            rx,
+            client_id,
+            prefix: opts.prefix.to_owned(),
+            broker_url: opts.url.to_owned(),
+            pump,
+            index: None,
+        })
     }
 
     pub async fn subscribe(&self, filters: &[String]) -> Result<()> {
@@ -131,6 +141,9 @@ impl Session {
         let mut out = Vec::new();
         let memory = crate::sync::memory_path(&self.broker_url, &self.prefix);
         let mut state = ReadState::remembering(memory.as_deref().and_then(crate::sync::recall));
+        if filters.contains(&topics.desired_filter()) {
+            state = state.with_desired();
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let now = std::time::Instant::now();
@@ -148,6 +161,13 @@ impl Session {
                     let missing = state.incomplete();
                     if !state.marker_seen() {
                         return Err(anyhow!("the broker did not echo the console's marker within 10 s"));
+                    }
+                    let records = state.missing_desired();
+                    if !records.is_empty() {
+                        eprintln!(
+                            "debfleet: the desired-state records {} did not arrive within 10 s (deleted, or late)",
+                            records.join(", ")
+                        );
                     }
                     if missing.is_empty() {
                         break;
@@ -185,7 +205,20 @@ impl Session {
                 let _ = self.publish(index_topic, payload, true).await;
             }
         }
+        self.index = Some(state.found_index());
         Ok(out)
+    }
+
+    /// After this console wrote (`present`) or deleted a desired-state record: the index says
+    /// so, for the next read to wait for it (best effort, like every index write).
+    pub async fn note_desired(&mut self, topics: &Topics, record: &str, present: bool) {
+        let Some(index) = &mut self.index else { return };
+        let changed = if present { index.desired.insert(record.to_owned()) } else { index.desired.remove(record) };
+        if changed {
+            if let Ok(payload) = serde_json::to_vec(&*index) {
+                let _ = self.publish(topics.index(), payload, true).await;
+            }
+        }
     }
 
     /// Sends what is queued, then DISCONNECT, and waits (briefly) until it is on the wire.

@@ -34,6 +34,10 @@ pub const REMEMBERED_INDEX_WAIT: Duration = Duration::from_secs(3);
 pub struct Index {
     pub v: u32,
     pub devices: BTreeSet<DeviceId>,
+    /// The desired-state records (`group/G`, `device/ID`) the last read of them found, so a read
+    /// that includes them knows whom to wait for (a console writing a record reads it first).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub desired: BTreeSet<String>,
 }
 
 const CORE: usize = 4;
@@ -42,6 +46,12 @@ const CORE: usize = 4;
 pub struct ReadState {
     marker_at: Option<Instant>,
     index: Option<BTreeSet<DeviceId>>,
+    /// The index's desired-state records.
+    index_desired: BTreeSet<String>,
+    /// Whether this read includes the desired-state records (then it waits for those the
+    /// index names, and writes back those it found).
+    reading_desired: bool,
+    desired: BTreeSet<String>,
     /// What this console's last read of the broker found (None: it has not read it before).
     remembered: Option<BTreeSet<DeviceId>>,
     /// Core facts seen per device (a bit each).
@@ -51,6 +61,11 @@ pub struct ReadState {
 impl ReadState {
     pub fn remembering(remembered: Option<BTreeSet<DeviceId>>) -> ReadState {
         ReadState { remembered, ..ReadState::default() }
+    }
+
+    /// This read includes the desired-state records.
+    pub fn with_desired(self) -> ReadState {
+        ReadState { reading_desired: true, ..self }
     }
 
     pub fn marker(&mut self, now: Instant) {
@@ -63,11 +78,21 @@ impl ReadState {
 
     pub fn index(&mut self, payload: &[u8]) {
         // An unreadable (or deleted) index is no index.
-        self.index = Some(serde_json::from_slice::<Index>(payload).map(|i| i.devices).unwrap_or_default());
+        let index = serde_json::from_slice::<Index>(payload).ok();
+        self.index_desired = index.as_ref().map(|i| i.desired.clone()).unwrap_or_default();
+        self.index = Some(index.map(|i| i.devices).unwrap_or_default());
     }
 
     pub fn message(&mut self, topics: &Topics, topic: &str, payload: &[u8]) {
         let bit = match topics.parse(topic) {
+            Ok(Topic::DesiredDevice(d)) if !payload.is_empty() => {
+                self.desired.insert(format!("device/{d}"));
+                return;
+            }
+            Ok(Topic::DesiredGroup(g)) if !payload.is_empty() => {
+                self.desired.insert(format!("group/{g}"));
+                return;
+            }
             Ok(Topic::Status(_)) => 1,
             Ok(Topic::Meta(_)) => 2,
             Ok(Topic::Cfg(_)) => 4,
@@ -98,7 +123,16 @@ impl ReadState {
         let index_settled = self.index.is_some()
             || (self.remembered.is_none() && waited >= NO_INDEX_QUIET)
             || (self.remembered.is_some() && waited >= REMEMBERED_INDEX_WAIT);
-        index_settled && self.incomplete().is_empty()
+        index_settled && self.incomplete().is_empty() && self.missing_desired().is_empty()
+    }
+
+    /// Desired-state records the index names that have not arrived (when this read includes
+    /// them).
+    pub fn missing_desired(&self) -> Vec<String> {
+        if !self.reading_desired {
+            return Vec::new();
+        }
+        self.index_desired.difference(&self.desired).cloned().collect()
     }
 
     /// When to look again if nothing arrives (the no-index quiet period ending).
@@ -115,10 +149,18 @@ impl ReadState {
         self.facts.keys().cloned().collect()
     }
 
-    /// The index to write back when the devices found differ from the one read.
+    /// The index after this read: the devices found, and the desired-state records found (or,
+    /// when this read did not include them, those the index named).
+    pub fn found_index(&self) -> Index {
+        let desired = if self.reading_desired { self.desired.clone() } else { self.index_desired.clone() };
+        Index { v: debfleet_protocol::CONTRACT_VERSION, devices: self.facts.keys().cloned().collect(), desired }
+    }
+
+    /// The index to write back when what was found differs from the one read.
     pub fn new_index(&self) -> Option<Index> {
-        let found: BTreeSet<DeviceId> = self.facts.keys().cloned().collect();
-        (self.index.as_ref() != Some(&found)).then(|| Index { v: debfleet_protocol::CONTRACT_VERSION, devices: found })
+        let found = self.found_index();
+        let same = self.index.as_ref() == Some(&found.devices) && self.index_desired == found.desired;
+        (!same).then_some(found)
     }
 }
 
@@ -142,7 +184,7 @@ pub fn recall(path: &std::path::Path) -> Option<BTreeSet<DeviceId>> {
 
 /// Best effort: a console that cannot write its cache only waits less wisely next time.
 pub fn remember(path: &std::path::Path, devices: &BTreeSet<DeviceId>) {
-    let index = Index { v: debfleet_protocol::CONTRACT_VERSION, devices: devices.clone() };
+    let index = Index { v: debfleet_protocol::CONTRACT_VERSION, devices: devices.clone(), desired: BTreeSet::new() };
     if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&index)) {
         let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
         let _ = std::fs::create_dir_all(dir)
@@ -211,6 +253,29 @@ mod tests {
         s.marker(t0);
         core(&mut s, &t, "a");
         assert!(s.done(t0 + REMEMBERED_INDEX_WAIT));
+    }
+
+    #[test]
+    fn a_read_of_desired_state_waits_for_the_records_the_index_names() {
+        let t = Topics::default();
+        let t0 = Instant::now();
+        let mut s = ReadState::default().with_desired();
+        s.index(br#"{"v":1,"devices":["a"],"desired":["group/lab","device/a"]}"#);
+        s.marker(t0);
+        core(&mut s, &t, "a");
+        s.message(&t, "debfleet/desired/group/lab", b"{}");
+        assert!(!s.done(t0 + Duration::from_secs(5)), "device/a's record is late");
+        assert_eq!(s.missing_desired(), ["device/a"]);
+        s.message(&t, "debfleet/desired/device/a", b"{}");
+        assert!(s.done(t0));
+        assert_eq!(s.new_index(), None);
+        // A read without them neither waits for them nor drops them from the index.
+        let mut s = ReadState::default();
+        s.index(br#"{"v":1,"devices":["a"],"desired":["group/lab"]}"#);
+        s.marker(t0);
+        core(&mut s, &t, "a");
+        assert!(s.done(t0));
+        assert_eq!(s.found_index().desired.into_iter().collect::<Vec<_>>(), ["group/lab"]);
     }
 
     #[test]

@@ -265,6 +265,13 @@ pub fn parse_command(verb: &str, payload: &[u8]) -> Result<Command, Rejection> {
         Err(e) => return Err(reject(None, ErrorCode::MalformedJson, format!("not JSON: {e}"))),
     };
     let id = match object.get("id") {
+        Some(Value::String(s)) if s.starts_with(crate::desired::OP_PREFIX) => {
+            return Err(reject(
+                None,
+                ErrorCode::InvalidId,
+                format!("ids starting with {:?} are the device's own (desired state)", crate::desired::OP_PREFIX),
+            ))
+        }
         Some(Value::String(s)) => {
             OpId::new(s.as_str()).map_err(|e| reject(None, ErrorCode::InvalidId, e.to_string()))?
         }
@@ -480,6 +487,7 @@ mod tests {
         assert_eq!(code("ping", b"{}"), ErrorCode::MissingId);
         assert_eq!(code("ping", br#"{"id":7}"#), ErrorCode::InvalidId);
         assert_eq!(code("ping", br#"{"id":"../etc"}"#), ErrorCode::InvalidId);
+        assert_eq!(code("install", br#"{"id":"desired-3","packages":["hello"]}"#), ErrorCode::InvalidId);
         assert_eq!(code("ping", &vec![b' '; MAX_COMMAND_BYTES + 1]), ErrorCode::PayloadTooLarge);
         let r = parse_command("launch", br#"{"id":"x1"}"#).unwrap_err();
         assert_eq!((r.code, r.id.unwrap().as_str()), (ErrorCode::UnknownVerb, "x1"));

@@ -9,6 +9,7 @@ pub mod cfg;
 pub mod command;
 pub mod component;
 pub mod debian;
+pub mod desired;
 pub mod ids;
 pub mod payloads;
 pub mod time;

@@ -378,10 +378,18 @@ pub enum ErrorCode {
     /// The component, or the hardware behind it, did not answer in time; what it did is
     /// unknown (its state tells).
     Timeout,
+    /// Desired-state records disagree: two groups name a package differently and the device's
+    /// own record does not settle it.
+    Conflict,
+    /// The packages changed after the device converged (a command, or someone on the device):
+    /// it does not undo that by itself; a new revision applies the desired state again.
+    Drifted,
+    /// A desired-state operation still queued when a newer revision arrived: it never ran.
+    Superseded,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 29] = [
         ErrorCode::MalformedJson,
         ErrorCode::MissingId,
         ErrorCode::InvalidId,
@@ -408,6 +416,9 @@ impl ErrorCode {
         ErrorCode::ComponentUnavailable,
         ErrorCode::UnknownAction,
         ErrorCode::Timeout,
+        ErrorCode::Conflict,
+        ErrorCode::Drifted,
+        ErrorCode::Superseded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -438,6 +449,9 @@ impl ErrorCode {
             ErrorCode::ComponentUnavailable => "component_unavailable",
             ErrorCode::UnknownAction => "unknown_action",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Drifted => "drifted",
+            ErrorCode::Superseded => "superseded",
         }
     }
 }

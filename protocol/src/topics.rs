@@ -47,6 +47,12 @@ pub enum Topic {
     StateLink(DeviceId),
     /// The components installed on the device.
     StateComponents(DeviceId),
+    /// Where the device stands against its desired state.
+    StateDesired(DeviceId),
+    /// The desired state of one device (published by consoles and rollout controllers).
+    DesiredDevice(DeviceId),
+    /// The desired state of a group's devices.
+    DesiredGroup(GroupName),
     Component(DeviceId, ComponentId, ComponentFact),
     Telemetry(DeviceId),
     Logs(DeviceId),
@@ -91,6 +97,9 @@ impl Topic {
             | Topic::StateUnits(_)
             | Topic::StateLink(_)
             | Topic::StateComponents(_)
+            | Topic::StateDesired(_)
+            | Topic::DesiredDevice(_)
+            | Topic::DesiredGroup(_)
             | Topic::Op(..) => (true, Qos::AtLeastOnce),
             Topic::Component(_, _, fact) => match fact {
                 ComponentFact::Telemetry => (true, Qos::AtMostOnce),
@@ -120,13 +129,14 @@ impl Topic {
             | Topic::StateUnits(d)
             | Topic::StateLink(d)
             | Topic::StateComponents(d)
+            | Topic::StateDesired(d)
             | Topic::Component(d, ..)
             | Topic::Telemetry(d)
             | Topic::Logs(d)
             | Topic::Rejected(d)
             | Topic::Op(d, _)
             | Topic::DeviceCmd(d, _) => Some(d),
-            Topic::GroupCmd(..) | Topic::FleetCmd(_) => None,
+            Topic::GroupCmd(..) | Topic::FleetCmd(_) | Topic::DesiredDevice(_) | Topic::DesiredGroup(_) => None,
         }
     }
 }
@@ -179,6 +189,9 @@ impl Topics {
             Topic::StateUnits(d) => format!("{p}/device/{d}/state/units"),
             Topic::StateLink(d) => format!("{p}/device/{d}/state/link"),
             Topic::StateComponents(d) => format!("{p}/device/{d}/state/components"),
+            Topic::StateDesired(d) => format!("{p}/device/{d}/state/desired"),
+            Topic::DesiredDevice(d) => format!("{p}/desired/device/{d}"),
+            Topic::DesiredGroup(g) => format!("{p}/desired/group/{g}"),
             Topic::Component(d, c, fact) => format!("{p}/device/{d}/components/{c}/{}", fact.as_str()),
             Topic::Telemetry(d) => format!("{p}/device/{d}/telemetry"),
             Topic::Logs(d) => format!("{p}/device/{d}/logs"),
@@ -206,16 +219,29 @@ impl Topics {
         format!("{}/device/+/#", self.prefix)
     }
 
-    /// The command filters a device subscribes to: its own, its groups', the fleet's.
+    /// What a device subscribes to: its own, its groups' and the fleet's commands, and its own
+    /// and its groups' desired state.
     pub fn command_filters<'a>(
         &self,
         device: &DeviceId,
         groups: impl IntoIterator<Item = &'a GroupName>,
     ) -> Vec<String> {
         let p = &self.prefix;
-        let mut v = vec![format!("{p}/device/{device}/cmd/+"), format!("{p}/fleet/cmd/+")];
-        v.extend(groups.into_iter().map(|g| format!("{p}/group/{g}/cmd/+")));
+        let mut v = vec![
+            format!("{p}/device/{device}/cmd/+"),
+            format!("{p}/fleet/cmd/+"),
+            format!("{p}/desired/device/{device}"),
+        ];
+        for g in groups {
+            v.push(format!("{p}/group/{g}/cmd/+"));
+            v.push(format!("{p}/desired/group/{g}"));
+        }
         v
+    }
+
+    /// Every desired-state record.
+    pub fn desired_filter(&self) -> String {
+        format!("{}/desired/#", self.prefix)
     }
 
     pub fn group_cmd_filter(&self, group: &GroupName) -> String {
@@ -248,6 +274,7 @@ impl Topics {
                     ["state", "units"] => Topic::StateUnits(d),
                     ["state", "link"] => Topic::StateLink(d),
                     ["state", "components"] => Topic::StateComponents(d),
+                    ["state", "desired"] => Topic::StateDesired(d),
                     ["components", c, fact] => {
                         let c = ComponentId::new(*c).map_err(bad_id)?;
                         let fact = ComponentFact::ALL.into_iter().find(|f| f.as_str() == *fact).ok_or_else(unknown)?;
@@ -263,6 +290,8 @@ impl Topics {
             }
             ["group", g, "cmd", v] => Ok(Topic::GroupCmd(GroupName::new(*g).map_err(bad_id)?, verb(v)?)),
             ["fleet", "cmd", v] => Ok(Topic::FleetCmd(verb(v)?)),
+            ["desired", "device", d] => Ok(Topic::DesiredDevice(DeviceId::new(*d).map_err(bad_id)?)),
+            ["desired", "group", g] => Ok(Topic::DesiredGroup(GroupName::new(*g).map_err(bad_id)?)),
             _ => Err(unknown()),
         }
     }
@@ -296,6 +325,9 @@ mod tests {
             Topic::DeviceCmd(dev("d1"), "ping".into()),
             Topic::GroupCmd(GroupName::new("lab").unwrap(), "ping".into()),
             Topic::FleetCmd("refresh".into()),
+            Topic::StateDesired(dev("d1")),
+            Topic::DesiredDevice(dev("d1")),
+            Topic::DesiredGroup(GroupName::new("lab").unwrap()),
         ] {
             assert_eq!(t.parse(&t.name(&topic)).unwrap(), topic);
         }

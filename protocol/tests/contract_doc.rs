@@ -64,6 +64,11 @@ fn every_example_round_trips_through_the_types() {
             "component-state" => round_trip::<component::ComponentStateMessage>(kind, body),
             "component-cfg" => round_trip::<component::ComponentCfgMessage>(kind, body),
             "component-telemetry" => round_trip::<component::ComponentTelemetry>(kind, body),
+            "desired" => {
+                round_trip::<desired::DesiredRecord>(kind, body);
+                desired::DesiredRecord::parse(body.as_bytes()).unwrap_or_else(|e| panic!("desired: {e}\n{body}"));
+            }
+            "desired-state" => round_trip::<desired::DesiredReport>(kind, body),
             k if k.starts_with("cmd:") => {
                 let verb = &k[4..];
                 let cmd =
@@ -98,6 +103,8 @@ fn every_example_round_trips_through_the_types() {
         "component-state",
         "component-cfg",
         "component-telemetry",
+        "desired",
+        "desired-state",
         "rejected",
         "cmd",
         "cmd-error",
@@ -129,6 +136,11 @@ fn every_example_round_trips_through_the_types() {
             .replace("VERB", "ping")
             .replace("/G/", "/lab/")
             .replace("CID", "led-strip");
+        let concrete = match (concrete.strip_suffix("/ID"), concrete.strip_suffix("/G")) {
+            (Some(head), _) => format!("{head}/lab-1"),
+            (_, Some(head)) => format!("{head}/lab"),
+            _ => concrete,
+        };
         let topic = topics.parse(&concrete).unwrap_or_else(|e| panic!("{name}: {e}"));
         let (retained, qos) = topic.delivery();
         assert_eq!(cells[3].starts_with("yes"), retained, "{name}: retained");

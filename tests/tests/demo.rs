@@ -103,6 +103,17 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     assert_eq!(v[0]["result"]["power"], "on", "{on}");
     assert_eq!(v[0]["result"]["connection"], "connected", "{on}");
 
+    // The tour's desired state: the group's record takes both devices back to 1.0.
+    let desired = Observer::connect(broker_port, &["debfleet/device/+/state/desired"]);
+    run(&["desired", "set", "--group", "lab", "debfleet-hello=1.0"]);
+    for d in ["lab-1", "lab-2"] {
+        desired.wait(&format!("debfleet/device/{d}/state/desired"), Duration::from_secs(180), |v| {
+            v["state"] == "converged" && v["revisions"]["group/lab"] == 1
+        });
+    }
+    let shown = run(&["desired", "show"]);
+    assert!(shown.contains("group/lab") && shown.contains("converged"), "{shown}");
+
     // SIGTERM: devices and services go away.
     Command::new("kill").arg("-TERM").arg(demo.id().to_string()).status().unwrap();
     let status = wait_for(Duration::from_secs(60), "the demo to stop", || demo.try_wait().unwrap());

@@ -3,9 +3,10 @@
 //! out as jobs.
 
 use debfleet_protocol::command::parse_command;
+use debfleet_protocol::desired::Source;
 use debfleet_protocol::{
     time, CfgMessage, Command, CommandArgs, ErrorCode, OpError, OpId, PackageOptions, PackageSpec, Rejection, Topic,
-    CONTRACT_VERSION,
+    Verb, CONTRACT_VERSION,
 };
 use serde_json::{json, Value};
 
@@ -26,6 +27,13 @@ impl Core {
             Ok(Topic::DeviceCmd(d, verb)) if d == self.cfg.device_id => verb,
             Ok(Topic::FleetCmd(verb)) => verb,
             Ok(Topic::GroupCmd(g, verb)) if self.runtime.groups.contains(&g) => verb,
+            // Desired state is retained by design (state, not a command).
+            Ok(Topic::DesiredDevice(d)) if d == self.cfg.device_id => {
+                return self.on_desired(Source::Device, payload, now_ms);
+            }
+            Ok(Topic::DesiredGroup(g)) if self.runtime.groups.contains(&g) => {
+                return self.on_desired(Source::Group(g), payload, now_ms);
+            }
             Ok(_) => return Vec::new(),
             Err(e) => {
                 tracing::warn!("ignoring message: {e}");
@@ -226,7 +234,7 @@ impl Core {
                 after.push(Out::Restart);
                 Ok(json!({"restarting": true}))
             }
-            CommandArgs::Cfg { set } => self.apply_cfg(&set, &mut after),
+            CommandArgs::Cfg { set } => self.apply_cfg(&set, &mut after, now_ms),
             // Answered when the component answers (or its time is up).
             CommandArgs::Call { component, action, args } => {
                 match self.call_component(&id, component, action, args, now_ms) {
@@ -263,6 +271,21 @@ impl Core {
         out
     }
 
+    /// Starts an operation the agent decided on itself (to converge on the desired state):
+    /// journaled, published and run with the same lifecycle as a command's.
+    pub(super) fn start_internal(&mut self, id: OpId, verb: Verb, kind: JobKind, now_ms: i64) -> Vec<Out> {
+        let mut out = match self.begin(&id, verb.as_str(), now_ms, true) {
+            Ok(out) => out,
+            Err(out) => return out,
+        };
+        if let Err(e) = self.journal.set_running(&id, now_ms, None) {
+            tracing::error!("{e}");
+        }
+        out.push(self.publish_op(&id));
+        tracing::info!(op = %id, "{} to converge on the desired state", verb.as_str());
+        self.start_job(out, Origin { id, expires_at: None }, kind, PackageOptions::default())
+    }
+
     fn start_job(&mut self, mut out: Vec<Out>, op: Origin, kind: JobKind, options: PackageOptions) -> Vec<Out> {
         let Origin { id, expires_at } = op;
         let PackageOptions { dry_run, watch_s } = options;
@@ -275,6 +298,7 @@ impl Core {
                 p.iter().map(|s| s.name.clone()).collect()
             }
             JobKind::Rollback(p) => vec![p.name.clone()],
+            JobKind::Converge { packages, .. } => packages.iter().map(|s| s.name.clone()).collect(),
             JobKind::RestartUnit(_) | JobKind::Refresh(_) | JobKind::Resume { .. } => Vec::new(),
         };
         if !touched.is_empty() && !dry_run {
@@ -307,7 +331,7 @@ impl Core {
         }
     }
 
-    fn apply_cfg(&mut self, patch: &Value, after: &mut Vec<Out>) -> Result<Value, OpError> {
+    fn apply_cfg(&mut self, patch: &Value, after: &mut Vec<Out>, now_ms: i64) -> Result<Value, OpError> {
         // The file's keys, the earlier overrides, then this change: a profile named here picks
         // new defaults for every key no layer sets.
         let next = self
@@ -336,6 +360,7 @@ impl Core {
         if !added.is_empty() {
             after.push(Out::Subscribe(added));
         }
+        self.desired_groups_changed(now_ms);
         if let Some(g) = &self.log_gate {
             g.apply(&self.runtime.logs);
         }
@@ -492,8 +517,10 @@ mod tests {
             false,
             0,
         );
-        assert!(outs.contains(&Out::Unsubscribe(vec!["debfleet/group/lab/cmd/+".into()])));
-        assert!(outs.contains(&Out::Subscribe(vec!["debfleet/group/edge/cmd/+".into()])));
+        assert!(outs
+            .contains(&Out::Unsubscribe(vec!["debfleet/group/lab/cmd/+".into(), "debfleet/desired/group/lab".into()])));
+        assert!(outs
+            .contains(&Out::Subscribe(vec!["debfleet/group/edge/cmd/+".into(), "debfleet/desired/group/edge".into()])));
         let cfg = publishes(&outs).into_iter().find(|(t, _, _)| t.ends_with("/cfg")).unwrap().1;
         assert_eq!(cfg["telemetry"]["cpu"]["interval_s"], 2);
         assert_eq!(f.core.runtime().telemetry.cpu.interval_s, 2);

@@ -108,6 +108,7 @@ pub struct Core {
     /// older, so it is published again (retained) on the next connect.
     telemetry_behind: Option<Telemetry>,
     components: components::Components,
+    desired: desired::Desired,
 }
 
 /// Over these, a new command is answered with `busy` instead of being accepted.
@@ -116,6 +117,7 @@ pub const MAX_JOBS_PENDING: usize = 32;
 
 mod commands;
 mod components;
+mod desired;
 mod link;
 mod packages;
 
@@ -192,6 +194,7 @@ impl Core {
                 out.extend(logs.iter().filter_map(|b| self.logs(b)));
                 out.extend(self.drain(now_ms));
                 out.extend(self.call_deadlines(now_ms));
+                out.extend(self.desired_tick(now_ms));
                 if housekeeping {
                     out.extend(self.housekeeping(now_ms));
                 }
@@ -265,6 +268,7 @@ impl Core {
         let cfg_state_dir = cfg.state_dir.clone();
         let mut overrides = Overrides::load(&cfg.state_dir);
         let runtime = overrides.effective(&cfg.file_patch);
+        let runtime_groups = runtime.groups.clone();
         let spool = match Spool::open(&cfg.state_dir.join("outbox"), u64::from(runtime.outbox.max_kb) * 1024) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -299,6 +303,7 @@ impl Core {
             telemetry_behind: None,
             report_next_connect: false,
             components: Default::default(),
+            desired: desired::Desired::load(&cfg_state_dir, &runtime_groups),
         }
     }
 
@@ -394,6 +399,7 @@ impl Core {
             self.units_message(),
         ];
         out.extend(self.component_facts());
+        out.extend(self.desired_fact());
         for e in self.journal.entries() {
             if e.retained {
                 out.push(self.publish(Topic::Op(dev.clone(), e.record.id.clone()), &e.record));
@@ -444,6 +450,7 @@ impl Core {
         if self.runtime.link.report_connects || std::mem::take(&mut self.report_next_connect) {
             out.push(self.link_report(now_ms));
         }
+        self.desired_connected(now_ms);
         out
     }
 
@@ -577,7 +584,9 @@ pub(super) mod tests {
             Out::Subscribe(vec![
                 "debfleet/device/d1/cmd/+".into(),
                 "debfleet/fleet/cmd/+".into(),
-                "debfleet/group/lab/cmd/+".into()
+                "debfleet/desired/device/d1".into(),
+                "debfleet/group/lab/cmd/+".into(),
+                "debfleet/desired/group/lab".into(),
             ])
         );
         let topics: Vec<String> = publishes(&outs)

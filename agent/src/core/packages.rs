@@ -85,6 +85,8 @@ impl Core {
         // A component's package may have come, changed or gone.
         self.forget_installed_components();
         out.extend(self.list_components());
+        // Where the desired state stands now (and the next step towards it).
+        out.extend(self.desired_after_job(now_ms));
         out.extend(self.next_job());
         out
     }
