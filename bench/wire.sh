@@ -4,12 +4,18 @@
 # (BASELINE, a git revision; `none` to skip) beside this one with the default and the cellular
 # profile, in the same run. See tests/benches/wire.rs. DURATION: idle seconds (3600), measured
 # once every agent has sent its first telemetry (the cellular one's 5 minutes after its start).
-# INSTALL=0 skips the install on lab devices (which needs root and systemd-nspawn).
+# INSTALL=0 skips the install on lab devices (which needs root and systemd-nspawn); INSTALL_ONLY=1
+# measures only the install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+# The install is measured on lab devices (systemd-nspawn containers from a debootstrapped rootfs).
+if [ "${INSTALL:-1}" != 0 ]; then
+    command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+    command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi

@@ -198,6 +198,10 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let m = Mosquitto::start();
     let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
+    if std::env::var("INSTALL_ONLY").as_deref() == Ok("1") {
+        install(&m, &obs, dir.path());
+        return;
+    }
     let mut kinds: Vec<(&'static str, PathBuf, &str)> = Vec::new();
     if let Some(b) = &baseline {
         kinds.push(("baseline (before)", b.clone(), ""));
