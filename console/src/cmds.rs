@@ -12,7 +12,7 @@ use crate::exit;
 use crate::fleet::{Device, Fleet};
 use crate::output::{ago, flatten, table, Spinner};
 use crate::request::{send_and_wait, Outcome, Request, Target};
-use crate::session::{ConnectOptions, Session};
+use crate::session::{ConnectOptions, Message, Session};
 use crate::{Ctx, Targets};
 
 /// Invalid input from the operator (exit status 2).
@@ -37,16 +37,22 @@ fn device_id(s: &str) -> Result<DeviceId> {
 }
 
 /// Connects and reads the whole retained fleet.
-pub async fn load_fleet(ctx: &Ctx) -> Result<(Session, Fleet)> {
+/// Connects and reads the retained messages under `filters` (with a spinner naming `what`).
+pub async fn read_retained(ctx: &Ctx, what: &str, filters: &[String]) -> Result<(Session, Vec<Message>)> {
     let mut session = Session::connect(ConnectOptions {
         url: &ctx.broker,
         ca_file: ctx.ca_file.as_deref(),
         prefix: ctx.topics.prefix(),
     })
     .await?;
-    let spinner = Spinner::start("reading the fleet from the broker".into());
-    let retained = session.retained(&ctx.topics, &[ctx.topics.fleet_filter()]).await?;
+    let spinner = Spinner::start(format!("reading {what} from the broker"));
+    let retained = session.retained(&ctx.topics, filters).await?;
     drop(spinner);
+    Ok((session, retained))
+}
+
+pub async fn load_fleet(ctx: &Ctx) -> Result<(Session, Fleet)> {
+    let (session, retained) = read_retained(ctx, "the fleet", &[ctx.topics.fleet_filter()]).await?;
     let mut fleet = Fleet::default();
     for m in retained {
         if let crate::fleet::Change::Invalid(why) = fleet.apply(&ctx.topics, &m.topic, &m.payload) {

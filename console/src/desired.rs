@@ -9,10 +9,10 @@ use debfleet_protocol::desired::{Convergence, DesiredRecord, DesiredReport, Targ
 use debfleet_protocol::{time, DeviceId, GroupName, Topic, CONTRACT_VERSION};
 use serde_json::{json, Value};
 
-use crate::cmds::usage;
+use crate::cmds::{read_retained, usage};
 use crate::fleet::{Device, Fleet};
-use crate::output::{table, Spinner};
-use crate::session::{ConnectOptions, Session};
+use crate::output::table;
+use crate::session::Session;
 use crate::Ctx;
 
 #[derive(Subcommand)]
@@ -112,16 +112,8 @@ fn source_name(t: &Topic) -> String {
 /// The fleet and every desired-state record, read from the retained set (and the names of all
 /// records the broker holds, readable or not).
 async fn read(ctx: &Ctx) -> Result<(Session, Fleet, BTreeMap<String, DesiredRecord>, BTreeSet<String>)> {
-    let mut session = Session::connect(ConnectOptions {
-        url: &ctx.broker,
-        ca_file: ctx.ca_file.as_deref(),
-        prefix: ctx.topics.prefix(),
-    })
-    .await?;
-    let spinner = Spinner::start("reading the fleet and its desired state from the broker".into());
     let filters = [ctx.topics.fleet_filter(), ctx.topics.desired_filter()];
-    let retained = session.retained(&ctx.topics, &filters).await?;
-    drop(spinner);
+    let (session, retained) = read_retained(ctx, "the fleet and its desired state", &filters).await?;
     let (mut fleet, mut records, mut present) = (Fleet::default(), BTreeMap::new(), BTreeSet::new());
     for m in retained {
         match ctx.topics.parse(&m.topic) {
@@ -199,7 +191,7 @@ pub async fn run(ctx: &Ctx, command: DesiredCommand) -> Result<u8> {
             let name = source_name(&topic);
             session.publish(ctx.topics.name(&topic), Vec::new(), true).await?;
             session.note_desired(&ctx.topics, &name, false).await;
-            session.disconnect().await;
+            session.close().await?;
             if json {
                 println!("{}", json!({"record": name, "cleared": present.contains(&name)}));
             } else if present.contains(&name) {
@@ -234,7 +226,7 @@ async fn write(
     let payload = serde_json::to_vec(&record)?;
     session.publish(ctx.topics.name(topic), payload, true).await?;
     session.note_desired(&ctx.topics, &name, true).await;
-    session.disconnect().await;
+    session.close().await?;
     let devices: Vec<DeviceId> = match topic {
         Topic::DesiredGroup(g) => fleet.members(g),
         Topic::DesiredDevice(d) => vec![d.clone()],

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use debfleet_mqtt::{Client, Endpoint, Loop, Net, QoS, Settings};
 use debfleet_protocol::limits::MAX_PACKET_BYTES;
 use debfleet_protocol::Topics;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::sync::ReadState;
 
@@ -28,6 +28,10 @@ pub struct Session {
     prefix: String,
     broker_url: String,
     pump: tokio::task::JoinHandle<()>,
+    /// Publishes handed to the client (all at QoS 1), and the broker's acknowledgements of them
+    /// as the pump counts them: `close` waits until they match.
+    sent: std::sync::atomic::AtomicU64,
+    acked: watch::Receiver<u64>,
     /// The fleet index as the last read left it.
     index: Option<crate::sync::Index>,
 }
@@ -90,10 +94,13 @@ impl Session {
             }
         }
         let (tx, rx) = mpsc::channel(4096);
-        let pump = tokio::spawn(pump(eventloop, tx));
+        let (acks, acked) = watch::channel(0);
+        let pump = tokio::spawn(pump(eventloop, tx, acks));
         Ok(Session {
             client,
             rx,
+            sent: Default::default(),
+            acked,
             client_id,
             prefix: opts.prefix.to_owned(),
             broker_url: opts.url.to_owned(),
@@ -107,7 +114,9 @@ impl Session {
     }
 
     pub async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<()> {
-        self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.map_err(|e| anyhow!("publishing: {e}"))
+        self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.map_err(|e| anyhow!("publishing: {e}"))?;
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// A command: under MQTT 5 the broker drops it after `expiry_s` if it could not deliver it
@@ -117,7 +126,9 @@ impl Session {
         self.client
             .publish_expiring(topic, QoS::AtLeastOnce, false, payload, Some(expiry_s))
             .await
-            .map_err(|e| anyhow!("publishing: {e}"))
+            .map_err(|e| anyhow!("publishing: {e}"))?;
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     pub async fn recv(&mut self) -> Result<Message> {
@@ -221,12 +232,35 @@ impl Session {
         }
     }
 
-    /// Sends what is queued, then DISCONNECT, and waits (briefly) until it is on the wire.
+    /// `close`, for sessions whose publishes are best effort (a read's fleet index).
     pub async fn disconnect(self) {
-        let Session { client, rx, pump, .. } = self;
+        if let Err(e) = self.close().await {
+            tracing::debug!("{e:#}");
+        }
+    }
+
+    /// Waits until the broker has acknowledged every publish of this session, then sends
+    /// DISCONNECT. Closing the socket earlier can lose what was written last: the broker may
+    /// still have acknowledgements to send, and a socket closed with unread data is reset, which
+    /// makes the broker discard what it had not read yet (seen with Mosquitto: the last retained
+    /// record of `debfleet desired set` never arrived).
+    pub async fn close(self) -> Result<()> {
+        let Session { client, rx, pump, sent, mut acked, .. } = self;
         drop(rx);
+        let sent = sent.into_inner();
+        let all = tokio::time::timeout(Duration::from_secs(10), acked.wait_for(|a| *a >= sent)).await;
+        let confirmed = match all.map(|r| r.is_ok()) {
+            Ok(true) => Ok(()),
+            _ => {
+                let got = *acked.borrow();
+                Err(anyhow!(Unreachable(format!(
+                    "the broker confirmed {got} of the {sent} messages sent; the rest may not have arrived"
+                ))))
+            }
+        };
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
+        confirmed
     }
 }
 
@@ -242,7 +276,7 @@ impl std::fmt::Display for Unreachable {
 
 impl std::error::Error for Unreachable {}
 
-async fn pump(mut eventloop: Loop, tx: mpsc::Sender<Message>) {
+async fn pump(mut eventloop: Loop, tx: mpsc::Sender<Message>, acks: watch::Sender<u64>) {
     loop {
         match eventloop.poll().await {
             Ok(Net::Publish { topic, payload, retain, .. }) => {
@@ -251,6 +285,7 @@ async fn pump(mut eventloop: Loop, tx: mpsc::Sender<Message>) {
                 let _ = tx.send(msg).await;
             }
             Ok(Net::OutDisconnect) => return,
+            Ok(Net::PubAck) => acks.send_modify(|n| *n += 1),
             Ok(_) => {}
             // A console session is short; rather than reconnecting behind the operator's back
             // (and missing messages), it reports the loss.

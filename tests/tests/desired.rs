@@ -25,9 +25,24 @@ fn dpkg_version(dev: &Device, pkg: &str) -> Option<String> {
 /// The first report of the device published after message number `from` that `pred` accepts.
 fn report_after(obs: &Observer, dev: &str, from: usize, pred: impl Fn(&Value) -> bool) -> Value {
     let topic = format!("debfleet/device/{dev}/state/desired");
-    wait_for(Duration::from_secs(180), &format!("{dev}'s desired-state report"), || {
-        obs.messages()[from..].iter().filter(|m| m.topic == topic).map(|m| m.json()).find(&pred)
-    })
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let reports: Vec<Value> =
+            obs.messages()[from..].iter().filter(|m| m.topic == topic).map(|m| m.json()).collect();
+        if let Some(r) = reports.iter().find(|r| pred(r)) {
+            return r.clone();
+        }
+        // On a timeout, what the device did say (and its operations) tell why.
+        if std::time::Instant::now() > deadline {
+            let ops: Vec<String> = obs.messages()[from..]
+                .iter()
+                .filter(|m| m.topic.starts_with(&format!("debfleet/device/{dev}/op/")))
+                .map(|m| format!("{} {}", m.topic, String::from_utf8_lossy(&m.payload)))
+                .collect();
+            panic!("timed out waiting for {dev}'s desired-state report; it said {reports:?}; operations: {ops:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits for the device's report to say `state` at these revisions (after message `from`).

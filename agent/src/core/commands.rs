@@ -172,14 +172,10 @@ impl Core {
                 | CommandArgs::Clear { .. }
                 | CommandArgs::Restart { unit: None }
         );
-        let mut out = match self.begin(&id, verb.as_str(), now_ms, !instant) {
+        let mut out = match self.begin_running(&id, verb.as_str(), now_ms, !instant) {
             Ok(out) => out,
             Err(out) => return out,
         };
-        if let Err(e) = self.journal.set_running(&id, now_ms, None) {
-            tracing::error!("{e}");
-        }
-        out.push(self.publish_op(&id));
         tracing::info!(op = %id, "running {}", verb.as_str());
         let mut after = Vec::new();
         let op = || Origin { id: id.clone(), expires_at };
@@ -274,16 +270,22 @@ impl Core {
     /// Starts an operation the agent decided on itself (to converge on the desired state):
     /// journaled, published and run with the same lifecycle as a command's.
     pub(super) fn start_internal(&mut self, id: OpId, verb: Verb, kind: JobKind, now_ms: i64) -> Vec<Out> {
-        let mut out = match self.begin(&id, verb.as_str(), now_ms, true) {
+        let out = match self.begin_running(&id, verb.as_str(), now_ms, true) {
             Ok(out) => out,
             Err(out) => return out,
         };
-        if let Err(e) = self.journal.set_running(&id, now_ms, None) {
-            tracing::error!("{e}");
-        }
-        out.push(self.publish_op(&id));
         tracing::info!(op = %id, "{} to converge on the desired state", verb.as_str());
         self.start_job(out, Origin { id, expires_at: None }, kind, PackageOptions::default())
+    }
+
+    /// `begin`, then the operation marked running and published.
+    fn begin_running(&mut self, id: &OpId, verb: &str, now_ms: i64, durable: bool) -> Result<Vec<Out>, Vec<Out>> {
+        let mut out = self.begin(id, verb, now_ms, durable)?;
+        if let Err(e) = self.journal.set_running(id, now_ms, None) {
+            tracing::error!("{e}");
+        }
+        out.push(self.publish_op(id));
+        Ok(out)
     }
 
     fn start_job(&mut self, mut out: Vec<Out>, op: Origin, kind: JobKind, options: PackageOptions) -> Vec<Out> {
