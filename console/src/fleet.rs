@@ -228,7 +228,8 @@ impl Fleet {
             | Topic::GroupCmd(..)
             | Topic::FleetCmd(_)
             | Topic::DesiredDevice(_)
-            | Topic::DesiredGroup(_) => return Change::Ignored,
+            | Topic::DesiredGroup(_)
+            | Topic::Rollout(..) => return Change::Ignored,
         };
         // A device whose facts have all been deleted is gone.
         if empty && self.devices.get(&dev).is_some_and(Device::is_empty) {

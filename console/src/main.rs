@@ -12,6 +12,7 @@ mod output;
 mod packages;
 mod repo;
 mod request;
+mod rollout;
 mod serve;
 mod session;
 mod sync;
@@ -164,6 +165,11 @@ enum Command {
     Desired {
         #[command(subcommand)]
         command: desired::DesiredCommand,
+    },
+    /// Staged rollouts: move a group to new versions in waves that stop themselves on trouble.
+    Rollout {
+        #[command(subcommand)]
+        command: rollout::RolloutCommand,
     },
     /// Restart a managed package's systemd unit on a device.
     Restart {
@@ -480,6 +486,7 @@ fn main() -> ExitCode {
             Command::Ops { device, clear, older_than, json } => cmds::ops(&ctx, &device, clear, older_than, json).await,
             Command::Component { command } => components::run(&ctx, command).await,
             Command::Desired { command } => desired::run(&ctx, command).await,
+            Command::Rollout { command } => rollout::run(&ctx, command).await,
             _ => unreachable!("handled above"),
         }
     });

@@ -122,6 +122,10 @@ id_type!(
     ComponentId, "component id", "[a-z0-9][a-z0-9-]{0,31}", 32, lower_alnum, lower_alnum_dash
 );
 id_type!(
+    /// A rollout's id: a topic level, `[a-z0-9][a-z0-9-]{0,47}`.
+    RolloutId, "rollout id", "[a-z0-9][a-z0-9-]{0,47}", 48, lower_alnum, lower_alnum_dash
+);
+id_type!(
     /// One of a component's actions (`set-color`): `[a-z][a-z0-9-]{0,31}`.
     ActionName, "action", "[a-z][a-z0-9-]{0,31}", 32, lower, lower_alnum_dash
 );

@@ -1,6 +1,19 @@
 //! Topic names: built from typed parts and parsed back, so no other crate formats a topic string.
 
-use crate::ids::{ComponentId, DeviceId, GroupName, IdError, OpId};
+use crate::ids::{ComponentId, DeviceId, GroupName, IdError, OpId, RolloutId};
+
+/// The retained topics of one rollout (see `rollout.rs`: each has one writer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutPart {
+    /// `rollout/ID`: the controller's state.
+    State,
+    /// `rollout/ID/spec`: what `rollout create` asked for.
+    Spec,
+    /// `rollout/ID/control`: the operator's latest instruction.
+    Control,
+    /// `rollout/ID/lease`: which controller drives it.
+    Lease,
+}
 
 /// What a component publishes (through its device's agent) under
 /// `device/ID/components/CID/`.
@@ -53,6 +66,7 @@ pub enum Topic {
     DesiredDevice(DeviceId),
     /// The desired state of a group's devices.
     DesiredGroup(GroupName),
+    Rollout(RolloutId, RolloutPart),
     Component(DeviceId, ComponentId, ComponentFact),
     Telemetry(DeviceId),
     Logs(DeviceId),
@@ -100,6 +114,7 @@ impl Topic {
             | Topic::StateDesired(_)
             | Topic::DesiredDevice(_)
             | Topic::DesiredGroup(_)
+            | Topic::Rollout(..)
             | Topic::Op(..) => (true, Qos::AtLeastOnce),
             Topic::Component(_, _, fact) => match fact {
                 ComponentFact::Telemetry => (true, Qos::AtMostOnce),
@@ -136,7 +151,11 @@ impl Topic {
             | Topic::Rejected(d)
             | Topic::Op(d, _)
             | Topic::DeviceCmd(d, _) => Some(d),
-            Topic::GroupCmd(..) | Topic::FleetCmd(_) | Topic::DesiredDevice(_) | Topic::DesiredGroup(_) => None,
+            Topic::GroupCmd(..)
+            | Topic::FleetCmd(_)
+            | Topic::DesiredDevice(_)
+            | Topic::DesiredGroup(_)
+            | Topic::Rollout(..) => None,
         }
     }
 }
@@ -192,6 +211,12 @@ impl Topics {
             Topic::StateDesired(d) => format!("{p}/device/{d}/state/desired"),
             Topic::DesiredDevice(d) => format!("{p}/desired/device/{d}"),
             Topic::DesiredGroup(g) => format!("{p}/desired/group/{g}"),
+            Topic::Rollout(id, part) => match part {
+                RolloutPart::State => format!("{p}/rollout/{id}"),
+                RolloutPart::Spec => format!("{p}/rollout/{id}/spec"),
+                RolloutPart::Control => format!("{p}/rollout/{id}/control"),
+                RolloutPart::Lease => format!("{p}/rollout/{id}/lease"),
+            },
             Topic::Component(d, c, fact) => format!("{p}/device/{d}/components/{c}/{}", fact.as_str()),
             Topic::Telemetry(d) => format!("{p}/device/{d}/telemetry"),
             Topic::Logs(d) => format!("{p}/device/{d}/logs"),
@@ -244,6 +269,11 @@ impl Topics {
         format!("{}/desired/#", self.prefix)
     }
 
+    /// Every rollout's topics.
+    pub fn rollout_filter(&self) -> String {
+        format!("{}/rollout/#", self.prefix)
+    }
+
     pub fn group_cmd_filter(&self, group: &GroupName) -> String {
         format!("{}/group/{group}/cmd/+", self.prefix)
     }
@@ -292,6 +322,17 @@ impl Topics {
             ["fleet", "cmd", v] => Ok(Topic::FleetCmd(verb(v)?)),
             ["desired", "device", d] => Ok(Topic::DesiredDevice(DeviceId::new(*d).map_err(bad_id)?)),
             ["desired", "group", g] => Ok(Topic::DesiredGroup(GroupName::new(*g).map_err(bad_id)?)),
+            ["rollout", id, part @ ..] => {
+                let id = RolloutId::new(*id).map_err(bad_id)?;
+                let part = match part {
+                    [] => RolloutPart::State,
+                    ["spec"] => RolloutPart::Spec,
+                    ["control"] => RolloutPart::Control,
+                    ["lease"] => RolloutPart::Lease,
+                    _ => return Err(unknown()),
+                };
+                Ok(Topic::Rollout(id, part))
+            }
             _ => Err(unknown()),
         }
     }
@@ -328,6 +369,10 @@ mod tests {
             Topic::StateDesired(dev("d1")),
             Topic::DesiredDevice(dev("d1")),
             Topic::DesiredGroup(GroupName::new("lab").unwrap()),
+            Topic::Rollout(RolloutId::new("r-1").unwrap(), RolloutPart::State),
+            Topic::Rollout(RolloutId::new("r-1").unwrap(), RolloutPart::Spec),
+            Topic::Rollout(RolloutId::new("r-1").unwrap(), RolloutPart::Control),
+            Topic::Rollout(RolloutId::new("r-1").unwrap(), RolloutPart::Lease),
         ] {
             assert_eq!(t.parse(&t.name(&topic)).unwrap(), topic);
         }

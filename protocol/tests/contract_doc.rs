@@ -69,6 +69,13 @@ fn every_example_round_trips_through_the_types() {
                 desired::DesiredRecord::parse(body.as_bytes()).unwrap_or_else(|e| panic!("desired: {e}\n{body}"));
             }
             "desired-state" => round_trip::<desired::DesiredReport>(kind, body),
+            "rollout-spec" => {
+                round_trip::<rollout::RolloutSpec>(kind, body);
+                rollout::RolloutSpec::parse(body.as_bytes()).unwrap_or_else(|e| panic!("rollout-spec: {e}\n{body}"));
+            }
+            "rollout" => round_trip::<rollout::RolloutState>(kind, body),
+            "rollout-control" => round_trip::<rollout::RolloutControl>(kind, body),
+            "rollout-lease" => round_trip::<rollout::Lease>(kind, body),
             k if k.starts_with("cmd:") => {
                 let verb = &k[4..];
                 let cmd =
@@ -105,6 +112,10 @@ fn every_example_round_trips_through_the_types() {
         "component-telemetry",
         "desired",
         "desired-state",
+        "rollout-spec",
+        "rollout",
+        "rollout-control",
+        "rollout-lease",
         "rejected",
         "cmd",
         "cmd-error",
