@@ -286,6 +286,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet rollback lab-1 debfleet-hello            # back to 1.0\n\
          \x20 debfleet desired set --group lab debfleet-hello=1.0   # desired state: lab-2 goes back too, and a\n\
          \x20 debfleet desired show                             # device away meanwhile would on its return\n\
+         \x20 debfleet rollout create --group lab --id hello-2 debfleet-hello=2.0 --waves 1,100% --watch 10s\n\
+         \x20 debfleet rollout status hello-2                   # staged: lab-1 first, the rest once it stayed healthy\n\
          \x20 debfleet cfg set lab-2 profile=cellular          # metered link: long keepalive, kept session, a budget\n\
          \x20 debfleet show lab-2                               # LINK: today's bytes by class against the budget\n\
          \x20 debfleet install lab-1 debfleet-led-strip         # a component: its own .deb and unit (a virtual strip here)\n\
@@ -316,9 +318,20 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // The demo runs the rollout controller (`debfleet rollout run`) for the tour's rollout.
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            r = crate::rollout::drive(&ctx, false) => {
+                // Ok: it stopped on the same signal. An error leaves the rest of the demo running.
+                if let Err(e) = r {
+                    eprintln!("demo: the rollout controller stopped: {e:#}");
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+            }
         }
         anyhow::Ok(())
     })?;

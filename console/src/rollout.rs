@@ -491,6 +491,11 @@ async fn steer(ctx: &Ctx, s: Steer, action: Action) -> Result<u8> {
         session.disconnect().await;
         return Err(usage(format!("the broker has no rollout {id}")));
     }
+    if let Some(st) = world.states.get(&id).filter(|st| !debfleet_rollout::applies(action, st.phase)) {
+        session.disconnect().await;
+        let verb = serde_json::to_value(action)?.as_str().unwrap_or_default().to_owned();
+        return Err(usage(format!("rollout {id} is {}: nothing to {verb}", phase_word(st.phase))));
+    }
     let seq = world.controls.get(&id).map_or(0, |c| c.seq).max(world.states.get(&id).map_or(0, |s| s.control_seq)) + 1;
     let control = RolloutControl { v: CONTRACT_VERSION, seq, action, by: operator(&s.who.by), ts: time::now() };
     let (topic, payload) = publish_json(&ctx.topics, Topic::Rollout(id.clone(), RolloutPart::Control), &control);
@@ -548,7 +553,7 @@ enum Claim {
     },
 }
 
-async fn drive(ctx: &Ctx, exit_when_done: bool) -> Result<u8> {
+pub async fn drive(ctx: &Ctx, exit_when_done: bool) -> Result<u8> {
     let holder = format!("controller-{:08x}", fastrand::u32(..));
     let (session, mut world) = read(ctx, "the fleet, its desired state and rollouts", true).await?;
     eprintln!("debfleet: rollout controller {holder} driving the rollouts at {}", ctx.broker);

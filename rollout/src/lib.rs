@@ -19,6 +19,18 @@ use debfleet_protocol::desired::{Convergence, DesiredRecord, DesiredReport, Targ
 use debfleet_protocol::rollout::{Action, Phase, RolloutControl, RolloutDevice, RolloutSpec, RolloutState, Stage};
 use debfleet_protocol::{time, DeviceId, ErrorCode, OpError, CONTRACT_VERSION};
 
+/// Whether an operator's instruction means anything in this phase (the console refuses the
+/// others; the controller ignores them).
+pub fn applies(action: Action, phase: Phase) -> bool {
+    match action {
+        Action::Pause => phase == Phase::Running,
+        Action::Resume => phase == Phase::Paused,
+        Action::Abort => matches!(phase, Phase::Running | Phase::Paused | Phase::Halted),
+        Action::Retry => phase != Phase::RollingBack,
+        Action::Rollback => phase != Phase::RolledBack,
+    }
+}
+
 /// What the broker holds of one device, as far as a rollout cares.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceView {
@@ -86,12 +98,16 @@ impl Controller {
         self.state.control_seq = c.seq;
         let mut out = Vec::new();
         let phase = self.state.phase;
+        self.state.ts = time::format_unix_ms(now_ms);
+        if !applies(c.action, phase) {
+            return out;
+        }
         match c.action {
-            Action::Pause if phase == Phase::Running => {
+            Action::Pause => {
                 self.state.phase = Phase::Paused;
                 self.state.reason = Some(format!("paused by {}", c.by));
             }
-            Action::Resume if phase == Phase::Paused => {
+            Action::Resume => {
                 self.state.phase = Phase::Running;
                 self.state.reason = None;
                 // Paused after a complete wave: the next one starts now.
@@ -99,7 +115,7 @@ impl Controller {
                     self.advance(view, now_ms, &mut out);
                 }
             }
-            Action::Abort if matches!(phase, Phase::Running | Phase::Paused | Phase::Halted) => {
+            Action::Abort => {
                 self.state.phase = Phase::Aborted;
                 self.state.reason = Some(format!("aborted by {}", c.by));
                 // Devices that have not converged yet are asked for what they had: they do not
@@ -109,7 +125,7 @@ impl Controller {
                     self.revert(&d, view, now_ms, &mut out);
                 }
             }
-            Action::Retry if phase != Phase::RollingBack => {
+            Action::Retry => {
                 let failed: Vec<DeviceId> = self.devices_in(|s| matches!(s, Stage::Failed { .. }));
                 for d in failed {
                     let targets = self.spec.packages.clone();
@@ -121,14 +137,12 @@ impl Controller {
                     self.state.reason = None;
                 }
             }
-            Action::Rollback if phase != Phase::RolledBack => {
+            Action::Rollback => {
                 self.state.phase = Phase::RollingBack;
                 self.state.reason = Some(format!("rollback asked by {}", c.by));
                 self.rollback_all(view, now_ms, &mut out);
             }
-            _ => {}
         }
-        self.state.ts = time::format_unix_ms(now_ms);
         out
     }
 

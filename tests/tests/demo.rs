@@ -114,6 +114,25 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let shown = run(&["desired", "show"]);
     assert!(shown.contains("group/lab") && shown.contains("converged"), "{shown}");
 
+    // The tour's rollout, driven by the controller the demo runs: lab-1, then lab-2, on 2.0.
+    let rollouts = Observer::connect(broker_port, &["debfleet/rollout/#"]);
+    run(&[
+        "rollout",
+        "create",
+        "--group",
+        "lab",
+        "--id",
+        "hello-2",
+        "debfleet-hello=2.0",
+        "--waves",
+        "1,100%",
+        "--watch",
+        "5s",
+    ]);
+    rollouts.wait("debfleet/rollout/hello-2", Duration::from_secs(240), |v| v["phase"] == "succeeded");
+    let shown = run(&["rollout", "status", "hello-2"]);
+    assert!(shown.contains("succeeded") && shown.contains("healthy"), "{shown}");
+
     // SIGTERM: devices and services go away.
     Command::new("kill").arg("-TERM").arg(demo.id().to_string()).status().unwrap();
     let status = wait_for(Duration::from_secs(60), "the demo to stop", || demo.try_wait().unwrap());
