@@ -113,6 +113,21 @@ pub struct JobContext {
     /// Running as a systemd service with a bus: a transaction on the agent's own package goes
     /// to a transient unit, since the package's postinst restarts this service.
     pub self_upgrade: bool,
+    /// The running job asked to stop before it installs (`Out::Cancel`).
+    pub cancelled: std::sync::Mutex<Option<OpId>>,
+}
+
+impl JobContext {
+    pub fn cancel(&self, id: OpId) {
+        if let Ok(mut c) = self.cancelled.lock() {
+            *c = Some(id);
+        }
+    }
+
+    /// Whether `id` was asked to stop (and forgets the request).
+    fn take_cancelled(&self, id: &OpId) -> bool {
+        self.cancelled.lock().map(|mut c| c.take_if(|c| c == id).is_some()).unwrap_or(false)
+    }
 }
 
 /// The agent's own package.
@@ -302,6 +317,8 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Resolving, percent: None }).await;
     let mut plan = crate::fetch::Plan::default();
     let mut planned = false;
+    let converge = matches!(job.kind, JobKind::Converge { .. });
+    let mut fetched_first: Option<debfleet_apt::Report> = None;
     let run = loop {
         if !planned && !matches!(op, Op::Remove { .. }) && ctx.fetcher.has_deltas() {
             // What apt would download, so that the packages with a delta come by delta. A plan
@@ -320,6 +337,32 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
                     }
                 };
                 plan = ctx.fetcher.prepare(&ctx.apt, &c.upgrade, &c.install, &named).await;
+            }
+        }
+        // A convergence fetches everything before it installs anything, so that a newer desired
+        // state arriving meanwhile (a rollout aborted) stops it with nothing changed.
+        if converge && fetched_first.is_none() {
+            let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Downloading, percent: None }).await;
+            let (apt, dl_op, local) = (ctx.apt.clone(), op.clone(), plan.local.clone());
+            match blocking(move || apt.download(&dl_op, allow_downgrades, &local)).await {
+                Ok(r) => fetched_first = Some(r),
+                Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
+                    updated = true;
+                    match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
+                        Ok(b) => {
+                            index_bytes += b.fetched;
+                            index_full += b.without_diffs;
+                        }
+                        Err(e) => return fail(apt_error(e)),
+                    }
+                    continue;
+                }
+                Err(e) => return fail(apt_error(e)),
+            }
+            if ctx.take_cancelled(&id) {
+                let message = "a newer desired state arrived while it downloaded; nothing was installed";
+                tracing::info!(op = %id, "{message}");
+                return fail(error(ErrorCode::Superseded, message));
             }
         }
         let (apt, run_op, local) = (ctx.apt.clone(), op.clone(), plan.local.clone());
@@ -350,7 +393,12 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     let removed: Vec<String> = changes.iter().filter(|c| c.after.is_none()).map(|c| c.package.clone()).collect();
     ctx.fetcher.keep(&installed, &removed, &plan.local);
     let report = match run {
-        Ok(r) => {
+        Ok(mut r) => {
+            // What the download-only pass fetched is what this transaction cost.
+            if let Some(first) = fetched_first {
+                r.download_bytes += first.download_bytes;
+                r.downloads.extend(first.downloads);
+            }
             crate::fetch::Fetcher::account(&r.downloads, &mut plan);
             r
         }
@@ -704,7 +752,7 @@ mod tests {
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\ncase \" $* \" in *\" update \"*) exit 0;; esac\nd={d}\necho 'pmstatus:hello:40:Unpacking hello (1.0)' >&3\necho 'pmstatus:hello:90:Setting up hello (1.0)' >&3\n[ -f $d/next-status ] && cp $d/next-status {a}/status-new && mv {a}/status-new {a}/status\n[ -f $d/stderr ] && cat $d/stderr >&2\nexit $(cat $d/exit 2>/dev/null || echo 0)\n",
+                "#!/bin/sh\ncase \" $* \" in *\" update \"*) exit 0;; *\" --download-only \"*) echo 'Need to get 1,234 B of archives.'; exit 0;; esac\nd={d}\necho 'pmstatus:hello:40:Unpacking hello (1.0)' >&3\necho 'pmstatus:hello:90:Setting up hello (1.0)' >&3\n[ -f $d/next-status ] && cp $d/next-status {a}/status-new && mv {a}/status-new {a}/status\n[ -f $d/stderr ] && cat $d/stderr >&2\nexit $(cat $d/exit 2>/dev/null || echo 0)\n",
                 d = dir.display(),
                 a = admin.display()
             ),
@@ -723,6 +771,7 @@ mod tests {
             db: Arc::new(debfleet_apt::dpkg::Database::new(&admin)),
             systemd: None,
             self_upgrade: false,
+            cancelled: Default::default(),
         };
         (Arc::new(ctx), admin)
     }
@@ -769,6 +818,31 @@ mod tests {
         assert_eq!(changed, [("hello", Some("1.0")), ("libhello", Some("3"))]);
         // The history has both; the core adopts only what the operator named.
         assert_eq!(done.changes.len(), 2);
+    }
+
+    fn converge(spec: &str) -> Job {
+        let kind = JobKind::Converge { packages: vec![Spec::parse(spec).unwrap()], refresh: false };
+        Job { id: OpId::new("desired-1").unwrap(), kind, ..install(spec) }
+    }
+
+    #[tokio::test]
+    async fn a_convergence_downloads_first_and_a_cancel_meanwhile_installs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, admin) = fake_apt(dir.path());
+        let new = "Package: bash\nStatus: install ok installed\nVersion: 5.2\n\nPackage: hello\nStatus: install ok installed\nVersion: 1.0\n";
+        std::fs::write(dir.path().join("next-status"), new).unwrap();
+        // Asked to stop while it downloads (a rollout aborted): nothing changes.
+        ctx.cancel(OpId::new("desired-1").unwrap());
+        let (done, phases) = run_job(converge("hello=1.0"), ctx.clone()).await;
+        let f = done.outcome.expect_err("stopped");
+        assert_eq!(f.error.code, ErrorCode::Superseded, "{}", f.error.message);
+        assert!(phases.contains(&Phase::Downloading) && !phases.contains(&Phase::Unpacking), "{phases:?}");
+        assert!(!std::fs::read_to_string(admin.join("status")).unwrap().contains("hello"), "it installed");
+        // Not asked: it installs, and what the download pass fetched is counted.
+        let (done, _) = run_job(converge("hello=1.0"), ctx).await;
+        let result: PackageResult = serde_json::from_value(done.outcome.unwrap()).unwrap();
+        assert_eq!(result.download_bytes, 1234);
+        assert_eq!(result.changes.len(), 1);
     }
 
     #[tokio::test]

@@ -152,6 +152,7 @@ async fn run(
         db: dpkg.clone(),
         systemd: systemd.clone(),
         self_upgrade: under_systemd && systemd.is_some(),
+        cancelled: Default::default(),
     });
     // Transactions a transient unit carried while this agent (re)started are finished first.
     let resumed: Vec<jobs::Job> = journal
@@ -388,6 +389,7 @@ impl Perform<'_> {
                 match q.push(out, connected) {
                     None => queued = true,
                     Some(Out::Restart) => restart = true,
+                    Some(Out::Cancel(id)) => self.job_ctx.cancel(id),
                     Some(Out::Job(job)) => {
                         tokio::spawn(jobs::run(job, self.job_ctx.clone(), self.job_tx.clone()));
                     }

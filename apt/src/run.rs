@@ -267,6 +267,18 @@ impl Apt {
         Ok(simulate::parse(&out.1))
     }
 
+    /// Fetches what the transaction needs into apt's cache, changing nothing else (the run that
+    /// follows then downloads nothing): what apt said it would fetch, and what it fetched.
+    pub fn download(&self, op: &Op, allow_downgrades: bool, local: &[LocalDeb]) -> Result<Report, AptError> {
+        let mut cmd = self.base();
+        cmd.arg("--download-only").args(Self::op_args_with(op, allow_downgrades, local));
+        let (ok, text) = output(&mut cmd)?;
+        if !ok {
+            return Err(classify(&text, &[]));
+        }
+        Ok(Report { download_bytes: need_to_get(&text), downloads: downloads(&text), conffiles_kept: Vec::new() })
+    }
+
     /// Upgrades available from the device's apt lists for these packages: name → (installed,
     /// candidate). Packages that are not installed or already newest are left out.
     pub fn upgradable(&self, names: &[Spec]) -> Result<std::collections::BTreeMap<String, (String, String)>, AptError> {

@@ -73,6 +73,9 @@ pub enum RolloutCommand {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Show it again on every change until it ends (Ctrl-C stops); NDJSON with --json.
+        #[arg(long)]
+        follow: bool,
     },
     /// Every rollout the broker holds.
     List {
@@ -154,7 +157,7 @@ pub async fn run(ctx: &Ctx, command: RolloutCommand) -> Result<u8> {
             spec.check().map_err(usage)?;
             create(ctx, spec, who.json).await
         }
-        RolloutCommand::Status { id, json } => status(ctx, &rollout_id(&id)?, json).await,
+        RolloutCommand::Status { id, json, follow } => status(ctx, &rollout_id(&id)?, json, follow).await,
         RolloutCommand::List { json } => list(ctx, json).await,
         RolloutCommand::Pause(s) => steer(ctx, s, Action::Pause).await,
         RolloutCommand::Resume(s) => steer(ctx, s, Action::Resume).await,
@@ -225,20 +228,16 @@ impl World {
         let Ok(t) = topics.parse(topic) else { return };
         let refused = |what: &str, e: String| eprintln!("debfleet: ignoring {what} on {topic}: {e}");
         match t {
-            Topic::DesiredDevice(d) => {
-                match (payload.is_empty(), DesiredRecord::parse(payload)) {
-                    (true, _) => self.devices.remove(&d),
-                    (false, Ok(r)) => self.devices.insert(d, r),
-                    (false, Err(e)) => return refused("a desired-state record", e),
-                };
-            }
-            Topic::DesiredGroup(g) => {
-                match (payload.is_empty(), DesiredRecord::parse(payload)) {
-                    (true, _) => self.groups.remove(&g),
-                    (false, Ok(r)) => self.groups.insert(g, r),
-                    (false, Err(e)) => return refused("a desired-state record", e),
-                };
-            }
+            Topic::DesiredDevice(d) => match (payload.is_empty(), DesiredRecord::parse(payload)) {
+                (true, _) => drop(self.devices.remove(&d)),
+                (false, Ok(r)) => drop(self.devices.insert(d, r)),
+                (false, Err(e)) => refused("a desired-state record", e),
+            },
+            Topic::DesiredGroup(g) => match (payload.is_empty(), DesiredRecord::parse(payload)) {
+                (true, _) => drop(self.groups.remove(&g)),
+                (false, Ok(r)) => drop(self.groups.insert(g, r)),
+                (false, Err(e)) => refused("a desired-state record", e),
+            },
             Topic::Rollout(id, part) => {
                 if payload.is_empty() {
                     match part {
@@ -392,31 +391,61 @@ fn phase_word(p: Phase) -> String {
     serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
-async fn status(ctx: &Ctx, id: &RolloutId, json: bool) -> Result<u8> {
-    let (session, world) = read(ctx, "the rollouts", false).await?;
-    session.disconnect().await;
-    let Some(spec) = world.specs.get(id) else {
+async fn status(ctx: &Ctx, id: &RolloutId, json: bool, follow: bool) -> Result<u8> {
+    let (mut session, mut world) = read(ctx, "the rollouts", false).await?;
+    let Some(spec) = world.specs.get(id).cloned() else {
+        session.disconnect().await;
         return Err(anyhow!(usage(format!("the broker has no rollout {id}"))));
     };
-    let state = world.states.get(id);
-    if json {
-        let out =
-            json!({"spec": spec, "state": state, "control": world.controls.get(id), "lease": world.leases.get(id)});
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(0);
+    let show = |world: &World| -> Result<()> {
+        let state = world.states.get(id);
+        if json {
+            let out =
+                json!({"spec": spec, "state": state, "control": world.controls.get(id), "lease": world.leases.get(id)});
+            // One line per change when following (NDJSON), pretty otherwise.
+            println!("{}", if follow { serde_json::to_string(&out)? } else { serde_json::to_string_pretty(&out)? });
+        } else {
+            print!("{}", render(&spec, state));
+        }
+        Ok(())
+    };
+    show(&world)?;
+    // The live view: again on every change of the state, until the rollout ends or Ctrl-C.
+    if follow {
+        let topic = ctx.topics.name(&Topic::Rollout(id.clone(), RolloutPart::State));
+        let mut sigint = signal(SignalKind::interrupt())?;
+        while !world.states.get(id).is_some_and(|s| s.phase.is_final()) {
+            let m = tokio::select! {
+                m = session.recv() => m?,
+                _ = sigint.recv() => break,
+            };
+            let before = world.states.get(id).cloned();
+            world.apply(&ctx.topics, &m.topic, &m.payload);
+            if m.topic == topic && world.states.get(id) != before.as_ref() {
+                if !json {
+                    println!();
+                }
+                show(&world)?;
+            }
+        }
     }
+    session.disconnect().await;
+    Ok(0)
+}
+
+/// The waves (devices per state) and every device's part.
+fn render(spec: &RolloutSpec, state: Option<&RolloutState>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let packages: Vec<String> = spec.packages.iter().map(|(n, t)| format!("{n}={t}")).collect();
-    println!("rollout {id}: {} to group {} (by {})", packages.join(" "), spec.group, spec.by);
+    let _ = writeln!(out, "rollout {}: {} to group {} (by {})", spec.id, packages.join(" "), spec.group, spec.by);
     let Some(state) = state else {
-        println!("not started: no controller has taken it yet (debfleet rollout run)");
-        return Ok(0);
+        out.push_str("not started: no controller has taken it yet (debfleet rollout run)\n");
+        return out;
     };
     let wave = state.wave.map(|w| format!(", wave {} of {}", w + 1, spec.waves.len())).unwrap_or_default();
-    println!(
-        "{}{wave}{}",
-        phase_word(state.phase),
-        state.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
-    );
+    let reason = state.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+    let _ = writeln!(out, "{}{wave}{reason}", phase_word(state.phase));
     let words = ["pending", "watching", "healthy", "failed", "offline", "reverting", "reverted"];
     let mut rows = Vec::new();
     for (w, size) in spec.waves.iter().enumerate() {
@@ -426,15 +455,8 @@ async fn status(ctx: &Ctx, id: &RolloutId, json: bool) -> Result<u8> {
         row.extend(words.iter().map(|word| of_wave.iter().filter(|s| *s == word).count().to_string()));
         rows.push(row);
     }
-    let mut header = vec!["WAVE", "SIZE", "DEVICES"];
-    header.extend(words.iter().map(|w| w.to_owned()));
-    print!(
-        "{}",
-        table(
-            &header.iter().map(|h| h.to_uppercase()).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>(),
-            &rows
-        )
-    );
+    let header: Vec<String> = ["wave", "size", "devices"].iter().chain(&words).map(|h| h.to_uppercase()).collect();
+    out.push_str(&table(&header.iter().map(String::as_str).collect::<Vec<_>>(), &rows));
     let rows: Vec<Vec<String>> = state
         .devices
         .iter()
@@ -448,10 +470,10 @@ async fn status(ctx: &Ctx, id: &RolloutId, json: bool) -> Result<u8> {
         })
         .collect();
     if !rows.is_empty() {
-        println!();
-        print!("{}", table(&["DEVICE", "WAVE", "STATE", "BEFORE", "ERROR"], &rows));
+        out.push('\n');
+        out.push_str(&table(&["DEVICE", "WAVE", "STATE", "BEFORE", "ERROR"], &rows));
     }
-    Ok(0)
+    out
 }
 
 async fn list(ctx: &Ctx, json: bool) -> Result<u8> {

@@ -60,6 +60,8 @@ pub(super) struct Desired {
     target: Judged,
     /// Operations this run started (only these are ever superseded).
     started: Vec<OpId>,
+    /// The running operation asked to stop before it installs (asked once).
+    cancelling: Option<OpId>,
 }
 
 impl Desired {
@@ -445,15 +447,26 @@ impl Core {
     }
 
     /// Operations this run started for an older target and that still wait in the queue never
-    /// run: they end as `superseded` (one that already runs finishes; the next judgement follows
-    /// it).
+    /// run: they end as `superseded`. One already running is asked to stop before it installs
+    /// (it downloads first): it then ends as `superseded` too; past its download it finishes.
+    /// Either way the next judgement follows it.
     fn supersede(&mut self, keep: &[&OpId], now_ms: i64, out: &mut Vec<Out>) {
+        if let Some(running) = self.running.clone() {
+            let stale = self.desired.started.contains(&running) && !keep.contains(&&running);
+            if stale && self.desired.cancelling.as_ref() != Some(&running) {
+                tracing::info!(op = %running, "a newer desired state arrived: stopping it before it installs");
+                out.push(Out::Cancel(running.clone()));
+                self.desired.cancelling = Some(running);
+            }
+        }
         let started = std::mem::take(&mut self.desired.started);
         let (stale, rest): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.jobs).into_iter().partition(|j| started.contains(&j.id) && !keep.contains(&&j.id));
         self.jobs = rest.into();
         // Only what may still be queued or running is worth remembering.
-        self.desired.started = started.into_iter().filter(|id| keep.contains(&id)).collect();
+        let running = self.running.clone();
+        self.desired.started =
+            started.into_iter().filter(|id| keep.contains(&id) || running.as_ref() == Some(id)).collect();
         for job in stale {
             let message = "a newer desired state arrived before it started".to_owned();
             tracing::info!(op = %job.id, "superseded: {message}");
@@ -608,5 +621,38 @@ mod tests {
         let gone = op_states(&outs, &first).pop().unwrap();
         assert_eq!((gone.state, gone.error.unwrap().code), (OpState::Failed, ErrorCode::Superseded));
         assert_ne!(report(&outs).unwrap()["op"].as_str(), Some(first.as_str()));
+    }
+
+    #[test]
+    fn a_newer_target_stops_the_running_operation_before_it_installs() {
+        let mut f = fixture(false);
+        connected(&mut f);
+        f.core.on_message("debfleet/desired/group/lab", &record(1, r#"{"hello":"2.0"}"#), false, 0);
+        let outs = f.core.desired_tick(1000);
+        let job = outs.iter().find_map(|o| if let Out::Job(j) = o { Some(j.clone()) } else { None }).unwrap();
+        // A rollout is aborted: the record goes back while the operation downloads.
+        f.core.on_message("debfleet/desired/group/lab", &record(2, r#"{"hello":"1.0"}"#), false, 1500);
+        let outs = f.core.desired_tick(2600);
+        assert!(outs.contains(&Out::Cancel(job.id.clone())), "{outs:?}");
+        assert!(!outs.iter().any(|o| matches!(o, Out::Job(_))), "one job at a time");
+        // Asked once.
+        f.core.desired.due_ms = Some(0);
+        assert!(!f.core.desired_tick(3000).contains(&Out::Cancel(job.id.clone())));
+        // It stops with nothing installed; the newer target runs next.
+        let done = crate::jobs::JobDone {
+            id: job.id.clone(),
+            outcome: Err(crate::jobs::Failure {
+                error: OpError { code: ErrorCode::Superseded, message: "stopped".into() },
+                result: None,
+            }),
+            changes: vec![],
+            rolled_back: vec![],
+        };
+        let outs = f.core.handle(Event::JobDone(done), 4000);
+        let next = outs.iter().find_map(|o| if let Out::Job(j) = o { Some(j.clone()) } else { None }).unwrap();
+        assert_ne!(next.id, job.id);
+        assert!(
+            matches!(&next.kind, JobKind::Converge { packages, .. } if packages[0].version.as_deref() == Some("1.0"))
+        );
     }
 }

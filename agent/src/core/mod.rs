@@ -44,6 +44,9 @@ pub enum Out {
         frame: debfleet_protocol::component::Down,
         close: bool,
     },
+    /// Stop the running job with this id if it has not changed anything yet (a converge job
+    /// between its download and its install: it ends as `superseded`); past that it finishes.
+    Cancel(OpId),
     /// Start this long operation (apt, systemd) off the core now. One runs at a time: the core
     /// queues the others and hands the next out when one ends. Progress and outcome come back
     /// as [`Event::JobProgress`] and [`Event::JobDone`].
@@ -93,7 +96,8 @@ pub struct Core {
     retained_seen: std::collections::HashSet<(String, u64)>,
     /// Jobs waiting for the one that runs (bounded intake: see `MAX_JOBS_PENDING`).
     jobs: std::collections::VecDeque<Job>,
-    job_running: bool,
+    /// The job handed out and not yet done (one runs at a time).
+    running: Option<OpId>,
     /// Messages waiting in the outbox, as last told by the edge (bounded intake).
     backlog: usize,
     link: Arc<Link>,
@@ -216,7 +220,7 @@ impl Core {
     /// they waited end as `expired` instead.
     fn next_job(&mut self) -> Vec<Out> {
         let mut out = Vec::new();
-        if self.job_running {
+        if self.running.is_some() {
             return out;
         }
         let now_ms = time::now_unix_ms();
@@ -225,7 +229,7 @@ impl Core {
                 out.extend(self.expire(&job.id, job.expires_at.unwrap_or(now_ms), now_ms));
                 continue;
             }
-            self.job_running = true;
+            self.running = Some(job.id.clone());
             out.push(Out::Job(job));
             break;
         }
@@ -254,7 +258,7 @@ impl Core {
     }
 
     fn jobs_pending(&self) -> usize {
-        self.jobs.len() + usize::from(self.job_running)
+        self.jobs.len() + usize::from(self.running.is_some())
     }
     pub fn new(
         cfg: AgentConfig,
@@ -294,7 +298,7 @@ impl Core {
             units: BTreeMap::new(),
             retained_seen: Default::default(),
             jobs: Default::default(),
-            job_running: false,
+            running: None,
             backlog: 0,
             link,
             spool,

@@ -45,7 +45,7 @@ impl Core {
 
     /// A job ended: record the outcome, update the managed set, republish the state.
     pub fn job_done(&mut self, done: JobDone, now_ms: i64) -> Vec<Out> {
-        self.job_running = false;
+        self.running = None;
         let verb = self.journal.verb(&done.id).unwrap_or("").to_owned();
         let (result, error) = match done.outcome {
             Ok(v) => (Some(v), None),
