@@ -150,6 +150,9 @@ impl Controller {
     pub fn step(&mut self, view: &View, now_ms: i64) -> Vec<Out> {
         let mut out = Vec::new();
         let before = self.state.clone();
+        // Twice: a device that converged in this pass and needs no watch is healthy in the same
+        // step, so the next wave does not wait a tick for it.
+        self.judge(view, now_ms);
         self.judge(view, now_ms);
         match self.state.phase {
             Phase::Running => self.run(view, now_ms, &mut out),
@@ -377,7 +380,8 @@ impl Controller {
                         Some(Stage::Failed { error: OpError { code: ErrorCode::UnitFailed, message } })
                     } else if now_ms - at_ms >= watch_ms && v.is_some_and(|v| v.online) {
                         Some(Stage::Healthy)
-                    } else if now_ms - e.since_ms > deadline_ms + watch_ms {
+                    } else if now_ms - at_ms > watch_ms + deadline_ms {
+                        // Converged, then gone before its watch could end.
                         Some(Stage::Offline)
                     } else {
                         None
