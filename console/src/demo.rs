@@ -191,7 +191,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         .with_context(|| format!("cannot listen on {}", args.broker_listen))?;
     let listen = args.broker_listen;
     std::thread::spawn(move || {
-        if let Err(e) = crate::serve::run(listen) {
+        if let Err(e) = crate::serve::run(listen, None) {
             eprintln!("demo: the embedded broker stopped: {e:#}");
         }
     });

@@ -291,6 +291,9 @@ enum Command {
         /// Address the embedded broker listens on.
         #[arg(long, default_value = "127.0.0.1:1883")]
         listen: std::net::SocketAddr,
+        /// Do not run the rollout controller beside the broker.
+        #[arg(long)]
+        no_rollouts: bool,
     },
 }
 
@@ -450,8 +453,8 @@ fn main() -> ExitCode {
     if let Command::Lab { command } = cli.command {
         return finish(lab::run(&ctx, command));
     }
-    if let Command::Serve { listen } = cli.command {
-        return match serve::run(listen) {
+    if let Command::Serve { listen, no_rollouts } = cli.command {
+        return match serve::run(listen, (!no_rollouts).then_some(&ctx)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("debfleet: {e:#}");

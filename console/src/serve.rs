@@ -1,5 +1,6 @@
-//! `debfleet serve`: the zero-setup services. For now an embedded MQTT broker (rumqttd) on a
-//! local address; production fleets use Mosquitto or any MQTT 3.1.1 broker instead.
+//! `debfleet serve`: the zero-setup services: an embedded MQTT broker (rumqttd) on a local
+//! address (production fleets use Mosquitto or any MQTT 3.1.1 broker instead), and beside it the
+//! rollout controller (`debfleet rollout run`) against that broker.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -7,7 +8,7 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-pub fn run(listen: SocketAddr) -> Result<()> {
+pub fn run(listen: SocketAddr, rollouts: Option<&crate::Ctx>) -> Result<()> {
     // Bind once ourselves so a busy port is a clear error instead of a panic in a broker thread.
     std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let server = ServerSettings {
@@ -47,7 +48,35 @@ pub fn run(listen: SocketAddr) -> Result<()> {
         metrics: None,
     };
     eprintln!("debfleet: embedded MQTT broker listening on mqtt://{listen} (Ctrl-C stops)");
+    if let Some(ctx) = rollouts {
+        let host = if listen.ip().is_unspecified() { "127.0.0.1".to_owned() } else { listen.ip().to_string() };
+        let ctx = crate::Ctx {
+            broker: format!("mqtt://{}", SocketAddr::new(host.parse()?, listen.port())),
+            ca_file: None,
+            topics: ctx.topics.clone(),
+            expires: ctx.expires,
+        };
+        std::thread::spawn(move || controller(ctx));
+    }
     let mut broker = Broker::new(config);
     broker.start().context("embedded broker")?;
     Ok(())
+}
+
+/// The rollout controller beside the embedded broker, once it takes connections; it tries again
+/// if its connection is lost.
+fn controller(ctx: crate::Ctx) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+    let addr = ctx.broker.trim_start_matches("mqtt://").to_owned();
+    loop {
+        while std::net::TcpStream::connect(&addr).is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        match rt.block_on(crate::rollout::drive(&ctx, false)) {
+            // Stopped by Ctrl-C, like the broker.
+            Ok(_) => return,
+            Err(e) => eprintln!("debfleet: the rollout controller stopped: {e:#}; starting it again"),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }

@@ -388,6 +388,15 @@ fn embedded_broker_serves_a_fleet() {
     let out = console(&url, &["ping", "--group", "lab", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout_json(&out)[0]["ok"], true);
+    // `serve` runs the rollout controller too: a rollout to a group without devices is taken and
+    // halted with why.
+    let out = console(&url, &["rollout", "create", "--group", "nobody", "--id", "empty", "app=1.0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = wait_for(T, "the controller's verdict", || {
+        let v = stdout_json(&console(&url, &["rollout", "status", "empty", "--json"]));
+        (v["state"]["phase"] == "halted").then_some(v)
+    });
+    assert!(s["state"]["reason"].as_str().unwrap().contains("has no devices"), "{s}");
     let _ = serve.kill();
     let _ = serve.wait();
 }
