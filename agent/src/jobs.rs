@@ -225,6 +225,28 @@ fn to_spec(p: &PackageSpec) -> Spec {
     Spec { name: p.name.clone(), version: p.version.clone(), release: None }
 }
 
+/// What `apt-get update` cost an operation: the bytes fetched, and what they would have been
+/// without index diffs. An upgrade starts with it; other operations run it once, when apt did not
+/// know what was asked for (just published), and try again.
+#[derive(Default)]
+struct Indices {
+    fetched: u64,
+    full: u64,
+    updated: bool,
+}
+
+impl Indices {
+    async fn update(&mut self, tx: &mpsc::Sender<JobEvent>, id: &OpId, apt: &Apt) -> Result<(), OpError> {
+        let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::UpdatingIndices, percent: None }).await;
+        let apt = apt.clone();
+        let b = blocking(move || apt.update()).await.map_err(apt_error)?;
+        self.fetched += b.fetched;
+        self.full += b.without_diffs;
+        self.updated = true;
+        Ok(())
+    }
+}
+
 async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>) -> JobDone {
     let started = Instant::now();
     let id = job.id.clone();
@@ -244,21 +266,11 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     };
     // An upgrade is about the newest the repository has, so it starts from fresh indices; other
     // operations refresh them only when apt does not know what was asked for (just published).
-    let mut updated = false;
-    let (mut index_bytes, mut index_full) = (0u64, 0u64);
-    let update = |tx: mpsc::Sender<JobEvent>, id: OpId, apt: Apt| async move {
-        let _ = tx.send(JobEvent::Progress { id, phase: Phase::UpdatingIndices, percent: None }).await;
-        blocking(move || apt.update()).await
-    };
+    let mut indices = Indices::default();
     if matches!(job.kind, JobKind::Upgrade(_) | JobKind::Converge { refresh: true, .. }) {
-        match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-            Ok(b) => {
-                index_bytes += b.fetched;
-                index_full += b.without_diffs;
-            }
-            Err(e) => return fail(apt_error(e)),
+        if let Err(e) = indices.update(tx, &id, &ctx.apt).await {
+            return fail(e);
         }
-        updated = true;
     }
     if job.dry_run {
         let _ = tx.send(JobEvent::Progress { id: id.clone(), phase: Phase::Resolving, percent: None }).await;
@@ -266,14 +278,9 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             let (apt, plan_op) = (ctx.apt.clone(), op.clone());
             match blocking(move || apt.simulate(&plan_op, allow_downgrades)).await {
                 Ok(p) => break p,
-                Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
-                    updated = true;
-                    match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-                        Ok(b) => {
-                            index_bytes += b.fetched;
-                            index_full += b.without_diffs;
-                        }
-                        Err(e) => return fail(apt_error(e)),
+                Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !indices.updated => {
+                    if let Err(e) = indices.update(tx, &id, &ctx.apt).await {
+                        return fail(e);
                     }
                 }
                 Err(e) => return fail(apt_error(e)),
@@ -297,8 +304,8 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         let r = PackageResult {
             changes,
             download_bytes: 0,
-            index_bytes,
-            full_bytes: index_full,
+            index_bytes: indices.fetched,
+            full_bytes: indices.full,
             fetches: vec![],
             duration_ms: started.elapsed().as_millis() as u64,
             dry_run: true,
@@ -346,14 +353,9 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
             let (apt, dl_op, local) = (ctx.apt.clone(), op.clone(), plan.local.clone());
             match blocking(move || apt.download(&dl_op, allow_downgrades, &local)).await {
                 Ok(r) => fetched_first = Some(r),
-                Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
-                    updated = true;
-                    match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-                        Ok(b) => {
-                            index_bytes += b.fetched;
-                            index_full += b.without_diffs;
-                        }
-                        Err(e) => return fail(apt_error(e)),
+                Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !indices.updated => {
+                    if let Err(e) = indices.update(tx, &id, &ctx.apt).await {
+                        return fail(e);
                     }
                     continue;
                 }
@@ -374,14 +376,9 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
         })
         .await;
         match r {
-            Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !updated => {
-                updated = true;
-                match update(tx.clone(), id.clone(), ctx.apt.clone()).await {
-                    Ok(b) => {
-                        index_bytes += b.fetched;
-                        index_full += b.without_diffs;
-                    }
-                    Err(e) => return fail(apt_error(e)),
+            Err(AptError::PackageNotFound(_) | AptError::VersionNotFound { .. }) if !indices.updated => {
+                if let Err(e) = indices.update(tx, &id, &ctx.apt).await {
+                    return fail(e);
                 }
             }
             other => break other,
@@ -419,8 +416,8 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
     let mut result = PackageResult {
         changes: changes.clone(),
         download_bytes: report.download_bytes + plan.delta_bytes(),
-        index_bytes,
-        full_bytes: full_packages + index_full,
+        index_bytes: indices.fetched,
+        full_bytes: full_packages + indices.full,
         fetches: plan.fetches,
         duration_ms: 0,
         dry_run: false,

@@ -15,6 +15,23 @@ use crate::request::{send_and_wait, Outcome, Request, Target};
 use crate::session::{ConnectOptions, Message, Session};
 use crate::{Ctx, Targets};
 
+/// Who asks, for what is kept with a name (desired-state records, rollouts).
+#[derive(clap::Args)]
+pub struct Who {
+    /// Who asks, kept with what this changes [default: $USER].
+    #[arg(long, env = "DEBFLEET_OPERATOR")]
+    pub by: Option<String>,
+    /// Print JSON instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Who {
+    pub fn name(&self) -> Option<String> {
+        self.by.clone().or_else(|| std::env::var("USER").ok()).filter(|b| !b.is_empty())
+    }
+}
+
 /// Invalid input from the operator (exit status 2).
 #[derive(Debug)]
 pub struct UsageError(pub String);

@@ -4,12 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use debfleet_protocol::desired::{Convergence, DesiredRecord, DesiredReport, Target};
 use debfleet_protocol::{time, DeviceId, GroupName, Topic, CONTRACT_VERSION};
 use serde_json::{json, Value};
 
-use crate::cmds::{read_retained, usage};
+use crate::cmds::{read_retained, usage, Who};
 use crate::fleet::{Device, Fleet};
 use crate::output::table;
 use crate::session::Session;
@@ -65,16 +65,6 @@ pub enum DesiredCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(Args)]
-pub struct Who {
-    /// Who asks, kept in the record [default: $USER].
-    #[arg(long, env = "DEBFLEET_OPERATOR")]
-    by: Option<String>,
-    /// Print JSON instead of a sentence.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Whose record: a device's own (named first among `words` when there is no group), or a group's.
@@ -150,10 +140,6 @@ fn parse_pairs(words: &[String]) -> Result<BTreeMap<String, Target>> {
     Ok(out)
 }
 
-fn operator(by: &Option<String>) -> Option<String> {
-    by.clone().or_else(|| std::env::var("USER").ok()).filter(|b| !b.is_empty())
-}
-
 fn packages_text(p: &BTreeMap<String, Target>) -> String {
     if p.is_empty() {
         return "(none)".into();
@@ -219,7 +205,7 @@ async fn write(
         v: CONTRACT_VERSION,
         revision: old.map_or(1, |r| r.revision + 1),
         packages: change(old.map(|r| r.packages.clone()).unwrap_or_default())?,
-        by: operator(&who.by),
+        by: who.name(),
         ts: time::now(),
     };
     record.check().map_err(usage)?;

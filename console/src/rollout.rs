@@ -17,7 +17,7 @@ use debfleet_rollout::{Controller, DeviceView, Out, View};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cmds::{read_retained, usage};
+use crate::cmds::{read_retained, usage, Who};
 use crate::fleet::Fleet;
 use crate::output::table;
 use crate::session::Session;
@@ -103,16 +103,6 @@ pub enum RolloutCommand {
 }
 
 #[derive(Args)]
-pub struct Who {
-    /// Who asks, kept in the rollout [default: $USER].
-    #[arg(long, env = "DEBFLEET_OPERATOR")]
-    by: Option<String>,
-    /// Print JSON instead of a sentence.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
 pub struct Steer {
     /// The rollout's id.
     id: String,
@@ -151,7 +141,7 @@ pub async fn run(ctx: &Ctx, command: RolloutCommand) -> Result<u8> {
                 deadline_s: duration_s(&deadline)?,
                 auto_rollback,
                 pause_after_wave,
-                by: operator(&who.by),
+                by: operator(&who),
                 ts: time::now(),
             };
             spec.check().map_err(usage)?;
@@ -172,8 +162,9 @@ fn rollout_id(s: &str) -> Result<RolloutId> {
     RolloutId::new(s).map_err(|e| usage(e.to_string()))
 }
 
-fn operator(by: &Option<String>) -> String {
-    by.clone().or_else(|| std::env::var("USER").ok()).filter(|b| !b.is_empty()).unwrap_or_else(|| "operator".into())
+/// A rollout always names who asked (the field is required): `operator` when nobody is known.
+fn operator(who: &Who) -> String {
+    who.name().unwrap_or_else(|| "operator".into())
 }
 
 fn pairs(words: &[String]) -> Result<BTreeMap<String, Target>> {
@@ -519,7 +510,7 @@ async fn steer(ctx: &Ctx, s: Steer, action: Action) -> Result<u8> {
         return Err(usage(format!("rollout {id} is {}: nothing to {verb}", phase_word(st.phase))));
     }
     let seq = world.controls.get(&id).map_or(0, |c| c.seq).max(world.states.get(&id).map_or(0, |s| s.control_seq)) + 1;
-    let control = RolloutControl { v: CONTRACT_VERSION, seq, action, by: operator(&s.who.by), ts: time::now() };
+    let control = RolloutControl { v: CONTRACT_VERSION, seq, action, by: operator(&s.who), ts: time::now() };
     let (topic, payload) = publish_json(&ctx.topics, Topic::Rollout(id.clone(), RolloutPart::Control), &control);
     session.publish(topic, payload, true).await?;
     // Until a controller applies it, it only waits on the broker: say which.
