@@ -378,10 +378,6 @@ fn stage_word(s: &Stage) -> &'static str {
     }
 }
 
-fn phase_word(p: Phase) -> String {
-    serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-}
-
 async fn status(ctx: &Ctx, id: &RolloutId, json: bool, follow: bool) -> Result<u8> {
     let (mut session, mut world) = read(ctx, "the rollouts", false).await?;
     let Some(spec) = world.specs.get(id).cloned() else {
@@ -436,7 +432,7 @@ fn render(spec: &RolloutSpec, state: Option<&RolloutState>) -> String {
     };
     let wave = state.wave.map(|w| format!(", wave {} of {}", w + 1, spec.waves.len())).unwrap_or_default();
     let reason = state.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
-    let _ = writeln!(out, "{}{wave}{reason}", phase_word(state.phase));
+    let _ = writeln!(out, "{}{wave}{reason}", state.phase.as_str());
     let words = ["pending", "watching", "healthy", "failed", "offline", "reverting", "reverted"];
     let mut rows = Vec::new();
     for (w, size) in spec.waves.iter().enumerate() {
@@ -475,7 +471,7 @@ async fn list(ctx: &Ctx, json: bool) -> Result<u8> {
         .values()
         .map(|s| {
             let st = world.states.get(&s.id);
-            let phase = st.map(|st| phase_word(st.phase)).unwrap_or_else(|| "created".into());
+            let phase = st.map_or("created", |st| st.phase.as_str()).to_owned();
             let wave = st.and_then(|st| st.wave).map(|w| format!("{}/{}", w + 1, s.waves.len())).unwrap_or_default();
             let packages: Vec<String> = s.packages.iter().map(|(n, t)| format!("{n}={t}")).collect();
             (phase.clone(), vec![s.id.to_string(), s.group.to_string(), packages.join(" "), phase, wave, s.by.clone()])
@@ -506,8 +502,7 @@ async fn steer(ctx: &Ctx, s: Steer, action: Action) -> Result<u8> {
     }
     if let Some(st) = world.states.get(&id).filter(|st| !debfleet_rollout::applies(action, st.phase)) {
         session.disconnect().await;
-        let verb = serde_json::to_value(action)?.as_str().unwrap_or_default().to_owned();
-        return Err(usage(format!("rollout {id} is {}: nothing to {verb}", phase_word(st.phase))));
+        return Err(usage(format!("rollout {id} is {}: nothing to {}", st.phase.as_str(), action.as_str())));
     }
     let seq = world.controls.get(&id).map_or(0, |c| c.seq).max(world.states.get(&id).map_or(0, |s| s.control_seq)) + 1;
     let control = RolloutControl { v: CONTRACT_VERSION, seq, action, by: operator(&s.who), ts: time::now() };
@@ -529,13 +524,13 @@ async fn steer(ctx: &Ctx, s: Steer, action: Action) -> Result<u8> {
     })
     .await;
     session.close().await?;
-    let verb = serde_json::to_value(action)?.as_str().unwrap_or_default().to_owned();
+    let verb = action.as_str();
     match applied {
         Ok(Ok(st)) => {
             if s.who.json {
                 println!("{}", json!({"id": id, "action": verb, "seq": seq, "applied": true, "phase": st.phase}));
             } else {
-                println!("rollout {id}: {verb} applied; now {}", phase_word(st.phase));
+                println!("rollout {id}: {verb} applied; now {}", st.phase.as_str());
             }
             Ok(0)
         }
@@ -657,7 +652,7 @@ pub async fn drive(ctx: &Ctx, exit_when_done: bool) -> Result<u8> {
                     if controller.state.phase.is_final() {
                         // Released: the next instruction is taken by whichever controller sees it.
                         sends.push((ctx.topics.name(&Topic::Rollout(id.clone(), RolloutPart::Lease)), Vec::new()));
-                        eprintln!("debfleet: rollout {id} {}", phase_word(controller.state.phase));
+                        eprintln!("debfleet: rollout {id} {}", controller.state.phase.as_str());
                         Claim::Idle
                     } else {
                         if now - renewed >= LEASE_MS / 3 {

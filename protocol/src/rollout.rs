@@ -175,6 +175,29 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Running,
+        Phase::Paused,
+        Phase::Halted,
+        Phase::Aborted,
+        Phase::RollingBack,
+        Phase::Succeeded,
+        Phase::RolledBack,
+    ];
+
+    /// The word on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Paused => "paused",
+            Phase::Halted => "halted",
+            Phase::Aborted => "aborted",
+            Phase::RollingBack => "rolling_back",
+            Phase::Succeeded => "succeeded",
+            Phase::RolledBack => "rolled_back",
+        }
+    }
+
     /// No further change comes from the controller (an operator's `retry` or `rollback` can
     /// still start one).
     pub fn is_final(self) -> bool {
@@ -248,6 +271,21 @@ pub enum Action {
     Retry,
     /// Return every device the rollout changed to what it had before.
     Rollback,
+}
+
+impl Action {
+    pub const ALL: [Action; 5] = [Action::Pause, Action::Resume, Action::Abort, Action::Retry, Action::Rollback];
+
+    /// The word on the wire (and the console's subcommand).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Abort => "abort",
+            Action::Retry => "retry",
+            Action::Rollback => "rollback",
+        }
+    }
 }
 
 /// `rollout/ID/control` (retained: a controller that starts later still sees it).
@@ -329,6 +367,16 @@ mod tests {
         }
         assert!(RolloutSpec::parse(br#"{"v":1,"id":"../x"}"#).is_err());
         assert!(RolloutSpec::parse(&vec![b' '; MAX_SPEC_BYTES + 1]).unwrap_err().contains("limit"));
+    }
+
+    #[test]
+    fn phases_and_actions_name_themselves_as_on_the_wire() {
+        for p in Phase::ALL {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+        for a in Action::ALL {
+            assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
+        }
     }
 
     #[test]

@@ -30,6 +30,12 @@ impl Device {
         self.inner.exec(cmd)
     }
 
+    /// The installed version of a package, as dpkg sees it (None: not installed).
+    pub fn dpkg_version(&self, pkg: &str) -> Option<String> {
+        let out = self.exec(&["dpkg-query", "-W", "-f=${Status} ${Version}", pkg]);
+        String::from_utf8_lossy(&out.stdout).strip_prefix("install ok installed ").map(str::to_owned)
+    }
+
     /// Runs a command, failing the test when it fails; returns its stdout.
     pub fn ok(&self, cmd: &[&str]) -> String {
         self.inner.ok(cmd).unwrap_or_else(|e| panic!("{e}"))

@@ -321,6 +321,14 @@ pub fn console(broker: &str, args: &[&str]) -> Output {
     Command::new(bin("debfleet")).args(args).env("DEBFLEET_BROKER", broker).output().unwrap()
 }
 
+/// Runs the console binary: its exit code, its stdout as JSON (`Null` when it is not), and all it
+/// printed (for assertion messages).
+pub fn console_result(broker: &str, args: &[&str]) -> (Option<i32>, Value, String) {
+    let out = console(broker, args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), text)
+}
+
 pub fn stdout_json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(

@@ -16,9 +16,7 @@ use debfleet_tests::*;
 use serde_json::{json, Value};
 
 fn console(m: &Mosquitto, args: &[&str]) -> (Option<i32>, Value, String) {
-    let out = Command::new(bin("debfleet")).args(args).env("DEBFLEET_BROKER", m.url()).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code(), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), text)
+    console_result(&m.url(), args)
 }
 
 /// The LED strip as a process of its own beside a host agent.

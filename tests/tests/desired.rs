@@ -3,7 +3,6 @@
 //! entry over its group's, a version whose unit fails (blocked, not retried), drift, removal, and
 //! hostile records that change nothing.
 
-use std::process::Command;
 use std::time::Duration;
 
 use debfleet_tests::lab::Device;
@@ -12,14 +11,7 @@ use debfleet_tests::*;
 use serde_json::Value;
 
 fn console(m: &Mosquitto, args: &[&str]) -> (Option<i32>, Value, String) {
-    let out = Command::new(bin("debfleet")).args(args).env("DEBFLEET_BROKER", m.url()).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code(), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), text)
-}
-
-fn dpkg_version(dev: &Device, pkg: &str) -> Option<String> {
-    let out = dev.exec(&["dpkg-query", "-W", "-f=${Status} ${Version}", pkg]);
-    String::from_utf8_lossy(&out.stdout).strip_prefix("install ok installed ").map(str::to_owned)
+    console_result(&m.url(), args)
 }
 
 /// The first report of the device published after message number `from` that `pred` accepts.
@@ -82,7 +74,7 @@ fn devices_converge_on_desired_state_also_after_being_away() {
     assert_eq!((v["record"].as_str(), v["revision"].as_u64()), (Some("group/lab"), Some(1)), "{v}");
     let r = report(&obs, "ds-1", mark, "converged", serde_json::json!({"group/lab": 1}));
     assert_eq!(r["packages"]["ds-app"], "1.0");
-    assert_eq!(dpkg_version(&d1, "ds-app").as_deref(), Some("1.0"));
+    assert_eq!(d1.dpkg_version("ds-app").as_deref(), Some("1.0"));
     // The convergence was an ordinary operation, with its record.
     let ops: Vec<Value> = obs
         .messages()
@@ -103,14 +95,14 @@ fn devices_converge_on_desired_state_also_after_being_away() {
     let mark = obs.messages().len();
     d2.ok(&["systemctl", "start", "debfleet-agent"]);
     report(&obs, "ds-2", mark, "converged", serde_json::json!({"group/lab": 1}));
-    assert_eq!(dpkg_version(&d2, "ds-app").as_deref(), Some("1.0"));
+    assert_eq!(d2.dpkg_version("ds-app").as_deref(), Some("1.0"));
 
     // A device's own entry wins over its group's.
     let mark = obs.messages().len();
     let (code, _, text) = console(&m, &["desired", "set", "ds-1", "ds-app=2.0"]);
     assert_eq!(code, Some(0), "{text}");
     report(&obs, "ds-1", mark, "converged", serde_json::json!({"device": 1, "group/lab": 1}));
-    assert_eq!(dpkg_version(&d1, "ds-app").as_deref(), Some("2.0"));
+    assert_eq!(d1.dpkg_version("ds-app").as_deref(), Some("2.0"));
 
     // The group moves to a version whose unit fails: ds-2 tries once, is put back and reports
     // why; ds-1 keeps its own entry.
@@ -119,9 +111,9 @@ fn devices_converge_on_desired_state_also_after_being_away() {
     assert_eq!(code, Some(0), "{text}");
     let r = report(&obs, "ds-2", mark, "blocked", serde_json::json!({"group/lab": 2}));
     assert_eq!(r["error"]["code"], "unit_failed", "{r}");
-    assert_eq!(dpkg_version(&d2, "ds-app").as_deref(), Some("1.0"));
+    assert_eq!(d2.dpkg_version("ds-app").as_deref(), Some("1.0"));
     report(&obs, "ds-1", mark, "converged", serde_json::json!({"device": 1, "group/lab": 2}));
-    assert_eq!(dpkg_version(&d1, "ds-app").as_deref(), Some("2.0"));
+    assert_eq!(d1.dpkg_version("ds-app").as_deref(), Some("2.0"));
     // Not retried behind the operator's back (a restart judges again, and finds it failed).
     let attempts = |obs: &Observer| {
         obs.messages()
@@ -148,7 +140,7 @@ fn devices_converge_on_desired_state_also_after_being_away() {
     let (code, _, text) = console(&m, &["desired", "set", "--group", "lab", "ds-app=2.0", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     report(&obs, "ds-2", mark, "converged", serde_json::json!({"group/lab": 3}));
-    assert_eq!(dpkg_version(&d2, "ds-app").as_deref(), Some("2.0"));
+    assert_eq!(d2.dpkg_version("ds-app").as_deref(), Some("2.0"));
 
     // Drift: a command changes the package; the device says so and leaves it.
     let mark = obs.messages().len();
@@ -156,7 +148,7 @@ fn devices_converge_on_desired_state_also_after_being_away() {
     assert_eq!(code, Some(0), "{text}");
     let r = report(&obs, "ds-2", mark, "blocked", serde_json::json!({"group/lab": 3}));
     assert_eq!(r["error"]["code"], "drifted", "{r}");
-    assert_eq!(dpkg_version(&d2, "ds-app").as_deref(), Some("1.0"));
+    assert_eq!(d2.dpkg_version("ds-app").as_deref(), Some("1.0"));
 
     // Hostile records change nothing and say why; the last good one still applies.
     let big = format!(r#"{{"v":1,"revision":5,"packages":{{"ds-app":"2.0"}},"ts":"{}"}}"#, "x".repeat(40_000));
@@ -180,7 +172,7 @@ fn devices_converge_on_desired_state_also_after_being_away() {
         obs.publish("debfleet/desired/device/ds-1", good.to_vec(), true);
         report_after(&obs, "ds-1", mark, |v| v["state"] == "converged" && v.get("refused").is_none());
     }
-    assert_eq!(dpkg_version(&d1, "ds-app").as_deref(), Some("2.0"));
+    assert_eq!(d1.dpkg_version("ds-app").as_deref(), Some("2.0"));
     assert_eq!(obs.last("debfleet/device/ds-1/status").unwrap().json()["state"], "online");
 
     // Clearing ds-1's record leaves the group's; `absent` removes the package everywhere.
@@ -191,7 +183,7 @@ fn devices_converge_on_desired_state_also_after_being_away() {
     assert_eq!(code, Some(0), "{text}");
     for (name, dev) in [("ds-1", &d1), ("ds-2", &d2)] {
         report(&obs, name, mark, "converged", serde_json::json!({"group/lab": 4}));
-        assert_eq!(dpkg_version(dev, "ds-app"), None, "{name}");
+        assert_eq!(dev.dpkg_version("ds-app"), None, "{name}");
     }
     // Deleting the last record deletes the reports, and removes nothing more.
     let (code, _, text) = console(&m, &["desired", "clear", "--group", "lab"]);

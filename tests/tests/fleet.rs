@@ -27,20 +27,13 @@ struct Lab {
     others: Vec<(String, Device)>,
 }
 
-fn dpkg_version_on(dev: &Device, pkg: &str) -> Option<String> {
-    let out = dev.exec(&["dpkg-query", "-W", "-f=${Status} ${Version}", pkg]);
-    String::from_utf8_lossy(&out.stdout).strip_prefix("install ok installed ").map(str::to_owned)
-}
-
 impl Lab {
     fn console(&self, args: &[&str]) -> (Option<i32>, Value, String) {
-        let out = Command::new(bin("debfleet")).args(args).env("DEBFLEET_BROKER", self.m.url()).output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        (out.status.code(), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), text)
+        console_result(&self.m.url(), args)
     }
 
     fn dpkg_version(&self, pkg: &str) -> Option<String> {
-        dpkg_version_on(&self.dev, pkg)
+        self.dev.dpkg_version(pkg)
     }
 
     /// The broker's retained view of a device's package (None: not listed as installed).
@@ -59,7 +52,7 @@ impl Lab {
     fn assert_agree(&self, pkg: &str, expect: Option<&str>) {
         let all = std::iter::once((&self.name, &self.dev)).chain(self.others.iter().map(|(n, d)| (n, d)));
         for (name, dev) in all {
-            assert_eq!(dpkg_version_on(dev, pkg).as_deref(), expect, "dpkg's view of {pkg} on {name}");
+            assert_eq!(dev.dpkg_version(pkg).as_deref(), expect, "dpkg's view of {pkg} on {name}");
             wait_for(Duration::from_secs(10), "the broker to agree with dpkg", || {
                 (self.broker_version_of(name, pkg).as_deref() == expect).then_some(())
             });
@@ -236,7 +229,7 @@ fn install_upgrade_failed_upgrade_rollback_uninstall() {
     assert_eq!(v[0]["result"]["changes"][0]["before"], "1.0");
     assert_eq!(v[1]["result"]["changes"][0]["before"], "1.0");
     assert_eq!(lab.dpkg_version("demo-app"), None);
-    assert_eq!(dpkg_version_on(&lab.others[0].1, "demo-app"), None);
+    assert_eq!(lab.others[0].1.dpkg_version("demo-app"), None);
     assert!(!lab.dev.is_active("demo-app.service"));
 }
 
