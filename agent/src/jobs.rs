@@ -24,10 +24,12 @@ pub enum JobKind {
     /// Back to an exact version (resolved by the core from its history when not given).
     Rollback(PackageSpec),
     /// To the desired state: exact versions (downgrades allowed) and newest ones (after
-    /// `apt-get update` when `refresh`).
+    /// `apt-get update` when `refresh`). `fetch_only`: download them and stop there (the
+    /// install waits for its window; the core runs the same operation again then).
     Converge {
         packages: Vec<Spec>,
         refresh: bool,
+        fetch_only: bool,
     },
     RestartUnit(String),
     /// `apt-get update`, then the upgrades available for these (managed) packages.
@@ -365,6 +367,11 @@ async fn packages(job: &Job, ctx: &Arc<JobContext>, tx: &mpsc::Sender<JobEvent>)
                 let message = "a newer desired state arrived while it downloaded; nothing was installed";
                 tracing::info!(op = %id, "{message}");
                 return fail(error(ErrorCode::Superseded, message));
+            }
+            if matches!(job.kind, JobKind::Converge { fetch_only: true, .. }) {
+                let bytes = fetched_first.as_ref().map_or(0, |r| r.download_bytes) + plan.delta_bytes();
+                tracing::info!(op = %id, "downloaded {bytes} bytes ahead of the install window");
+                return JobDone::ok(&id, serde_json::json!({ "download_bytes": bytes }), vec![]);
             }
         }
         let (apt, run_op, local) = (ctx.apt.clone(), op.clone(), plan.local.clone());
@@ -818,8 +825,23 @@ mod tests {
     }
 
     fn converge(spec: &str) -> Job {
-        let kind = JobKind::Converge { packages: vec![Spec::parse(spec).unwrap()], refresh: false };
+        let kind = JobKind::Converge { packages: vec![Spec::parse(spec).unwrap()], refresh: false, fetch_only: false };
         Job { id: OpId::new("desired-1").unwrap(), kind, ..install(spec) }
+    }
+
+    #[tokio::test]
+    async fn a_convergence_ahead_of_its_window_only_downloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, admin) = fake_apt(dir.path());
+        let new = "Package: bash\nStatus: install ok installed\nVersion: 5.2\n\nPackage: hello\nStatus: install ok installed\nVersion: 1.0\n";
+        std::fs::write(dir.path().join("next-status"), new).unwrap();
+        let mut job = converge("hello=1.0");
+        job.kind =
+            JobKind::Converge { packages: vec![Spec::parse("hello=1.0").unwrap()], refresh: false, fetch_only: true };
+        let (done, phases) = run_job(job, ctx).await;
+        assert_eq!(done.outcome.expect("downloaded")["download_bytes"], 1234);
+        assert!(phases.contains(&Phase::Downloading) && !phases.contains(&Phase::Unpacking), "{phases:?}");
+        assert!(!std::fs::read_to_string(admin.join("status")).unwrap().contains("hello"), "it installed");
     }
 
     #[tokio::test]

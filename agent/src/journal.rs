@@ -125,7 +125,14 @@ impl Journal {
     /// command, in memory only.
     /// Evicts the oldest entries beyond capacity; returns the ids whose retained records must be
     /// cleared.
-    pub fn accept(&mut self, id: OpId, verb: &str, now_ms: i64, instant: bool) -> Result<Vec<OpId>, JournalError> {
+    pub fn accept(
+        &mut self,
+        id: OpId,
+        verb: &str,
+        by: Option<String>,
+        now_ms: i64,
+        instant: bool,
+    ) -> Result<Vec<OpId>, JournalError> {
         let now = format_unix_ms(now_ms);
         let record = OpRecord {
             v: CONTRACT_VERSION,
@@ -138,6 +145,7 @@ impl Journal {
             percent: None,
             result: None,
             error: None,
+            by,
             repeats: 0,
         };
         let seq = self.next_seq;
@@ -386,9 +394,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut j, _) = Journal::open(dir.path(), 10, 1000).unwrap();
-            j.accept(id("a"), "ping", 1000, false).unwrap();
+            j.accept(id("a"), "ping", None, 1000, false).unwrap();
             j.finish(&id("a"), 1001, Ok(json!({"ok": true}))).unwrap();
-            j.accept(id("b"), "cfg", 1002, false).unwrap();
+            j.accept(id("b"), "cfg", None, 1002, false).unwrap();
             j.set_running(&id("b"), 1003, None).unwrap();
         }
         let (j, interrupted) = Journal::open(dir.path(), 10, 2000).unwrap();
@@ -412,7 +420,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut j, _) = Journal::open(dir.path(), 2, 0).unwrap();
         for (n, name) in ["a", "b", "c"].iter().enumerate() {
-            let evicted = j.accept(id(name), "ping", n as i64, false).unwrap();
+            let evicted = j.accept(id(name), "ping", None, n as i64, false).unwrap();
             j.finish(&id(name), n as i64, Ok(json!(null))).unwrap();
             assert_eq!(evicted, if n == 2 { vec![id("a")] } else { vec![] });
         }
@@ -425,10 +433,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut j, _) = Journal::open(dir.path(), 10, 0).unwrap();
         for (n, name) in ["a", "b", "c"].iter().enumerate() {
-            j.accept(id(name), "ping", n as i64 * 1000, false).unwrap();
+            j.accept(id(name), "ping", None, n as i64 * 1000, false).unwrap();
             j.finish(&id(name), n as i64 * 1000, Ok(json!(null))).unwrap();
         }
-        j.accept(id("running"), "ping", 0, false).unwrap();
+        j.accept(id("running"), "ping", None, 0, false).unwrap();
         assert_eq!(j.due_for_unretain(2500, 10_000, 2), vec![id("a"), id("b")]);
         assert_eq!(j.due_for_unretain(2500, 1_000, 10), vec![id("a"), id("b")]);
         assert!(j.unretain(&id("a"), 3000).unwrap());

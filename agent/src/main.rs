@@ -11,6 +11,7 @@ mod identity;
 mod jobs;
 mod journal;
 mod link;
+mod localtime;
 mod logs;
 mod managed;
 mod outbox;

@@ -15,23 +15,6 @@ use crate::request::{send_and_wait, Outcome, Request, Target};
 use crate::session::{ConnectOptions, Message, Session};
 use crate::{Ctx, Targets};
 
-/// Who asks, for what is kept with a name (desired-state records, rollouts).
-#[derive(clap::Args)]
-pub struct Who {
-    /// Who asks, kept with what this changes [default: $USER].
-    #[arg(long, env = "DEBFLEET_OPERATOR")]
-    pub by: Option<String>,
-    /// Print JSON instead of a sentence.
-    #[arg(long)]
-    pub json: bool,
-}
-
-impl Who {
-    pub fn name(&self) -> Option<String> {
-        self.by.clone().or_else(|| std::env::var("USER").ok()).filter(|b| !b.is_empty())
-    }
-}
-
 /// Invalid input from the operator (exit status 2).
 #[derive(Debug)]
 pub struct UsageError(pub String);
@@ -287,10 +270,11 @@ fn ops_table(ops: &[&debfleet_protocol::OpRecord]) -> String {
                 (None, Some(v)) => v.to_string(),
                 _ => String::new(),
             };
-            vec![r.id.to_string(), r.verb.clone(), r.state.as_str().into(), ago(&r.updated_at), detail]
+            let by = r.by.clone().unwrap_or_else(|| "-".into());
+            vec![r.id.to_string(), r.verb.clone(), r.state.as_str().into(), by, ago(&r.updated_at), detail]
         })
         .collect();
-    table(&["OPERATION", "VERB", "STATE", "UPDATED", "DETAIL"], &rows)
+    table(&["OPERATION", "VERB", "STATE", "BY", "UPDATED", "DETAIL"], &rows)
 }
 
 fn targets(t: &Targets) -> Result<Target> {
@@ -339,7 +323,7 @@ pub async fn ping(ctx: &Ctx, t: &Targets, timeout: f64, json: bool) -> Result<u8
     let target = targets(t)?;
     let timeout = seconds(timeout)?;
     let (mut session, mut fleet) = load_fleet(ctx).await?;
-    let req = Request { target, args: CommandArgs::Ping, timeout, expires: ctx.expires };
+    let req = Request { target, args: CommandArgs::Ping, timeout, expires: ctx.expires, by: ctx.by.clone() };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
     print_outcomes(&outcomes, json)
@@ -380,6 +364,7 @@ pub async fn cfg_set(ctx: &Ctx, device: &str, assignments: &[String], timeout: f
         args: CommandArgs::Cfg { set: patch },
         timeout,
         expires: ctx.expires,
+        by: ctx.by.clone(),
     };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
@@ -402,6 +387,7 @@ pub async fn ops(ctx: &Ctx, device: &str, clear: bool, older_than: Option<u64>, 
             args: CommandArgs::Clear { ops: vec![], older_than_s: older_than },
             timeout: Duration::from_secs(10),
             expires: ctx.expires,
+            by: ctx.by.clone(),
         };
         let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
         session.disconnect().await;

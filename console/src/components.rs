@@ -192,7 +192,13 @@ async fn send_call(
             }
         }
     }
-    let req = Request { target, args: CommandArgs::Call { component, action, args }, timeout, expires: ctx.expires };
+    let req = Request {
+        target,
+        args: CommandArgs::Call { component, action, args },
+        timeout,
+        expires: ctx.expires,
+        by: ctx.by.clone(),
+    };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;
     Ok(outcomes)

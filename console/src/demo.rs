@@ -112,6 +112,7 @@ fn attach_projector(ctx: &Ctx, lab: &Lab, name: &str) -> Result<()> {
                 args,
                 timeout: Duration::from_secs(300),
                 expires: None,
+                by: ctx.by.clone(),
             };
             let outcomes = crate::request::send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
             session.disconnect().await;
@@ -184,7 +185,13 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     }
     let broker_url = format!("mqtt://{}", args.broker_listen);
     let repo_url = format!("http://{}", args.repo_listen);
-    let ctx = Ctx { broker: broker_url.clone(), ca_file: None, topics: ctx.topics.clone(), expires: ctx.expires };
+    let ctx = Ctx {
+        broker: broker_url.clone(),
+        ca_file: None,
+        topics: ctx.topics.clone(),
+        expires: ctx.expires,
+        by: ctx.by.clone(),
+    };
 
     // The broker, in this process.
     std::net::TcpListener::bind(args.broker_listen)

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use clap::Subcommand;
-use debfleet_protocol::desired::{Convergence, DesiredRecord, DesiredReport, Target};
+use debfleet_protocol::desired::{Convergence, DesiredRecord, DesiredReport, Target, Window};
 use debfleet_protocol::{time, DeviceId, GroupName, Topic, CONTRACT_VERSION};
 use serde_json::{json, Value};
 
-use crate::cmds::{read_retained, usage, Who};
+use crate::cmds::{read_retained, usage};
 use crate::fleet::{Device, Fleet};
 use crate::output::table;
 use crate::session::Session;
@@ -29,8 +29,13 @@ pub enum DesiredCommand {
         /// Replace the whole record with these packages.
         #[arg(long)]
         replace: bool,
-        #[command(flatten)]
-        who: Who,
+        /// Install only inside this window of the devices' local time, downloading ahead
+        /// (02:00-04:00; 22:00-02:00 spans midnight); `any` removes it [default: the record's].
+        #[arg(long, value_name = "HH:MM-HH:MM")]
+        window: Option<String>,
+        /// Print JSON instead of a sentence.
+        #[arg(long)]
+        json: bool,
     },
     /// Take packages out of a record (they stay installed; the record stops asking).
     Unset {
@@ -40,8 +45,9 @@ pub enum DesiredCommand {
         /// The group whose record this is (instead of a device).
         #[arg(long)]
         group: Option<String>,
-        #[command(flatten)]
-        who: Who,
+        /// Print JSON instead of a sentence.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a record (nothing is removed from devices).
     Clear {
@@ -149,19 +155,24 @@ fn packages_text(p: &BTreeMap<String, Target>) -> String {
 
 pub async fn run(ctx: &Ctx, command: DesiredCommand) -> Result<u8> {
     match command {
-        DesiredCommand::Set { words, group, replace, who } => {
+        DesiredCommand::Set { words, group, replace, window, json } => {
             let (topic, packages) = split(&words, group.as_deref())?;
             let pairs = parse_pairs(&packages)?;
-            write(ctx, &topic, &who, |old| {
+            let window = match window.as_deref() {
+                None => None,
+                Some("any") => Some(None),
+                Some(w) => Some(Some(Window::parse(w).map_err(usage)?)),
+            };
+            write(ctx, &topic, json, window, |old| {
                 let mut p = if replace { BTreeMap::new() } else { old };
                 p.extend(pairs);
                 Ok(p)
             })
             .await
         }
-        DesiredCommand::Unset { words, group, who } => {
+        DesiredCommand::Unset { words, group, json } => {
             let (topic, packages) = split(&words, group.as_deref())?;
-            write(ctx, &topic, &who, |mut old| {
+            write(ctx, &topic, json, None, |mut old| {
                 for name in &packages {
                     if old.remove(name).is_none() {
                         return Err(usage(format!("{name} is not in the record")));
@@ -195,7 +206,8 @@ pub async fn run(ctx: &Ctx, command: DesiredCommand) -> Result<u8> {
 async fn write(
     ctx: &Ctx,
     topic: &Topic,
-    who: &Who,
+    json: bool,
+    window: Option<Option<Window>>,
     change: impl FnOnce(BTreeMap<String, Target>) -> Result<BTreeMap<String, Target>>,
 ) -> Result<u8> {
     let (mut session, fleet, records, _) = read(ctx).await?;
@@ -205,7 +217,8 @@ async fn write(
         v: CONTRACT_VERSION,
         revision: old.map_or(1, |r| r.revision + 1),
         packages: change(old.map(|r| r.packages.clone()).unwrap_or_default())?,
-        by: who.name(),
+        by: ctx.by.clone(),
+        window: window.unwrap_or_else(|| old.and_then(|r| r.window)),
         ts: time::now(),
     };
     record.check().map_err(usage)?;
@@ -218,7 +231,7 @@ async fn write(
         Topic::DesiredDevice(d) => vec![d.clone()],
         _ => vec![],
     };
-    if who.json {
+    if json {
         println!(
             "{}",
             json!({"record": name, "revision": record.revision, "packages": record.packages, "devices": devices})
@@ -262,6 +275,13 @@ fn standing(id: &DeviceId, d: &Device, records: &BTreeMap<String, DesiredRecord>
     let (state, mut why) = match &report.convergence {
         Convergence::Converged => ("converged", String::new()),
         Convergence::Converging { op } => ("converging", format!("op {op}")),
+        Convergence::Scheduled { op, window, opens_at } => (
+            "scheduled",
+            format!(
+                "installs in {window} (device time), next at {opens_at}{}",
+                op.as_ref().map(|o| format!("; op {o} downloaded")).unwrap_or_default()
+            ),
+        ),
         Convergence::Blocked { op, error } => (
             "blocked",
             format!(

@@ -56,6 +56,10 @@ pub(crate) struct Cli {
     /// the command waits for results, at least 300].
     #[arg(long, global = true, env = "DEBFLEET_EXPIRES", value_name = "SECONDS")]
     expires: Option<u64>,
+    /// Who asks: carried in commands (the device keeps it in the operation's record),
+    /// desired-state records and rollouts [default: $USER].
+    #[arg(long, global = true, env = "DEBFLEET_OPERATOR", value_name = "NAME")]
+    by: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -370,6 +374,8 @@ pub struct Ctx {
     pub topics: debfleet_protocol::Topics,
     /// `--expires`: how long commands stay good.
     pub expires: Option<std::time::Duration>,
+    /// `--by` (or $USER): who asks.
+    pub by: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -395,7 +401,12 @@ fn main() -> ExitCode {
     };
     let broker = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
     let expires = cli.expires.map(std::time::Duration::from_secs);
-    let ctx = Ctx { broker, ca_file: cli.ca_file.or(file.ca_file), topics, expires };
+    let by = cli.by.or_else(|| std::env::var("USER").ok()).filter(|b| !b.is_empty());
+    if let Some(Err(e)) = by.as_deref().map(debfleet_protocol::ids::check_by) {
+        eprintln!("debfleet: --by: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
+    let ctx = Ctx { broker, ca_file: cli.ca_file.or(file.ca_file), topics, expires, by };
     let (repo_url, token) = (cli.repo.or(file.repo), cli.token.or(file.token));
     let repo_cmd = match &cli.command {
         Command::Publish { .. } | Command::Packages { .. } | Command::Promote { .. } | Command::Unpublish { .. } => {

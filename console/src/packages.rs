@@ -122,7 +122,13 @@ pub async fn run(ctx: &Ctx, req: PackageRequest) -> Result<u8> {
     };
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     let mut view = ProgressView { tty: std::io::stderr().is_terminal() && !req.json, lines: BTreeMap::new(), drawn: 0 };
-    let request = Request { target, args, timeout: Duration::from_secs_f64(req.timeout), expires: ctx.expires };
+    let request = Request {
+        target,
+        args,
+        timeout: Duration::from_secs_f64(req.timeout),
+        expires: ctx.expires,
+        by: ctx.by.clone(),
+    };
     let outcomes = send(&mut session, &ctx.topics, &mut fleet, &request, &mut |dev, r| view.update(dev, r)).await?;
     session.disconnect().await;
     print_outcomes(&outcomes, req.json, req.dry_run)
@@ -202,6 +208,7 @@ pub async fn restart_unit(ctx: &Ctx, device: &str, unit: &str, json_out: bool) -
         args: CommandArgs::Restart { unit: Some(unit.to_owned()) },
         timeout: Duration::from_secs(120),
         expires: ctx.expires,
+        by: ctx.by.clone(),
     };
     let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
     session.disconnect().await;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use debfleet_protocol::{CommandArgs, DeviceId, GroupName, OpId, OpRecord, Topic, Topics};
+use debfleet_protocol::{Command, CommandArgs, DeviceId, GroupName, OpId, OpRecord, Topic, Topics};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -65,6 +65,8 @@ pub struct Request {
     pub timeout: Duration,
     /// How long the command stays good (None: see [`send`]).
     pub expires: Option<Duration>,
+    /// Who asks (the device keeps it in the operation's record).
+    pub by: Option<String>,
 }
 
 /// Sends the request and waits up to its timeout for every reachable target, with a spinner.
@@ -98,7 +100,14 @@ pub async fn send(
     // clock a few minutes off does not refuse it.
     let life = req.expires.unwrap_or(timeout.max(EXPIRY_FLOOR));
     let expires_at = debfleet_protocol::time::now_unix_ms() + life.as_millis() as i64;
-    let payload = req.args.to_payload_expiring(&id, Some(expires_at));
+    let command = Command {
+        id: id.clone(),
+        verb: req.args.verb(),
+        args: req.args.clone(),
+        expires_at: Some(expires_at),
+        by: req.by.clone(),
+    };
+    let payload = command.to_payload();
     let expiry_s = life.as_secs().min(u64::from(u32::MAX)) as u32;
     let candidates: Vec<DeviceId> = match target {
         Target::Devices(ids) => ids.clone(),

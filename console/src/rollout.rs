@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
-use debfleet_protocol::desired::{DesiredRecord, Target};
+use debfleet_protocol::desired::{DesiredRecord, Target, Window};
 use debfleet_protocol::rollout::{
     Action, Lease, Phase, RolloutControl, RolloutId, RolloutSpec, RolloutState, Stage, WaveSize,
 };
@@ -17,7 +17,7 @@ use debfleet_rollout::{Controller, DeviceView, Out, View};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cmds::{read_retained, usage, Who};
+use crate::cmds::{read_retained, usage};
 use crate::fleet::Fleet;
 use crate::output::table;
 use crate::session::Session;
@@ -63,8 +63,13 @@ pub enum RolloutCommand {
         /// Wait for `rollout resume` after each wave.
         #[arg(long)]
         pause_after_wave: bool,
-        #[command(flatten)]
-        who: Who,
+        /// Devices install only inside this window of their local time, downloading ahead
+        /// (02:00-04:00; 22:00-02:00 spans midnight). Each wave waits for it.
+        #[arg(long, value_name = "HH:MM-HH:MM")]
+        window: Option<String>,
+        /// Print JSON instead of a sentence.
+        #[arg(long)]
+        json: bool,
     },
     /// Where a rollout stands: its waves, and every device's state in them.
     Status {
@@ -106,8 +111,9 @@ pub enum RolloutCommand {
 pub struct Steer {
     /// The rollout's id.
     id: String,
-    #[command(flatten)]
-    who: Who,
+    /// Print JSON instead of a sentence.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(ctx: &Ctx, command: RolloutCommand) -> Result<u8> {
@@ -123,7 +129,8 @@ pub async fn run(ctx: &Ctx, command: RolloutCommand) -> Result<u8> {
             deadline,
             auto_rollback,
             pause_after_wave,
-            who,
+            window,
+            json,
         } => {
             let id = match id {
                 Some(id) => rollout_id(&id)?,
@@ -141,11 +148,12 @@ pub async fn run(ctx: &Ctx, command: RolloutCommand) -> Result<u8> {
                 deadline_s: duration_s(&deadline)?,
                 auto_rollback,
                 pause_after_wave,
-                by: operator(&who),
+                window: window.map(|w| Window::parse(&w).map_err(usage)).transpose()?,
+                by: operator(ctx),
                 ts: time::now(),
             };
             spec.check().map_err(usage)?;
-            create(ctx, spec, who.json).await
+            create(ctx, spec, json).await
         }
         RolloutCommand::Status { id, json, follow } => status(ctx, &rollout_id(&id)?, json, follow).await,
         RolloutCommand::List { json } => list(ctx, json).await,
@@ -163,8 +171,8 @@ fn rollout_id(s: &str) -> Result<RolloutId> {
 }
 
 /// A rollout always names who asked (the field is required): `operator` when nobody is known.
-fn operator(who: &Who) -> String {
-    who.name().unwrap_or_else(|| "operator".into())
+fn operator(ctx: &Ctx) -> String {
+    ctx.by.clone().unwrap_or_else(|| "operator".into())
 }
 
 fn pairs(words: &[String]) -> Result<BTreeMap<String, Target>> {
@@ -425,7 +433,9 @@ fn render(spec: &RolloutSpec, state: Option<&RolloutState>) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let packages: Vec<String> = spec.packages.iter().map(|(n, t)| format!("{n}={t}")).collect();
-    let _ = writeln!(out, "rollout {}: {} to group {} (by {})", spec.id, packages.join(" "), spec.group, spec.by);
+    let window = spec.window.map(|w| format!(", installing in {w} device time")).unwrap_or_default();
+    let _ =
+        writeln!(out, "rollout {}: {} to group {} (by {}{window})", spec.id, packages.join(" "), spec.group, spec.by);
     let Some(state) = state else {
         out.push_str("not started: no controller has taken it yet (debfleet rollout run)\n");
         return out;
@@ -505,7 +515,7 @@ async fn steer(ctx: &Ctx, s: Steer, action: Action) -> Result<u8> {
         return Err(usage(format!("rollout {id} is {}: nothing to {}", st.phase.as_str(), action.as_str())));
     }
     let seq = world.controls.get(&id).map_or(0, |c| c.seq).max(world.states.get(&id).map_or(0, |s| s.control_seq)) + 1;
-    let control = RolloutControl { v: CONTRACT_VERSION, seq, action, by: operator(&s.who), ts: time::now() };
+    let control = RolloutControl { v: CONTRACT_VERSION, seq, action, by: operator(ctx), ts: time::now() };
     let (topic, payload) = publish_json(&ctx.topics, Topic::Rollout(id.clone(), RolloutPart::Control), &control);
     session.publish(topic, payload, true).await?;
     // Until a controller applies it, it only waits on the broker: say which.
@@ -527,7 +537,7 @@ async fn steer(ctx: &Ctx, s: Steer, action: Action) -> Result<u8> {
     let verb = action.as_str();
     match applied {
         Ok(Ok(st)) => {
-            if s.who.json {
+            if s.json {
                 println!("{}", json!({"id": id, "action": verb, "seq": seq, "applied": true, "phase": st.phase}));
             } else {
                 println!("rollout {id}: {verb} applied; now {}", st.phase.as_str());
@@ -536,7 +546,7 @@ async fn steer(ctx: &Ctx, s: Steer, action: Action) -> Result<u8> {
         }
         Ok(Err(e)) => Err(e),
         Err(_) => {
-            if s.who.json {
+            if s.json {
                 println!("{}", json!({"id": id, "action": verb, "seq": seq, "applied": false}));
             } else {
                 println!("rollout {id}: {verb} is on the broker; no controller applied it within 15 s (is `debfleet rollout run` running?)");

@@ -55,6 +55,7 @@ pub fn run(listen: SocketAddr, rollouts: Option<&crate::Ctx>) -> Result<()> {
             ca_file: None,
             topics: ctx.topics.clone(),
             expires: ctx.expires,
+            by: ctx.by.clone(),
         };
         std::thread::spawn(move || controller(ctx));
     }

@@ -154,6 +154,8 @@ pub struct Command {
     pub args: CommandArgs,
     /// `expires_at` (unix milliseconds): a device that gets the command later does not run it.
     pub expires_at: Option<i64>,
+    /// Who asked (an operator's name): the device keeps it in the operation's record.
+    pub by: Option<String>,
 }
 
 /// Why a command was not accepted. With an `id` the failure is reported on that operation's
@@ -190,6 +192,8 @@ struct PackageArgs {
     #[serde(default)]
     expires_at: Option<Value>,
     #[serde(default)]
+    by: Option<Value>,
+    #[serde(default)]
     packages: Vec<String>,
     #[serde(default)]
     package: Option<String>,
@@ -217,7 +221,7 @@ struct PackageWords {
 
 fn package_words(v: Value) -> Result<PackageWords, String> {
     let a: PackageArgs = serde_json::from_value(v).map_err(|e| e.to_string())?;
-    let _ = (a.id, a.v, a.expires_at);
+    let _ = (a.id, a.v, a.expires_at, a.by);
     if a.watch_s.is_some_and(|w| w > 3600) {
         return Err("watch_s must be at most 3600".into());
     }
@@ -293,12 +297,26 @@ pub fn parse_command(verb: &str, payload: &[u8]) -> Result<Command, Rejection> {
             ))
         }
     };
+    let by = match object.get("by") {
+        None => None,
+        Some(Value::String(s)) => {
+            crate::ids::check_by(s).map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, e))?;
+            Some(s.clone())
+        }
+        Some(other) => {
+            return Err(reject(
+                Some(id),
+                ErrorCode::InvalidValue,
+                format!("by must be a string, got {}", type_name(other)),
+            ))
+        }
+    };
     let Some(verb) = Verb::from_name(verb) else {
         return Err(reject(Some(id), ErrorCode::UnknownVerb, format!("unknown verb {verb:?}")));
     };
     let args = parse_args(verb, Value::Object(object))
         .map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, format!("{}: {e}", verb.as_str())))?;
-    Ok(Command { id, verb, args, expires_at })
+    Ok(Command { id, verb, args, expires_at, by })
 }
 
 fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
@@ -367,15 +385,19 @@ impl CommandArgs {
     /// [`parse_command`] reads back as the same arguments, so sender and receiver cannot
     /// disagree.
     pub fn to_payload(&self, id: &OpId) -> Vec<u8> {
-        self.to_payload_expiring(id, None)
+        self.payload(id, None, None)
     }
 
-    /// The payload with an expiry (unix milliseconds): devices that get it later refuse it.
-    pub fn to_payload_expiring(&self, id: &OpId, expires_at: Option<i64>) -> Vec<u8> {
+    /// The payload with the envelope's optional fields: an expiry (unix milliseconds; devices
+    /// that get it later refuse it) and who asked.
+    fn payload(&self, id: &OpId, expires_at: Option<i64>, by: Option<&str>) -> Vec<u8> {
         let mut m = Map::new();
         m.insert("id".into(), Value::String(id.to_string()));
         if let Some(t) = expires_at {
             m.insert("expires_at".into(), Value::String(crate::time::format_unix_ms(t)));
+        }
+        if let Some(by) = by {
+            m.insert("by".into(), Value::String(by.to_owned()));
         }
         let specs = |p: &[PackageSpec]| Value::Array(p.iter().map(|s| Value::String(s.to_string())).collect());
         let put_options = |m: &mut Map<String, Value>, o: &PackageOptions| {
@@ -432,7 +454,7 @@ impl CommandArgs {
 
 impl Command {
     pub fn to_payload(&self) -> Vec<u8> {
-        self.args.to_payload_expiring(&self.id, self.expires_at)
+        self.args.payload(&self.id, self.expires_at, self.by.as_deref())
     }
 
     /// Whether the command's expiry has passed at `now_ms`.
@@ -546,12 +568,24 @@ mod tests {
             let back = parse_command(args.verb().as_str(), &payload)
                 .unwrap_or_else(|e| panic!("{args:?}: {} ({})", e.message, String::from_utf8_lossy(&payload)));
             assert_eq!((back.id, back.verb, back.args, back.expires_at), (id.clone(), args.verb(), args.clone(), None));
-            let expiring = args.to_payload_expiring(&id, Some(1_800_000_000_123));
-            let back = parse_command(args.verb().as_str(), &expiring).unwrap();
-            assert_eq!(back.expires_at, Some(1_800_000_000_123));
+            let cmd = Command {
+                id: id.clone(),
+                verb: args.verb(),
+                args: args.clone(),
+                expires_at: Some(1_800_000_000_123),
+                by: Some("ana lópez".into()),
+            };
+            let back = parse_command(args.verb().as_str(), &cmd.to_payload()).unwrap();
+            assert_eq!(back, cmd);
             assert!(back.expired(1_800_000_000_123) && !back.expired(1_800_000_000_122));
         }
-        for bad in [r#"{"id":"e1","expires_at":"tomorrow"}"#, r#"{"id":"e1","expires_at":5}"#] {
+        for bad in [
+            r#"{"id":"e1","expires_at":"tomorrow"}"#,
+            r#"{"id":"e1","expires_at":5}"#,
+            r#"{"id":"e1","by":""}"#,
+            r#"{"id":"e1","by":7}"#,
+            r#"{"id":"e1","by":"a\u0007b"}"#,
+        ] {
             let r = parse_command("ping", bad.as_bytes()).unwrap_err();
             assert_eq!((r.code, r.id.map(|i| i.to_string())), (ErrorCode::InvalidValue, Some("e1".into())), "{bad}");
         }

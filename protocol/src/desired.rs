@@ -75,6 +75,74 @@ impl<'de> Deserialize<'de> for Target {
     }
 }
 
+/// When a device may install, in its local time: `02:00-04:00`; one whose end comes before its
+/// start spans midnight (`22:00-02:00`). Outside it a device downloads what it needs and waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Minutes after local midnight: the first minute inside, and the first after it.
+    pub from: u16,
+    pub to: u16,
+}
+
+const DAY_MIN: u16 = 24 * 60;
+
+impl Window {
+    pub fn parse(s: &str) -> Result<Window, String> {
+        let bad = || format!("{s:?} is not an install window like 02:00-04:00 (device local time)");
+        let minute = |t: &str| -> Option<u16> {
+            let (h, m) = t.split_once(':')?;
+            if h.len() != 2 || m.len() != 2 {
+                return None;
+            }
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (from, to) = (minute(a).ok_or_else(bad)?, minute(b).ok_or_else(bad)?);
+        if from == to {
+            return Err(format!("{s:?}: an install window cannot start and end at the same minute"));
+        }
+        Ok(Window { from, to })
+    }
+
+    /// Whether `minute` (after local midnight) is inside.
+    pub fn contains(&self, minute: u16) -> bool {
+        if self.from < self.to {
+            (self.from..self.to).contains(&minute)
+        } else {
+            minute >= self.from || minute < self.to
+        }
+    }
+
+    /// Minutes from `minute` until the window next opens (0 inside it).
+    pub fn opens_in(&self, minute: u16) -> u16 {
+        if self.contains(minute) {
+            0
+        } else {
+            (self.from + DAY_MIN - minute % DAY_MIN) % DAY_MIN
+        }
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02}:{:02}-{:02}:{:02}", self.from / 60, self.from % 60, self.to / 60, self.to % 60)
+    }
+}
+
+impl Serialize for Window {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Window {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Window::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `desired/group/G` and `desired/device/ID` (retained, published by consoles and rollout
 /// controllers; an empty retained message removes the record, which removes nothing from a
 /// device: it only stops asking).
@@ -87,6 +155,9 @@ pub struct DesiredRecord {
     /// Who set it: an operator's name, or `rollout/ID`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// Install only inside this window of the device's local time (downloading ahead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
     pub ts: String,
 }
 
@@ -111,8 +182,8 @@ impl DesiredRecord {
         if let Some(bad) = self.packages.keys().find(|n| !crate::debian::valid_package_name(n)) {
             return Err(format!("{bad:?} is not a Debian package name"));
         }
-        if self.by.as_ref().is_some_and(|b| b.is_empty() || b.chars().count() > 64 || b.chars().any(char::is_control)) {
-            return Err("by must be 1 to 64 printable characters".into());
+        if let Some(by) = &self.by {
+            crate::ids::check_by(by)?;
         }
         Ok(())
     }
@@ -186,6 +257,31 @@ pub fn effective<'a>(
     Ok(out)
 }
 
+/// The install window that applies: the device's own record's, else its groups' (which must
+/// agree: two groups asking for different windows, with no device window to settle it, are a
+/// conflict, as for packages).
+pub fn effective_window<'a>(
+    groups: impl IntoIterator<Item = (&'a GroupName, &'a DesiredRecord)>,
+    device: Option<&DesiredRecord>,
+) -> Result<Option<Window>, String> {
+    if let Some(w) = device.and_then(|d| d.window) {
+        return Ok(Some(w));
+    }
+    let mut found: Option<(&GroupName, Window)> = None;
+    for (g, r) in groups {
+        match (found, r.window) {
+            (Some((other, w)), Some(mine)) if w != mine => {
+                return Err(format!(
+                    "group {other} installs in {w} and group {g} in {mine}; set the window on the device or in one group only"
+                ))
+            }
+            (None, Some(mine)) => found = Some((g, mine)),
+            _ => {}
+        }
+    }
+    Ok(found.map(|(_, w)| w))
+}
+
 /// Where the device stands against its desired state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -194,6 +290,15 @@ pub enum Convergence {
     Converged,
     /// An operation is on its way there (`op/ID` has its progress).
     Converging { op: OpId },
+    /// Outside its install window: its operation (`op`) downloaded what it needs and installs
+    /// when the window opens (`opens_at`, by the device's clock); a removal (no `op` yet)
+    /// starts then.
+    Scheduled {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        op: Option<OpId>,
+        window: Window,
+        opens_at: String,
+    },
     /// It cannot get there without an operator: the operation that failed (its record has the
     /// details, and it is not retried until a record changes), records that disagree
     /// (`conflict`), or packages changed since it converged (`drifted`).
@@ -230,8 +335,42 @@ mod tests {
             revision: rev,
             packages: p.iter().map(|(n, t)| (n.to_string(), Target::parse(t).unwrap())).collect(),
             by: None,
+            window: None,
             ts: "2026-12-03T08:00:00.000Z".into(),
         }
+    }
+
+    #[test]
+    fn windows_parse_contain_and_open() {
+        let w = Window::parse("02:00-04:00").unwrap();
+        assert_eq!(w.to_string(), "02:00-04:00");
+        assert!(w.contains(120) && w.contains(239) && !w.contains(240) && !w.contains(119));
+        assert_eq!((w.opens_in(60), w.opens_in(130), w.opens_in(240)), (60, 0, 22 * 60));
+        // Across midnight.
+        let n = Window::parse("22:30-01:00").unwrap();
+        assert!(n.contains(23 * 60) && n.contains(0) && n.contains(59) && !n.contains(60) && !n.contains(22 * 60));
+        assert_eq!(n.opens_in(22 * 60), 30);
+        for bad in ["", "02:00", "2:00-04:00", "02:00-24:00", "02:60-03:00", "03:00-03:00", "02:00-04:00x", "a:b-c:d"] {
+            assert!(Window::parse(bad).is_err(), "{bad}");
+        }
+        let rec = br#"{"v":1,"revision":1,"packages":{},"window":"25:00-01:00","ts":"t"}"#;
+        assert!(DesiredRecord::parse(rec).unwrap_err().contains("install window"));
+    }
+
+    #[test]
+    fn the_device_window_wins_and_group_windows_must_agree() {
+        let (a, b) = (GroupName::new("a").unwrap(), GroupName::new("b").unwrap());
+        let w = |s: &str| Some(Window::parse(s).unwrap());
+        let ga = DesiredRecord { window: w("02:00-04:00"), ..rec(1, &[]) };
+        let gb = DesiredRecord { window: w("03:00-05:00"), ..rec(1, &[]) };
+        let none = rec(1, &[]);
+        assert_eq!(effective_window([(&a, &ga), (&b, &none)], None).unwrap(), w("02:00-04:00"));
+        assert!(effective_window([(&a, &ga), (&b, &gb)], None)
+            .unwrap_err()
+            .contains("group a installs in 02:00-04:00"));
+        let dev = DesiredRecord { window: w("23:00-01:00"), ..rec(1, &[]) };
+        assert_eq!(effective_window([(&a, &ga), (&b, &gb)], Some(&dev)).unwrap(), w("23:00-01:00"));
+        assert_eq!(effective_window([(&b, &none)], Some(&none)).unwrap(), None);
     }
 
     #[test]

@@ -4,6 +4,16 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+/// Who asked for something (an operator's name, `rollout/ID`), as commands, operation records,
+/// desired-state records and rollouts carry it: 1 to 64 characters, none of them control
+/// characters. Shown to people, never used in a topic or a path.
+pub fn check_by(by: &str) -> Result<(), String> {
+    if by.is_empty() || by.chars().count() > 64 || by.chars().any(char::is_control) {
+        return Err("by must be 1 to 64 printable characters".into());
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     #[error("{kind} is empty")]

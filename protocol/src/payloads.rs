@@ -508,13 +508,16 @@ pub enum Phase {
     /// A unit failed: the previous versions are being put back.
     #[serde(rename = "rolling back")]
     RollingBack,
+    /// Downloaded; the install waits for the desired state's install window to open.
+    #[serde(rename = "waiting for the install window")]
+    WaitingForWindow,
     /// A phase a newer agent reports that this version does not know.
     #[serde(other, rename = "other")]
     Other,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 12] = [
+    pub const ALL: [Phase; 13] = [
         Phase::Queued,
         Phase::UpdatingIndices,
         Phase::Resolving,
@@ -527,6 +530,7 @@ impl Phase {
         Phase::OutsideTheAgent,
         Phase::VerifyingUnits,
         Phase::RollingBack,
+        Phase::WaitingForWindow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -543,6 +547,7 @@ impl Phase {
             Phase::OutsideTheAgent => "installing outside the agent",
             Phase::VerifyingUnits => "verifying units",
             Phase::RollingBack => "rolling back",
+            Phase::WaitingForWindow => "waiting for the install window",
             Phase::Other => "other",
         }
     }
@@ -593,6 +598,9 @@ pub struct OpRecord {
     pub result: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<OpError>,
+    /// Who asked: the command's `by`, or for a desired-state operation its record's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
     /// How many times the same id arrived again after the first (each got this record back).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub repeats: u32,

@@ -103,6 +103,10 @@ pub struct RolloutSpec {
     pub auto_rollback: bool,
     #[serde(default)]
     pub pause_after_wave: bool,
+    /// Devices install only inside this window of their local time (downloading ahead); it
+    /// applies to every record the rollout writes, its rollback's too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::desired::Window>,
     pub by: String,
     pub ts: String,
 }
@@ -141,9 +145,7 @@ impl RolloutSpec {
         if self.max_failures == 0 {
             return Err("max failures must be 1 or more".into());
         }
-        if self.by.is_empty() || self.by.chars().count() > 64 || self.by.chars().any(char::is_control) {
-            return Err("by must be 1 to 64 printable characters".into());
-        }
+        crate::ids::check_by(&self.by)?;
         Ok(())
     }
 
@@ -345,6 +347,7 @@ mod tests {
             deadline_s: 600,
             auto_rollback: true,
             pause_after_wave: false,
+            window: None,
             by: "ana".into(),
             ts: "t".into(),
         }

@@ -329,7 +329,10 @@ impl Controller {
         if let Some(e) = self.state.devices.get_mut(d) {
             e.revision = revision;
         }
-        out.push(Out::Device { device: d.clone(), record: self.record(packages, revision, now_ms) });
+        // The rollout's window, else the one the device's record had.
+        let window = self.spec.window.or(current.and_then(|r| r.window));
+        let record = DesiredRecord { window, ..self.record(packages, revision, now_ms) };
+        out.push(Out::Device { device: d.clone(), record });
         revision
     }
 
@@ -339,6 +342,7 @@ impl Controller {
             revision,
             packages,
             by: Some(self.spec.writer()),
+            window: self.spec.window,
             ts: time::format_unix_ms(now_ms),
         }
     }
@@ -386,6 +390,14 @@ impl Controller {
                     } else {
                         None
                     }
+                }
+                // Downloaded and waiting for its install window: its deadline counts from when
+                // the window lets it install.
+                (Stage::Pending | Stage::Reverting, Some(Convergence::Scheduled { .. })) => {
+                    if let Some(e) = self.state.devices.get_mut(&d) {
+                        e.since_ms = now_ms;
+                    }
+                    None
                 }
                 (Stage::Pending | Stage::Reverting, _) if now_ms - e.since_ms > deadline_ms => Some(Stage::Offline),
                 _ => None,

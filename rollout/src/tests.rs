@@ -21,6 +21,7 @@ fn spec(waves: &[&str]) -> RolloutSpec {
         deadline_s: 60,
         auto_rollback: false,
         pause_after_wave: false,
+        window: None,
         by: "ana".into(),
         ts: "t".into(),
     }
@@ -203,6 +204,33 @@ fn a_device_that_never_reports_holds_its_wave_only_until_the_deadline() {
 }
 
 #[test]
+fn a_device_waiting_for_its_install_window_is_not_offline() {
+    let mut sim = Sim::new(2);
+    let window = debfleet_protocol::desired::Window::parse("02:00-04:00").unwrap();
+    let mut c = Controller::new(RolloutSpec { window: Some(window), ..spec(&["1", "100%"]) }, None, 0);
+    assert_eq!(sim.step(&mut c, 0), [dev(0)]);
+    let record = sim.asked[&dev(0)].clone();
+    assert_eq!(record.window, Some(window), "the records carry the window");
+    // It downloaded and waits for hours, past the deadline, saying so.
+    sim.view.devices.get_mut(&dev(0)).unwrap().report = Some(DesiredReport {
+        v: 1,
+        ts: "t".into(),
+        convergence: Convergence::Scheduled { op: None, window, opens_at: "t".into() },
+        revisions: [("device".to_owned(), record.revision)].into(),
+        packages: record.packages.clone(),
+        refused: BTreeMap::new(),
+    });
+    for _ in 0..10 {
+        assert!(sim.step(&mut c, 600).is_empty());
+    }
+    assert_eq!(stage(&c, &dev(0)), Stage::Pending);
+    // The window opens; it installs; the rollout goes on.
+    sim.apply(&dev(0), None);
+    sim.step(&mut c, 1);
+    assert_eq!(sim.step(&mut c, 10), [dev(1)]);
+}
+
+#[test]
 fn a_wave_where_nobody_reports_halts_instead_of_passing() {
     let mut sim = Sim::new(3);
     let mut c = Controller::new(spec(&["1", "100%"]), None, 0);
@@ -288,6 +316,7 @@ fn records_are_written_above_any_revision_seen_and_keep_their_other_packages() {
         revision: 7,
         packages: [("tool".to_owned(), Target::Latest(None))].into(),
         by: Some("ana".into()),
+        window: None,
         ts: "t".into(),
     };
     sim.view.devices.get_mut(&dev(0)).unwrap().record = Some(own);

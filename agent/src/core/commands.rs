@@ -14,9 +14,9 @@ use super::{Core, Out, MAX_BACKLOG, MAX_JOBS_PENDING};
 use crate::jobs::{Job, JobKind};
 
 /// The operation a job belongs to, and when its command expires.
-struct Origin {
-    id: OpId,
-    expires_at: Option<i64>,
+pub(super) struct Origin {
+    pub(super) id: OpId,
+    pub(super) expires_at: Option<i64>,
 }
 
 impl Core {
@@ -102,6 +102,7 @@ impl Core {
             percent: None,
             result: None,
             error: Some(OpError { code: ErrorCode::Busy, message }),
+            by: None,
             repeats: 0,
         };
         let mut out = self.publish(Topic::Op(self.cfg.device_id.clone(), id), &record);
@@ -115,7 +116,14 @@ impl Core {
     /// `durable`: the accepted record must be on disk before the work starts (work with effects
     /// that a power cut could interrupt). Instant commands skip that flush: their final record is
     /// written durably a moment later, and a crash in between leaves nothing half-done.
-    fn begin(&mut self, id: &OpId, verb: &str, now_ms: i64, durable: bool) -> Result<Vec<Out>, Vec<Out>> {
+    fn begin(
+        &mut self,
+        id: &OpId,
+        verb: &str,
+        by: Option<&str>,
+        now_ms: i64,
+        durable: bool,
+    ) -> Result<Vec<Out>, Vec<Out>> {
         if self.journal.get(id).is_some() {
             tracing::info!(op = %id, "repeated operation id; returning the recorded outcome");
             if let Err(e) = self.journal.repeat(id) {
@@ -123,7 +131,7 @@ impl Core {
             }
             return Err(vec![self.publish_op(id)]);
         }
-        match self.journal.accept(id.clone(), verb, now_ms, !durable) {
+        match self.journal.accept(id.clone(), verb, by.map(str::to_owned), now_ms, !durable) {
             Ok(evicted) => {
                 let mut out: Vec<Out> = evicted.iter().map(|e| self.clear(e)).collect();
                 out.push(self.publish_op(id));
@@ -142,7 +150,7 @@ impl Core {
     }
 
     fn fail_new(&mut self, id: OpId, verb: &str, code: ErrorCode, message: String, now_ms: i64) -> Vec<Out> {
-        let mut out = match self.begin(&id, verb, now_ms, false) {
+        let mut out = match self.begin(&id, verb, None, now_ms, false) {
             Ok(out) => out,
             Err(out) => return out,
         };
@@ -155,14 +163,14 @@ impl Core {
 
     fn run(&mut self, cmd: Command, now_ms: i64) -> Vec<Out> {
         if cmd.expired(now_ms) && self.journal.get(&cmd.id).is_none() {
-            let mut out = match self.begin(&cmd.id, cmd.verb.as_str(), now_ms, false) {
+            let mut out = match self.begin(&cmd.id, cmd.verb.as_str(), cmd.by.as_deref(), now_ms, false) {
                 Ok(out) => out,
                 Err(out) => return out,
             };
             out.extend(self.expire(&cmd.id, cmd.expires_at.unwrap_or(now_ms), now_ms));
             return out;
         }
-        let Command { id, verb, args, expires_at } = cmd;
+        let Command { id, verb, args, expires_at, by } = cmd;
         // Commands that finish within this call (no job, no side effect outside the journal and
         // the configuration file, which is written durably itself).
         let instant = matches!(
@@ -172,7 +180,7 @@ impl Core {
                 | CommandArgs::Clear { .. }
                 | CommandArgs::Restart { unit: None }
         );
-        let mut out = match self.begin_running(&id, verb.as_str(), now_ms, !instant) {
+        let mut out = match self.begin_running(&id, verb.as_str(), by.as_deref(), now_ms, !instant) {
             Ok(out) => out,
             Err(out) => return out,
         };
@@ -269,8 +277,15 @@ impl Core {
 
     /// Starts an operation the agent decided on itself (to converge on the desired state):
     /// journaled, published and run with the same lifecycle as a command's.
-    pub(super) fn start_internal(&mut self, id: OpId, verb: Verb, kind: JobKind, now_ms: i64) -> Vec<Out> {
-        let out = match self.begin_running(&id, verb.as_str(), now_ms, true) {
+    pub(super) fn start_internal(
+        &mut self,
+        id: OpId,
+        verb: Verb,
+        by: Option<&str>,
+        kind: JobKind,
+        now_ms: i64,
+    ) -> Vec<Out> {
+        let out = match self.begin_running(&id, verb.as_str(), by, now_ms, true) {
             Ok(out) => out,
             Err(out) => return out,
         };
@@ -279,8 +294,15 @@ impl Core {
     }
 
     /// `begin`, then the operation marked running and published.
-    fn begin_running(&mut self, id: &OpId, verb: &str, now_ms: i64, durable: bool) -> Result<Vec<Out>, Vec<Out>> {
-        let mut out = self.begin(id, verb, now_ms, durable)?;
+    fn begin_running(
+        &mut self,
+        id: &OpId,
+        verb: &str,
+        by: Option<&str>,
+        now_ms: i64,
+        durable: bool,
+    ) -> Result<Vec<Out>, Vec<Out>> {
+        let mut out = self.begin(id, verb, by, now_ms, durable)?;
         if let Err(e) = self.journal.set_running(id, now_ms, None) {
             tracing::error!("{e}");
         }
@@ -288,7 +310,13 @@ impl Core {
         Ok(out)
     }
 
-    fn start_job(&mut self, mut out: Vec<Out>, op: Origin, kind: JobKind, options: PackageOptions) -> Vec<Out> {
+    pub(super) fn start_job(
+        &mut self,
+        mut out: Vec<Out>,
+        op: Origin,
+        kind: JobKind,
+        options: PackageOptions,
+    ) -> Vec<Out> {
         let Origin { id, expires_at } = op;
         let PackageOptions { dry_run, watch_s } = options;
         let watch = std::time::Duration::from_secs(watch_s.unwrap_or(self.cfg.apt.watch_s).into());
@@ -392,10 +420,12 @@ mod tests {
     #[test]
     fn ping_lifecycle_and_dedupe() {
         let mut f = fixture(false);
-        let outs = f.core.on_message("debfleet/fleet/cmd/ping", br#"{"id":"p1"}"#, false, 1000);
+        let outs = f.core.on_message("debfleet/fleet/cmd/ping", br#"{"id":"p1","by":"ana"}"#, false, 1000);
         let states: Vec<OpState> = op_states(&outs, "p1").iter().map(|r| r.state).collect();
         assert_eq!(states, [OpState::Accepted, OpState::Running, OpState::Succeeded]);
         let first = op_states(&outs, "p1").pop().unwrap();
+        // The record says who asked.
+        assert_eq!(first.by.as_deref(), Some("ana"));
         let again = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, false, 5000);
         let records = op_states(&again, "p1");
         assert_eq!(records.len(), 1);

@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use debfleet_apt::Spec;
-use debfleet_protocol::desired::{effective, Convergence, DesiredRecord, DesiredReport, Source, Target};
+use debfleet_protocol::desired::{
+    effective, effective_window, Convergence, DesiredRecord, DesiredReport, Source, Target, Window,
+};
 use debfleet_protocol::{
     time, ErrorCode, GroupName, OpError, OpId, OpState, PackageSpec, Topic, TrafficClass, Verb, CONTRACT_VERSION,
 };
@@ -62,6 +64,12 @@ pub(super) struct Desired {
     started: Vec<OpId>,
     /// The running operation asked to stop before it installs (asked once).
     cancelling: Option<OpId>,
+    /// The operation downloading ahead of its install window (a fetch-only job).
+    fetching: Option<OpId>,
+    /// The operation that downloaded and waits for its window (no job runs for it meanwhile).
+    waiting: Option<OpId>,
+    /// The window the last judgement waits for: judged again when it opens.
+    scheduled: Option<Window>,
 }
 
 impl Desired {
@@ -154,6 +162,33 @@ impl Desired {
     fn no_target(&mut self) {
         let t = self.target;
         self.set_target(Judged { key: 0, ..t });
+    }
+
+    /// Who set the records that ask for these packages (a device's own record decides what it
+    /// names): the operation's `by`.
+    fn asked_by(&self, packages: &[String]) -> Option<String> {
+        let device = self.records.get(&Source::Device);
+        let mut names: Vec<&str> = Vec::new();
+        for p in packages {
+            let decided = match device.filter(|d| d.packages.contains_key(p)) {
+                Some(d) => Some(d),
+                None => self
+                    .records
+                    .iter()
+                    .find(|(s, r)| **s != Source::Device && r.packages.contains_key(p))
+                    .map(|(_, r)| r),
+            };
+            if let Some(by) = decided.and_then(|r| r.by.as_deref()) {
+                if !names.contains(&by) {
+                    names.push(by);
+                }
+            }
+        }
+        let mut joined = names.join(", ");
+        if let Some((cut, _)) = joined.char_indices().nth(64) {
+            joined.truncate(cut);
+        }
+        (!joined.is_empty()).then_some(joined)
     }
 
     fn judging_soon(&self) -> bool {
@@ -268,6 +303,10 @@ impl Core {
             }
             self.desired.due_ms = Some(now_ms);
         }
+        if self.desired.scheduled.is_some_and(|w| w.contains(self.local_minute(now_ms))) {
+            self.desired.scheduled = None;
+            self.desired.due_ms = Some(now_ms);
+        }
         match self.desired.due_ms {
             Some(t) if now_ms >= t => {
                 self.desired.due_ms = None;
@@ -286,6 +325,33 @@ impl Core {
             return Vec::new();
         }
         self.converge(now_ms)
+    }
+
+    /// Minutes after local midnight now.
+    fn local_minute(&self, now_ms: i64) -> u16 {
+        crate::localtime::minute_of_day(now_ms, self.local_offset)
+    }
+
+    /// A fetch-only job ended. Downloaded: the operation stays running, waiting for its window
+    /// (`Some`: what to publish). Failed: `None`, and it ends like any other operation.
+    pub(super) fn desired_fetched(&mut self, done: &crate::jobs::JobDone, now_ms: i64) -> Option<Vec<Out>> {
+        if self.desired.fetching.as_ref() != Some(&done.id) {
+            return None;
+        }
+        self.desired.fetching = None;
+        if done.outcome.is_err() {
+            return None;
+        }
+        if let Err(e) = self.journal.progress(&done.id, now_ms, debfleet_protocol::Phase::WaitingForWindow, None) {
+            tracing::error!("{e}");
+        }
+        self.desired.waiting = Some(done.id.clone());
+        let mut out = vec![self.publish_op(&done.id)];
+        if !self.desired.judging_soon() {
+            out.extend(self.converge(now_ms));
+        }
+        out.extend(self.next_job());
+        Some(out)
     }
 
     /// The retained report, for a connect or `refresh`.
@@ -317,14 +383,21 @@ impl Core {
         let records = &self.desired.records;
         let revisions: BTreeMap<String, u64> = records.iter().map(|(s, r)| (s.to_string(), r.revision)).collect();
         let groups = self.runtime.groups.iter().filter_map(|g| records.get(&Source::Group(g.clone())).map(|r| (g, r)));
-        let (convergence, packages) = match effective(groups, records.get(&Source::Device)) {
-            Ok(targets) => (self.close_gap(&revisions, &targets, now_ms, &mut out), targets),
-            Err(c) => {
+        let device = records.get(&Source::Device);
+        let targets = effective(groups.clone(), device).map_err(|c| c.to_string());
+        let window = effective_window(groups, device);
+        let (convergence, packages) = match targets.and_then(|t| Ok((t, window?))) {
+            Ok((targets, window)) => (self.close_gap(&revisions, &targets, window, now_ms, &mut out), targets),
+            Err(message) => {
                 self.supersede(&[], now_ms, &mut out);
                 self.desired.no_target();
-                let error = OpError { code: ErrorCode::Conflict, message: c.to_string() };
+                let error = OpError { code: ErrorCode::Conflict, message };
                 (Convergence::Blocked { op: None, error }, BTreeMap::new())
             }
+        };
+        self.desired.scheduled = match &convergence {
+            Convergence::Scheduled { window, .. } => Some(*window),
+            _ => None,
         };
         let refused = self.desired.invalid.iter().map(|(s, why)| (s.to_string(), why.clone())).collect();
         let report = DesiredReport {
@@ -356,6 +429,7 @@ impl Core {
         &mut self,
         revisions: &BTreeMap<String, u64>,
         targets: &BTreeMap<String, Target>,
+        window: Option<Window>,
         now_ms: i64,
         out: &mut Vec<Out>,
     ) -> Convergence {
@@ -405,9 +479,21 @@ impl Core {
         self.supersede(&[&install_id, &remove_id], now_ms, out);
         let differing: Vec<String> =
             install.iter().map(|s| s.name.clone()).chain(remove.iter().map(|s| s.name.clone())).collect();
+        // Outside its window a change waits: an install downloads ahead (a fetch-only job, then
+        // the same operation again once the window opens), a removal just waits.
+        let minute = self.local_minute(now_ms);
+        let closed = window.filter(|w| !w.contains(minute));
+        let scheduled = |op: Option<OpId>, w: Window| {
+            let into_minute = now_ms.div_euclid(1000) + (self.local_offset)(now_ms.div_euclid(1000));
+            let opens_ms = (now_ms - into_minute.rem_euclid(60) * 1000) + i64::from(w.opens_in(minute)) * 60_000;
+            Convergence::Scheduled { op, window: w, opens_at: time::format_unix_ms(opens_ms) }
+        };
         let (id, verb, kind) = if !install.is_empty() {
             let refresh = install.iter().any(|s| s.version.is_none());
-            (install_id, Verb::Install, JobKind::Converge { packages: install, refresh })
+            let fetch_only = closed.is_some();
+            (install_id, Verb::Install, JobKind::Converge { packages: install, refresh, fetch_only })
+        } else if let (false, Some(w)) = (remove.is_empty(), closed) {
+            return scheduled(None, w);
         } else if !remove.is_empty() {
             (remove_id, Verb::Uninstall, JobKind::Uninstall { packages: remove, purge: false })
         } else {
@@ -428,9 +514,29 @@ impl Core {
             }
             None => {
                 self.desired.started.push(id.clone());
-                out.extend(self.start_internal(id.clone(), verb, kind, now_ms));
+                if matches!(kind, JobKind::Converge { fetch_only: true, .. }) {
+                    self.desired.fetching = Some(id.clone());
+                }
+                let by = self.desired.asked_by(&differing);
+                out.extend(self.start_internal(id.clone(), verb, by.as_deref(), kind, now_ms));
                 Convergence::Converging { op: id }
             }
+            // Downloaded; the window is still closed.
+            Some((state, _)) if !state.is_final() && self.desired.waiting.as_ref() == Some(&id) => match (closed, kind)
+            {
+                (Some(w), _) => scheduled(Some(id), w),
+                (None, JobKind::Converge { packages, .. }) => {
+                    self.desired.waiting = None;
+                    tracing::info!(op = %id, "the install window is open: installing");
+                    let origin = super::commands::Origin { id: id.clone(), expires_at: None };
+                    // The indices were refreshed for the download; the same versions install.
+                    let kind = JobKind::Converge { packages, refresh: false, fetch_only: false };
+                    let started = self.start_job(Vec::new(), origin, kind, Default::default());
+                    out.extend(started);
+                    Convergence::Converging { op: id }
+                }
+                (None, _) => Convergence::Converging { op: id },
+            },
             Some((state, _)) if !state.is_final() => Convergence::Converging { op: id },
             Some((OpState::Succeeded, _)) => {
                 let message = format!(
@@ -451,6 +557,19 @@ impl Core {
     /// (it downloads first): it then ends as `superseded` too; past its download it finishes.
     /// Either way the next judgement follows it.
     fn supersede(&mut self, keep: &[&OpId], now_ms: i64, out: &mut Vec<Out>) {
+        if let Some(waiting) = self.desired.waiting.take() {
+            if keep.contains(&&waiting) {
+                self.desired.waiting = Some(waiting);
+            } else {
+                let message = "a newer desired state arrived before the install window opened; nothing was installed";
+                tracing::info!(op = %waiting, "superseded: {message}");
+                let error = OpError { code: ErrorCode::Superseded, message: message.into() };
+                if let Err(e) = self.journal.finish(&waiting, now_ms, Err(error)) {
+                    tracing::error!("{e}");
+                }
+                out.push(self.publish_op(&waiting));
+            }
+        }
         if let Some(running) = self.running.clone() {
             let stale = self.desired.started.contains(&running) && !keep.contains(&&running);
             if stale && self.desired.cancelling.as_ref() != Some(&running) {
@@ -506,22 +625,23 @@ mod tests {
     fn a_record_becomes_one_operation_and_its_result_the_report() {
         let mut f = fixture(false);
         connected(&mut f);
-        assert!(f.core.on_message("debfleet/desired/group/lab", &record(1, r#"{"hello":"2.0"}"#), true, 10).is_empty());
+        let by =
+            br#"{"v":1,"revision":1,"packages":{"hello":"2.0"},"by":"rollout/r1","ts":"2026-12-03T08:00:00.000Z"}"#;
+        assert!(f.core.on_message("debfleet/desired/group/lab", by, true, 10).is_empty());
         // Judged a second later, together with whatever else arrived.
         assert!(f.core.desired_tick(500).is_empty());
         let outs = f.core.desired_tick(1100);
         let job = outs.iter().find_map(|o| if let Out::Job(j) = o { Some(j.clone()) } else { None }).unwrap();
+        // The operation says who asked for it.
+        assert_eq!(op_states(&outs, job.id.as_str()).pop().unwrap().by.as_deref(), Some("rollout/r1"));
         assert!(
-            matches!(&job.kind, JobKind::Converge { packages, refresh: false } if packages[0].version.as_deref() == Some("2.0"))
+            matches!(&job.kind, JobKind::Converge { packages, refresh: false, fetch_only: false } if packages[0].version.as_deref() == Some("2.0"))
         );
         let r = report(&outs).unwrap();
         assert_eq!((r["state"].as_str(), r["op"].as_str()), (Some("converging"), Some(job.id.as_str())));
         assert_eq!(r["revisions"]["group/lab"], 1);
         // The same record again (a reconnect's retained copy) changes nothing.
-        assert!(f
-            .core
-            .on_message("debfleet/desired/group/lab", &record(1, r#"{"hello":"2.0"}"#), true, 2000)
-            .is_empty());
+        assert!(f.core.on_message("debfleet/desired/group/lab", by, true, 2000).is_empty());
         // It fails: blocked with the operation's error, and not retried.
         let done = crate::jobs::JobDone {
             id: job.id.clone(),
@@ -621,6 +741,78 @@ mod tests {
         let gone = op_states(&outs, &first).pop().unwrap();
         assert_eq!((gone.state, gone.error.unwrap().code), (OpState::Failed, ErrorCode::Superseded));
         assert_ne!(report(&outs).unwrap()["op"].as_str(), Some(first.as_str()));
+    }
+
+    fn job(outs: &[Out]) -> Option<crate::jobs::Job> {
+        outs.iter().find_map(|o| if let Out::Job(j) = o { Some(j.clone()) } else { None })
+    }
+
+    #[test]
+    fn outside_its_window_a_device_downloads_ahead_and_installs_when_it_opens() {
+        let mut f = fixture(false);
+        f.core.local_offset = |_| 3600; // UTC+1: 01:00 UTC is 02:00 here.
+        connected(&mut f);
+        let hour = 3_600_000;
+        let windowed = br#"{"v":1,"revision":1,"packages":{"hello":"2.0"},"window":"03:00-04:00","ts":"2026-12-03T08:00:00.000Z"}"#;
+        f.core.on_message("debfleet/desired/group/lab", windowed, false, hour);
+        let outs = f.core.desired_tick(hour + 1000);
+        let fetch = job(&outs).unwrap();
+        assert!(matches!(fetch.kind, JobKind::Converge { fetch_only: true, .. }), "{:?}", fetch.kind);
+        // Downloaded: the operation stays running, waiting; the report says until when.
+        let done = crate::jobs::JobDone {
+            id: fetch.id.clone(),
+            outcome: Ok(serde_json::json!({"download_bytes": 2048})),
+            changes: vec![],
+            rolled_back: vec![],
+        };
+        let outs = f.core.handle(Event::JobDone(done), hour + 5000);
+        let rec = op_states(&outs, fetch.id.as_str()).pop().unwrap();
+        assert_eq!((rec.state, rec.phase), (OpState::Running, Some(debfleet_protocol::Phase::WaitingForWindow)));
+        let r = report(&outs).unwrap();
+        assert_eq!(
+            (r["state"].as_str(), r["op"].as_str(), r["window"].as_str(), r["opens_at"].as_str()),
+            (Some("scheduled"), Some(fetch.id.as_str()), Some("03:00-04:00"), Some("1970-01-01T02:00:00.000Z"))
+        );
+        assert!(job(&f.core.desired_tick(2 * hour - 1000)).is_none(), "not before the window");
+        // The window opens (03:00 local): the same operation installs.
+        let outs = f.core.desired_tick(2 * hour);
+        let install = job(&outs).unwrap();
+        assert_eq!(install.id, fetch.id);
+        assert!(matches!(install.kind, JobKind::Converge { fetch_only: false, .. }));
+        assert_eq!(report(&outs).unwrap()["state"], "converging");
+    }
+
+    #[test]
+    fn a_newer_target_ends_a_waiting_operation_and_a_removal_waits_without_one() {
+        let mut f = fixture(false);
+        f.core.local_offset = |_| 0;
+        connected(&mut f);
+        let w = |rev: u64, p: &str| {
+            format!(
+                r#"{{"v":1,"revision":{rev},"packages":{p},"window":"02:00-04:00","ts":"2026-12-03T08:00:00.000Z"}}"#
+            )
+        };
+        f.core.on_message("debfleet/desired/device/d1", w(1, r#"{"hello":"2.0"}"#).as_bytes(), false, 0);
+        let fetch = job(&f.core.desired_tick(1000)).unwrap();
+        let done = crate::jobs::JobDone {
+            id: fetch.id.clone(),
+            outcome: Ok(Value::Null),
+            changes: vec![],
+            rolled_back: vec![],
+        };
+        f.core.handle(Event::JobDone(done), 2000);
+        // Aborted while it waits: it ends superseded, nothing installed; bash's removal waits
+        // for the window with no operation.
+        f.core.on_message("debfleet/desired/device/d1", w(2, r#"{"bash":"absent"}"#).as_bytes(), false, 3000);
+        let outs = f.core.desired_tick(5000);
+        let gone = op_states(&outs, fetch.id.as_str()).pop().unwrap();
+        assert_eq!((gone.state, gone.error.unwrap().code), (OpState::Failed, ErrorCode::Superseded));
+        assert!(job(&outs).is_none());
+        let r = report(&outs).unwrap();
+        assert_eq!((r["state"].as_str(), r.get("op")), (Some("scheduled"), None));
+        // At 02:00 it removes.
+        let outs = f.core.desired_tick(7_200_000);
+        assert!(matches!(job(&outs).unwrap().kind, JobKind::Uninstall { .. }));
     }
 
     #[test]

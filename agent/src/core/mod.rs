@@ -113,6 +113,8 @@ pub struct Core {
     telemetry_behind: Option<Telemetry>,
     components: components::Components,
     desired: desired::Desired,
+    /// The local time zone's offset from UTC at a time (install windows are local); fixed in tests.
+    local_offset: fn(i64) -> i64,
 }
 
 /// Over these, a new command is answered with `busy` instead of being accepted.
@@ -308,6 +310,7 @@ impl Core {
             report_next_connect: false,
             components: Default::default(),
             desired: desired::Desired::load(&cfg_state_dir, &runtime_groups),
+            local_offset: crate::localtime::utc_offset_s,
         }
     }
 

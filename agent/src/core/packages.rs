@@ -46,6 +46,9 @@ impl Core {
     /// A job ended: record the outcome, update the managed set, republish the state.
     pub fn job_done(&mut self, done: JobDone, now_ms: i64) -> Vec<Out> {
         self.running = None;
+        if let Some(out) = self.desired_fetched(&done, now_ms) {
+            return out;
+        }
         let verb = self.journal.verb(&done.id).unwrap_or("").to_owned();
         let (result, error) = match done.outcome {
             Ok(v) => (Some(v), None),
