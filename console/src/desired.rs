@@ -20,8 +20,7 @@ pub enum DesiredCommand {
     /// Set packages in a group's or a device's record: PKG=VERSION, PKG=latest,
     /// PKG=latest/SUITE or PKG=absent (the record's other packages stay); raises its revision.
     Set {
-        /// The device (unless --group), then NAME=TARGET pairs.
-        #[arg(required = true)]
+        /// The device (unless --group), then NAME=TARGET pairs (none: only --window changes).
         words: Vec<String>,
         /// The group whose record this is (instead of a device).
         #[arg(long)]
@@ -83,12 +82,14 @@ fn scope(device: Option<&str>, group: Option<&str>) -> Result<Topic> {
 }
 
 /// The record's topic and the rest of the words.
-fn split(words: &[String], group: Option<&str>) -> Result<(Topic, Vec<String>)> {
+/// `packages_optional`: only the window changes (`desired set DEVICE --window W`).
+fn split(words: &[String], group: Option<&str>, packages_optional: bool) -> Result<(Topic, Vec<String>)> {
     match group {
+        Some(_) if words.is_empty() && !packages_optional => Err(usage("name the packages")),
         Some(_) => Ok((scope(None, group)?, words.to_vec())),
         None => {
             let (first, rest) = words.split_first().ok_or_else(|| usage("name a device, or a group with --group"))?;
-            if rest.is_empty() {
+            if rest.is_empty() && !packages_optional {
                 return Err(usage(format!("name the packages after the device {first}")));
             }
             Ok((scope(Some(first), None)?, rest.to_vec()))
@@ -156,7 +157,7 @@ fn packages_text(p: &BTreeMap<String, Target>) -> String {
 pub async fn run(ctx: &Ctx, command: DesiredCommand) -> Result<u8> {
     match command {
         DesiredCommand::Set { words, group, replace, window, json } => {
-            let (topic, packages) = split(&words, group.as_deref())?;
+            let (topic, packages) = split(&words, group.as_deref(), window.is_some() && !replace)?;
             let pairs = parse_pairs(&packages)?;
             let window = match window.as_deref() {
                 None => None,
@@ -171,7 +172,7 @@ pub async fn run(ctx: &Ctx, command: DesiredCommand) -> Result<u8> {
             .await
         }
         DesiredCommand::Unset { words, group, json } => {
-            let (topic, packages) = split(&words, group.as_deref())?;
+            let (topic, packages) = split(&words, group.as_deref(), false)?;
             write(ctx, &topic, json, None, |mut old| {
                 for name in &packages {
                     if old.remove(name).is_none() {

@@ -133,6 +133,17 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let shown = run(&["rollout", "status", "hello-2"]);
     assert!(shown.contains("succeeded") && shown.contains("healthy"), "{shown}");
 
+    // The tour's install window, hours away on the device's clock (UTC in the lab): lab-1
+    // downloads and waits; the operations say who asked.
+    let hour = (debfleet_protocol::time::now_unix_ms() / 3_600_000 + 6) % 24;
+    let window = format!("{:02}:00-{:02}:00", hour, (hour + 1) % 24);
+    run(&["desired", "set", "lab-1", "debfleet-hello=1.0", "--window", &window, "--by", "demo-operator"]);
+    desired.wait("debfleet/device/lab-1/state/desired", Duration::from_secs(180), |v| v["state"] == "scheduled");
+    let shown = run(&["desired", "show", "lab-1"]);
+    assert!(shown.contains("scheduled") && shown.contains(&window), "{shown}");
+    let ops = run(&["ops", "lab-1"]);
+    assert!(ops.contains("BY") && ops.contains("demo-operator") && ops.contains("rollout/hello-2"), "{ops}");
+
     // SIGTERM: devices and services go away.
     Command::new("kill").arg("-TERM").arg(demo.id().to_string()).status().unwrap();
     let status = wait_for(Duration::from_secs(60), "the demo to stop", || demo.try_wait().unwrap());

@@ -1,7 +1,7 @@
 //! Desired state on real devices (issue 14): records a console publishes, the agent converging
 //! with real apt and systemd, a device that was away converging when it comes back, a device
-//! entry over its group's, a version whose unit fails (blocked, not retried), drift, removal, and
-//! hostile records that change nothing.
+//! entry over its group's, a version whose unit fails (blocked, not retried), drift, removal,
+//! hostile records that change nothing, and an install window in the device's local time.
 
 use std::time::Duration;
 
@@ -150,6 +150,56 @@ fn devices_converge_on_desired_state_also_after_being_away() {
     assert_eq!(r["error"]["code"], "drifted", "{r}");
     assert_eq!(d2.dpkg_version("ds-app").as_deref(), Some("1.0"));
 
+    // An install window in the device's local time (its agent runs at UTC+5:30 here): outside it
+    // the device downloads and waits; it installs when the window opens.
+    d2.ok(&["mkdir", "-p", "/etc/systemd/system/debfleet-agent.service.d"]);
+    d2.ok(&[
+        "sh",
+        "-c",
+        "printf '[Service]\\nEnvironment=TZ=XST-05:30\\n' > /etc/systemd/system/debfleet-agent.service.d/tz.conf",
+    ]);
+    d2.ok(&["systemctl", "daemon-reload"]);
+    let mark = obs.messages().len();
+    d2.ok(&["systemctl", "restart", "debfleet-agent"]);
+    wait_for(Duration::from_secs(30), "ds-2 back online", || {
+        obs.messages()[mark..]
+            .iter()
+            .any(|m| m.topic == "debfleet/device/ds-2/status" && m.json()["state"] == "online")
+            .then_some(())
+    });
+    let local_s = debfleet_protocol::time::now_unix_ms() / 1000 + 5 * 3600 + 30 * 60;
+    // Opens at the next minute (the one after when this one is nearly over), for half an hour.
+    let opens = (local_s / 60 + if local_s % 60 < 40 { 1 } else { 2 }) % 1440;
+    let hhmm = |m: i64| format!("{:02}:{:02}", m % 1440 / 60, m % 60);
+    let window = format!("{}-{}", hhmm(opens), hhmm(opens + 30));
+    let mark = obs.messages().len();
+    let (code, _, text) = console(&m, &["desired", "set", "ds-2", "ds-app=2.0", "--window", &window, "--by", "ana"]);
+    assert_eq!(code, Some(0), "{text}");
+    let r = report(&obs, "ds-2", mark, "scheduled", serde_json::json!({"device": 1, "group/lab": 3}));
+    assert_eq!(r["window"].as_str(), Some(window.as_str()), "{r}");
+    let op = r["op"].as_str().expect("the operation that downloaded").to_owned();
+    let waiting = obs.last(&format!("debfleet/device/ds-2/op/{op}")).unwrap().json();
+    assert_eq!(
+        (waiting["state"].as_str(), waiting["phase"].as_str()),
+        (Some("running"), Some("waiting for the install window")),
+        "{waiting}"
+    );
+    assert_eq!(waiting["by"], "ana", "{waiting}");
+    assert_eq!(d2.dpkg_version("ds-app").as_deref(), Some("1.0"), "installed before its window");
+    let log = d2.ok(&["journalctl", "-u", "debfleet-agent", "--no-pager", "-o", "cat"]);
+    assert!(log.contains("ahead of the install window"), "downloaded ahead: {log}");
+    let (_, v, _) = console(&m, &["desired", "show", "ds-2", "--json"]);
+    assert_eq!(v["devices"]["ds-2"]["state"], "scheduled", "{v}");
+    let (_, _, table) = console(&m, &["desired", "show", "ds-2"]);
+    assert!(table.contains("scheduled") && table.contains(&window), "{table}");
+    eprintln!("{table}");
+    report(&obs, "ds-2", mark, "converged", serde_json::json!({"device": 1, "group/lab": 3}));
+    assert_eq!(d2.dpkg_version("ds-app").as_deref(), Some("2.0"));
+    let done = obs.last(&format!("debfleet/device/ds-2/op/{op}")).unwrap().json();
+    assert_eq!((done["state"].as_str(), done["by"].as_str()), (Some("succeeded"), Some("ana")), "{done}");
+    let (code, _, text) = console(&m, &["desired", "clear", "ds-2"]);
+    assert_eq!(code, Some(0), "{text}");
+
     // Hostile records change nothing and say why; the last good one still applies.
     let big = format!(r#"{{"v":1,"revision":5,"packages":{{"ds-app":"2.0"}},"ts":"{}"}}"#, "x".repeat(40_000));
     for (bad, why) in [
@@ -201,6 +251,9 @@ fn devices_converge_on_desired_state_also_after_being_away() {
         &["desired", "set", "ds-app=1.0"],
         &["desired", "set", "ds-1"],
         &["desired", "set", "Bad", "ds-app=1.0"],
+        &["desired", "set", "--group", "lab", "ds-app=1.0", "--window", "25:00-01:00"],
+        &["desired", "set", "--group", "lab", "--window", "02:00-02:00"],
+        &["desired", "set", "--group", "lab"],
     ] {
         let (code, _, text) = console(&m, args);
         assert_eq!(code, Some(2), "{args:?}: {text}");

@@ -485,7 +485,8 @@ impl Core {
         let closed = window.filter(|w| !w.contains(minute));
         let scheduled = |op: Option<OpId>, w: Window| {
             let into_minute = now_ms.div_euclid(1000) + (self.local_offset)(now_ms.div_euclid(1000));
-            let opens_ms = (now_ms - into_minute.rem_euclid(60) * 1000) + i64::from(w.opens_in(minute)) * 60_000;
+            let minute_start = now_ms - now_ms.rem_euclid(1000) - into_minute.rem_euclid(60) * 1000;
+            let opens_ms = minute_start + i64::from(w.opens_in(minute)) * 60_000;
             Convergence::Scheduled { op, window: w, opens_at: time::format_unix_ms(opens_ms) }
         };
         let (id, verb, kind) = if !install.is_empty() {
