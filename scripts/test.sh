@@ -11,6 +11,9 @@ have lintian || need+=(lintian)
 # Devices in tests are systemd-nspawn containers booted from a debootstrapped rootfs.
 have systemd-nspawn || need+=(systemd-container)
 have debootstrap || need+=(debootstrap)
+# The web console's tests drive Debian's Chromium over WebDriver.
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "The tests need: ${need[*]}. Run this as root (it installs them), or: sudo apt-get install ${need[*]}" >&2

@@ -298,6 +298,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet desired set lab-1 debfleet-hello=1.0 --window 02:00-04:00   # at night, device time: downloads now\n\
          \x20 debfleet desired show lab-1                       # scheduled, and when its window opens\n\
          \x20 debfleet ops lab-1                                # every operation, and who asked (BY)\n\
+         \x20 echo demo-password | debfleet web user add ana --role operator\n\
+         \x20 debfleet web &                                    # the fleet in a browser: http://127.0.0.1:8080\n\
          \x20 debfleet cfg set lab-2 profile=cellular          # metered link: long keepalive, kept session, a budget\n\
          \x20 debfleet show lab-2                               # LINK: today's bytes by class against the budget\n\
          \x20 debfleet install lab-1 debfleet-led-strip         # a component: its own .deb and unit (a virtual strip here)\n\

@@ -17,6 +17,7 @@ mod serve;
 mod session;
 mod sync;
 mod watch;
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -290,6 +291,25 @@ enum Command {
         #[command(subcommand)]
         action: delta::DeltaAction,
     },
+    /// The web console: the fleet live in a browser, with sign-in, roles and an audit log.
+    Web {
+        #[command(subcommand)]
+        command: Option<WebCommand>,
+        /// Address to serve on (loopback only: TLS is not built yet).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The users file [default: ~/.config/debfleet/web-users].
+        #[arg(long, global = true)]
+        users: Option<PathBuf>,
+        /// The audit log [default: ~/.config/debfleet/audit.log].
+        #[arg(long)]
+        audit: Option<PathBuf>,
+    },
+    /// The web console's audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run the zero-setup services: an embedded MQTT broker on 127.0.0.1.
     Serve {
         /// Address the embedded broker listens on.
@@ -298,6 +318,36 @@ enum Command {
         /// Do not run the rollout controller beside the broker.
         #[arg(long)]
         no_rollouts: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum WebCommand {
+    /// The web console's users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user (or change their role and password); the password is read from stdin.
+    Add {
+        /// The user's name (a-z 0-9 . _ -, at most 32).
+        name: String,
+        /// viewer (reads), operator (also acts on devices) or admin.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the log's hash chain: exit 0 when intact, 1 (TAMPERED) when a line was edited or removed.
+    Verify {
+        /// The log [default: ~/.config/debfleet/audit.log].
+        file: Option<PathBuf>,
     },
 }
 
@@ -368,6 +418,7 @@ enum CfgAction {
     },
 }
 
+#[derive(Clone)]
 pub struct Ctx {
     pub broker: String,
     pub ca_file: Option<PathBuf>,
@@ -501,6 +552,26 @@ fn main() -> ExitCode {
             Command::Component { command } => components::run(&ctx, command).await,
             Command::Desired { command } => desired::run(&ctx, command).await,
             Command::Rollout { command } => rollout::run(&ctx, command).await,
+            Command::Web {
+                command: Some(WebCommand::User { command: UserCommand::Add { name, role } }),
+                users,
+                ..
+            } => {
+                let role = debfleet_protocol::Role::parse(&role)
+                    .ok_or_else(|| cmds::usage(format!("{role:?}: the roles are viewer, operator and admin")))?;
+                web::add_user(&users.unwrap_or_else(|| web::default_path("web-users")), &name, role)
+            }
+            Command::Web { command: None, listen, users, audit } => {
+                let opts = web::WebOptions {
+                    listen,
+                    users: users.unwrap_or_else(|| web::default_path("web-users")),
+                    audit: audit.unwrap_or_else(|| web::default_path("audit.log")),
+                };
+                web::serve(&ctx, opts).await
+            }
+            Command::Audit { command: AuditCommand::Verify { file } } => {
+                web::verify_audit(&file.unwrap_or_else(|| web::default_path("audit.log")))
+            }
             _ => unreachable!("handled above"),
         }
     });

@@ -89,7 +89,7 @@ pub async fn send(
     topics: &Topics,
     fleet: &mut Fleet,
     req: &Request,
-    on_update: &mut dyn FnMut(&DeviceId, &OpRecord),
+    on_update: &mut (dyn FnMut(&DeviceId, &OpRecord) + Send),
 ) -> Result<Vec<Outcome>> {
     let (target, timeout) = (&req.target, req.timeout);
     let verb = req.args.verb().as_str();

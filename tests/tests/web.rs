@@ -1,0 +1,179 @@
+//! The web console in a real browser (issue 15): headless Chromium, a real Mosquitto, a real
+//! agent on this machine and one in a lab device. Sign-in; the fleet page lists them; an agent
+//! killed turns `lost` on the open page without a reload; an install started from the page (its
+//! dry run first) reaches `succeeded` and the package table follows; a viewer's action and a
+//! forged form are refused with 403; the audit chain verifies and a tampered copy does not.
+//! Screenshots of the pages go to `target/web-screenshots/`.
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use debfleet_tests::browser::{self, Browser};
+use debfleet_tests::lab::Device;
+use debfleet_tests::repo::{service_deb, RepoServer};
+use debfleet_tests::*;
+
+struct Web {
+    child: Child,
+}
+
+impl Drop for Web {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn add_user(users: &std::path::Path, name: &str, role: &str, password: &str) {
+    let mut c = Command::new(bin("debfleet"))
+        .args(["web", "user", "add", name, "--role", role, "--users"])
+        .arg(users)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+    assert!(c.wait_with_output().unwrap().status.success());
+}
+
+fn screenshots() -> std::path::PathBuf {
+    bin("debfleet").parent().unwrap().parent().unwrap().join("web-screenshots")
+}
+
+fn sign_in(b: &Browser, base: &str, user: &str, password: &str) {
+    b.go(&format!("{base}/login"));
+    b.type_into("#user", user);
+    b.type_into("#password", password);
+    b.click("#sign-in");
+    b.element("#fleet");
+}
+
+/// A POST from the page's own JavaScript, as a forged or hand-made form would send it.
+fn post_from_page(b: &Browser, path: &str, fields: &str) -> u64 {
+    let js = format!(
+        "fetch({}, {{method: 'POST', credentials: 'same-origin', redirect: 'manual', body: new URLSearchParams({fields})}}).then(r => done(r.status));",
+        serde_json::to_string(path).unwrap()
+    );
+    b.script_async(&js).as_u64().unwrap()
+}
+
+#[test]
+fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
+    assert!(browser::available(), "needs chromium and chromium-driver (scripts/test.sh installs them)");
+    let m = Mosquitto::start();
+    let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
+    let repo = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    assert!(repo.publish(&service_deb(work.path(), "wb-app", "1.0", false), "stable").status.success());
+    let mut host = Agent::start(AgentSpec { id: "web-1", port: m.port, groups: &["lab"], extra: "" });
+    let dev = Device::boot("web-2");
+    let config = format!(
+        "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\ngroups = [\"lab\"]\n\n[apt]\nwatch_s = 3\n",
+        m.url()
+    );
+    dev.install_agent(&config, &repo);
+    for d in ["web-1", "web-2"] {
+        obs.wait(&format!("debfleet/device/{d}/status"), Duration::from_secs(60), |v| v["state"] == "online");
+    }
+
+    let users = work.path().join("web-users");
+    let audit = work.path().join("audit.log");
+    add_user(&users, "ana", "operator", "operator-pw");
+    add_user(&users, "vic", "viewer", "viewer-pw");
+    let port = free_port();
+    let child = Command::new(bin("debfleet"))
+        .args(["web", "--listen", &format!("127.0.0.1:{port}"), "--users"])
+        .arg(&users)
+        .arg("--audit")
+        .arg(&audit)
+        .env("DEBFLEET_BROKER", m.url())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _web = Web { child };
+    wait_for(Duration::from_secs(20), "the web console", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    let base = format!("http://127.0.0.1:{port}");
+
+    let b = Browser::start();
+    // A page needs a session: to the sign-in form; a wrong password says so.
+    b.go(&base);
+    b.element("#sign-in");
+    b.type_into("#user", "ana");
+    b.type_into("#password", "wrong-password");
+    b.click("#sign-in");
+    b.wait(Duration::from_secs(10), "the refusal", |b| b.text("#error").contains("wrong user name or password"));
+    sign_in(&b, &base, "ana", "operator-pw");
+    b.wait(Duration::from_secs(20), "both devices online", |b| {
+        b.text("#dev-web-1").contains("online") && b.text("#dev-web-2").contains("online")
+    });
+    b.screenshot(&screenshots().join("fleet.png"));
+
+    // The agent is killed: its row turns lost on the open page, with no reload.
+    b.script("window.notReloaded = 42;");
+    host.kill9();
+    b.wait(Duration::from_secs(30), "web-1 to turn lost", |b| b.attribute("#dev-web-1", "class") == "status-lost");
+    assert_eq!(b.script("return window.notReloaded;"), 42, "the page was reloaded");
+    assert!(b.text("#dev-web-1").contains("lost"));
+    assert!(b.text("#counts").contains("1 lost"), "{}", b.text("#counts"));
+    b.screenshot(&screenshots().join("fleet-lost.png"));
+
+    // An install from the device page: what will happen and the device's dry run first.
+    b.go(&format!("{base}/device/web-2"));
+    b.select("#verb", "install");
+    b.type_into("#words", "wb-app=1.0");
+    b.click("#go");
+    b.wait(Duration::from_secs(90), "the confirmation", |b| {
+        b.text("#what").contains("device web-2 will install wb-app=1.0")
+    });
+    assert!(b.text("#plan").contains("wb-app new 1.0"), "the dry run: {}", b.text("main"));
+    assert_eq!(dev.dpkg_version("wb-app"), None, "the dry run installed it");
+    b.screenshot(&screenshots().join("confirm.png"));
+    b.click("#confirm");
+    b.element("#ops");
+    b.script("window.notReloaded = 7;");
+    b.wait(Duration::from_secs(180), "the install to succeed on the page", |b| {
+        b.text("#ops")
+            .lines()
+            .any(|l| l.contains("install") && l.contains("succeeded") && l.contains("ana") && !l.contains("dry run"))
+    });
+    b.wait(Duration::from_secs(30), "the package table to follow", |b| b.text("#packages").contains("wb-app 1.0"));
+    assert_eq!(b.script("return window.notReloaded;"), 7, "the page was reloaded");
+    assert_eq!(dev.dpkg_version("wb-app").as_deref(), Some("1.0"));
+    b.screenshot(&screenshots().join("device.png"));
+
+    // A forged form (no CSRF token) is refused, and nothing is sent.
+    assert_eq!(post_from_page(&b, "/device/web-2/act", "{verb: 'uninstall', words: 'wb-app', confirm: 'yes'}"), 403);
+    // A viewer sees no action form, and a hand-made POST with its own token is refused too.
+    b.clear_cookies();
+    sign_in(&b, &base, "vic", "viewer-pw");
+    b.go(&format!("{base}/device/web-2"));
+    b.element("#packages");
+    assert!(!b.exists("#act"), "a viewer was shown the action form");
+    let fields =
+        "{csrf: document.querySelector('input[name=csrf]').value, verb: 'uninstall', words: 'wb-app', confirm: 'yes'}";
+    assert_eq!(post_from_page(&b, "/device/web-2/act", fields), 403);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(dev.dpkg_version("wb-app").as_deref(), Some("1.0"), "a refused action ran");
+
+    // The audit trail: who did what, refusals included; the chain verifies, a tampered copy not.
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(log.contains(r#""user":"ana","role":"operator","action":"install","target":"device/web-2""#), "{log}");
+    assert!(log.contains("refused: viewers cannot act") && log.contains("refused: no valid CSRF token"), "{log}");
+    let out = console(&m.url(), &["audit", "verify", audit.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let tampered = work.path().join("tampered.log");
+    std::fs::write(
+        &tampered,
+        log.replacen(
+            r#""user":"ana","role":"operator","action":"install""#,
+            r#""user":"vic","role":"operator","action":"install""#,
+            1,
+        ),
+    )
+    .unwrap();
+    std::fs::copy(format!("{}.head", audit.display()), format!("{}.head", tampered.display())).unwrap();
+    let out = console(&m.url(), &["audit", "verify", tampered.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("TAMPERED"));
+}

@@ -1,0 +1,200 @@
+//! The pages, checks and audit against a fake fleet (the end-to-end test with a real browser,
+//! broker and agents is `tests/tests/web.rs`).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{header, Request, StatusCode};
+use tower::ServiceExt;
+
+use super::*;
+
+/// Two devices; it remembers what it was asked.
+struct Fake {
+    asked: Mutex<Vec<Act>>,
+    tx: broadcast::Sender<Update>,
+}
+
+fn row(id: &str, status: &str) -> DeviceRow {
+    DeviceRow {
+        id: id.into(),
+        status: status.into(),
+        since: "2026-12-04T10:00:00.000Z".into(),
+        agent_version: "0.1.0".into(),
+        groups: vec!["lab".into()],
+        units: 1,
+        units_failed: 0,
+    }
+}
+
+impl Backend for Fake {
+    fn devices(&self) -> Vec<DeviceRow> {
+        vec![row("lab-1", "online"), row("lab-2", "lost")]
+    }
+    fn device(&self, id: &DeviceId) -> Option<DeviceDetail> {
+        (id.as_str() == "lab-1").then(|| DeviceDetail {
+            row: row("lab-1", "online"),
+            hostname: "lab-1".into(),
+            os: "Debian GNU/Linux 12 (bookworm)".into(),
+            arch: "amd64".into(),
+            packages: vec![PackageRow { name: "hello".into(), version: "2.0".into(), status: "installed".into() }],
+            units: vec![],
+            ops: vec![],
+            cfg: "{}".into(),
+        })
+    }
+    fn updates(&self) -> broadcast::Receiver<Update> {
+        self.tx.subscribe()
+    }
+    fn act(&self, act: Act) -> BoxFuture<Result<Vec<String>, String>> {
+        let dry = matches!(&act.args, CommandArgs::Install { options, .. } if options.dry_run);
+        self.asked.lock().unwrap().push(act);
+        Box::pin(async move { Ok(if dry { vec!["lab-1: hello 1.0 → 2.0".into()] } else { vec![] }) })
+    }
+}
+
+struct Site {
+    app: Arc<App>,
+    fake: Arc<Fake>,
+    router: Router,
+    audit: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn site() -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    let mut u = Users::load(&users).unwrap();
+    u.add("ana", Role::Operator, "operator pw").unwrap();
+    u.add("vic", Role::Viewer, "viewer pw 1").unwrap();
+    let audit = dir.path().join("audit.log");
+    let fake = Arc::new(Fake { asked: Mutex::default(), tx: broadcast::channel(16).0 });
+    let app = App::new(fake.clone(), &Config { users, audit: audit.clone(), secure: false }).unwrap();
+    let router = app.router().layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+    Site { app, fake, router, audit, _dir: dir }
+}
+
+async fn send(router: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+    let res = router.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+    (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn form(uri: &str, cookie: Option<&str>, body: &str) -> Request<Body> {
+    let mut r = Request::post(uri).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    if let Some(c) = cookie {
+        r = r.header(header::COOKIE, format!("{COOKIE}={c}"));
+    }
+    r.body(Body::from(body.to_owned())).unwrap()
+}
+
+fn get(uri: &str, cookie: Option<&str>) -> Request<Body> {
+    let mut r = Request::get(uri);
+    if let Some(c) = cookie {
+        r = r.header(header::COOKIE, format!("{COOKIE}={c}"));
+    }
+    r.body(Body::empty()).unwrap()
+}
+
+/// Signs in; the session cookie and its CSRF token.
+async fn sign_in(s: &Site, user: &str, password: &str) -> (String, String) {
+    let (status, headers, _) = send(&s.router, form("/login", None, &format!("user={user}&password={password}"))).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let set = headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_owned();
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    let id = set.split(';').next().unwrap().split_once('=').unwrap().1.to_owned();
+    let csrf = s.app.sessions.get(&id).unwrap().csrf;
+    (id, csrf)
+}
+
+#[tokio::test]
+async fn sign_in_is_required_checked_and_limited() {
+    let s = site();
+    let (status, headers, _) = send(&s.router, get("/", None)).await;
+    assert_eq!((status, headers.get(header::LOCATION).unwrap().to_str().unwrap()), (StatusCode::SEE_OTHER, "/login"));
+    assert_eq!(send(&s.router, get("/events", None)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(&s.router, get("/", Some("forged"))).await.0, StatusCode::SEE_OTHER);
+    let (_, _, page) = send(&s.router, get("/login", None)).await;
+    assert!(page.contains("name=\"password\""));
+    for _ in 0..session::MAX_FAILURES {
+        let (status, _, page) = send(&s.router, form("/login", None, "user=ana&password=wrong")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(page.contains("wrong user name or password"));
+    }
+    // Held back, even with the right password, until the window passes.
+    let (status, _, page) = send(&s.router, form("/login", None, "user=ana&password=operator+pw")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{page}");
+    s.app.limiter.succeeded("127.0.0.1".parse().unwrap());
+    let (cookie, _) = sign_in(&s, "ana", "operator+pw").await;
+    let (status, _, page) = send(&s.router, get("/", Some(&cookie))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("id=\"dev-lab-1\"") && page.contains("class=\"status-lost\""), "{page}");
+    let (_, _, filtered) = send(&s.router, get("/?status=lost", Some(&cookie))).await;
+    assert!(!filtered.contains("dev-lab-1") && filtered.contains("dev-lab-2"));
+}
+
+#[tokio::test]
+async fn actions_need_the_csrf_token_and_an_operator_and_are_audited() {
+    let s = site();
+    let (viewer, viewer_csrf) = sign_in(&s, "vic", "viewer+pw+1").await;
+    let (op, csrf) = sign_in(&s, "ana", "operator+pw").await;
+    // A viewer's POST is refused on the server, whatever the page showed.
+    let (status, _, _) =
+        send(&s.router, form("/device/lab-1/act", Some(&viewer), &format!("csrf={viewer_csrf}&verb=ping&confirm=yes")))
+            .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, _, page) = send(&s.router, get("/device/lab-1", Some(&viewer))).await;
+    assert!(!page.contains("id=\"act\""), "a viewer sees no action form");
+    // A forged form (no token, or another session's) is refused.
+    for body in ["verb=ping&confirm=yes".to_owned(), format!("csrf={viewer_csrf}&verb=ping&confirm=yes")] {
+        let (status, _, _) = send(&s.router, form("/device/lab-1/act", Some(&op), &body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    }
+    assert!(s.fake.asked.lock().unwrap().is_empty(), "nothing was sent");
+    // Without confirm: what will happen, with the devices' dry run; nothing changes.
+    let (status, _, page) =
+        send(&s.router, form("/device/lab-1/act", Some(&op), &format!("csrf={csrf}&verb=install&words=hello%3D2.0")))
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("device lab-1 will install hello=2.0") && page.contains("hello 1.0 → 2.0"), "{page}");
+    // Confirmed: sent, by the signed-in user.
+    let body = format!("csrf={csrf}&verb=install&words=hello%3D2.0&confirm=yes");
+    let (status, headers, _) = send(&s.router, form("/device/lab-1/act", Some(&op), &body)).await;
+    assert_eq!(
+        (status, headers.get(header::LOCATION).unwrap().to_str().unwrap()),
+        (StatusCode::SEE_OTHER, "/device/lab-1")
+    );
+    let asked = s.fake.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 2);
+    assert!(matches!(&asked[0].args, CommandArgs::Install { options, .. } if options.dry_run));
+    assert!(matches!(&asked[1].args, CommandArgs::Install { options, .. } if !options.dry_run));
+    assert_eq!((asked[1].by.as_str(), &asked[1].target), ("ana", &Target::Device(DeviceId::new("lab-1").unwrap())));
+    // Bad words are refused before anything is sent.
+    let (status, _, _) = send(
+        &s.router,
+        form("/group/lab/act", Some(&op), &format!("csrf={csrf}&verb=install&words=bad%3B+rm&confirm=yes")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // The audit trail: sign-ins, the refusals, the action; the chain verifies.
+    let text = std::fs::read_to_string(&s.audit).unwrap();
+    assert!(text.contains("refused: viewers cannot act") && text.contains("refused: no valid CSRF token"), "{text}");
+    assert!(text.contains(r#""user":"ana","role":"operator","action":"install","target":"device/lab-1""#), "{text}");
+    assert_eq!(audit::verify(&s.audit).unwrap().0, text.lines().count());
+}
+
+#[tokio::test]
+async fn open_pages_get_updates_as_server_sent_events() {
+    let s = site();
+    let (cookie, _) = sign_in(&s, "ana", "operator+pw").await;
+    let res = s.router.clone().oneshot(get("/events", Some(&cookie))).await.unwrap();
+    assert_eq!(res.headers().get(header::CONTENT_TYPE).unwrap(), "text/event-stream");
+    s.fake.tx.send(Update::Device(row("lab-1", "lost"))).unwrap();
+    let mut body = res.into_body().into_data_stream();
+    let chunk = futures_util::StreamExt::next(&mut body).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&chunk);
+    assert!(text.contains("event: device") && text.contains(r#""status":"lost""#), "{text}");
+}
