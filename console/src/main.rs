@@ -295,9 +295,15 @@ enum Command {
     Web {
         #[command(subcommand)]
         command: Option<WebCommand>,
-        /// Address to serve on (loopback only: TLS is not built yet).
+        /// Address to serve on: loopback over plain HTTP, anything with --tls-cert and --tls-key.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+        /// Serve HTTPS with this certificate chain (PEM); cookies are then marked Secure.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// The users file [default: ~/.config/debfleet/web-users].
         #[arg(long, global = true)]
         users: Option<PathBuf>,
@@ -561,9 +567,10 @@ fn main() -> ExitCode {
                     .ok_or_else(|| cmds::usage(format!("{role:?}: the roles are viewer, operator and admin")))?;
                 web::add_user(&users.unwrap_or_else(|| web::default_path("web-users")), &name, role)
             }
-            Command::Web { command: None, listen, users, audit } => {
+            Command::Web { command: None, listen, users, audit, tls_cert, tls_key } => {
                 let opts = web::WebOptions {
                     listen,
+                    tls: tls_cert.zip(tls_key),
                     users: users.unwrap_or_else(|| web::default_path("web-users")),
                     audit: audit.unwrap_or_else(|| web::default_path("audit.log")),
                 };

@@ -60,36 +60,47 @@ pub fn verify_audit(path: &std::path::Path) -> Result<u8> {
 
 pub struct WebOptions {
     pub listen: SocketAddr,
+    /// The certificate chain and key (PEM) to serve HTTPS with.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub users: PathBuf,
     pub audit: PathBuf,
 }
 
 /// Serves until Ctrl-C.
 pub async fn serve(ctx: &Ctx, opts: WebOptions) -> Result<u8> {
-    if !opts.listen.ip().is_loopback() {
+    if !opts.listen.ip().is_loopback() && opts.tls.is_none() {
         bail!(crate::cmds::usage(format!(
-            "{} is not a loopback address: without TLS (not built yet) the web console serves 127.0.0.1 or ::1 only",
+            "{} is not a loopback address: serve it with --tls-cert and --tls-key (passwords and cookies must not cross a network in clear)",
             opts.listen
         )));
     }
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(debfleet_web::tls_config(cert, key).map_err(|e| crate::cmds::usage(e.to_string()))?),
+        None => None,
+    };
     let live = Arc::new(Live { ctx: ctx.clone(), fleet: Mutex::default(), tx: broadcast::channel(1024).0 });
     tokio::spawn(live.clone().follow());
-    let config = debfleet_web::Config { users: opts.users.clone(), audit: opts.audit.clone(), secure: false };
+    let config = debfleet_web::Config { users: opts.users.clone(), audit: opts.audit.clone(), secure: tls.is_some() };
     let app = debfleet_web::App::new(live, &config)?;
     let listener =
         tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
     eprintln!(
-        "debfleet web: http://{} (users {}, audit log {}); Ctrl-C stops",
+        "debfleet web: {}://{} (users {}, audit log {}); Ctrl-C stops",
+        if tls.is_some() { "https" } else { "http" },
         listener.local_addr()?,
         opts.users.display(),
         opts.audit.display()
     );
-    let service = app.router().into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match tls {
+        Some(tls) => debfleet_web::serve_tls(app, listener, tls, stop).await?,
+        None => {
+            let service = app.router().into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, service).with_graceful_shutdown(stop).await?;
+        }
+    }
     Ok(0)
 }
 

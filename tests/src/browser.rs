@@ -110,6 +110,11 @@ fn b64(text: &str) -> Vec<u8> {
 
 impl Browser {
     pub fn start() -> Browser {
+        Browser::start_with(&[])
+    }
+
+    /// With more Chromium flags (`--ignore-certificate-errors` for a self-signed test server).
+    pub fn start_with(extra: &[&str]) -> Browser {
         let port = crate::free_port();
         let driver = Command::new("/usr/bin/chromedriver")
             .arg(format!("--port={port}"))
@@ -125,19 +130,20 @@ impl Browser {
         let profile = tempfile::tempdir().unwrap();
         // Without the background-networking flags Chromium keeps trying to reach Google's hosts,
         // which this machine's closed network refuses.
-        let args = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--window-size=1280,900",
-            &format!("--user-data-dir={}", profile.path().display()),
+        let mut args = vec![
+            "--headless".to_owned(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            "--disable-quic".into(),
+            "--no-first-run".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--window-size=1280,900".into(),
+            format!("--user-data-dir={}", profile.path().display()),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}
@@ -219,6 +225,11 @@ impl Browser {
             serde_json::to_string(value).unwrap()
         );
         assert_eq!(self.script(&js), value);
+    }
+
+    /// The browser's cookies for the current page (HttpOnly ones too).
+    pub fn cookies(&self) -> Vec<Value> {
+        self.call("GET", "/cookie", None).as_array().cloned().unwrap_or_default()
     }
 
     pub fn clear_cookies(&self) {

@@ -37,6 +37,21 @@ fn add_user(users: &std::path::Path, name: &str, role: &str, password: &str) {
     assert!(c.wait_with_output().unwrap().status.success());
 }
 
+/// `debfleet web` with its users and audit log, on a free port; more arguments after.
+fn start_web(m: &Mosquitto, users: &std::path::Path, audit: &std::path::Path, listen: &str, more: &[&str]) -> Web {
+    let child = Command::new(bin("debfleet"))
+        .args(["web", "--listen", listen, "--users"])
+        .arg(users)
+        .arg("--audit")
+        .arg(audit)
+        .args(more)
+        .env("DEBFLEET_BROKER", m.url())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Web { child }
+}
+
 fn screenshots() -> std::path::PathBuf {
     bin("debfleet").parent().unwrap().parent().unwrap().join("web-screenshots")
 }
@@ -82,16 +97,7 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     add_user(&users, "ana", "operator", "operator-pw");
     add_user(&users, "vic", "viewer", "viewer-pw");
     let port = free_port();
-    let child = Command::new(bin("debfleet"))
-        .args(["web", "--listen", &format!("127.0.0.1:{port}"), "--users"])
-        .arg(&users)
-        .arg("--audit")
-        .arg(&audit)
-        .env("DEBFLEET_BROKER", m.url())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _web = Web { child };
+    let _web = start_web(&m, &users, &audit, &format!("127.0.0.1:{port}"), &[]);
     wait_for(Duration::from_secs(20), "the web console", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
     let base = format!("http://127.0.0.1:{port}");
 
@@ -176,4 +182,35 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     let out = console(&m.url(), &["audit", "verify", tampered.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("TAMPERED"));
+
+    // Beyond loopback only with TLS; over TLS the session cookie is Secure too.
+    let out = console(&m.url(), &["web", "--listen", "0.0.0.0:1", "--users", users.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert"));
+    let (cert, key) = (work.path().join("cert.pem"), work.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let tls_port = free_port();
+    let tls_args = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let _tls = start_web(&m, &users, &audit, &format!("127.0.0.1:{tls_port}"), &tls_args);
+    wait_for(Duration::from_secs(20), "the HTTPS console", || {
+        std::net::TcpStream::connect(("127.0.0.1", tls_port)).ok()
+    });
+    let b = Browser::start_with(&["--ignore-certificate-errors"]);
+    sign_in(&b, &format!("https://127.0.0.1:{tls_port}"), "ana", "operator-pw");
+    let cookies = b.cookies();
+    let session = cookies.iter().find(|c| c["name"] == "debfleet_session").expect("the session cookie");
+    assert_eq!(
+        (&session["secure"], &session["httpOnly"], &session["sameSite"]),
+        (&true.into(), &true.into(), &"Strict".into()),
+        "{session}"
+    );
+    assert!(b.text("#dev-web-2").contains("online"));
 }

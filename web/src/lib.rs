@@ -4,6 +4,8 @@
 //! [`Backend`] (the console binary implements it over MQTT; the tests here, over a fake), so the
 //! pages, the checks and the audit are tested without a broker.
 //!
+//! Plain HTTP is for loopback; anything else is served over TLS ([`serve_tls`]).
+//!
 //! Invariants:
 //! - Every page but the sign-in form needs a live session; every POST but sign-in needs the
 //!   session's CSRF token, and the role the action asks for — refused with 403 otherwise, checked
@@ -164,6 +166,70 @@ pub enum WebError {
     Audit(#[from] audit::AuditError),
     #[error("templates: {0}")]
     Templates(#[from] minijinja::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The server's TLS configuration from PEM files: the certificate chain and its private key.
+pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, WebError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| WebError::Tls(format!("{}: {e}", what.display()));
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad(cert, &"no certificate in it"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| WebError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves HTTPS on `listener` until `shutdown` resolves: each connection's TLS handshake (at most
+/// 10 s), then HTTP/1.1 over it, with the peer's address for the sign-in limit.
+pub async fn serve_tls(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WebError> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let router = app.router().layer(axum::Extension(ConnectInfo(peer)));
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!("TLS handshake with {peer}: {e}"),
+                Err(_) => return tracing::debug!("TLS handshake with {peer}: timed out"),
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!("connection from {peer}: {e}");
+            }
+        });
+    }
 }
 
 impl App {
