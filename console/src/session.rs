@@ -113,6 +113,15 @@ impl Session {
         self.client.subscribe_many(filters.to_vec()).await.map_err(|e| anyhow!("subscribing: {e}"))
     }
 
+    /// At QoS 0, for a view that reads the retained set again on every connect (see
+    /// `debfleet_mqtt::Client::subscribe_many_with`).
+    pub async fn subscribe_view(&self, filters: &[String]) -> Result<()> {
+        self.client
+            .subscribe_many_with(filters.to_vec(), QoS::AtMostOnce)
+            .await
+            .map_err(|e| anyhow!("subscribing: {e}"))
+    }
+
     pub async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<()> {
         self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.map_err(|e| anyhow!("publishing: {e}"))?;
         self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

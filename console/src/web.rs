@@ -132,7 +132,7 @@ impl Live {
             prefix: self.ctx.topics.prefix(),
         };
         let mut session = Session::connect(opts).await?;
-        session.subscribe(&[self.ctx.topics.fleet_filter()]).await?;
+        session.subscribe_view(&[self.ctx.topics.fleet_filter()]).await?;
         loop {
             let msg = session.recv().await?;
             let update = {

@@ -101,15 +101,20 @@ impl Client {
     }
 
     pub async fn subscribe_many(&self, filters: Vec<String>) -> Result<(), String> {
+        self.subscribe_many_with(filters, QoS::AtLeastOnce).await
+    }
+
+    /// At `qos`. A view that re-reads the retained set on every connect needs no QoS 1; at QoS 0
+    /// a broker does not count its retained flood against the per-client queue (Mosquitto's
+    /// `max_queued_messages`), which a large fleet's retained set would overflow.
+    pub async fn subscribe_many_with(&self, filters: Vec<String>, qos: QoS) -> Result<(), String> {
         match self {
             Client::V4(c) => c
-                .subscribe_many(filters.into_iter().map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)))
+                .subscribe_many(filters.into_iter().map(|f| rumqttc::SubscribeFilter::new(f, qos)))
                 .await
                 .map_err(|e| e.to_string()),
             Client::V5(c) => c
-                .subscribe_many(
-                    filters.into_iter().map(|f| m5::mqttbytes::v5::Filter::new(f, m5::mqttbytes::QoS::AtLeastOnce)),
-                )
+                .subscribe_many(filters.into_iter().map(|f| m5::mqttbytes::v5::Filter::new(f, qos5(qos))))
                 .await
                 .map_err(|e| e.to_string()),
         }
