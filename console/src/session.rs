@@ -155,7 +155,10 @@ impl Session {
         let mut all = filters.to_vec();
         all.push(index_topic.clone());
         all.push(marker_topic.clone());
-        self.subscribe(&all).await?;
+        // At QoS 0: the retained set of a large fleet, at QoS 1, overflows the broker's
+        // per-client queue (Mosquitto's max_queued_messages, 1000 by default) and the rest is
+        // dropped; a console's session is clean, so QoS 1 would not outlive a reconnect anyway.
+        self.subscribe_view(&all).await?;
         let nonce = format!("{:016x}", fastrand::u64(..));
         self.publish(marker_topic.clone(), nonce.clone().into_bytes(), false).await?;
         let mut out = Vec::new();

@@ -129,6 +129,15 @@ fn main() {
     retained.recv().unwrap();
     eprintln!("{n} devices retained on the broker");
 
+    // The CLI reads the same retained set.
+    let t = Instant::now();
+    let out = Command::new(&console).args(["devices", "--json"]).env("DEBFLEET_BROKER", m.url()).output().unwrap();
+    let cli_s = t.elapsed().as_secs_f64();
+    let listed = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().map(|a| a.len()))
+        .unwrap_or(0);
+
     let started = Instant::now();
     let server = web(&console, &m, &users, dir.path());
     let cookie = session_cookie(server.1);
@@ -188,6 +197,7 @@ fn main() {
     );
 
     println!("web console, fleet page with {n} devices (simulated retained set on Mosquitto, release debfleet web)");
+    println!("  CLI: debfleet devices listed {listed} of {n} in {cli_s:.1} s");
     println!("  server: read the retained set and answered the full page in {loaded_s:.1} s from its start");
     println!(
         "  server: GET / ({:.1} MB of HTML) in {:.0} ms median ({:.0}..{:.0} ms over 5)",
