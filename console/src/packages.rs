@@ -134,7 +134,7 @@ pub async fn run(ctx: &Ctx, req: PackageRequest) -> Result<u8> {
     print_outcomes(&outcomes, req.json, req.dry_run)
 }
 
-fn package_result(o: &Outcome) -> Option<PackageResult> {
+pub fn package_result(o: &Outcome) -> Option<PackageResult> {
     o.record.as_ref().and_then(|r| r.result.clone()).and_then(|v| serde_json::from_value(v).ok())
 }
 
@@ -154,23 +154,7 @@ fn print_outcomes(outcomes: &[Outcome], json_out: bool, dry_run: bool) -> Result
             .iter()
             .map(|o| {
                 let r = package_result(o);
-                let changes = r
-                    .as_ref()
-                    .map(|r| {
-                        r.changes
-                            .iter()
-                            .map(|c| {
-                                format!(
-                                    "{} {} → {}",
-                                    c.package,
-                                    c.before.as_deref().unwrap_or("-"),
-                                    c.after.as_deref().unwrap_or("-")
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    })
-                    .unwrap_or_default();
+                let changes = r.as_ref().map(PackageResult::changes_text).unwrap_or_else(|| "no change".into());
                 let result = match (&o.error, dry_run) {
                     (Some(e), _) => format!("FAILED {e}"),
                     (None, true) => "would change".into(),
@@ -187,7 +171,7 @@ fn print_outcomes(outcomes: &[Outcome], json_out: bool, dry_run: bool) -> Result
                     .unwrap_or_default();
                 vec![
                     o.device.to_string(),
-                    if changes.is_empty() { "no change".into() } else { changes },
+                    changes,
                     format!("{result}{rolled}"),
                     r.as_ref().map(|r| bytes(r.download_bytes + r.index_bytes)).unwrap_or_else(|| "-".into()),
                     r.as_ref().map(saving).unwrap_or_else(|| "-".into()),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use debfleet_protocol::{CommandArgs, DeviceId, OpRecord, Role};
+use debfleet_protocol::{CommandArgs, DeviceId, OpRecord, PackageResult, Role};
 use debfleet_web::{Act, Backend, BoxFuture, DeviceDetail, DeviceRow, OpRow, PackageRow, UnitRow, Update};
 use tokio::sync::broadcast;
 
@@ -175,17 +175,13 @@ fn row(id: &DeviceId, d: &Device) -> DeviceRow {
 }
 
 fn op_row(r: &OpRecord) -> OpRow {
-    let detail = match (&r.error, &r.result) {
-        (Some(e), _) => format!("{}: {}", e.code.as_str(), e.message),
-        (None, Some(v)) => {
-            let what = changes(v).unwrap_or_else(|| v.to_string());
-            if v["dry_run"] == true {
-                format!("dry run (nothing changed): {what}")
-            } else {
-                what
-            }
-        }
-        _ => String::new(),
+    let package = r.result.clone().and_then(|v| serde_json::from_value::<PackageResult>(v).ok());
+    let detail = match (&r.error, &r.result, package) {
+        (Some(e), _, _) => format!("{}: {}", e.code.as_str(), e.message),
+        (None, _, Some(p)) if p.dry_run => format!("dry run (nothing changed): {}", p.changes_text()),
+        (None, _, Some(p)) => p.changes_text(),
+        (None, Some(v), None) => v.to_string(),
+        (None, None, None) => String::new(),
     };
     OpRow {
         id: r.id.to_string(),
@@ -197,24 +193,6 @@ fn op_row(r: &OpRecord) -> OpRow {
         updated: r.updated_at.clone(),
         detail,
     }
-}
-
-/// A package result's changes: `hello 1.0 → 2.0, libhello new 3`.
-fn changes(result: &serde_json::Value) -> Option<String> {
-    let list = result.get("changes")?.as_array()?;
-    let words: Vec<String> = list
-        .iter()
-        .map(|c| {
-            let (p, b, a) = (c["package"].as_str().unwrap_or("?"), c["before"].as_str(), c["after"].as_str());
-            match (b, a) {
-                (Some(b), Some(a)) => format!("{p} {b} → {a}"),
-                (None, Some(a)) => format!("{p} new {a}"),
-                (Some(b), None) => format!("{p} {b} removed"),
-                (None, None) => p.to_owned(),
-            }
-        })
-        .collect();
-    Some(if words.is_empty() { "no changes".into() } else { words.join(", ") })
 }
 
 impl Backend for Live {
@@ -306,7 +284,7 @@ impl Backend for Live {
                 outcomes
                     .iter()
                     .map(|o| {
-                        let what = o.record.as_ref().and_then(|r| r.result.as_ref()).and_then(changes);
+                        let what = crate::packages::package_result(o).map(|r| r.changes_text());
                         match (&o.error, what) {
                             (Some(e), _) => format!("{}: {e}", o.device),
                             (None, Some(w)) => format!("{}: {w}", o.device),

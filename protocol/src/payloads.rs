@@ -206,6 +206,24 @@ pub struct PackageChange {
     pub after: Option<String>,
 }
 
+/// `hello 1.0 → 2.0`; `-` for no version (not installed before, removed after).
+impl std::fmt::Display for PackageChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        write!(f, "{} {} → {}", self.package, v(&self.before), v(&self.after))
+    }
+}
+
+impl PackageResult {
+    /// The changes as people read them: `hello 1.0 → 2.0, libhello - → 3`, or `no change`.
+    pub fn changes_text(&self) -> String {
+        if self.changes.is_empty() {
+            return "no change".into();
+        }
+        self.changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+    }
+}
+
 /// `device/ID/telemetry` (retained): the latest published value of every enabled metric. It is
 /// sent when a metric is due and moved past its threshold; `ts` is that moment, `at` when each
 /// value was sampled.
@@ -612,4 +630,24 @@ fn is_zero(n: &u32) -> bool {
 
 fn is_zero_u64(n: &u64) -> bool {
     *n == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_read_as_people_write_them() {
+        let c = |p: &str, b: Option<&str>, a: Option<&str>| PackageChange {
+            package: p.into(),
+            before: b.map(Into::into),
+            after: a.map(Into::into),
+        };
+        let mut r: PackageResult =
+            serde_json::from_value(serde_json::json!({"changes": [], "download_bytes": 0, "duration_ms": 1})).unwrap();
+        assert_eq!(r.changes_text(), "no change");
+        r.changes =
+            vec![c("hello", Some("1.0"), Some("2.0")), c("libhello", None, Some("3")), c("old", Some("1"), None)];
+        assert_eq!(r.changes_text(), "hello 1.0 → 2.0, libhello - → 3, old 1 → -");
+    }
 }

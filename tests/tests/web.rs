@@ -132,7 +132,7 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     b.wait(Duration::from_secs(90), "the confirmation", |b| {
         b.text("#what").contains("device web-2 will install wb-app=1.0")
     });
-    assert!(b.text("#plan").contains("wb-app new 1.0"), "the dry run: {}", b.text("main"));
+    assert!(b.text("#plan").contains("wb-app - → 1.0"), "the dry run: {}", b.text("main"));
     assert_eq!(dev.dpkg_version("wb-app"), None, "the dry run installed it");
     b.screenshot(&screenshots().join("confirm.png"));
     b.click("#confirm");

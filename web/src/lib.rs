@@ -28,7 +28,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
-use debfleet_protocol::{CommandArgs, DeviceId, GroupName, PackageOptions, PackageSpec, Role};
+use debfleet_protocol::{CommandArgs, DeviceId, GroupName, PackageSpec, Role};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -519,40 +519,30 @@ async fn act_group(
     }
 }
 
-/// The command a form asks for, checked as the protocol checks it.
+/// The command a form asks for: its words put in the command's own payload and read back by
+/// the protocol's parser, so the form is checked exactly as a device checks the command.
 fn command(verb: &str, words: &str, dry_run: bool) -> Result<CommandArgs, String> {
-    let specs = || -> Result<Vec<PackageSpec>, String> {
-        words.split_whitespace().map(|w| PackageSpec::parse(w).map_err(|e| e.to_string())).collect()
-    };
-    let options = PackageOptions { dry_run, watch_s: None };
-    Ok(match verb {
-        "ping" => CommandArgs::Ping,
-        "restart" => match words.trim() {
-            "" => return Err("name the unit to restart".into()),
-            unit => CommandArgs::Restart { unit: Some(unit.to_owned()) },
+    let words: Vec<&str> = words.split_whitespace().collect();
+    let mut m = serde_json::Map::new();
+    m.insert("id".into(), "web-form".into());
+    match verb {
+        "ping" => {}
+        "restart" => match words[..] {
+            [unit] => {
+                m.insert("unit".into(), unit.into());
+            }
+            _ => return Err("name the one unit to restart".into()),
         },
         "install" | "upgrade" | "uninstall" | "rollback" => {
-            let packages = specs()?;
-            if packages.is_empty() && verb != "upgrade" {
-                return Err(format!("{verb}: name at least one package"));
-            }
-            match verb {
-                "install" => CommandArgs::Install { packages, options },
-                "upgrade" => CommandArgs::Upgrade { packages, options },
-                "uninstall" => {
-                    if packages.iter().any(|p| p.version.is_some()) {
-                        return Err("uninstall takes package names without versions".into());
-                    }
-                    CommandArgs::Uninstall { packages, purge: false, options }
-                }
-                _ => match <[PackageSpec; 1]>::try_from(packages) {
-                    Ok([package]) => CommandArgs::Rollback { package, options },
-                    Err(_) => return Err("rollback takes exactly one package".into()),
-                },
+            m.insert("packages".into(), words.into());
+            if dry_run {
+                m.insert("dry_run".into(), true.into());
             }
         }
         other => return Err(format!("{other:?} is not an action here")),
-    })
+    }
+    let payload = serde_json::to_vec(&m).map_err(|e| e.to_string())?;
+    debfleet_protocol::command::parse_command(verb, &payload).map(|c| c.args).map_err(|r| r.message)
 }
 
 /// What a confirmation says will happen.
