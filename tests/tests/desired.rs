@@ -42,6 +42,16 @@ fn report(obs: &Observer, dev: &str, from: usize, state: &str, revisions: Value)
     report_after(obs, dev, from, |v| v["state"] == state && v["revisions"] == revisions)
 }
 
+/// Restarts the device's agent and waits until it says it is online again.
+fn restart_agent(obs: &Observer, dev: &Device, name: &str) {
+    let mark = obs.messages().len();
+    dev.ok(&["systemctl", "restart", "debfleet-agent"]);
+    let topic = format!("debfleet/device/{name}/status");
+    wait_for(Duration::from_secs(30), "the agent back online", || {
+        obs.messages()[mark..].iter().any(|m| m.topic == topic && m.json()["state"] == "online").then_some(())
+    });
+}
+
 fn provision(name: &str, m: &Mosquitto, repo: &RepoServer, obs: &Observer) -> Device {
     let dev = Device::boot(name);
     let config = format!(
@@ -122,14 +132,7 @@ fn devices_converge_on_desired_state_also_after_being_away() {
             .count()
     };
     let before = attempts(&obs);
-    let mark = obs.messages().len();
-    d2.ok(&["systemctl", "restart", "debfleet-agent"]);
-    wait_for(Duration::from_secs(30), "ds-2 back online", || {
-        obs.messages()[mark..]
-            .iter()
-            .any(|m| m.topic == "debfleet/device/ds-2/status" && m.json()["state"] == "online")
-            .then_some(())
-    });
+    restart_agent(&obs, &d2, "ds-2");
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(attempts(&obs), before, "the failed target ran again");
     let (_, v, _) = console(&m, &["desired", "show", "ds-2", "--json"]);
@@ -159,14 +162,7 @@ fn devices_converge_on_desired_state_also_after_being_away() {
         "printf '[Service]\\nEnvironment=TZ=XST-05:30\\n' > /etc/systemd/system/debfleet-agent.service.d/tz.conf",
     ]);
     d2.ok(&["systemctl", "daemon-reload"]);
-    let mark = obs.messages().len();
-    d2.ok(&["systemctl", "restart", "debfleet-agent"]);
-    wait_for(Duration::from_secs(30), "ds-2 back online", || {
-        obs.messages()[mark..]
-            .iter()
-            .any(|m| m.topic == "debfleet/device/ds-2/status" && m.json()["state"] == "online")
-            .then_some(())
-    });
+    restart_agent(&obs, &d2, "ds-2");
     let local_s = debfleet_protocol::time::now_unix_ms() / 1000 + 5 * 3600 + 30 * 60;
     // Opens at the next minute (the one after when this one is nearly over), for half an hour.
     let opens = (local_s / 60 + if local_s % 60 < 40 { 1 } else { 2 }) % 1440;
