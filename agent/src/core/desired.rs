@@ -68,8 +68,6 @@ pub(super) struct Desired {
     fetching: Option<OpId>,
     /// The operation that downloaded and waits for its window (no job runs for it meanwhile).
     waiting: Option<OpId>,
-    /// The window the last judgement waits for: judged again when it opens.
-    scheduled: Option<Window>,
 }
 
 impl Desired {
@@ -303,8 +301,13 @@ impl Core {
             }
             self.desired.due_ms = Some(now_ms);
         }
-        if self.desired.scheduled.is_some_and(|w| w.contains(self.local_minute(now_ms))) {
-            self.desired.scheduled = None;
+        // The last report waits for a window that is open now: judged again (which reports
+        // something else, so this happens once).
+        let waits_for = self.desired.reported.as_ref().and_then(|r| match r.convergence {
+            Convergence::Scheduled { window, .. } => Some(window),
+            _ => None,
+        });
+        if waits_for.is_some_and(|w| w.contains(self.local_minute(now_ms))) {
             self.desired.due_ms = Some(now_ms);
         }
         match self.desired.due_ms {
@@ -394,10 +397,6 @@ impl Core {
                 let error = OpError { code: ErrorCode::Conflict, message };
                 (Convergence::Blocked { op: None, error }, BTreeMap::new())
             }
-        };
-        self.desired.scheduled = match &convergence {
-            Convergence::Scheduled { window, .. } => Some(*window),
-            _ => None,
         };
         let refused = self.desired.invalid.iter().map(|(s, why)| (s.to_string(), why.clone())).collect();
         let report = DesiredReport {
