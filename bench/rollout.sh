@@ -14,9 +14,6 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || {
 ulimit -n 16384
 cargo build --release -p debfleet-console
 export DEBFLEET_BIN=$PWD/target/release/debfleet
-XDG_CACHE_HOME=$(mktemp -d)
-export XDG_CACHE_HOME
-trap 'rm -rf "$XDG_CACHE_HOME"' EXIT
-bench=$(cargo bench -p debfleet-tests --bench rollout --no-run --message-format=json \
-    | grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d '"' -f 4)
-"$bench" --bench
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+run_test_bench rollout
