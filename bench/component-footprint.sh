@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-30}
 COMPONENTS=${COMPONENTS:-16}
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || { echo "needs mosquitto" >&2; exit 1; }
-cargo build --profile agent -p debfleet-agent
-cargo build --profile agent -p debfleet-led-strip
+scripts/build-device.sh debfleet-agent debfleet-agent
+scripts/build-device.sh debfleet-led-strip debfleet-led-strip
 cargo build --release -p debfleet-console
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -3,6 +3,6 @@
 # (see tests/benches/mqtt_rtt.rs). Needs mosquitto (scripts/test.sh installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The agent as users get it: built with the size profile, as the package is.
-cargo build --profile agent -p debfleet-agent
+# The agent as users get it: built as the package is (size profile, static).
+scripts/build-device.sh debfleet-agent debfleet-agent
 DEBFLEET_AGENT_BIN=$PWD/target/agent/debfleet-agent exec cargo bench -p debfleet-tests --bench mqtt-rtt

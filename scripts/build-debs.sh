@@ -17,12 +17,12 @@ while [ $# -gt 0 ]; do
 done
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 cargo build --release --bins -p debfleet-repo -p debfleet-console
-# The agent is built for size (profile `agent` in Cargo.toml): it runs on small boards.
-cargo build --profile agent -p debfleet-agent
-# Components run on the same boards: the same profile, built on their own so their
-# dependencies' features never change the agent's build.
-cargo build --profile agent -p debfleet-led-strip
-cargo build --profile agent -p debfleet-projector
+# The agent is built for size and statically linked: it runs on small boards. Components run
+# on the same boards: built the same way, on their own so their dependencies' features never
+# change the agent's build.
+scripts/build-device.sh debfleet-agent debfleet-agent debfleet-fetch
+scripts/build-device.sh debfleet-led-strip debfleet-led-strip
+scripts/build-device.sh debfleet-projector debfleet-projector
 # Man pages and completions, generated from the programs' own command-line definitions.
 mkdir -p target/man
 target/release/debfleet manpages --out target/man >/dev/null
