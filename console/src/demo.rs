@@ -18,6 +18,7 @@ pub struct DemoArgs {
     pub agent_deb: Option<PathBuf>,
     pub broker_listen: SocketAddr,
     pub repo_listen: SocketAddr,
+    pub web_listen: SocketAddr,
 }
 
 /// The debfleet-repo binary: beside this one, else on PATH.
@@ -174,11 +175,15 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     debfleet_lab::ensure_host_packages()?;
     // Both ports first, so a busy one is named at once (a demo killed earlier, another broker)
     // rather than found half-way.
-    for (what, addr) in [("the broker", args.broker_listen), ("the repository server", args.repo_listen)] {
+    for (what, addr) in [
+        ("the broker", args.broker_listen),
+        ("the repository server", args.repo_listen),
+        ("the web console", args.web_listen),
+    ] {
         if let Err(e) = std::net::TcpListener::bind(addr) {
             bail!(
                 "{addr} is not free for {what} ({e}): another broker or an earlier demo may hold it \
-                 (`ss -ltnp 'sport = :{}'` shows which); stop it or pass --broker-listen/--repo-listen",
+                 (`ss -ltnp 'sport = :{}'` shows which); stop it or pass --broker-listen/--repo-listen/--web-listen",
                 addr.port()
             );
         }
@@ -198,7 +203,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         .with_context(|| format!("cannot listen on {}", args.broker_listen))?;
     let listen = args.broker_listen;
     std::thread::spawn(move || {
-        if let Err(e) = crate::serve::run(listen, None) {
+        if let Err(e) = crate::serve::run(listen, None, false, None) {
             eprintln!("demo: the embedded broker stopped: {e:#}");
         }
     });
@@ -277,6 +282,19 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     if let Some(name) = &projector_on {
         attach_projector(&ctx, &services.lab, name)?;
     }
+    // The web console, signed in to as `demo` with a password made now (kept in the demo's
+    // directory with its audit log, both gone with it).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let password = debfleet_web::session::token()[..16].to_owned();
+    let web_opts = crate::web::WebOptions {
+        listen: args.web_listen,
+        tls: None,
+        users: work.join("web-users"),
+        audit: work.join("audit.log"),
+    };
+    debfleet_web::users::Users::load(&web_opts.users)?.add("demo", debfleet_protocol::Role::Admin, &password)?;
+    let web = rt.block_on(crate::web::Server::start(&ctx, &web_opts))?;
+    let web_url = web.url();
     // The lines below are meant to be pasted: this binary's directory goes on the PATH.
     let bin_dir = std::env::current_exe()
         .ok()
@@ -284,6 +302,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         .unwrap_or_else(|| ".".into());
     println!(
         "\ndebfleet demo is running: broker {broker_url}, repository {repo_url}, devices lab-1..lab-{n}.\n\
+         Web console: {web_url} (sign in as demo, password {password})\n\
          In another terminal:\n\
          \x20 export PATH={bin_dir}:$PATH DEBFLEET_BROKER={broker_url} DEBFLEET_REPO={repo_url} DEBFLEET_TOKEN={token}\n\
          \x20 debfleet devices                                  # the fleet, from retained topics\n\
@@ -298,8 +317,9 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet desired set lab-1 debfleet-hello=1.0 --window 02:00-04:00   # at night, device time: downloads now\n\
          \x20 debfleet desired show lab-1                       # scheduled, and when its window opens\n\
          \x20 debfleet ops lab-1                                # every operation, and who asked (BY)\n\
-         \x20 echo demo-password | debfleet web user add ana --role operator\n\
-         \x20 debfleet web &                                    # the fleet in a browser: http://127.0.0.1:8080\n\
+         \x20 echo ana-password | debfleet web user add ana --role viewer --users {users}\n\
+         \x20     # ana can sign in to the web console now, and look but not act (a viewer)\n\
+         \x20 debfleet audit verify {audit}   # what was done in the web console, hash-chained\n\
          \x20 debfleet cfg set lab-2 profile=cellular          # metered link: long keepalive, kept session, a budget\n\
          \x20 debfleet show lab-2                               # LINK: today's bytes by class against the budget\n\
          \x20 debfleet install lab-1 debfleet-led-strip         # a component: its own .deb and unit (a virtual strip here)\n\
@@ -313,6 +333,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 source <(debfleet completions bash)              # tab completion\n\
          Ctrl-C stops the demo and removes its devices.",
         n = args.devices,
+        users = web_opts.users.display(),
+        audit = web_opts.audit.display(),
         projector = match &projector_on {
             Some(d) => format!(
                 "\x20 debfleet component call {d} projector power on=true   # {d}'s (simulated) projector: acknowledged\n\
@@ -325,8 +347,12 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     // Wait for Ctrl-C or SIGTERM, then let `services` take everything down.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
+        tokio::spawn(async move {
+            if let Err(e) = web.run(std::future::pending()).await {
+                eprintln!("demo: the web console stopped: {e:#}");
+            }
+        });
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;

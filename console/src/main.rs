@@ -264,6 +264,9 @@ enum Command {
         /// Where the repository server listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         repo_listen: std::net::SocketAddr,
+        /// Where the web console listens (a user `demo` with a fresh password is made for it).
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        web_listen: std::net::SocketAddr,
     },
     /// Devices on this machine (systemd-nspawn containers running the agent): up, status, exec,
     /// reboot, kill, boot, down.
@@ -316,7 +319,8 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Run the zero-setup services: an embedded MQTT broker on 127.0.0.1.
+    /// Run the zero-setup services: an embedded MQTT broker on 127.0.0.1, the rollout controller
+    /// and the web console.
     Serve {
         /// Address the embedded broker listens on.
         #[arg(long, default_value = "127.0.0.1:1883")]
@@ -324,6 +328,18 @@ enum Command {
         /// Do not run the rollout controller beside the broker.
         #[arg(long)]
         no_rollouts: bool,
+        /// Address the web console listens on (loopback: `debfleet web` serves HTTPS elsewhere).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        web_listen: std::net::SocketAddr,
+        /// Do not run the web console.
+        #[arg(long)]
+        no_web: bool,
+        /// The web console's users file [default: ~/.config/debfleet/web-users].
+        #[arg(long)]
+        users: Option<PathBuf>,
+        /// The web console's audit log [default: ~/.config/debfleet/audit.log].
+        #[arg(long)]
+        audit: Option<PathBuf>,
     },
 }
 
@@ -512,8 +528,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Command::Demo { devices, agent_deb, broker_listen, repo_listen } = cli.command {
-        return finish(demo::run(&ctx, demo::DemoArgs { devices, agent_deb, broker_listen, repo_listen }));
+    if let Command::Demo { devices, agent_deb, broker_listen, repo_listen, web_listen } = cli.command {
+        return finish(demo::run(&ctx, demo::DemoArgs { devices, agent_deb, broker_listen, repo_listen, web_listen }));
     }
     if let Command::Delta { action } = cli.command {
         return finish(delta::run(action));
@@ -521,8 +537,14 @@ fn main() -> ExitCode {
     if let Command::Lab { command } = cli.command {
         return finish(lab::run(&ctx, command));
     }
-    if let Command::Serve { listen, no_rollouts } = cli.command {
-        return match serve::run(listen, (!no_rollouts).then_some(&ctx)) {
+    if let Command::Serve { listen, no_rollouts, web_listen, no_web, users, audit } = cli.command {
+        let web = (!no_web).then(|| web::WebOptions {
+            listen: web_listen,
+            tls: None,
+            users: users.unwrap_or_else(|| web::default_path("web-users")),
+            audit: audit.unwrap_or_else(|| web::default_path("audit.log")),
+        });
+        return match serve::run(listen, Some(&ctx), !no_rollouts, web) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("debfleet: {e:#}");

@@ -1,6 +1,7 @@
 //! `debfleet serve`: the zero-setup services: an embedded MQTT broker (rumqttd) on a local
 //! address (production fleets use Mosquitto or any MQTT 3.1.1 broker instead), and beside it the
-//! rollout controller (`debfleet rollout run`) against that broker.
+//! rollout controller (`debfleet rollout run`) and the web console (`debfleet web`) against that
+//! broker.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,7 +9,11 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-pub fn run(listen: SocketAddr, rollouts: Option<&crate::Ctx>) -> Result<()> {
+use crate::web::WebOptions;
+
+/// Runs the broker until the process ends; beside it the rollout controller and the web console
+/// when `ctx` is given, each with its own options.
+pub fn run(listen: SocketAddr, ctx: Option<&crate::Ctx>, rollouts: bool, web: Option<WebOptions>) -> Result<()> {
     // Bind once ourselves so a busy port is a clear error instead of a panic in a broker thread.
     std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let server = ServerSettings {
@@ -47,18 +52,31 @@ pub fn run(listen: SocketAddr, rollouts: Option<&crate::Ctx>) -> Result<()> {
         prometheus: None,
         metrics: None,
     };
-    eprintln!("debfleet: embedded MQTT broker listening on mqtt://{listen} (Ctrl-C stops)");
-    if let Some(ctx) = rollouts {
-        let host = if listen.ip().is_unspecified() { "127.0.0.1".to_owned() } else { listen.ip().to_string() };
-        let ctx = crate::Ctx {
-            broker: format!("mqtt://{}", SocketAddr::new(host.parse()?, listen.port())),
+    let local = ctx.map(|ctx| {
+        let host = if listen.ip().is_unspecified() { "127.0.0.1".parse() } else { Ok(listen.ip()) };
+        crate::Ctx {
+            broker: format!("mqtt://{}", SocketAddr::new(host.unwrap_or(listen.ip()), listen.port())),
             ca_file: None,
             topics: ctx.topics.clone(),
             expires: ctx.expires,
             by: ctx.by.clone(),
-        };
+        }
+    });
+    if let (Some(ctx), Some(opts)) = (&local, web) {
+        // Listening (or failing) before the broker starts, so a busy port stops `serve` at once.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let server = rt.block_on(crate::web::Server::start(ctx, &opts))?;
+        eprintln!("debfleet: web console on {}", server.describe(&opts));
+        std::thread::spawn(move || {
+            if let Err(e) = rt.block_on(server.run(std::future::pending())) {
+                eprintln!("debfleet: the web console stopped: {e:#}");
+            }
+        });
+    }
+    if let (Some(ctx), true) = (local, rollouts) {
         std::thread::spawn(move || controller(ctx));
     }
+    eprintln!("debfleet: embedded MQTT broker listening on mqtt://{listen} (Ctrl-C stops)");
     let mut broker = Broker::new(config);
     broker.start().context("embedded broker")?;
     Ok(())

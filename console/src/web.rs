@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use debfleet_protocol::{CommandArgs, DeviceId, OpRecord, PackageResult, Role};
+use debfleet_protocol::time::{now_unix_ms, parse_unix_ms};
+use debfleet_protocol::{CommandArgs, DeviceId, LogBatch, OpRecord, PackageResult, Role, Telemetry, Topic};
+use debfleet_web::history::{History, LogRow, Point};
 use debfleet_web::{Act, Backend, BoxFuture, DeviceDetail, DeviceRow, OpRow, PackageRow, UnitRow, Update};
 use tokio::sync::broadcast;
 
@@ -66,48 +68,89 @@ pub struct WebOptions {
     pub audit: PathBuf,
 }
 
-/// Serves until Ctrl-C.
+/// `debfleet web`: serves until Ctrl-C.
 pub async fn serve(ctx: &Ctx, opts: WebOptions) -> Result<u8> {
-    if !opts.listen.ip().is_loopback() && opts.tls.is_none() {
-        bail!(crate::cmds::usage(format!(
-            "{} is not a loopback address: serve it with --tls-cert and --tls-key (passwords and cookies must not cross a network in clear)",
-            opts.listen
-        )));
-    }
-    let tls = match &opts.tls {
-        Some((cert, key)) => Some(debfleet_web::tls_config(cert, key).map_err(|e| crate::cmds::usage(e.to_string()))?),
-        None => None,
-    };
-    let live = Arc::new(Live { ctx: ctx.clone(), fleet: Mutex::default(), tx: broadcast::channel(1024).0 });
-    tokio::spawn(live.clone().follow());
-    let config = debfleet_web::Config { users: opts.users.clone(), audit: opts.audit.clone(), secure: tls.is_some() };
-    let app = debfleet_web::App::new(live, &config)?;
-    let listener =
-        tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
-    eprintln!(
-        "debfleet web: {}://{} (users {}, audit log {}); Ctrl-C stops",
-        if tls.is_some() { "https" } else { "http" },
-        listener.local_addr()?,
-        opts.users.display(),
-        opts.audit.display()
-    );
-    let stop = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match tls {
-        Some(tls) => debfleet_web::serve_tls(app, listener, tls, stop).await?,
-        None => {
-            let service = app.router().into_make_service_with_connect_info::<SocketAddr>();
-            axum::serve(listener, service).with_graceful_shutdown(stop).await?;
-        }
-    }
+    let server = Server::start(ctx, &opts).await?;
+    eprintln!("debfleet web: {}; Ctrl-C stops", server.describe(&opts));
+    server
+        .run(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     Ok(0)
 }
 
-/// The fleet as the broker holds it, kept current.
+/// The web console, listening and following the fleet; it answers once [`Server::run`] runs.
+/// Started apart from running so a caller (the demo, `debfleet serve`) learns at once whether the
+/// address was free and the files readable.
+pub struct Server {
+    app: Arc<debfleet_web::App>,
+    listener: tokio::net::TcpListener,
+    tls: Option<debfleet_web::TlsConfig>,
+}
+
+impl Server {
+    pub async fn start(ctx: &Ctx, opts: &WebOptions) -> Result<Server> {
+        if !opts.listen.ip().is_loopback() && opts.tls.is_none() {
+            bail!(crate::cmds::usage(format!(
+                "{} is not a loopback address: serve it with --tls-cert and --tls-key (passwords and cookies must not cross a network in clear)",
+                opts.listen
+            )));
+        }
+        let tls = match &opts.tls {
+            Some((cert, key)) => {
+                Some(debfleet_web::tls_config(cert, key).map_err(|e| crate::cmds::usage(e.to_string()))?)
+            }
+            None => None,
+        };
+        let live = Arc::new(Live {
+            ctx: ctx.clone(),
+            fleet: Mutex::default(),
+            history: Mutex::default(),
+            tx: broadcast::channel(1024).0,
+        });
+        let config =
+            debfleet_web::Config { users: opts.users.clone(), audit: opts.audit.clone(), secure: tls.is_some() };
+        let app = debfleet_web::App::new(live.clone(), &config)?;
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("the web console cannot listen on {}", opts.listen))?;
+        tokio::spawn(live.follow());
+        Ok(Server { app, listener, tls })
+    }
+
+    /// The address and files, for the line that says the console is up.
+    pub fn describe(&self, opts: &WebOptions) -> String {
+        format!("{} (users {}, audit log {})", self.url(), opts.users.display(), opts.audit.display())
+    }
+
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        match self.listener.local_addr() {
+            Ok(a) => format!("{scheme}://{a}"),
+            Err(_) => format!("{scheme}://?"),
+        }
+    }
+
+    /// Serves until `stop` resolves.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+        match self.tls {
+            Some(tls) => debfleet_web::serve_tls(self.app, self.listener, tls, stop).await?,
+            None => {
+                let service = self.app.router().into_make_service_with_connect_info::<SocketAddr>();
+                axum::serve(self.listener, service).with_graceful_shutdown(stop).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The fleet as the broker holds it, kept current, and what the broker does not keep
+/// (telemetry over time, log lines) since the server started.
 struct Live {
     ctx: Ctx,
     fleet: Mutex<Fleet>,
+    history: Mutex<History>,
     tx: broadcast::Sender<Update>,
 }
 
@@ -138,9 +181,18 @@ impl Live {
             let update = {
                 let Ok(mut fleet) = self.fleet.lock() else { bail!("the fleet's lock is poisoned") };
                 match fleet.apply(&self.ctx.topics, &msg.topic, &msg.payload) {
-                    Change::Status(d) | Change::Other(d) => {
-                        fleet.devices.get(&d).map(|dev| Update::Device(row(&d, dev)))
-                    }
+                    Change::Other(d) => match self.ctx.topics.parse(&msg.topic) {
+                        // Telemetry and logs change no row: they go to the history and the
+                        // device's open pages.
+                        Ok(Topic::Telemetry(_)) => fleet
+                            .devices
+                            .get(&d)
+                            .and_then(|dev| dev.telemetry.as_ref())
+                            .and_then(|t| self.remember_sample(&d, t)),
+                        Ok(Topic::Logs(_)) => self.remember_logs(&d, &msg.payload),
+                        _ => fleet.devices.get(&d).map(|dev| Update::Device(row(&d, dev))),
+                    },
+                    Change::Status(d) => fleet.devices.get(&d).map(|dev| Update::Device(row(&d, dev))),
                     Change::Op(d, op) => fleet
                         .devices
                         .get(&d)
@@ -158,6 +210,29 @@ impl Live {
                 let _ = self.tx.send(u);
             }
         }
+    }
+}
+
+impl Live {
+    fn remember_sample(&self, d: &DeviceId, t: &Telemetry) -> Option<Update> {
+        let now = now_unix_ms() / 1000;
+        // The device's own time, unless its clock is ahead of ours (then ours).
+        let at = parse_unix_ms(&t.ts).map(|ms| ms / 1000).filter(|&s| s <= now + 60).unwrap_or(now);
+        let point = Point {
+            t: at,
+            cpu: t.cpu.map(|v| v as f32),
+            memory: t.memory.map(|v| v as f32),
+            disk: t.disk.values().copied().reduce(f64::max).map(|v| v as f32),
+        };
+        let point = self.history.lock().ok()?.sample(d.as_str(), point)?;
+        Some(Update::Telemetry { device: d.to_string(), point })
+    }
+
+    fn remember_logs(&self, d: &DeviceId, payload: &[u8]) -> Option<Update> {
+        let batch: LogBatch = serde_json::from_slice(payload).ok()?;
+        let lines: Vec<LogRow> = batch.lines.iter().map(|l| LogRow::new(&l.ts, &l.level, &l.target, &l.msg)).collect();
+        self.history.lock().ok()?.log(d.as_str(), lines.iter().cloned());
+        Some(Update::Logs { device: d.to_string(), lines })
     }
 }
 
@@ -203,6 +278,7 @@ impl Backend for Live {
 
     fn device(&self, id: &DeviceId) -> Option<DeviceDetail> {
         let fleet = self.fleet.lock().ok()?;
+        let history = self.history.lock().ok()?;
         let d = fleet.devices.get(id)?;
         let meta = d.meta.as_ref();
         let mut ops: Vec<&OpRecord> = d.ops.values().collect();
@@ -234,7 +310,9 @@ impl Backend for Live {
                 })
                 .collect(),
             ops: ops.into_iter().map(op_row).collect(),
-            cfg: d.cfg.as_ref().and_then(|c| serde_json::to_string_pretty(&c.cfg).ok()).unwrap_or_default(),
+            cfg: d.cfg.as_ref().map(|c| c.cfg.clone()),
+            telemetry: history.points(id.as_str(), now_unix_ms() / 1000),
+            logs: history.logs(id.as_str()),
         })
     }
 

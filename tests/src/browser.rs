@@ -193,6 +193,13 @@ impl Browser {
         self.call("POST", &format!("/element/{e}/value"), Some(json!({"text": text})));
     }
 
+    /// Empties a field, then types into it.
+    pub fn replace_text(&self, css: &str, text: &str) {
+        let e = self.element(css);
+        self.call("POST", &format!("/element/{e}/clear"), Some(json!({})));
+        self.call("POST", &format!("/element/{e}/value"), Some(json!({"text": text})));
+    }
+
     pub fn click(&self, css: &str) {
         let e = self.element(css);
         self.call("POST", &format!("/element/{e}/click"), Some(json!({})));

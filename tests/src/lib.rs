@@ -131,10 +131,17 @@ pub fn mosquitto_exe() -> &'static str {
     )
 }
 
-/// `debfleet serve` (the embedded broker, MQTT 3.1.1) on `port`, once it listens.
+/// `debfleet serve` (the embedded broker, MQTT 3.1.1) on `port`, once it listens; without the
+/// web console.
 pub fn embedded_broker(port: u16) -> Child {
+    embedded_broker_with(port, &["--no-web"])
+}
+
+/// `debfleet serve` on `port` with more arguments, once the broker listens.
+pub fn embedded_broker_with(port: u16, args: &[&str]) -> Child {
     let child = Command::new(bin("debfleet"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(args)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -361,12 +361,45 @@ pub fn raw_http(port: u16, head: &str, body: &[u8], send_all: bool) -> (u16, Str
         // A client that promised more than it sent and went away.
         s.shutdown(std::net::Shutdown::Write).unwrap();
     }
+    let (code, _, body) = read_response(&mut s);
+    (code, body)
+}
+
+/// The status code, head and body of the response on `s` (read to its end).
+fn read_response(s: &mut TcpStream) -> (u16, String, String) {
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let resp = String::from_utf8_lossy(&resp).into_owned();
     let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (code, body)
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (code, head.to_owned(), body.to_owned())
+}
+
+/// One HTTP/1.1 request to the web console on loopback: status, head, body.
+fn web_request(port: u16, method: &str, path: &str, cookie: &str, form: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: {cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+        form.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    read_response(&mut s)
+}
+
+/// The web console's page at `path` as `user` sees it, signed in with `password` (no browser:
+/// for tests that only need to know the console is there and shows the fleet).
+pub fn web_page_as(port: u16, user: &str, password: &str, path: &str) -> String {
+    let (code, head, body) = web_request(port, "POST", "/login", "", &format!("user={user}&password={password}"));
+    assert_eq!(code, 303, "signing in as {user}: {head}\n{body}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().starts_with("set-cookie:").then(|| l[11..].trim().to_owned()))
+        .and_then(|c| c.split(';').next().map(str::to_owned))
+        .expect("a session cookie");
+    let (code, head, body) = web_request(port, "GET", path, &cookie, "");
+    assert_eq!(code, 200, "{path}: {head}\n{body}");
+    body
 }
 
 pub fn upload_head(suite: &str, token: &str, len: usize) -> String {

@@ -10,6 +10,7 @@ use debfleet_tests::*;
 fn demo_runs_a_small_fleet_and_cleans_up() {
     let broker_port = free_port();
     let repo_port = free_port();
+    let web_port = free_port();
     let labdir = tempfile::tempdir().unwrap();
     let debs = bin("debfleet").parent().unwrap().parent().unwrap().join("debs");
     let agent = std::fs::read_dir(&debs)
@@ -26,6 +27,8 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
             &format!("127.0.0.1:{broker_port}"),
             "--repo-listen",
             &format!("127.0.0.1:{repo_port}"),
+            "--web-listen",
+            &format!("127.0.0.1:{web_port}"),
         ])
         .env("DEBFLEET_LAB_DIR", labdir.path())
         .stdout(Stdio::piped())
@@ -35,10 +38,28 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     wait_for(Duration::from_secs(60), "the demo's broker", || {
         std::net::TcpStream::connect(("127.0.0.1", broker_port)).ok()
     });
+    // The tour, as it is printed (the demo keeps running after it).
+    let tour = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut out = demo.stdout.take().unwrap();
+    let sink = tour.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut out, &mut buf) {
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
     let obs = Observer::connect(broker_port, &["debfleet/device/+/status"]);
     for d in ["lab-1", "lab-2"] {
         obs.wait(&format!("debfleet/device/{d}/status"), Duration::from_secs(120), |v| v["state"] == "online");
     }
+    // The web console, with the login the demo printed, shows the fleet.
+    let password = wait_for(Duration::from_secs(60), "the web console's login in the tour", || {
+        let t = tour.lock().unwrap();
+        let line = t.lines().find(|l| l.starts_with(&format!("Web console: http://127.0.0.1:{web_port} ")))?;
+        Some(line.split("password ").nth(1)?.trim_end_matches(')').to_owned())
+    });
+    let page = repo::web_page_as(web_port, "demo", &password, "/");
+    assert!(page.contains("lab-1") && page.contains("lab-2"), "{page}");
     // The sample package installs on the whole group with one command.
     let broker = format!("mqtt://127.0.0.1:{broker_port}");
     let out = Command::new(bin("debfleet"))
@@ -151,8 +172,7 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     assert_eq!(std::fs::read_dir(labdir.path().join("devices")).map(|d| d.count()).unwrap_or(0), 0);
     assert!(std::net::TcpStream::connect(("127.0.0.1", repo_port)).is_err(), "repository stopped");
     // The tour's lines work when pasted into another terminal: the binaries go on the PATH.
-    let mut tour = String::new();
-    std::io::Read::read_to_string(&mut demo.stdout.take().unwrap(), &mut tour).unwrap();
+    let tour = tour.lock().unwrap().clone();
     let dir = bin("debfleet").parent().unwrap().display().to_string();
     assert!(tour.contains(&format!("export PATH={dir}:$PATH")), "{tour}");
 }

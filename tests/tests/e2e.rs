@@ -1,6 +1,8 @@
 //! End-to-end tests of the foundation (issue 2): real Mosquitto, real agent and console
 //! processes, everything over 127.0.0.1.
 
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use debfleet_tests::*;
@@ -377,7 +379,21 @@ fn bad_config_is_refused_with_the_key_named() {
 #[test]
 fn embedded_broker_serves_a_fleet() {
     let port = free_port();
-    let mut serve = embedded_broker(port);
+    let web_port = free_port();
+    let files = tempfile::tempdir().unwrap();
+    let users = files.path().join("users");
+    let audit = files.path().join("audit.log");
+    let mut serve = embedded_broker_with(
+        port,
+        &[
+            "--web-listen",
+            &format!("127.0.0.1:{web_port}"),
+            "--users",
+            users.to_str().unwrap(),
+            "--audit",
+            audit.to_str().unwrap(),
+        ],
+    );
     let url = format!("mqtt://127.0.0.1:{port}");
     let _a = agent("emb-1", port, &["lab"]);
     let v = wait_for(T, "the device in the list", || {
@@ -397,6 +413,17 @@ fn embedded_broker_serves_a_fleet() {
         (v["state"]["phase"] == "halted").then_some(v)
     });
     assert!(s["state"]["reason"].as_str().unwrap().contains("has no devices"), "{s}");
+    // ... and the web console: a user added while it runs signs in and sees the device.
+    let mut add = Command::new(bin("debfleet"))
+        .args(["web", "user", "add", "ana", "--role", "viewer", "--users", users.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    add.stdin.take().unwrap().write_all(b"ana-password\n").unwrap();
+    assert!(add.wait().unwrap().success());
+    let page = repo::web_page_as(web_port, "ana", "ana-password", "/");
+    assert!(page.contains("emb-1"), "{page}");
     let _ = serve.kill();
     let _ = serve.wait();
 }

@@ -67,10 +67,11 @@ fn sign_in(b: &Browser, base: &str, user: &str, password: &str) {
 /// A POST from the page's own JavaScript, as a forged or hand-made form would send it.
 fn post_from_page(b: &Browser, path: &str, fields: &str) -> u64 {
     let js = format!(
-        "fetch({}, {{method: 'POST', credentials: 'same-origin', redirect: 'manual', body: new URLSearchParams({fields})}}).then(r => done(r.status));",
+        "fetch({}, {{method: 'POST', credentials: 'same-origin', redirect: 'manual', body: new URLSearchParams({fields})}}).then(r => done(r.status), e => done('fetch failed: ' + e));",
         serde_json::to_string(path).unwrap()
     );
-    b.script_async(&js).as_u64().unwrap()
+    let answer = b.script_async(&js);
+    answer.as_u64().unwrap_or_else(|| panic!("POST {path}: {answer}"))
 }
 
 #[test]
@@ -84,7 +85,7 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     let mut host = Agent::start(AgentSpec { id: "web-1", port: m.port, groups: &["lab"], extra: "" });
     let dev = Device::boot("web-2");
     let config = format!(
-        "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\ngroups = [\"lab\"]\n\n[apt]\nwatch_s = 3\n",
+        "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\ngroups = [\"lab\"]\n\n[apt]\nwatch_s = 3\n\n[telemetry.cpu]\ninterval_s = 1\nthreshold = 0\n\n[logs]\nbatch_s = 1\n",
         m.url()
     );
     dev.install_agent(&config, &repo);
@@ -144,9 +145,38 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
             .any(|l| l.contains("install") && l.contains("succeeded") && l.contains("ana") && !l.contains("dry run"))
     });
     b.wait(Duration::from_secs(30), "the package table to follow", |b| b.text("#packages").contains("wb-app 1.0"));
-    assert_eq!(b.script("return window.notReloaded;"), 7, "the page was reloaded");
     assert_eq!(dev.dpkg_version("wb-app").as_deref(), Some("1.0"));
+    // The device's telemetry plotted and its log lines (the install's own among them), both
+    // following the device without a reload.
+    b.wait(Duration::from_secs(30), "a CPU figure", |b| b.text("#last-cpu").contains('%'));
+    let before = b.attribute("#plot-cpu", "points");
+    assert!(!before.is_empty());
+    b.wait(Duration::from_secs(30), "the plot to follow new samples", |b| b.attribute("#plot-cpu", "points") != before);
+    b.wait(Duration::from_secs(30), "the install's log line", |b| b.text("#logs").contains("running install"));
+    assert_eq!(b.script("return window.notReloaded;"), 7, "the page was reloaded");
     b.screenshot(&screenshots().join("device.png"));
+
+    // The cfg editor: two wrong fields are each named beside themselves and nothing is sent;
+    // a good value reaches the device, which publishes its new configuration.
+    b.click("#edit-cfg");
+    b.replace_text(r#"input[name="f:logs.level"]"#, "loud");
+    b.replace_text(r#"input[name="f:telemetry.memory.interval_s"]"#, "0");
+    b.click("#send-cfg");
+    b.wait(Duration::from_secs(10), "the errors beside the fields", |b| {
+        b.text(r#"[id="err-logs.level"]"#).contains("is not one of")
+            && b.text(r#"[id="err-telemetry.memory.interval_s"]"#).contains("outside 1..=86400")
+    });
+    b.screenshot(&screenshots().join("cfg-errors.png"));
+    b.replace_text(r#"input[name="f:logs.level"]"#, "debug");
+    b.replace_text(r#"input[name="f:telemetry.memory.interval_s"]"#, "30");
+    b.click("#send-cfg");
+    obs.wait("debfleet/device/web-2/cfg", Duration::from_secs(30), |v| {
+        v["logs"]["level"] == "debug" && v["telemetry"]["memory"]["interval_s"] == 30
+    });
+    b.wait(Duration::from_secs(30), "the page to show the new configuration", |b| {
+        b.go(&format!("{base}/device/web-2"));
+        b.text("#cfg").contains("\"debug\"")
+    });
 
     // A forged form (no CSRF token) is refused, and nothing is sent.
     assert_eq!(post_from_page(&b, "/device/web-2/act", "{verb: 'uninstall', words: 'wb-app', confirm: 'yes'}"), 403);

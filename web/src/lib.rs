@@ -28,17 +28,20 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
-use debfleet_protocol::{CommandArgs, DeviceId, GroupName, PackageSpec, Role};
+use debfleet_protocol::{CommandArgs, DeviceId, GroupName, Role};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+mod actions;
 pub mod audit;
+mod cfg;
+pub mod history;
 pub mod session;
 pub mod users;
 
 use audit::{Audit, Entry};
 use session::{Limiter, Session, Sessions};
-use users::Users;
+use users::UsersFile;
 
 const COOKIE: &str = "debfleet_session";
 
@@ -84,7 +87,7 @@ pub struct OpRow {
 }
 
 /// Everything the device page shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceDetail {
     pub row: DeviceRow,
     pub hostname: String,
@@ -93,16 +96,45 @@ pub struct DeviceDetail {
     pub packages: Vec<PackageRow>,
     pub units: Vec<UnitRow>,
     pub ops: Vec<OpRow>,
-    /// The effective runtime configuration, pretty JSON.
-    pub cfg: String,
+    /// The effective runtime configuration, once the device has published it.
+    pub cfg: Option<debfleet_protocol::RuntimeCfg>,
+    /// Telemetry over the last hours (see [`history`]), oldest first.
+    pub telemetry: Vec<history::Point>,
+    /// The latest log lines, newest first.
+    pub logs: Vec<history::LogRow>,
 }
 
 /// What changed, for the pages that are open.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Update {
     Device(DeviceRow),
-    Op { device: String, op: OpRow },
+    Op {
+        device: String,
+        op: OpRow,
+    },
+    /// Sent only to pages of that device.
+    Telemetry {
+        device: String,
+        point: history::Point,
+    },
+    /// Sent only to pages of that device; oldest first.
+    Logs {
+        device: String,
+        lines: Vec<history::LogRow>,
+    },
+}
+
+impl Update {
+    /// The event's name, and whether a page following `device` (the fleet page: none) gets it.
+    fn event_for(&self, device: Option<&str>) -> Option<&'static str> {
+        match self {
+            Update::Device(_) => Some("device"),
+            Update::Op { .. } => Some("op"),
+            Update::Telemetry { device: d, .. } => (device == Some(d.as_str())).then_some("telemetry"),
+            Update::Logs { device: d, .. } => (device == Some(d.as_str())).then_some("logs"),
+        }
+    }
 }
 
 /// Who an action is for.
@@ -150,7 +182,7 @@ pub struct Config {
 
 pub struct App {
     backend: Arc<dyn Backend>,
-    users: Users,
+    users: UsersFile,
     sessions: Sessions,
     limiter: Limiter,
     audit: Mutex<Audit>,
@@ -172,8 +204,11 @@ pub enum WebError {
     Io(#[from] std::io::Error),
 }
 
+/// What [`serve_tls`] serves with.
+pub type TlsConfig = Arc<rustls::ServerConfig>;
+
 /// The server's TLS configuration from PEM files: the certificate chain and its private key.
-pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, WebError> {
+pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsConfig, WebError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| WebError::Tls(format!("{}: {e}", what.display()));
@@ -242,12 +277,13 @@ impl App {
             ("device.html", include_str!("../templates/device.html")),
             ("confirm.html", include_str!("../templates/confirm.html")),
             ("message.html", include_str!("../templates/message.html")),
+            ("cfg.html", include_str!("../templates/cfg.html")),
         ] {
             templates.add_template(name, src)?;
         }
         Ok(Arc::new(App {
             backend,
-            users: Users::load(&config.users)?,
+            users: UsersFile::open(&config.users)?,
             sessions: Sessions::default(),
             limiter: Limiter::default(),
             audit: Mutex::new(Audit::open(&config.audit)?),
@@ -263,8 +299,9 @@ impl App {
             .route("/logout", post(logout))
             .route("/events", get(events))
             .route("/device/:id", get(device))
-            .route("/device/:id/act", post(act_device))
-            .route("/group/:group/act", post(act_group))
+            .route("/device/:id/act", post(actions::act_device))
+            .route("/group/:group/act", post(actions::act_group))
+            .route("/device/:id/cfg", get(cfg::form).post(cfg::submit))
             .route(
                 "/static/live.js",
                 get(|| async { static_file("text/javascript", include_str!("../static/live.js")) }),
@@ -348,13 +385,14 @@ macro_rules! signed_in {
     ($app:expr, $headers:expr) => {
         match $app.session(&$headers) {
             Some((_, s)) => s,
-            None => return Redirect::to("/login").into_response(),
+            None => return axum::response::Redirect::to("/login").into_response(),
         }
     };
 }
+pub(crate) use signed_in;
 
 async fn login_form(State(app): State<Arc<App>>) -> Response {
-    let empty = app.users.is_empty();
+    let empty = app.users.current().is_empty();
     app.render("login.html", minijinja::context! { error => None::<String>, no_users => empty })
 }
 
@@ -377,11 +415,12 @@ async fn login(
     }
     // Hashing is deliberately slow: off the async threads.
     let (app2, user, password) = (app.clone(), f.user.clone(), f.password);
-    let role = tokio::task::spawn_blocking(move || app2.users.check(&user, &password)).await.ok().flatten();
+    let role = tokio::task::spawn_blocking(move || app2.users.current().check(&user, &password)).await.ok().flatten();
     let Some(role) = role else {
         app.limiter.failed(ip);
         tracing::warn!("failed sign-in as {:?} from {ip}", f.user);
-        let ctx = minijinja::context! { error => "wrong user name or password", no_users => app.users.is_empty() };
+        let ctx =
+            minijinja::context! { error => "wrong user name or password", no_users => app.users.current().is_empty() };
         return (StatusCode::UNAUTHORIZED, app.render("login.html", ctx)).into_response();
     };
     app.limiter.succeeded(ip);
@@ -452,188 +491,75 @@ async fn device(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<
             &format!("the broker has no device {id:?}"),
         );
     };
-    app.render("device.html", minijinja::context! { session => view_session(&s), d => detail })
+    let now = debfleet_protocol::time::now_unix_ms() / 1000;
+    let plots: Vec<Plot> = [
+        ("cpu", "CPU", (|p: &history::Point| p.cpu) as fn(&history::Point) -> Option<f32>),
+        ("memory", "Memory", |p| p.memory),
+        ("disk", "Disk (fullest mount)", |p| p.disk),
+    ]
+    .into_iter()
+    .map(|(name, label, value)| Plot {
+        name,
+        label,
+        points: history::polyline(&detail.telemetry, now, value),
+        dot: detail.telemetry.iter().rev().find_map(|p| Some((p.t, value(p)?))).map(|(t, v)| {
+            let x = (t - (now - history::SPAN_S)) as f64 * 100.0 / history::SPAN_S as f64;
+            (format!("{x:.2}"), format!("{:.1}", 100.0 - f64::from(v).clamp(0.0, 100.0)))
+        }),
+        last: detail.telemetry.iter().rev().find_map(value).map(|v| format!("{v:.0} %")).unwrap_or_default(),
+    })
+    .collect();
+    let ctx = minijinja::context! {
+        cfg => detail.cfg.as_ref().and_then(|c| serde_json::to_string_pretty(&c.full_value()).ok()),
+        session => view_session(&s), d => detail, plots, span => history::SPAN_S, start => now - history::SPAN_S,
+        hours => history::SPAN_S / 3600, step => history::STEP_S,
+    };
+    app.render("device.html", ctx)
 }
 
-/// Live updates for the open pages, as server-sent events (`device` and `op`).
-async fn events(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+/// One telemetry plot on the device page.
+#[derive(Serialize)]
+struct Plot {
+    name: &'static str,
+    label: &'static str,
+    /// SVG polyline points (see [`history::polyline`]).
+    points: String,
+    /// The latest point, as percentages of the plot's width and height: a dot, so that a single
+    /// sample (which draws no line) shows too.
+    dot: Option<(String, String)>,
+    /// The latest value, "42 %".
+    last: String,
+}
+
+#[derive(Deserialize, Default)]
+struct EventsQuery {
+    /// The device whose page is open: its telemetry and logs come too.
+    #[serde(default)]
+    device: Option<String>,
+}
+
+/// Live updates for the open pages, as server-sent events (`device`, `op`, and for a device's
+/// page its `telemetry` and `logs`).
+async fn events(State(app): State<Arc<App>>, headers: HeaderMap, Query(q): Query<EventsQuery>) -> Response {
     if app.session(&headers).is_none() {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let rx = app.backend.updates();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let event = match rx.recv().await {
-            Ok(u) => {
-                let name = match &u {
-                    Update::Device(_) => "device",
-                    Update::Op { .. } => "op",
-                };
-                Event::default().event(name).data(serde_json::to_string(&u).unwrap_or_default())
+    let stream = futures_util::stream::unfold((rx, q.device), |(mut rx, device)| async move {
+        let event = loop {
+            match rx.recv().await {
+                Ok(u) => {
+                    let Some(name) = u.event_for(device.as_deref()) else { continue };
+                    break Event::default().event(name).data(serde_json::to_string(&u).unwrap_or_default());
+                }
+                // A slow page missed some: it reloads to catch up.
+                Err(broadcast::error::RecvError::Lagged(_)) => break Event::default().event("reload").data(""),
+                Err(broadcast::error::RecvError::Closed) => return None,
             }
-            // A slow page missed some: it reloads to catch up.
-            Err(broadcast::error::RecvError::Lagged(_)) => Event::default().event("reload").data(""),
-            Err(broadcast::error::RecvError::Closed) => return None,
         };
-        Some((Ok::<_, Infallible>(event), rx))
+        Some((Ok::<_, Infallible>(event), (rx, device)))
     });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
-}
-
-/// An action form: the verb and its words. Without `confirm` the answer is a page that says
-/// what will happen (with the devices' dry run for package verbs); with it, the action.
-#[derive(Deserialize, Debug)]
-struct ActForm {
-    #[serde(default)]
-    csrf: String,
-    verb: String,
-    /// Package specs or a unit, space separated.
-    #[serde(default)]
-    words: String,
-    #[serde(default)]
-    confirm: String,
-}
-
-async fn act_device(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Form(f): Form<ActForm>,
-) -> Response {
-    let s = signed_in!(app, headers);
-    match DeviceId::new(id.as_str()) {
-        Ok(d) => act(app, s, Target::Device(d), f).await,
-        Err(e) => app.message(StatusCode::BAD_REQUEST, Some(&s), "Refused", &e.to_string()),
-    }
-}
-
-async fn act_group(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Path(group): Path<String>,
-    Form(f): Form<ActForm>,
-) -> Response {
-    let s = signed_in!(app, headers);
-    match GroupName::new(group.as_str()) {
-        Ok(g) => act(app, s, Target::Group(g), f).await,
-        Err(e) => app.message(StatusCode::BAD_REQUEST, Some(&s), "Refused", &e.to_string()),
-    }
-}
-
-/// The command a form asks for: its words put in the command's own payload and read back by
-/// the protocol's parser, so the form is checked exactly as a device checks the command.
-fn command(verb: &str, words: &str, dry_run: bool) -> Result<CommandArgs, String> {
-    let words: Vec<&str> = words.split_whitespace().collect();
-    let mut m = serde_json::Map::new();
-    m.insert("id".into(), "web-form".into());
-    match verb {
-        "ping" => {}
-        "restart" => match words[..] {
-            [unit] => {
-                m.insert("unit".into(), unit.into());
-            }
-            _ => return Err("name the one unit to restart".into()),
-        },
-        "install" | "upgrade" | "uninstall" | "rollback" => {
-            m.insert("packages".into(), words.into());
-            if dry_run {
-                m.insert("dry_run".into(), true.into());
-            }
-        }
-        other => return Err(format!("{other:?} is not an action here")),
-    }
-    let payload = serde_json::to_vec(&m).map_err(|e| e.to_string())?;
-    debfleet_protocol::command::parse_command(verb, &payload).map(|c| c.args).map_err(|r| r.message)
-}
-
-/// What a confirmation says will happen.
-fn describe(target: &Target, args: &CommandArgs) -> String {
-    let who = match target {
-        Target::Device(d) => format!("device {d}"),
-        Target::Group(g) => format!("every device in group {g}"),
-    };
-    let names = |p: &[PackageSpec]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
-    match args {
-        CommandArgs::Ping => format!("{who} will answer a ping."),
-        CommandArgs::Restart { unit } => format!("{who} will restart {}.", unit.as_deref().unwrap_or("the agent")),
-        CommandArgs::Install { packages, .. } => {
-            format!("{who} will install {} (apt, units watched, undone if they fail).", names(packages))
-        }
-        CommandArgs::Upgrade { packages, .. } if packages.is_empty() => {
-            format!("{who} will upgrade every managed package.")
-        }
-        CommandArgs::Upgrade { packages, .. } => format!("{who} will upgrade {}.", names(packages)),
-        CommandArgs::Uninstall { packages, .. } => {
-            format!("{who} will remove {} (configuration kept).", names(packages))
-        }
-        CommandArgs::Rollback { package, .. } => format!("{who} will go back to the previous version of {package}."),
-        other => format!("{who}: {}", other.verb().as_str()),
-    }
-}
-
-async fn act(app: Arc<App>, s: Session, target: Target, f: ActForm) -> Response {
-    let target_name = target.to_string();
-    let detail = format!("{} {}", f.verb, f.words.trim()).trim().to_owned();
-    if !session::same(&f.csrf, &s.csrf) {
-        app.log(&s, &f.verb, &target_name, &detail, "refused: no valid CSRF token");
-        return app.message(
-            StatusCode::FORBIDDEN,
-            Some(&s),
-            "Refused",
-            "the form did not come from this page (CSRF token missing or wrong)",
-        );
-    }
-    if s.role < Role::Operator {
-        app.log(&s, &f.verb, &target_name, &detail, "refused: viewers cannot act");
-        return app.message(
-            StatusCode::FORBIDDEN,
-            Some(&s),
-            "Refused",
-            &format!("{} is a viewer: viewers see, operators act", s.user),
-        );
-    }
-    let confirmed = f.confirm == "yes";
-    let package_verb = matches!(f.verb.as_str(), "install" | "upgrade" | "uninstall" | "rollback");
-    let args = match command(&f.verb, &f.words, !confirmed && package_verb) {
-        Ok(a) => a,
-        Err(e) => return app.message(StatusCode::BAD_REQUEST, Some(&s), "Not sent", &e),
-    };
-    let back = match &target {
-        Target::Device(d) => format!("/device/{d}"),
-        Target::Group(g) => format!("/?group={g}"),
-    };
-    if !confirmed {
-        // The dry run: what apt on each device would do, nothing changed.
-        let plan = if package_verb {
-            let dry = Act { target: target.clone(), args: args.clone(), by: s.user.clone() };
-            match app.backend.act(dry).await {
-                Ok(lines) => lines,
-                Err(e) => vec![format!("the dry run failed: {e}")],
-            }
-        } else {
-            Vec::new()
-        };
-        let ctx = minijinja::context! {
-            session => view_session(&s), what => describe(&target, &args), plan,
-            action => match &target { Target::Device(d) => format!("/device/{d}/act"), Target::Group(g) => format!("/group/{g}/act") },
-            verb => f.verb, words => f.words, back,
-        };
-        return app.render("confirm.html", ctx);
-    }
-    if !app.log(&s, &f.verb, &target_name, &detail, "sent") {
-        return app.message(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some(&s),
-            "Not sent",
-            "the audit log cannot be written, so nothing was sent",
-        );
-    }
-    match app.backend.act(Act { target, args, by: s.user.clone() }).await {
-        Ok(_) => Redirect::to(&back).into_response(),
-        Err(e) => {
-            app.log(&s, &f.verb, &target_name, &detail, &format!("failed: {e}"));
-            app.message(StatusCode::BAD_GATEWAY, Some(&s), "Not sent", &e)
-        }
-    }
 }
 
 #[cfg(test)]

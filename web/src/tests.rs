@@ -42,7 +42,15 @@ impl Backend for Fake {
             packages: vec![PackageRow { name: "hello".into(), version: "2.0".into(), status: "installed".into() }],
             units: vec![],
             ops: vec![],
-            cfg: "{}".into(),
+            cfg: Some(debfleet_protocol::RuntimeCfg::default()),
+            telemetry: {
+                let now = debfleet_protocol::time::now_unix_ms() / 1000;
+                vec![
+                    history::Point { t: now - 600, cpu: Some(12.0), memory: Some(40.0), disk: None },
+                    history::Point { t: now - 60, cpu: Some(30.0), memory: Some(41.0), disk: None },
+                ]
+            },
+            logs: vec![history::LogRow::new("2026-12-04T10:00:00.000Z", "warn", "hello", "<b>disk</b> filling")],
         })
     }
     fn updates(&self) -> broadcast::Receiver<Update> {
@@ -66,7 +74,7 @@ struct Site {
 fn site() -> Site {
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
-    let mut u = Users::load(&users).unwrap();
+    let mut u = users::Users::load(&users).unwrap();
     u.add("ana", Role::Operator, "operator pw").unwrap();
     u.add("vic", Role::Viewer, "viewer pw 1").unwrap();
     let audit = dir.path().join("audit.log");
@@ -197,4 +205,76 @@ async fn open_pages_get_updates_as_server_sent_events() {
     let chunk = futures_util::StreamExt::next(&mut body).await.unwrap().unwrap();
     let text = String::from_utf8_lossy(&chunk);
     assert!(text.contains("event: device") && text.contains(r#""status":"lost""#), "{text}");
+
+    // A device's page also gets its telemetry and logs; the fleet page and other devices' pages
+    // do not.
+    let page = s.router.clone().oneshot(get("/events?device=lab-1", Some(&cookie))).await.unwrap();
+    let mut page = page.into_body().into_data_stream();
+    let point = history::Point { t: 1, cpu: Some(5.0), memory: None, disk: None };
+    s.fake.tx.send(Update::Telemetry { device: "lab-2".into(), point }).unwrap();
+    s.fake.tx.send(Update::Telemetry { device: "lab-1".into(), point }).unwrap();
+    s.fake.tx.send(Update::Device(row("lab-1", "online"))).unwrap();
+    let chunk = futures_util::StreamExt::next(&mut page).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&chunk);
+    assert!(text.contains("event: telemetry") && text.contains(r#""device":"lab-1""#), "{text}");
+    let chunk = futures_util::StreamExt::next(&mut body).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&chunk);
+    assert!(text.contains("event: device") && text.contains(r#""status":"online""#), "{text}");
+}
+
+#[tokio::test]
+async fn the_device_page_plots_telemetry_and_lists_log_lines_escaped() {
+    let s = site();
+    let (cookie, _) = sign_in(&s, "vic", "viewer+pw+1").await;
+    let (status, _, page) = send(&s.router, get("/device/lab-1", Some(&cookie))).await;
+    assert_eq!(status, StatusCode::OK);
+    // Two points on the CPU and memory plots (x seconds into the six hours, y = 100 - value),
+    // none on the disk's.
+    let cpu = page.split(r#"id="plot-cpu""#).nth(1).unwrap().split("/>").next().unwrap();
+    assert!(cpu.contains(",88.0 ") && cpu.contains(",70.0\""), "{cpu}");
+    assert!(page.contains(r#"id="last-cpu">30 %"#) && page.contains(r#"id="last-disk">no samples yet"#), "{page}");
+    assert!(page.contains("&lt;b&gt;disk") && page.contains(" filling") && !page.contains("<b>disk"), "{page}");
+}
+
+#[tokio::test]
+async fn the_cfg_editor_names_every_wrong_field_and_sends_only_what_changed() {
+    let s = site();
+    let (viewer, viewer_csrf) = sign_in(&s, "vic", "viewer+pw+1").await;
+    let (op, csrf) = sign_in(&s, "ana", "operator+pw").await;
+    let (status, _, page) = send(&s.router, get("/device/lab-1/cfg", Some(&op))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(r#"name="f:logs.level" value="info""#), "{page}");
+    assert!(page.contains(r#"name="f:telemetry.cpu.interval_s" value="10""#), "{page}");
+    // Two wrong fields: each named beside itself, nothing sent.
+    let body = format!("csrf={csrf}&f%3Alogs.level=loud&f%3Atelemetry.cpu.interval_s=0&f%3Alogs.batch_s=5");
+    let (status, _, page) = send(&s.router, form("/device/lab-1/cfg", Some(&op), &body)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let error_of = |key: &str| {
+        let cell = page.split(&format!(r#"id="err-{key}">"#)).nth(1).unwrap();
+        cell[..cell.find("</td>").unwrap()].to_owned()
+    };
+    assert!(error_of("logs.level").contains("is not one of error, warn, info"), "{page}");
+    assert!(error_of("telemetry.cpu.interval_s").contains("outside 1..=86400"), "{page}");
+    assert_eq!(error_of("logs.batch_s"), "");
+    assert!(page.contains(r#"name="f:logs.level" value="loud""#), "what was typed stays: {page}");
+    assert!(s.fake.asked.lock().unwrap().is_empty());
+    // A viewer's POST and a forged one are refused.
+    let body = format!("csrf={viewer_csrf}&f%3Alogs.level=debug");
+    assert_eq!(send(&s.router, form("/device/lab-1/cfg", Some(&viewer), &body)).await.0, StatusCode::FORBIDDEN);
+    let body = "f%3Alogs.level=debug";
+    assert_eq!(send(&s.router, form("/device/lab-1/cfg", Some(&op), body)).await.0, StatusCode::FORBIDDEN);
+    assert!(s.fake.asked.lock().unwrap().is_empty());
+    // A good change: only the changed key goes, by the signed-in user, audited.
+    let body = format!("csrf={csrf}&f%3Alogs.level=debug&f%3Alogs.batch_s=5&f%3Aprofile=default");
+    let (status, headers, _) = send(&s.router, form("/device/lab-1/cfg", Some(&op), &body)).await;
+    assert_eq!(
+        (status, headers.get(header::LOCATION).unwrap().to_str().unwrap()),
+        (StatusCode::SEE_OTHER, "/device/lab-1")
+    );
+    let asked = s.fake.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].args, CommandArgs::Cfg { set: serde_json::json!({"logs": {"level": "debug"}}) });
+    assert_eq!(asked[0].by, "ana");
+    let text = std::fs::read_to_string(&s.audit).unwrap();
+    assert!(text.contains(r#""action":"cfg","target":"device/lab-1","detail":"logs.level=\"debug\"""#), "{text}");
 }

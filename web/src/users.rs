@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -81,6 +83,11 @@ impl Users {
         Ok(Users { path: path.to_owned(), users, decoy })
     }
 
+    /// Nobody: what a server falls back to when its users cannot be read at all.
+    fn empty(path: &Path) -> Users {
+        Users { path: path.to_owned(), users: BTreeMap::new(), decoy: String::new() }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
@@ -125,6 +132,44 @@ impl Users {
     }
 }
 
+/// The users file as the running server sees it: read again when it changes, so a user added
+/// with `debfleet web user add` can sign in without a restart. A file that no longer reads is
+/// reported and the users read before are kept.
+pub struct UsersFile {
+    path: PathBuf,
+    current: Mutex<(Option<SystemTime>, Arc<Users>)>,
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl UsersFile {
+    pub fn open(path: &Path) -> Result<UsersFile, UserError> {
+        let stamp = modified(path);
+        let users = Users::load(path)?;
+        Ok(UsersFile { path: path.to_owned(), current: Mutex::new((stamp, Arc::new(users))) })
+    }
+
+    pub fn current(&self) -> Arc<Users> {
+        let Ok(mut cur) = self.current.lock() else {
+            // Poisoned only by a panic while reloading; the file is read again below.
+            return Arc::new(Users::load(&self.path).unwrap_or_else(|_| Users::empty(&self.path)));
+        };
+        let stamp = modified(&self.path);
+        if stamp != cur.0 {
+            match Users::load(&self.path) {
+                Ok(users) => *cur = (stamp, Arc::new(users)),
+                Err(e) => {
+                    tracing::warn!("{e}; keeping the users read before");
+                    cur.0 = stamp;
+                }
+            }
+        }
+        cur.1.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +195,20 @@ mod tests {
         assert_eq!(again.check("nobody", "correct horse"), None);
         std::fs::write(&path, "ana superuser $argon2id$x\n").unwrap();
         assert!(Users::load(&path).err().unwrap().to_string().contains("line 1"));
+    }
+
+    #[test]
+    fn a_running_server_sees_users_added_later_and_keeps_its_users_when_the_file_breaks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let file = UsersFile::open(&path).unwrap();
+        assert!(file.current().is_empty());
+        Users::load(&path).unwrap().add("ana", Role::Operator, "correct horse").unwrap();
+        assert_eq!(file.current().check("ana", "correct horse"), Some(Role::Operator));
+        // Another modification time, so the change is seen whatever the file system's clock grain.
+        std::fs::write(&path, "garbage\n").unwrap();
+        let later = SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(later).unwrap();
+        assert_eq!(file.current().check("ana", "correct horse"), Some(Role::Operator));
     }
 }

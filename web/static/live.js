@@ -2,7 +2,9 @@
 // place; nothing else on the page is rendered again.
 (function () {
   "use strict";
-  var source = new EventSource("/events");
+  var page = document.getElementById("device");
+  // A device's page also gets that device's telemetry and log lines.
+  var source = new EventSource("/events" + (page ? "?device=" + encodeURIComponent(page.dataset.device) : ""));
   // Reads the device page again and swaps in its tables that the pages do not update row by
   // row (packages, units), at most once per second.
   var refreshing = null;
@@ -91,5 +93,58 @@
     setText(row, "detail", o.detail);
     if (o.state === "succeeded" || o.state === "failed") refreshTables();
   });
+  // A sample: a point on each plot (the step's point moves when the sample is in the same
+  // step), and the view slides so its right edge is the newest point.
+  source.addEventListener("telemetry", function (e) {
+    var u = JSON.parse(e.data);
+    var plots = document.getElementById("plots");
+    if (!plots) return;
+    var start = Number(plots.dataset.start), span = Number(plots.dataset.span), step = Number(plots.dataset.step);
+    var x = u.point.t - start;
+    ["cpu", "memory", "disk"].forEach(function (m) {
+      var v = u.point[m];
+      var line = document.getElementById("plot-" + m);
+      if (v === null || v === undefined || !line) return;
+      var pts = line.getAttribute("points").trim().split(/\s+/).filter(Boolean);
+      var last = pts.length ? Number(pts[pts.length - 1].split(",")[0]) : -Infinity;
+      var here = x + "," + (100 - Math.max(0, Math.min(100, v))).toFixed(1);
+      if (Math.floor((last + start) / step) === Math.floor(u.point.t / step)) pts[pts.length - 1] = here;
+      else pts.push(here);
+      line.setAttribute("points", pts.join(" "));
+      var svg = line.ownerSVGElement;
+      var left = Math.max(0, x - span);
+      if (x > span) svg.setAttribute("viewBox", left + " 0 " + span + " 100");
+      var dot = document.getElementById("dot-" + m);
+      dot.hidden = false;
+      dot.style.left = ((x - left) * 100 / span).toFixed(2) + "%";
+      dot.style.top = (100 - Math.max(0, Math.min(100, v))).toFixed(1) + "%";
+      document.getElementById("last-" + m).textContent = Math.round(v) + " %";
+    });
+  });
+  source.addEventListener("logs", function (e) {
+    var u = JSON.parse(e.data);
+    var table = document.getElementById("logs");
+    if (!table) return;
+    var body = table.tBodies[0];
+    var none = body.querySelector("tr.none");
+    if (none) none.remove();
+    u.lines.forEach(function (l) {
+      var row = document.createElement("tr");
+      row.className = "level-" + l.level;
+      [l.ts, l.level, l.target, l.msg].forEach(function (text) {
+        var td = document.createElement("td");
+        td.textContent = text;
+        row.appendChild(td);
+      });
+      body.insertBefore(row, body.firstChild);
+    });
+    while (body.rows.length > 20) body.deleteRow(body.rows.length - 1);
+  });
   source.addEventListener("reload", function () { location.reload(); });
+  // A page left for another may be kept whole to come back to (the back/forward cache), its
+  // stream open: the browser has six connections to a server over HTTP/1.1, and kept pages
+  // holding them left new pages waiting. The stream closes when the page is left; a page shown
+  // again from that cache is read anew, since it missed the updates meanwhile.
+  window.addEventListener("pagehide", function () { source.close(); });
+  window.addEventListener("pageshow", function (e) { if (e.persisted) location.reload(); });
 })();
