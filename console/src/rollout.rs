@@ -216,10 +216,40 @@ struct World {
     fleet: Fleet,
     devices: BTreeMap<DeviceId, DesiredRecord>,
     groups: BTreeMap<GroupName, DesiredRecord>,
-    specs: BTreeMap<RolloutId, RolloutSpec>,
-    states: BTreeMap<RolloutId, RolloutState>,
-    controls: BTreeMap<RolloutId, RolloutControl>,
-    leases: BTreeMap<RolloutId, Lease>,
+    rollouts: Rollouts,
+}
+
+/// The rollouts' retained messages (`rollout/ID/spec|state|control|lease`), as the broker
+/// holds them; also what the web console shows.
+#[derive(Default)]
+pub struct Rollouts {
+    pub specs: BTreeMap<RolloutId, RolloutSpec>,
+    pub states: BTreeMap<RolloutId, RolloutState>,
+    pub controls: BTreeMap<RolloutId, RolloutControl>,
+    pub leases: BTreeMap<RolloutId, Lease>,
+}
+
+impl Rollouts {
+    /// One retained message (empty: deleted); why not, for one that does not parse.
+    pub fn apply(&mut self, id: RolloutId, part: RolloutPart, payload: &[u8]) -> Result<(), String> {
+        if payload.is_empty() {
+            match part {
+                RolloutPart::Spec => self.specs.remove(&id).map(|_| ()),
+                RolloutPart::State => self.states.remove(&id).map(|_| ()),
+                RolloutPart::Control => self.controls.remove(&id).map(|_| ()),
+                RolloutPart::Lease => self.leases.remove(&id).map(|_| ()),
+            };
+            return Ok(());
+        }
+        match part {
+            RolloutPart::Spec => RolloutSpec::parse(payload)
+                .and_then(|s| if s.id == id { Ok(s) } else { Err("its id is not its topic's".into()) })
+                .map(|s| drop(self.specs.insert(id, s))),
+            RolloutPart::State => parse::<RolloutState>(payload).map(|s| drop(self.states.insert(id, s))),
+            RolloutPart::Control => RolloutControl::parse(payload).map(|c| drop(self.controls.insert(id, c))),
+            RolloutPart::Lease => parse::<Lease>(payload).map(|l| drop(self.leases.insert(id, l))),
+        }
+    }
 }
 
 impl World {
@@ -238,32 +268,7 @@ impl World {
                 (false, Err(e)) => refused("a desired-state record", e),
             },
             Topic::Rollout(id, part) => {
-                if payload.is_empty() {
-                    match part {
-                        RolloutPart::Spec => self.specs.remove(&id).map(|_| ()),
-                        RolloutPart::State => self.states.remove(&id).map(|_| ()),
-                        RolloutPart::Control => self.controls.remove(&id).map(|_| ()),
-                        RolloutPart::Lease => self.leases.remove(&id).map(|_| ()),
-                    };
-                    return;
-                }
-                let r = match part {
-                    RolloutPart::Spec => RolloutSpec::parse(payload)
-                        .and_then(|s| if s.id == id { Ok(s) } else { Err("its id is not its topic's".into()) })
-                        .map(|s| {
-                            self.specs.insert(id, s);
-                        }),
-                    RolloutPart::State => parse::<RolloutState>(payload).map(|s| {
-                        self.states.insert(id, s);
-                    }),
-                    RolloutPart::Control => RolloutControl::parse(payload).map(|c| {
-                        self.controls.insert(id, c);
-                    }),
-                    RolloutPart::Lease => parse::<Lease>(payload).map(|l| {
-                        self.leases.insert(id, l);
-                    }),
-                };
-                if let Err(e) = r {
+                if let Err(e) = self.rollouts.apply(id, part, payload) {
                     refused("a rollout message", e);
                 }
             }
@@ -337,13 +342,13 @@ fn publish_json<T: serde::Serialize>(topics: &Topics, topic: Topic, value: &T) -
 
 async fn create(ctx: &Ctx, spec: RolloutSpec, json: bool) -> Result<u8> {
     let (session, world) = read(ctx, "the fleet and its rollouts", true).await?;
-    if world.specs.contains_key(&spec.id) {
+    if world.rollouts.specs.contains_key(&spec.id) {
         session.disconnect().await;
         return Err(usage(format!("a rollout {} exists already; choose another --id", spec.id)));
     }
-    let busy = world.specs.values().find(|s| {
+    let busy = world.rollouts.specs.values().find(|s| {
         s.group == spec.group
-            && world.states.get(&s.id).is_none_or(|st| !st.phase.is_final() || st.phase == Phase::Halted)
+            && world.rollouts.states.get(&s.id).is_none_or(|st| !st.phase.is_final() || st.phase == Phase::Halted)
     });
     if let Some(other) = busy {
         session.disconnect().await;
@@ -374,29 +379,16 @@ async fn create(ctx: &Ctx, spec: RolloutSpec, json: bool) -> Result<u8> {
     Ok(0)
 }
 
-fn stage_word(s: &Stage) -> &'static str {
-    match s {
-        Stage::Pending => "pending",
-        Stage::Converged { .. } => "watching",
-        Stage::Healthy => "healthy",
-        Stage::Failed { .. } => "failed",
-        Stage::Offline => "offline",
-        Stage::Reverting => "reverting",
-        Stage::Reverted => "reverted",
-    }
-}
-
 async fn status(ctx: &Ctx, id: &RolloutId, json: bool, follow: bool) -> Result<u8> {
     let (mut session, mut world) = read(ctx, "the rollouts", false).await?;
-    let Some(spec) = world.specs.get(id).cloned() else {
+    let Some(spec) = world.rollouts.specs.get(id).cloned() else {
         session.disconnect().await;
         return Err(anyhow!(usage(format!("the broker has no rollout {id}"))));
     };
     let show = |world: &World| -> Result<()> {
-        let state = world.states.get(id);
+        let state = world.rollouts.states.get(id);
         if json {
-            let out =
-                json!({"spec": spec, "state": state, "control": world.controls.get(id), "lease": world.leases.get(id)});
+            let out = json!({"spec": spec, "state": state, "control": world.rollouts.controls.get(id), "lease": world.rollouts.leases.get(id)});
             // One line per change when following (NDJSON), pretty otherwise.
             println!("{}", if follow { serde_json::to_string(&out)? } else { serde_json::to_string_pretty(&out)? });
         } else {
@@ -409,14 +401,14 @@ async fn status(ctx: &Ctx, id: &RolloutId, json: bool, follow: bool) -> Result<u
     if follow {
         let topic = ctx.topics.name(&Topic::Rollout(id.clone(), RolloutPart::State));
         let mut sigint = signal(SignalKind::interrupt())?;
-        while !world.states.get(id).is_some_and(|s| s.phase.is_final()) {
+        while !world.rollouts.states.get(id).is_some_and(|s| s.phase.is_final()) {
             let m = tokio::select! {
                 m = session.recv() => m?,
                 _ = sigint.recv() => break,
             };
-            let before = world.states.get(id).cloned();
+            let before = world.rollouts.states.get(id).cloned();
             world.apply(&ctx.topics, &m.topic, &m.payload);
-            if m.topic == topic && world.states.get(id) != before.as_ref() {
+            if m.topic == topic && world.rollouts.states.get(id) != before.as_ref() {
                 if !json {
                     println!();
                 }
@@ -443,16 +435,14 @@ fn render(spec: &RolloutSpec, state: Option<&RolloutState>) -> String {
     let wave = state.wave.map(|w| format!(", wave {} of {}", w + 1, spec.waves.len())).unwrap_or_default();
     let reason = state.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
     let _ = writeln!(out, "{}{wave}{reason}", state.phase.as_str());
-    let words = ["pending", "watching", "healthy", "failed", "offline", "reverting", "reverted"];
     let mut rows = Vec::new();
-    for (w, size) in spec.waves.iter().enumerate() {
-        let of_wave: Vec<&str> =
-            state.devices.values().filter(|e| usize::from(e.wave) == w).map(|e| stage_word(&e.stage)).collect();
-        let mut row = vec![format!("{}", w + 1), size.to_string(), of_wave.len().to_string()];
-        row.extend(words.iter().map(|word| of_wave.iter().filter(|s| *s == word).count().to_string()));
+    for (w, (size, (n, counts))) in spec.waves.iter().zip(state.tally(spec.waves.len())).enumerate() {
+        let mut row = vec![format!("{}", w + 1), size.to_string(), n.to_string()];
+        row.extend(counts.iter().map(usize::to_string));
         rows.push(row);
     }
-    let header: Vec<String> = ["wave", "size", "devices"].iter().chain(&words).map(|h| h.to_uppercase()).collect();
+    let header: Vec<String> =
+        ["wave", "size", "devices"].iter().chain(&Stage::WORDS).map(|h| h.to_uppercase()).collect();
     out.push_str(&table(&header.iter().map(String::as_str).collect::<Vec<_>>(), &rows));
     let rows: Vec<Vec<String>> = state
         .devices
@@ -463,7 +453,7 @@ fn render(spec: &RolloutSpec, state: Option<&RolloutState>) -> String {
                 _ => String::new(),
             };
             let before: Vec<String> = e.before.iter().map(|(n, t)| format!("{n}={t}")).collect();
-            vec![d.to_string(), (e.wave + 1).to_string(), stage_word(&e.stage).into(), before.join(" "), why]
+            vec![d.to_string(), (e.wave + 1).to_string(), e.stage.word().into(), before.join(" "), why]
         })
         .collect();
     if !rows.is_empty() {
@@ -477,10 +467,11 @@ async fn list(ctx: &Ctx, json: bool) -> Result<u8> {
     let (session, world) = read(ctx, "the rollouts", false).await?;
     session.disconnect().await;
     let rows: Vec<(String, Vec<String>)> = world
+        .rollouts
         .specs
         .values()
         .map(|s| {
-            let st = world.states.get(&s.id);
+            let st = world.rollouts.states.get(&s.id);
             let phase = st.map_or("created", |st| st.phase.as_str()).to_owned();
             let wave = st.and_then(|st| st.wave).map(|w| format!("{}/{}", w + 1, s.waves.len())).unwrap_or_default();
             let packages: Vec<String> = s.packages.iter().map(|(n, t)| format!("{n}={t}")).collect();
@@ -489,9 +480,10 @@ async fn list(ctx: &Ctx, json: bool) -> Result<u8> {
         .collect();
     if json {
         let list: Vec<_> = world
+            .rollouts
             .specs
             .values()
-            .map(|s| json!({"id": s.id, "group": s.group, "packages": s.packages, "by": s.by, "phase": world.states.get(&s.id).map(|st| st.phase), "wave": world.states.get(&s.id).and_then(|st| st.wave)}))
+            .map(|s| json!({"id": s.id, "group": s.group, "packages": s.packages, "by": s.by, "phase": world.rollouts.states.get(&s.id).map(|st| st.phase), "wave": world.rollouts.states.get(&s.id).and_then(|st| st.wave)}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else if rows.is_empty() {
@@ -505,17 +497,51 @@ async fn list(ctx: &Ctx, json: bool) -> Result<u8> {
 
 async fn steer(ctx: &Ctx, s: Steer, action: Action) -> Result<u8> {
     let id = rollout_id(&s.id)?;
+    let (seq, applied) = steer_once(ctx, &id, action, operator(ctx)).await?;
+    let verb = action.as_str();
+    match applied {
+        Some(phase) => {
+            if s.json {
+                println!("{}", json!({"id": id, "action": verb, "seq": seq, "applied": true, "phase": phase}));
+            } else {
+                println!("rollout {id}: {verb} applied; now {}", phase.as_str());
+            }
+            Ok(0)
+        }
+        None => {
+            if s.json {
+                println!("{}", json!({"id": id, "action": verb, "seq": seq, "applied": false}));
+            } else {
+                println!("rollout {id}: {verb} is on the broker; no controller applied it within 15 s (is `debfleet rollout run` running?)");
+            }
+            Ok(crate::exit::FAILED)
+        }
+    }
+}
+
+/// Publishes the operator's control message for the rollout and waits up to 15 s for a
+/// controller to apply it: its sequence number, and the rollout's phase once applied (`None`:
+/// it waits on the broker for a controller). A rollout that does not exist, or whose phase the
+/// action does not apply to, is a usage error.
+pub async fn steer_once(ctx: &Ctx, id: &RolloutId, action: Action, by: String) -> Result<(u64, Option<Phase>)> {
+    let id = id.clone();
     let (mut session, world) = read(ctx, "the rollouts", false).await?;
-    if !world.specs.contains_key(&id) {
+    if !world.rollouts.specs.contains_key(&id) {
         session.disconnect().await;
         return Err(usage(format!("the broker has no rollout {id}")));
     }
-    if let Some(st) = world.states.get(&id).filter(|st| !debfleet_rollout::applies(action, st.phase)) {
+    if let Some(st) = world.rollouts.states.get(&id).filter(|st| !action.applies(st.phase)) {
         session.disconnect().await;
         return Err(usage(format!("rollout {id} is {}: nothing to {}", st.phase.as_str(), action.as_str())));
     }
-    let seq = world.controls.get(&id).map_or(0, |c| c.seq).max(world.states.get(&id).map_or(0, |s| s.control_seq)) + 1;
-    let control = RolloutControl { v: CONTRACT_VERSION, seq, action, by: operator(ctx), ts: time::now() };
+    let seq = world
+        .rollouts
+        .controls
+        .get(&id)
+        .map_or(0, |c| c.seq)
+        .max(world.rollouts.states.get(&id).map_or(0, |s| s.control_seq))
+        + 1;
+    let control = RolloutControl { v: CONTRACT_VERSION, seq, action, by, ts: time::now() };
     let (topic, payload) = publish_json(&ctx.topics, Topic::Rollout(id.clone(), RolloutPart::Control), &control);
     session.publish(topic, payload, true).await?;
     // Until a controller applies it, it only waits on the broker: say which.
@@ -534,25 +560,10 @@ async fn steer(ctx: &Ctx, s: Steer, action: Action) -> Result<u8> {
     })
     .await;
     session.close().await?;
-    let verb = action.as_str();
     match applied {
-        Ok(Ok(st)) => {
-            if s.json {
-                println!("{}", json!({"id": id, "action": verb, "seq": seq, "applied": true, "phase": st.phase}));
-            } else {
-                println!("rollout {id}: {verb} applied; now {}", st.phase.as_str());
-            }
-            Ok(0)
-        }
+        Ok(Ok(st)) => Ok((seq, Some(st.phase))),
         Ok(Err(e)) => Err(e),
-        Err(_) => {
-            if s.json {
-                println!("{}", json!({"id": id, "action": verb, "seq": seq, "applied": false}));
-            } else {
-                println!("rollout {id}: {verb} is on the broker; no controller applied it within 15 s (is `debfleet rollout run` running?)");
-            }
-            Ok(crate::exit::FAILED)
-        }
+        Err(_) => Ok((seq, None)),
     }
 }
 
@@ -593,15 +604,15 @@ pub async fn drive(ctx: &Ctx, exit_when_done: bool) -> Result<u8> {
         }
         let now = time::now_unix_ms();
         let mut sends: Vec<(String, Vec<u8>)> = Vec::new();
-        let ids: Vec<RolloutId> = world.specs.keys().cloned().collect();
+        let ids: Vec<RolloutId> = world.rollouts.specs.keys().cloned().collect();
         let mut busy = false;
         for id in ids {
-            let spec = world.specs[&id].clone();
-            let state = world.states.get(&id);
-            let control = world.controls.get(&id).filter(|c| c.seq > state.map_or(0, |s| s.control_seq));
+            let spec = world.rollouts.specs[&id].clone();
+            let state = world.rollouts.states.get(&id);
+            let control = world.rollouts.controls.get(&id).filter(|c| c.seq > state.map_or(0, |s| s.control_seq));
             // A rollout with nothing left to do needs no lease (an instruction wakes it).
             let done = state.is_some_and(|s| s.phase.is_final()) && control.is_none();
-            let lease = world.leases.get(&id);
+            let lease = world.rollouts.leases.get(&id);
             let ours = lease.is_some_and(|l| l.holder == holder);
             let free = lease.is_none_or(|l| l.expires_ms <= now || l.holder == holder);
             let claim = claims.remove(&id).unwrap_or(Claim::Idle);
@@ -622,7 +633,7 @@ pub async fn drive(ctx: &Ctx, exit_when_done: bool) -> Result<u8> {
                 Claim::Claimed { .. } if !ours => Claim::Idle,
                 Claim::Claimed { .. } => {
                     eprintln!("debfleet: driving rollout {id}");
-                    let resumed = world.states.get(&id).cloned();
+                    let resumed = world.rollouts.states.get(&id).cloned();
                     let controller = Box::new(Controller::new(spec.clone(), resumed.clone(), now));
                     Claim::Held { controller, renewed: now, published: resumed }
                 }

@@ -9,10 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use debfleet_protocol::rollout::{Action, RolloutId};
 use debfleet_protocol::time::{now_unix_ms, parse_unix_ms};
 use debfleet_protocol::{CommandArgs, DeviceId, LogBatch, OpRecord, PackageResult, Role, Telemetry, Topic};
 use debfleet_web::history::{History, LogRow, Point};
-use debfleet_web::{Act, Backend, BoxFuture, DeviceDetail, DeviceRow, OpRow, PackageRow, UnitRow, Update};
+use debfleet_web::{Act, Backend, BoxFuture, DeviceDetail, DeviceRow, OpRow, PackageRow, RolloutView, UnitRow, Update};
+
+use crate::rollout::Rollouts;
 use tokio::sync::broadcast;
 
 use crate::fleet::{Change, Device, Fleet};
@@ -107,6 +110,7 @@ impl Server {
             ctx: ctx.clone(),
             fleet: Mutex::default(),
             history: Mutex::default(),
+            rollouts: Mutex::default(),
             tx: broadcast::channel(1024).0,
         });
         let config =
@@ -151,6 +155,7 @@ struct Live {
     ctx: Ctx,
     fleet: Mutex<Fleet>,
     history: Mutex<History>,
+    rollouts: Mutex<Rollouts>,
     tx: broadcast::Sender<Update>,
 }
 
@@ -175,9 +180,20 @@ impl Live {
             prefix: self.ctx.topics.prefix(),
         };
         let mut session = Session::connect(opts).await?;
-        session.subscribe_view(&[self.ctx.topics.fleet_filter()]).await?;
+        session.subscribe_view(&[self.ctx.topics.fleet_filter(), self.ctx.topics.rollout_filter()]).await?;
         loop {
             let msg = session.recv().await?;
+            if let Ok(Topic::Rollout(id, part)) = self.ctx.topics.parse(&msg.topic) {
+                let Ok(mut rollouts) = self.rollouts.lock() else { bail!("the rollouts' lock is poisoned") };
+                match rollouts.apply(id.clone(), part, &msg.payload) {
+                    Ok(()) => {
+                        let phase = rollouts.states.get(&id).map_or("created", |s| s.phase.as_str());
+                        let _ = self.tx.send(Update::Rollout { id: id.to_string(), phase: phase.to_owned() });
+                    }
+                    Err(e) => tracing::debug!("ignoring a rollout message on {}: {e}", msg.topic),
+                }
+                continue;
+            }
             let update = {
                 let Ok(mut fleet) = self.fleet.lock() else { bail!("the fleet's lock is poisoned") };
                 match fleet.apply(&self.ctx.topics, &msg.topic, &msg.payload) {
@@ -318,6 +334,28 @@ impl Backend for Live {
 
     fn updates(&self) -> broadcast::Receiver<Update> {
         self.tx.subscribe()
+    }
+
+    fn rollouts(&self) -> Vec<RolloutView> {
+        let Ok(r) = self.rollouts.lock() else { return Vec::new() };
+        r.specs
+            .values()
+            .map(|spec| RolloutView { spec: spec.clone(), state: r.states.get(&spec.id).cloned() })
+            .collect()
+    }
+
+    fn steer(&self, id: RolloutId, action: Action, by: String) -> BoxFuture<Result<String, String>> {
+        let ctx = self.ctx.clone();
+        Box::pin(async move {
+            match crate::rollout::steer_once(&ctx, &id, action, by).await {
+                Ok((_, Some(phase))) => Ok(format!("{} applied; now {}", action.as_str(), phase.as_str())),
+                Ok((_, None)) => Err(format!(
+                    "{} is on the broker, but no controller applied it within 15 s (is `debfleet rollout run` or `debfleet serve` running?)",
+                    action.as_str()
+                )),
+                Err(e) => Err(format!("{e:#}")),
+            }
+        })
     }
 
     fn act(&self, act: Act) -> BoxFuture<Result<Vec<String>, String>> {

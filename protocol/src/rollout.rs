@@ -227,6 +227,26 @@ pub enum Stage {
     Reverting,
 }
 
+impl Stage {
+    /// The words an operator is told, in the order waves are tallied ([`RolloutState::tally`]).
+    pub const WORDS: [&'static str; 7] =
+        ["pending", "watching", "healthy", "failed", "offline", "reverting", "reverted"];
+
+    /// What an operator is told: `watching` for a converged device under watch, else the
+    /// wire's word.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Stage::Pending => "pending",
+            Stage::Converged { .. } => "watching",
+            Stage::Healthy => "healthy",
+            Stage::Failed { .. } => "failed",
+            Stage::Offline => "offline",
+            Stage::Reverting => "reverting",
+            Stage::Reverted => "reverted",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutDevice {
     /// The wave (from 0) that reached it.
@@ -262,6 +282,22 @@ pub struct RolloutState {
     pub ts: String,
 }
 
+impl RolloutState {
+    /// For each of `waves` waves, its devices and how many are at each of [`Stage::WORDS`].
+    pub fn tally(&self, waves: usize) -> Vec<(usize, [usize; 7])> {
+        let mut out = vec![(0, [0; 7]); waves];
+        for e in self.devices.values() {
+            if let Some((n, counts)) = out.get_mut(usize::from(e.wave)) {
+                *n += 1;
+                if let Some(i) = Stage::WORDS.iter().position(|w| *w == e.stage.word()) {
+                    counts[i] += 1;
+                }
+            }
+        }
+        out
+    }
+}
+
 /// An operator's instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -277,6 +313,18 @@ pub enum Action {
 
 impl Action {
     pub const ALL: [Action; 5] = [Action::Pause, Action::Resume, Action::Abort, Action::Retry, Action::Rollback];
+
+    /// Whether the instruction means anything in this phase (consoles refuse the others; the
+    /// controller ignores them).
+    pub fn applies(self, phase: Phase) -> bool {
+        match self {
+            Action::Pause => phase == Phase::Running,
+            Action::Resume => phase == Phase::Paused,
+            Action::Abort => matches!(phase, Phase::Running | Phase::Paused | Phase::Halted),
+            Action::Retry => phase != Phase::RollingBack,
+            Action::Rollback => phase != Phase::RolledBack,
+        }
+    }
 
     /// The word on the wire (and the console's subcommand).
     pub fn as_str(self) -> &'static str {

@@ -19,18 +19,6 @@ use debfleet_protocol::desired::{Convergence, DesiredRecord, DesiredReport, Targ
 use debfleet_protocol::rollout::{Action, Phase, RolloutControl, RolloutDevice, RolloutSpec, RolloutState, Stage};
 use debfleet_protocol::{time, DeviceId, ErrorCode, OpError, CONTRACT_VERSION};
 
-/// Whether an operator's instruction means anything in this phase (the console refuses the
-/// others; the controller ignores them).
-pub fn applies(action: Action, phase: Phase) -> bool {
-    match action {
-        Action::Pause => phase == Phase::Running,
-        Action::Resume => phase == Phase::Paused,
-        Action::Abort => matches!(phase, Phase::Running | Phase::Paused | Phase::Halted),
-        Action::Retry => phase != Phase::RollingBack,
-        Action::Rollback => phase != Phase::RolledBack,
-    }
-}
-
 /// What the broker holds of one device, as far as a rollout cares.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceView {
@@ -99,7 +87,7 @@ impl Controller {
         let mut out = Vec::new();
         let phase = self.state.phase;
         self.state.ts = time::format_unix_ms(now_ms);
-        if !applies(c.action, phase) {
+        if !c.action.applies(phase) {
             return out;
         }
         match c.action {

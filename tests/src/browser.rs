@@ -200,6 +200,16 @@ impl Browser {
         self.call("POST", &format!("/element/{e}/value"), Some(json!({"text": text})));
     }
 
+    /// Clicks something that loads another page (a form's button, a link), and waits until the
+    /// new page has loaded, so that what is read next is read from it.
+    pub fn click_and_load(&self, css: &str) {
+        self.script("window.debfleetOldPage = true;");
+        self.click(css);
+        self.wait(Duration::from_secs(30), "the next page", |b| {
+            b.script("return window.debfleetOldPage === undefined && document.readyState === 'complete';") == true
+        });
+    }
+
     pub fn click(&self, css: &str) {
         let e = self.element(css);
         self.call("POST", &format!("/element/{e}/click"), Some(json!({})));

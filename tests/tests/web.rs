@@ -81,7 +81,9 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
     let repo = RepoServer::start(&[]);
     let work = tempfile::tempdir().unwrap();
-    assert!(repo.publish(&service_deb(work.path(), "wb-app", "1.0", false), "stable").status.success());
+    for v in ["1.0", "2.0"] {
+        assert!(repo.publish(&service_deb(work.path(), "wb-app", v, false), "stable").status.success());
+    }
     let mut host = Agent::start(AgentSpec { id: "web-1", port: m.port, groups: &["lab"], extra: "" });
     let dev = Device::boot("web-2");
     let config = format!(
@@ -136,7 +138,7 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     assert!(b.text("#plan").contains("wb-app - → 1.0"), "the dry run: {}", b.text("main"));
     assert_eq!(dev.dpkg_version("wb-app"), None, "the dry run installed it");
     b.screenshot(&screenshots().join("confirm.png"));
-    b.click("#confirm");
+    b.click_and_load("#confirm");
     b.element("#ops");
     b.script("window.notReloaded = 7;");
     b.wait(Duration::from_secs(180), "the install to succeed on the page", |b| {
@@ -158,10 +160,10 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
 
     // The cfg editor: two wrong fields are each named beside themselves and nothing is sent;
     // a good value reaches the device, which publishes its new configuration.
-    b.click("#edit-cfg");
+    b.click_and_load("#edit-cfg");
     b.replace_text(r#"input[name="f:logs.level"]"#, "loud");
     b.replace_text(r#"input[name="f:telemetry.memory.interval_s"]"#, "0");
-    b.click("#send-cfg");
+    b.click_and_load("#send-cfg");
     b.wait(Duration::from_secs(10), "the errors beside the fields", |b| {
         b.text(r#"[id="err-logs.level"]"#).contains("is not one of")
             && b.text(r#"[id="err-telemetry.memory.interval_s"]"#).contains("outside 1..=86400")
@@ -169,14 +171,49 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     b.screenshot(&screenshots().join("cfg-errors.png"));
     b.replace_text(r#"input[name="f:logs.level"]"#, "debug");
     b.replace_text(r#"input[name="f:telemetry.memory.interval_s"]"#, "30");
-    b.click("#send-cfg");
+    b.replace_text(r#"input[name="f:groups"]"#, r#"["lab", "edge"]"#);
+    b.click_and_load("#send-cfg");
     obs.wait("debfleet/device/web-2/cfg", Duration::from_secs(30), |v| {
-        v["logs"]["level"] == "debug" && v["telemetry"]["memory"]["interval_s"] == 30
+        v["logs"]["level"] == "debug" && v["telemetry"]["memory"]["interval_s"] == 30 && v["groups"][1] == "edge"
     });
     b.wait(Duration::from_secs(30), "the page to show the new configuration", |b| {
         b.go(&format!("{base}/device/web-2"));
         b.text("#cfg").contains("\"debug\"")
     });
+
+    // A rollout on the web: its waves follow the controller live, and the operator rolls the
+    // whole rollout back from the page, after a confirmation that says what will happen.
+    let _controller = Web {
+        child: Command::new(bin("debfleet"))
+            .args(["rollout", "run"])
+            .env("DEBFLEET_BROKER", m.url())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let out = console(
+        &m.url(),
+        &["rollout", "create", "--group", "edge", "--id", "web-r1", "wb-app=2.0", "--waves", "100%", "--watch", "0s"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    b.go(&format!("{base}/rollouts"));
+    b.click_and_load("#rollout-web-r1 a");
+    b.element("#waves");
+    b.script("window.notReloaded = 9;");
+    b.wait(Duration::from_secs(120), "the rollout to succeed on the page", |b| b.text("#phase") == "succeeded");
+    assert!(b.text("#waves").contains("1 100% 1 0 0 1"), "{}", b.text("#waves"));
+    assert!(b.text("#rollout-devices").contains("web-2 1 healthy wb-app=1.0"), "{}", b.text("#rollout-devices"));
+    assert_eq!(b.script("return window.notReloaded;"), 9, "the page was reloaded");
+    assert_eq!(dev.dpkg_version("wb-app").as_deref(), Some("2.0"));
+    b.click_and_load("#control-rollback");
+    b.wait(Duration::from_secs(10), "the confirmation", |b| {
+        b.text("#what").contains("goes back to the version it had before")
+    });
+    b.click_and_load("#confirm");
+    b.wait(Duration::from_secs(120), "the rollback on the page", |b| b.text("#phase") == "rolled_back");
+    assert_eq!(dev.dpkg_version("wb-app").as_deref(), Some("1.0"));
+    b.screenshot(&screenshots().join("rollout.png"));
 
     // A forged form (no CSRF token) is refused, and nothing is sent.
     assert_eq!(post_from_page(&b, "/device/web-2/act", "{verb: 'uninstall', words: 'wb-app', confirm: 'yes'}"), 403);

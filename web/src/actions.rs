@@ -139,7 +139,21 @@ pub(crate) fn permit(
 /// Logs the action as sent, then sends it; the answer is the page to go back to, or why not.
 pub(crate) async fn send(app: &App, s: &Session, act: Act, action: &str, detail: &str, back: &str) -> Response {
     let target = act.target.to_string();
-    if !app.log(s, action, &target, detail, "sent") {
+    logged(app, s, action, &target, detail, back, || app.backend.act(act)).await
+}
+
+/// Logs the action as sent, then sends it (`send` is called only once the log has it: a backend
+/// may send as soon as it is called); a failure is logged too.
+pub(crate) async fn logged<T, F: std::future::Future<Output = Result<T, String>>>(
+    app: &App,
+    s: &Session,
+    action: &str,
+    target: &str,
+    detail: &str,
+    back: &str,
+    send: impl FnOnce() -> F,
+) -> Response {
+    if !app.log(s, action, target, detail, "sent") {
         return app.message(
             StatusCode::SERVICE_UNAVAILABLE,
             Some(s),
@@ -147,10 +161,10 @@ pub(crate) async fn send(app: &App, s: &Session, act: Act, action: &str, detail:
             "the audit log cannot be written, so nothing was sent",
         );
     }
-    match app.backend.act(act).await {
+    match send().await {
         Ok(_) => Redirect::to(back).into_response(),
         Err(e) => {
-            app.log(s, action, &target, detail, &format!("failed: {e}"));
+            app.log(s, action, target, detail, &format!("failed: {e}"));
             app.message(StatusCode::BAD_GATEWAY, Some(s), "Not sent", &e)
         }
     }
@@ -186,7 +200,7 @@ async fn act(app: Arc<App>, s: Session, target: Target, f: ActForm) -> Response 
         let ctx = minijinja::context! {
             session => view_session(&s), what => describe(&target, &args), plan,
             action => match &target { Target::Device(d) => format!("/device/{d}/act"), Target::Group(g) => format!("/group/{g}/act") },
-            verb => f.verb, words => f.words, back,
+            fields => [("verb", f.verb), ("words", f.words)], back,
         };
         return app.render("confirm.html", ctx);
     }

@@ -28,6 +28,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
+use debfleet_protocol::rollout::{Action, RolloutId, RolloutSpec, RolloutState};
 use debfleet_protocol::{CommandArgs, DeviceId, GroupName, Role};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -36,6 +37,7 @@ mod actions;
 pub mod audit;
 mod cfg;
 pub mod history;
+mod rollouts;
 pub mod session;
 pub mod users;
 
@@ -123,6 +125,18 @@ pub enum Update {
         device: String,
         lines: Vec<history::LogRow>,
     },
+    /// A rollout's state changed (the pages read it again).
+    Rollout {
+        id: String,
+        phase: String,
+    },
+}
+
+/// A rollout as the broker holds it: what was asked, and the controller's state once one took it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RolloutView {
+    pub spec: RolloutSpec,
+    pub state: Option<RolloutState>,
 }
 
 impl Update {
@@ -133,6 +147,7 @@ impl Update {
             Update::Op { .. } => Some("op"),
             Update::Telemetry { device: d, .. } => (device == Some(d.as_str())).then_some("telemetry"),
             Update::Logs { device: d, .. } => (device == Some(d.as_str())).then_some("logs"),
+            Update::Rollout { .. } => Some("rollout"),
         }
     }
 }
@@ -171,6 +186,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Sends the command; resolves once it is on its way (the pages follow its records), or
     /// for a dry run once the devices answered: a line per device.
     fn act(&self, act: Act) -> BoxFuture<Result<Vec<String>, String>>;
+    /// Every rollout the broker holds, by id.
+    fn rollouts(&self) -> Vec<RolloutView>;
+    /// Sends an operator's control for the rollout; resolves once a controller applied it (or
+    /// why not: not applicable, or no controller within a while).
+    fn steer(&self, id: RolloutId, action: Action, by: String) -> BoxFuture<Result<String, String>>;
 }
 
 pub struct Config {
@@ -278,6 +298,8 @@ impl App {
             ("confirm.html", include_str!("../templates/confirm.html")),
             ("message.html", include_str!("../templates/message.html")),
             ("cfg.html", include_str!("../templates/cfg.html")),
+            ("rollouts.html", include_str!("../templates/rollouts.html")),
+            ("rollout.html", include_str!("../templates/rollout.html")),
         ] {
             templates.add_template(name, src)?;
         }
@@ -302,6 +324,9 @@ impl App {
             .route("/device/:id/act", post(actions::act_device))
             .route("/group/:group/act", post(actions::act_group))
             .route("/device/:id/cfg", get(cfg::form).post(cfg::submit))
+            .route("/rollouts", get(rollouts::list))
+            .route("/rollout/:id", get(rollouts::detail))
+            .route("/rollout/:id/act", post(rollouts::control))
             .route(
                 "/static/live.js",
                 get(|| async { static_file("text/javascript", include_str!("../static/live.js")) }),
@@ -385,7 +410,7 @@ macro_rules! signed_in {
     ($app:expr, $headers:expr) => {
         match $app.session(&$headers) {
             Some((_, s)) => s,
-            None => return axum::response::Redirect::to("/login").into_response(),
+            None => return axum::response::IntoResponse::into_response(axum::response::Redirect::to("/login")),
         }
     };
 }

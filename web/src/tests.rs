@@ -14,7 +14,24 @@ use super::*;
 /// Two devices; it remembers what it was asked.
 struct Fake {
     asked: Mutex<Vec<Act>>,
+    steered: Mutex<Vec<(String, Action, String)>>,
     tx: broadcast::Sender<Update>,
+}
+
+/// A rollout halted in its first wave: lab-1 failed, lab-2 not reached.
+fn halted() -> RolloutView {
+    let spec = serde_json::json!({
+        "v": 1, "id": "r1", "group": "lab", "packages": {"hello": "2.0"}, "waves": ["1", "100%"],
+        "success_pct": 95, "max_failures": 1, "watch_s": 10, "deadline_s": 600, "auto_rollback": false,
+        "pause_after_wave": false, "by": "ana", "ts": "2026-12-04T10:00:00.000Z"
+    });
+    let state = serde_json::json!({
+        "v": 1, "id": "r1", "phase": "halted", "wave": 0, "members": ["lab-1", "lab-2"],
+        "devices": {"lab-1": {"wave": 0, "state": "failed", "error": {"code": "unit_failed", "message": "hello.service failed"},
+                    "before": {"hello": "1.0"}, "revision": 2, "since_ms": 0}},
+        "reason": "1 failure reached --max-failures 1", "control_seq": 0, "ts": "2026-12-04T10:01:00.000Z"
+    });
+    RolloutView { spec: serde_json::from_value(spec).unwrap(), state: Some(serde_json::from_value(state).unwrap()) }
 }
 
 fn row(id: &str, status: &str) -> DeviceRow {
@@ -56,6 +73,13 @@ impl Backend for Fake {
     fn updates(&self) -> broadcast::Receiver<Update> {
         self.tx.subscribe()
     }
+    fn rollouts(&self) -> Vec<RolloutView> {
+        vec![halted()]
+    }
+    fn steer(&self, id: RolloutId, action: Action, by: String) -> BoxFuture<Result<String, String>> {
+        self.steered.lock().unwrap().push((id.to_string(), action, by));
+        Box::pin(async { Ok("applied".to_owned()) })
+    }
     fn act(&self, act: Act) -> BoxFuture<Result<Vec<String>, String>> {
         let dry = matches!(&act.args, CommandArgs::Install { options, .. } if options.dry_run);
         self.asked.lock().unwrap().push(act);
@@ -78,7 +102,7 @@ fn site() -> Site {
     u.add("ana", Role::Operator, "operator pw").unwrap();
     u.add("vic", Role::Viewer, "viewer pw 1").unwrap();
     let audit = dir.path().join("audit.log");
-    let fake = Arc::new(Fake { asked: Mutex::default(), tx: broadcast::channel(16).0 });
+    let fake = Arc::new(Fake { asked: Mutex::default(), steered: Mutex::default(), tx: broadcast::channel(16).0 });
     let app = App::new(fake.clone(), &Config { users, audit: audit.clone(), secure: false }).unwrap();
     let router = app.router().layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
     Site { app, fake, router, audit, _dir: dir }
@@ -277,4 +301,44 @@ async fn the_cfg_editor_names_every_wrong_field_and_sends_only_what_changed() {
     assert_eq!(asked[0].by, "ana");
     let text = std::fs::read_to_string(&s.audit).unwrap();
     assert!(text.contains(r#""action":"cfg","target":"device/lab-1","detail":"logs.level=\"debug\"""#), "{text}");
+}
+
+#[tokio::test]
+async fn rollouts_show_their_waves_and_are_steered_after_a_confirmation() {
+    let s = site();
+    let (viewer, viewer_csrf) = sign_in(&s, "vic", "viewer+pw+1").await;
+    let (op, csrf) = sign_in(&s, "ana", "operator+pw").await;
+    let (_, _, list) = send(&s.router, get("/rollouts", Some(&viewer))).await;
+    assert!(list.contains(r#"id="rollout-r1""#) && list.contains("hello=2.0") && list.contains("halted"), "{list}");
+    let (_, _, page) = send(&s.router, get("/rollout/r1", Some(&op))).await;
+    // Wave 1: one device, failed; the reason; the controls a halted rollout takes.
+    let wave1 = page.split("<tbody>").nth(1).unwrap().split("</tr>").next().unwrap();
+    assert!(wave1.contains("<td>1</td><td>1</td><td>1</td>") && wave1.contains(r#"<td class="bad">1</td>"#), "{wave1}");
+    assert!(page.contains("1 failure reached --max-failures 1") && page.contains("unit_failed: hello.service failed"));
+    for c in ["abort", "retry", "rollback"] {
+        assert!(page.contains(&format!(r#"id="control-{c}""#)), "{c}: {page}");
+    }
+    assert!(!page.contains(r#"id="control-pause""#) && !page.contains(r#"id="control-resume""#));
+    let (_, _, page) = send(&s.router, get("/rollout/r1", Some(&viewer))).await;
+    assert!(!page.contains("control-"), "a viewer sees no controls");
+    // A viewer's POST: 403. An operator's: first what will happen, then, confirmed, steered.
+    let body = format!("csrf={viewer_csrf}&action=rollback&confirm=yes");
+    assert_eq!(send(&s.router, form("/rollout/r1/act", Some(&viewer), &body)).await.0, StatusCode::FORBIDDEN);
+    let (status, _, page) =
+        send(&s.router, form("/rollout/r1/act", Some(&op), &format!("csrf={csrf}&action=rollback"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("goes back to the version it had before"), "{page}");
+    assert!(s.fake.steered.lock().unwrap().is_empty());
+    let body = format!("csrf={csrf}&action=rollback&confirm=yes");
+    let (status, headers, _) = send(&s.router, form("/rollout/r1/act", Some(&op), &body)).await;
+    assert_eq!(
+        (status, headers.get(header::LOCATION).unwrap().to_str().unwrap()),
+        (StatusCode::SEE_OTHER, "/rollout/r1")
+    );
+    assert_eq!(s.fake.steered.lock().unwrap().clone(), [("r1".to_owned(), Action::Rollback, "ana".to_owned())]);
+    let text = std::fs::read_to_string(&s.audit).unwrap();
+    assert!(text.contains(r#""user":"ana","role":"operator","action":"rollback","target":"rollout/r1""#), "{text}");
+    assert!(text.contains(r#""user":"vic","role":"viewer","action":"rollback","target":"rollout/r1""#), "{text}");
+    let body = format!("csrf={csrf}&action=explode&confirm=yes");
+    assert_eq!(send(&s.router, form("/rollout/r1/act", Some(&op), &body)).await.0, StatusCode::BAD_REQUEST);
 }

@@ -5,16 +5,17 @@
   var page = document.getElementById("device");
   // A device's page also gets that device's telemetry and log lines.
   var source = new EventSource("/events" + (page ? "?device=" + encodeURIComponent(page.dataset.device) : ""));
-  // Reads the device page again and swaps in its tables that the pages do not update row by
-  // row (packages, units), at most once per second.
+  // Reads the page again and swaps in the parts that are not updated row by row (a device's
+  // packages and units; a rollout's waves, devices and controls), at most every 300 ms.
   var refreshing = null;
+  var parts = ["packages", "units", "phase", "rollout-state", "waves", "rollout-devices"];
   function refreshTables() {
     if (refreshing) return;
     refreshing = setTimeout(function () {
       fetch(location.href, { credentials: "same-origin" }).then(function (r) { return r.text(); }).then(function (html) {
         refreshing = null;
         var doc = new DOMParser().parseFromString(html, "text/html");
-        ["packages", "units"].forEach(function (id) {
+        parts.forEach(function (id) {
           var fresh = doc.getElementById(id);
           var old = document.getElementById(id);
           if (fresh && old && fresh.innerHTML !== old.innerHTML) old.replaceWith(fresh);
@@ -139,6 +140,16 @@
       body.insertBefore(row, body.firstChild);
     });
     while (body.rows.length > 20) body.deleteRow(body.rows.length - 1);
+  });
+  source.addEventListener("rollout", function (e) {
+    var u = JSON.parse(e.data);
+    var row = document.getElementById("rollout-" + u.id);
+    if (row) {
+      row.className = "phase-" + u.phase;
+      setText(row, "phase", u.phase);
+    }
+    var head = document.getElementById("rollout");
+    if (head && head.dataset.rollout === u.id) refreshTables();
   });
   source.addEventListener("reload", function () { location.reload(); });
   // A page left for another may be kept whole to come back to (the back/forward cache), its
