@@ -288,6 +288,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     let password = debfleet_web::session::token()[..16].to_owned();
     let web_opts = crate::web::WebOptions {
         listen: args.web_listen,
+        repo: Some((repo_url.clone(), Some(token.clone()))),
         tls: None,
         users: work.join("web-users"),
         audit: work.join("audit.log"),

@@ -540,6 +540,7 @@ fn main() -> ExitCode {
     if let Command::Serve { listen, no_rollouts, web_listen, no_web, users, audit } = cli.command {
         let web = (!no_web).then(|| web::WebOptions {
             listen: web_listen,
+            repo: repo_url.map(|u| (u, token)),
             tls: None,
             users: users.unwrap_or_else(|| web::default_path("web-users")),
             audit: audit.unwrap_or_else(|| web::default_path("audit.log")),
@@ -592,6 +593,7 @@ fn main() -> ExitCode {
             Command::Web { command: None, listen, users, audit, tls_cert, tls_key } => {
                 let opts = web::WebOptions {
                     listen,
+                    repo: repo_url.map(|u| (u, token)),
                     tls: tls_cert.zip(tls_key),
                     users: users.unwrap_or_else(|| web::default_path("web-users")),
                     audit: audit.unwrap_or_else(|| web::default_path("audit.log")),

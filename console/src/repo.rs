@@ -16,6 +16,8 @@ pub struct RepoClient {
     url: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// A progress bar on a terminal's stderr during uploads (not for a server's uploads).
+    progress: bool,
 }
 
 impl RepoClient {
@@ -27,7 +29,12 @@ impl RepoClient {
             bail!(usage(format!("repository URL {url:?} must start with http:// or https://")));
         }
         let agent = ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(10)).build();
-        Ok(RepoClient { url: url.trim_end_matches('/').to_owned(), token, agent })
+        Ok(RepoClient { url: url.trim_end_matches('/').to_owned(), token, agent, progress: true })
+    }
+
+    /// Without the upload progress bar.
+    pub fn quiet(self) -> RepoClient {
+        RepoClient { progress: false, ..self }
     }
 
     fn token(&self) -> Result<&str> {
@@ -62,7 +69,8 @@ impl RepoClient {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let size = file.metadata()?.len();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let reader = Progress::new(file, size, name);
+        let mut reader = Progress::new(file, size, name);
+        reader.tty &= self.progress;
         let req = self
             .agent
             .post(&format!("{}/api/v1/suites/{suite}/packages", self.url))
@@ -187,21 +195,24 @@ pub fn name_version(spec: &str) -> Result<(String, String)> {
     Ok((n.to_owned(), v.to_owned()))
 }
 
+/// Uploads one .deb and checks that the repository stored exactly this file (its sha256): what
+/// `debfleet publish` and the web console's upload do for each file. The repository's answer.
+pub fn publish_one(client: &RepoClient, file: &Path, suite: &str) -> Result<Value> {
+    let local = sha256_file(file)?;
+    let v = client.upload(file, suite)?;
+    if v["sha256"].as_str() != Some(local.as_str()) {
+        bail!("{}: the repository stored sha256 {} but the local file is {local}", file.display(), v["sha256"]);
+    }
+    Ok(v)
+}
+
 pub fn publish(client: &RepoClient, files: &[PathBuf], suite: &str, json_out: bool) -> Result<u8> {
     check_suite(suite)?;
     let mut results = Vec::new();
     let mut failed = false;
     for f in files {
-        let local = sha256_file(f)?;
-        match client.upload(f, suite) {
+        match publish_one(client, f, suite) {
             Ok(v) => {
-                if v["sha256"].as_str() != Some(local.as_str()) {
-                    bail!(
-                        "{}: the repository stored sha256 {} but the local file is {local}",
-                        f.display(),
-                        v["sha256"]
-                    );
-                }
                 results.push(json!({"file": f, "ok": true, "result": v}));
             }
             Err(e) => {

@@ -13,8 +13,10 @@ use debfleet_protocol::rollout::{Action, RolloutId};
 use debfleet_protocol::time::{now_unix_ms, parse_unix_ms};
 use debfleet_protocol::{CommandArgs, DeviceId, LogBatch, OpRecord, PackageResult, Role, Telemetry, Topic};
 use debfleet_web::history::{History, LogRow, Point};
+use debfleet_web::repo::RepoSuite;
 use debfleet_web::{Act, Backend, BoxFuture, DeviceDetail, DeviceRow, OpRow, PackageRow, RolloutView, UnitRow, Update};
 
+use crate::repo::RepoClient;
 use crate::rollout::Rollouts;
 use tokio::sync::broadcast;
 
@@ -65,6 +67,8 @@ pub fn verify_audit(path: &std::path::Path) -> Result<u8> {
 
 pub struct WebOptions {
     pub listen: SocketAddr,
+    /// The repository (URL, publish token) for the repository page; without it the page says so.
+    pub repo: Option<(String, Option<String>)>,
     /// The certificate chain and key (PEM) to serve HTTPS with.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub users: PathBuf,
@@ -106,8 +110,13 @@ impl Server {
             }
             None => None,
         };
+        let repo = match &opts.repo {
+            Some((url, token)) => Some(Arc::new(RepoClient::new(Some(url.clone()), token.clone())?.quiet())),
+            None => None,
+        };
         let live = Arc::new(Live {
             ctx: ctx.clone(),
+            repo,
             fleet: Mutex::default(),
             history: Mutex::default(),
             rollouts: Mutex::default(),
@@ -153,6 +162,7 @@ impl Server {
 /// (telemetry over time, log lines) since the server started.
 struct Live {
     ctx: Ctx,
+    repo: Option<Arc<RepoClient>>,
     fleet: Mutex<Fleet>,
     history: Mutex<History>,
     rollouts: Mutex<Rollouts>,
@@ -230,6 +240,27 @@ impl Live {
 }
 
 impl Live {
+    /// Runs a repository call off the async threads (the client blocks); an error when the
+    /// console was given no repository.
+    fn with_repo<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RepoClient) -> Result<T> + Send + 'static,
+    ) -> BoxFuture<Result<T, String>> {
+        let repo = self.repo.clone();
+        Box::pin(async move {
+            let Some(client) = repo else {
+                return Err(
+                    "no repository: start the console with --repo URL and --token (or DEBFLEET_REPO, DEBFLEET_TOKEN)"
+                        .to_owned(),
+                );
+            };
+            match tokio::task::spawn_blocking(move || f(&client)).await {
+                Ok(r) => r.map_err(|e| format!("{e:#}")),
+                Err(e) => Err(format!("the repository call stopped: {e}")),
+            }
+        })
+    }
+
     fn remember_sample(&self, d: &DeviceId, t: &Telemetry) -> Option<Update> {
         let now = now_unix_ms() / 1000;
         // The device's own time, unless its clock is ahead of ours (then ours).
@@ -334,6 +365,31 @@ impl Backend for Live {
 
     fn updates(&self) -> broadcast::Receiver<Update> {
         self.tx.subscribe()
+    }
+
+    fn repository(&self) -> BoxFuture<Result<Vec<RepoSuite>, String>> {
+        self.with_repo(|client| {
+            let mut out = Vec::new();
+            for suite in client.suites()? {
+                out.push(serde_json::from_value(client.packages(&suite)?)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn upload(&self, file: PathBuf, suite: String) -> BoxFuture<Result<String, String>> {
+        self.with_repo(move |client| {
+            let v = crate::repo::publish_one(client, &file, &suite)?;
+            let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+            Ok(format!("{}={} ({}) {} in {}", s("name"), s("version"), s("arch"), s("status"), s("suite")))
+        })
+    }
+
+    fn promote(&self, name: String, version: String, from: String, to: String) -> BoxFuture<Result<String, String>> {
+        self.with_repo(move |client| {
+            client.promote(&name, &version, &from, &to)?;
+            Ok(format!("promoted {name}={version} from {from} to {to}"))
+        })
     }
 
     fn rollouts(&self) -> Vec<RolloutView> {

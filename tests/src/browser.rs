@@ -215,14 +215,29 @@ impl Browser {
         self.call("POST", &format!("/element/{e}/click"), Some(json!({})));
     }
 
+    /// A GET about the element `css` finds (`what`: `text`, `attribute/NAME`). The pages swap
+    /// parts in place as updates come, so an element found may be replaced before it is read:
+    /// then it is found again.
+    fn read(&self, css: &str, what: &str) -> Option<Value> {
+        for _ in 0..20 {
+            let e = self.find(css)?;
+            let path = format!("/session/{}/element/{e}/{what}", self.session);
+            match http(self.port, "GET", &path, None) {
+                Ok(v) => return Some(v),
+                Err(err) if err.contains("stale element") => std::thread::sleep(Duration::from_millis(50)),
+                Err(err) => panic!("{err}"),
+            }
+        }
+        panic!("{css} kept being replaced on {}", self.url())
+    }
+
     pub fn text(&self, css: &str) -> String {
-        let Some(e) = self.find(css) else { return String::new() };
-        self.call("GET", &format!("/element/{e}/text"), None).as_str().unwrap_or_default().to_owned()
+        self.read(css, "text").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
     }
 
     pub fn attribute(&self, css: &str, name: &str) -> String {
-        let e = self.element(css);
-        self.call("GET", &format!("/element/{e}/attribute/{name}"), None).as_str().unwrap_or_default().to_owned()
+        self.element(css);
+        self.read(css, &format!("attribute/{name}")).and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
     }
 
     /// Runs a script in the page (its `return` value back); `async` scripts call `done(value)`.

@@ -100,7 +100,9 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     add_user(&users, "ana", "operator", "operator-pw");
     add_user(&users, "vic", "viewer", "viewer-pw");
     let port = free_port();
-    let _web = start_web(&m, &users, &audit, &format!("127.0.0.1:{port}"), &[]);
+    let repo_url = repo.url();
+    let repo_args = ["--repo", repo_url.as_str(), "--token", repo.token.as_str()];
+    let _web = start_web(&m, &users, &audit, &format!("127.0.0.1:{port}"), &repo_args);
     wait_for(Duration::from_secs(20), "the web console", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
     let base = format!("http://127.0.0.1:{port}");
 
@@ -214,6 +216,32 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     b.wait(Duration::from_secs(120), "the rollback on the page", |b| b.text("#phase") == "rolled_back");
     assert_eq!(dev.dpkg_version("wb-app").as_deref(), Some("1.0"));
     b.screenshot(&screenshots().join("rollout.png"));
+
+    // The repository: a .deb uploaded from the page lands in a new suite (checked as `debfleet
+    // publish` checks it), then is promoted from there to stable after a confirmation.
+    let deb = service_deb(work.path(), "wb-app", "3.0", false);
+    b.go(&format!("{base}/repo"));
+    b.type_into("#upload-file", deb.to_str().unwrap());
+    b.replace_text("#upload-suite", "testing");
+    b.click("#upload");
+    b.wait(Duration::from_secs(30), "the upload's answer", |b| b.text("#upload-result").contains("wb-app=3.0"));
+    b.wait(Duration::from_secs(10), "the new suite on the page", |b| b.exists("#suite-testing"));
+    assert!(b.text("#suite-testing").contains("wb-app 3.0"), "{}", b.text("#suites"));
+    assert!(!b.text("#suite-stable").contains("3.0"));
+    b.screenshot(&screenshots().join("repository.png"));
+    b.click_and_load("#suite-testing button.promote");
+    assert!(b.text("#what").contains("wb-app=3.0 is published in suite stable"), "{}", b.text("main"));
+    b.click_and_load("#confirm");
+    b.wait(Duration::from_secs(10), "3.0 in stable", |b| b.text("#suite-stable").contains("wb-app 3.0"));
+    let out = Command::new(bin("debfleet"))
+        .args(["packages", "--suite", "stable", "--json", "--repo", &repo_url])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(r#""version": "3.0""#),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // A forged form (no CSRF token) is refused, and nothing is sent.
     assert_eq!(post_from_page(&b, "/device/web-2/act", "{verb: 'uninstall', words: 'wb-app', confirm: 'yes'}"), 403);

@@ -37,6 +37,7 @@ mod actions;
 pub mod audit;
 mod cfg;
 pub mod history;
+pub mod repo;
 mod rollouts;
 pub mod session;
 pub mod users;
@@ -191,6 +192,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Sends an operator's control for the rollout; resolves once a controller applied it (or
     /// why not: not applicable, or no controller within a while).
     fn steer(&self, id: RolloutId, action: Action, by: String) -> BoxFuture<Result<String, String>>;
+    /// The repository's suites and their packages (an error: no repository, or it did not answer).
+    fn repository(&self) -> BoxFuture<Result<Vec<repo::RepoSuite>, String>>;
+    /// Publishes the .deb at `file` in `suite`, as `debfleet publish` does; what was published.
+    fn upload(&self, file: PathBuf, suite: String) -> BoxFuture<Result<String, String>>;
+    /// Publishes `name=version` from suite `from` in suite `to` too.
+    fn promote(&self, name: String, version: String, from: String, to: String) -> BoxFuture<Result<String, String>>;
 }
 
 pub struct Config {
@@ -300,6 +307,7 @@ impl App {
             ("cfg.html", include_str!("../templates/cfg.html")),
             ("rollouts.html", include_str!("../templates/rollouts.html")),
             ("rollout.html", include_str!("../templates/rollout.html")),
+            ("repo.html", include_str!("../templates/repo.html")),
         ] {
             templates.add_template(name, src)?;
         }
@@ -327,6 +335,9 @@ impl App {
             .route("/rollouts", get(rollouts::list))
             .route("/rollout/:id", get(rollouts::detail))
             .route("/rollout/:id/act", post(rollouts::control))
+            .route("/repo", get(repo::page))
+            .route("/repo/upload", post(repo::upload))
+            .route("/repo/promote", post(repo::promote))
             .route(
                 "/static/live.js",
                 get(|| async { static_file("text/javascript", include_str!("../static/live.js")) }),

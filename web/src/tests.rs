@@ -15,6 +15,9 @@ use super::*;
 struct Fake {
     asked: Mutex<Vec<Act>>,
     steered: Mutex<Vec<(String, Action, String)>>,
+    /// Uploads (the file's bytes, the suite) and promotions asked of the repository.
+    uploads: Mutex<Vec<(Vec<u8>, String)>>,
+    promoted: Mutex<Vec<String>>,
     tx: broadcast::Sender<Update>,
 }
 
@@ -76,6 +79,21 @@ impl Backend for Fake {
     fn rollouts(&self) -> Vec<RolloutView> {
         vec![halted()]
     }
+    fn repository(&self) -> BoxFuture<Result<Vec<repo::RepoSuite>, String>> {
+        let v = serde_json::json!([
+            {"suite": "stable", "packages": [{"name": "hello", "versions": [{"version": "2.0", "arch": "all", "size": 1234}]}]},
+            {"suite": "testing", "packages": []}
+        ]);
+        Box::pin(async move { Ok(serde_json::from_value(v).unwrap()) })
+    }
+    fn upload(&self, file: std::path::PathBuf, suite: String) -> BoxFuture<Result<String, String>> {
+        self.uploads.lock().unwrap().push((std::fs::read(&file).unwrap(), suite));
+        Box::pin(async { Ok("hello=3.0 (all) published in stable".to_owned()) })
+    }
+    fn promote(&self, name: String, version: String, from: String, to: String) -> BoxFuture<Result<String, String>> {
+        self.promoted.lock().unwrap().push(format!("{name}={version} {from}->{to}"));
+        Box::pin(async { Ok("promoted".to_owned()) })
+    }
     fn steer(&self, id: RolloutId, action: Action, by: String) -> BoxFuture<Result<String, String>> {
         self.steered.lock().unwrap().push((id.to_string(), action, by));
         Box::pin(async { Ok("applied".to_owned()) })
@@ -102,7 +120,13 @@ fn site() -> Site {
     u.add("ana", Role::Operator, "operator pw").unwrap();
     u.add("vic", Role::Viewer, "viewer pw 1").unwrap();
     let audit = dir.path().join("audit.log");
-    let fake = Arc::new(Fake { asked: Mutex::default(), steered: Mutex::default(), tx: broadcast::channel(16).0 });
+    let fake = Arc::new(Fake {
+        asked: Mutex::default(),
+        steered: Mutex::default(),
+        uploads: Mutex::default(),
+        promoted: Mutex::default(),
+        tx: broadcast::channel(16).0,
+    });
     let app = App::new(fake.clone(), &Config { users, audit: audit.clone(), secure: false }).unwrap();
     let router = app.router().layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
     Site { app, fake, router, audit, _dir: dir }
@@ -341,4 +365,56 @@ async fn rollouts_show_their_waves_and_are_steered_after_a_confirmation() {
     assert!(text.contains(r#""user":"vic","role":"viewer","action":"rollback","target":"rollout/r1""#), "{text}");
     let body = format!("csrf={csrf}&action=explode&confirm=yes");
     assert_eq!(send(&s.router, form("/rollout/r1/act", Some(&op), &body)).await.0, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn the_repository_page_lists_uploads_and_promotes_for_operators_only() {
+    let s = site();
+    let (viewer, viewer_csrf) = sign_in(&s, "vic", "viewer+pw+1").await;
+    let (op, csrf) = sign_in(&s, "ana", "operator+pw").await;
+    let (_, _, page) = send(&s.router, get("/repo", Some(&op))).await;
+    assert!(page.contains(r#"id="suite-stable""#) && page.contains("<td>hello</td><td>2.0</td>"), "{page}");
+    assert!(page.contains(r#"id="upload-form""#) && page.contains("<option>testing</option>"), "{page}");
+    let (_, _, page) = send(&s.router, get("/repo", Some(&viewer))).await;
+    assert!(!page.contains("upload-form") && !page.contains("Promote"), "a viewer sees no actions");
+    let upload = |cookie: &str, token: Option<&str>, suite: &str| {
+        let mut r = Request::post(format!("/repo/upload?suite={suite}&name=hello_3.0_all.deb"))
+            .header(header::COOKIE, format!("{COOKIE}={cookie}"));
+        if let Some(t) = token {
+            r = r.header("x-csrf-token", t);
+        }
+        r.body(Body::from(&b"!<arch>\ndebian-binary"[..])).unwrap()
+    };
+    // Without the token, or a viewer's: refused, nothing sent.
+    assert_eq!(send(&s.router, upload(&op, None, "stable")).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(send(&s.router, upload(&viewer, Some(&viewer_csrf), "stable")).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(send(&s.router, upload(&op, Some(&csrf), "..%2Fetc")).await.0, StatusCode::BAD_REQUEST);
+    assert!(s.fake.uploads.lock().unwrap().is_empty());
+    let (status, _, answer) = send(&s.router, upload(&op, Some(&csrf), "stable")).await;
+    assert_eq!((status, answer.as_str()), (StatusCode::OK, "hello=3.0 (all) published in stable"));
+    assert_eq!(s.fake.uploads.lock().unwrap().clone(), [(b"!<arch>\ndebian-binary".to_vec(), "stable".to_owned())]);
+    // The spooled file is gone.
+    let left = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("debfleet-web-upload-"))
+        .count();
+    assert_eq!(left, 0);
+    // Promotion: what will happen first, then done.
+    let body = format!("csrf={csrf}&name=hello&version=2.0&from=stable&to=testing");
+    let (status, _, page) = send(&s.router, form("/repo/promote", Some(&op), &body)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("hello=2.0 is published in suite testing"), "{page}");
+    assert!(s.fake.promoted.lock().unwrap().is_empty());
+    let (status, _, _) = send(&s.router, form("/repo/promote", Some(&op), &format!("{body}&confirm=yes"))).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(s.fake.promoted.lock().unwrap().clone(), ["hello=2.0 stable->testing"]);
+    let text = std::fs::read_to_string(&s.audit).unwrap();
+    assert!(
+        text.contains(
+            r#""action":"upload","target":"repo/stable","detail":"hello_3.0_all.deb (21 bytes)","outcome":"sent""#
+        ),
+        "{text}"
+    );
+    assert!(text.contains(r#""action":"promote","target":"repo/testing","detail":"hello=2.0 from stable""#), "{text}");
 }

@@ -8,7 +8,7 @@
   // Reads the page again and swaps in the parts that are not updated row by row (a device's
   // packages and units; a rollout's waves, devices and controls), at most every 300 ms.
   var refreshing = null;
-  var parts = ["packages", "units", "phase", "rollout-state", "waves", "rollout-devices"];
+  var parts = ["packages", "units", "phase", "rollout-state", "waves", "rollout-devices", "suites"];
   function refreshTables() {
     if (refreshing) return;
     refreshing = setTimeout(function () {
@@ -152,6 +152,28 @@
     if (head && head.dataset.rollout === u.id) refreshTables();
   });
   source.addEventListener("reload", function () { location.reload(); });
+  // The repository page's upload: the file as the body (what `debfleet publish` sends), the
+  // form's CSRF token in a header; the answer shown, the suites read again.
+  var upload = document.getElementById("upload-form");
+  if (upload) upload.addEventListener("submit", function (e) {
+    e.preventDefault();
+    var file = document.getElementById("upload-file").files[0];
+    var out = document.getElementById("upload-result");
+    if (!file) return;
+    var suite = document.getElementById("upload-suite").value;
+    out.textContent = "uploading " + file.name + "…";
+    out.className = "";
+    fetch("/repo/upload?suite=" + encodeURIComponent(suite) + "&name=" + encodeURIComponent(file.name), {
+      method: "POST", credentials: "same-origin", body: file,
+      headers: { "X-CSRF-Token": upload.dataset.csrf, "Content-Type": "application/vnd.debian.binary-package" }
+    }).then(function (r) {
+      return r.text().then(function (t) {
+        out.textContent = t;
+        out.className = r.ok ? "ok" : "error";
+        if (r.ok) refreshTables();
+      });
+    }, function (err) { out.textContent = "the upload failed: " + err; out.className = "error"; });
+  });
   // A page left for another may be kept whole to come back to (the back/forward cache), its
   // stream open: the browser has six connections to a server over HTTP/1.1, and kept pages
   // holding them left new pages waiting. The stream closes when the page is left; a page shown
