@@ -15,7 +15,11 @@ echo "not root: no lab devices; running the embedded broker and one local agent 
 LISTEN=${DEBFLEET_LISTEN:-127.0.0.1:1883}
 state=$(mktemp -d)
 sed -e "s#@BROKER@#mqtt://$LISTEN#" -e "s#@STATE@#$state#" examples/agent.toml > "$state/agent.toml"
-target/debug/debfleet serve --listen "$LISTEN" &
+# The web console beside the broker, with one user whose password is made now.
+password=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "$password" | target/debug/debfleet web user add demo --role admin --users "$state/web-users" >/dev/null
+target/debug/debfleet serve --listen "$LISTEN" --web-listen "${DEBFLEET_WEB_LISTEN:-127.0.0.1:8088}" \
+    --users "$state/web-users" --audit "$state/audit.log" &
 serve=$!
 trap 'kill $serve $agent $led 2>/dev/null; wait 2>/dev/null; rm -rf "$state"' EXIT INT TERM
 sleep 0.3
@@ -29,6 +33,7 @@ led=$!
 cat <<TOUR
 
 debfleet is running: embedded broker on mqtt://$LISTEN, one agent as device "local".
+Web console: http://${DEBFLEET_WEB_LISTEN:-127.0.0.1:8088} (sign in as demo, password $password)
 Try, in another terminal:
   export DEBFLEET_BROKER=mqtt://$LISTEN
   target/debug/debfleet devices

@@ -299,7 +299,7 @@ enum Command {
         #[command(subcommand)]
         command: Option<WebCommand>,
         /// Address to serve on: loopback over plain HTTP, anything with --tls-cert and --tls-key.
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        #[arg(long, default_value = "127.0.0.1:8088")]
         listen: std::net::SocketAddr,
         /// Serve HTTPS with this certificate chain (PEM); cookies are then marked Secure.
         #[arg(long, requires = "tls_key")]
@@ -328,9 +328,10 @@ enum Command {
         /// Do not run the rollout controller beside the broker.
         #[arg(long)]
         no_rollouts: bool,
-        /// Address the web console listens on (loopback: `debfleet web` serves HTTPS elsewhere).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        web_listen: std::net::SocketAddr,
+        /// Address the web console listens on (loopback: `debfleet web` serves HTTPS elsewhere)
+        /// [default: 127.0.0.1:8088; if that is taken, serve goes on without the console].
+        #[arg(long)]
+        web_listen: Option<std::net::SocketAddr>,
         /// Do not run the web console.
         #[arg(long)]
         no_web: bool,
@@ -538,14 +539,15 @@ fn main() -> ExitCode {
         return finish(lab::run(&ctx, command));
     }
     if let Command::Serve { listen, no_rollouts, web_listen, no_web, users, audit } = cli.command {
+        let required = web_listen.is_some();
         let web = (!no_web).then(|| web::WebOptions {
-            listen: web_listen,
+            listen: web_listen.unwrap_or_else(|| ([127, 0, 0, 1], 8088).into()),
             repo: repo_url.map(|u| (u, token)),
             tls: None,
             users: users.unwrap_or_else(|| web::default_path("web-users")),
             audit: audit.unwrap_or_else(|| web::default_path("audit.log")),
         });
-        return match serve::run(listen, Some(&ctx), !no_rollouts, web) {
+        return match serve::run(listen, Some(&ctx), !no_rollouts, web.map(|w| (w, required))) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("debfleet: {e:#}");

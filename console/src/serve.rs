@@ -12,8 +12,14 @@ use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use crate::web::WebOptions;
 
 /// Runs the broker until the process ends; beside it the rollout controller and the web console
-/// when `ctx` is given, each with its own options.
-pub fn run(listen: SocketAddr, ctx: Option<&crate::Ctx>, rollouts: bool, web: Option<WebOptions>) -> Result<()> {
+/// when `ctx` is given. A web console that cannot start stops `serve` when it was asked for
+/// (`required`: an address given), else it is reported and the broker runs without it.
+pub fn run(
+    listen: SocketAddr,
+    ctx: Option<&crate::Ctx>,
+    rollouts: bool,
+    web: Option<(WebOptions, bool)>,
+) -> Result<()> {
     // Bind once ourselves so a busy port is a clear error instead of a panic in a broker thread.
     std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let server = ServerSettings {
@@ -62,16 +68,27 @@ pub fn run(listen: SocketAddr, ctx: Option<&crate::Ctx>, rollouts: bool, web: Op
             by: ctx.by.clone(),
         }
     });
-    if let (Some(ctx), Some(opts)) = (&local, web) {
-        // Listening (or failing) before the broker starts, so a busy port stops `serve` at once.
+    if let (Some(ctx), Some((opts, required))) = (&local, web) {
+        // Listening (or failing) before the broker starts, so a busy port is known at once.
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let server = rt.block_on(crate::web::Server::start(ctx, &opts))?;
-        eprintln!("debfleet: web console on {}", server.describe(&opts));
-        std::thread::spawn(move || {
-            if let Err(e) = rt.block_on(server.run(std::future::pending())) {
-                eprintln!("debfleet: the web console stopped: {e:#}");
+        match rt.block_on(crate::web::Server::start(ctx, &opts)) {
+            Ok(server) => {
+                eprintln!("debfleet: web console on {}", server.describe(&opts));
+                if server.no_users() {
+                    eprintln!(
+                        "debfleet: the web console has no users yet: debfleet web user add NAME --role admin --users {}",
+                        opts.users.display()
+                    );
+                }
+                std::thread::spawn(move || {
+                    if let Err(e) = rt.block_on(server.run(std::future::pending())) {
+                        eprintln!("debfleet: the web console stopped: {e:#}");
+                    }
+                });
             }
-        });
+            Err(e) if !required => eprintln!("debfleet: no web console ({e:#}); --web-listen picks another address"),
+            Err(e) => return Err(e),
+        }
     }
     if let (Some(ctx), true) = (local, rollouts) {
         std::thread::spawn(move || controller(ctx));
@@ -92,8 +109,9 @@ fn controller(ctx: crate::Ctx) {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
         match rt.block_on(crate::rollout::drive(&ctx, false)) {
-            // Stopped by Ctrl-C, like the broker.
-            Ok(_) => return,
+            // Stopped by SIGINT or SIGTERM (the controller handles them, so they no longer end
+            // the process by themselves): all of `serve` stops.
+            Ok(_) => std::process::exit(0),
             Err(e) => eprintln!("debfleet: the rollout controller stopped: {e:#}; starting it again"),
         }
         std::thread::sleep(std::time::Duration::from_secs(1));

@@ -132,6 +132,11 @@ impl Server {
         Ok(Server { app, listener, tls })
     }
 
+    /// Whether nobody can sign in yet.
+    pub fn no_users(&self) -> bool {
+        self.app.no_users()
+    }
+
     /// The address and files, for the line that says the console is up.
     pub fn describe(&self, opts: &WebOptions) -> String {
         format!("{} (users {}, audit log {})", self.url(), opts.users.display(), opts.audit.display())
@@ -206,7 +211,16 @@ impl Live {
             }
             let update = {
                 let Ok(mut fleet) = self.fleet.lock() else { bail!("the fleet's lock is poisoned") };
-                match fleet.apply(&self.ctx.topics, &msg.topic, &msg.payload) {
+                let change = fleet.apply(&self.ctx.topics, &msg.topic, &msg.payload);
+                if let Change::Status(d) | Change::Other(d) = &change {
+                    if !fleet.devices.contains_key(d) {
+                        // Its last retained fact deleted: the device is gone, and its history too.
+                        if let Ok(mut h) = self.history.lock() {
+                            h.forget(d.as_str());
+                        }
+                    }
+                }
+                match change {
                     Change::Other(d) => match self.ctx.topics.parse(&msg.topic) {
                         // Telemetry and logs change no row: they go to the history and the
                         // device's open pages.
@@ -215,7 +229,9 @@ impl Live {
                             .get(&d)
                             .and_then(|dev| dev.telemetry.as_ref())
                             .and_then(|t| self.remember_sample(&d, t)),
-                        Ok(Topic::Logs(_)) => self.remember_logs(&d, &msg.payload),
+                        // Lines of a device the broker holds nothing else of are not kept.
+                        Ok(Topic::Logs(_)) if fleet.devices.contains_key(&d) => self.remember_logs(&d, &msg.payload),
+                        Ok(Topic::Logs(_)) => None,
                         _ => fleet.devices.get(&d).map(|dev| Update::Device(row(&d, dev))),
                     },
                     Change::Status(d) => fleet.devices.get(&d).map(|dev| Update::Device(row(&d, dev))),

@@ -424,8 +424,10 @@ fn embedded_broker_serves_a_fleet() {
     assert!(add.wait().unwrap().success());
     let page = repo::web_page_as(web_port, "ana", "ana-password", "/");
     assert!(page.contains("emb-1"), "{page}");
-    let _ = serve.kill();
-    let _ = serve.wait();
+    // SIGTERM (what systemd sends) stops all of it.
+    Command::new("kill").arg("-TERM").arg(serve.id().to_string()).status().unwrap();
+    let status = wait_for(Duration::from_secs(10), "serve to stop on SIGTERM", || serve.try_wait().unwrap());
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]

@@ -178,6 +178,8 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     obs.wait("debfleet/device/web-2/cfg", Duration::from_secs(30), |v| {
         v["logs"]["level"] == "debug" && v["telemetry"]["memory"]["interval_s"] == 30 && v["groups"][1] == "edge"
     });
+    // Group membership as the console reads it (for the rollout below) comes with `meta`.
+    obs.wait("debfleet/device/web-2/meta", Duration::from_secs(30), |v| v["groups"][1] == "edge");
     b.wait(Duration::from_secs(30), "the page to show the new configuration", |b| {
         b.go(&format!("{base}/device/web-2"));
         b.text("#cfg").contains("\"debug\"")

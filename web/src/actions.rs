@@ -189,6 +189,15 @@ async fn act(app: Arc<App>, s: Session, target: Target, f: ActForm) -> Response 
     if !confirmed {
         // The dry run: what apt on each device would do, nothing changed.
         let plan = if package_verb {
+            // The dry run is a command to the devices too: logged before it goes.
+            if !app.log(&s, &f.verb, &target_name, &detail, "dry run") {
+                return app.message(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Some(&s),
+                    "Not sent",
+                    "the audit log cannot be written, so nothing was sent",
+                );
+            }
             let dry = Act { target: target.clone(), args: args.clone(), by: s.user.clone() };
             match app.backend.act(dry).await {
                 Ok(lines) => lines,

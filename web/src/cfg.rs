@@ -18,14 +18,31 @@ use serde_json::Value;
 use crate::session::Session;
 use crate::{actions, signed_in, view_session, Act, App, Target};
 
-/// Form fields carrying a key's value are named `f:KEY`.
+/// Form fields carrying a key's value are named `f:KEY`; beside each, `o:KEY` carries the value
+/// the form was shown with, so that only what the operator changed is sent (not a value someone
+/// else changed on the device since the form was read).
 const FIELD: &str = "f:";
+const SHOWN: &str = "o:";
 
 #[derive(Serialize)]
 struct Field {
     key: String,
     value: String,
+    /// What the form was first shown with.
+    shown: String,
     error: Option<String>,
+}
+
+/// Whether two texts of a field stand for the same value: the same JSON for a non-string field
+/// (`["/", "/data"]` is `["/","/data"]`), the same text for a string one.
+fn same(current: &Value, a: &str, b: &str) -> bool {
+    match current {
+        Value::String(_) => a == b,
+        _ => match (serde_json::from_str::<Value>(a.trim()), serde_json::from_str::<Value>(b.trim())) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => a.trim() == b.trim(),
+        },
+    }
 }
 
 /// Every leaf of the configuration as `(dotted key, text)`: strings as they are, anything else
@@ -92,7 +109,8 @@ pub(crate) async fn form(State(app): State<Arc<App>>, headers: HeaderMap, Path(i
         Ok(d) => d,
         Err(r) => return r,
     };
-    let fields = leaves(&cfg).into_iter().map(|(key, v)| Field { key, value: text(&v), error: None }).collect();
+    let fields =
+        leaves(&cfg).into_iter().map(|(key, v)| Field { key, value: text(&v), shown: text(&v), error: None }).collect();
     page(&app, &s, &id, fields, None)
 }
 
@@ -112,7 +130,8 @@ pub(crate) async fn submit(
         .iter()
         .filter_map(|(key, current)| {
             let given = f.get(&format!("{FIELD}{key}"))?;
-            (given.trim() != text(current).trim()).then(|| (key.as_str(), assignment(key, current, given)))
+            let shown = f.get(&format!("{SHOWN}{key}")).cloned().unwrap_or_else(|| text(current));
+            (!same(current, given, &shown)).then(|| (key.as_str(), assignment(key, current, given)))
         })
         .collect();
     let assignments: Vec<&str> = changed.iter().map(|(_, a)| a.as_str()).collect();
@@ -164,6 +183,7 @@ pub(crate) async fn submit(
             .map(|(key, v)| Field {
                 key: key.clone(),
                 value: f.get(&format!("{FIELD}{key}")).cloned().unwrap_or_else(|| text(v)),
+                shown: f.get(&format!("{SHOWN}{key}")).cloned().unwrap_or_else(|| text(v)),
                 error: errors.get(key).cloned(),
             })
             .collect();

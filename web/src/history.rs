@@ -3,8 +3,9 @@
 //! and no logs, so the server keeps them from the moment it starts following the fleet.
 //!
 //! Bounded: at most [`POINTS`] points (one per [`STEP_S`], the latest sample in each step wins) and
-//! [`LOG_LINES`] lines of at most [`LOG_MSG_CHARS`] characters per device, about 3 KiB of points
-//! and 6 KiB of lines at most; devices are those of the fleet, which the broker bounds.
+//! [`LOG_LINES`] lines of at most [`LOG_MSG_CHARS`] characters per device, about 6 KiB of points
+//! (32 bytes each) and 6 KiB of lines at most; devices are those of the fleet (the console
+//! forgets a device the broker no longer has).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -65,13 +66,13 @@ impl History {
     pub fn sample(&mut self, device: &str, mut p: Point) -> Option<Point> {
         let track = self.devices.entry(device.to_owned()).or_default();
         if let Some(last) = track.points.back_mut() {
-            if p.t < last.t - STEP_S {
-                // Out of order by more than a step (a retained sample seen again): not redrawn.
+            if p.t < last.t {
+                // Older than what is drawn (a retained sample seen again on a reconnect).
                 return None;
             }
-            if p.t.div_euclid(STEP_S) <= last.t.div_euclid(STEP_S) {
+            if p.t.div_euclid(STEP_S) == last.t.div_euclid(STEP_S) {
                 // The same step: the newest value of each metric, the others kept.
-                last.t = last.t.max(p.t);
+                last.t = p.t;
                 last.cpu = p.cpu.or(last.cpu);
                 last.memory = p.memory.or(last.memory);
                 last.disk = p.disk.or(last.disk);
@@ -119,17 +120,22 @@ impl History {
     }
 }
 
-/// One plot's line: SVG polyline points in a `0 0 SPAN_S 100` view whose left edge is
-/// `now - SPAN_S` (x in seconds, y = 100 - percent).
+/// Where a value taken at `t` goes in a plot whose right edge is `now`: x in seconds from the
+/// left edge (`now - SPAN_S`), y = 100 - percent (SVG's y grows downwards).
+pub fn place(t: i64, v: f32, now: i64) -> (i64, f32) {
+    (t - (now - SPAN_S), 100.0 - v.clamp(0.0, 100.0))
+}
+
+/// One plot's line: SVG polyline points in a `0 0 SPAN_S 100` view (see [`place`]).
 pub fn polyline(points: &[Point], now: i64, value: fn(&Point) -> Option<f32>) -> String {
-    let start = now - SPAN_S;
     let mut out = String::new();
     for p in points {
         if let Some(v) = value(p) {
             if !out.is_empty() {
                 out.push(' ');
             }
-            out.push_str(&format!("{},{:.1}", p.t - start, 100.0 - v.clamp(0.0, 100.0)));
+            let (x, y) = place(p.t, v, now);
+            out.push_str(&format!("{x},{y:.1}"));
         }
     }
     out
@@ -172,6 +178,8 @@ mod tests {
         let p = h.sample("d", at(t + STEP_S, 20.0)).unwrap();
         assert_eq!((p.cpu, p.memory, p.disk), (Some(20.0), Some(40.0), Some(70.0)));
         assert_eq!(h.sample("d", at(t - 3 * STEP_S, 99.0)), None);
+        // Older than the last point, though in its step: not drawn over the newer value.
+        assert_eq!(h.sample("d", at(t + STEP_S - 1, 99.0)), None);
         assert_eq!(h.points("d", t + STEP_S).len(), 2);
         assert_eq!(polyline(&h.points("d", t + STEP_S), t + STEP_S, |p| p.cpu), {
             let x0 = SPAN_S - STEP_S + 1;

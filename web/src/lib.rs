@@ -322,6 +322,11 @@ impl App {
         }))
     }
 
+    /// Whether the users file has nobody in it (nobody can sign in).
+    pub fn no_users(&self) -> bool {
+        self.users.current().is_empty()
+    }
+
     pub fn router(self: &Arc<App>) -> Router {
         Router::new()
             .route("/", get(fleet))
@@ -382,9 +387,15 @@ impl App {
         }
     }
 
+    /// The request's session, while its user still exists with the role signed in with: a user
+    /// removed, or given another role, in the users file is signed out at their next request.
     fn session(&self, headers: &HeaderMap) -> Option<(String, Session)> {
         let id = cookie(headers, COOKIE)?;
         let s = self.sessions.get(&id)?;
+        if self.users.current().role(&s.user) != Some(s.role) {
+            self.sessions.close(&id);
+            return None;
+        }
         Some((id, s))
     }
 }
@@ -539,8 +550,8 @@ async fn device(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<
         label,
         points: history::polyline(&detail.telemetry, now, value),
         dot: detail.telemetry.iter().rev().find_map(|p| Some((p.t, value(p)?))).map(|(t, v)| {
-            let x = (t - (now - history::SPAN_S)) as f64 * 100.0 / history::SPAN_S as f64;
-            (format!("{x:.2}"), format!("{:.1}", 100.0 - f64::from(v).clamp(0.0, 100.0)))
+            let (x, y) = history::place(t, v, now);
+            (format!("{:.2}", x as f64 * 100.0 / history::SPAN_S as f64), format!("{y:.1}"))
         }),
         last: detail.telemetry.iter().rev().find_map(value).map(|v| format!("{v:.0} %")).unwrap_or_default(),
     })
@@ -548,7 +559,7 @@ async fn device(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<
     let ctx = minijinja::context! {
         cfg => detail.cfg.as_ref().and_then(|c| serde_json::to_string_pretty(&c.full_value()).ok()),
         session => view_session(&s), d => detail, plots, span => history::SPAN_S, start => now - history::SPAN_S,
-        hours => history::SPAN_S / 3600, step => history::STEP_S,
+        hours => history::SPAN_S / 3600, step => history::STEP_S, log_lines => history::LOG_LINES,
     };
     app.render("device.html", ctx)
 }

@@ -43,11 +43,7 @@ pub struct RepoVersion {
     pub size: u64,
 }
 
-/// A suite name as the repository takes it (checked here too, so that nothing else reaches
-/// the repository's URL paths).
-fn suite_ok(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-}
+use debfleet_protocol::debian::{valid_package_name, valid_suite, valid_version};
 
 pub(crate) async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let s = signed_in!(app, headers);
@@ -94,12 +90,17 @@ pub(crate) async fn upload(
     if let Err(refused) = actions::permit(&app, &s, csrf, "upload", &target, &name) {
         return refused;
     }
-    if !suite_ok(&q.suite) {
+    if !valid_suite(&q.suite) {
         return (StatusCode::BAD_REQUEST, format!("{:?} is not a suite name", q.suite)).into_response();
     }
-    // Spooled to a file: the repository client sends a file, as `debfleet publish` does.
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_UPLOAD_BYTES as u64) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, format!("over {} MiB", MAX_UPLOAD_BYTES >> 20)).into_response();
+    }
+    // Spooled to a file only this user reads: the repository client sends a file, as
+    // `debfleet publish` does.
     let spool = Spool(std::env::temp_dir().join(format!("debfleet-web-upload-{}.deb", crate::session::token())));
-    let mut file = match tokio::fs::File::create(&spool.0).await {
+    let mut file = match tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&spool.0).await {
         Ok(f) => f,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot keep the upload: {e}")).into_response(),
     };
@@ -118,7 +119,7 @@ pub(crate) async fn upload(
             return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot keep the upload: {e}")).into_response();
         }
     }
-    if let Err(e) = file.sync_all().await {
+    if let Err(e) = file.flush().await {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot keep the upload: {e}")).into_response();
     }
     drop(file);
@@ -155,8 +156,12 @@ pub(crate) async fn promote(State(app): State<Arc<App>>, headers: HeaderMap, For
     if let Err(refused) = actions::permit(&app, &s, &f.csrf, "promote", &target, &detail) {
         return refused;
     }
-    if !suite_ok(&f.from) || !suite_ok(&f.to) || f.from == f.to {
+    if !valid_suite(&f.from) || !valid_suite(&f.to) || f.from == f.to {
         let why = format!("promote from one suite to another ({:?} to {:?})", f.from, f.to);
+        return app.message(StatusCode::BAD_REQUEST, Some(&s), "Not sent", &why);
+    }
+    if !valid_package_name(&f.name) || !valid_version(&f.version) {
+        let why = format!("{:?}={:?} is not a package name and version", f.name, f.version);
         return app.message(StatusCode::BAD_REQUEST, Some(&s), "Not sent", &why);
     }
     if f.confirm != "yes" {

@@ -15,8 +15,8 @@ use super::*;
 struct Fake {
     asked: Mutex<Vec<Act>>,
     steered: Mutex<Vec<(String, Action, String)>>,
-    /// Uploads (the file's bytes, the suite) and promotions asked of the repository.
-    uploads: Mutex<Vec<(Vec<u8>, String)>>,
+    /// Uploads (the file's bytes, the suite, where it was) and promotions asked of the repository.
+    uploads: Mutex<Vec<(Vec<u8>, String, std::path::PathBuf)>>,
     promoted: Mutex<Vec<String>>,
     tx: broadcast::Sender<Update>,
 }
@@ -87,7 +87,9 @@ impl Backend for Fake {
         Box::pin(async move { Ok(serde_json::from_value(v).unwrap()) })
     }
     fn upload(&self, file: std::path::PathBuf, suite: String) -> BoxFuture<Result<String, String>> {
-        self.uploads.lock().unwrap().push((std::fs::read(&file).unwrap(), suite));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600, "readable by others");
+        self.uploads.lock().unwrap().push((std::fs::read(&file).unwrap(), suite, file));
         Box::pin(async { Ok("hello=3.0 (all) published in stable".to_owned()) })
     }
     fn promote(&self, name: String, version: String, from: String, to: String) -> BoxFuture<Result<String, String>> {
@@ -312,8 +314,13 @@ async fn the_cfg_editor_names_every_wrong_field_and_sends_only_what_changed() {
     let body = "f%3Alogs.level=debug";
     assert_eq!(send(&s.router, form("/device/lab-1/cfg", Some(&op), body)).await.0, StatusCode::FORBIDDEN);
     assert!(s.fake.asked.lock().unwrap().is_empty());
-    // A good change: only the changed key goes, by the signed-in user, audited.
-    let body = format!("csrf={csrf}&f%3Alogs.level=debug&f%3Alogs.batch_s=5&f%3Aprofile=default");
+    // A good change: only the changed key goes, by the signed-in user, audited. A field left as
+    // the form showed it is not sent, even when the device has another value by now (someone
+    // else's change stays), nor one written with other spacing.
+    let body = format!(
+        "csrf={csrf}&f%3Alogs.level=debug&o%3Alogs.level=info&f%3Alogs.batch_s=3&o%3Alogs.batch_s=3&f%3Aprofile=default\
+         &f%3Atelemetry.disk.mounts=%5B%22%2F%22%5D&o%3Atelemetry.disk.mounts=%5B+%22%2F%22+%5D"
+    );
     let (status, headers, _) = send(&s.router, form("/device/lab-1/cfg", Some(&op), &body)).await;
     assert_eq!(
         (status, headers.get(header::LOCATION).unwrap().to_str().unwrap()),
@@ -392,14 +399,9 @@ async fn the_repository_page_lists_uploads_and_promotes_for_operators_only() {
     assert!(s.fake.uploads.lock().unwrap().is_empty());
     let (status, _, answer) = send(&s.router, upload(&op, Some(&csrf), "stable")).await;
     assert_eq!((status, answer.as_str()), (StatusCode::OK, "hello=3.0 (all) published in stable"));
-    assert_eq!(s.fake.uploads.lock().unwrap().clone(), [(b"!<arch>\ndebian-binary".to_vec(), "stable".to_owned())]);
-    // The spooled file is gone.
-    let left = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("debfleet-web-upload-"))
-        .count();
-    assert_eq!(left, 0);
+    let (bytes, suite, spooled) = s.fake.uploads.lock().unwrap()[0].clone();
+    assert_eq!((bytes.as_slice(), suite.as_str()), (&b"!<arch>\ndebian-binary"[..], "stable"));
+    assert!(!spooled.exists(), "the spooled upload is removed");
     // Promotion: what will happen first, then done.
     let body = format!("csrf={csrf}&name=hello&version=2.0&from=stable&to=testing");
     let (status, _, page) = send(&s.router, form("/repo/promote", Some(&op), &body)).await;
@@ -417,4 +419,21 @@ async fn the_repository_page_lists_uploads_and_promotes_for_operators_only() {
         "{text}"
     );
     assert!(text.contains(r#""action":"promote","target":"repo/testing","detail":"hello=2.0 from stable""#), "{text}");
+}
+
+#[tokio::test]
+async fn a_user_removed_or_given_another_role_is_signed_out() {
+    let s = site();
+    let (op, _) = sign_in(&s, "ana", "operator+pw").await;
+    assert_eq!(send(&s.router, get("/", Some(&op))).await.0, StatusCode::OK);
+    let path = s.audit.with_file_name("users");
+    // Another modification time than the sign-in's read, whatever the file system's clock grain.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    users::Users::load(&path).unwrap().add("ana", Role::Viewer, "operator pw").unwrap();
+    let (status, headers, _) = send(&s.router, get("/", Some(&op))).await;
+    assert_eq!((status, headers.get(header::LOCATION).unwrap().to_str().unwrap()), (StatusCode::SEE_OTHER, "/login"));
+    // Signed in again, with the role the file now gives.
+    let (viewer, _) = sign_in(&s, "ana", "operator+pw").await;
+    let (_, _, page) = send(&s.router, get("/", Some(&viewer))).await;
+    assert!(page.contains("ana (viewer)"), "{page}");
 }

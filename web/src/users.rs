@@ -29,9 +29,14 @@ struct User {
 pub struct Users {
     path: PathBuf,
     users: BTreeMap<String, User>,
-    /// Checked against when the name is unknown, so that a wrong name costs what a wrong
-    /// password costs (no timing tells which names exist).
-    decoy: String,
+}
+
+/// Checked against when the name is unknown, so that a wrong name costs what a wrong password
+/// costs (no timing tells which names exist). Made once, on the first check: reading the users
+/// file stays cheap enough to do on every request.
+fn decoy() -> Option<&'static str> {
+    static DECOY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| hash_password("a password nobody has").ok()).as_deref()
 }
 
 /// A user name: 1 to 32 of `a-z 0-9 . _ -`, starting with a letter or digit.
@@ -79,13 +84,17 @@ impl Users {
             PasswordHash::new(hash).map_err(|e| bad(&format!("not a password hash: {e}")))?;
             users.insert(name.to_owned(), User { role, hash: hash.to_owned() });
         }
-        let decoy = hash_password("a password nobody has")?;
-        Ok(Users { path: path.to_owned(), users, decoy })
+        Ok(Users { path: path.to_owned(), users })
     }
 
     /// Nobody: what a server falls back to when its users cannot be read at all.
     fn empty(path: &Path) -> Users {
-        Users { path: path.to_owned(), users: BTreeMap::new(), decoy: String::new() }
+        Users { path: path.to_owned(), users: BTreeMap::new() }
+    }
+
+    /// The user's role, if the user exists.
+    pub fn role(&self, name: &str) -> Option<Role> {
+        self.users.get(name).map(|u| u.role)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -124,7 +133,7 @@ impl Users {
     pub fn check(&self, name: &str, password: &str) -> Option<Role> {
         let (hash, role) = match self.users.get(name) {
             Some(u) => (u.hash.as_str(), Some(u.role)),
-            None => (self.decoy.as_str(), None),
+            None => (decoy()?, None),
         };
         let parsed = PasswordHash::new(hash).ok()?;
         let ok = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();

@@ -7,20 +7,27 @@
   var source = new EventSource("/events" + (page ? "?device=" + encodeURIComponent(page.dataset.device) : ""));
   // Reads the page again and swaps in the parts that are not updated row by row (a device's
   // packages and units; a rollout's waves, devices and controls), at most every 300 ms.
-  var refreshing = null;
-  var parts = ["packages", "units", "phase", "rollout-state", "waves", "rollout-devices", "suites"];
+  var refreshing = false;
+  var again = false;
+  var parts = ["packages", "units", "phase", "rollout-state", "waves", "rollout-devices", "suites", "rollouts"];
   function refreshTables() {
-    if (refreshing) return;
-    refreshing = setTimeout(function () {
+    // A change during a read may not be in what it reads: read once more after it.
+    if (refreshing) { again = true; return; }
+    refreshing = true;
+    setTimeout(function () {
       fetch(location.href, { credentials: "same-origin" }).then(function (r) { return r.text(); }).then(function (html) {
-        refreshing = null;
+        refreshing = false;
+        if (again) { again = false; refreshTables(); }
         var doc = new DOMParser().parseFromString(html, "text/html");
         parts.forEach(function (id) {
           var fresh = doc.getElementById(id);
           var old = document.getElementById(id);
           if (fresh && old && fresh.innerHTML !== old.innerHTML) old.replaceWith(fresh);
         });
-      }, function () { refreshing = null; });
+      }, function () {
+        refreshing = false;
+        if (again) { again = false; refreshTables(); }
+      });
     }, 300);
   }
   // The fleet page's heading: devices per status, from the rows as they are now.
@@ -44,6 +51,10 @@
       counts.appendChild(span);
     });
   }
+  function setCell(row, i, text) {
+    var cell = row.cells[i];
+    if (cell && cell.textContent !== text) cell.textContent = text;
+  }
   function setText(row, field, text) {
     var cell = row.querySelector('[data-field="' + field + '"]');
     if (cell && cell.textContent !== text) cell.textContent = text;
@@ -52,11 +63,12 @@
     var d = JSON.parse(e.data);
     var row = document.getElementById("dev-" + d.id);
     if (row) {
+      // The fleet table's columns: device, status, since, agent, groups, units.
       row.className = "status-" + d.status;
-      setText(row, "status", d.status);
-      setText(row, "since", d.since);
-      setText(row, "agent_version", d.agent_version);
-      setText(row, "groups", d.groups.join(", "));
+      setCell(row, 1, d.status);
+      setCell(row, 2, d.since);
+      setCell(row, 3, d.agent_version);
+      setCell(row, 4, d.groups.join(", "));
     }
     recount();
     var head = document.getElementById("device");
@@ -139,7 +151,8 @@
       });
       body.insertBefore(row, body.firstChild);
     });
-    while (body.rows.length > 20) body.deleteRow(body.rows.length - 1);
+    var keep = Number(table.dataset.keep) || 20;
+    while (body.rows.length > keep) body.deleteRow(body.rows.length - 1);
   });
   source.addEventListener("rollout", function (e) {
     var u = JSON.parse(e.data);
@@ -147,6 +160,8 @@
     if (row) {
       row.className = "phase-" + u.phase;
       setText(row, "phase", u.phase);
+    } else if (document.getElementById("rollouts")) {
+      refreshTables();
     }
     var head = document.getElementById("rollout");
     if (head && head.dataset.rollout === u.id) refreshTables();
