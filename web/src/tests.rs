@@ -18,6 +18,8 @@ struct Fake {
     /// Uploads (the file's bytes, the suite, where it was) and promotions asked of the repository.
     uploads: Mutex<Vec<(Vec<u8>, String, std::path::PathBuf)>>,
     promoted: Mutex<Vec<String>>,
+    /// More devices, `sim-00000`...: for paging.
+    extra: usize,
     tx: broadcast::Sender<Update>,
 }
 
@@ -51,7 +53,9 @@ fn row(id: &str, status: &str) -> DeviceRow {
 
 impl Backend for Fake {
     fn devices(&self) -> Vec<DeviceRow> {
-        vec![row("lab-1", "online"), row("lab-2", "lost")]
+        let mut all = vec![row("lab-1", "online"), row("lab-2", "lost")];
+        all.extend((0..self.extra).map(|i| row(&format!("sim-{i:05}"), "online")));
+        all
     }
     fn device(&self, id: &DeviceId) -> Option<DeviceDetail> {
         (id.as_str() == "lab-1").then(|| DeviceDetail {
@@ -116,6 +120,10 @@ struct Site {
 }
 
 fn site() -> Site {
+    site_with(0)
+}
+
+fn site_with(extra: usize) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
     let mut u = users::Users::load(&users).unwrap();
@@ -127,6 +135,7 @@ fn site() -> Site {
         steered: Mutex::default(),
         uploads: Mutex::default(),
         promoted: Mutex::default(),
+        extra,
         tx: broadcast::channel(16).0,
     });
     let app = App::new(fake.clone(), &Config { users, audit: audit.clone(), secure: false }).unwrap();
@@ -436,4 +445,28 @@ async fn a_user_removed_or_given_another_role_is_signed_out() {
     let (viewer, _) = sign_in(&s, "ana", "operator+pw").await;
     let (_, _, page) = send(&s.router, get("/", Some(&viewer))).await;
     assert!(page.contains("ana (viewer)"), "{page}");
+}
+
+#[tokio::test]
+async fn a_large_fleet_is_paged_with_its_filters_kept() {
+    let s = site_with(2 * FLEET_PAGE + 10);
+    let (op, _) = sign_in(&s, "ana", "operator+pw").await;
+    let rows = |page: &str| page.matches("<tr id=\"dev-").count();
+    let (_, _, first) = send(&s.router, get("/", Some(&op))).await;
+    assert_eq!(rows(&first), FLEET_PAGE);
+    assert!(first.contains(&format!("{} devices, 1 of 3 pages", 2 * FLEET_PAGE + 12)), "{first}");
+    assert!(
+        first.contains(r#"id="counts">2012 devices"#) && first.contains(r#"data-whole="false""#),
+        "{}",
+        &first[..2000]
+    );
+    let (_, _, last) = send(&s.router, get("/?status=online&page=3", Some(&op))).await;
+    assert_eq!(rows(&last), 2 * FLEET_PAGE + 11 - 2 * FLEET_PAGE);
+    assert!(last.contains(r#"?status=online&amp;page=2" id="previous""#), "{last}");
+    // Past the last page: the last page. A search narrows to one page, the whole of what matches.
+    let (_, _, beyond) = send(&s.router, get("/?page=99", Some(&op))).await;
+    assert_eq!(rows(&beyond), 12);
+    let (_, _, found) = send(&s.router, get("/?q=sim-0100", Some(&op))).await;
+    assert_eq!(rows(&found), 10);
+    assert!(!found.contains(r#"id="pager""#));
 }

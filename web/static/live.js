@@ -34,7 +34,7 @@
   function recount() {
     var counts = document.getElementById("counts");
     var table = document.getElementById("fleet");
-    if (!counts || !table || table.dataset.group || table.dataset.status) return;
+    if (!counts || !table || table.dataset.whole !== "true") return;
     var by = {};
     var rows = table.tBodies[0].rows;
     for (var i = 0; i < rows.length; i++) {
