@@ -61,23 +61,9 @@ pub fn duration_words(secs: u64) -> String {
     }
 }
 
-/// Flattens a JSON object into `dotted.key = value` lines, sorted.
+/// Flattens a JSON object into `dotted.key = value` lines (values as JSON), sorted.
 pub fn flatten(v: &Value) -> Vec<(String, String)> {
-    fn walk(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
-        match v {
-            Value::Object(o) => {
-                for (k, child) in o {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                    walk(&key, child, out);
-                }
-            }
-            other => out.push((prefix.to_owned(), other.to_string())),
-        }
-    }
-    let mut out = Vec::new();
-    walk("", v, &mut out);
-    out.sort();
-    out
+    debfleet_protocol::cfg::leaves(v).into_iter().map(|(k, v)| (k, v.to_string())).collect()
 }
 
 /// A spinner on stderr while the console waits, shown only to a person at a terminal.

@@ -413,6 +413,26 @@ fn kind_name(v: &Value) -> &'static str {
     }
 }
 
+/// Every leaf of a JSON value with its dotted key (`telemetry.cpu.interval_s`), sorted by key:
+/// how a configuration is shown and edited key by key (the keys `a.b.c=value` assignments name).
+pub fn leaves(v: &Value) -> Vec<(String, Value)> {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
+        match v {
+            Value::Object(o) => {
+                for (k, child) in o {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&key, child, out);
+                }
+            }
+            other => out.push((prefix.to_owned(), other.clone())),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", v, &mut out);
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// Turns `a.b.c=value` assignments into a patch object. A value that reads as JSON (number,
 /// bool, list, quoted string) is taken as such; anything else is a string. A comma-separated
 /// value without brackets is not split: lists are written as JSON (`mounts=["/","/data"]`).

@@ -45,24 +45,9 @@ fn same(current: &Value, a: &str, b: &str) -> bool {
     }
 }
 
-/// Every leaf of the configuration as `(dotted key, text)`: strings as they are, anything else
-/// as JSON (numbers, `true`, `["/", "/data"]`).
+/// Every key of the configuration, every one at its value (the profile's defaults included).
 fn leaves(cfg: &RuntimeCfg) -> Vec<(String, Value)> {
-    fn walk(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
-        match v {
-            Value::Object(o) => {
-                for (k, child) in o {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                    walk(&key, child, out);
-                }
-            }
-            other => out.push((prefix.to_owned(), other.clone())),
-        }
-    }
-    let mut out = Vec::new();
-    walk("", &cfg.full_value(), &mut out);
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    debfleet_protocol::cfg::leaves(&cfg.full_value())
 }
 
 fn text(v: &Value) -> String {

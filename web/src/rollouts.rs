@@ -80,6 +80,10 @@ fn describe(id: &RolloutId, action: Action) -> String {
     }
 }
 
+fn not_found(app: &App, s: &crate::session::Session, id: &str) -> Response {
+    app.message(StatusCode::NOT_FOUND, Some(s), "No such rollout", &format!("the broker has no rollout {id:?}"))
+}
+
 fn find(app: &App, id: &str) -> Option<RolloutView> {
     let id = RolloutId::new(id).ok()?;
     app.backend.rollouts().into_iter().find(|r| r.spec.id == id)
@@ -88,12 +92,7 @@ fn find(app: &App, id: &str) -> Option<RolloutView> {
 pub(crate) async fn detail(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let s = signed_in!(app, headers);
     let Some(r) = find(&app, &id) else {
-        return app.message(
-            StatusCode::NOT_FOUND,
-            Some(&s),
-            "No such rollout",
-            &format!("the broker has no rollout {id:?}"),
-        );
+        return not_found(&app, &s, &id);
     };
     let spec = &r.spec;
     let tally = r.state.as_ref().map(|st| st.tally(spec.waves.len())).unwrap_or_default();
@@ -165,12 +164,7 @@ pub(crate) async fn control(
         );
     };
     let Some(r) = find(&app, &id) else {
-        return app.message(
-            StatusCode::NOT_FOUND,
-            Some(&s),
-            "No such rollout",
-            &format!("the broker has no rollout {id:?}"),
-        );
+        return not_found(&app, &s, &id);
     };
     let back = format!("/rollout/{}", r.spec.id);
     if f.confirm != "yes" {
