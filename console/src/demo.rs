@@ -251,7 +251,11 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let client = RepoClient::new(Some(repo_url.clone()), Some(token.clone()))?;
+    let client = RepoClient::new(Some(crate::repo::RepoAccess {
+        url: repo_url.clone(),
+        token: Some(token.clone()),
+        insecure: false,
+    }))?;
     client.upload(&agent_deb, "stable")?;
     for v in ["1.0", "2.0"] {
         client.upload(&sample_package(&work, v)?, "stable")?;
@@ -288,7 +292,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     let password = debfleet_web::session::token()[..16].to_owned();
     let web_opts = crate::web::WebOptions {
         listen: args.web_listen,
-        repo: Some((repo_url.clone(), Some(token.clone()))),
+        repo: Some(crate::repo::RepoAccess { url: repo_url.clone(), token: Some(token.clone()), insecure: false }),
         tls: None,
         users: work.join("web-users"),
         audit: work.join("audit.log"),

@@ -61,6 +61,10 @@ pub(crate) struct Cli {
     /// desired-state records and rollouts [default: $USER].
     #[arg(long, global = true, env = "DEBFLEET_OPERATOR", value_name = "NAME")]
     by: Option<String>,
+    /// Send the publish token over plain http:// to a repository that is not on this machine
+    /// (refused without it: anyone on the way could read the token and publish as you).
+    #[arg(long, global = true)]
+    insecure: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -489,7 +493,8 @@ fn main() -> ExitCode {
         _ => false,
     };
     if repo_cmd {
-        let result = repo::RepoClient::new(repo_url, token).and_then(|client| match cli.command {
+        let access = repo_url.map(|url| repo::RepoAccess { url, token, insecure: cli.insecure });
+        let result = repo::RepoClient::new(access).and_then(|client| match cli.command {
             Command::Publish { files, suite, json } => repo::publish(&client, &files, &suite, json),
             Command::Packages { suite, json } => repo::packages(&client, suite.as_deref(), json),
             Command::Promote { package, from, to, json } => {
@@ -542,7 +547,7 @@ fn main() -> ExitCode {
         let required = web_listen.is_some();
         let web = (!no_web).then(|| web::WebOptions {
             listen: web_listen.unwrap_or_else(|| ([127, 0, 0, 1], 8088).into()),
-            repo: repo_url.map(|u| (u, token)),
+            repo: repo_url.map(|url| repo::RepoAccess { url, token, insecure: cli.insecure }),
             tls: None,
             users: users.unwrap_or_else(|| web::default_path("web-users")),
             audit: audit.unwrap_or_else(|| web::default_path("audit.log")),
@@ -595,7 +600,7 @@ fn main() -> ExitCode {
             Command::Web { command: None, listen, users, audit, tls_cert, tls_key } => {
                 let opts = web::WebOptions {
                     listen,
-                    repo: repo_url.map(|u| (u, token)),
+                    repo: repo_url.map(|url| repo::RepoAccess { url, token, insecure: cli.insecure }),
                     tls: tls_cert.zip(tls_key),
                     users: users.unwrap_or_else(|| web::default_path("web-users")),
                     audit: audit.unwrap_or_else(|| web::default_path("audit.log")),

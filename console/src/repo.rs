@@ -12,24 +12,35 @@ use sha2::Digest;
 use crate::cmds::usage;
 use crate::output::table;
 
+/// Where the repository is and what the console may send it.
+#[derive(Debug, Clone)]
+pub struct RepoAccess {
+    pub url: String,
+    /// The publish token (`Authorization: Bearer`), for publish, promote and unpublish.
+    pub token: Option<String>,
+    /// Send the token over plain `http://` to another machine (`--insecure`).
+    pub insecure: bool,
+}
+
 pub struct RepoClient {
     url: String,
     token: Option<String>,
+    insecure: bool,
     agent: ureq::Agent,
     /// A progress bar on a terminal's stderr during uploads (not for a server's uploads).
     progress: bool,
 }
 
 impl RepoClient {
-    pub fn new(url: Option<String>, token: Option<String>) -> Result<RepoClient> {
-        let url = url.ok_or_else(|| {
+    pub fn new(access: Option<RepoAccess>) -> Result<RepoClient> {
+        let RepoAccess { url, token, insecure } = access.ok_or_else(|| {
             usage("no repository: pass --repo URL, set DEBFLEET_REPO, or put repo = \"...\" in the console config")
         })?;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             bail!(usage(format!("repository URL {url:?} must start with http:// or https://")));
         }
         let agent = ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(10)).build();
-        Ok(RepoClient { url: url.trim_end_matches('/').to_owned(), token, agent, progress: true })
+        Ok(RepoClient { url: url.trim_end_matches('/').to_owned(), token, insecure, agent, progress: true })
     }
 
     /// Without the upload progress bar.
@@ -37,10 +48,22 @@ impl RepoClient {
         RepoClient { progress: false, ..self }
     }
 
+    /// The publish token, for a request that sends it: refused over plain `http://` to another
+    /// machine unless `--insecure` (then said on stderr), since anyone on the way could read it.
     fn token(&self) -> Result<&str> {
-        self.token.as_deref().ok_or_else(|| {
+        let token = self.token.as_deref().ok_or_else(|| {
             usage("no publish token: pass --token, set DEBFLEET_TOKEN, or put token = \"...\" in the console config")
-        })
+        })?;
+        if let Some(host) = self.url.strip_prefix("http://").map(host_of).filter(|h| !is_loopback(h)) {
+            if !self.insecure {
+                bail!(usage(format!(
+                    "refusing to send the publish token over plain http:// to {host}: anyone on the way could read it \
+                     and publish as you; use https://, or --insecure to send it anyway"
+                )));
+            }
+            eprintln!("debfleet: warning: sending the publish token over plain http:// to {host} (--insecure)");
+        }
+        Ok(token)
     }
 
     fn call(&self, req: ureq::Request, body: Option<Value>) -> Result<Value> {
@@ -102,6 +125,20 @@ impl RepoClient {
         let req = self.agent.delete(&url).set("Authorization", &format!("Bearer {}", self.token()?));
         self.call(req, None)
     }
+}
+
+/// The host of an URL without its scheme: `[::1]` stays bracketed, a port is cut.
+fn host_of(rest: &str) -> &str {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn read_response(res: Result<ureq::Response, ureq::Error>) -> Result<Value> {
@@ -208,6 +245,8 @@ pub fn publish_one(client: &RepoClient, file: &Path, suite: &str) -> Result<Valu
 
 pub fn publish(client: &RepoClient, files: &[PathBuf], suite: &str, json_out: bool) -> Result<u8> {
     check_suite(suite)?;
+    // A token that may not be sent is a usage error for the whole command, not a failure per file.
+    client.token()?;
     let mut results = Vec::new();
     let mut failed = false;
     for f in files {
@@ -313,5 +352,30 @@ impl ConsoleConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConsoleConfig::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(url: &str, insecure: bool) -> RepoClient {
+        RepoClient::new(Some(RepoAccess { url: url.into(), token: Some("dfr_secret".into()), insecure })).unwrap()
+    }
+
+    #[test]
+    fn the_token_goes_over_plain_http_only_to_this_machine_unless_insecure() {
+        for url in ["http://127.0.0.1:8080", "http://localhost:8080/", "http://[::1]:8080", "https://repo.lan"] {
+            assert_eq!(client(url, false).token().unwrap(), "dfr_secret", "{url}");
+        }
+        for url in ["http://repo.lan:8080", "http://10.0.0.5", "http://user@repo.lan/", "http://[2001:db8::1]:80"] {
+            let e = client(url, false).token().unwrap_err().to_string();
+            assert!(
+                e.contains("refusing to send the publish token over plain http://") && e.contains("--insecure"),
+                "{url}: {e}"
+            );
+            assert_eq!(client(url, true).token().unwrap(), "dfr_secret", "{url}");
+        }
+        assert_eq!(host_of("user@[2001:db8::1]:80/x"), "2001:db8::1");
     }
 }

@@ -67,8 +67,8 @@ pub fn verify_audit(path: &std::path::Path) -> Result<u8> {
 
 pub struct WebOptions {
     pub listen: SocketAddr,
-    /// The repository (URL, publish token) for the repository page; without it the page says so.
-    pub repo: Option<(String, Option<String>)>,
+    /// The repository for the repository page; without it the page says so.
+    pub repo: Option<crate::repo::RepoAccess>,
     /// The certificate chain and key (PEM) to serve HTTPS with.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub users: PathBuf,
@@ -111,7 +111,7 @@ impl Server {
             None => None,
         };
         let repo = match &opts.repo {
-            Some((url, token)) => Some(Arc::new(RepoClient::new(Some(url.clone()), token.clone())?.quiet())),
+            Some(access) => Some(Arc::new(RepoClient::new(Some(access.clone()))?.quiet())),
             None => None,
         };
         let live = Arc::new(Live {

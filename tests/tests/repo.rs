@@ -467,3 +467,28 @@ fn secrets_are_never_readable_by_others() {
         assert_eq!(std::fs::metadata(root2.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
     }
 }
+
+#[test]
+fn the_publish_token_is_not_sent_over_plain_http_to_another_machine() {
+    let work = tempfile::tempdir().unwrap();
+    let deb = build_deb(work.path(), "df-secret", "1.0", "all", "", false);
+    // 192.0.2.1 is a documentation address nothing answers on.
+    let publish = |extra: &[&str]| {
+        std::process::Command::new(debfleet_tests::bin("debfleet"))
+            .arg("publish")
+            .arg(&deb)
+            .args(["--suite", "stable", "--repo", "http://192.0.2.1:8080", "--token", "dfr_secret"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = publish(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("refusing to send the publish token over plain http:// to 192.0.2.1"), "{err}");
+    // With --insecure it is sent (and said so); here nothing answers, so it fails later.
+    let out = publish(&["--insecure"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning: sending the publish token over plain http:// to 192.0.2.1 (--insecure)"), "{err}");
+    assert_ne!(out.status.code(), Some(0));
+}
