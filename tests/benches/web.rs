@@ -75,15 +75,7 @@ fn main() {
     let console = std::env::var("DEBFLEET_BIN").unwrap_or_else(|_| bin("debfleet").display().to_string());
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
-    let mut add = Command::new(&console)
-        .args(["web", "user", "add", "bench", "--role", "operator", "--users"])
-        .arg(&users)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    add.stdin.take().unwrap().write_all(b"bench-password\n").unwrap();
-    assert!(add.wait().unwrap().success());
+    debfleet_tests::repo::add_web_user(std::path::Path::new(&console), &users, "bench", "operator", "bench-password");
 
     // The anchor: the same server on an empty broker.
     let empty = Mosquitto::start();

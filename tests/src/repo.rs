@@ -387,6 +387,19 @@ fn web_request(port: u16, method: &str, path: &str, cookie: &str, form: &str) ->
     read_response(&mut s)
 }
 
+/// `CONSOLE web user add NAME --role ROLE --users USERS`, the password on stdin.
+pub fn add_web_user(console: &Path, users: &Path, name: &str, role: &str, password: &str) {
+    let mut add = Command::new(console)
+        .args(["web", "user", "add", name, "--role", role, "--users"])
+        .arg(users)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    add.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+    assert!(add.wait().unwrap().success(), "adding web user {name}");
+}
+
 /// The web console's page at `path` as `user` sees it, signed in with `password` (no browser:
 /// for tests that only need to know the console is there and shows the fleet).
 pub fn web_page_as(port: u16, user: &str, password: &str, path: &str) -> String {

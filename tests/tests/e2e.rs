@@ -1,8 +1,7 @@
 //! End-to-end tests of the foundation (issue 2): real Mosquitto, real agent and console
 //! processes, everything over 127.0.0.1.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use debfleet_tests::*;
@@ -414,14 +413,7 @@ fn embedded_broker_serves_a_fleet() {
     });
     assert!(s["state"]["reason"].as_str().unwrap().contains("has no devices"), "{s}");
     // ... and the web console: a user added while it runs signs in and sees the device.
-    let mut add = Command::new(bin("debfleet"))
-        .args(["web", "user", "add", "ana", "--role", "viewer", "--users", users.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    add.stdin.take().unwrap().write_all(b"ana-password\n").unwrap();
-    assert!(add.wait().unwrap().success());
+    repo::add_web_user(&bin("debfleet"), &users, "ana", "viewer", "ana-password");
     let page = repo::web_page_as(web_port, "ana", "ana-password", "/");
     assert!(page.contains("emb-1"), "{page}");
     // SIGTERM (what systemd sends) stops all of it.

@@ -5,7 +5,6 @@
 //! forged form are refused with 403; the audit chain verifies and a tampered copy does not.
 //! Screenshots of the pages go to `target/web-screenshots/`.
 
-use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -26,15 +25,7 @@ impl Drop for Web {
 }
 
 fn add_user(users: &std::path::Path, name: &str, role: &str, password: &str) {
-    let mut c = Command::new(bin("debfleet"))
-        .args(["web", "user", "add", name, "--role", role, "--users"])
-        .arg(users)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
-    assert!(c.wait_with_output().unwrap().status.success());
+    debfleet_tests::repo::add_web_user(&bin("debfleet"), users, name, role, password);
 }
 
 /// `debfleet web` with its users and audit log, on a free port; more arguments after.
