@@ -275,11 +275,13 @@ impl Device {
         })?;
         std::fs::write(self.dir.join("nspawn.pid"), self.nspawn_pid.to_string()).map_err(io(&self.dir))?;
         std::fs::write(self.dir.join("init.pid"), self.pid.to_string()).map_err(io(&self.dir))?;
-        // systemd is PID 1 a moment before its bus is up; until then systemctl cannot answer.
+        // systemd is PID 1 a moment before its bus is up; until then systemctl cannot answer, and
+        // says so as "offline" (seen once in a full suite run: the boot was taken as failed).
         // `--wait` alone would wait forever on a boot that never settles; bound it.
         let out = wait(Duration::from_secs(120), "the device's systemd to answer", || {
             let out = self.exec(&["timeout", "90", "systemctl", "is-system-running", "--wait"]);
-            (!out.stdout.is_empty()).then_some(out)
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            (!state.is_empty() && state != "offline").then_some(out)
         })?;
         let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if state != "running" && state != "degraded" {
