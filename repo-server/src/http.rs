@@ -20,7 +20,7 @@ use tower_http::services::ServeDir;
 
 use crate::fsutil::hex;
 use crate::store::{Repo, RepoError};
-use crate::tokens::{AuthError, Tokens};
+use crate::tokens::{AuthError, Team, Tokens};
 
 pub struct AppState {
     pub repo: Repo,
@@ -71,6 +71,7 @@ impl IntoResponse for RepoError {
             RepoError::BadRequest(_) | RepoError::Deb(_) => StatusCode::BAD_REQUEST,
             RepoError::Conflict(_) => StatusCode::CONFLICT,
             RepoError::NotFound(_) => StatusCode::NOT_FOUND,
+            RepoError::Forbidden(_) => StatusCode::FORBIDDEN,
             RepoError::Internal(e) => {
                 tracing::error!("{e:#}");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -80,7 +81,7 @@ impl IntoResponse for RepoError {
     }
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Team, Response> {
     let token =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     state.tokens.check(token.map(str::trim)).map_err(|e| {
@@ -150,15 +151,16 @@ async fn upload(State(state): State<Shared>, Path(suite): Path<String>, headers:
     let sha256 = hex(&hasher.finalize());
     tracing::debug!("upload of {size} bytes received in {:?}", received.elapsed());
     let st = state.clone();
+    let team_scope = team.scope.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let r = st.repo.publish(&suite, &tmp.0, &sha256, size);
+        let r = st.repo.publish(&suite, &tmp.0, &sha256, size, &|name| team_scope.allows(name, &suite));
         drop(tmp);
         r
     })
     .await;
     match result {
         Ok(Ok(p)) => {
-            tracing::info!("team {team}: {} {} {} -> {} ({})", p.name, p.version, p.arch, p.suite, p.status);
+            tracing::info!("team {}: {} {} {} -> {} ({})", team.name, p.name, p.version, p.arch, p.suite, p.status);
             let status = if p.status == "published" { StatusCode::CREATED } else { StatusCode::OK };
             (status, Json(p)).into_response()
         }
@@ -189,8 +191,12 @@ async fn remove(
     Query(q): Query<ArchQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
+    let team = match authorize(&state, &headers) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    if let Err(why) = team.scope.allows(&name, &suite) {
+        return RepoError::Forbidden(why).into_response();
     }
     let st = state.clone();
     let r = tokio::task::spawn_blocking(move || st.repo.remove(&suite, &name, &version, q.arch.as_deref())).await;
@@ -214,13 +220,18 @@ struct PromoteRequest {
 }
 
 async fn promote(State(state): State<Shared>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
+    let team = match authorize(&state, &headers) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let req: PromoteRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{name, version, from, to}}: {e}")),
     };
+    // Reading the source suite is public; what the scope guards is the suite that changes.
+    if let Err(why) = team.scope.allows(&req.name, &req.to) {
+        return RepoError::Forbidden(why).into_response();
+    }
     let st = state.clone();
     let r = tokio::task::spawn_blocking(move || st.repo.promote(&req.name, &req.version, &req.from, &req.to)).await;
     match r {

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
@@ -125,21 +126,73 @@ pub fn write_suite(
             write_unsynced(&plain, bytes)?;
         }
     }
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now()).replace("GMT", "UTC");
+    let (date, valid_until) = dates(cfg.valid_for());
     let release = format!(
-        "Origin: {origin}\nLabel: {label}\nSuite: {suite}\nCodename: {suite}\nDate: {date}\nArchitectures: {arches}\nNo-Support-for-Architecture-all: Packages\nComponents: main\nDescription: {label} {suite}\nAcquire-By-Hash: yes\n{GENERATION_FIELD}: {generation}\nSHA256:\n{release_lines}",
+        "Origin: {origin}\nLabel: {label}\nSuite: {suite}\nCodename: {suite}\nDate: {date}\nValid-Until: {valid_until}\nArchitectures: {arches}\nNo-Support-for-Architecture-all: Packages\nComponents: main\nDescription: {label} {suite}\nAcquire-By-Hash: yes\n{GENERATION_FIELD}: {generation}\nSHA256:\n{release_lines}",
         origin = cfg.origin,
         label = cfg.label,
         arches = ARCHES.join(" "),
     );
-    let (inrelease, gpg) = signer.sign_release(&release)?;
-    switch_release_pair(&dir, generation, release.as_bytes(), &gpg)?;
+    sign_and_switch(&dir, generation, &release, signer)?;
+    Ok(by_hash)
+}
+
+fn sign_and_switch(dir: &Path, generation: u64, release: &str, signer: &Signer) -> Result<()> {
+    let (inrelease, gpg) = signer.sign_release(release)?;
+    switch_release_pair(dir, generation, release.as_bytes(), &gpg)?;
     // One flush for everything above (cheaper than a sync per file), so that all the new
     // Release names is on disk before the InRelease that apt reads first points at it.
-    syncfs(&dir)?;
+    syncfs(dir)?;
     failpoint("before-inrelease");
     write_atomic(&dir.join("InRelease"), &inrelease)?;
-    Ok(by_hash)
+    Ok(())
+}
+
+/// `Date` (now) and `Valid-Until` (now + `valid_for`) as Release writes them.
+fn dates(valid_for: Duration) -> (String, String) {
+    let now = SystemTime::now();
+    let fmt = |t: SystemTime| httpdate::fmt_http_date(t).replace("GMT", "UTC");
+    (fmt(now), fmt(now + valid_for))
+}
+
+/// When a suite's published Release stops being valid (`None` without one, or unreadable).
+pub fn valid_until(public: &Path, suite: &str) -> Option<SystemTime> {
+    let text = std::fs::read_to_string(public.join("dists").join(suite).join("Release")).ok()?;
+    let value = text.lines().find_map(|l| l.strip_prefix("Valid-Until:"))?.trim();
+    httpdate::parse_http_date(&value.replace("UTC", "GMT")).ok()
+}
+
+/// Signs a suite's Release again with a fresh `Date` and `Valid-Until`, its indices and
+/// generation unchanged: what keeps a repository that nobody publishes to valid, so that apt's
+/// expiry check can tell a current repository from a replayed old one.
+pub fn resign(public: &Path, suite: &str, valid_for: Duration, signer: &Signer) -> Result<()> {
+    let dir = public.join("dists").join(suite);
+    let old = std::fs::read_to_string(dir.join("Release")).with_context(|| format!("reading {suite}'s Release"))?;
+    let generation = old
+        .lines()
+        .find_map(|l| l.strip_prefix(GENERATION_FIELD)?.strip_prefix(':')?.trim().parse::<u64>().ok())
+        .with_context(|| format!("{suite}'s Release has no {GENERATION_FIELD}"))?;
+    let (date, valid_until) = dates(valid_for);
+    let mut release = String::with_capacity(old.len() + 40);
+    let mut had_valid_until = false;
+    for line in old.lines() {
+        if line.starts_with("Date:") {
+            let _ = writeln!(release, "Date: {date}");
+            // A Release written before Valid-Until existed gets it after Date.
+            if !old.contains("\nValid-Until:") {
+                let _ = writeln!(release, "Valid-Until: {valid_until}");
+                had_valid_until = true;
+            }
+        } else if line.starts_with("Valid-Until:") {
+            let _ = writeln!(release, "Valid-Until: {valid_until}");
+            had_valid_until = true;
+        } else {
+            release.push_str(line);
+            release.push('\n');
+        }
+    }
+    anyhow::ensure!(had_valid_until, "{suite}'s Release has no Date field");
+    sign_and_switch(&dir, generation, &release, signer)
 }
 
 /// Where the detached-signature pair lives: `.release/GEN/{Release,Release.gpg}`, with

@@ -49,6 +49,11 @@ enum Command {
         /// Name of the first token.
         #[arg(long, default_value = "admin")]
         token_name: String,
+        /// How long a signed Release stays valid (its Valid-Until: 7d, 12h, 30m, 90s); a serving
+        /// repository signs it again when half of that is left. Devices refuse a Release past it,
+        /// so an attacker cannot hold them on an old repository state.
+        #[arg(long, default_value = "7d", value_parser = parse_duration)]
+        valid_for: u64,
     },
     /// Serve the repository and the publish API.
     Serve {
@@ -112,6 +117,13 @@ enum TokenAction {
         /// The repository's directory.
         #[arg(long)]
         root: PathBuf,
+        /// Package names the token may publish, promote and remove (a name, or a prefix ending
+        /// in '*'; comma-separated or repeated). Without it: every package.
+        #[arg(long, value_delimiter = ',')]
+        packages: Vec<String>,
+        /// Suites the token may change (comma-separated or repeated). Without it: every suite.
+        #[arg(long, value_delimiter = ',')]
+        suites: Vec<String>,
     },
     /// Revoke a team's token (takes effect at once).
     Revoke {
@@ -148,7 +160,7 @@ fn run(cli: Cli) -> Result<()> {
             use clap::CommandFactory;
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
         }
-        Command::Init { root, import_key, origin, retention, token_name } => {
+        Command::Init { root, import_key, origin, retention, token_name, valid_for } => {
             if retention == 0 {
                 anyhow::bail!("--retention must be at least 1");
             }
@@ -156,9 +168,15 @@ fn run(cli: Cli) -> Result<()> {
                 Some(p) => Signer::import(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?,
                 None => Signer::generate(&format!("{origin} repository signing key"))?,
             };
-            let config = RepoConfig { label: origin.clone(), origin, retention, ..RepoConfig::default() };
+            let config = RepoConfig {
+                label: origin.clone(),
+                origin,
+                retention,
+                valid_for_secs: valid_for,
+                ..RepoConfig::default()
+            };
             Repo::init(&root, &signer, config)?;
-            let token = Tokens::new(&Repo::tokens_path(&root)).add(&token_name)?;
+            let token = Tokens::new(&Repo::tokens_path(&root)).add(&token_name, tokens::Scope::default())?;
             println!("repository created in {}", root.display());
             println!("signing key fingerprint: {}", signer.fingerprint());
             println!("publish token {token_name:?} (shown once, keep it safe):\n{token}");
@@ -167,6 +185,7 @@ fn run(cli: Cli) -> Result<()> {
             let repo = Repo::open(&root)?;
             let state = Arc::new(http::AppState { repo, tokens: Tokens::new(&Repo::tokens_path(&root)) });
             spawn_delta_builder(state.clone());
+            spawn_resigner(state.clone());
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(listen)
@@ -204,8 +223,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{suite}\t{} {}\t{} -> {}\t{what}", d.name, d.arch, d.from, d.to);
             }
         }
-        Command::Token { action: TokenAction::Add { name, root } } => {
-            let token = Tokens::new(&Repo::tokens_path(&root)).add(&name)?;
+        Command::Token { action: TokenAction::Add { name, root, packages, suites } } => {
+            let scope = tokens::Scope::new(packages, suites)?;
+            let token = Tokens::new(&Repo::tokens_path(&root)).add(&name, scope)?;
             println!("{token}");
         }
         Command::Token { action: TokenAction::Revoke { name, root } } => {
@@ -215,7 +235,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Token { action: TokenAction::List { root } } => {
             for t in Tokens::new(&Repo::tokens_path(&root)).list()? {
                 let state = t.revoked.map(|r| format!("revoked {r}")).unwrap_or_else(|| "active".into());
-                println!("{}\tcreated {}\t{state}", t.name, t.created);
+                println!("{}\tcreated {}\t{state}\t{}", t.name, t.created, t.scope);
             }
         }
         Command::ExportKey { root, armor } => {
@@ -242,6 +262,40 @@ fn spawn_delta_builder(state: Arc<http::AppState>) {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         }
     });
+}
+
+/// Keeps every suite's Release valid: signs it again when half its validity is left. Checked
+/// ten times per validity period (at most hourly, at least every second).
+fn spawn_resigner(state: Arc<http::AppState>) {
+    let period = (state.repo.config.valid_for() / 10)
+        .clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
+    std::thread::spawn(move || loop {
+        if let Err(e) = state.repo.refresh_signatures() {
+            tracing::error!("signing Release again: {e:#}");
+        }
+        std::thread::sleep(period);
+    });
+}
+
+/// `7d`, `12h`, `30m`, `90s` or plain seconds, at least two seconds.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: expected a number with s, m, h or d (7d, 12h)")),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?}: expected a number with s, m, h or d (7d, 12h)"))?;
+    match n.checked_mul(scale) {
+        Some(secs) if secs >= 2 => Ok(secs),
+        Some(_) => Err("must be at least 2s".into()),
+        None => Err(format!("{text:?} is too long")),
+    }
 }
 
 async fn shutdown() {
@@ -273,5 +327,16 @@ mod cli_tests {
         let mut missing = Vec::new();
         walk(&Cli::command(), "debfleet-repo", &mut missing);
         assert!(missing.is_empty(), "no help for: {missing:?}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("7d"), Ok(604_800));
+        assert_eq!(parse_duration("12h"), Ok(43_200));
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert!(parse_duration("1s").is_err());
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
     }
 }

@@ -36,6 +36,22 @@ pub struct RepoConfig {
     /// Repositories made before deltas existed read the defaults.
     #[serde(default)]
     pub deltas: crate::deltas::DeltaConfig,
+    /// How long a signed Release is valid (its `Valid-Until`); a serving repository signs it
+    /// again when half of that is left. Repositories made before it read a week.
+    #[serde(default = "default_valid_for")]
+    pub valid_for_secs: u64,
+}
+
+pub const DEFAULT_VALID_FOR_SECS: u64 = 7 * 24 * 3600;
+
+fn default_valid_for() -> u64 {
+    DEFAULT_VALID_FOR_SECS
+}
+
+impl RepoConfig {
+    pub fn valid_for(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.valid_for_secs)
+    }
 }
 
 impl Default for RepoConfig {
@@ -47,6 +63,7 @@ impl Default for RepoConfig {
             max_upload_bytes: 512 << 20,
             xz_preset: 6,
             deltas: Default::default(),
+            valid_for_secs: DEFAULT_VALID_FOR_SECS,
         }
     }
 }
@@ -162,6 +179,9 @@ pub enum RepoError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// The token's scope does not reach this package or suite.
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Deb(#[from] DebError),
     #[error("{0:#}")]
@@ -539,11 +559,20 @@ impl Repo {
         }
     }
 
-    /// Publishes an uploaded .deb (a file under `tmp/`, already hashed) into a suite.
-    pub fn publish(&self, suite: &str, upload: &Path, sha256: &str, size: u64) -> Result<Published, RepoError> {
+    /// Publishes an uploaded .deb (a file under `tmp/`, already hashed) into a suite, if
+    /// `permit` allows its package name (a token's scope: the name is known only from the file).
+    pub fn publish(
+        &self,
+        suite: &str,
+        upload: &Path,
+        sha256: &str,
+        size: u64,
+        permit: &dyn Fn(&str) -> Result<(), String>,
+    ) -> Result<Published, RepoError> {
         Self::check_suite(suite)?;
         let control = read_control(fs::File::open(upload)?)?;
         let entry = Entry::new(control, String::new(), size, sha256.to_owned());
+        permit(&entry.name).map_err(RepoError::Forbidden)?;
         let entry = Entry { filename: pool_path(&entry.name, &entry.version, &entry.arch), ..entry };
 
         let (mut suites, _lock) = self.begin()?;
@@ -745,6 +774,26 @@ impl Repo {
             self.wake_deltas();
         }
         Ok(out)
+    }
+
+    /// Signs again every suite whose Release has less than half its validity left (or none);
+    /// returns the suites signed. A serving repository calls it often enough that none lapses.
+    pub fn refresh_signatures(&self) -> Result<Vec<String>, RepoError> {
+        let (suites, _lock) = self.begin()?;
+        let now = std::time::SystemTime::now();
+        let half = self.config.valid_for() / 2;
+        let mut signed = Vec::new();
+        for name in suites.keys() {
+            let fresh = indices::valid_until(&self.public(), name)
+                .and_then(|until| until.duration_since(now).ok())
+                .is_some_and(|left| left > half);
+            if !fresh {
+                indices::resign(&self.public(), name, self.config.valid_for(), &self.signer)?;
+                tracing::info!("suite {name}: Release signed again (valid for {}s)", self.config.valid_for_secs);
+                signed.push(name.clone());
+            }
+        }
+        Ok(signed)
     }
 
     /// Lets a serving process's delta builder be woken after each change.

@@ -300,6 +300,13 @@ impl AptSandbox {
             &format!("Dir::Log={d}/var/log/apt"),
             "-o",
             "APT::Update::Error-Mode=any",
+            // apt's defaults, as on a device; this build machine's own apt configuration turns
+            // them off for its mirror (Check-Date off turns Valid-Until off too), and apt reads
+            // that before these options.
+            "-o",
+            "Acquire::Check-Date=true",
+            "-o",
+            "Acquire::Check-Valid-Until=true",
             "-o",
             "Debug::NoLocking=1",
             "-o",
@@ -449,4 +456,43 @@ pub fn service_deb(dir: &Path, name: &str, version: &str, broken: bool) -> PathB
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     dir.join(format!("{name}_{version}_all.deb"))
+}
+
+/// A plain static file server over a copy of a repository's files (what a mirror or an attacker
+/// replaying an old state serves): GET only, one request per connection. Stops with the process.
+pub fn serve_files(dir: &Path) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = dir.to_owned();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                    match conn.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let path = head.split(' ').nth(1).unwrap_or("/").trim_start_matches('/').to_owned();
+                let file = (!path.split('/').any(|c| c == "..")).then(|| std::fs::read(dir.join(&path)).ok()).flatten();
+                let reply = match file {
+                    Some(body) => {
+                        let mut r =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                                .into_bytes();
+                        r.extend(body);
+                        r
+                    }
+                    None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                };
+                let _ = conn.write_all(&reply);
+            });
+        }
+    });
+    port
 }

@@ -492,3 +492,109 @@ fn the_publish_token_is_not_sent_over_plain_http_to_another_machine() {
     assert!(err.contains("warning: sending the publish token over plain http:// to 192.0.2.1 (--insecure)"), "{err}");
     assert_ne!(out.status.code(), Some(0));
 }
+
+fn release_field(text: &str, field: &str) -> Option<std::time::SystemTime> {
+    let value = text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?.trim().replace("UTC", "GMT");
+    httpdate::parse_http_date(&value).ok()
+}
+
+#[test]
+fn a_release_past_valid_until_is_refused_by_apt_and_the_server_signs_it_again_in_time() {
+    let server = RepoServer::start(&["--valid-for", "8s"]);
+    let work = tempfile::tempdir().unwrap();
+    ok(&server.publish(&build_deb(work.path(), "df-fresh", "1.0", "all", "", false), "stable"));
+    let dists = server.root.join("public/dists/stable");
+    let first = std::fs::read_to_string(dists.join("InRelease")).unwrap();
+    let until = release_field(&first, "Valid-Until").expect("Valid-Until in InRelease");
+    let date = release_field(&first, "Date").unwrap();
+    assert_eq!(until.duration_since(date).unwrap().as_secs(), 8, "{first}");
+    // What an attacker (or a stale mirror) could keep serving: the repository as it is now.
+    let replay = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("cp")
+        .arg("-rL")
+        .arg(server.root.join("public/dists"))
+        .arg(replay.path())
+        .output()
+        .unwrap();
+    ok(&out);
+    let apt = AptSandbox::new(&server.url(), "stable", &keyring(&server));
+    ok(&apt.update());
+    std::thread::sleep(
+        until.duration_since(std::time::SystemTime::now()).unwrap_or_default() + std::time::Duration::from_secs(2),
+    );
+    // The served repository was signed again before it lapsed: a device that updates now takes it.
+    let now = std::fs::read_to_string(dists.join("InRelease")).unwrap();
+    assert!(release_field(&now, "Valid-Until").unwrap() > std::time::SystemTime::now(), "{now}");
+    assert_eq!(
+        now.lines().find(|l| l.starts_with("X-Debfleet-Generation")),
+        first.lines().find(|l| l.starts_with("X-Debfleet-Generation")),
+        "same indices, same generation"
+    );
+    assert!(server.log().contains("Release signed again"), "{}", server.log());
+    ok(&apt.update());
+    ok(&apt.install("df-fresh"));
+    // The replayed copy is past its Valid-Until: real apt refuses it, signature and all.
+    let port = serve_files(replay.path());
+    let stale = AptSandbox::new(&format!("http://127.0.0.1:{port}"), "stable", &keyring(&server));
+    let out = stale.update();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("expired"), "{}", text(&out));
+    assert!(stale.list("Packages").is_none(), "no index taken from an expired Release");
+}
+
+#[test]
+fn a_team_token_changes_only_its_packages_in_its_suites() {
+    let server = RepoServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let add = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
+        .args(["token", "add", "acme", "--packages", "acme-*", "--suites", "testing", "--root"])
+        .arg(&server.root)
+        .output()
+        .unwrap();
+    ok(&add);
+    let acme_token = String::from_utf8(add.stdout).unwrap().trim().to_owned();
+    let as_acme = |args: &[&str]| {
+        std::process::Command::new(debfleet_tests::bin("debfleet"))
+            .args(args)
+            .env("DEBFLEET_REPO", server.url())
+            .env("DEBFLEET_TOKEN", &acme_token)
+            .env("DEBFLEET_CONFIG", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let ours = build_deb(work.path(), "acme-led", "1.0", "all", "", false);
+    let theirs = build_deb(work.path(), "df-other", "1.0", "all", "", false);
+    ok(&as_acme(&["publish", ours.to_str().unwrap(), "--suite", "testing"]));
+    let out = as_acme(&["publish", theirs.to_str().unwrap(), "--suite", "testing"]);
+    assert!(
+        !out.status.success() && text(&out).contains("may change only packages acme-*, not df-other"),
+        "{}",
+        text(&out)
+    );
+    let out = as_acme(&["publish", ours.to_str().unwrap(), "--suite", "stable"]);
+    assert!(
+        !out.status.success() && text(&out).contains("may change only suites testing, not stable"),
+        "{}",
+        text(&out)
+    );
+    let out = as_acme(&["promote", "acme-led=1.0", "--from", "testing", "--to", "stable"]);
+    assert!(!out.status.success() && text(&out).contains("not stable"), "{}", text(&out));
+    // The admin token (unscoped) puts another team's package in testing; acme cannot remove it.
+    ok(&server.publish(&theirs, "testing"));
+    let out = as_acme(&["unpublish", "df-other=1.0", "--suite", "testing"]);
+    assert!(!out.status.success() && text(&out).contains("not df-other"), "{}", text(&out));
+    let listing = server.listing();
+    assert!(listing.iter().any(|l| l.0 == "testing" && l.1 == "df-other"), "{listing:?}");
+    assert!(!listing.iter().any(|l| l.0 == "stable"), "{listing:?}");
+    // Nothing refused left a file behind.
+    assert!(!server.pool_files().iter().any(|f| f.contains("stable")), "{:?}", server.pool_files());
+    let list = std::process::Command::new(debfleet_tests::bin("debfleet-repo"))
+        .args(["token", "list", "--root"])
+        .arg(&server.root)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("acme\t")
+            && String::from_utf8_lossy(&list.stdout).contains("packages acme-* suites testing")
+    );
+}
