@@ -141,7 +141,13 @@ pub async fn drive(d: Driver, mut eventloop: Loop, will: impl Fn(&str) -> (Strin
                 let _ = events.send(CoreEvent::Message { topic, payload, retain }).await;
             }
             Ok(Net::PingResp) => link.received(TrafficClass::Control, 2),
-            Ok(Net::PubAck) => link.received(TrafficClass::Control, 4),
+            Ok(Net::PubAck { refused }) => {
+                if refused {
+                    // Seen when the broker's ACL does not give this device its own topics.
+                    tracing::warn!("the broker refused a message from this device (not authorized?)");
+                }
+                link.received(TrafficClass::Control, 4)
+            }
             Ok(Net::SubAck(n)) => link.received(TrafficClass::Control, 4 + n),
             Ok(Net::UnsubAck) => link.received(TrafficClass::Control, 4),
             Ok(Net::OutPingReq) => link.sent(TrafficClass::Control, 2),

@@ -12,7 +12,7 @@ use crate::exit;
 use crate::fleet::{Device, Fleet};
 use crate::output::{ago, flatten, table, Spinner};
 use crate::request::{send_and_wait, Outcome, Request, Target};
-use crate::session::{ConnectOptions, Message, Session};
+use crate::session::{Message, Session};
 use crate::{Ctx, Targets};
 
 /// Invalid input from the operator (exit status 2).
@@ -39,12 +39,7 @@ fn device_id(s: &str) -> Result<DeviceId> {
 /// Connects and reads the whole retained fleet.
 /// Connects and reads the retained messages under `filters` (with a spinner naming `what`).
 pub async fn read_retained(ctx: &Ctx, what: &str, filters: &[String]) -> Result<(Session, Vec<Message>)> {
-    let mut session = Session::connect(ConnectOptions {
-        url: &ctx.broker,
-        ca_file: ctx.ca_file.as_deref(),
-        prefix: ctx.topics.prefix(),
-    })
-    .await?;
+    let mut session = Session::connect(ctx.connect_options()).await?;
     let spinner = Spinner::start(format!("reading {what} from the broker"));
     let retained = session.retained(&ctx.topics, filters).await?;
     drop(spinner);

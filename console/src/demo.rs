@@ -196,6 +196,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         topics: ctx.topics.clone(),
         expires: ctx.expires,
         by: ctx.by.clone(),
+        credentials: None,
     };
 
     // The broker, in this process.
@@ -203,7 +204,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         .with_context(|| format!("cannot listen on {}", args.broker_listen))?;
     let listen = args.broker_listen;
     std::thread::spawn(move || {
-        if let Err(e) = crate::serve::run(listen, None, false, None) {
+        if let Err(e) = crate::serve::run(listen, None, false, None, None) {
             eprintln!("demo: the embedded broker stopped: {e:#}");
         }
     });

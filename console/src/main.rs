@@ -1,5 +1,6 @@
 //! `debfleet`: the operator's console.
 
+mod broker;
 mod cmds;
 mod components;
 mod delta;
@@ -32,6 +33,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// The broker could not be reached or the connection was lost.
     pub const UNREACHABLE: u8 = 3;
+    /// The broker refused what this console's broker user may not do (credentials or role).
+    pub const REFUSED: u8 = 4;
 }
 
 #[derive(Parser)]
@@ -49,6 +52,13 @@ pub(crate) struct Cli {
     /// CA certificate for an mqtts:// broker.
     #[arg(long, global = true, env = "DEBFLEET_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Broker user name (see `debfleet broker add-user`); the password comes from
+    /// --broker-password-file or DEBFLEET_BROKER_PASSWORD.
+    #[arg(long, global = true, env = "DEBFLEET_BROKER_USER")]
+    broker_user: Option<String>,
+    /// File holding the broker user's password (one line).
+    #[arg(long, global = true, env = "DEBFLEET_BROKER_PASSWORD_FILE")]
+    broker_password_file: Option<PathBuf>,
     /// Topic prefix.
     #[arg(long, global = true, env = "DEBFLEET_PREFIX", default_value = "debfleet")]
     prefix: String,
@@ -298,6 +308,15 @@ enum Command {
         #[command(subcommand)]
         action: delta::DeltaAction,
     },
+    /// Per-device credentials and ACLs for a real Mosquitto: a password file in its own format
+    /// and an ACL file, generated from --dir (see README: "Securing a fleet").
+    Broker {
+        #[command(subcommand)]
+        action: broker::BrokerAction,
+        /// Where the broker's configuration lives.
+        #[arg(long, global = true, env = "DEBFLEET_BROKER_DIR", default_value = "/etc/debfleet/broker")]
+        dir: PathBuf,
+    },
     /// The web console: the fleet live in a browser, with sign-in, roles and an audit log.
     Web {
         #[command(subcommand)]
@@ -345,6 +364,10 @@ enum Command {
         /// The web console's audit log [default: ~/.config/debfleet/audit.log].
         #[arg(long)]
         audit: Option<PathBuf>,
+        /// Require a password from every client, checked against this broker configuration
+        /// (debfleet broker init, add-device, add-user); needed to listen beyond loopback.
+        #[arg(long)]
+        broker_dir: Option<PathBuf>,
     },
 }
 
@@ -454,6 +477,43 @@ pub struct Ctx {
     pub expires: Option<std::time::Duration>,
     /// `--by` (or $USER): who asks.
     pub by: Option<String>,
+    /// Broker user name and password.
+    pub credentials: Option<(String, String)>,
+}
+
+impl Ctx {
+    pub fn connect_options(&self) -> session::ConnectOptions<'_> {
+        session::ConnectOptions {
+            url: &self.broker,
+            ca_file: self.ca_file.as_deref(),
+            prefix: self.topics.prefix(),
+            credentials: self.credentials.as_ref(),
+        }
+    }
+}
+
+/// The broker password: from the file named, else DEBFLEET_BROKER_PASSWORD (kept out of the
+/// command line, where any local user could read it in the process list).
+fn broker_credentials(
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+) -> anyhow::Result<Option<(String, String)>> {
+    use anyhow::Context as _;
+    let Some(user) = user else {
+        if password_file.is_some() {
+            anyhow::bail!("--broker-password-file needs --broker-user");
+        }
+        return Ok(None);
+    };
+    let password = match password_file {
+        Some(p) => std::fs::read_to_string(&p)
+            .with_context(|| format!("reading the broker password from {}", p.display()))?
+            .trim_end_matches(['\n', '\r'])
+            .to_owned(),
+        None => std::env::var("DEBFLEET_BROKER_PASSWORD")
+            .context("--broker-user needs a password: --broker-password-file FILE or DEBFLEET_BROKER_PASSWORD")?,
+    };
+    Ok(Some((user, password)))
 }
 
 fn main() -> ExitCode {
@@ -484,7 +544,17 @@ fn main() -> ExitCode {
         eprintln!("debfleet: --by: {e}");
         return ExitCode::from(exit::USAGE);
     }
-    let ctx = Ctx { broker, ca_file: cli.ca_file.or(file.ca_file), topics, expires, by };
+    let credentials = match broker_credentials(
+        cli.broker_user.or(file.broker_user),
+        cli.broker_password_file.or(file.broker_password_file),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("debfleet: {e:#}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let ctx = Ctx { broker, ca_file: cli.ca_file.or(file.ca_file), topics, expires, by, credentials };
     let (repo_url, token) = (cli.repo.or(file.repo), cli.token.or(file.token));
     let repo_cmd = match &cli.command {
         Command::Publish { .. } | Command::Packages { .. } | Command::Promote { .. } | Command::Unpublish { .. } => {
@@ -543,7 +613,7 @@ fn main() -> ExitCode {
     if let Command::Lab { command } = cli.command {
         return finish(lab::run(&ctx, command));
     }
-    if let Command::Serve { listen, no_rollouts, web_listen, no_web, users, audit } = cli.command {
+    if let Command::Serve { listen, no_rollouts, web_listen, no_web, users, audit, broker_dir } = cli.command {
         let required = web_listen.is_some();
         let web = (!no_web).then(|| web::WebOptions {
             listen: web_listen.unwrap_or_else(|| ([127, 0, 0, 1], 8088).into()),
@@ -552,8 +622,12 @@ fn main() -> ExitCode {
             users: users.unwrap_or_else(|| web::default_path("web-users")),
             audit: audit.unwrap_or_else(|| web::default_path("audit.log")),
         });
-        return match serve::run(listen, Some(&ctx), !no_rollouts, web.map(|w| (w, required))) {
+        return match serve::run(listen, Some(&ctx), !no_rollouts, web.map(|w| (w, required)), broker_dir.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.downcast_ref::<cmds::UsageError>().is_some() => {
+                eprintln!("debfleet: {e:#}");
+                ExitCode::from(exit::USAGE)
+            }
             Err(e) => {
                 eprintln!("debfleet: {e:#}");
                 ExitCode::FAILURE
@@ -588,6 +662,7 @@ fn main() -> ExitCode {
             Command::Component { command } => components::run(&ctx, command).await,
             Command::Desired { command } => desired::run(&ctx, command).await,
             Command::Rollout { command } => rollout::run(&ctx, command).await,
+            Command::Broker { action, dir } => broker::run(&dir, ctx.topics.prefix(), action),
             Command::Web {
                 command: Some(WebCommand::User { command: UserCommand::Add { name, role } }),
                 users,
@@ -630,7 +705,9 @@ fn finish(result: anyhow::Result<u8>) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("debfleet: {e:#}");
-            let code = if e.downcast_ref::<session::Unreachable>().is_some() {
+            let code = if e.downcast_ref::<session::Refused>().is_some() {
+                exit::REFUSED
+            } else if e.downcast_ref::<session::Unreachable>().is_some() {
                 exit::UNREACHABLE
             } else if e.downcast_ref::<cmds::UsageError>().is_some() {
                 exit::USAGE

@@ -328,6 +328,8 @@ pub fn packages(client: &RepoClient, suite: Option<&str>, json_out: bool) -> Res
 #[serde(deny_unknown_fields)]
 pub struct ConsoleConfig {
     pub broker: Option<String>,
+    pub broker_user: Option<String>,
+    pub broker_password_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub repo: Option<String>,
     pub token: Option<String>,

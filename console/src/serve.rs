@@ -19,10 +19,24 @@ pub fn run(
     ctx: Option<&crate::Ctx>,
     rollouts: bool,
     web: Option<(WebOptions, bool)>,
+    broker_dir: Option<&std::path::Path>,
 ) -> Result<()> {
+    // Beyond this machine, nobody connects without a password (the embedded broker has no ACLs:
+    // a fleet's broker is a Mosquitto with the ACLs `debfleet broker` writes).
+    if !listen.ip().is_loopback() && broker_dir.is_none() {
+        return Err(crate::cmds::usage(format!(
+            "{listen} is not a loopback address: give --broker-dir DIR (debfleet broker init, add-device, add-user) \
+             so that clients need a password"
+        )));
+    }
     // Bind once ourselves so a busy port is a clear error instead of a panic in a broker thread.
     std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
-    let server = ServerSettings {
+    // serve's own clients (rollout controller, web console) sign in with a password made now.
+    let internal = match broker_dir {
+        Some(_) => Some(("debfleet-serve".to_owned(), crate::broker::random_password()?)),
+        None => None,
+    };
+    let mut server = ServerSettings {
         name: "v4".into(),
         listen,
         tls: None,
@@ -38,6 +52,21 @@ pub fn run(
             dynamic_filters: true,
         },
     };
+    if let Some(dir) = broker_dir {
+        let passwd = crate::broker::BrokerDir::open(dir)?.passwd_path();
+        let internal = internal.clone();
+        // The file is read at every connect: a device enrolled while serve runs can connect.
+        server.connections.set_auth_handler(move |_client, user: String, password: String| {
+            let ok = internal.as_ref().is_some_and(|(u, p)| *u == user && *p == password)
+                || crate::broker::read_passwd(&passwd)
+                    .map(|m| m.get(&user).is_some_and(|h| crate::broker::verify(h, &password)))
+                    .unwrap_or(false);
+            if !ok {
+                tracing::warn!("embedded broker: refused {user:?} (unknown user or wrong password)");
+            }
+            std::future::ready(ok)
+        });
+    }
     let config = Config {
         id: 0,
         router: RouterConfig {
@@ -66,6 +95,7 @@ pub fn run(
             topics: ctx.topics.clone(),
             expires: ctx.expires,
             by: ctx.by.clone(),
+            credentials: internal.clone(),
         }
     });
     if let (Some(ctx), Some((opts, required))) = (&local, web) {

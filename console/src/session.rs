@@ -23,7 +23,7 @@ pub struct Message {
 
 pub struct Session {
     client: Client,
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<Result<Message, Refused>>,
     client_id: String,
     prefix: String,
     broker_url: String,
@@ -32,6 +32,8 @@ pub struct Session {
     /// as the pump counts them: `close` waits until they match.
     sent: std::sync::atomic::AtomicU64,
     acked: watch::Receiver<u64>,
+    /// Acknowledgements that said the broker did not take the message.
+    refusals: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The fleet index as the last read left it.
     index: Option<crate::sync::Index>,
 }
@@ -40,6 +42,8 @@ pub struct ConnectOptions<'a> {
     pub url: &'a str,
     pub ca_file: Option<&'a std::path::Path>,
     pub prefix: &'a str,
+    /// Broker user name and password.
+    pub credentials: Option<&'a (String, String)>,
 }
 
 impl Session {
@@ -58,7 +62,7 @@ impl Session {
             host: url.host.clone(),
             port: url.port,
             ca,
-            credentials: None,
+            credentials: opts.credentials.cloned(),
             max_packet: MAX_PACKET_BYTES,
             channel: 1024,
         };
@@ -86,8 +90,23 @@ impl Session {
         }
         match r {
             Ok(Ok(())) => {}
+            Ok(Err(e)) if e.refused => {
+                return Err(anyhow!(Refused::Client(format!(
+                    "{} at {} (check --broker-user and the password: debfleet broker add-user/add-device)",
+                    e.message, opts.url
+                ))))
+            }
             Ok(Err(e)) => {
-                return Err(anyhow!(Unreachable(format!("cannot reach the broker at {}: {}", opts.url, e.message))))
+                // The embedded broker (rumqttd) refuses a password by closing the connection.
+                let hint = if opts.credentials.is_some() && e.maybe_unsupported {
+                    " (closed before it accepted the connection: check the user name and password)"
+                } else {
+                    ""
+                };
+                return Err(anyhow!(Unreachable(format!(
+                    "cannot reach the broker at {}: {}{hint}",
+                    opts.url, e.message
+                ))));
             }
             Err(_) => {
                 return Err(anyhow!(Unreachable(format!("no answer from the broker at {} within 5 s", opts.url))))
@@ -95,12 +114,14 @@ impl Session {
         }
         let (tx, rx) = mpsc::channel(4096);
         let (acks, acked) = watch::channel(0);
-        let pump = tokio::spawn(pump(eventloop, tx, acks));
+        let refusals = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let pump = tokio::spawn(pump(eventloop, tx, acks, refusals.clone()));
         Ok(Session {
             client,
             rx,
             sent: Default::default(),
             acked,
+            refusals,
             client_id,
             prefix: opts.prefix.to_owned(),
             broker_url: opts.url.to_owned(),
@@ -141,7 +162,11 @@ impl Session {
     }
 
     pub async fn recv(&mut self) -> Result<Message> {
-        self.rx.recv().await.ok_or_else(|| anyhow!(Unreachable("the connection to the broker was lost".into())))
+        match self.rx.recv().await {
+            Some(Ok(m)) => Ok(m),
+            Some(Err(refused)) => Err(anyhow!(refused)),
+            None => Err(anyhow!(Unreachable("the connection to the broker was lost".into()))),
+        }
     }
 
     /// Subscribes to `filters` and returns every retained message they match. Completion is
@@ -257,7 +282,7 @@ impl Session {
     /// makes the broker discard what it had not read yet (seen with Mosquitto: the last retained
     /// record of `debfleet desired set` never arrived).
     pub async fn close(self) -> Result<()> {
-        let Session { client, rx, pump, sent, mut acked, .. } = self;
+        let Session { client, rx, pump, sent, mut acked, refusals, .. } = self;
         drop(rx);
         let sent = sent.into_inner();
         let all = tokio::time::timeout(Duration::from_secs(10), acked.wait_for(|a| *a >= sent)).await;
@@ -272,6 +297,9 @@ impl Session {
         };
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
+        if refusals.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Err(anyhow!(Refused::Message));
+        }
         confirmed
     }
 }
@@ -288,16 +316,49 @@ impl std::fmt::Display for Unreachable {
 
 impl std::error::Error for Unreachable {}
 
-async fn pump(mut eventloop: Loop, tx: mpsc::Sender<Message>, acks: watch::Sender<u64>) {
+/// The broker refused this console (exit status 4): its credentials, or a message its broker
+/// user may not publish.
+#[derive(Debug)]
+pub enum Refused {
+    Client(String),
+    Message,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Client(why) => f.write_str(why),
+            Refused::Message => f.write_str(
+                "the broker refused a message this console sent (not authorized): this broker user's role does not \
+                 allow it (debfleet broker add-user NAME --role operator|admin)",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
+async fn pump(
+    mut eventloop: Loop,
+    tx: mpsc::Sender<Result<Message, Refused>>,
+    acks: watch::Sender<u64>,
+    refusals: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     loop {
         match eventloop.poll().await {
             Ok(Net::Publish { topic, payload, retain, .. }) => {
                 let msg = Message { topic, payload, retained: retain };
                 // Once the receiver is gone the loop keeps running only to flush the DISCONNECT.
-                let _ = tx.send(msg).await;
+                let _ = tx.send(Ok(msg)).await;
             }
             Ok(Net::OutDisconnect) => return,
-            Ok(Net::PubAck) => acks.send_modify(|n| *n += 1),
+            Ok(Net::PubAck { refused }) => {
+                acks.send_modify(|n| *n += 1);
+                if refused {
+                    refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = tx.try_send(Err(Refused::Message));
+                }
+            }
             Ok(_) => {}
             // A console session is short; rather than reconnecting behind the operator's back
             // (and missing messages), it reports the loss.

@@ -7,18 +7,13 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cmds::UsageError;
 use crate::fleet::Fleet;
-use crate::session::{ConnectOptions, Session};
+use crate::session::Session;
 use crate::Ctx;
 
 pub async fn run(ctx: &Ctx, device: Option<String>, group: Option<String>, json: bool) -> Result<u8> {
     let device = device.map(|d| DeviceId::new(d).map_err(|e| UsageError(e.to_string()))).transpose()?;
     let group = group.map(|g| GroupName::new(g).map_err(|e| UsageError(e.to_string()))).transpose()?;
-    let mut session = Session::connect(ConnectOptions {
-        url: &ctx.broker,
-        ca_file: ctx.ca_file.as_deref(),
-        prefix: ctx.topics.prefix(),
-    })
-    .await?;
+    let mut session = Session::connect(ctx.connect_options()).await?;
     let filter = match &device {
         Some(d) => ctx.topics.device_filter(d),
         None => ctx.topics.fleet_filter(),

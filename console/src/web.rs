@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 
 use crate::fleet::{Change, Device, Fleet};
 use crate::request::{Request, Target};
-use crate::session::{ConnectOptions, Session};
+use crate::session::Session;
 use crate::Ctx;
 
 /// Where the web console keeps its users and its audit log unless told: beside the console's
@@ -189,12 +189,7 @@ impl Live {
     }
 
     async fn follow_once(&self) -> Result<()> {
-        let opts = ConnectOptions {
-            url: &self.ctx.broker,
-            ca_file: self.ctx.ca_file.as_deref(),
-            prefix: self.ctx.topics.prefix(),
-        };
-        let mut session = Session::connect(opts).await?;
+        let mut session = Session::connect(self.ctx.connect_options()).await?;
         session.subscribe_view(&[self.ctx.topics.fleet_filter(), self.ctx.topics.rollout_filter()]).await?;
         loop {
             let msg = session.recv().await?;

@@ -145,10 +145,21 @@ impl Client {
 /// What the connection task acts on.
 #[derive(Debug)]
 pub enum Net {
-    ConnAck { session_present: bool },
-    Publish { topic: String, payload: Vec<u8>, retain: bool, qos1: bool },
+    ConnAck {
+        session_present: bool,
+    },
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        qos1: bool,
+    },
     PingResp,
-    PubAck,
+    /// `refused`: the broker did not take the message (MQTT 5 reason code: not authorized,
+    /// quota, topic name invalid...). Under 3.1.1 a broker drops such a message silently.
+    PubAck {
+        refused: bool,
+    },
     SubAck(usize),
     UnsubAck,
     OutPingReq,
@@ -162,6 +173,8 @@ pub enum Net {
 pub struct PollError {
     pub message: String,
     pub maybe_unsupported: bool,
+    /// The broker refused the client's credentials or the client itself.
+    pub refused: bool,
 }
 
 pub enum Loop {
@@ -315,11 +328,25 @@ impl Loop {
         match self {
             Loop::V4(el) => match el.poll().await {
                 Ok(ev) => Ok(net4(ev)),
-                Err(e) => Err(PollError { maybe_unsupported: unsupported4(&e), message: e.to_string() }),
+                Err(e) => {
+                    let refusal = refusal4(&e);
+                    Err(PollError {
+                        maybe_unsupported: unsupported4(&e),
+                        refused: refusal.is_some(),
+                        message: refusal.unwrap_or_else(|| e.to_string()),
+                    })
+                }
             },
             Loop::V5(el) => match el.poll().await {
                 Ok(ev) => Ok(net5(ev)),
-                Err(e) => Err(PollError { maybe_unsupported: unsupported5(&e), message: e.to_string() }),
+                Err(e) => {
+                    let refusal = refusal5(&e);
+                    Err(PollError {
+                        maybe_unsupported: unsupported5(&e),
+                        refused: refusal.is_some(),
+                        message: refusal.unwrap_or_else(|| e.to_string()),
+                    })
+                }
             },
         }
     }
@@ -333,6 +360,30 @@ fn io_is_network(e: &std::io::Error) -> bool {
         e.kind(),
         ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable | AddrNotAvailable | NotFound
     )
+}
+
+/// What an operator should read when the broker refuses the client itself (Mosquitto answers a
+/// wrong password under MQTT 5 with "not authorized", under 3.1.1 with "bad user name or password").
+const BAD_CREDENTIALS: &str = "the broker refused the connection: wrong or missing user name or password";
+const NOT_AUTHORIZED: &str =
+    "the broker refused the connection (not authorized): wrong or missing user name or password";
+
+fn refusal4(e: &rumqttc::ConnectionError) -> Option<String> {
+    use rumqttc::ConnectReturnCode::*;
+    match e {
+        rumqttc::ConnectionError::ConnectionRefused(BadUserNamePassword) => Some(BAD_CREDENTIALS.into()),
+        rumqttc::ConnectionError::ConnectionRefused(NotAuthorized) => Some(NOT_AUTHORIZED.into()),
+        _ => None,
+    }
+}
+
+fn refusal5(e: &m5::ConnectionError) -> Option<String> {
+    use m5::mqttbytes::v5::ConnectReturnCode::*;
+    match e {
+        m5::ConnectionError::ConnectionRefused(BadUserNamePassword) => Some(BAD_CREDENTIALS.into()),
+        m5::ConnectionError::ConnectionRefused(NotAuthorized) => Some(NOT_AUTHORIZED.into()),
+        _ => None,
+    }
 }
 
 fn unsupported4(e: &rumqttc::ConnectionError) -> bool {
@@ -366,7 +417,7 @@ fn net4(ev: rumqttc::Event) -> Net {
             qos1: p.qos != QoS::AtMostOnce,
         },
         Event::Incoming(Packet::PingResp) => Net::PingResp,
-        Event::Incoming(Packet::PubAck(_)) => Net::PubAck,
+        Event::Incoming(Packet::PubAck(_)) => Net::PubAck { refused: false },
         Event::Incoming(Packet::SubAck(s)) => Net::SubAck(s.return_codes.len()),
         Event::Incoming(Packet::UnsubAck(_)) => Net::UnsubAck,
         Event::Outgoing(Outgoing::PingReq) => Net::OutPingReq,
@@ -389,7 +440,10 @@ fn net5(ev: m5::Event) -> Net {
             qos1: p.qos != m5::mqttbytes::QoS::AtMostOnce,
         },
         Event::Incoming(Packet::PingResp(_)) => Net::PingResp,
-        Event::Incoming(Packet::PubAck(_)) => Net::PubAck,
+        Event::Incoming(Packet::PubAck(a)) => {
+            use m5::mqttbytes::v5::PubAckReason::{NoMatchingSubscribers, Success};
+            Net::PubAck { refused: !matches!(a.reason, Success | NoMatchingSubscribers) }
+        }
         Event::Incoming(Packet::SubAck(s)) => Net::SubAck(s.return_codes.len()),
         Event::Incoming(Packet::UnsubAck(_)) => Net::UnsubAck,
         Event::Outgoing(Outgoing::PingReq) => Net::OutPingReq,

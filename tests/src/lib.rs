@@ -58,6 +58,8 @@ pub struct Mosquitto {
     child: Option<Child>,
     /// More listener options (TLS).
     extra: String,
+    /// Lines that replace the open test settings (anonymous clients allowed) — a secured broker.
+    secured: Option<String>,
 }
 
 impl Mosquitto {
@@ -67,9 +69,26 @@ impl Mosquitto {
 
     pub fn start_on(port: u16) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = Mosquitto { port, dir, child: None, extra: String::new() };
+        let mut m = Mosquitto { port, dir, child: None, extra: String::new(), secured: None };
         m.spawn();
         m
+    }
+
+    /// A Mosquitto configured with `lines` (passwords, ACLs) and no anonymous access.
+    pub fn start_secured(lines: &str) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m =
+            Mosquitto { port: free_port(), dir, child: None, extra: String::new(), secured: Some(lines.into()) };
+        m.spawn();
+        m
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
     }
 
     /// A Mosquitto that only speaks TLS, with a fresh CA; returns it and the CA file.
@@ -78,7 +97,7 @@ impl Mosquitto {
         let ca = make_test_pki(dir.path());
         let d = dir.path().display().to_string();
         let extra = format!("cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n");
-        let mut m = Mosquitto { port: free_port(), dir, child: None, extra };
+        let mut m = Mosquitto { port: free_port(), dir, child: None, extra, secured: None };
         m.spawn();
         (m, ca)
     }
@@ -86,7 +105,11 @@ impl Mosquitto {
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
         let listeners = format!("listener {} 127.0.0.1\n{}", self.port, self.extra);
-        std::fs::write(&conf, mosquitto_conf(&listeners)).unwrap();
+        let text = match &self.secured {
+            Some(lines) => mosquitto_conf(&listeners).replace("allow_anonymous true\n", "") + lines + "log_type all\n",
+            None => mosquitto_conf(&listeners),
+        };
+        std::fs::write(&conf, text).unwrap();
         let exe = mosquitto_exe();
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new(exe).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap();
@@ -373,7 +396,19 @@ impl Observer {
     }
 
     pub fn connect_to(host: &str, port: u16, filters: &[&str]) -> Observer {
+        Self::connect_with(host, port, None, filters)
+    }
+
+    /// As a broker user.
+    pub fn connect_as(port: u16, user: &str, password: &str, filters: &[&str]) -> Observer {
+        Self::connect_with("127.0.0.1", port, Some((user, password)), filters)
+    }
+
+    fn connect_with(host: &str, port: u16, login: Option<(&str, &str)>, filters: &[&str]) -> Observer {
         let mut opts = rumqttc::MqttOptions::new(format!("test-{:08x}", rand_u32()), host, port);
+        if let Some((user, password)) = login {
+            opts.set_credentials(user, password);
+        }
         opts.set_max_packet_size(1 << 20, 1 << 20);
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut conn) = rumqttc::Client::new(opts, 256);

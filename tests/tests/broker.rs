@@ -1,0 +1,231 @@
+//! Issue 16's broker half: `debfleet broker` writes a password file and an ACL file that a real
+//! Mosquitto enforces — every row of the access matrix checked by what is delivered.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use debfleet_tests::*;
+
+fn broker_cmd(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(bin("debfleet")).arg("broker").args(args).arg("--dir").arg(dir).output().unwrap();
+    assert!(out.status.success(), "broker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn password(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.pw"))).unwrap().trim().to_owned()
+}
+
+/// The console as a broker user (the password through the environment).
+fn console_as(m: &Mosquitto, user: &str, password: &str, args: &[&str]) -> Output {
+    Command::new(bin("debfleet"))
+        .args(["--broker", &m.url(), "--broker-user", user])
+        .args(args)
+        .env("DEBFLEET_BROKER_PASSWORD", password)
+        .env("DEBFLEET_CONFIG", "/nonexistent")
+        .env("XDG_CACHE_HOME", std::env::temp_dir().join(format!("df-broker-{}", rand_u32())))
+        .output()
+        .unwrap()
+}
+
+/// Publishes a last message on `topic` and waits until `who` has it: everything `from` sent
+/// before has then been delivered too (one connection's messages keep their order).
+fn settle(from: &Observer, who: &Observer, topic: &str) {
+    let nonce = format!("{{\"n\":{}}}", rand_u32());
+    from.publish(topic, nonce.clone(), false);
+    wait_for(Duration::from_secs(10), "the settling message", || {
+        who.messages().iter().any(|m| m.topic == topic && m.payload == nonce.as_bytes()).then_some(())
+    });
+}
+
+fn seen(o: &Observer, topic: &str) -> bool {
+    o.messages().iter().any(|m| m.topic == topic)
+}
+
+#[test]
+fn generated_passwords_and_acls_hold_on_a_real_mosquitto() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("broker");
+    broker_cmd(&dir, &["init"]);
+    for (name, args) in [
+        ("d1", vec!["add-device", "d1", "--groups", "lab"]),
+        ("d2", vec!["add-device", "d2"]),
+        ("ana", vec!["add-user", "ana", "--role", "viewer"]),
+        ("ops", vec!["add-user", "ops", "--role", "operator"]),
+        ("boss", vec!["add-user", "boss", "--role", "admin"]),
+    ] {
+        let out = dir.join(format!("{name}.pw"));
+        let mut args = args.clone();
+        args.extend(["--password-out", out.to_str().unwrap()]);
+        broker_cmd(&dir, &args);
+    }
+    let enrolled = broker_cmd(&dir, &["add-device", "d3", "--groups", "lab"]);
+    let text = String::from_utf8_lossy(&enrolled.stdout);
+    assert!(text.contains("username = \"d3\"") && text.contains("password_file = "), "{text}");
+    let lines = String::from_utf8(broker_cmd(&dir, &["config"]).stdout).unwrap();
+    assert!(lines.contains("allow_anonymous false") && lines.contains("acl_file "), "{lines}");
+    let m = Mosquitto::start_secured(&lines);
+    let pw = |n: &str| password(&dir, n);
+
+    let boss = Observer::connect_as(m.port, "boss", &pw("boss"), &["debfleet/#"]);
+    let d1 = Observer::connect_as(
+        m.port,
+        "d1",
+        &pw("d1"),
+        &[
+            "debfleet/device/d1/cmd/+",
+            "debfleet/fleet/cmd/+",
+            "debfleet/group/lab/cmd/+",
+            "debfleet/desired/device/d1",
+            // Not its own: the broker delivers none of these to it.
+            "debfleet/device/d2/#",
+            "debfleet/group/other/cmd/+",
+            "debfleet/desired/device/d2",
+        ],
+    );
+
+    // A device writes its own facts, and nothing else: not another device's, not a command
+    // (its own either), not a retained command, not desired state.
+    d1.publish("debfleet/device/d1/meta", r#"{"v":1}"#, true);
+    d1.publish("debfleet/device/d2/meta", r#"{"spoof":true}"#, true);
+    d1.publish("debfleet/device/d2/op/x", r#"{"spoof":true}"#, true);
+    d1.publish("debfleet/device/d1/cmd/install", r#"{"spoof":true}"#, false);
+    d1.publish("debfleet/group/lab/cmd/install", r#"{"spoof":true}"#, true);
+    d1.publish("debfleet/fleet/cmd/install", r#"{"spoof":true}"#, false);
+    d1.publish("debfleet/desired/device/d1", r#"{"spoof":true}"#, true);
+    settle(&d1, &boss, "debfleet/device/d1/logs");
+    assert!(seen(&boss, "debfleet/device/d1/meta"));
+    for t in [
+        "debfleet/device/d2/meta",
+        "debfleet/device/d2/op/x",
+        "debfleet/device/d1/cmd/install",
+        "debfleet/group/lab/cmd/install",
+        "debfleet/fleet/cmd/install",
+        "debfleet/desired/device/d1",
+    ] {
+        assert!(!seen(&boss, t), "a device's publish on {t} went through");
+        assert!(!seen(&d1, t), "{t}");
+    }
+    // Nothing was retained on a command topic either.
+    let late = Observer::connect_as(m.port, "boss", &pw("boss"), &["debfleet/group/+/cmd/#", "debfleet/device/d2/#"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(late.messages().is_empty(), "{:?}", late.messages().iter().map(|m| &m.topic).collect::<Vec<_>>());
+
+    // An operator commands; a device reads only its own, its groups' and the fleet's commands.
+    let ops = Observer::connect_as(m.port, "ops", &pw("ops"), &[]);
+    for t in [
+        "debfleet/device/d2/cmd/ping",
+        "debfleet/group/other/cmd/ping",
+        "debfleet/device/d1/cmd/ping",
+        "debfleet/group/lab/cmd/ping",
+    ] {
+        ops.publish(t, r#"{"id":"c"}"#, false);
+    }
+    // An operator cannot set desired state (an admin can); a device cannot read another's.
+    ops.publish("debfleet/desired/device/d1", r#"{"by":"ops"}"#, true);
+    boss.publish("debfleet/desired/device/d2", r#"{"by":"boss"}"#, true);
+    settle(&ops, &d1, "debfleet/fleet/cmd/ping");
+    for t in ["debfleet/device/d1/cmd/ping", "debfleet/group/lab/cmd/ping"] {
+        assert!(seen(&d1, t), "{t}");
+    }
+    for t in ["debfleet/device/d2/cmd/ping", "debfleet/group/other/cmd/ping", "debfleet/desired/device/d2"] {
+        assert!(!seen(&d1, t), "device d1 read {t}");
+    }
+    settle(&boss, &boss, "debfleet/rollout/r1/control");
+    assert!(!seen(&boss, "debfleet/desired/device/d1"), "an operator set desired state");
+    assert!(seen(&boss, "debfleet/desired/device/d2"));
+
+    // A viewer reads everything and commands nothing.
+    let ana = Observer::connect_as(m.port, "ana", &pw("ana"), &["debfleet/#"]);
+    ana.wait("debfleet/device/d1/meta", Duration::from_secs(5), |_| true);
+    d1.clear();
+    ana.publish("debfleet/device/d1/cmd/ping", r#"{"id":"viewer"}"#, false);
+    ana.publish("debfleet/fleet/cmd/ping", r#"{"id":"viewer"}"#, false);
+    settle(&ops, &d1, "debfleet/group/lab/cmd/ping");
+    assert!(!d1.messages().iter().any(|m| m.payload.windows(6).any(|w| w == b"viewer")), "a viewer commanded");
+
+    // The real agent, enrolled, works under its ACL: an operator pings it, a viewer lists it
+    // but cannot command it (exit 4, said so), a wrong password and no password are refused.
+    let agent = Agent::start(AgentSpec {
+        id: "d1",
+        port: m.port,
+        groups: &["lab"],
+        extra: &format!("username = \"d1\"\npassword_file = {:?}\n", dir.join("d1.pw")),
+    });
+    let out = console_as(&m, "ops", &pw("ops"), &["ping", "d1", "--timeout", "20"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.log());
+    let out = console_as(&m, "ana", &pw("ana"), &["devices", "--json"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"d1\""), "{out:?}");
+    let out = console_as(&m, "ana", &pw("ana"), &["ping", "d1", "--timeout", "20"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("refused a message this console sent (not authorized)"), "{err}");
+    let out = console_as(&m, "ops", "not-the-password", &["devices"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("refused the connection") && err.contains("password"), "{err}");
+    let out = Command::new(bin("debfleet"))
+        .args(["--broker", &m.url(), "devices"])
+        .env("DEBFLEET_CONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "anonymous: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!agent.log().contains("refused a message"), "the agent's own publishes all pass: {}", agent.log());
+
+    // Removing a device and reloading the broker locks it out.
+    broker_cmd(&dir, &["remove", "d2"]);
+    // SAFETY: SIGHUP to the test's own Mosquitto: it reads its password and ACL files again.
+    unsafe { libc::kill(m.pid(), libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut opts = rumqttc::MqttOptions::new("d2-again", "127.0.0.1", m.port);
+    opts.set_credentials("d2", pw("d2"));
+    let (_c, mut conn) = rumqttc::Client::new(opts, 10);
+    let first = conn.iter().next().unwrap();
+    assert!(first.is_err(), "a removed device connected: {first:?}");
+}
+
+#[test]
+fn serve_listens_beyond_loopback_only_with_passwords_and_then_checks_them() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("broker");
+    let port = free_port();
+    let out = Command::new(bin("debfleet"))
+        .args(["serve", "--no-web", "--listen", &format!("0.0.0.0:{port}")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is not a loopback address: give --broker-dir"), "{err}");
+
+    broker_cmd(&dir, &["init"]);
+    broker_cmd(&dir, &["add-device", "e1", "--password-out", dir.join("e1.pw").to_str().unwrap()]);
+    broker_cmd(
+        &dir,
+        &["add-user", "ops", "--role", "operator", "--password-out", dir.join("ops.pw").to_str().unwrap()],
+    );
+    let mut serve = embedded_broker_with(port, &["--no-web", "--broker-dir", dir.to_str().unwrap()]);
+    let agent = Agent::start(AgentSpec {
+        id: "e1",
+        port,
+        groups: &[],
+        extra: &format!("username = \"e1\"\npassword_file = {:?}\n", dir.join("e1.pw")),
+    });
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let run = |user: Option<(&str, &str)>, args: &[&str]| {
+        let mut cmd = Command::new(bin("debfleet"));
+        cmd.args(["--broker", &url]).env("DEBFLEET_CONFIG", "/nonexistent");
+        if let Some((u, p)) = user {
+            cmd.args(["--broker-user", u]).env("DEBFLEET_BROKER_PASSWORD", p);
+        }
+        cmd.args(args).output().unwrap()
+    };
+    let out = run(Some(("ops", &password(&dir, "ops"))), &["ping", "e1", "--timeout", "20"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.log());
+    for user in [Some(("ops", "wrong-password")), None] {
+        let out = run(user, &["devices"]);
+        assert_ne!(out.status.code(), Some(0), "{user:?} got in");
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
