@@ -33,6 +33,11 @@ struct FileConfig {
     /// Where components connect (a Unix socket); "" turns components off.
     #[serde(default = "default_components_socket")]
     components_socket: PathBuf,
+    /// Run only commands signed by a key in `operators_dir` (see the contract: Signature).
+    #[serde(default)]
+    require_signed_commands: bool,
+    #[serde(default = "default_operators_dir")]
+    operators_dir: PathBuf,
     #[serde(default)]
     groups: Vec<String>,
     #[serde(default)]
@@ -81,6 +86,10 @@ fn default_state_dir() -> PathBuf {
 fn default_dpkg_admindir() -> PathBuf {
     "/var/lib/dpkg".into()
 }
+fn default_operators_dir() -> PathBuf {
+    PathBuf::from("/etc/debfleet/operators.d")
+}
+
 fn default_components_socket() -> PathBuf {
     debfleet_protocol::component::SOCKET_PATH.into()
 }
@@ -167,6 +176,8 @@ pub struct AgentConfig {
     pub dpkg_admindir: PathBuf,
     /// `None`: components are off.
     pub components_socket: Option<PathBuf>,
+    /// `Some(operators_dir)`: only commands signed by a key there run.
+    pub signed_commands: Option<PathBuf>,
     pub labels: BTreeMap<String, String>,
     pub packages: Vec<String>,
     pub reconnect: ReconnectCfg,
@@ -262,6 +273,7 @@ impl AgentConfig {
             state_dir: f.state_dir,
             dpkg_admindir: f.dpkg_admindir,
             components_socket: (!f.components_socket.as_os_str().is_empty()).then_some(f.components_socket),
+            signed_commands: f.require_signed_commands.then_some(f.operators_dir),
             labels: f.labels,
             packages: f.packages,
             reconnect: f.reconnect,

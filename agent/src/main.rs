@@ -14,6 +14,7 @@ mod link;
 mod localtime;
 mod logs;
 mod managed;
+mod operators;
 mod outbox;
 mod spool;
 mod telemetry;

@@ -197,6 +197,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         expires: ctx.expires,
         by: ctx.by.clone(),
         credentials: None,
+        signer: ctx.signer.clone(),
     };
 
     // The broker, in this process.

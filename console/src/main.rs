@@ -7,6 +7,7 @@ mod delta;
 mod demo;
 mod desired;
 mod fleet;
+mod keys;
 mod lab;
 mod manual;
 mod output;
@@ -59,6 +60,10 @@ pub(crate) struct Cli {
     /// File holding the broker user's password (one line).
     #[arg(long, global = true, env = "DEBFLEET_BROKER_PASSWORD_FILE")]
     broker_password_file: Option<PathBuf>,
+    /// Sign every command with this operator key (debfleet key generate), for devices that
+    /// require signed commands.
+    #[arg(long, global = true, env = "DEBFLEET_SIGN_KEY")]
+    sign_key: Option<PathBuf>,
     /// Topic prefix.
     #[arg(long, global = true, env = "DEBFLEET_PREFIX", default_value = "debfleet")]
     prefix: String,
@@ -308,6 +313,11 @@ enum Command {
         #[command(subcommand)]
         action: delta::DeltaAction,
     },
+    /// Operator keys for signed commands.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Per-device credentials and ACLs for a real Mosquitto: a password file in its own format
     /// and an ACL file, generated from --dir (see README: "Securing a fleet").
     Broker {
@@ -368,6 +378,20 @@ enum Command {
         /// (debfleet broker init, add-device, add-user); needed to listen beyond loopback.
         #[arg(long)]
         broker_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Make an ed25519 key pair: NAME.key (private, 0600) and NAME.pub (for the devices'
+    /// /etc/debfleet/operators.d/). A new name per key: rotating is adding the new .pub to the
+    /// devices, then removing the old one.
+    Generate {
+        /// The key's name (devices look it up as operators.d/NAME.pub), e.g. ana-2026.
+        name: String,
+        /// Where to write the pair [default: ~/.config/debfleet/keys].
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -479,6 +503,8 @@ pub struct Ctx {
     pub by: Option<String>,
     /// Broker user name and password.
     pub credentials: Option<(String, String)>,
+    /// `--sign-key`: signs every command.
+    pub signer: Option<std::sync::Arc<keys::Signer>>,
 }
 
 impl Ctx {
@@ -488,6 +514,7 @@ impl Ctx {
             ca_file: self.ca_file.as_deref(),
             prefix: self.topics.prefix(),
             credentials: self.credentials.as_ref(),
+            signer: self.signer.as_ref(),
         }
     }
 }
@@ -554,7 +581,14 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    let ctx = Ctx { broker, ca_file: cli.ca_file.or(file.ca_file), topics, expires, by, credentials };
+    let signer = match cli.sign_key.as_deref().map(keys::Signer::load).transpose() {
+        Ok(s) => s.map(std::sync::Arc::new),
+        Err(e) => {
+            eprintln!("debfleet: --sign-key: {e:#}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let ctx = Ctx { broker, ca_file: cli.ca_file.or(file.ca_file), topics, expires, by, credentials, signer };
     let (repo_url, token) = (cli.repo.or(file.repo), cli.token.or(file.token));
     let repo_cmd = match &cli.command {
         Command::Publish { .. } | Command::Packages { .. } | Command::Promote { .. } | Command::Unpublish { .. } => {
@@ -663,6 +697,15 @@ fn main() -> ExitCode {
             Command::Desired { command } => desired::run(&ctx, command).await,
             Command::Rollout { command } => rollout::run(&ctx, command).await,
             Command::Broker { action, dir } => broker::run(&dir, ctx.topics.prefix(), action),
+            Command::Key { action: KeyAction::Generate { name, dir } } => {
+                let (private, public) = keys::generate(&name, &dir.unwrap_or_else(keys::default_dir))?;
+                println!(
+                    "private key: {} (keep it: --sign-key or DEBFLEET_SIGN_KEY)\npublic key:  {} (install it on the devices as /etc/debfleet/operators.d/{name}.pub)",
+                    private.display(),
+                    public.display()
+                );
+                Ok(0)
+            }
             Command::Web {
                 command: Some(WebCommand::User { command: UserCommand::Add { name, role } }),
                 users,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use debfleet_protocol::signature::SignTarget;
 use debfleet_protocol::{Command, CommandArgs, DeviceId, GroupName, OpId, OpRecord, Topic, Topics};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -106,8 +107,8 @@ pub async fn send(
         args: req.args.clone(),
         expires_at: Some(expires_at),
         by: req.by.clone(),
+        signature: None,
     };
-    let payload = command.to_payload();
     let expiry_s = life.as_secs().min(u64::from(u32::MAX)) as u32;
     let candidates: Vec<DeviceId> = match target {
         Target::Devices(ids) => ids.clone(),
@@ -138,15 +139,18 @@ pub async fn send(
     match target {
         Target::Devices(_) => {
             for d in &waiting {
+                let payload = session.command_payload(&command, &SignTarget::Device(d.clone()));
                 session
-                    .publish_command(topics.name(&Topic::DeviceCmd(d.clone(), verb.into())), payload.clone(), expiry_s)
+                    .publish_command(topics.name(&Topic::DeviceCmd(d.clone(), verb.into())), payload, expiry_s)
                     .await?;
             }
         }
         Target::Group(g) if !waiting.is_empty() => {
+            let payload = session.command_payload(&command, &SignTarget::Group(g.clone()));
             session.publish_command(topics.name(&Topic::GroupCmd(g.clone(), verb.into())), payload, expiry_s).await?
         }
         Target::All if !waiting.is_empty() => {
+            let payload = session.command_payload(&command, &SignTarget::Fleet);
             session.publish_command(topics.name(&Topic::FleetCmd(verb.into())), payload, expiry_s).await?
         }
         _ => {}

@@ -96,6 +96,7 @@ pub fn run(
             expires: ctx.expires,
             by: ctx.by.clone(),
             credentials: internal.clone(),
+            signer: ctx.signer.clone(),
         }
     });
     if let (Some(ctx), Some((opts, required))) = (&local, web) {

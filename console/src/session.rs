@@ -34,6 +34,7 @@ pub struct Session {
     acked: watch::Receiver<u64>,
     /// Acknowledgements that said the broker did not take the message.
     refusals: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    signer: Option<std::sync::Arc<crate::keys::Signer>>,
     /// The fleet index as the last read left it.
     index: Option<crate::sync::Index>,
 }
@@ -44,6 +45,8 @@ pub struct ConnectOptions<'a> {
     pub prefix: &'a str,
     /// Broker user name and password.
     pub credentials: Option<&'a (String, String)>,
+    /// Signs every command sent through this session.
+    pub signer: Option<&'a std::sync::Arc<crate::keys::Signer>>,
 }
 
 impl Session {
@@ -122,6 +125,7 @@ impl Session {
             sent: Default::default(),
             acked,
             refusals,
+            signer: opts.signer.cloned(),
             client_id,
             prefix: opts.prefix.to_owned(),
             broker_url: opts.url.to_owned(),
@@ -159,6 +163,18 @@ impl Session {
             .map_err(|e| anyhow!("publishing: {e}"))?;
         self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The command's payload for `target`: signed when this session has a key.
+    pub fn command_payload(
+        &self,
+        cmd: &debfleet_protocol::Command,
+        target: &debfleet_protocol::signature::SignTarget,
+    ) -> Vec<u8> {
+        match &self.signer {
+            Some(s) => debfleet_protocol::Command { signature: Some(s.sign(cmd, target)), ..cmd.clone() }.to_payload(),
+            None => cmd.to_payload(),
+        }
     }
 
     pub async fn recv(&mut self) -> Result<Message> {

@@ -156,6 +156,8 @@ pub struct Command {
     pub expires_at: Option<i64>,
     /// Who asked (an operator's name): the device keeps it in the operation's record.
     pub by: Option<String>,
+    /// An operator's signature (`sig`), checked by devices that require one.
+    pub signature: Option<crate::signature::Signature>,
 }
 
 /// Why a command was not accepted. With an `id` the failure is reported on that operation's
@@ -194,6 +196,8 @@ struct PackageArgs {
     #[serde(default)]
     by: Option<Value>,
     #[serde(default)]
+    sig: Option<Value>,
+    #[serde(default)]
     packages: Vec<String>,
     #[serde(default)]
     package: Option<String>,
@@ -221,7 +225,7 @@ struct PackageWords {
 
 fn package_words(v: Value) -> Result<PackageWords, String> {
     let a: PackageArgs = serde_json::from_value(v).map_err(|e| e.to_string())?;
-    let _ = (a.id, a.v, a.expires_at, a.by);
+    let _ = (a.id, a.v, a.expires_at, a.by, a.sig);
     if a.watch_s.is_some_and(|w| w > 3600) {
         return Err("watch_s must be at most 3600".into());
     }
@@ -311,12 +315,37 @@ pub fn parse_command(verb: &str, payload: &[u8]) -> Result<Command, Rejection> {
             ))
         }
     };
+    let signature = match object.get("sig") {
+        None => None,
+        Some(v) => Some(
+            parse_signature(v).map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, format!("sig: {e}")))?,
+        ),
+    };
     let Some(verb) = Verb::from_name(verb) else {
         return Err(reject(Some(id), ErrorCode::UnknownVerb, format!("unknown verb {verb:?}")));
     };
     let args = parse_args(verb, Value::Object(object))
         .map_err(|e| reject(Some(id.clone()), ErrorCode::InvalidValue, format!("{}: {e}", verb.as_str())))?;
-    Ok(Command { id, verb, args, expires_at, by })
+    Ok(Command { id, verb, args, expires_at, by, signature })
+}
+
+/// `{"key": NAME, "issued_at": RFC 3339, "value": 128 hex digits}`.
+fn parse_signature(v: &Value) -> Result<crate::signature::Signature, String> {
+    let Value::Object(o) = v else { return Err(format!("expected an object, got {}", type_name(v))) };
+    let text = |k: &str| match o.get(k) {
+        Some(Value::String(s)) => Ok(s.as_str()),
+        Some(other) => Err(format!("{k} must be a string, got {}", type_name(other))),
+        None => Err(format!("no {k}")),
+    };
+    let key = text("key")?;
+    if !crate::signature::valid_key_name(key) {
+        return Err(format!("key {key:?}: 1-64 letters, digits, '-', '_', '.' or '@'"));
+    }
+    let at = text("issued_at")?;
+    let issued_at =
+        crate::time::parse_unix_ms(at).ok_or_else(|| format!("issued_at: {at:?} is not an RFC 3339 time"))?;
+    let value = crate::signature::from_hex::<64>(text("value")?).ok_or("value: expected 128 hex digits")?;
+    Ok(crate::signature::Signature { key: key.to_owned(), issued_at, value })
 }
 
 fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
@@ -453,8 +482,31 @@ impl CommandArgs {
 }
 
 impl Command {
+    /// The payload as it goes on the wire, with the signature when there is one.
     pub fn to_payload(&self) -> Vec<u8> {
+        let canonical = self.canonical_payload();
+        let Some(sig) = &self.signature else { return canonical };
+        let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(&canonical) else { return canonical };
+        m.insert(
+            "sig".into(),
+            serde_json::json!({
+                "key": sig.key,
+                "issued_at": crate::time::format_unix_ms(sig.issued_at),
+                "value": crate::signature::to_hex(&sig.value),
+            }),
+        );
+        serde_json::to_vec(&Value::Object(m)).unwrap_or(canonical)
+    }
+
+    /// The payload without its signature, rebuilt from the typed command (keys sorted): what a
+    /// signature covers (see `signature.rs`).
+    pub fn canonical_payload(&self) -> Vec<u8> {
         self.args.payload(&self.id, self.expires_at, self.by.as_deref())
+    }
+
+    /// The bytes `key` signs (at `issued_at`) for this command sent to `target`.
+    pub fn signed_message(&self, key: &str, target: &crate::signature::SignTarget, issued_at: i64) -> Vec<u8> {
+        crate::signature::message(key, target, self.verb.as_str(), issued_at, &self.canonical_payload())
     }
 
     /// Whether the command's expiry has passed at `now_ms`.
@@ -574,10 +626,35 @@ mod tests {
                 args: args.clone(),
                 expires_at: Some(1_800_000_000_123),
                 by: Some("ana lópez".into()),
+                signature: None,
             };
             let back = parse_command(args.verb().as_str(), &cmd.to_payload()).unwrap();
             assert_eq!(back, cmd);
             assert!(back.expired(1_800_000_000_123) && !back.expired(1_800_000_000_122));
+            // Signed: the signature travels, and the canonical payload the device rebuilds is
+            // the one the sender signed.
+            let signed = Command {
+                signature: Some(crate::signature::Signature {
+                    key: "ana".into(),
+                    issued_at: 1_700_000_000_000,
+                    value: [7; 64],
+                }),
+                ..cmd.clone()
+            };
+            let back = parse_command(args.verb().as_str(), &signed.to_payload()).unwrap();
+            assert_eq!(back, signed);
+            assert_eq!(back.canonical_payload(), cmd.to_payload());
+        }
+        for bad in [
+            r#"{"id":"s1","sig":"x"}"#,
+            r#"{"id":"s1","sig":{"key":"ana","issued_at":"2026-01-01T00:00:00Z"}}"#,
+            r#"{"id":"s1","sig":{"key":"../a","issued_at":"2026-01-01T00:00:00Z","value":"00"}}"#,
+            r#"{"id":"s1","sig":{"key":"ana","issued_at":"soon","value":"00"}}"#,
+            r#"{"id":"s1","sig":{"key":"ana","issued_at":"2026-01-01T00:00:00Z","value":"00"}}"#,
+        ] {
+            let r = parse_command("install", bad.as_bytes()).unwrap_err();
+            assert_eq!((r.code, r.id.map(|i| i.to_string())), (ErrorCode::InvalidValue, Some("s1".into())), "{bad}");
+            assert!(r.message.contains("sig"), "{bad}: {}", r.message);
         }
         for bad in [
             r#"{"id":"e1","expires_at":"tomorrow"}"#,

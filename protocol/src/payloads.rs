@@ -404,10 +404,15 @@ pub enum ErrorCode {
     Drifted,
     /// A desired-state operation still queued when a newer revision arrived: it never ran.
     Superseded,
+    /// The device requires commands signed by an operator key it trusts
+    /// (`require_signed_commands`), and this one was unsigned, signed by an unknown or revoked
+    /// key, signed for another target, altered, without an expiry, or a replay. Nothing was run
+    /// and the id was not recorded.
+    Unauthorized,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::MalformedJson,
         ErrorCode::MissingId,
         ErrorCode::InvalidId,
@@ -437,6 +442,7 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::Drifted,
         ErrorCode::Superseded,
+        ErrorCode::Unauthorized,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -470,6 +476,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Drifted => "drifted",
             ErrorCode::Superseded => "superseded",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }

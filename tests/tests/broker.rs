@@ -229,3 +229,99 @@ fn serve_listens_beyond_loopback_only_with_passwords_and_then_checks_them() {
     let _ = serve.kill();
     let _ = serve.wait();
 }
+
+/// The console with a signing key (or none) against an open broker.
+fn console_signed(m: &Mosquitto, key: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("debfleet"));
+    cmd.args(["--broker", &m.url()]).env("DEBFLEET_CONFIG", "/nonexistent").env_remove("DEBFLEET_SIGN_KEY");
+    if let Some(k) = key {
+        cmd.arg("--sign-key").arg(k);
+    }
+    cmd.args(args).output().unwrap()
+}
+
+fn codes(out: &Output) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!("not JSON: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    v.as_array().unwrap().iter().map(|o| o["code"].as_str().unwrap_or("ok").to_owned()).collect()
+}
+
+#[test]
+fn a_device_that_requires_signatures_runs_only_what_a_trusted_operator_signed_for_it() {
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("keys");
+    let trusted = work.path().join("operators.d");
+    std::fs::create_dir(&trusted).unwrap();
+    for name in ["ana-2026", "ana-2027", "eve"] {
+        let out = Command::new(bin("debfleet")).args(["key", "generate", name, "--dir"]).arg(&keys).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::fs::copy(keys.join("ana-2026.pub"), trusted.join("ana-2026.pub")).unwrap();
+    let (ana, ana2, eve) = (keys.join("ana-2026.key"), keys.join("ana-2027.key"), keys.join("eve.key"));
+    let m = Mosquitto::start();
+    let agent = Agent::start(AgentSpec {
+        id: "s1",
+        port: m.port,
+        groups: &["lab"],
+        extra: &format!("require_signed_commands = true\noperators_dir = {trusted:?}\n"),
+    });
+    let watch = Observer::connect(m.port, &["debfleet/device/s1/#"]);
+    watch.wait("debfleet/device/s1/status", Duration::from_secs(20), |v| v["state"] == "online");
+    let ping = |key: Option<&Path>, target: &[&str]| {
+        let mut args = vec!["ping", "--json", "--timeout", "15"];
+        args.extend(target);
+        codes(&console_signed(&m, key, &args))
+    };
+    assert_eq!(ping(None, &["s1"]), ["unauthorized"], "unsigned");
+    assert_eq!(ping(Some(&eve), &["s1"]), ["unauthorized"], "a key the device does not trust");
+    assert_eq!(ping(Some(&ana), &["s1"]), ["ok"]);
+    assert_eq!(ping(Some(&ana), &["--group", "lab"]), ["ok"], "signed for the group's topic");
+    assert_eq!(ping(Some(&ana), &["--all"]), ["ok"]);
+    let log = agent.log();
+    assert!(log.contains("no sig") && log.contains("\"eve\" is not trusted here"), "{log}");
+
+    // A signed command taken off the wire: replayed on its own topic it is not run again (the
+    // device answers with the recorded outcome); on another verb, another target, or altered, it
+    // is refused.
+    let spy = Observer::connect(m.port, &["debfleet/device/+/cmd/#"]);
+    assert_eq!(ping(Some(&ana), &["s1"]), ["ok"]);
+    let taken = wait_for(Duration::from_secs(5), "the signed ping", || spy.last("debfleet/device/s1/cmd/ping"));
+    let id = taken.json()["id"].as_str().unwrap().to_owned();
+    assert!(taken.json()["sig"]["key"] == "ana-2026");
+    let refused = |topic: &str, payload: &[u8], why: &str| {
+        watch.clear();
+        spy.publish(topic, payload.to_vec(), false);
+        let rec =
+            watch.wait(&format!("debfleet/device/s1/op/{id}"), Duration::from_secs(10), |v| v["state"] == "failed");
+        assert_eq!(rec["error"]["code"], "unauthorized", "{topic}: {rec}");
+        assert!(rec["error"]["message"].as_str().unwrap().contains(why), "{topic}: {rec}");
+    };
+    let ok = console_signed(&m, Some(&ana), &["ops", "s1", "--clear"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    watch.clear();
+    spy.publish("debfleet/device/s1/cmd/ping", taken.payload.clone(), false);
+    let rec = watch.wait(&format!("debfleet/device/s1/op/{id}"), Duration::from_secs(10), |v| v["repeats"] == 1);
+    assert_eq!(rec["state"], "succeeded", "{rec}");
+    refused("debfleet/device/s1/cmd/refresh", &taken.payload, "does not verify for device/s1");
+    refused("debfleet/fleet/cmd/ping", &taken.payload, "does not verify for fleet");
+    let mut altered: serde_json::Value = taken.json();
+    altered["by"] = "mallory".into();
+    refused("debfleet/device/s1/cmd/ping", &serde_json::to_vec(&altered).unwrap(), "does not verify");
+
+    // Rotation: the new key is trusted beside the old; then the old is removed (revoked).
+    assert_eq!(ping(Some(&ana2), &["s1"]), ["unauthorized"]);
+    std::fs::copy(keys.join("ana-2027.pub"), trusted.join("ana-2027.pub")).unwrap();
+    assert_eq!(ping(Some(&ana2), &["s1"]), ["ok"]);
+    std::fs::remove_file(trusted.join("ana-2026.pub")).unwrap();
+    assert_eq!(ping(Some(&ana), &["s1"]), ["unauthorized"], "a revoked key");
+    assert_eq!(ping(Some(&ana2), &["s1"]), ["ok"]);
+
+    // Desired state carries no signature: such a device refuses it and says why.
+    let out = console_signed(&m, Some(&ana2), &["desired", "set", "s1", "df-hello=1.0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report =
+        watch.wait("debfleet/device/s1/state/desired", Duration::from_secs(15), |v| v["refused"]["device"].is_string());
+    assert!(report["refused"]["device"].as_str().unwrap().starts_with("unauthorized"), "{report}");
+    assert!(report["packages"].as_object().unwrap().is_empty(), "{report}");
+}

@@ -4,6 +4,7 @@
 
 use debfleet_protocol::command::parse_command;
 use debfleet_protocol::desired::Source;
+use debfleet_protocol::signature::SignTarget;
 use debfleet_protocol::{
     time, CfgMessage, Command, CommandArgs, ErrorCode, OpError, OpId, PackageOptions, PackageSpec, Rejection, Topic,
     Verb, CONTRACT_VERSION,
@@ -23,10 +24,10 @@ impl Core {
     /// A message arrived on one of the command subscriptions; `retained` when the broker
     /// delivered it from its retained store.
     pub fn on_message(&mut self, topic: &str, payload: &[u8], retained: bool, now_ms: i64) -> Vec<Out> {
-        let verb = match self.cfg.topics.parse(topic) {
-            Ok(Topic::DeviceCmd(d, verb)) if d == self.cfg.device_id => verb,
-            Ok(Topic::FleetCmd(verb)) => verb,
-            Ok(Topic::GroupCmd(g, verb)) if self.runtime.groups.contains(&g) => verb,
+        let (verb, target) = match self.cfg.topics.parse(topic) {
+            Ok(Topic::DeviceCmd(d, verb)) if d == self.cfg.device_id => (verb, SignTarget::Device(d)),
+            Ok(Topic::FleetCmd(verb)) => (verb, SignTarget::Fleet),
+            Ok(Topic::GroupCmd(g, verb)) if self.runtime.groups.contains(&g) => (verb, SignTarget::Group(g)),
             // Desired state is retained by design (state, not a command).
             Ok(Topic::DesiredDevice(d)) if d == self.cfg.device_id => {
                 return self.on_desired(Source::Device, payload, now_ms);
@@ -65,7 +66,19 @@ impl Core {
             }
         }
         match parse_command(&verb, payload) {
-            Ok(cmd) => self.run(cmd, now_ms),
+            Ok(cmd) => {
+                if let Some(trust) = &mut self.trust {
+                    let known = self.journal.get(&cmd.id).is_some();
+                    if let Err(why) = trust.check(&cmd, &target, known, now_ms) {
+                        tracing::warn!(op = %cmd.id, "command on {topic} refused: {why}");
+                        return vec![self.refuse_unrecorded(&cmd.id, &verb, ErrorCode::Unauthorized, why, now_ms)];
+                    }
+                    if !known {
+                        trust.accepted(&cmd, now_ms);
+                    }
+                }
+                self.run(cmd, now_ms)
+            }
             Err(Rejection { id: Some(id), code, message }) => {
                 tracing::warn!(op = %id, "command on {topic} failed: {message}");
                 self.fail_new(id, &verb, code, message, now_ms)
@@ -90,6 +103,13 @@ impl Core {
             Err(Rejection { id: None, code, message }) => return vec![self.rejected(topic, code, message, now_ms)],
         };
         tracing::warn!(op = %id, "refused: {message}");
+        vec![self.refuse_unrecorded(&id, verb, ErrorCode::Busy, message, now_ms)]
+    }
+
+    /// A failed record for a command that was not taken, sent without journaling and not
+    /// retained: the id stays free (for a retry, or for the rightful sender).
+    fn refuse_unrecorded(&self, id: &OpId, verb: &str, code: ErrorCode, message: String, now_ms: i64) -> Out {
+        let id = id.clone();
         let ts = time::format_unix_ms(now_ms);
         let record = debfleet_protocol::OpRecord {
             v: CONTRACT_VERSION,
@@ -101,7 +121,7 @@ impl Core {
             phase: None,
             percent: None,
             result: None,
-            error: Some(OpError { code: ErrorCode::Busy, message }),
+            error: Some(OpError { code, message }),
             by: None,
             repeats: 0,
         };
@@ -109,7 +129,7 @@ impl Core {
         if let Out::Publish { retain, .. } = &mut out {
             *retain = false;
         }
-        vec![out]
+        out
     }
 
     /// Answers an id seen before with its recorded outcome, or journals a new one.
@@ -170,7 +190,7 @@ impl Core {
             out.extend(self.expire(&cmd.id, cmd.expires_at.unwrap_or(now_ms), now_ms));
             return out;
         }
-        let Command { id, verb, args, expires_at, by } = cmd;
+        let Command { id, verb, args, expires_at, by, .. } = cmd;
         // Commands that finish within this call (no job, no side effect outside the journal and
         // the configuration file, which is written durably itself).
         let instant = matches!(

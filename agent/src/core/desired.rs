@@ -70,8 +70,12 @@ pub(super) struct Desired {
     waiting: Option<OpId>,
 }
 
+/// Why a device that requires signed commands refuses desired-state records.
+const UNSIGNED: &str = "unauthorized: this device runs only signed commands (require_signed_commands) and \
+                        desired-state records carry no signature";
+
 impl Desired {
-    pub(super) fn load(state_dir: &Path, groups: &[GroupName]) -> Desired {
+    pub(super) fn load(state_dir: &Path, groups: &[GroupName], signed_only: bool) -> Desired {
         let dir = state_dir.join("desired");
         let mut d = Desired { dir, ..Desired::default() };
         for entry in std::fs::read_dir(&d.dir).into_iter().flatten().flatten() {
@@ -103,6 +107,12 @@ impl Desired {
             d.target = Judged { key, seq, converged: converged == 1, attempts: attempts.min(255) as u8 };
         }
         d.clear_stale = d.dir.join("reported").exists();
+        // Records kept from before signed commands were required do not apply either.
+        if signed_only {
+            for (s, _) in std::mem::take(&mut d.records) {
+                d.invalid.insert(s, UNSIGNED.to_owned());
+            }
+        }
         d
     }
 
@@ -225,6 +235,11 @@ impl Core {
         self.desired.due_ms = Some(now_ms + SETTLE_MS);
         if payload.is_empty() {
             self.desired.forget(&source);
+            return Vec::new();
+        }
+        if self.trust.is_some() {
+            tracing::warn!("desired state from {source} refused: {UNSIGNED}");
+            self.desired.invalid.insert(source, UNSIGNED.to_owned());
             return Vec::new();
         }
         match DesiredRecord::parse(payload) {
@@ -716,7 +731,7 @@ mod tests {
         assert_eq!(r["revisions"], serde_json::json!({"group/lab": 1}));
         assert!(!f.core.desired.dir.join("device.json").exists());
         // What is on disk is what a restart starts from.
-        let again = Desired::load(&f.core.cfg.state_dir, &f.core.runtime.groups);
+        let again = Desired::load(&f.core.cfg.state_dir, &f.core.runtime.groups, false);
         assert_eq!(again.records.keys().collect::<Vec<_>>(), [&Source::Group(GroupName::new("lab").unwrap())]);
         assert_eq!(again.target, f.core.desired.target);
     }

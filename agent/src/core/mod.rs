@@ -115,6 +115,8 @@ pub struct Core {
     desired: desired::Desired,
     /// The local time zone's offset from UTC at a time (install windows are local); fixed in tests.
     local_offset: fn(i64) -> i64,
+    /// `require_signed_commands`: the keys trusted and the signed ids seen.
+    trust: Option<crate::operators::Trust>,
 }
 
 /// Over these, a new command is answered with `busy` instead of being accepted.
@@ -272,6 +274,7 @@ impl Core {
         link: Arc<Link>,
     ) -> Core {
         let cfg_state_dir = cfg.state_dir.clone();
+        let signed = cfg.signed_commands.clone();
         let mut overrides = Overrides::load(&cfg.state_dir);
         let runtime = overrides.effective(&cfg.file_patch);
         let runtime_groups = runtime.groups.clone();
@@ -309,8 +312,9 @@ impl Core {
             telemetry_behind: None,
             report_next_connect: false,
             components: Default::default(),
-            desired: desired::Desired::load(&cfg_state_dir, &runtime_groups),
+            desired: desired::Desired::load(&cfg_state_dir, &runtime_groups, signed.is_some()),
             local_offset: crate::localtime::utc_offset_s,
+            trust: signed.map(|dir| crate::operators::Trust::new(&dir, &cfg_state_dir)),
         }
     }
 
