@@ -272,7 +272,7 @@ pub fn read_passwd(path: &Path) -> Result<BTreeMap<String, String>> {
 
 /// Written whole and renamed into place. `shared`: readable by the broker's group (0640, group
 /// `mosquitto` when that group exists), else 0600.
-fn write_private(path: &Path, bytes: &[u8], shared: bool) -> Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8], shared: bool) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -190,30 +190,42 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     }
     let broker_url = format!("mqtt://{}", args.broker_listen);
     let repo_url = format!("http://{}", args.repo_listen);
+    let work = std::env::temp_dir().join(format!("debfleet-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+
+    // The broker, in this process, with passwords on (debfleet broker): the devices get their
+    // own when they are enrolled below, this console and the tour sign in as `demo`.
+    let broker_dir = work.join("broker");
+    let demo_password_file = broker_dir.join("demo.password");
+    let demo_password = {
+        let mut b = crate::broker::BrokerDir::init(&broker_dir, ctx.topics.prefix())?;
+        let p = b.add_user("demo", debfleet_protocol::Role::Admin, None)?.context("a new password")?;
+        crate::broker::write_private(&demo_password_file, format!("{p}\n").as_bytes(), false)?;
+        p
+    };
     let ctx = Ctx {
         broker: broker_url.clone(),
         ca_file: None,
         topics: ctx.topics.clone(),
         expires: ctx.expires,
         by: ctx.by.clone(),
-        credentials: None,
+        credentials: Some(("demo".to_owned(), demo_password)),
         signer: ctx.signer.clone(),
     };
-
-    // The broker, in this process.
     std::net::TcpListener::bind(args.broker_listen)
         .with_context(|| format!("cannot listen on {}", args.broker_listen))?;
     let listen = args.broker_listen;
+    let dir = broker_dir.clone();
     std::thread::spawn(move || {
-        if let Err(e) = crate::serve::run(listen, None, false, None, None) {
+        if let Err(e) = crate::serve::run(listen, None, false, None, Some(&dir)) {
             eprintln!("demo: the embedded broker stopped: {e:#}");
         }
     });
+    // Printed first, for whoever connects before the tour is out (tests, watchers).
+    println!("Broker login: user demo, password file {}", demo_password_file.display());
 
     // The repository: a fresh one for the demo.
-    let work = std::env::temp_dir().join(format!("debfleet-demo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
     let root = work.join("repo");
     let init = Command::new(repo_binary())
         .args(["init", "--root"])
@@ -282,7 +294,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
             Ok(d) => d,
             Err(_) => services.lab.create(&name)?,
         };
-        crate::lab::provision(&dev, &ctx, None, Some(&repo_url), Some(&key), "lab")?;
+        crate::lab::provision(&dev, &ctx, None, Some(&repo_url), Some(&key), "lab", Some((&broker_dir, "lab")))?;
     }
     let projector_on = (args.devices >= 2).then(|| "lab-2".to_owned());
     if let Some(name) = &projector_on {
@@ -312,6 +324,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          Web console: {web_url} (sign in as demo, password {password})\n\
          In another terminal:\n\
          \x20 export PATH={bin_dir}:$PATH DEBFLEET_BROKER={broker_url} DEBFLEET_REPO={repo_url} DEBFLEET_TOKEN={token}\n\
+         \x20 export DEBFLEET_BROKER_USER=demo DEBFLEET_BROKER_PASSWORD_FILE={password_file}   # the broker wants a password\n\
          \x20 debfleet devices                                  # the fleet, from retained topics\n\
          \x20 debfleet install --group lab debfleet-hello=1.0   # one publish, every device installs\n\
          \x20 debfleet upgrade --group lab debfleet-hello       # to 2.0 by delta (FETCHED, SAVED), units verified\n\
@@ -324,6 +337,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet desired set lab-1 debfleet-hello=1.0 --window 02:00-04:00   # at night, device time: downloads now\n\
          \x20 debfleet desired show lab-1                       # scheduled, and when its window opens\n\
          \x20 debfleet ops lab-1                                # every operation, and who asked (BY)\n\
+         \x20 debfleet broker list --dir {broker_dir}   # who may connect: each device its own password, and demo\n\
+         \x20 DEBFLEET_BROKER_USER=eve debfleet devices         # refused: the broker knows no eve\n\
          \x20 echo ana-password | debfleet web user add ana --role viewer --users {users}\n\
          \x20     # ana can sign in to the web console now, and look but not act (a viewer)\n\
          \x20 debfleet audit verify {audit}   # what was done in the web console, hash-chained\n\
@@ -340,6 +355,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 source <(debfleet completions bash)              # tab completion\n\
          Ctrl-C stops the demo and removes its devices.",
         n = args.devices,
+        password_file = demo_password_file.display(),
+        broker_dir = broker_dir.display(),
         users = web_opts.users.display(),
         audit = web_opts.audit.display(),
         projector = match &projector_on {

@@ -29,6 +29,10 @@ pub enum LabCommand {
         /// Groups the devices' agents join.
         #[arg(long, default_value = "lab")]
         group: String,
+        /// Enroll each device in this broker configuration (debfleet broker init) and give its
+        /// agent the credentials: for a broker that requires passwords.
+        #[arg(long)]
+        broker_dir: Option<PathBuf>,
     },
     /// List the devices and whether they run.
     Status,
@@ -66,7 +70,7 @@ fn attach(lab: &Lab, name: &str) -> Result<Device> {
 pub fn run(ctx: &Ctx, cmd: LabCommand) -> Result<u8> {
     let lab = Lab::open();
     match cmd {
-        LabCommand::Up { devices, agent_deb, repo, key, group } => {
+        LabCommand::Up { devices, agent_deb, repo, key, group, broker_dir } => {
             if devices == 0 || devices > 32 {
                 bail!(crate::cmds::UsageError("--devices must be between 1 and 32".into()));
             }
@@ -86,7 +90,8 @@ pub fn run(ctx: &Ctx, cmd: LabCommand) -> Result<u8> {
                         lab.create(&name)?
                     }
                 };
-                provision(&dev, ctx, agent_deb.as_deref(), repo.as_deref(), key.as_deref(), &group)
+                let enroll = broker_dir.as_deref().map(|dir| (dir, group.as_str()));
+                provision(&dev, ctx, agent_deb.as_deref(), repo.as_deref(), key.as_deref(), &group, enroll)
                     .with_context(|| format!("setting up {name}"))?;
                 rows.push(vec![name, "running".into(), dev.pid.to_string()]);
             }
@@ -165,6 +170,7 @@ pub fn provision(
     repo: Option<&str>,
     key: Option<&std::path::Path>,
     group: &str,
+    broker_dir: Option<(&std::path::Path, &str)>,
 ) -> Result<()> {
     if let (Some(repo), Some(key)) = (repo, key) {
         dev.put(key, "/etc/apt/keyrings/debfleet.gpg")?;
@@ -188,11 +194,22 @@ pub fn provision(
             }
         }
     }
-    let config = format!(
+    let mut config = format!(
         "device_id = \"{name}\"\nbroker = \"{broker}\"\nstate_dir = \"/var/lib/debfleet\"\ngroups = [\"{group}\"]\n",
         name = dev.name,
         broker = ctx.broker,
     );
+    // Enrolled in the broker's configuration: a password of its own, written where the agent
+    // reads it (0600, root's), never shown.
+    if let Some((dir, groups)) = broker_dir {
+        let mut b = crate::broker::BrokerDir::open(dir)?;
+        let password = b.add_device(&dev.name, &[groups.to_owned()], false)?.context("a new password")?;
+        dev.write("/etc/debfleet/broker-password", &format!("{password}\n"))?;
+        dev.ok(&["chmod", "0600", "/etc/debfleet/broker-password"])?;
+        config.push_str("username = \"");
+        config.push_str(&dev.name);
+        config.push_str("\"\npassword_file = \"/etc/debfleet/broker-password\"\n");
+    }
     dev.write("/etc/debfleet/agent.toml", &config)?;
     dev.ok(&["systemctl", "restart", "debfleet-agent"])?;
     Ok(())

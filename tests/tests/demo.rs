@@ -48,7 +48,20 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
             sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    let obs = Observer::connect(broker_port, &["debfleet/device/+/status"]);
+    // The broker wants a password: the demo prints where its login is before anything else.
+    let password_file = wait_for(Duration::from_secs(60), "the demo's broker login", || {
+        let t = tour.lock().unwrap();
+        let line = t.lines().find(|l| l.starts_with("Broker login: user demo, password file "))?;
+        Some(line.trim_start_matches("Broker login: user demo, password file ").trim().to_owned())
+    });
+    let broker_password = std::fs::read_to_string(&password_file).unwrap().trim().to_owned();
+    let observe = |filters: &[&str]| Observer::connect_as(broker_port, "demo", &broker_password, filters);
+    let debfleet = || {
+        let mut c = Command::new(bin("debfleet"));
+        c.env("DEBFLEET_BROKER_USER", "demo").env("DEBFLEET_BROKER_PASSWORD_FILE", &password_file);
+        c
+    };
+    let obs = observe(&["debfleet/device/+/status"]);
     for d in ["lab-1", "lab-2"] {
         obs.wait(&format!("debfleet/device/{d}/status"), Duration::from_secs(120), |v| v["state"] == "online");
     }
@@ -62,7 +75,7 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     assert!(page.contains("lab-1") && page.contains("lab-2"), "{page}");
     // The sample package installs on the whole group with one command.
     let broker = format!("mqtt://127.0.0.1:{broker_port}");
-    let out = Command::new(bin("debfleet"))
+    let out = debfleet()
         .args(["install", "--group", "lab", "debfleet-hello=1.0", "--watch", "2", "--json"])
         .env("DEBFLEET_BROKER", &broker)
         .output()
@@ -71,7 +84,7 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
     // The tour's upgrade to 2.0 comes by delta on every device.
-    let out = Command::new(bin("debfleet"))
+    let out = debfleet()
         .args(["upgrade", "--group", "lab", "debfleet-hello", "--watch", "2", "--json"])
         .env("DEBFLEET_BROKER", &broker)
         .output()
@@ -84,21 +97,21 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
 
     // The tour's switch to the cellular profile: the device reconnects with it and reports its
     // link (the embedded broker speaks 3.1.1).
-    let out = Command::new(bin("debfleet"))
+    let out = debfleet()
         .args(["cfg", "set", "lab-2", "profile=cellular", "--json"])
         .env("DEBFLEET_BROKER", &broker)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let link = Observer::connect(broker_port, &["debfleet/device/lab-2/state/link"]);
+    let link = observe(&["debfleet/device/lab-2/state/link"]);
     let l = link.wait("debfleet/device/lab-2/state/link", Duration::from_secs(60), |v| v["profile"] == "cellular");
     assert_eq!(l["keepalive_s"], 1200, "{l}");
-    let show = Command::new(bin("debfleet")).args(["show", "lab-2"]).env("DEBFLEET_BROKER", &broker).output().unwrap();
+    let show = debfleet().args(["show", "lab-2"]).env("DEBFLEET_BROKER", &broker).output().unwrap();
     assert!(String::from_utf8_lossy(&show.stdout).contains("LINK"), "{}", String::from_utf8_lossy(&show.stdout));
 
     // The tour's component: the LED strip from the repository, an effect, its frames as a picture.
     let run = |args: &[&str]| {
-        let out = Command::new(bin("debfleet")).args(args).env("DEBFLEET_BROKER", &broker).output().unwrap();
+        let out = debfleet().args(args).env("DEBFLEET_BROKER", &broker).output().unwrap();
         assert!(
             out.status.success(),
             "{args:?}: {}{}",
@@ -108,7 +121,7 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     run(&["install", "lab-1", "debfleet-led-strip", "--watch", "2"]);
-    let led = Observer::connect(broker_port, &["debfleet/device/lab-1/state/components"]);
+    let led = observe(&["debfleet/device/lab-1/state/components"]);
     led.wait("debfleet/device/lab-1/state/components", Duration::from_secs(60), |v| {
         v["components"]["led-strip"]["state"] == "idle"
     });
@@ -125,7 +138,7 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     assert_eq!(v[0]["result"]["connection"], "connected", "{on}");
 
     // The tour's desired state: the group's record takes both devices back to 1.0.
-    let desired = Observer::connect(broker_port, &["debfleet/device/+/state/desired"]);
+    let desired = observe(&["debfleet/device/+/state/desired"]);
     run(&["desired", "set", "--group", "lab", "debfleet-hello=1.0"]);
     for d in ["lab-1", "lab-2"] {
         desired.wait(&format!("debfleet/device/{d}/state/desired"), Duration::from_secs(180), |v| {
@@ -136,7 +149,7 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     assert!(shown.contains("group/lab") && shown.contains("converged"), "{shown}");
 
     // The tour's rollout, driven by the controller the demo runs: lab-1, then lab-2, on 2.0.
-    let rollouts = Observer::connect(broker_port, &["debfleet/rollout/#"]);
+    let rollouts = observe(&["debfleet/rollout/#"]);
     run(&[
         "rollout",
         "create",
@@ -165,6 +178,13 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let ops = run(&["ops", "lab-1"]);
     assert!(ops.contains("BY") && ops.contains("demo-operator") && ops.contains("rollout/hello-2"), "{ops}");
 
+    // Auth is on: without the demo's login the broker lets nobody in; each device has its own.
+    let out = Command::new(bin("debfleet")).args(["devices"]).env("DEBFLEET_BROKER", &broker).output().unwrap();
+    assert!(!out.status.success(), "an anonymous console read the fleet");
+    let listed =
+        run(&["broker", "list", "--dir", std::path::Path::new(&password_file).parent().unwrap().to_str().unwrap()]);
+    assert!(listed.contains("lab-1\tdevice\tgroups lab") && listed.contains("demo\tadmin"), "{listed}");
+
     // SIGTERM: devices and services go away.
     Command::new("kill").arg("-TERM").arg(demo.id().to_string()).status().unwrap();
     let status = wait_for(Duration::from_secs(60), "the demo to stop", || demo.try_wait().unwrap());
@@ -175,6 +195,10 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let tour = tour.lock().unwrap().clone();
     let dir = bin("debfleet").parent().unwrap().display().to_string();
     assert!(tour.contains(&format!("export PATH={dir}:$PATH")), "{tour}");
+    assert!(
+        tour.contains(&format!("export DEBFLEET_BROKER_USER=demo DEBFLEET_BROKER_PASSWORD_FILE={password_file}")),
+        "{tour}"
+    );
 }
 
 fn agent_deb() -> std::path::PathBuf {
