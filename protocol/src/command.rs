@@ -554,6 +554,24 @@ mod tests {
         assert_eq!(c.args, CommandArgs::Clear { ops: vec![], older_than_s: Some(60) });
     }
 
+    /// The inputs bench/fuzz.sh found crashing the command target (2026-12-04): expiry times
+    /// whose year overflowed the time arithmetic. Each is a clear `invalid_value` now.
+    #[test]
+    fn fuzz_regressions_command_expiry() {
+        for payload in [
+            r#"{"id":"inskall-1795440000123-0a1b","packages":["led-strip","hello=U.10-3"],"expires_at":"207954400026-01-23T13:25:00.000Z"}"#,
+            r#"{"id":"n7K5440000123-0a1b","pAck":["p","hell"],"expires_at":"20246666666666-01-23T13:25:00.000Z"}"#,
+            r#"{"id":"n40000123-0a1b","pack":["p","hell"],"expires_at":"2026666666666666-01-23T13:25:00.000Z"}"#,
+            r#"{"id":"n7K5440000123-0a1b","pank":["p","hell"],"expires_at":"2026666666666666666-01-23T13:25:00.000Z"}"#,
+            r#"{"id":"G785440000123-0a1b","packages":[6,"pa-."],"expires_at":"402785440006-01-23T03:22:00.000Z"}"#,
+            r#"{"id":"inskallG1795441000123-0a1b","pack":["led-strip","0-S"],"expires_at":"3026-01-23T13:25:-0222222222222229000Z"}"#,
+        ] {
+            let r = parse_command("install", payload.as_bytes()).unwrap_err();
+            assert_eq!(r.code, ErrorCode::InvalidValue, "{payload}: {}", r.message);
+            assert!(r.message.contains("expires_at"), "{payload}: {}", r.message);
+        }
+    }
+
     #[test]
     fn bad_input_matrix() {
         assert_eq!(code("ping", b"{not json"), ErrorCode::MalformedJson);

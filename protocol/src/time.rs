@@ -11,23 +11,36 @@ pub fn format_unix_ms(unix_ms: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
 }
 
-/// Reads back a UTC timestamp as written by [`format_unix_ms`] (fraction optional).
+/// Exactly `n` ASCII digits (RFC 3339's fixed widths: no sign, no more digits, so nothing
+/// overflows and nothing negative slips through).
+fn digits(s: &str, n: usize) -> Option<i64> {
+    (s.len() == n && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+}
+
+/// Reads back a UTC timestamp as written by [`format_unix_ms`] (fraction optional): four-digit
+/// years, two-digit fields, a real calendar day.
 pub fn parse_unix_ms(s: &str) -> Option<i64> {
     let s = s.strip_suffix('Z')?;
     let (date, time) = s.split_once('T')?;
     let mut dp = date.splitn(3, '-');
-    let y: i64 = dp.next()?.parse().ok()?;
-    let m: u32 = dp.next()?.parse().ok()?;
-    let d: u32 = dp.next()?.parse().ok()?;
+    let y = digits(dp.next()?, 4)?;
+    let m = digits(dp.next()?, 2)? as u32;
+    let d = digits(dp.next()?, 2)? as u32;
     let (hms, frac) = match time.split_once('.') {
         Some((hms, frac)) => (hms, frac),
         None => (time, "0"),
     };
     let mut tp = hms.splitn(3, ':');
-    let hh: i64 = tp.next()?.parse().ok()?;
-    let mm: i64 = tp.next()?.parse().ok()?;
-    let ss: i64 = tp.next()?.parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+    let hh = digits(tp.next()?, 2)?;
+    let mm = digits(tp.next()?, 2)?;
+    let ss = digits(tp.next()?, 2)?;
+    let month_days = match m {
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if !(1..=12).contains(&m) || !(1..=month_days).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
         return None;
     }
     if frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
@@ -85,6 +98,29 @@ mod tests {
         assert_eq!(parse_unix_ms("2026-11-23T13:20:00Z"), Some(1_795_440_000_000));
         assert_eq!(parse_unix_ms("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_unix_ms("yesterday"), None);
+        assert_eq!(parse_unix_ms("2024-02-29T00:00:00Z"), Some(1_709_164_800_000));
+        assert_eq!(parse_unix_ms("2026-02-29T00:00:00Z"), None);
+        assert_eq!(parse_unix_ms("2026-04-31T00:00:00Z"), None);
+    }
+
+    /// Found by bench/fuzz.sh (the command target, 2026-12-04): years of any length overflowed
+    /// the arithmetic (a panic in debug builds, a wrapped, wrong time in release builds) and
+    /// signed fields ("-02") were taken as negative times.
+    #[test]
+    fn fuzz_regressions_huge_years_and_signed_fields() {
+        for s in [
+            "207954400026-01-23T13:25:00.000Z",
+            "20246666666666-01-23T13:25:00.000Z",
+            "2026666666666666-01-23T13:25:00.000Z",
+            "2026666666666666666-01-23T13:25:00.000Z",
+            "402785440006-01-23T03:22:00.000Z",
+            "3026-01-23T13:25:-0222222222222229000Z",
+            "2026-01-23T13:-5:00Z",
+            "+026-01-23T13:25:00Z",
+            "2026-1-23T13:25:00Z",
+        ] {
+            assert_eq!(parse_unix_ms(s), None, "{s}");
+        }
     }
 
     proptest! {

@@ -336,7 +336,9 @@ fn operator_keys_ship_as_a_package_and_an_upgrade_without_a_key_revokes_it() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     // The example manifest, as the README has ops teams use it, with our two keys.
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/operator-keys/manifest.toml")).unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/operator-keys/manifest.toml"))
+            .unwrap();
     let block = |k: &str| {
         format!("\n[[files]]\nsource = \"keys/{k}.pub\"\ndest = \"/etc/debfleet/operators.d/{k}.pub\"\nmode = \"0644\"\nconffile = false\n")
     };
@@ -344,15 +346,21 @@ fn operator_keys_ship_as_a_package_and_an_upgrade_without_a_key_revokes_it() {
     let server = RepoServer::start(&[]);
     for (version, with) in [("1", vec!["ana-2026", "ana-2027"]), ("2", vec!["ana-2027"])] {
         let manifest = keys.parent().unwrap().join(format!("manifest-{version}.toml"));
-        let text = head.replace("version = \"1\"", &format!("version = \"{version}\"")) + &with.iter().map(|k| block(k)).collect::<String>();
+        let text = head.replace("version = \"1\"", &format!("version = \"{version}\""))
+            + &with.iter().map(|k| block(k)).collect::<String>();
         std::fs::write(&manifest, text).unwrap();
-        let out = Command::new(bin("debfleet")).arg("package").arg(&manifest).arg("--out").arg(work.path()).output().unwrap();
+        let out =
+            Command::new(bin("debfleet")).arg("package").arg(&manifest).arg("--out").arg(work.path()).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let deb = work.path().join(format!("acme-operator-keys_{version}_all.deb"));
         let out = server.publish(&deb, "stable");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let apt = AptSandbox::new(&server.url(), "stable", &std::fs::read(server.root.join("public/debfleet-archive-keyring.gpg")).unwrap());
+    let apt = AptSandbox::new(
+        &server.url(),
+        "stable",
+        &std::fs::read(server.root.join("public/debfleet-archive-keyring.gpg")).unwrap(),
+    );
     assert!(apt.update().status.success());
     let dir = apt.root().join("etc/debfleet/operators.d");
     let out = apt.install("acme-operator-keys=1");

@@ -454,6 +454,25 @@ mod tests {
     }
 
     #[test]
+    fn a_device_that_requires_signatures_refuses_unsigned_commands_without_recording_them() {
+        let mut f = fixture_with(false, "require_signed_commands = true\noperators_dir = \"/nonexistent\"\n");
+        for topic in ["debfleet/device/d1/cmd/ping", "debfleet/group/lab/cmd/ping", "debfleet/fleet/cmd/ping"] {
+            let outs = f.core.on_message(topic, br#"{"id":"p1","expires_at":"2030-01-01T00:00:00Z"}"#, false, 1000);
+            let (t, v, retain) = publishes(&outs).pop().unwrap();
+            assert_eq!(
+                (t.as_str(), v["state"].as_str(), v["error"]["code"].as_str(), retain),
+                ("debfleet/device/d1/op/p1", Some("failed"), Some("unauthorized"), false),
+                "{topic}"
+            );
+            assert!(f.core.journal.get(&OpId::new("p1").unwrap()).is_none(), "the id stays free");
+        }
+        // The same device without the setting runs it (the id was never taken).
+        let mut f = fixture(false);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/ping", br#"{"id":"p1"}"#, false, 1000);
+        assert_eq!(op_states(&outs, "p1").pop().unwrap().state, OpState::Succeeded);
+    }
+
+    #[test]
     fn ignores_other_devices_and_groups() {
         let mut f = fixture(false);
         assert!(f.core.on_message("debfleet/device/d2/cmd/ping", br#"{"id":"p1"}"#, false, 0).is_empty());

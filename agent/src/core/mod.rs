@@ -554,9 +554,14 @@ pub(super) mod tests {
     }
 
     pub(super) fn fixture(under_systemd: bool) -> Fixture {
+        fixture_with(under_systemd, "")
+    }
+
+    /// With more top-level configuration keys.
+    pub(super) fn fixture_with(under_systemd: bool, extra: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
-            "device_id = \"d1\"\nbroker = \"mqtt://127.0.0.1:1\"\nstate_dir = \"{}\"\ngroups = [\"lab\"]\npackages = [\"bash\"]\n",
+            "device_id = \"d1\"\nbroker = \"mqtt://127.0.0.1:1\"\nstate_dir = \"{}\"\ngroups = [\"lab\"]\npackages = [\"bash\"]\n{extra}",
             dir.path().display()
         );
         let cfg = AgentConfig::parse(&text).unwrap();
