@@ -328,25 +328,11 @@ impl Loop {
         match self {
             Loop::V4(el) => match el.poll().await {
                 Ok(ev) => Ok(net4(ev)),
-                Err(e) => {
-                    let refusal = refusal4(&e);
-                    Err(PollError {
-                        maybe_unsupported: unsupported4(&e),
-                        refused: refusal.is_some(),
-                        message: refusal.unwrap_or_else(|| e.to_string()),
-                    })
-                }
+                Err(e) => Err(poll_error(&e, unsupported4(&e), refusal4(&e))),
             },
             Loop::V5(el) => match el.poll().await {
                 Ok(ev) => Ok(net5(ev)),
-                Err(e) => {
-                    let refusal = refusal5(&e);
-                    Err(PollError {
-                        maybe_unsupported: unsupported5(&e),
-                        refused: refusal.is_some(),
-                        message: refusal.unwrap_or_else(|| e.to_string()),
-                    })
-                }
+                Err(e) => Err(poll_error(&e, unsupported5(&e), refusal5(&e))),
             },
         }
     }
@@ -360,6 +346,10 @@ fn io_is_network(e: &std::io::Error) -> bool {
         e.kind(),
         ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable | AddrNotAvailable | NotFound
     )
+}
+
+fn poll_error(e: &dyn std::fmt::Display, maybe_unsupported: bool, refusal: Option<String>) -> PollError {
+    PollError { maybe_unsupported, refused: refusal.is_some(), message: refusal.unwrap_or_else(|| e.to_string()) }
 }
 
 /// What an operator should read when the broker refuses the client itself (Mosquitto answers a
