@@ -38,6 +38,9 @@ struct FileConfig {
     require_signed_commands: bool,
     #[serde(default = "default_operators_dir")]
     operators_dir: PathBuf,
+    /// `journal` may read any unit's journal, not only the managed packages' and the agent's.
+    #[serde(default)]
+    journal_any_unit: bool,
     #[serde(default)]
     groups: Vec<String>,
     #[serde(default)]
@@ -178,6 +181,7 @@ pub struct AgentConfig {
     pub components_socket: Option<PathBuf>,
     /// `Some(operators_dir)`: only commands signed by a key there run.
     pub signed_commands: Option<PathBuf>,
+    pub journal_any_unit: bool,
     pub labels: BTreeMap<String, String>,
     pub packages: Vec<String>,
     pub reconnect: ReconnectCfg,
@@ -274,6 +278,7 @@ impl AgentConfig {
             dpkg_admindir: f.dpkg_admindir,
             components_socket: (!f.components_socket.as_os_str().is_empty()).then_some(f.components_socket),
             signed_commands: f.require_signed_commands.then_some(f.operators_dir),
+            journal_any_unit: f.journal_any_unit,
             labels: f.labels,
             packages: f.packages,
             reconnect: f.reconnect,

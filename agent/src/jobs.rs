@@ -32,6 +32,12 @@ pub enum JobKind {
         fetch_only: bool,
     },
     RestartUnit(String),
+    /// Read these units' journal (`unitlog.rs`).
+    Journal {
+        units: Vec<String>,
+        since_s: Option<u64>,
+        lines: u32,
+    },
     /// `apt-get update`, then the upgrades available for these (managed) packages.
     Refresh(Vec<String>),
     /// Finish an operation a transient unit carried while the agent restarted.
@@ -178,6 +184,13 @@ pub async fn run(job: Job, ctx: Arc<JobContext>, tx: mpsc::Sender<JobEvent>) {
     let id = job.id.clone();
     let done = match &job.kind {
         JobKind::RestartUnit(unit) => restart_unit(&id, unit, &ctx).await,
+        JobKind::Journal { units, since_s, lines } => {
+            let (units, since_s, lines) = (units.clone(), *since_s, *lines);
+            match blocking(move || crate::unitlog::read(&units, since_s, lines)).await {
+                Ok(result) => JobDone::ok(&id, result, vec![]),
+                Err(e) => JobDone::failed(&id, e, vec![]),
+            }
+        }
         JobKind::Refresh(managed) => {
             let apt = ctx.apt.clone();
             let specs: Vec<Spec> = managed.iter().map(|n| Spec::named(n)).collect();

@@ -18,6 +18,7 @@ mod operators;
 mod outbox;
 mod spool;
 mod telemetry;
+mod unitlog;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

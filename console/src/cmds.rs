@@ -411,3 +411,62 @@ pub async fn ops(ctx: &Ctx, device: &str, clear: bool, older_than: Option<u64>, 
     }
     Ok(0)
 }
+
+/// `debfleet logs`: the journal of a device's units (or a group's, merged by time and labelled
+/// by device), read on the device by a `journal` command.
+pub async fn logs(ctx: &Ctx, a: crate::LogsArgs) -> Result<u8> {
+    let mut words = a.words.iter();
+    let target = if a.all {
+        Target::All
+    } else if let Some(g) = &a.group {
+        Target::Group(GroupName::new(g.as_str()).map_err(|e| usage(e.to_string()))?)
+    } else {
+        let device =
+            words.next().ok_or_else(|| usage("name a device (or --group G, --all), then a unit if you want one"))?;
+        Target::Devices(vec![device_id(device)?])
+    };
+    let unit = words.next().cloned();
+    if let Some(extra) = words.next() {
+        bail!(usage(format!("unexpected {extra:?}: logs [DEVICE] [UNIT]")));
+    }
+    let since_s = a.since.as_deref().map(crate::rollout::duration_s).transpose()?.map(u64::from);
+    let args = CommandArgs::Journal { unit, since_s, lines: a.lines };
+    let timeout = seconds(a.timeout)?;
+    let (mut session, mut fleet) = load_fleet(ctx).await?;
+    let req = Request { target, args, timeout, expires: ctx.expires, by: ctx.by.clone() };
+    let outcomes = send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
+    session.disconnect().await;
+    let mut lines: Vec<(String, String, Value)> = Vec::new();
+    let mut failed = Vec::new();
+    for o in &outcomes {
+        let result = o.record.as_ref().and_then(|r| r.result.as_ref());
+        match (o.ok, result) {
+            (true, Some(r)) => {
+                for e in r["entries"].as_array().into_iter().flatten() {
+                    let ts = e["ts"].as_str().unwrap_or("").to_owned();
+                    lines.push((ts, o.device.to_string(), e.clone()));
+                }
+                if let Some(n) = r["dropped"].as_u64().filter(|n| *n > 0) {
+                    eprintln!("debfleet: {}: {n} older entries left out (the answer is bounded; narrow with --since or --lines)", o.device);
+                }
+            }
+            _ => failed.push(format!("{}: {}", o.device, o.error.clone().unwrap_or_else(|| "no answer".into()))),
+        }
+    }
+    lines.sort_by(|a, b| a.0.cmp(&b.0));
+    if a.json {
+        let list: Vec<Value> = lines
+            .iter()
+            .map(|(_, d, e)| serde_json::json!({"device": d, "ts": e["ts"], "unit": e["unit"], "priority": e["priority"], "message": e["message"]}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        for (ts, d, e) in &lines {
+            println!("{d}  {ts}  {}  {}", e["unit"].as_str().unwrap_or("-"), e["message"].as_str().unwrap_or(""));
+        }
+    }
+    for f in &failed {
+        eprintln!("debfleet: {f}");
+    }
+    Ok(if failed.is_empty() { 0 } else { crate::exit::FAILED })
+}

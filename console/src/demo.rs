@@ -337,6 +337,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet desired set lab-1 debfleet-hello=1.0 --window 02:00-04:00   # at night, device time: downloads now\n\
          \x20 debfleet desired show lab-1                       # scheduled, and when its window opens\n\
          \x20 debfleet ops lab-1                                # every operation, and who asked (BY)\n\
+         \x20 debfleet logs lab-1 debfleet-hello.service       # the unit's journal, read on the device (no SSH)\n\
          \x20 debfleet broker list --dir {broker_dir}   # who may connect: each device its own password, and demo\n\
          \x20 DEBFLEET_BROKER_USER=eve debfleet devices         # refused: the broker knows no eve\n\
          \x20 echo ana-password | debfleet web user add ana --role viewer --users {users}\n\

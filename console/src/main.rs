@@ -123,6 +123,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A device's unit journal (the managed packages' units and the agent's, or one of them),
+    /// read on the device; a group's merged by time.
+    Logs(LogsArgs),
     /// Read or change a device's runtime configuration.
     Cfg {
         #[command(subcommand)]
@@ -379,6 +382,30 @@ enum Command {
         #[arg(long)]
         broker_dir: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct LogsArgs {
+    /// DEVICE [UNIT], or only UNIT with --group/--all.
+    words: Vec<String>,
+    /// Every device in this group, merged by time.
+    #[arg(long, conflicts_with = "all")]
+    group: Option<String>,
+    /// Every device.
+    #[arg(long)]
+    all: bool,
+    /// Only entries from this long ago on (90s, 10m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
+    /// At most this many entries per device (the newest; 1 to 1000).
+    #[arg(long, default_value_t = 100)]
+    lines: u32,
+    /// Seconds to wait for the devices.
+    #[arg(long, default_value_t = 20.0)]
+    timeout: f64,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -674,6 +701,7 @@ fn main() -> ExitCode {
             Command::Devices { json } => cmds::devices(&ctx, json).await,
             Command::Show { device, json } => cmds::show(&ctx, &device, json).await,
             Command::Ping { targets, timeout, json } => cmds::ping(&ctx, &targets, timeout, json).await,
+            Command::Logs(args) => cmds::logs(&ctx, args).await,
             Command::Cfg { action: CfgAction::Get { device, json } } => cmds::cfg_get(&ctx, &device, json).await,
             Command::Cfg { action: CfgAction::Set { device, assignments, timeout, json } } => {
                 cmds::cfg_set(&ctx, &device, &assignments, timeout, json).await

@@ -197,7 +197,7 @@ fn percent(s: &str) -> Result<u8> {
 }
 
 /// `90`, `90s`, `5m`, `2h`, `1d`, in seconds.
-fn duration_s(s: &str) -> Result<u32> {
+pub(crate) fn duration_s(s: &str) -> Result<u32> {
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u32 = digits.parse().map_err(|_| usage(format!("{s:?}: write a duration such as 90s, 5m or 2h")))?;
     let scale = match unit {

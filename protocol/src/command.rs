@@ -21,10 +21,11 @@ pub enum Verb {
     Uninstall,
     Rollback,
     Call,
+    Journal,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 10] = [
+    pub const ALL: [Verb; 11] = [
         Verb::Ping,
         Verb::Refresh,
         Verb::Restart,
@@ -35,6 +36,7 @@ impl Verb {
         Verb::Uninstall,
         Verb::Rollback,
         Verb::Call,
+        Verb::Journal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +51,7 @@ impl Verb {
             Verb::Uninstall => "uninstall",
             Verb::Rollback => "rollback",
             Verb::Call => "call",
+            Verb::Journal => "journal",
         }
     }
 
@@ -94,6 +97,13 @@ pub enum CommandArgs {
     Rollback {
         package: PackageSpec,
         options: PackageOptions,
+    },
+    /// Read the journal of the managed packages' units (or of `unit`): the newest `lines`
+    /// entries, from the last `since_s` seconds when given.
+    Journal {
+        unit: Option<String>,
+        since_s: Option<u64>,
+        lines: u32,
     },
     /// One action of a component; its arguments are checked by the component against the
     /// action's parameters.
@@ -171,6 +181,20 @@ pub struct Rejection {
 
 fn reject(id: Option<OpId>, code: ErrorCode, message: impl Into<String>) -> Rejection {
     Rejection { id, code, message: message.into() }
+}
+
+/// At most this many journal entries per `journal` command (the record must fit its topic).
+pub const MAX_JOURNAL_LINES: u32 = 1000;
+pub const DEFAULT_JOURNAL_LINES: u32 = 100;
+
+#[derive(Deserialize)]
+struct JournalArgs {
+    #[serde(default)]
+    unit: Option<String>,
+    #[serde(default)]
+    since_s: Option<u64>,
+    #[serde(default)]
+    lines: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -384,6 +408,20 @@ fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
             let a: CallArgs = serde_json::from_value(v).map_err(de)?;
             CommandArgs::Call { component: a.component, action: a.action, args: a.args }
         }
+        Verb::Journal => {
+            let a: JournalArgs = serde_json::from_value(v).map_err(de)?;
+            if let Some(u) = a.unit.as_deref().filter(|u| !crate::units::valid_unit_name(u)) {
+                return Err(format!("unit {u:?} is not a systemd unit name"));
+            }
+            let lines = a.lines.unwrap_or(DEFAULT_JOURNAL_LINES);
+            if lines == 0 || lines > MAX_JOURNAL_LINES {
+                return Err(format!("lines must be 1 to {MAX_JOURNAL_LINES}"));
+            }
+            if a.since_s.is_some_and(|s| s == 0 || s > 366 * 86_400) {
+                return Err("since_s must be 1 to a year of seconds".into());
+            }
+            CommandArgs::Journal { unit: a.unit, since_s: a.since_s, lines }
+        }
         Verb::Rollback => {
             let mut w = package_words(v)?;
             match (w.packages.pop(), w.packages.is_empty()) {
@@ -407,6 +445,7 @@ impl CommandArgs {
             CommandArgs::Uninstall { .. } => Verb::Uninstall,
             CommandArgs::Rollback { .. } => Verb::Rollback,
             CommandArgs::Call { .. } => Verb::Call,
+            CommandArgs::Journal { .. } => Verb::Journal,
         }
     }
 
@@ -469,6 +508,15 @@ impl CommandArgs {
             CommandArgs::Rollback { package, options } => {
                 m.insert("package".into(), Value::String(package.to_string()));
                 put_options(&mut m, options);
+            }
+            CommandArgs::Journal { unit, since_s, lines } => {
+                if let Some(u) = unit {
+                    m.insert("unit".into(), Value::String(u.clone()));
+                }
+                if let Some(s) = since_s {
+                    m.insert("since_s".into(), (*s).into());
+                }
+                m.insert("lines".into(), (*lines).into());
             }
             CommandArgs::Call { component, action, args } => {
                 m.insert("component".into(), Value::String(component.to_string()));
@@ -573,6 +621,22 @@ mod tests {
     }
 
     #[test]
+    fn journal_arguments_are_bounded() {
+        let c = parse_command("journal", br#"{"id":"j1"}"#).unwrap();
+        assert_eq!(c.args, CommandArgs::Journal { unit: None, since_s: None, lines: DEFAULT_JOURNAL_LINES });
+        for bad in [
+            r#"{"id":"j1","lines":0}"#,
+            r#"{"id":"j1","lines":100000}"#,
+            r#"{"id":"j1","since_s":0}"#,
+            r#"{"id":"j1","unit":"--all"}"#,
+            r#"{"id":"j1","unit":"x; rm -rf /"}"#,
+            r#"{"id":"j1","unit":"nounitsuffix"}"#,
+        ] {
+            assert_eq!(code("journal", bad.as_bytes()), ErrorCode::InvalidValue, "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_input_matrix() {
         assert_eq!(code("ping", b"{not json"), ErrorCode::MalformedJson);
         assert_eq!(code("ping", b"[1,2]"), ErrorCode::MalformedJson);
@@ -619,6 +683,8 @@ mod tests {
             CommandArgs::Refresh,
             CommandArgs::Restart { unit: None },
             CommandArgs::Restart { unit: Some("demo-app.service".into()) },
+            CommandArgs::Journal { unit: None, since_s: None, lines: 100 },
+            CommandArgs::Journal { unit: Some("demo-app.service".into()), since_s: Some(600), lines: 20 },
             CommandArgs::Cfg { set: serde_json::json!({"logs": {"level": "debug"}}) },
             CommandArgs::Clear { ops: vec![OpId::new("p-1").unwrap()], older_than_s: Some(60) },
             CommandArgs::Clear { ops: vec![], older_than_s: None },

@@ -95,6 +95,26 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
         assert_eq!(o["result"]["fetches"][0]["method"], "delta", "{v}");
     }
 
+    // The tour's journal: the sample service's own lines, read on each device.
+    let out = debfleet()
+        .args(["logs", "--group", "lab", "debfleet-hello.service", "--json"])
+        .env("DEBFLEET_BROKER", &broker)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for d in ["lab-1", "lab-2"] {
+        assert!(
+            v.as_array().unwrap().iter().any(|e| e["device"] == d && e["message"] == "debfleet-hello 2.0 running"),
+            "{d}: {v}"
+        );
+    }
+    // Another unit is the device's to allow, not ours.
+    let out = debfleet().args(["logs", "lab-1", "ssh.service"]).env("DEBFLEET_BROKER", &broker).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid_value") && err.contains("journal_any_unit"), "{err}");
+
     // The tour's switch to the cellular profile: the device reconnects with it and reports its
     // link (the embedded broker speaks 3.1.1).
     let out = debfleet()

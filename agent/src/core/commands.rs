@@ -14,6 +14,9 @@ use serde_json::{json, Value};
 use super::{Core, Out, MAX_BACKLOG, MAX_JOBS_PENDING};
 use crate::jobs::{Job, JobKind};
 
+/// The agent's own unit, whose journal `journal` may always read.
+const AGENT_UNIT: &str = "debfleet-agent.service";
+
 /// The operation a job belongs to, and when its command expires.
 pub(super) struct Origin {
     pub(super) id: OpId,
@@ -87,6 +90,24 @@ impl Core {
                 tracing::warn!("command on {topic} rejected: {message}");
                 vec![self.rejected(topic, code, message, now_ms)]
             }
+        }
+    }
+
+    /// The units a `journal` command may read: the managed packages' and the agent's own; any
+    /// unit only where agent.toml says `journal_any_unit = true` (not changeable over the wire).
+    fn journal_units(&self, unit: Option<String>) -> Result<Vec<String>, OpError> {
+        let mut allowed: Vec<String> = self.managed_units().into_iter().map(|(u, _)| u).collect();
+        allowed.push(AGENT_UNIT.to_owned());
+        match unit {
+            None => Ok(allowed),
+            Some(u) if allowed.contains(&u) || self.cfg.journal_any_unit => Ok(vec![u]),
+            Some(u) => Err(OpError {
+                code: ErrorCode::InvalidValue,
+                message: format!(
+                    "{u:?} is not a unit of a managed package nor the agent's; the device's agent.toml may allow any \
+                     unit (journal_any_unit = true)"
+                ),
+            }),
         }
     }
 
@@ -249,6 +270,13 @@ impl Core {
                     message: format!("{unit:?} is not a unit of a managed package"),
                 })
             }
+            CommandArgs::Journal { unit, since_s, lines } => match self.journal_units(unit) {
+                Ok(units) => {
+                    let kind = JobKind::Journal { units, since_s, lines };
+                    return self.start_job(out, op(), kind, PackageOptions::default());
+                }
+                Err(e) => Err(e),
+            },
             CommandArgs::Restart { unit: None } if !self.under_systemd => Err(OpError {
                 code: ErrorCode::NotSupported,
                 message: "the agent is not running under systemd, so nothing would start it again; restart it by hand"
@@ -349,7 +377,9 @@ impl Core {
             }
             JobKind::Rollback(p) => vec![p.name.clone()],
             JobKind::Converge { packages, .. } => packages.iter().map(|s| s.name.clone()).collect(),
-            JobKind::RestartUnit(_) | JobKind::Refresh(_) | JobKind::Resume { .. } => Vec::new(),
+            JobKind::RestartUnit(_) | JobKind::Refresh(_) | JobKind::Resume { .. } | JobKind::Journal { .. } => {
+                Vec::new()
+            }
         };
         if !touched.is_empty() && !dry_run {
             if let Err(e) = self.journal.set_packages(&id, touched) {
