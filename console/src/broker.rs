@@ -222,19 +222,23 @@ fn check_user_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn random_password() -> Result<String> {
-    let mut raw = [0u8; 18];
+/// Bytes from the system's random source (passwords, salts, keys).
+pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut raw = [0u8; N];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-        .map_err(|_| anyhow::anyhow!("no randomness for a password"))?;
+        .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+    Ok(raw)
+}
+
+pub fn random_password() -> Result<String> {
+    let raw: [u8; 18] = random_bytes()?;
     Ok(base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw))
 }
 
 /// Mosquitto 2's `$7$ROUNDS$SALT$HASH`: PBKDF2-HMAC-SHA512 over a 12-byte salt, 64 bytes out,
 /// both in standard base64.
 pub fn mosquitto_hash(password: &str) -> Result<String> {
-    let mut salt = [0u8; 12];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
-        .map_err(|_| anyhow::anyhow!("no randomness for a salt"))?;
+    let salt: [u8; 12] = random_bytes()?;
     Ok(hash_with(password, &salt))
 }
 

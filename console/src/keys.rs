@@ -63,9 +63,7 @@ pub fn generate(name: &str, dir: &Path) -> Result<(PathBuf, PathBuf)> {
     if !signature::valid_key_name(name) {
         bail!("key name {name:?}: 1-64 letters, digits, '-', '_', '.' or '@'");
     }
-    let mut seed = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
-        .map_err(|_| anyhow::anyhow!("no randomness for a key"))?;
+    let seed: [u8; 32] = crate::broker::random_bytes()?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (private, public) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.pub")));
     let mut f =
@@ -80,11 +78,7 @@ pub fn generate(name: &str, dir: &Path) -> Result<(PathBuf, PathBuf)> {
 }
 
 pub fn default_dir() -> PathBuf {
-    std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("debfleet/keys")
+    crate::web::default_path("keys")
 }
 
 #[cfg(test)]
