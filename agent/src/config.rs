@@ -41,6 +41,9 @@ struct FileConfig {
     /// `journal` may read any unit's journal, not only the managed packages' and the agent's.
     #[serde(default)]
     journal_any_unit: bool,
+    /// Remote sessions: `debfleet shell` and `debfleet forward` (off unless enabled here).
+    #[serde(default)]
+    remote: RemoteCfg,
     #[serde(default)]
     groups: Vec<String>,
     #[serde(default)]
@@ -146,6 +149,30 @@ pub struct DeltasCfg {
     pub keep_mb: u64,
 }
 
+/// `[remote]`: what an operator may open on this device. Only this file says so: nothing over
+/// the wire changes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteCfg {
+    /// `debfleet shell` may open a terminal.
+    pub shell: bool,
+    /// Whose login shell the terminal runs; required with `shell = true` (root only when
+    /// written here).
+    pub user: Option<String>,
+    /// Where `debfleet forward` may connect (`HOST:PORT` each).
+    pub forward: Vec<String>,
+    /// A session with nothing sent either way for this long ends.
+    pub idle_timeout_s: u64,
+    /// Sessions open at once.
+    pub max_sessions: usize,
+}
+
+impl Default for RemoteCfg {
+    fn default() -> Self {
+        RemoteCfg { shell: false, user: None, forward: Vec::new(), idle_timeout_s: 900, max_sessions: 4 }
+    }
+}
+
 impl Default for DeltasCfg {
     fn default() -> Self {
         DeltasCfg { enabled: true, keep_mb: 512 }
@@ -182,6 +209,7 @@ pub struct AgentConfig {
     /// `Some(operators_dir)`: only commands signed by a key there run.
     pub signed_commands: Option<PathBuf>,
     pub journal_any_unit: bool,
+    pub remote: RemoteCfg,
     pub labels: BTreeMap<String, String>,
     pub packages: Vec<String>,
     pub reconnect: ReconnectCfg,
@@ -258,6 +286,15 @@ impl AgentConfig {
         if f.ops.journal_size == 0 || f.ops.max_retained == 0 {
             bail!("ops: journal_size and max_retained must be greater than 0");
         }
+        if f.remote.shell && f.remote.user.as_deref().is_none_or(str::is_empty) {
+            bail!("remote.user: name the user whose login shell `debfleet shell` opens (root only if written here)");
+        }
+        if let Some(bad) = f.remote.forward.iter().find(|t| !debfleet_protocol::session::valid_forward_target(t)) {
+            bail!("remote.forward: {bad:?} is not HOST:PORT");
+        }
+        if f.remote.idle_timeout_s == 0 || f.remote.max_sessions == 0 {
+            bail!("remote: idle_timeout_s and max_sessions must be greater than 0");
+        }
         let password = match &f.password_file {
             Some(p) => Some(
                 std::fs::read_to_string(p)
@@ -279,6 +316,7 @@ impl AgentConfig {
             components_socket: (!f.components_socket.as_os_str().is_empty()).then_some(f.components_socket),
             signed_commands: f.require_signed_commands.then_some(f.operators_dir),
             journal_any_unit: f.journal_any_unit,
+            remote: f.remote,
             labels: f.labels,
             packages: f.packages,
             reconnect: f.reconnect,

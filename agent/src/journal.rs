@@ -193,6 +193,16 @@ impl Journal {
         Ok(())
     }
 
+    /// What a running operation tells before it ends (a session's key), kept with it.
+    pub fn set_result(&mut self, id: &OpId, now_ms: i64, result: serde_json::Value) -> Result<(), JournalError> {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.record.result = Some(result);
+            e.record.updated_at = format_unix_ms(now_ms);
+            self.save(id, false)?;
+        }
+        Ok(())
+    }
+
     pub fn finish(
         &mut self,
         id: &OpId,

@@ -16,6 +16,8 @@ mod logs;
 mod managed;
 mod operators;
 mod outbox;
+mod pty;
+mod remote;
 mod spool;
 mod telemetry;
 mod unitlog;
@@ -232,8 +234,12 @@ async fn run(
         None => None,
     };
 
+    let (session_tx, mut session_rx) = mpsc::channel(64);
+    let sessions = remote::Sessions::new(outbox.clone(), session_tx);
+
     let mut outs = core.resume(resumed);
     let ctx = Perform {
+        sessions: &sessions,
         outbox: &outbox,
         job_ctx: &job_ctx,
         job_tx: &job_tx,
@@ -257,6 +263,11 @@ async fn run(
                     connected = true;
                     ev
                 }
+                // A session's frames go to it straight, not through the core.
+                Some(Event::Message { topic, payload, retain }) => match sessions.deliver(&topic, payload) {
+                    None => continue,
+                    Some(payload) => Event::Message { topic, payload, retain },
+                },
                 Some(Event::Disconnected { .. }) => {
                     connected = false;
                     let _ = connected_tx.send(false);
@@ -294,6 +305,7 @@ async fn run(
             },
             Some((unit, package, state)) = unit_rx.recv() => Event::Unit { unit, package, state },
             Some(ev) = component_rx.recv() => ev,
+            Some(ev) = session_rx.recv() => Event::Session(ev),
             _ = sigterm.recv() => break false,
             _ = sigint.recv() => break false,
         };
@@ -314,6 +326,8 @@ async fn run(
             }
         }
     };
+    // Sessions end with the agent (their operations are recorded as interrupted at the next start).
+    sessions.kill_all();
     if restart {
         tracing::info!("restarting at the operator's request");
     } else {
@@ -370,6 +384,7 @@ async fn off_loop(
 
 /// Where the core's actions go.
 struct Perform<'a> {
+    sessions: &'a Arc<remote::Sessions>,
     outbox: &'a outbox::Outbox,
     job_ctx: &'a Arc<jobs::JobContext>,
     job_tx: &'a mpsc::Sender<jobs::JobEvent>,
@@ -400,6 +415,7 @@ impl Perform<'_> {
                         let _ = self.settings.send(s);
                     }
                     Some(Out::Component { conn, frame, close }) => self.components.send(conn, frame, close),
+                    Some(Out::Session(order)) => self.sessions.order(order),
                     Some(_) => {}
                 }
             }

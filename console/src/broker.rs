@@ -177,6 +177,9 @@ pub fn rules(p: &str, name: &str, kind: &Kind) -> Vec<String> {
                 r.push(format!("write {p}/device/{name}/{fact}"));
             }
             r.push(format!("read {p}/device/{name}/cmd/#"));
+            // Its remote sessions: it writes their output, reads their input.
+            r.push(format!("write {p}/session/{name}/+/out"));
+            r.push(format!("read {p}/session/{name}/+/in"));
             r.push(format!("read {p}/fleet/cmd/#"));
             r.push(format!("read {p}/desired/device/{name}"));
             for g in groups {
@@ -194,6 +197,7 @@ pub fn rules(p: &str, name: &str, kind: &Kind) -> Vec<String> {
                 r.push(format!("write {p}/device/+/cmd/#"));
                 r.push(format!("write {p}/group/+/cmd/#"));
                 r.push(format!("write {p}/fleet/cmd/#"));
+                r.push(format!("write {p}/session/+/+/in"));
             }
             if *role >= Role::Admin {
                 r.push(format!("write {p}/desired/#"));

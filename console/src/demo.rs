@@ -294,7 +294,9 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
             Ok(d) => d,
             Err(_) => services.lab.create(&name)?,
         };
-        crate::lab::provision(&dev, &ctx, None, Some(&repo_url), Some(&key), "lab", Some((&broker_dir, "lab")))?;
+        let from = crate::lab::Source { agent_deb: None, repo: Some(&repo_url), key: Some(&key) };
+        // The demo's devices allow a remote shell (the tour opens one).
+        crate::lab::provision(&dev, &ctx, &from, "lab", Some((&broker_dir, "lab")), true)?;
     }
     let projector_on = (args.devices >= 2).then(|| "lab-2".to_owned());
     if let Some(name) = &projector_on {
@@ -338,6 +340,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet desired show lab-1                       # scheduled, and when its window opens\n\
          \x20 debfleet ops lab-1                                # every operation, and who asked (BY)\n\
          \x20 debfleet logs lab-1 debfleet-hello.service       # the unit's journal, read on the device (no SSH)\n\
+         \x20 debfleet shell lab-1                              # a terminal on the device over MQTT (~. ends it)\n\
+         \x20 debfleet shell lab-1 -- systemctl status debfleet-hello   # one command; its exit status is ours\n\
          \x20 debfleet broker list --dir {broker_dir}   # who may connect: each device its own password, and demo\n\
          \x20 DEBFLEET_BROKER_USER=eve debfleet devices         # refused: the broker knows no eve\n\
          \x20 echo ana-password | debfleet web user add ana --role viewer --users {users}\n\

@@ -145,6 +145,7 @@ impl Fleet {
             }};
         }
         let change = match t {
+            Topic::Session(..) => return Change::Ignored,
             Topic::Meta(_) => {
                 set!(meta);
                 Change::Other(dev.clone())

@@ -33,6 +33,10 @@ pub enum LabCommand {
         /// agent the credentials: for a broker that requires passwords.
         #[arg(long)]
         broker_dir: Option<PathBuf>,
+        /// Allow remote sessions on the devices: `debfleet shell` as root (agent.toml's
+        /// [remote] shell = true, user = "root").
+        #[arg(long)]
+        remote_shell: bool,
     },
     /// List the devices and whether they run.
     Status,
@@ -70,7 +74,7 @@ fn attach(lab: &Lab, name: &str) -> Result<Device> {
 pub fn run(ctx: &Ctx, cmd: LabCommand) -> Result<u8> {
     let lab = Lab::open();
     match cmd {
-        LabCommand::Up { devices, agent_deb, repo, key, group, broker_dir } => {
+        LabCommand::Up { devices, agent_deb, repo, key, group, broker_dir, remote_shell } => {
             if devices == 0 || devices > 32 {
                 bail!(crate::cmds::UsageError("--devices must be between 1 and 32".into()));
             }
@@ -91,7 +95,8 @@ pub fn run(ctx: &Ctx, cmd: LabCommand) -> Result<u8> {
                     }
                 };
                 let enroll = broker_dir.as_deref().map(|dir| (dir, group.as_str()));
-                provision(&dev, ctx, agent_deb.as_deref(), repo.as_deref(), key.as_deref(), &group, enroll)
+                let from = Source { agent_deb: agent_deb.as_deref(), repo: repo.as_deref(), key: key.as_deref() };
+                provision(&dev, ctx, &from, &group, enroll, remote_shell)
                     .with_context(|| format!("setting up {name}"))?;
                 rows.push(vec![name, "running".into(), dev.pid.to_string()]);
             }
@@ -163,15 +168,22 @@ pub fn run(ctx: &Ctx, cmd: LabCommand) -> Result<u8> {
     }
 }
 
+/// Where a lab device's agent comes from: a .deb, or a repository with its key.
+pub struct Source<'a> {
+    pub agent_deb: Option<&'a std::path::Path>,
+    pub repo: Option<&'a str>,
+    pub key: Option<&'a std::path::Path>,
+}
+
 pub fn provision(
     dev: &Device,
     ctx: &Ctx,
-    agent_deb: Option<&std::path::Path>,
-    repo: Option<&str>,
-    key: Option<&std::path::Path>,
+    from: &Source<'_>,
     group: &str,
     broker_dir: Option<(&std::path::Path, &str)>,
+    remote_shell: bool,
 ) -> Result<()> {
+    let Source { agent_deb, repo, key } = *from;
     if let (Some(repo), Some(key)) = (repo, key) {
         dev.put(key, "/etc/apt/keyrings/debfleet.gpg")?;
         dev.write(
@@ -209,6 +221,9 @@ pub fn provision(
         config.push_str("username = \"");
         config.push_str(&dev.name);
         config.push_str("\"\npassword_file = \"/etc/debfleet/broker-password\"\n");
+    }
+    if remote_shell {
+        config.push_str("\n[remote]\nshell = true\nuser = \"root\"\n");
     }
     dev.write("/etc/debfleet/agent.toml", &config)?;
     dev.ok(&["systemctl", "restart", "debfleet-agent"])?;

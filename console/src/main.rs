@@ -12,6 +12,7 @@ mod lab;
 mod manual;
 mod output;
 mod packages;
+mod remote;
 mod repo;
 mod request;
 mod rollout;
@@ -126,6 +127,23 @@ enum Command {
     /// A device's unit journal (the managed packages' units and the agent's, or one of them),
     /// read on the device; a group's merged by time.
     Logs(LogsArgs),
+    /// A terminal on a device (its agent.toml must allow it: [remote] shell = true), or one
+    /// command run there; exits with the remote program's status.
+    Shell {
+        /// The device's id.
+        device: String,
+        /// A command to run instead of a login shell (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Forward a local TCP port to HOST:PORT as the device sees it (its agent.toml must list
+    /// HOST:PORT in [remote] forward); until Ctrl-C.
+    Forward {
+        /// The device's id.
+        device: String,
+        /// LOCAL_PORT:HOST:PORT (local port 0: any free one, printed).
+        spec: String,
+    },
     /// Read or change a device's runtime configuration.
     Cfg {
         #[command(subcommand)]
@@ -702,6 +720,8 @@ fn main() -> ExitCode {
             Command::Show { device, json } => cmds::show(&ctx, &device, json).await,
             Command::Ping { targets, timeout, json } => cmds::ping(&ctx, &targets, timeout, json).await,
             Command::Logs(args) => cmds::logs(&ctx, args).await,
+            Command::Shell { device, command } => remote::shell(&ctx, &device, command).await,
+            Command::Forward { device, spec } => remote::forward(&ctx, &device, &spec).await,
             Command::Cfg { action: CfgAction::Get { device, json } } => cmds::cfg_get(&ctx, &device, json).await,
             Command::Cfg { action: CfgAction::Set { device, assignments, timeout, json } } => {
                 cmds::cfg_set(&ctx, &device, &assignments, timeout, json).await

@@ -22,10 +22,12 @@ pub enum Verb {
     Rollback,
     Call,
     Journal,
+    Shell,
+    Forward,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 11] = [
+    pub const ALL: [Verb; 13] = [
         Verb::Ping,
         Verb::Refresh,
         Verb::Restart,
@@ -37,6 +39,8 @@ impl Verb {
         Verb::Rollback,
         Verb::Call,
         Verb::Journal,
+        Verb::Shell,
+        Verb::Forward,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +56,8 @@ impl Verb {
             Verb::Rollback => "rollback",
             Verb::Call => "call",
             Verb::Journal => "journal",
+            Verb::Shell => "shell",
+            Verb::Forward => "forward",
         }
     }
 
@@ -104,6 +110,22 @@ pub enum CommandArgs {
         unit: Option<String>,
         since_s: Option<u64>,
         lines: u32,
+    },
+    /// Open a remote terminal (see `session.rs`): the console's session key, its terminal's
+    /// size and type, and a command to run instead of a login shell. `raw` turns the device's
+    /// line discipline off (a command's output arrives byte for byte; for scripts).
+    Shell {
+        key: [u8; 32],
+        cols: u16,
+        rows: u16,
+        term: String,
+        command: Option<String>,
+        raw: bool,
+    },
+    /// Forward TCP connections to `to` (`HOST:PORT`, which the device's agent.toml must allow).
+    Forward {
+        key: [u8; 32],
+        to: String,
     },
     /// One action of a component; its arguments are checked by the component against the
     /// action's parameters.
@@ -196,6 +218,35 @@ struct JournalArgs {
     #[serde(default)]
     lines: Option<u32>,
 }
+
+#[derive(Deserialize)]
+struct ShellArgs {
+    key: String,
+    #[serde(default)]
+    cols: Option<u16>,
+    #[serde(default)]
+    rows: Option<u16>,
+    #[serde(default)]
+    term: Option<String>,
+    #[serde(default)]
+    command: Option<String>,
+    #[serde(default)]
+    raw: bool,
+}
+
+#[derive(Deserialize)]
+struct ForwardArgs {
+    key: String,
+    to: String,
+}
+
+/// A session key: 64 hex digits (an X25519 public key).
+fn session_key(s: &str) -> Result<[u8; 32], String> {
+    crate::signature::from_hex::<32>(s).ok_or_else(|| "key: expected 64 hex digits".to_owned())
+}
+
+/// The longest command a `shell` may carry.
+pub const MAX_SHELL_COMMAND_BYTES: usize = 4096;
 
 #[derive(Deserialize)]
 struct RestartArgs {
@@ -422,6 +473,35 @@ fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
             }
             CommandArgs::Journal { unit: a.unit, since_s: a.since_s, lines }
         }
+        Verb::Shell => {
+            let a: ShellArgs = serde_json::from_value(v).map_err(de)?;
+            let key = session_key(&a.key)?;
+            let term = a.term.unwrap_or_else(|| "xterm-256color".into());
+            if term.is_empty()
+                || term.len() > 64
+                || !term.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.+".contains(&c))
+            {
+                return Err(format!("term {term:?}: 1-64 letters, digits, '-', '_', '.', '+'"));
+            }
+            if let Some(c) = &a.command {
+                if c.is_empty() || c.len() > MAX_SHELL_COMMAND_BYTES || c.contains('\0') {
+                    return Err(format!("command: 1 to {MAX_SHELL_COMMAND_BYTES} bytes, no NUL"));
+                }
+            }
+            let (cols, rows) = (a.cols.unwrap_or(80), a.rows.unwrap_or(24));
+            if cols == 0 || rows == 0 {
+                return Err("cols and rows must be at least 1".into());
+            }
+            CommandArgs::Shell { key, cols, rows, term, command: a.command, raw: a.raw }
+        }
+        Verb::Forward => {
+            let a: ForwardArgs = serde_json::from_value(v).map_err(de)?;
+            let key = session_key(&a.key)?;
+            if !crate::session::valid_forward_target(&a.to) {
+                return Err(format!("to {:?}: expected HOST:PORT", a.to));
+            }
+            CommandArgs::Forward { key, to: a.to }
+        }
         Verb::Rollback => {
             let mut w = package_words(v)?;
             match (w.packages.pop(), w.packages.is_empty()) {
@@ -446,6 +526,8 @@ impl CommandArgs {
             CommandArgs::Rollback { .. } => Verb::Rollback,
             CommandArgs::Call { .. } => Verb::Call,
             CommandArgs::Journal { .. } => Verb::Journal,
+            CommandArgs::Shell { .. } => Verb::Shell,
+            CommandArgs::Forward { .. } => Verb::Forward,
         }
     }
 
@@ -517,6 +599,22 @@ impl CommandArgs {
                     m.insert("since_s".into(), (*s).into());
                 }
                 m.insert("lines".into(), (*lines).into());
+            }
+            CommandArgs::Shell { key, cols, rows, term, command, raw } => {
+                m.insert("key".into(), Value::String(crate::signature::to_hex(key)));
+                m.insert("cols".into(), (*cols).into());
+                m.insert("rows".into(), (*rows).into());
+                m.insert("term".into(), Value::String(term.clone()));
+                if let Some(c) = command {
+                    m.insert("command".into(), Value::String(c.clone()));
+                }
+                if *raw {
+                    m.insert("raw".into(), Value::Bool(true));
+                }
+            }
+            CommandArgs::Forward { key, to } => {
+                m.insert("key".into(), Value::String(crate::signature::to_hex(key)));
+                m.insert("to".into(), Value::String(to.clone()));
             }
             CommandArgs::Call { component, action, args } => {
                 m.insert("component".into(), Value::String(component.to_string()));
@@ -637,6 +735,32 @@ mod tests {
     }
 
     #[test]
+    fn session_arguments_are_checked() {
+        let key = "ab".repeat(32);
+        let c = parse_command("shell", format!(r#"{{"id":"s1","key":"{key}"}}"#).as_bytes()).unwrap();
+        assert!(
+            matches!(c.args, CommandArgs::Shell { cols: 80, rows: 24, ref term, command: None, raw: false, .. } if term == "xterm-256color")
+        );
+        for bad in [
+            r#"{"id":"s1"}"#.to_owned(),
+            r#"{"id":"s1","key":"abcd"}"#.to_owned(),
+            format!(r#"{{"id":"s1","key":"{key}","cols":0}}"#),
+            format!(r#"{{"id":"s1","key":"{key}","term":"xterm; rm"}}"#),
+            format!(r#"{{"id":"s1","key":"{key}","command":""}}"#),
+            format!(r#"{{"id":"s1","key":"{key}","command":"{}"}}"#, "x".repeat(MAX_SHELL_COMMAND_BYTES + 1)),
+        ] {
+            assert_eq!(code("shell", bad.as_bytes()), ErrorCode::InvalidValue, "{bad}");
+        }
+        for bad in [
+            format!(r#"{{"id":"f1","key":"{key}"}}"#),
+            format!(r#"{{"id":"f1","key":"{key}","to":"127.0.0.1"}}"#),
+            format!(r#"{{"id":"f1","key":"{key}","to":"a/b:80"}}"#),
+        ] {
+            assert_eq!(code("forward", bad.as_bytes()), ErrorCode::InvalidValue, "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_input_matrix() {
         assert_eq!(code("ping", b"{not json"), ErrorCode::MalformedJson);
         assert_eq!(code("ping", b"[1,2]"), ErrorCode::MalformedJson);
@@ -685,6 +809,16 @@ mod tests {
             CommandArgs::Restart { unit: Some("demo-app.service".into()) },
             CommandArgs::Journal { unit: None, since_s: None, lines: 100 },
             CommandArgs::Journal { unit: Some("demo-app.service".into()), since_s: Some(600), lines: 20 },
+            CommandArgs::Shell { key: [7; 32], cols: 80, rows: 24, term: "xterm".into(), command: None, raw: false },
+            CommandArgs::Shell {
+                key: [0; 32],
+                cols: 200,
+                rows: 50,
+                term: "xterm-256color".into(),
+                command: Some("echo 'hi there'; exit 3".into()),
+                raw: true,
+            },
+            CommandArgs::Forward { key: [9; 32], to: "127.0.0.1:80".into() },
             CommandArgs::Cfg { set: serde_json::json!({"logs": {"level": "debug"}}) },
             CommandArgs::Clear { ops: vec![OpId::new("p-1").unwrap()], older_than_s: Some(60) },
             CommandArgs::Clear { ops: vec![], older_than_s: None },

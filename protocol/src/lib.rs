@@ -14,6 +14,7 @@ pub mod ids;
 pub mod payloads;
 pub mod roles;
 pub mod rollout;
+pub mod session;
 pub mod signature;
 pub mod time;
 pub mod topics;

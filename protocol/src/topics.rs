@@ -73,6 +73,9 @@ pub enum Topic {
     /// Commands the device could not even attribute to an operation (no usable id).
     Rejected(DeviceId),
     Op(DeviceId, OpId),
+    /// One direction of a remote session (see `session.rs`); outside `device/` so that what
+    /// follows a fleet's facts does not get every session's bytes.
+    Session(DeviceId, OpId, crate::session::Direction),
     DeviceCmd(DeviceId, String),
     GroupCmd(GroupName, String),
     FleetCmd(String),
@@ -123,9 +126,11 @@ impl Topic {
             },
             Topic::Telemetry(_) => (true, Qos::AtMostOnce),
             Topic::Logs(_) => (false, Qos::AtMostOnce),
-            Topic::Rejected(_) | Topic::DeviceCmd(..) | Topic::GroupCmd(..) | Topic::FleetCmd(_) => {
-                (false, Qos::AtLeastOnce)
-            }
+            Topic::Rejected(_)
+            | Topic::Session(..)
+            | Topic::DeviceCmd(..)
+            | Topic::GroupCmd(..)
+            | Topic::FleetCmd(_) => (false, Qos::AtLeastOnce),
         }
     }
 
@@ -150,6 +155,7 @@ impl Topic {
             | Topic::Logs(d)
             | Topic::Rejected(d)
             | Topic::Op(d, _)
+            | Topic::Session(d, ..)
             | Topic::DeviceCmd(d, _) => Some(d),
             Topic::GroupCmd(..)
             | Topic::FleetCmd(_)
@@ -222,6 +228,7 @@ impl Topics {
             Topic::Logs(d) => format!("{p}/device/{d}/logs"),
             Topic::Rejected(d) => format!("{p}/device/{d}/rejected"),
             Topic::Op(d, op) => format!("{p}/device/{d}/op/{op}"),
+            Topic::Session(d, op, dir) => format!("{p}/session/{d}/{op}/{}", dir.as_str()),
             Topic::DeviceCmd(d, verb) => format!("{p}/device/{d}/cmd/{verb}"),
             Topic::GroupCmd(g, verb) => format!("{p}/group/{g}/cmd/{verb}"),
             Topic::FleetCmd(verb) => format!("{p}/fleet/cmd/{verb}"),
@@ -320,6 +327,15 @@ impl Topics {
             }
             ["group", g, "cmd", v] => Ok(Topic::GroupCmd(GroupName::new(*g).map_err(bad_id)?, verb(v)?)),
             ["fleet", "cmd", v] => Ok(Topic::FleetCmd(verb(v)?)),
+            ["session", d, op, dir] => {
+                use crate::session::Direction;
+                let dir = match *dir {
+                    "in" => Direction::In,
+                    "out" => Direction::Out,
+                    _ => return Err(unknown()),
+                };
+                Ok(Topic::Session(DeviceId::new(*d).map_err(bad_id)?, OpId::new(*op).map_err(bad_id)?, dir))
+            }
             ["desired", "device", d] => Ok(Topic::DesiredDevice(DeviceId::new(*d).map_err(bad_id)?)),
             ["desired", "group", g] => Ok(Topic::DesiredGroup(GroupName::new(*g).map_err(bad_id)?)),
             ["rollout", id, part @ ..] => {
@@ -359,7 +375,9 @@ mod tests {
             Topic::Telemetry(dev("d1")),
             Topic::Logs(dev("d1")),
             Topic::Rejected(dev("d1")),
-            Topic::Op(dev("d1"), op),
+            Topic::Op(dev("d1"), op.clone()),
+            Topic::Session(dev("d1"), op.clone(), crate::session::Direction::In),
+            Topic::Session(dev("d1"), op, crate::session::Direction::Out),
             Topic::StateComponents(dev("d1")),
             Topic::Component(dev("d1"), ComponentId::new("led-strip").unwrap(), ComponentFact::State),
             Topic::Component(dev("d1"), ComponentId::new("led-strip").unwrap(), ComponentFact::Logs),

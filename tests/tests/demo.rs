@@ -115,6 +115,22 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid_value") && err.contains("journal_any_unit"), "{err}");
 
+    // The tour's remote shell: a command run on a lab device over the session topics, its
+    // output byte for byte and its exit status ours.
+    let out = debfleet()
+        .args([
+            "shell",
+            "lab-1",
+            "--",
+            "grep device_id /etc/debfleet/agent.toml; systemctl is-active debfleet-hello; exit 3",
+        ])
+        .env("DEBFLEET_BROKER", &broker)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "device_id = \"lab-1\"\nactive\n");
+
     // The tour's switch to the cellular profile: the device reconnects with it and reports its
     // link (the embedded broker speaks 3.1.1).
     let out = debfleet()

@@ -270,6 +270,13 @@ impl Core {
                     message: format!("{unit:?} is not a unit of a managed package"),
                 })
             }
+            args @ (CommandArgs::Shell { .. } | CommandArgs::Forward { .. }) => match self.open_session(&id, args) {
+                Ok(orders) => {
+                    out.extend(orders);
+                    return out;
+                }
+                Err(e) => Err(e),
+            },
             CommandArgs::Journal { unit, since_s, lines } => match self.journal_units(unit) {
                 Ok(units) => {
                     let kind = JobKind::Journal { units, since_s, lines };

@@ -47,6 +47,8 @@ pub enum Out {
     /// Stop the running job with this id if it has not changed anything yet (a converge job
     /// between its download and its install: it ends as `superseded`); past that it finishes.
     Cancel(OpId),
+    /// Start or stop a remote session (the edge moves its bytes: `remote.rs`).
+    Session(sessions::SessionOrder),
     /// Start this long operation (apt, systemd) off the core now. One runs at a time: the core
     /// queues the others and hands the next out when one ends. Progress and outcome come back
     /// as [`Event::JobProgress`] and [`Event::JobDone`].
@@ -117,6 +119,7 @@ pub struct Core {
     local_offset: fn(i64) -> i64,
     /// `require_signed_commands`: the keys trusted and the signed ids seen.
     trust: Option<crate::operators::Trust>,
+    sessions: sessions::Sessions,
 }
 
 /// Over these, a new command is answered with `busy` instead of being accepted.
@@ -128,6 +131,7 @@ mod components;
 mod desired;
 mod link;
 mod packages;
+pub mod sessions;
 
 /// Everything the agent's loop reacts to, as the core sees it: one closed set. What needs IO
 /// (sampling telemetry, reading the log queue) the edge does first and hands in.
@@ -176,6 +180,8 @@ pub enum Event {
     ComponentClosed {
         conn: u64,
     },
+    /// A remote session got ready or ended (`remote.rs`).
+    Session(sessions::SessionEvent),
     /// A managed unit's state changed (systemd's signals).
     Unit {
         unit: String,
@@ -194,8 +200,9 @@ impl Core {
                 for m in unsent {
                     self.spool_push(m);
                 }
-                Vec::new()
+                self.stop_sessions("the device's connection to the broker broke")
             }
+            Event::Session(e) => self.on_session(e, now_ms),
             Event::Message { topic, payload, retain } => self.on_message(&topic, &payload, retain, now_ms),
             Event::Tick { telemetry, logs, housekeeping } => {
                 let mut out: Vec<Out> = telemetry.iter().filter_map(|t| self.telemetry(t)).collect();
@@ -315,6 +322,7 @@ impl Core {
             desired: desired::Desired::load(&cfg_state_dir, &runtime_groups, signed.is_some()),
             local_offset: crate::localtime::utc_offset_s,
             trust: signed.map(|dir| crate::operators::Trust::new(&dir, &cfg_state_dir)),
+            sessions: Default::default(),
         }
     }
 

@@ -1,0 +1,541 @@
+//! Remote sessions' edge: each session a task that seals and opens its frames
+//! (`debfleet_protocol::session`), moves the bytes between the broker and a terminal (`pty.rs`)
+//! or forwarded TCP connections, keeps the window, and ends on the shell's exit, the console's
+//! close or silence, the idle timeout, or the core's order. Frames from the broker come here
+//! straight from the loop (`Sessions::deliver`), not through the core.
+//!
+//! Invariants: what a session holds is bounded by the window both ways (a console that sends
+//! past it ends its session); a frame that does not open with the session's key is dropped and
+//! counted, never acted on; when a session ends, every process of its terminal's session ends
+//! too.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use debfleet_protocol::session::{ExitStatus, Frame, KeyPair, Sealer, SessionError, CHUNK, PEER_TIMEOUT_MS, WINDOW};
+use debfleet_protocol::{ErrorCode, OpError, OpId, TrafficClass};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::core::sessions::{SessionEvent, SessionKind, SessionOrder};
+use crate::core::Out;
+use crate::outbox::Outbox;
+
+/// Frames from the console waiting for their session (beyond: dropped, so a flood on a
+/// session's topic cannot grow the agent; a genuine frame lost that way ends the session).
+const INPUT_QUEUE: usize = 64;
+
+enum Control {
+    Frame(Vec<u8>),
+    Stop(String),
+}
+
+struct Entry {
+    topic_in: String,
+    tx: mpsc::Sender<Control>,
+    /// The terminal's session id, for a stop without grace.
+    sid: Arc<Mutex<i32>>,
+}
+
+/// The sessions open on this device.
+pub struct Sessions {
+    open: Mutex<HashMap<OpId, Entry>>,
+    outbox: Arc<Outbox>,
+    events: mpsc::Sender<SessionEvent>,
+}
+
+impl Sessions {
+    pub fn new(outbox: Arc<Outbox>, events: mpsc::Sender<SessionEvent>) -> Arc<Sessions> {
+        Arc::new(Sessions { open: Mutex::new(HashMap::new()), outbox, events })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OpId, Entry>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A message from the broker: taken when it is on an open session's topic, else handed back.
+    pub fn deliver(&self, topic: &str, payload: Vec<u8>) -> Option<Vec<u8>> {
+        let open = self.lock();
+        let Some(entry) = open.values().find(|e| e.topic_in == topic) else { return Some(payload) };
+        if entry.tx.try_send(Control::Frame(payload)).is_err() {
+            tracing::warn!("a session's input queue is full; dropping a frame on {topic}");
+        }
+        None
+    }
+
+    pub fn order(self: &Arc<Self>, order: SessionOrder) {
+        match order {
+            SessionOrder::Open { id, peer_key, kind, idle_timeout_s, topic_in, topic_out } => {
+                let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+                let sid = Arc::new(Mutex::new(0));
+                self.lock().insert(id.clone(), Entry { topic_in, tx, sid: sid.clone() });
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let wire = Wire::new(topic_out, me.outbox.clone(), Duration::from_secs(idle_timeout_s));
+                    let outcome = run(&me, &id, peer_key, kind, wire, rx, sid).await;
+                    me.lock().remove(&id);
+                    let _ = me.events.send(SessionEvent::Ended { id, outcome }).await;
+                });
+            }
+            SessionOrder::Stop { id, reason } => {
+                if let Some(e) = self.lock().get(&id) {
+                    let _ = e.tx.try_send(Control::Stop(reason));
+                }
+            }
+        }
+    }
+
+    /// The agent stops: every terminal's processes end now.
+    pub fn kill_all(&self) {
+        for e in self.lock().values() {
+            crate::pty::kill_session_now(*e.sid.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+}
+
+fn failed(code: ErrorCode, message: impl Into<String>) -> OpError {
+    OpError { code, message: message.into() }
+}
+
+async fn run(
+    sessions: &Sessions,
+    id: &OpId,
+    peer_key: [u8; 32],
+    kind: SessionKind,
+    mut wire: Wire,
+    mut rx: mpsc::Receiver<Control>,
+    sid: Arc<Mutex<i32>>,
+) -> Result<Value, OpError> {
+    let pair = KeyPair::generate().map_err(|e| failed(ErrorCode::Internal, e.to_string()))?;
+    let key = pair.public();
+    wire.sealer =
+        Some(pair.agree(&peer_key, id.as_str(), false).map_err(|e| failed(ErrorCode::InvalidValue, e.to_string()))?);
+    let ready = SessionEvent::Ready { id: id.clone(), key };
+    match kind {
+        SessionKind::Shell { user, cols, rows, term, command, raw } => {
+            let account = crate::pty::User::lookup(&user)
+                .map_err(|e| failed(ErrorCode::Internal, format!("the [remote] user: {e}")))?;
+            let program =
+                crate::pty::Program { user: &account, cols, rows, term: &term, command: command.as_deref(), raw };
+            let spawned = crate::pty::spawn(&program)
+                .map_err(|e| failed(ErrorCode::Internal, format!("cannot start {}'s shell: {e}", account.name)))?;
+            *sid.lock().unwrap_or_else(|e| e.into_inner()) = spawned.sid;
+            let _ = sessions.events.send(ready).await;
+            shell(wire, raw, spawned, &mut rx).await
+        }
+        SessionKind::Forward { to } => {
+            let _ = sessions.events.send(ready).await;
+            forward(wire, to, &mut rx).await
+        }
+    }
+}
+
+/// One session's side of the wire: sealing, the window both ways, and its clocks.
+struct Wire {
+    sealer: Option<Sealer>,
+    topic: String,
+    outbox: Arc<Outbox>,
+    /// Data bytes sent, and acknowledged by the console.
+    sent: u64,
+    acked: u64,
+    /// Data bytes received, consumed (written to the terminal or a socket), and acknowledged.
+    taken: u64,
+    consumed: u64,
+    told: u64,
+    started: Instant,
+    /// The console's last frame, and the last data either way.
+    heard: Instant,
+    active: Instant,
+    idle: Duration,
+    forged: u64,
+}
+
+impl Wire {
+    fn new(topic: String, outbox: Arc<Outbox>, idle: Duration) -> Wire {
+        let now = Instant::now();
+        Wire {
+            sealer: None,
+            topic,
+            outbox,
+            sent: 0,
+            acked: 0,
+            taken: 0,
+            consumed: 0,
+            told: 0,
+            started: now,
+            heard: now,
+            active: now,
+            idle,
+            forged: 0,
+        }
+    }
+
+    fn send(&mut self, frame: &Frame) {
+        let Some(sealer) = &mut self.sealer else { return };
+        if let Frame::Data { bytes, .. } = frame {
+            self.sent += bytes.len() as u64;
+            self.active = Instant::now();
+        }
+        let out = Out::Publish {
+            topic: self.topic.clone(),
+            payload: sealer.seal(frame),
+            retain: false,
+            reliable: true,
+            class: TrafficClass::Result,
+        };
+        self.outbox.lock().push(out, true);
+        self.outbox.wake.notify_one();
+    }
+
+    /// Whether another chunk may go out now.
+    fn room(&self) -> bool {
+        self.sent - self.acked < WINDOW
+    }
+
+    /// A message from the console: the frame, or `None` when it is to be ignored (not sealed
+    /// with this session's key, a duplicate). An error ends the session.
+    fn take(&mut self, msg: &[u8]) -> Result<Option<Frame>, OpError> {
+        let Some(sealer) = &mut self.sealer else { return Ok(None) };
+        match sealer.open(msg) {
+            Ok(frame) => {
+                self.heard = Instant::now();
+                match &frame {
+                    Frame::Ack { consumed } if *consumed > self.sent => {
+                        return Err(failed(ErrorCode::InvalidValue, "the console acknowledged more than was sent"));
+                    }
+                    Frame::Ack { consumed } => self.acked = self.acked.max(*consumed),
+                    Frame::Data { bytes, .. } => {
+                        self.taken += bytes.len() as u64;
+                        self.active = self.heard;
+                        if self.taken - self.consumed > WINDOW + CHUNK as u64 {
+                            return Err(failed(ErrorCode::InvalidValue, "the console sent past its window"));
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(Some(frame))
+            }
+            Err(SessionError::Gap { expected, got }) => Err(failed(
+                ErrorCode::Interrupted,
+                format!("frames {expected} to {} from the console were lost", got - 1),
+            )),
+            Err(e) => {
+                self.forged += 1;
+                if self.forged <= 3 || self.forged.is_power_of_two() {
+                    tracing::warn!("session {}: ignoring a message ({} so far): {e}", self.topic, self.forged);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn consumed(&mut self, n: usize) {
+        self.consumed += n as u64;
+        if self.consumed - self.told >= WINDOW / 4 {
+            self.ack();
+        }
+    }
+
+    fn ack(&mut self) {
+        if self.consumed > self.told {
+            self.told = self.consumed;
+            self.send(&Frame::Ack { consumed: self.consumed });
+        }
+    }
+
+    /// Checked on every tick: acknowledge what waits, and end a session whose console went
+    /// silent or that sat idle.
+    fn tick(&mut self) -> Result<(), OpError> {
+        self.ack();
+        if self.heard.elapsed() > Duration::from_millis(PEER_TIMEOUT_MS) {
+            return Err(failed(
+                ErrorCode::Timeout,
+                format!(
+                    "the console sent nothing for {} s (stopped, or lost its connection); the session was ended",
+                    PEER_TIMEOUT_MS / 1000
+                ),
+            ));
+        }
+        if self.active.elapsed() > self.idle {
+            return Err(failed(
+                ErrorCode::Timeout,
+                format!("idle for {} s ([remote] idle_timeout_s)", self.idle.as_secs()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn figures(&self) -> Value {
+        json!({
+            "duration_s": self.started.elapsed().as_secs(),
+            "bytes_in": self.taken,
+            "bytes_out": self.sent,
+        })
+    }
+}
+
+fn ended_by_console(wire: &Wire, reason: &str) -> Value {
+    let mut v = wire.figures();
+    v["closed_by_console"] = Value::String(reason.to_owned());
+    v
+}
+
+async fn shell(
+    mut wire: Wire,
+    raw: bool,
+    spawned: crate::pty::Spawned,
+    rx: &mut mpsc::Receiver<Control>,
+) -> Result<Value, OpError> {
+    let crate::pty::Spawned { pty, mut child, sid } = spawned;
+    let pty = Arc::new(pty);
+    // The terminal's output, a chunk at a time (`None`: every program closed it).
+    let (out_tx, mut out_rx) = mpsc::channel::<Option<Vec<u8>>>(2);
+    let reader = {
+        let pty = pty.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let chunk = match pty.read(&mut buf).await {
+                    Ok(0) | Err(_) => None,
+                    Ok(n) => Some(buf[..n].to_vec()),
+                };
+                let end = chunk.is_none();
+                if out_tx.send(chunk).await.is_err() || end {
+                    return;
+                }
+            }
+        })
+    };
+    // What the operator typed, written as the terminal takes it; `written` counts it.
+    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (written_tx, mut written) = mpsc::unbounded_channel::<usize>();
+    let writer = {
+        let pty = pty.clone();
+        tokio::spawn(async move {
+            while let Some(bytes) = in_rx.recv().await {
+                let mut at = 0;
+                while at < bytes.len() {
+                    match pty.write(&bytes[at..]).await {
+                        Ok(n) => at += n,
+                        Err(_) => break,
+                    }
+                }
+                if written_tx.send(bytes.len()).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut exit: Option<ExitStatus> = None;
+    let mut output_done = false;
+    let mut last_output = Instant::now();
+    let outcome = loop {
+        if let Some(status) = exit {
+            // The shell is gone: what it wrote goes out first; a program it left holding the
+            // terminal gets two quiet seconds.
+            if output_done || last_output.elapsed() > Duration::from_secs(2) {
+                wire.ack();
+                wire.send(&Frame::Exit(status));
+                let mut v = wire.figures();
+                v["exit"] = match status {
+                    ExitStatus::Code(c) => json!({ "code": c }),
+                    ExitStatus::Signal(s) => json!({ "signal": s }),
+                };
+                break Ok(v);
+            }
+        }
+        tokio::select! {
+            chunk = out_rx.recv(), if wire.room() && !output_done => match chunk {
+                Some(Some(bytes)) => {
+                    last_output = Instant::now();
+                    wire.send(&Frame::Data { stream: 0, bytes });
+                }
+                _ => output_done = true,
+            },
+            control = rx.recv() => match control {
+                Some(Control::Frame(m)) => match wire.take(&m) {
+                    Ok(Some(Frame::Data { stream: 0, bytes })) => {
+                        if exit.is_some() {
+                            wire.consumed(bytes.len());
+                        } else {
+                            let _ = in_tx.send(bytes);
+                        }
+                    }
+                    Ok(Some(Frame::Resize { cols, rows })) if cols > 0 && rows > 0 => pty.resize(cols, rows),
+                    // The console's input ended: on a terminal with its line discipline on,
+                    // that is end-of-file (^D); a raw one has no such thing.
+                    Ok(Some(Frame::Eof { stream: 0, .. })) if !raw && exit.is_none() => {
+                        let _ = in_tx.send(vec![4]);
+                    }
+                    Ok(Some(Frame::Close { reason })) => break Ok(ended_by_console(&wire, &reason)),
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                },
+                Some(Control::Stop(reason)) => break Err(failed(ErrorCode::Interrupted, reason)),
+                None => break Err(failed(ErrorCode::Internal, "the session lost its input")),
+            },
+            Some(n) = written.recv() => wire.consumed(n),
+            status = child.wait(), if exit.is_none() => {
+                use std::os::unix::process::ExitStatusExt;
+                exit = Some(match status {
+                    Ok(s) => match (s.code(), s.signal()) {
+                        (Some(c), _) => ExitStatus::Code(c),
+                        (None, Some(sig)) => ExitStatus::Signal(sig),
+                        (None, None) => ExitStatus::Code(-1),
+                    },
+                    Err(_) => ExitStatus::Code(-1),
+                });
+                last_output = Instant::now();
+            }
+            _ = tick.tick() => {
+                if let Err(e) = wire.tick() {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    if let Err(e) = &outcome {
+        wire.send(&Frame::Close { reason: e.message.clone() });
+    }
+    reader.abort();
+    writer.abort();
+    crate::pty::end_session(sid, &mut child, Duration::from_secs(2)).await;
+    outcome
+}
+
+/// A read from one forwarded connection: bytes, or its end (with the error that ended it).
+enum Read {
+    Bytes(u32, Vec<u8>),
+    End(u32, Option<String>),
+}
+
+async fn forward(mut wire: Wire, to: String, rx: &mut mpsc::Receiver<Control>) -> Result<Value, OpError> {
+    let (read_tx, mut reads) = mpsc::channel::<Read>(4);
+    let (written_tx, mut written) = mpsc::unbounded_channel::<usize>();
+    let mut streams: HashMap<u32, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    let mut tasks = Vec::new();
+    let mut connections = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let outcome = loop {
+        tokio::select! {
+            read = reads.recv(), if wire.room() => match read {
+                Some(Read::Bytes(stream, bytes)) => wire.send(&Frame::Data { stream, bytes }),
+                Some(Read::End(stream, error)) => {
+                    streams.remove(&stream);
+                    wire.send(&Frame::Eof { stream, error });
+                }
+                None => break Err(failed(ErrorCode::Internal, "the session lost its connections")),
+            },
+            control = rx.recv() => match control {
+                Some(Control::Frame(m)) => match wire.take(&m) {
+                    Ok(Some(Frame::Open { stream })) => {
+                        if streams.len() >= debfleet_protocol::session::MAX_STREAMS || streams.contains_key(&stream) {
+                            let error = format!("at most {} connections at once", debfleet_protocol::session::MAX_STREAMS);
+                            wire.send(&Frame::Eof { stream, error: Some(error) });
+                            continue;
+                        }
+                        connections += 1;
+                        tasks.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+                        let (tx, input) = mpsc::unbounded_channel();
+                        streams.insert(stream, tx);
+                        tasks.push(tokio::spawn(connection(stream, to.clone(), input, read_tx.clone(), written_tx.clone())));
+                    }
+                    Ok(Some(Frame::Data { stream, bytes })) => {
+                        let n = bytes.len();
+                        // Bytes for a connection that has ended are consumed by dropping them.
+                        if streams.get(&stream).is_none_or(|tx| tx.send(bytes).is_err()) {
+                            wire.consumed(n);
+                        }
+                    }
+                    // The console's side closed: the device's side gets EOF once the bytes before it are written.
+                    Ok(Some(Frame::Eof { stream, .. })) => {
+                        streams.remove(&stream);
+                    }
+                    Ok(Some(Frame::Close { reason })) => break Ok(ended_by_console(&wire, &reason)),
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                },
+                Some(Control::Stop(reason)) => break Err(failed(ErrorCode::Interrupted, reason)),
+                None => break Err(failed(ErrorCode::Internal, "the session lost its input")),
+            },
+            Some(n) = written.recv() => wire.consumed(n),
+            _ = tick.tick() => {
+                if let Err(e) = wire.tick() {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    if let Err(e) = &outcome {
+        wire.send(&Frame::Close { reason: e.message.clone() });
+    }
+    for t in tasks {
+        t.abort();
+    }
+    outcome.map(|mut v| {
+        v["connections"] = connections.into();
+        v
+    })
+}
+
+/// One forwarded connection: connect, then copy both ways until both sides are done.
+async fn connection(
+    stream: u32,
+    to: String,
+    mut input: mpsc::UnboundedReceiver<Vec<u8>>,
+    reads: mpsc::Sender<Read>,
+    written: mpsc::UnboundedSender<usize>,
+) {
+    let conn = match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&to)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return refuse(stream, format!("connecting to {to}: {e}"), input, reads, written).await,
+        Err(_) => return refuse(stream, format!("connecting to {to}: no answer in 10 s"), input, reads, written).await,
+    };
+    let (mut r, mut w) = conn.into_split();
+    let reading = async {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = reads.send(Read::End(stream, None)).await;
+                    return;
+                }
+                Ok(n) => {
+                    if reads.send(Read::Bytes(stream, buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = reads.send(Read::End(stream, Some(e.to_string()))).await;
+                    return;
+                }
+            }
+        }
+    };
+    let writing = async {
+        let mut ok = true;
+        while let Some(bytes) = input.recv().await {
+            ok = ok && w.write_all(&bytes).await.is_ok();
+            let _ = written.send(bytes.len());
+        }
+        let _ = w.shutdown().await;
+    };
+    tokio::join!(reading, writing);
+}
+
+async fn refuse(
+    stream: u32,
+    error: String,
+    mut input: mpsc::UnboundedReceiver<Vec<u8>>,
+    reads: mpsc::Sender<Read>,
+    written: mpsc::UnboundedSender<usize>,
+) {
+    let _ = reads.send(Read::End(stream, Some(error))).await;
+    // What the console sent meanwhile is consumed by dropping it (its window stays right).
+    while let Some(bytes) = input.recv().await {
+        let _ = written.send(bytes.len());
+    }
+}

@@ -1,0 +1,305 @@
+//! Remote sessions against a real Mosquitto and real agents (on this host, as root, so the
+//! terminal runs root's shell): `debfleet shell` runs commands and returns their status, sees
+//! resizes, delivers 50 MB whole and in order within the agent's memory bound; a foreign client
+//! on the session's topics achieves nothing; a killed console leaves no process behind;
+//! `debfleet forward` reaches a service; both are refused when the device does not allow them.
+//! (The demo test opens a shell on a lab device.)
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use debfleet_tests::*;
+
+fn debfleet(m: &Mosquitto) -> Command {
+    let mut c = Command::new(bin("debfleet"));
+    c.env("DEBFLEET_BROKER", m.url()).env("USER", "ops-ana");
+    c
+}
+
+fn remote_agent(id: &str, m: &Mosquitto, forward_port: u16) -> Agent {
+    let extra = format!(
+        "[remote]\nshell = true\nuser = \"root\"\nforward = [\"127.0.0.1:{forward_port}\"]\nidle_timeout_s = 300\n"
+    );
+    let a = Agent::start(AgentSpec { id, port: m.port, groups: &[], extra: &extra });
+    wait_online(m, id);
+    a
+}
+
+fn wait_online(m: &Mosquitto, id: &str) {
+    let obs = Observer::connect(m.port, &[&format!("debfleet/device/{id}/status")]);
+    obs.wait(&format!("debfleet/device/{id}/status"), Duration::from_secs(20), |v| v["state"] == "online");
+}
+
+fn vm_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The console on a terminal of the test's own, as an operator would run it.
+struct Interactive {
+    master: std::fs::File,
+    seen: Arc<Mutex<Vec<u8>>>,
+    child: std::process::Child,
+}
+
+impl Interactive {
+    fn start(mut cmd: Command, cols: u16, rows: u16) -> Interactive {
+        let (mut master, mut slave) = (-1, -1);
+        let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        assert_eq!(unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) }, 0);
+        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY as _, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(cmd);
+        let master = std::fs::File::from(master);
+        let mut reader = master.try_clone().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Interactive { master, seen, child }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+
+    fn type_line(&mut self, line: &str) {
+        self.master.write_all(format!("{line}\r").as_bytes()).unwrap();
+    }
+
+    fn wait_text(&self, what: &str) {
+        wait_for(Duration::from_secs(20), what, || self.text().contains(what).then_some(()));
+    }
+
+    fn resize(&self, cols: u16, rows: u16) {
+        let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // The kernel signals the terminal's foreground process group (the console): SIGWINCH.
+        assert_eq!(unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ as _, &size) }, 0);
+    }
+
+    fn wait_exit(&mut self) -> Option<i32> {
+        wait_for(Duration::from_secs(20), "the console to exit", || self.child.try_wait().unwrap()).code()
+    }
+}
+
+#[test]
+fn shell_runs_commands_sees_resizes_returns_status_and_shrugs_off_foreign_frames() {
+    let m = Mosquitto::start();
+    let agent = remote_agent("rs-1", &m, free_port());
+
+    // One command, not on a terminal: its output byte for byte, its status ours.
+    let out = debfleet(&m)
+        .args(["shell", "rs-1", "--", "printf 'a\\nb\\r\\n'; echo err >&2; exit 3"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"a\nb\r\nerr\n");
+    // Killed by a signal: 128 + the signal, as a local shell would say.
+    let out = debfleet(&m).args(["shell", "rs-1", "--", "kill -TERM $$"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + 15), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.log());
+
+    // Interactive: a login shell on a terminal of the console's size, resized live.
+    let obs = Observer::connect(m.port, &["debfleet/session/#", "debfleet/device/rs-1/op/#"]);
+    let mut cmd = debfleet(&m);
+    cmd.args(["shell", "rs-1"]);
+    let mut term = Interactive::start(cmd, 100, 30);
+    term.wait_text("shell on rs-1");
+    term.type_line("stty size; echo marker-$((6*7))");
+    term.wait_text("marker-42");
+    assert!(term.text().contains("30 100"), "{}", term.text());
+    term.resize(132, 41);
+    std::thread::sleep(Duration::from_millis(500));
+    term.type_line("stty size; echo resized-$((6*7))");
+    term.wait_text("resized-42");
+    assert!(term.text().contains("41 132"), "{}", term.text());
+
+    // A foreign client (it can write the session's topics, but did not open the session): its
+    // frames, sealed with a key of its own or not at all, do nothing and break nothing.
+    let topic_out = wait_for(Duration::from_secs(10), "session output", || {
+        obs.messages().into_iter().find(|m| m.topic.ends_with("/out")).map(|m| m.topic)
+    });
+    let topic_in = topic_out.replace("/out", "/in");
+    let session = topic_in.split('/').nth(3).unwrap().to_owned();
+    let marker = format!("/tmp/debfleet-pwned-{}", rand_u32());
+    let mut forger = {
+        use debfleet_protocol::session::KeyPair;
+        let (eve, device_side) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let device_pub = device_side.public();
+        eve.agree(&device_pub, &session, true).unwrap()
+    };
+    for seq in 0..40u64 {
+        let frame =
+            debfleet_protocol::session::Frame::Data { stream: 0, bytes: format!("touch {marker}\r").into_bytes() };
+        let mut sealed = forger.seal(&frame);
+        sealed[..8].copy_from_slice(&seq.to_be_bytes());
+        obs.publish(&topic_in, sealed, false);
+    }
+    obs.publish(&topic_in, format!("touch {marker}\r").into_bytes(), false);
+    obs.publish(&topic_in, vec![0u8; 70_000], false);
+    obs.publish(&topic_in, Vec::new(), false);
+    std::thread::sleep(Duration::from_secs(1));
+    term.type_line("echo still-$((40+2))");
+    term.wait_text("still-42");
+    assert!(!std::path::Path::new(&marker).exists(), "a forged frame ran a command");
+    assert!(agent.log().contains("ignoring a message"), "{}", agent.log());
+
+    // The shell's exit status is the console's; the operation records the session.
+    term.type_line("exit 7");
+    assert_eq!(term.wait_exit(), Some(7), "{}", term.text());
+    let op_topic = topic_out.replace("debfleet/session/rs-1/", "debfleet/device/rs-1/op/").replace("/out", "");
+    let record = obs.wait(&op_topic, Duration::from_secs(10), |v| v["state"] == "succeeded");
+    assert_eq!(record["result"]["exit"]["code"], 7, "{record}");
+    assert_eq!(record["by"], "ops-ana", "{record}");
+    assert!(record["result"]["bytes_out"].as_u64().unwrap() > 0, "{record}");
+}
+
+#[test]
+fn fifty_megabytes_arrive_whole_and_in_order_within_the_agents_memory_bound() {
+    let m = Mosquitto::start();
+    let agent = remote_agent("rs-2", &m, free_port());
+    // A warm-up session, so what the session machinery itself costs is in the baseline.
+    let out = debfleet(&m).args(["shell", "rs-2", "--", "true"]).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before = vm_kib(agent.pid(), "VmRSS:");
+    let started = Instant::now();
+    let out = debfleet(&m).args(["shell", "rs-2", "--", "seq 1 6500000"]).stdin(Stdio::null()).output().unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = Command::new("seq").args(["1", "6500000"]).output().unwrap().stdout;
+    assert!(want.len() > 50_000_000);
+    assert_eq!(out.stdout.len(), want.len());
+    assert!(out.stdout == want, "the output differs from seq's own");
+    let peak = vm_kib(agent.pid(), "VmHWM:");
+    eprintln!(
+        "50 MB session: {:.1} s ({:.1} MB/s); agent RSS {before} KiB before, peak {peak} KiB",
+        took.as_secs_f64(),
+        want.len() as f64 / 1e6 / took.as_secs_f64()
+    );
+    // The window bounds what the session holds (256 KiB each way, a few copies on the way to
+    // the broker): the agent's peak stays within 4 MiB of its resting size.
+    assert!(peak < before + 4096, "peak {peak} KiB against {before} KiB at rest");
+}
+
+#[test]
+fn a_killed_console_leaves_nothing_behind_and_sessions_are_refused_where_not_allowed() {
+    let m = Mosquitto::start();
+    let _agent = remote_agent("rs-3", &m, free_port());
+    let obs = Observer::connect(m.port, &["debfleet/device/rs-3/op/#"]);
+    let nap = format!("{}.5", 3000 + rand_u32() % 1000);
+    let mut console = debfleet(&m)
+        .args(["shell", "rs-3", "--", &format!("sleep {nap} & sleep {nap}")])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = |nap: &str| {
+        let out = Command::new("pgrep").args(["-f", &format!("sleep {nap}")]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    wait_for(Duration::from_secs(20), "the session's processes", || (running(&nap) >= 2).then_some(()));
+    console.kill().unwrap();
+    console.wait().unwrap();
+    // The device notices the console's silence and ends the terminal's whole session.
+    wait_for(Duration::from_secs(45), "the session's processes to end", || (running(&nap) == 0).then_some(()));
+    let ended = wait_for(Duration::from_secs(10), "the session's record", || {
+        obs.messages().into_iter().map(|m| m.json()).find(|v| v["verb"] == "shell" && v["state"] == "failed")
+    });
+    assert_eq!(ended["error"]["code"], "timeout", "{ended}");
+
+    // A device that does not allow them.
+    let _plain = Agent::start(AgentSpec { id: "rs-4", port: m.port, groups: &[], extra: "" });
+    wait_online(&m, "rs-4");
+    let out = debfleet(&m).args(["shell", "rs-4", "--", "true"]).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not_supported") && err.contains("[remote] shell = true"), "{err}");
+    let out = debfleet(&m).args(["forward", "rs-4", "0:127.0.0.1:22"]).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not_supported") && err.contains("forward"), "{err}");
+}
+
+#[test]
+fn forward_reaches_a_service_on_the_device_and_only_the_allowed_one() {
+    let m = Mosquitto::start();
+    // The device's service: an echo server that shouts back.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in service.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let _agent = remote_agent("rs-5", &m, service_port);
+    let local = free_port();
+    let mut fwd = debfleet(&m)
+        .args(["forward", "rs-5", &format!("{local}:127.0.0.1:{service_port}")])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut conns: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| {
+            wait_for(Duration::from_secs(20), "the forward's local port", || {
+                std::net::TcpStream::connect(("127.0.0.1", local)).ok()
+            })
+        })
+        .collect();
+    // Three connections at once, each its own stream; one carries a megabyte.
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| b"abcdefghij"[(i % 10) as usize]).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let msg = if i == 1 { big.clone() } else { format!("hello {i}").into_bytes() };
+        let reader = {
+            let mut c = c.try_clone().unwrap();
+            let n = msg.len();
+            std::thread::spawn(move || {
+                let mut got = vec![0u8; n];
+                c.read_exact(&mut got).map(|_| got)
+            })
+        };
+        c.write_all(&msg).unwrap();
+        let got = reader.join().unwrap().expect("the echo came back");
+        assert_eq!(got, msg.to_ascii_uppercase(), "connection {i}");
+    }
+    drop(conns);
+    unsafe { libc::kill(fwd.id() as i32, libc::SIGINT) };
+    let status = fwd.wait().unwrap();
+    let mut err = String::new();
+    fwd.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    // Another port on the same device is not in its list.
+    let out = debfleet(&m).args(["forward", "rs-5", "0:127.0.0.1:1"]).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not in this device's [remote] forward list"), "{err}");
+}
