@@ -235,7 +235,7 @@ async fn run(
     };
 
     let (session_tx, mut session_rx) = mpsc::channel(64);
-    let sessions = remote::Sessions::new(outbox.clone(), session_tx);
+    let sessions = remote::Sessions::new(outbox.clone(), link.clone(), session_tx);
 
     let mut outs = core.resume(resumed);
     let ctx = Perform {

@@ -43,12 +43,13 @@ struct Entry {
 pub struct Sessions {
     open: Mutex<HashMap<OpId, Entry>>,
     outbox: Arc<Outbox>,
+    link: Arc<crate::link::Link>,
     events: mpsc::Sender<SessionEvent>,
 }
 
 impl Sessions {
-    pub fn new(outbox: Arc<Outbox>, events: mpsc::Sender<SessionEvent>) -> Arc<Sessions> {
-        Arc::new(Sessions { open: Mutex::new(HashMap::new()), outbox, events })
+    pub fn new(outbox: Arc<Outbox>, link: Arc<crate::link::Link>, events: mpsc::Sender<SessionEvent>) -> Arc<Sessions> {
+        Arc::new(Sessions { open: Mutex::new(HashMap::new()), outbox, link, events })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OpId, Entry>> {
@@ -67,13 +68,15 @@ impl Sessions {
 
     pub fn order(self: &Arc<Self>, order: SessionOrder) {
         match order {
-            SessionOrder::Open { id, peer_key, kind, idle_timeout_s, topic_in, topic_out } => {
+            SessionOrder::Open { id, peer_key, kind, idle_timeout_s, budget, topic_in, topic_out } => {
                 let (tx, rx) = mpsc::channel(INPUT_QUEUE);
                 let sid = Arc::new(Mutex::new(0));
                 self.lock().insert(id.clone(), Entry { topic_in, tx, sid: sid.clone() });
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let wire = Wire::new(topic_out, me.outbox.clone(), Duration::from_secs(idle_timeout_s));
+                    let mut wire = Wire::new(topic_out, me.outbox.clone(), Duration::from_secs(idle_timeout_s));
+                    wire.class = kind.class();
+                    wire.budget = Some((me.link.clone(), budget));
                     let outcome = run(&me, &id, peer_key, kind, wire, rx, sid).await;
                     me.lock().remove(&id);
                     let _ = me.events.send(SessionEvent::Ended { id, outcome }).await;
@@ -129,6 +132,18 @@ async fn run(
             let _ = sessions.events.send(ready).await;
             forward(wire, to, &mut rx).await
         }
+        SessionKind::Follow { units, since_s, lines } => {
+            let mut cmd = tokio::process::Command::from(crate::unitlog::journalctl(&units, since_s, lines, true));
+            let child = cmd
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| failed(ErrorCode::NotSupported, format!("cannot run journalctl on this device: {e}")))?;
+            let _ = sessions.events.send(ready).await;
+            follow(wire, child, &mut rx).await
+        }
     }
 }
 
@@ -150,6 +165,9 @@ struct Wire {
     active: Instant,
     idle: Duration,
     forged: u64,
+    /// What the bytes count as, and the day's budget they must stay within (logs only).
+    class: TrafficClass,
+    budget: Option<(Arc<crate::link::Link>, u64)>,
 }
 
 impl Wire {
@@ -169,6 +187,8 @@ impl Wire {
             active: now,
             idle,
             forged: 0,
+            class: TrafficClass::Result,
+            budget: None,
         }
     }
 
@@ -183,7 +203,7 @@ impl Wire {
             payload: sealer.seal(frame),
             retain: false,
             reliable: true,
-            class: TrafficClass::Result,
+            class: self.class,
         };
         self.outbox.lock().push(out, true);
         self.outbox.wake.notify_one();
@@ -265,6 +285,11 @@ impl Wire {
             ));
         }
         Ok(())
+    }
+
+    /// A metered link's budget has no room left for this session's class.
+    fn over_budget(&self) -> bool {
+        self.budget.as_ref().is_some_and(|(link, bytes)| !link.allows(self.class, *bytes))
     }
 
     fn figures(&self) -> Value {
@@ -404,6 +429,91 @@ async fn shell(
     writer.abort();
     crate::pty::end_session(sid, &mut child, Duration::from_secs(2)).await;
     outcome
+}
+
+/// A followed journal: journalctl's JSON lines as entries, one per line, batched into frames.
+async fn follow(
+    mut wire: Wire,
+    mut child: tokio::process::Child,
+    rx: &mut mpsc::Receiver<Control>,
+) -> Result<Value, OpError> {
+    let Some(mut stdout) = child.stdout.take() else {
+        return Err(failed(ErrorCode::Internal, "journalctl has no output"));
+    };
+    // A line longer than this (journalctl's JSON of a huge message) is skipped.
+    const MAX_LINE: usize = 1 << 20;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut batch: Vec<u8> = Vec::new();
+    let mut entries = 0u64;
+    let mut skipping = false;
+    let mut buf = vec![0u8; CHUNK];
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let outcome = loop {
+        tokio::select! {
+            n = stdout.read(&mut buf), if wire.room() && batch.len() < CHUNK / 2 => match n {
+                Ok(0) | Err(_) => break Err(failed(ErrorCode::Internal, "journalctl stopped")),
+                Ok(n) => {
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=end).collect();
+                        if std::mem::take(&mut skipping) {
+                            continue;
+                        }
+                        if let Some(e) = crate::unitlog::entry(&line) {
+                            batch.extend_from_slice(e.to_string().as_bytes());
+                            batch.push(b'\n');
+                            entries += 1;
+                        }
+                    }
+                    if pending.len() > MAX_LINE {
+                        pending.clear();
+                        skipping = true;
+                    }
+                }
+            },
+            control = rx.recv() => match control {
+                Some(Control::Frame(m)) => match wire.take(&m) {
+                    Ok(Some(Frame::Close { reason })) => break Ok(ended_by_console(&wire, &reason)),
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                },
+                Some(Control::Stop(reason)) => break Err(failed(ErrorCode::Interrupted, reason)),
+                None => break Err(failed(ErrorCode::Internal, "the session lost its input")),
+            },
+            _ = tick.tick() => {
+                if !batch.is_empty() {
+                    if wire.over_budget() {
+                        break Err(failed(ErrorCode::Busy, "today's data budget has no room left for logs"));
+                    }
+                    // Whole entries per frame: a batch stays under a chunk (entries are cut to
+                    // 2,000 characters, so one is far smaller).
+                    while !batch.is_empty() {
+                        let cut = if batch.len() <= CHUNK {
+                            batch.len()
+                        } else {
+                            batch[..CHUNK].iter().rposition(|&b| b == b'\n').map_or(CHUNK, |i| i + 1)
+                        };
+                        let bytes: Vec<u8> = batch.drain(..cut).collect();
+                        wire.send(&Frame::Data { stream: 0, bytes });
+                    }
+                }
+                // Following is activity enough: a quiet unit does not end the session as idle.
+                wire.active = Instant::now();
+                if let Err(e) = wire.tick() {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    if let Err(e) = &outcome {
+        wire.send(&Frame::Close { reason: e.message.clone() });
+    }
+    // journalctl ends with the session: following costs nothing afterwards.
+    let _ = child.kill().await;
+    outcome.map(|mut v| {
+        v["entries"] = entries.into();
+        v
+    })
 }
 
 /// A read from one forwarded connection: bytes, or its end (with the error that ended it).

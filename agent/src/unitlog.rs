@@ -15,16 +15,26 @@ const RESULT_BUDGET: usize = 40 * 1024;
 /// A longer message is cut (and says so).
 const MESSAGE_CHARS: usize = 2000;
 
-pub fn read(units: &[String], since_s: Option<u64>, lines: u32) -> Result<Value, OpError> {
+/// journalctl for these units, the newest `lines` entries (and new ones as they come, with
+/// `follow`), as JSON lines.
+pub fn journalctl(units: &[String], since_s: Option<u64>, lines: u32, follow: bool) -> Command {
     let mut cmd = Command::new("journalctl");
     cmd.args(["--output=json", "--no-pager", "--quiet", "--output-fields=MESSAGE,PRIORITY,_SYSTEMD_UNIT,UNIT"]);
     cmd.arg(format!("--lines={lines}"));
     if let Some(s) = since_s {
         cmd.arg(format!("--since=-{s}s"));
     }
+    if follow {
+        cmd.arg("--follow");
+    }
     for u in units {
         cmd.arg(format!("--unit={u}"));
     }
+    cmd
+}
+
+pub fn read(units: &[String], since_s: Option<u64>, lines: u32) -> Result<Value, OpError> {
+    let mut cmd = journalctl(units, since_s, lines, false);
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| {
         OpError { code: ErrorCode::NotSupported, message: format!("cannot run journalctl on this device: {e}") }
     })?;
@@ -48,21 +58,7 @@ pub fn read(units: &[String], since_s: Option<u64>, lines: u32) -> Result<Value,
 
 /// The result from journalctl's JSON lines: the newest entries within the budget, oldest first.
 fn entries(out: &[u8], units: &[String]) -> Value {
-    let mut all: Vec<Value> = out
-        .split(|&b| b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
-        .map(|e| {
-            let ts = e["__REALTIME_TIMESTAMP"].as_str().and_then(|t| t.parse::<i64>().ok()).map(|us| us / 1000);
-            let unit = e["_SYSTEMD_UNIT"].as_str().or(e["UNIT"].as_str()).unwrap_or("");
-            let priority = e["PRIORITY"].as_str().and_then(|p| p.parse::<u8>().ok());
-            json!({
-                "ts": ts.map(time::format_unix_ms),
-                "unit": unit,
-                "priority": priority,
-                "message": message(&e["MESSAGE"]),
-            })
-        })
-        .collect();
+    let mut all: Vec<Value> = out.split(|&b| b == b'\n').filter_map(entry).collect();
     let mut used = 0;
     let mut keep = all.len();
     while keep > 0 {
@@ -76,6 +72,20 @@ fn entries(out: &[u8], units: &[String]) -> Value {
     let dropped = keep;
     let kept = all.split_off(keep);
     json!({"units": units, "entries": kept, "dropped": dropped})
+}
+
+/// One of journalctl's JSON lines as an entry of the result (`None`: not an entry).
+pub fn entry(line: &[u8]) -> Option<Value> {
+    let e = serde_json::from_slice::<Value>(line).ok()?;
+    let ts = e["__REALTIME_TIMESTAMP"].as_str().and_then(|t| t.parse::<i64>().ok()).map(|us| us / 1000);
+    let unit = e["_SYSTEMD_UNIT"].as_str().or(e["UNIT"].as_str()).unwrap_or("");
+    let priority = e["PRIORITY"].as_str().and_then(|p| p.parse::<u8>().ok());
+    Some(json!({
+        "ts": ts.map(time::format_unix_ms),
+        "unit": unit,
+        "priority": priority,
+        "message": message(&e["MESSAGE"]),
+    }))
 }
 
 /// MESSAGE is a string, or an array of bytes when it is not UTF-8, or absent.

@@ -430,7 +430,26 @@ pub async fn logs(ctx: &Ctx, a: crate::LogsArgs) -> Result<u8> {
         bail!(usage(format!("unexpected {extra:?}: logs [DEVICE] [UNIT]")));
     }
     let since_s = a.since.as_deref().map(crate::rollout::duration_s).transpose()?.map(u64::from);
-    let args = CommandArgs::Journal { unit, since_s, lines: a.lines };
+    if let Some(f) = &a.follow {
+        // `--follow` alone: until Ctrl-C; `--follow 30s`: that long.
+        let duration = match f.as_str() {
+            "" => None,
+            d => Some(Duration::from_secs(crate::rollout::duration_s(d)?.into())),
+        };
+        let devices = match target {
+            Target::Devices(d) => d,
+            other => {
+                let (session, fleet) = load_fleet(ctx).await?;
+                session.disconnect().await;
+                match other {
+                    Target::Group(g) => fleet.members(&g),
+                    _ => fleet.devices.keys().cloned().collect(),
+                }
+            }
+        };
+        return crate::remote::follow_logs(ctx, devices, unit, since_s, a.lines, duration, a.json).await;
+    }
+    let args = CommandArgs::Journal { unit, since_s, lines: a.lines, follow: None };
     let timeout = seconds(a.timeout)?;
     let (mut session, mut fleet) = load_fleet(ctx).await?;
     let req = Request { target, args, timeout, expires: ctx.expires, by: ctx.by.clone() };

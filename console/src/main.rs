@@ -421,9 +421,12 @@ pub(crate) struct LogsArgs {
     /// Seconds to wait for the devices.
     #[arg(long, default_value_t = 20.0)]
     timeout: f64,
-    /// Print JSON instead of lines.
+    /// Print JSON instead of lines (with --follow: one JSON object per line).
     #[arg(long)]
     json: bool,
+    /// Then go on showing new entries as they come, until Ctrl-C (or for this long: 30s, 10m).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "DURATION")]
+    follow: Option<String>,
 }
 
 #[derive(Subcommand)]

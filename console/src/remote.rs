@@ -378,6 +378,108 @@ fn stdin_reader() -> mpsc::Receiver<Vec<u8>> {
     rx
 }
 
+/// `debfleet logs ... --follow`: each device's journal entries as they come, labelled by device,
+/// until Ctrl-C or `duration`. Every device's session ends (and its journalctl with it) when
+/// this does.
+pub async fn follow_logs(
+    ctx: &Ctx,
+    devices: Vec<DeviceId>,
+    unit: Option<String>,
+    since_s: Option<u64>,
+    lines: u32,
+    duration: Option<Duration>,
+    json: bool,
+) -> Result<u8> {
+    let (tx, mut rx) = mpsc::channel::<(DeviceId, Result<serde_json::Value, String>)>(256);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for device in devices {
+        let (tx, mut stop) = (tx.clone(), stop.clone());
+        let unit = unit.clone();
+        let mut s =
+            match open(ctx, &device, |key| CommandArgs::Journal { unit, since_s, lines, follow: Some(key) }).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("debfleet: {device}: {e:#}");
+                    continue;
+                }
+            };
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let end = loop {
+                tokio::select! {
+                    _ = stop.changed() => {
+                        let _ = s.send(&Frame::Close { reason: "the console stopped following".into() }).await;
+                        break Ok(());
+                    }
+                    incoming = s.recv() => match incoming {
+                        Ok(Incoming::Frame(Frame::Data { bytes, .. })) => {
+                            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                                if let Ok(v) = serde_json::from_slice(line) {
+                                    let _ = tx.send((device.clone(), Ok(v))).await;
+                                }
+                            }
+                            if let Err(e) = s.consumed(bytes.len()).await {
+                                break Err(e.to_string());
+                            }
+                        }
+                        Ok(Incoming::Frame(Frame::Close { reason })) => break Err(reason),
+                        Ok(Incoming::Ended(r)) => break Err(why(&r)),
+                        Ok(_) => {}
+                        Err(e) => break Err(format!("{e:#}")),
+                    },
+                    _ = tick.tick() => {
+                        if let Err(e) = s.tick().await {
+                            break Err(e.to_string());
+                        }
+                    }
+                }
+            };
+            if let Err(e) = end {
+                let _ = tx.send((device.clone(), Err(e))).await;
+            }
+            let _ = s.session.close().await;
+        }));
+    }
+    drop(tx);
+    if tasks.is_empty() {
+        bail!("no device could be followed");
+    }
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u32::MAX as u64)));
+    tokio::pin!(deadline);
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            item = rx.recv() => match item {
+                Some((d, Ok(e))) => {
+                    if json {
+                        println!("{}", serde_json::json!({"device": d, "ts": e["ts"], "unit": e["unit"], "priority": e["priority"], "message": e["message"]}));
+                    } else {
+                        println!("{d}  {}  {}  {}", e["ts"].as_str().unwrap_or("-"), e["unit"].as_str().unwrap_or("-"), e["message"].as_str().unwrap_or(""));
+                    }
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                }
+                Some((d, Err(e))) => {
+                    eprintln!("debfleet: {d}: {e}");
+                    failed = true;
+                }
+                None => break,
+            },
+            _ = &mut deadline => break,
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+        }
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    Ok(if failed { crate::exit::FAILED } else { 0 })
+}
+
 /// `LOCAL:HOST:PORT`: the local port, and where the device connects.
 fn forward_spec(spec: &str) -> Result<(u16, String)> {
     let (local, to) = spec.split_once(':').ok_or_else(|| usage("expected LOCAL_PORT:HOST:PORT"))?;

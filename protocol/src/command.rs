@@ -105,11 +105,13 @@ pub enum CommandArgs {
         options: PackageOptions,
     },
     /// Read the journal of the managed packages' units (or of `unit`): the newest `lines`
-    /// entries, from the last `since_s` seconds when given.
+    /// entries, from the last `since_s` seconds when given. With `follow` (the console's
+    /// session key), a session (see `session.rs`) then streams new entries until it ends.
     Journal {
         unit: Option<String>,
         since_s: Option<u64>,
         lines: u32,
+        follow: Option<[u8; 32]>,
     },
     /// Open a remote terminal (see `session.rs`): the console's session key, its terminal's
     /// size and type, and a command to run instead of a login shell. `raw` turns the device's
@@ -217,6 +219,10 @@ struct JournalArgs {
     since_s: Option<u64>,
     #[serde(default)]
     lines: Option<u32>,
+    #[serde(default)]
+    follow: bool,
+    #[serde(default)]
+    key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -471,7 +477,13 @@ fn parse_args(verb: Verb, v: Value) -> Result<CommandArgs, String> {
             if a.since_s.is_some_and(|s| s == 0 || s > 366 * 86_400) {
                 return Err("since_s must be 1 to a year of seconds".into());
             }
-            CommandArgs::Journal { unit: a.unit, since_s: a.since_s, lines }
+            let follow = match (a.follow, a.key.as_deref()) {
+                (true, Some(k)) => Some(session_key(k)?),
+                (true, None) => return Err("follow needs the session's key".into()),
+                (false, Some(_)) => return Err("key goes with follow".into()),
+                (false, None) => None,
+            };
+            CommandArgs::Journal { unit: a.unit, since_s: a.since_s, lines, follow }
         }
         Verb::Shell => {
             let a: ShellArgs = serde_json::from_value(v).map_err(de)?;
@@ -591,7 +603,11 @@ impl CommandArgs {
                 m.insert("package".into(), Value::String(package.to_string()));
                 put_options(&mut m, options);
             }
-            CommandArgs::Journal { unit, since_s, lines } => {
+            CommandArgs::Journal { unit, since_s, lines, follow } => {
+                if let Some(key) = follow {
+                    m.insert("follow".into(), Value::Bool(true));
+                    m.insert("key".into(), Value::String(crate::signature::to_hex(key)));
+                }
                 if let Some(u) = unit {
                     m.insert("unit".into(), Value::String(u.clone()));
                 }
@@ -721,7 +737,16 @@ mod tests {
     #[test]
     fn journal_arguments_are_bounded() {
         let c = parse_command("journal", br#"{"id":"j1"}"#).unwrap();
-        assert_eq!(c.args, CommandArgs::Journal { unit: None, since_s: None, lines: DEFAULT_JOURNAL_LINES });
+        assert_eq!(
+            c.args,
+            CommandArgs::Journal { unit: None, since_s: None, lines: DEFAULT_JOURNAL_LINES, follow: None }
+        );
+        let key = "cd".repeat(32);
+        let c = parse_command("journal", format!(r#"{{"id":"j1","follow":true,"key":"{key}"}}"#).as_bytes()).unwrap();
+        assert!(matches!(c.args, CommandArgs::Journal { follow: Some(k), .. } if k == [0xcd; 32]));
+        for bad in [r#"{"id":"j1","follow":true}"#.to_owned(), format!(r#"{{"id":"j1","key":"{key}"}}"#)] {
+            assert_eq!(code("journal", bad.as_bytes()), ErrorCode::InvalidValue, "{bad}");
+        }
         for bad in [
             r#"{"id":"j1","lines":0}"#,
             r#"{"id":"j1","lines":100000}"#,
@@ -807,8 +832,9 @@ mod tests {
             CommandArgs::Refresh,
             CommandArgs::Restart { unit: None },
             CommandArgs::Restart { unit: Some("demo-app.service".into()) },
-            CommandArgs::Journal { unit: None, since_s: None, lines: 100 },
-            CommandArgs::Journal { unit: Some("demo-app.service".into()), since_s: Some(600), lines: 20 },
+            CommandArgs::Journal { unit: None, since_s: None, lines: 100, follow: None },
+            CommandArgs::Journal { unit: Some("demo-app.service".into()), since_s: Some(600), lines: 20, follow: None },
+            CommandArgs::Journal { unit: None, since_s: None, lines: 10, follow: Some([3; 32]) },
             CommandArgs::Shell { key: [7; 32], cols: 80, rows: 24, term: "xterm".into(), command: None, raw: false },
             CommandArgs::Shell {
                 key: [0; 32],

@@ -303,3 +303,102 @@ fn forward_reaches_a_service_on_the_device_and_only_the_allowed_one() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("not in this device's [remote] forward list"), "{err}");
 }
+
+/// On a lab device (real systemd, journald): a unit's journal followed live (and nothing left
+/// running after), a shell, a forward to a service inside the device, and a killed console's
+/// processes ended.
+#[test]
+fn on_a_lab_device_logs_follow_shell_and_forward() {
+    use debfleet_tests::lab::Device;
+    use debfleet_tests::repo::RepoServer;
+    let m = Mosquitto::start();
+    let repo = RepoServer::start(&[]);
+    let dev = Device::boot("rm-1");
+    let port = free_port();
+    let config = format!(
+        "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\njournal_any_unit = true\n\n[remote]\nshell = true\nuser = \"root\"\nforward = [\"127.0.0.1:{port}\"]\n",
+        m.url()
+    );
+    dev.install_agent(&config, &repo);
+    wait_online(&m, "rm-1");
+
+    // A unit that prints a line every 200 ms, followed from the console.
+    dev.ok(&["systemd-run", "--unit=rm-ticker", "sh", "-c", "while true; do echo tick; sleep 0.2; done"]);
+    let started = debfleet_protocol::time::now_unix_ms();
+    let out = debfleet(&m)
+        .args(["logs", "rm-1", "rm-ticker.service", "--lines", "1", "--json", "--follow", "4s"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let entries: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let new: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|e| {
+            e["ts"].as_str().and_then(debfleet_protocol::time::parse_unix_ms).is_some_and(|t| t > started + 1000)
+        })
+        .collect();
+    // Four seconds of a line every 200 ms: new lines kept coming while it followed.
+    assert!(new.len() >= 8, "{entries:?}");
+    assert!(new.iter().all(|e| e["device"] == "rm-1" && e["message"] == "tick" && e["unit"] == "rm-ticker.service"));
+    // Following costs nothing afterwards: no journalctl left on the device.
+    wait_for(Duration::from_secs(10), "journalctl to end on the device", || {
+        (device_processes(&dev, "journalctl ") == 0).then_some(())
+    });
+
+    // A shell on the device.
+    let out = debfleet(&m)
+        .args(["shell", "rm-1", "--", "systemctl is-active rm-ticker; exit 4"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "active\n");
+
+    // A service inside the device (an echo server by socket activation), reached by a forward.
+    dev.ok(&[
+        "systemd-run",
+        "--unit=rm-echo",
+        "systemd-socket-activate",
+        "--inetd",
+        "--accept",
+        &format!("--listen=127.0.0.1:{port}"),
+        "cat",
+    ]);
+    let local = free_port();
+    let mut fwd = debfleet(&m)
+        .args(["forward", "rm-1", &format!("{local}:127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut conn = wait_for(Duration::from_secs(20), "the forward's local port", || {
+        std::net::TcpStream::connect(("127.0.0.1", local)).ok()
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    conn.write_all(b"through the device\n").unwrap();
+    let mut got = [0u8; 19];
+    conn.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"through the device\n");
+    drop(conn);
+    unsafe { libc::kill(fwd.id() as i32, libc::SIGINT) };
+    assert_eq!(fwd.wait().unwrap().code(), Some(0));
+
+    // A console killed mid-session: the device ends the terminal's processes.
+    let mut console = debfleet(&m).args(["shell", "rm-1", "--", "sleep 777.5"]).stdin(Stdio::null()).spawn().unwrap();
+    wait_for(Duration::from_secs(20), "the remote sleep", || (device_processes(&dev, "sleep 777.5") > 0).then_some(()));
+    console.kill().unwrap();
+    console.wait().unwrap();
+    wait_for(Duration::from_secs(45), "the remote sleep to end", || {
+        (device_processes(&dev, "sleep 777.5") == 0).then_some(())
+    });
+}
+
+/// How many processes in the device have a command line starting with `prefix` (the lab's
+/// minimal rootfs has no pgrep).
+fn device_processes(dev: &debfleet_tests::lab::Device, prefix: &str) -> usize {
+    let script = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done";
+    let out = dev.ok(&["sh", "-c", script]);
+    out.lines().filter(|l| l.starts_with(prefix)).count()
+}

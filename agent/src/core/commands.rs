@@ -277,12 +277,19 @@ impl Core {
                 }
                 Err(e) => Err(e),
             },
-            CommandArgs::Journal { unit, since_s, lines } => match self.journal_units(unit) {
-                Ok(units) => {
+            CommandArgs::Journal { unit, since_s, lines, follow } => match (self.journal_units(unit), follow) {
+                (Ok(units), None) => {
                     let kind = JobKind::Journal { units, since_s, lines };
                     return self.start_job(out, op(), kind, PackageOptions::default());
                 }
-                Err(e) => Err(e),
+                (Ok(units), Some(key)) => match self.open_follow(&id, key, units, since_s, lines) {
+                    Ok(orders) => {
+                        out.extend(orders);
+                        return out;
+                    }
+                    Err(e) => Err(e),
+                },
+                (Err(e), _) => Err(e),
             },
             CommandArgs::Restart { unit: None } if !self.under_systemd => Err(OpError {
                 code: ErrorCode::NotSupported,

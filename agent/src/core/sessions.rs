@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use debfleet_protocol::session::Direction;
-use debfleet_protocol::{time, CommandArgs, ErrorCode, OpError, OpId, Topic};
+use debfleet_protocol::{time, CommandArgs, ErrorCode, OpError, OpId, Topic, TrafficClass};
 use serde_json::{json, Value};
 
 use super::{Core, Out};
@@ -13,8 +13,33 @@ use super::{Core, Out};
 /// What the edge runs for a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionKind {
-    Shell { user: String, cols: u16, rows: u16, term: String, command: Option<String>, raw: bool },
-    Forward { to: String },
+    Shell {
+        user: String,
+        cols: u16,
+        rows: u16,
+        term: String,
+        command: Option<String>,
+        raw: bool,
+    },
+    Forward {
+        to: String,
+    },
+    /// `journal` with `follow`: journalctl's entries as they come.
+    Follow {
+        units: Vec<String>,
+        since_s: Option<u64>,
+        lines: u32,
+    },
+}
+
+impl SessionKind {
+    /// What its bytes count as on a metered link: a followed journal is logs.
+    pub fn class(&self) -> TrafficClass {
+        match self {
+            SessionKind::Follow { .. } => TrafficClass::Logs,
+            _ => TrafficClass::Result,
+        }
+    }
 }
 
 /// The core's orders to the edge's sessions.
@@ -26,6 +51,8 @@ pub enum SessionOrder {
         peer_key: [u8; 32],
         kind: SessionKind,
         idle_timeout_s: u64,
+        /// The day's data budget (bytes, 0: none) a followed journal stays within.
+        budget: u64,
         /// Where the console's frames arrive, and where this side's go.
         topic_in: String,
         topic_out: String,
@@ -79,6 +106,38 @@ impl Core {
             }
             _ => return Err(OpError { code: ErrorCode::Internal, message: "not a session".into() }),
         };
+        self.start_session(id, peer_key, kind, about)
+    }
+
+    /// `journal` with `follow`: the units already checked.
+    pub(super) fn open_follow(
+        &mut self,
+        id: &OpId,
+        peer_key: [u8; 32],
+        units: Vec<String>,
+        since_s: Option<u64>,
+        lines: u32,
+    ) -> Result<Vec<Out>, OpError> {
+        if !self.link.allows(TrafficClass::Logs, self.runtime.budget.bytes_per_day) {
+            return Err(OpError {
+                code: ErrorCode::Busy,
+                message:
+                    "today's data budget has no room left for logs; try again tomorrow or raise budget.bytes_per_day"
+                        .into(),
+            });
+        }
+        let about = json!({"units": units});
+        self.start_session(id, peer_key, SessionKind::Follow { units, since_s, lines }, about)
+    }
+
+    fn start_session(
+        &mut self,
+        id: &OpId,
+        peer_key: [u8; 32],
+        kind: SessionKind,
+        about: Value,
+    ) -> Result<Vec<Out>, OpError> {
+        let remote = &self.cfg.remote;
         if self.sessions.open.len() >= remote.max_sessions {
             return Err(OpError {
                 code: ErrorCode::Busy,
@@ -99,6 +158,7 @@ impl Core {
                 peer_key,
                 kind,
                 idle_timeout_s: remote.idle_timeout_s,
+                budget: self.runtime.budget.bytes_per_day,
                 topic_in,
                 topic_out,
             }),
