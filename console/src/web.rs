@@ -121,6 +121,7 @@ impl Server {
             history: Mutex::default(),
             rollouts: Mutex::default(),
             tx: broadcast::channel(1024).0,
+            sessions_seen: Default::default(),
         });
         let config =
             debfleet_web::Config { users: opts.users.clone(), audit: opts.audit.clone(), secure: tls.is_some() };
@@ -129,6 +130,7 @@ impl Server {
             .await
             .with_context(|| format!("the web console cannot listen on {}", opts.listen))?;
         tokio::spawn(live.follow());
+        app.audit_sessions();
         Ok(Server { app, listener, tls })
     }
 
@@ -172,6 +174,8 @@ struct Live {
     history: Mutex<History>,
     rollouts: Mutex<Rollouts>,
     tx: broadcast::Sender<Update>,
+    /// Remote sessions seen starting and not yet ended (for the audit log).
+    sessions_seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Live {
@@ -246,7 +250,55 @@ impl Live {
                 // Nobody listening is fine.
                 let _ = self.tx.send(u);
             }
+            // Remote sessions, for the audit log: as they happen (a retained record is one the
+            // log had its chance at already, or that happened while no console watched).
+            if !msg.retained {
+                if let (Ok(Topic::Op(d, _)), Ok(r)) =
+                    (self.ctx.topics.parse(&msg.topic), serde_json::from_slice::<OpRecord>(&msg.payload))
+                {
+                    if let Some(note) = self.session_note(&d, &r) {
+                        let _ = self.tx.send(Update::Session(note));
+                    }
+                }
+            }
         }
+    }
+
+    /// A session's start (its running record carries the session) or end (a final record of a
+    /// session seen starting, or of a shell or forward).
+    fn session_note(&self, d: &debfleet_protocol::DeviceId, r: &OpRecord) -> Option<debfleet_web::SessionNote> {
+        let session_verb = matches!(r.verb.as_str(), "shell" | "forward");
+        let Ok(mut started) = self.sessions_seen.lock() else { return None };
+        let (action, detail, outcome) = match r.state {
+            debfleet_protocol::OpState::Running => {
+                let mut about = r.result.as_ref()?.get("session")?.clone();
+                if let Some(o) = about.as_object_mut() {
+                    o.remove("key");
+                }
+                if !started.insert(r.id.to_string()) {
+                    return None;
+                }
+                ("session start", about.to_string(), "ok".to_owned())
+            }
+            s if s.is_final() && (started.remove(r.id.as_str()) || session_verb) => {
+                let detail = r.result.as_ref().map(|v| v.to_string()).unwrap_or_default();
+                let outcome = match &r.error {
+                    Some(e) => format!("{}: {}", e.code.as_str(), e.message),
+                    None => "ok".to_owned(),
+                };
+                ("session end", detail, outcome)
+            }
+            _ => return None,
+        };
+        Some(debfleet_web::SessionNote {
+            device: d.to_string(),
+            op: r.id.to_string(),
+            verb: r.verb.clone(),
+            by: r.by.clone().unwrap_or_else(|| "-".into()),
+            action,
+            detail,
+            outcome,
+        })
     }
 }
 

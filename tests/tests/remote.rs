@@ -107,6 +107,23 @@ impl Interactive {
 fn shell_runs_commands_sees_resizes_returns_status_and_shrugs_off_foreign_frames() {
     let m = Mosquitto::start();
     let agent = remote_agent("rs-1", &m, free_port());
+    // The web console keeps the audit log: sessions opened from the command line go in too.
+    let web_dir = tempfile::tempdir().unwrap();
+    let (users, audit) = (web_dir.path().join("users"), web_dir.path().join("audit.log"));
+    debfleet_tests::repo::add_web_user(&bin("debfleet"), &users, "admin", "admin", "correct horse battery");
+    let _web = KillOnDrop(
+        debfleet(&m)
+            .args(["web", "--listen", &format!("127.0.0.1:{}", free_port()), "--users"])
+            .arg(&users)
+            .arg("--audit")
+            .arg(&audit)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
 
     // One command, not on a terminal: its output byte for byte, its status ours.
     let out = debfleet(&m)
@@ -173,6 +190,40 @@ fn shell_runs_commands_sees_resizes_returns_status_and_shrugs_off_foreign_frames
     assert_eq!(record["result"]["exit"]["code"], 7, "{record}");
     assert_eq!(record["by"], "ops-ana", "{record}");
     assert!(record["result"]["bytes_out"].as_u64().unwrap() > 0, "{record}");
+
+    // The audit log: each session's start and end, with the operator, the device and how it
+    // ended; the chain verifies.
+    let op = record["id"].as_str().unwrap().to_owned();
+    let lines = wait_for(Duration::from_secs(10), "the session's end in the audit log", || {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let mine: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["detail"].as_str().is_some_and(|d| d.starts_with(&op)))
+            .collect();
+        (mine.len() == 2).then_some(mine)
+    });
+    assert_eq!(
+        (lines[0]["action"].as_str(), lines[1]["action"].as_str()),
+        (Some("shell session start"), Some("shell session end"))
+    );
+    for e in &lines {
+        assert_eq!((e["user"].as_str(), e["target"].as_str()), (Some("ops-ana"), Some("device/rs-1")), "{e}");
+    }
+    assert!(lines[1]["detail"].as_str().unwrap().contains("\"duration_s\""), "{}", lines[1]);
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert_eq!(text.matches("session start").count(), text.matches("session end").count(), "{text}");
+    let out = debfleet(&m).args(["audit", "verify"]).arg(&audit).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]

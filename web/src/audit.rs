@@ -16,9 +16,12 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub ts: String,
-    /// The signed-in user who acted.
+    /// The signed-in user who acted (for a remote session: the operator its command named).
     pub user: String,
-    pub role: debfleet_protocol::Role,
+    /// The user's role; none for what the console saw on the broker (a remote session opened
+    /// from the command line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<debfleet_protocol::Role>,
     /// What was asked: `install`, `rollout pause`, `upload`, `login` ...
     pub action: String,
     /// What it was asked of: `device/ID`, `group/G`, `rollout/ID`, `suite/S` ...
@@ -148,7 +151,7 @@ mod tests {
         Entry {
             ts: "2026-12-04T10:00:00.000Z".into(),
             user: "ana".into(),
-            role: Role::Operator,
+            role: Some(Role::Operator),
             action: action.into(),
             target: "device/lab-1".into(),
             detail: "hello=2.0".into(),

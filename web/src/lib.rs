@@ -131,6 +131,26 @@ pub enum Update {
         id: String,
         phase: String,
     },
+    /// A remote session (shell, forward, followed journal) began or ended, as seen live on the
+    /// broker: for the audit log, not for pages.
+    Session(SessionNote),
+}
+
+/// A remote session's start or end, for the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SessionNote {
+    pub device: String,
+    pub op: String,
+    /// `shell`, `forward`, `journal`.
+    pub verb: String,
+    /// The operator the command named.
+    pub by: String,
+    /// `session start` or `session end`.
+    pub action: &'static str,
+    /// The session's user or target, or its exit, duration and bytes.
+    pub detail: String,
+    /// `ok`, or why it ended.
+    pub outcome: String,
 }
 
 /// A rollout as the broker holds it: what was asked, and the controller's state once one took it.
@@ -149,6 +169,7 @@ impl Update {
             Update::Telemetry { device: d, .. } => (device == Some(d.as_str())).then_some("telemetry"),
             Update::Logs { device: d, .. } => (device == Some(d.as_str())).then_some("logs"),
             Update::Rollout { .. } => Some("rollout"),
+            Update::Session(_) => None,
         }
     }
 }
@@ -371,12 +392,46 @@ impl App {
         let entry = Entry {
             ts: debfleet_protocol::time::now(),
             user: s.user.clone(),
-            role: s.role,
+            role: Some(s.role),
             action: action.into(),
             target: target.into(),
             detail: detail.into(),
             outcome: outcome.into(),
         };
+        self.append(entry)
+    }
+
+    /// Remote sessions' starts and ends go to the audit log as the broker shows them (opened
+    /// from the command line as much as from here): runs until the backend's updates end.
+    pub fn audit_sessions(self: &Arc<App>) -> tokio::task::JoinHandle<()> {
+        let app = self.clone();
+        let mut updates = self.backend.updates();
+        tokio::spawn(async move {
+            loop {
+                match updates.recv().await {
+                    Ok(Update::Session(n)) => {
+                        let entry = Entry {
+                            ts: debfleet_protocol::time::now(),
+                            user: n.by,
+                            role: None,
+                            action: format!("{} {}", n.verb, n.action),
+                            target: format!("device/{}", n.device),
+                            detail: format!("{} {}", n.op, n.detail),
+                            outcome: n.outcome,
+                        };
+                        app.append(entry);
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::error!("the audit of remote sessions fell {n} updates behind; some may be missing");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    fn append(&self, entry: Entry) -> bool {
         match self.audit.lock().map(|mut a| a.append(entry)) {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
