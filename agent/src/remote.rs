@@ -79,6 +79,13 @@ impl Sessions {
                     wire.budget = Some((me.link.clone(), budget));
                     let outcome = run(&me, &id, peer_key, kind, wire, rx, sid).await;
                     me.lock().remove(&id);
+                    // A session's buffers (its window's worth of frames, in and out) go back to
+                    // the system: the agent at rest is as small after a session as before.
+                    #[cfg(target_env = "gnu")]
+                    // SAFETY: malloc_trim only returns free memory to the system.
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
                     let _ = me.events.send(SessionEvent::Ended { id, outcome }).await;
                 });
             }
