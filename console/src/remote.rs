@@ -21,7 +21,7 @@ use crate::session::{Session, Unreachable};
 use crate::Ctx;
 
 /// An open session: the connection, the sealing state, the topics, and the window.
-struct Open {
+pub(crate) struct Open {
     session: Session,
     sealer: Sealer,
     topic_in: String,
@@ -123,7 +123,7 @@ fn why(r: &OpRecord) -> String {
 }
 
 /// Sends the opening command and waits for the device's key.
-async fn open(ctx: &Ctx, device: &DeviceId, args: impl FnOnce([u8; 32]) -> CommandArgs) -> Result<Open> {
+pub(crate) async fn open(ctx: &Ctx, device: &DeviceId, args: impl FnOnce([u8; 32]) -> CommandArgs) -> Result<Open> {
     let mut session = Session::connect(ctx.connect_options()).await?;
     let pair = KeyPair::generate().map_err(|e| anyhow!("{e}"))?;
     let args = args(pair.public());
@@ -352,6 +352,61 @@ fn exit_of(r: &OpRecord) -> Option<u8> {
         return Some(c.clamp(0, 255) as u8);
     }
     exit["signal"].as_i64().map(|s| (128 + s).clamp(0, 255) as u8)
+}
+
+/// A terminal in the web console: the page's keystrokes and resizes to the device, the
+/// device's output to the page, until either ends (a page gone closes the session).
+pub(crate) async fn pump_terminal(
+    mut s: Open,
+    mut input: mpsc::Receiver<debfleet_web::terminal::TermIn>,
+    output: mpsc::Sender<debfleet_web::terminal::TermOut>,
+) {
+    use debfleet_web::terminal::{TermIn, TermOut};
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let end = loop {
+        tokio::select! {
+            i = input.recv(), if s.room() => match i {
+                Some(TermIn::Data(bytes)) => {
+                    if s.send(&Frame::Data { stream: 0, bytes }).await.is_err() {
+                        break "the connection to the broker was lost".to_owned();
+                    }
+                }
+                Some(TermIn::Resize(cols, rows)) => {
+                    let _ = s.send(&Frame::Resize { cols, rows }).await;
+                }
+                Some(TermIn::Close) | None => {
+                    let _ = s.send(&Frame::Close { reason: "the web page was closed".into() }).await;
+                    break "closed".to_owned();
+                }
+            },
+            incoming = s.recv() => match incoming {
+                Ok(Incoming::Frame(Frame::Data { bytes, .. })) => {
+                    let n = bytes.len();
+                    if output.send(TermOut::Data(bytes)).await.is_err() {
+                        let _ = s.send(&Frame::Close { reason: "the web page was closed".into() }).await;
+                        break "closed".to_owned();
+                    }
+                    let _ = s.consumed(n).await;
+                }
+                Ok(Incoming::Frame(Frame::Exit(ExitStatus::Code(c)))) => break format!("exited with status {c}"),
+                Ok(Incoming::Frame(Frame::Exit(ExitStatus::Signal(n)))) => break format!("ended by signal {n}"),
+                Ok(Incoming::Frame(Frame::Close { reason })) => break format!("the device ended the session: {reason}"),
+                Ok(Incoming::Ended(r)) => break match exit_of(&r) {
+                    Some(c) => format!("exited with status {c}"),
+                    None => format!("the device ended the session: {}", why(&r)),
+                },
+                Ok(_) => {}
+                Err(e) => break format!("{e:#}"),
+            },
+            _ = tick.tick() => {
+                if s.tick().await.is_err() {
+                    break "the connection to the broker was lost".to_owned();
+                }
+            }
+        }
+    };
+    let _ = output.send(TermOut::End(end)).await;
+    s.session.disconnect().await;
 }
 
 /// The console's stdin, a chunk at a time, read by a thread of its own: a blocked read there

@@ -543,4 +543,63 @@ impl Backend for Live {
             }
         })
     }
+
+    fn terminal(
+        &self,
+        device: DeviceId,
+        by: String,
+        cols: u16,
+        rows: u16,
+    ) -> BoxFuture<Result<debfleet_web::terminal::Terminal, String>> {
+        let ctx = Ctx { by: Some(by), ..self.ctx.clone() };
+        Box::pin(async move {
+            let term = "xterm-256color".to_owned();
+            let open = crate::remote::open(&ctx, &device, |key| CommandArgs::Shell {
+                key,
+                cols,
+                rows,
+                term,
+                command: None,
+                raw: false,
+            })
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+            let (out_tx, output) = tokio::sync::mpsc::channel(16);
+            let (input, in_rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(crate::remote::pump_terminal(open, in_rx, out_tx));
+            Ok(debfleet_web::terminal::Terminal { output, input })
+        })
+    }
+
+    fn journal(
+        &self,
+        device: DeviceId,
+        unit: Option<String>,
+        lines: u32,
+        by: String,
+    ) -> BoxFuture<Result<serde_json::Value, String>> {
+        let ctx = Ctx { by: Some(by.clone()), ..self.ctx.clone() };
+        Box::pin(async move {
+            let req = Request {
+                target: Target::Devices(vec![device]),
+                args: CommandArgs::Journal { unit, since_s: None, lines, follow: None },
+                timeout: Duration::from_secs(30),
+                expires: ctx.expires,
+                by: Some(by),
+            };
+            let result = async {
+                let (mut session, mut fleet) = crate::cmds::load_fleet(&ctx).await?;
+                let outcomes = crate::request::send(&mut session, &ctx.topics, &mut fleet, &req, &mut |_, _| {}).await;
+                session.disconnect().await;
+                outcomes
+            }
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+            let o = result.into_iter().next().ok_or("no answer")?;
+            match (o.ok, o.record.and_then(|r| r.result)) {
+                (true, Some(v)) => Ok(v),
+                _ => Err(o.error.unwrap_or_else(|| "no answer".into())),
+            }
+        })
+    }
 }

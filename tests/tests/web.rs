@@ -302,3 +302,56 @@ fn the_fleet_live_in_a_browser_with_roles_csrf_and_an_audit_trail() {
     );
     assert!(b.text("#dev-web-2").contains("online"));
 }
+
+/// The device page's terminal tab (issue 18): xterm.js on the page, a shell on a real agent;
+/// typed commands run, the exit shows, the session is in the audit log; a viewer gets no
+/// terminal.
+#[test]
+fn a_terminal_tab_on_the_device_page() {
+    if !browser::available() {
+        panic!("headless Chromium is needed (apt-get install chromium chromium-driver)");
+    }
+    let m = Mosquitto::start();
+    let _agent = Agent::start(AgentSpec {
+        id: "wt-1",
+        port: m.port,
+        groups: &[],
+        extra: "[remote]\nshell = true\nuser = \"root\"\n",
+    });
+    let obs = Observer::connect(m.port, &["debfleet/device/wt-1/status"]);
+    obs.wait("debfleet/device/wt-1/status", Duration::from_secs(20), |v| v["state"] == "online");
+    let dir = tempfile::tempdir().unwrap();
+    let (users, audit) = (dir.path().join("users"), dir.path().join("audit.log"));
+    add_user(&users, "olga", "operator", "olga-password-1");
+    add_user(&users, "vic", "viewer", "vic-password-12");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _web = start_web(&m, &users, &audit, &listen, &[]);
+    let base = format!("http://{listen}");
+    wait_for(Duration::from_secs(20), "the web console", || std::net::TcpStream::connect(&listen).ok());
+    let b = Browser::start();
+    sign_in(&b, &base, "olga", "olga-password-1");
+    b.go(&format!("{base}/device/wt-1"));
+    b.click_and_load("#terminal-link");
+    b.wait(Duration::from_secs(20), "the terminal to open", |b| b.text("#term-state") == "open");
+    b.type_into(".xterm-helper-textarea", "echo web-$((6*7)); tty\n");
+    b.wait(Duration::from_secs(20), "the command's output", |b| b.text(".xterm-rows").contains("web-42"));
+    assert!(b.text(".xterm-rows").contains("/dev/pts/"), "{}", b.text(".xterm-rows"));
+    std::fs::create_dir_all(screenshots()).unwrap();
+    b.screenshot(&screenshots().join("terminal.png"));
+    b.type_into(".xterm-helper-textarea", "exit 3\n");
+    b.wait(Duration::from_secs(20), "the end", |b| b.text("#term-state") == "ended");
+    assert!(b.text(".xterm-rows").contains("exited with status 3"), "{}", b.text(".xterm-rows"));
+    let log = wait_for(Duration::from_secs(10), "the session in the audit log", || {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        text.contains("shell session end").then_some(text)
+    });
+    assert!(log.contains("\"user\":\"olga\"") && log.contains("shell session start"), "{log}");
+    // A viewer sees no terminal link, and the page refuses.
+    b.clear_cookies();
+    sign_in(&b, &base, "vic", "vic-password-12");
+    b.go(&format!("{base}/device/wt-1"));
+    assert!(!b.exists("#terminal-link"));
+    b.go(&format!("{base}/device/wt-1/terminal"));
+    assert!(b.text("main").contains("viewers see, operators act"), "{}", b.text("main"));
+}

@@ -40,6 +40,7 @@ pub mod history;
 pub mod repo;
 mod rollouts;
 pub mod session;
+pub mod terminal;
 pub mod users;
 
 use audit::{Audit, Entry};
@@ -219,6 +220,22 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, file: PathBuf, suite: String) -> BoxFuture<Result<String, String>>;
     /// Publishes `name=version` from suite `from` in suite `to` too.
     fn promote(&self, name: String, version: String, from: String, to: String) -> BoxFuture<Result<String, String>>;
+    /// Opens a remote shell on the device as `by` (a terminal of `cols` × `rows`).
+    fn terminal(
+        &self,
+        device: DeviceId,
+        by: String,
+        cols: u16,
+        rows: u16,
+    ) -> BoxFuture<Result<terminal::Terminal, String>>;
+    /// The device's journal (the `journal` command's result), as `by`.
+    fn journal(
+        &self,
+        device: DeviceId,
+        unit: Option<String>,
+        lines: u32,
+        by: String,
+    ) -> BoxFuture<Result<serde_json::Value, String>>;
 }
 
 pub struct Config {
@@ -234,6 +251,7 @@ pub struct App {
     sessions: Sessions,
     limiter: Limiter,
     audit: Mutex<Audit>,
+    terminals: terminal::Terminals,
     templates: minijinja::Environment<'static>,
     secure: bool,
 }
@@ -329,6 +347,8 @@ impl App {
             ("rollouts.html", include_str!("../templates/rollouts.html")),
             ("rollout.html", include_str!("../templates/rollout.html")),
             ("repo.html", include_str!("../templates/repo.html")),
+            ("terminal.html", include_str!("../templates/terminal.html")),
+            ("journal.html", include_str!("../templates/journal.html")),
         ] {
             templates.add_template(name, src)?;
         }
@@ -338,6 +358,7 @@ impl App {
             sessions: Sessions::default(),
             limiter: Limiter::default(),
             audit: Mutex::new(Audit::open(&config.audit)?),
+            terminals: Default::default(),
             templates,
             secure: config.secure,
         }))
@@ -358,6 +379,12 @@ impl App {
             .route("/device/:id/act", post(actions::act_device))
             .route("/group/:group/act", post(actions::act_group))
             .route("/device/:id/cfg", get(cfg::form).post(cfg::submit))
+            .route("/device/:id/terminal", get(terminal::page).post(terminal::open))
+            .route("/device/:id/journal", get(terminal::journal))
+            .route("/terminal/:tid/events", get(terminal::events))
+            .route("/terminal/:tid/input", post(terminal::input))
+            .route("/terminal/:tid/resize", post(terminal::resize))
+            .route("/terminal/:tid/close", post(terminal::close))
             .route("/rollouts", get(rollouts::list))
             .route("/rollout/:id", get(rollouts::detail))
             .route("/rollout/:id/act", post(rollouts::control))
@@ -369,6 +396,18 @@ impl App {
                 get(|| async { static_file("text/javascript", include_str!("../static/live.js")) }),
             )
             .route("/static/style.css", get(|| async { static_file("text/css", include_str!("../static/style.css")) }))
+            .route(
+                "/static/terminal.js",
+                get(|| async { static_file("text/javascript", include_str!("../static/terminal.js")) }),
+            )
+            .route(
+                "/static/vendor/xterm.js",
+                get(|| async { static_file("text/javascript", include_str!("../static/vendor/xterm/xterm.js")) }),
+            )
+            .route(
+                "/static/vendor/xterm.css",
+                get(|| async { static_file("text/css", include_str!("../static/vendor/xterm/xterm.css")) }),
+            )
             .with_state(self.clone())
     }
 

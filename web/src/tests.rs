@@ -100,6 +100,28 @@ impl Backend for Fake {
         self.promoted.lock().unwrap().push(format!("{name}={version} {from}->{to}"));
         Box::pin(async { Ok("promoted".to_owned()) })
     }
+    fn terminal(
+        &self,
+        _device: DeviceId,
+        _by: String,
+        _cols: u16,
+        _rows: u16,
+    ) -> BoxFuture<Result<crate::terminal::Terminal, String>> {
+        Box::pin(async { Err("no terminals in this fake".to_owned()) })
+    }
+    fn journal(
+        &self,
+        _device: DeviceId,
+        _unit: Option<String>,
+        _lines: u32,
+        _by: String,
+    ) -> BoxFuture<Result<serde_json::Value, String>> {
+        Box::pin(async {
+            Ok(
+                serde_json::json!({"entries": [{"ts": "2026-12-05T00:00:00.000Z", "unit": "demo.service", "priority": 6, "message": "hello from the journal"}]}),
+            )
+        })
+    }
     fn steer(&self, id: RolloutId, action: Action, by: String) -> BoxFuture<Result<String, String>> {
         self.steered.lock().unwrap().push((id.to_string(), action, by));
         Box::pin(async { Ok("applied".to_owned()) })
@@ -469,4 +491,41 @@ async fn a_large_fleet_is_paged_with_its_filters_kept() {
     let (_, _, found) = send(&s.router, get("/?q=sim-0100", Some(&op))).await;
     assert_eq!(rows(&found), 10);
     assert!(!found.contains(r#"id="pager""#));
+}
+
+#[tokio::test]
+async fn the_journal_view_and_the_terminal_are_guarded() {
+    let s = site();
+    let (viewer, viewer_csrf) = sign_in(&s, "vic", "viewer+pw+1").await;
+    let (op, csrf) = sign_in(&s, "ana", "operator+pw").await;
+    // Reading the journal changes nothing: a viewer may.
+    let (status, _, page) =
+        send(&s.router, get("/device/lab-1/journal?unit=demo.service&lines=5", Some(&viewer))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("hello from the journal") && page.contains("value=\"demo.service\""), "{page}");
+    assert_eq!(send(&s.router, get("/device/nope/journal", Some(&viewer))).await.0, StatusCode::NOT_FOUND);
+    // A terminal is an operator's, with the page's CSRF token; refusals are audited.
+    let (_, _, page) = send(&s.router, get("/device/lab-1", Some(&viewer))).await;
+    assert!(page.contains("id=\"journal-link\"") && !page.contains("id=\"terminal-link\""));
+    assert_eq!(send(&s.router, get("/device/lab-1/terminal", Some(&viewer))).await.0, StatusCode::FORBIDDEN);
+    let open = |cookie: &str, csrf: &str| {
+        form("/device/lab-1/terminal", Some(cookie), &format!("csrf={csrf}&cols=80&rows=24"))
+    };
+    assert_eq!(send(&s.router, open(&viewer, &viewer_csrf)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(send(&s.router, open(&op, "forged")).await.0, StatusCode::FORBIDDEN);
+    let (_, _, page) = send(&s.router, get("/device/lab-1/terminal", Some(&op))).await;
+    assert!(page.contains("/static/vendor/xterm.js"), "{page}");
+    // This fake opens no terminals: the operator is told why, and the audit log has both.
+    let (status, _, body) = send(&s.router, open(&op, &csrf)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("no terminals in this fake"), "{body}");
+    let log = std::fs::read_to_string(s.app.audit.lock().unwrap().path()).unwrap();
+    assert!(log.contains("refused: viewers cannot act") && log.contains("failed: no terminals in this fake"), "{log}");
+    // Another session cannot use a terminal it did not open (nor a made-up one).
+    let input = Request::post("/terminal/made-up/input")
+        .header(header::COOKIE, format!("debfleet_session={op}"))
+        .header("x-csrf", csrf.clone())
+        .body(Body::from("ls\r"))
+        .unwrap();
+    assert_eq!(send(&s.router, input).await.0, StatusCode::NOT_FOUND);
 }
