@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-300}
 JOBS=${JOBS:-$(nproc)}
-ALL="command topic cfg_patch desired deb_upload delta component_frame"
+ALL="command topic cfg_patch desired deb_upload delta component_frame session_frame"
 TARGETS=${TARGETS:-$ALL}
 GOAL=10000000
 

@@ -103,7 +103,8 @@ const KIND_EXIT_SIGNAL: u8 = 8;
 const KIND_CLOSE: u8 = 9;
 
 impl Frame {
-    fn encode(&self) -> Vec<u8> {
+    /// The body as it is sealed (kind byte and fields).
+    pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(16);
         match self {
             Frame::Data { stream, bytes } => {
@@ -148,7 +149,8 @@ impl Frame {
         b
     }
 
-    fn decode(b: &[u8]) -> Result<Frame, SessionError> {
+    /// A body once opened: total over any bytes (a frame or an error, never a panic).
+    pub fn decode(b: &[u8]) -> Result<Frame, SessionError> {
         let (&kind, rest) = b.split_first().ok_or(SessionError::Malformed("empty"))?;
         let u32_at = |r: &[u8]| r.get(..4).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]));
         let exact =

@@ -190,7 +190,7 @@ fn fifty_megabytes_arrive_whole_and_in_order_within_the_agents_memory_bound() {
 #[test]
 fn a_killed_console_leaves_nothing_behind_and_sessions_are_refused_where_not_allowed() {
     let m = Mosquitto::start();
-    let _agent = remote_agent("rs-3", &m, free_port());
+    let mut agent = remote_agent("rs-3", &m, free_port());
     let obs = Observer::connect(m.port, &["debfleet/device/rs-3/op/#"]);
     let nap = format!("{}.5", 3000 + rand_u32() % 1000);
     let mut console = debfleet(&m)
@@ -199,7 +199,7 @@ fn a_killed_console_leaves_nothing_behind_and_sessions_are_refused_where_not_all
         .spawn()
         .unwrap();
     let running = |nap: &str| {
-        let out = Command::new("pgrep").args(["-f", &format!("sleep {nap}")]).output().unwrap();
+        let out = Command::new("pgrep").args(["-f", &format!("^sleep {nap}")]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).lines().count()
     };
     wait_for(Duration::from_secs(20), "the session's processes", || (running(&nap) >= 2).then_some(()));
@@ -211,6 +211,25 @@ fn a_killed_console_leaves_nothing_behind_and_sessions_are_refused_where_not_all
         obs.messages().into_iter().map(|m| m.json()).find(|v| v["verb"] == "shell" && v["state"] == "failed")
     });
     assert_eq!(ended["error"]["code"], "timeout", "{ended}");
+
+    // Sessions end when the agent stops: its terminal's processes with it, and the console is
+    // told (the restarted agent records the operation as interrupted).
+    let nap = format!("{}.25", 3000 + rand_u32() % 1000);
+    let console = debfleet(&m)
+        .args(["shell", "rs-3", "--", &format!("sleep {nap}")])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(20), "the session's process", || (running(&nap) == 1).then_some(()));
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(10)).is_some());
+    assert_eq!(running(&nap), 0, "the agent's stop left the session's process running");
+    agent.spawn();
+    let out = console.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
 
     // A device that does not allow them.
     let _plain = Agent::start(AgentSpec { id: "rs-4", port: m.port, groups: &[], extra: "" });

@@ -207,3 +207,86 @@ impl Core {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::tests::{fixture_with, op_states};
+    use crate::core::Event;
+    use debfleet_protocol::OpState;
+
+    fn shell(id: &str) -> Vec<u8> {
+        format!(r#"{{"id":"{id}","key":"{}"}}"#, "ab".repeat(32)).into_bytes()
+    }
+
+    #[test]
+    fn off_unless_the_file_says_so() {
+        let mut f = fixture_with(false, "");
+        let outs = f.core.on_message("debfleet/device/d1/cmd/shell", &shell("s1"), false, 0);
+        let last = op_states(&outs, "s1").pop().unwrap();
+        assert_eq!(last.state, OpState::Failed);
+        assert_eq!(last.error.unwrap().code, ErrorCode::NotSupported);
+        assert!(!outs.iter().any(|o| matches!(o, Out::Session(_))));
+        let forward = format!(r#"{{"id":"f1","key":"{}","to":"127.0.0.1:80"}}"#, "ab".repeat(32));
+        let outs = f.core.on_message("debfleet/device/d1/cmd/forward", forward.as_bytes(), false, 0);
+        assert_eq!(op_states(&outs, "f1").pop().unwrap().error.unwrap().code, ErrorCode::NotSupported);
+    }
+
+    #[test]
+    fn a_session_from_open_to_end() {
+        let remote = "[remote]\nshell = true\nuser = \"kiosk\"\nmax_sessions = 1\n";
+        let mut f = fixture_with(false, remote);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/shell", &shell("s1"), false, 0);
+        assert!(outs.contains(&Out::Subscribe(vec!["debfleet/session/d1/s1/in".into()])));
+        let open = outs.iter().find_map(|o| match o {
+            Out::Session(SessionOrder::Open { kind, topic_out, peer_key, .. }) => Some((kind.clone(), topic_out.clone(), *peer_key)),
+            _ => None,
+        });
+        let (kind, topic_out, peer) = open.expect("an open order");
+        assert!(matches!(kind, SessionKind::Shell { ref user, cols: 80, rows: 24, raw: false, .. } if user == "kiosk"));
+        assert_eq!((topic_out.as_str(), peer), ("debfleet/session/d1/s1/out", [0xab; 32]));
+        // One at a time here: the next is refused as busy, its own operation.
+        let outs = f.core.on_message("debfleet/device/d1/cmd/shell", &shell("s2"), false, 0);
+        assert_eq!(op_states(&outs, "s2").pop().unwrap().error.unwrap().code, ErrorCode::Busy);
+        // Ready: the running record carries the device's key.
+        let outs = f.core.handle(Event::Session(SessionEvent::Ready { id: OpId::new("s1").unwrap(), key: [7; 32] }), 1);
+        let running = op_states(&outs, "s1").pop().unwrap();
+        assert_eq!(running.state, OpState::Running);
+        assert_eq!(running.result.unwrap()["session"], json!({"user": "kiosk", "key": "07".repeat(32)}));
+        // The connection breaks: the session is told to stop.
+        let outs = f.core.handle(Event::Disconnected { unsent: Vec::new() }, 2);
+        assert!(matches!(&outs[..], [Out::Session(SessionOrder::Stop { id, .. })] if id.as_str() == "s1"));
+        let ended = Err(OpError { code: ErrorCode::Interrupted, message: "the connection broke".into() });
+        let outs = f.core.handle(Event::Session(SessionEvent::Ended { id: OpId::new("s1").unwrap(), outcome: ended }), 3);
+        assert!(outs.contains(&Out::Unsubscribe(vec!["debfleet/session/d1/s1/in".into()])));
+        assert_eq!(op_states(&outs, "s1").pop().unwrap().error.unwrap().code, ErrorCode::Interrupted);
+        // A slot is free again.
+        let outs = f.core.on_message("debfleet/device/d1/cmd/shell", &shell("s3"), false, 4);
+        assert!(outs.iter().any(|o| matches!(o, Out::Session(SessionOrder::Open { .. }))));
+    }
+
+    #[test]
+    fn forward_only_where_listed_and_follow_only_allowed_units() {
+        let remote = "[remote]\nforward = [\"127.0.0.1:8080\"]\n";
+        let mut f = fixture_with(false, remote);
+        let key = "cd".repeat(32);
+        let ok = format!(r#"{{"id":"f1","key":"{key}","to":"127.0.0.1:8080"}}"#);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/forward", ok.as_bytes(), false, 0);
+        assert!(outs.iter().any(|o| matches!(o, Out::Session(SessionOrder::Open { kind: SessionKind::Forward { .. }, .. }))));
+        let other = format!(r#"{{"id":"f2","key":"{key}","to":"127.0.0.1:22"}}"#);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/forward", other.as_bytes(), false, 0);
+        let e = op_states(&outs, "f2").pop().unwrap().error.unwrap();
+        assert!(e.code == ErrorCode::NotSupported && e.message.contains("127.0.0.1:8080"), "{e:?}");
+        // A followed journal needs no [remote]; its units are the journal's.
+        let follow = format!(r#"{{"id":"j1","key":"{key}","follow":true,"unit":"ssh.service"}}"#);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/journal", follow.as_bytes(), false, 0);
+        assert_eq!(op_states(&outs, "j1").pop().unwrap().error.unwrap().code, ErrorCode::InvalidValue);
+        let follow = format!(r#"{{"id":"j2","key":"{key}","follow":true}}"#);
+        let outs = f.core.on_message("debfleet/device/d1/cmd/journal", follow.as_bytes(), false, 0);
+        let kind = outs.iter().find_map(|o| match o {
+            Out::Session(SessionOrder::Open { kind, .. }) => Some(kind.clone()),
+            _ => None,
+        });
+        assert!(matches!(&kind, Some(k @ SessionKind::Follow { .. }) if k.class() == TrafficClass::Logs), "{kind:?}");
+    }
+}
