@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use debfleet_protocol::session::{ExitStatus, Frame, KeyPair, Sealer, SessionError, CHUNK, PEER_TIMEOUT_MS, WINDOW};
+use debfleet_protocol::session::{ExitStatus, Frame, KeyPair, Sealer, SessionError, Window, CHUNK, PEER_TIMEOUT_MS};
 use debfleet_protocol::{ErrorCode, OpError, OpId, TrafficClass};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -159,13 +159,7 @@ struct Wire {
     sealer: Option<Sealer>,
     topic: String,
     outbox: Arc<Outbox>,
-    /// Data bytes sent, and acknowledged by the console.
-    sent: u64,
-    acked: u64,
-    /// Data bytes received, consumed (written to the terminal or a socket), and acknowledged.
-    taken: u64,
-    consumed: u64,
-    told: u64,
+    window: Window,
     started: Instant,
     /// The console's last frame, and the last data either way.
     heard: Instant,
@@ -184,11 +178,7 @@ impl Wire {
             sealer: None,
             topic,
             outbox,
-            sent: 0,
-            acked: 0,
-            taken: 0,
-            consumed: 0,
-            told: 0,
+            window: Window::default(),
             started: now,
             heard: now,
             active: now,
@@ -202,7 +192,7 @@ impl Wire {
     fn send(&mut self, frame: &Frame) {
         let Some(sealer) = &mut self.sealer else { return };
         if let Frame::Data { bytes, .. } = frame {
-            self.sent += bytes.len() as u64;
+            self.window.sent(bytes.len());
             self.active = Instant::now();
         }
         let out = Out::Publish {
@@ -218,7 +208,7 @@ impl Wire {
 
     /// Whether another chunk may go out now.
     fn room(&self) -> bool {
-        self.sent - self.acked < WINDOW
+        self.window.room()
     }
 
     /// A message from the console: the frame, or `None` when it is to be ignored (not sealed
@@ -228,20 +218,16 @@ impl Wire {
         match sealer.open(msg) {
             Ok(frame) => {
                 self.heard = Instant::now();
-                match &frame {
-                    Frame::Ack { consumed } if *consumed > self.sent => {
-                        return Err(failed(ErrorCode::InvalidValue, "the console acknowledged more than was sent"));
-                    }
-                    Frame::Ack { consumed } => self.acked = self.acked.max(*consumed),
+                let counted = match &frame {
+                    Frame::Ack { consumed } => self.window.acked(*consumed),
                     Frame::Data { bytes, .. } => {
-                        self.taken += bytes.len() as u64;
                         self.active = self.heard;
-                        if self.taken - self.consumed > WINDOW + CHUNK as u64 {
-                            return Err(failed(ErrorCode::InvalidValue, "the console sent past its window"));
-                        }
+                        self.window.taken(bytes.len())
                     }
-                    _ => {}
-                }
+                    _ => Ok(()),
+                };
+                counted
+                    .map_err(|why| failed(ErrorCode::InvalidValue, format!("the console broke the protocol: {why}")))?;
                 Ok(Some(frame))
             }
             Err(SessionError::Gap { expected, got }) => Err(failed(
@@ -259,16 +245,14 @@ impl Wire {
     }
 
     fn consumed(&mut self, n: usize) {
-        self.consumed += n as u64;
-        if self.consumed - self.told >= WINDOW / 4 {
-            self.ack();
+        if let Some(ack) = self.window.consumed(n) {
+            self.send(&ack);
         }
     }
 
     fn ack(&mut self) {
-        if self.consumed > self.told {
-            self.told = self.consumed;
-            self.send(&Frame::Ack { consumed: self.consumed });
+        if let Some(ack) = self.window.ack() {
+            self.send(&ack);
         }
     }
 
@@ -302,8 +286,8 @@ impl Wire {
     fn figures(&self) -> Value {
         json!({
             "duration_s": self.started.elapsed().as_secs(),
-            "bytes_in": self.taken,
-            "bytes_out": self.sent,
+            "bytes_in": self.window.bytes_in(),
+            "bytes_out": self.window.bytes_out(),
         })
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use debfleet_protocol::session::{
-    Direction, ExitStatus, Frame, KeyPair, Sealer, SessionError, CHUNK, KEEPALIVE_MS, WINDOW,
+    Direction, ExitStatus, Frame, KeyPair, Sealer, SessionError, Window, CHUNK, KEEPALIVE_MS,
 };
 use debfleet_protocol::signature::SignTarget;
 use debfleet_protocol::{Command, CommandArgs, DeviceId, OpId, OpRecord, OpState, Topic};
@@ -29,12 +29,7 @@ pub(crate) struct Open {
     op_topic: String,
     /// Frames that came before the device's key (nothing orders them after its record).
     early: std::collections::VecDeque<Vec<u8>>,
-    /// Data bytes sent, and acknowledged by the device.
-    sent: u64,
-    acked: u64,
-    /// Data bytes received and written out, and acknowledged.
-    consumed: u64,
-    told: u64,
+    window: Window,
     last_sent: Instant,
 }
 
@@ -49,30 +44,28 @@ enum Incoming {
 impl Open {
     async fn send(&mut self, frame: &Frame) -> Result<()> {
         if let Frame::Data { bytes, .. } = frame {
-            self.sent += bytes.len() as u64;
+            self.window.sent(bytes.len());
         }
         self.last_sent = Instant::now();
         self.session.publish(self.topic_in.clone(), self.sealer.seal(frame), false).await
     }
 
     fn room(&self) -> bool {
-        self.sent - self.acked < WINDOW
+        self.window.room()
     }
 
     async fn consumed(&mut self, n: usize) -> Result<()> {
-        self.consumed += n as u64;
-        if self.consumed - self.told >= WINDOW / 4 {
-            self.ack().await?;
+        match self.window.consumed(n) {
+            Some(ack) => self.send(&ack).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn ack(&mut self) -> Result<()> {
-        if self.consumed > self.told {
-            self.told = self.consumed;
-            self.send(&Frame::Ack { consumed: self.consumed }).await?;
+        match self.window.ack() {
+            Some(ack) => self.send(&ack).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The keepalive, and acknowledgements that waited.
@@ -95,8 +88,12 @@ impl Open {
         if m.topic == self.topic_out {
             return Ok(match self.sealer.open(&m.payload) {
                 Ok(Frame::Ack { consumed }) => {
-                    self.acked = self.acked.max(consumed.min(self.sent));
+                    self.window.acked(consumed).map_err(|why| anyhow!("the session broke: {why}"))?;
                     Incoming::Nothing
+                }
+                Ok(Frame::Data { stream, bytes }) => {
+                    self.window.taken(bytes.len()).map_err(|why| anyhow!("the session broke: {why}"))?;
+                    Incoming::Frame(Frame::Data { stream, bytes })
                 }
                 Ok(f) => Incoming::Frame(f),
                 Err(e @ SessionError::Gap { .. }) => bail!("the session broke: {e}"),
@@ -194,10 +191,7 @@ pub(crate) async fn open(ctx: &Ctx, device: &DeviceId, args: impl FnOnce([u8; 32
         topic_out,
         op_topic,
         early,
-        sent: 0,
-        acked: 0,
-        consumed: 0,
-        told: 0,
+        window: Window::default(),
         last_sent: Instant::now(),
     })
 }
@@ -382,7 +376,9 @@ pub(crate) async fn pump_terminal(
             incoming = s.recv() => match incoming {
                 Ok(Incoming::Frame(Frame::Data { bytes, .. })) => {
                     let n = bytes.len();
-                    if output.send(TermOut::Data(bytes)).await.is_err() {
+                    // A page that stopped reading (or never opened its stream) ends the session.
+                    let sent = tokio::time::timeout(Duration::from_secs(30), output.send(TermOut::Data(bytes))).await;
+                    if !matches!(sent, Ok(Ok(()))) {
                         let _ = s.send(&Frame::Close { reason: "the web page was closed".into() }).await;
                         break "closed".to_owned();
                     }

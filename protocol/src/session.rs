@@ -318,6 +318,74 @@ impl Sealer {
     }
 }
 
+/// One side's flow control: what it may send, and what it owes the other side an
+/// acknowledgement for. Both ends keep one, so they cannot disagree on what counts.
+#[derive(Debug, Default, Clone)]
+pub struct Window {
+    /// Data bytes this side sent, and the other side has acknowledged.
+    sent: u64,
+    acked: u64,
+    /// Data bytes received, written out (to the terminal, a socket, the screen), and
+    /// acknowledged.
+    taken: u64,
+    consumed: u64,
+    told: u64,
+}
+
+impl Window {
+    /// Whether another chunk may go out now.
+    pub fn room(&self) -> bool {
+        self.sent - self.acked < WINDOW
+    }
+
+    pub fn sent(&mut self, n: usize) {
+        self.sent += n as u64;
+    }
+
+    /// The other side's [`Frame::Ack`]; an error when it acknowledges more than was sent.
+    pub fn acked(&mut self, consumed: u64) -> Result<(), &'static str> {
+        if consumed > self.sent {
+            return Err("the other side acknowledged more than was sent");
+        }
+        self.acked = self.acked.max(consumed);
+        Ok(())
+    }
+
+    /// Data arrived; an error when the other side sent past its window.
+    pub fn taken(&mut self, n: usize) -> Result<(), &'static str> {
+        self.taken += n as u64;
+        if self.taken - self.consumed > WINDOW + CHUNK as u64 {
+            return Err("the other side sent past its window");
+        }
+        Ok(())
+    }
+
+    /// `n` received bytes were written out: the acknowledgement to send now, once a quarter of
+    /// the window waits for one.
+    pub fn consumed(&mut self, n: usize) -> Option<Frame> {
+        self.consumed = (self.consumed + n as u64).min(self.taken);
+        (self.consumed - self.told >= WINDOW / 4).then(|| self.ack()).flatten()
+    }
+
+    /// The acknowledgement of everything written out so far, if any is owed (on a tick, or
+    /// before the last frame).
+    pub fn ack(&mut self) -> Option<Frame> {
+        (self.consumed > self.told).then(|| {
+            self.told = self.consumed;
+            Frame::Ack { consumed: self.consumed }
+        })
+    }
+
+    /// Data bytes sent and received so far.
+    pub fn bytes_out(&self) -> u64 {
+        self.sent
+    }
+
+    pub fn bytes_in(&self) -> u64 {
+        self.taken
+    }
+}
+
 /// Where a forward may connect: `HOST:PORT`, a host name or an IP address (IPv6 in brackets).
 pub fn valid_forward_target(s: &str) -> bool {
     let Some((host, port)) = s.rsplit_once(':') else { return false };
@@ -399,6 +467,39 @@ mod tests {
         for body in [&[][..], &[KIND_ACK, 1][..], &[99][..], &[KIND_CLOSE, 0xff][..], &[KIND_DATA, 0][..]] {
             assert!(Frame::decode(body).is_err(), "{body:?}");
         }
+    }
+
+    #[test]
+    fn windows_bound_both_ways_and_acknowledge_by_quarters() {
+        let (mut a, mut b) = (Window::default(), Window::default());
+        let mut chunks = 0;
+        while a.room() {
+            a.sent(CHUNK);
+            b.taken(CHUNK).unwrap();
+            chunks += 1;
+        }
+        assert_eq!(chunks as u64 * CHUNK as u64, WINDOW);
+        // What b writes out is acknowledged every quarter window, and opens a's window again.
+        let mut acks = Vec::new();
+        for _ in 0..chunks {
+            acks.extend(b.consumed(CHUNK));
+        }
+        assert_eq!(acks.len(), 4);
+        for f in acks {
+            let Frame::Ack { consumed } = f else { panic!("{f:?}") };
+            a.acked(consumed).unwrap();
+        }
+        assert!(a.room());
+        assert_eq!(b.ack(), None);
+        // Nothing can be acknowledged that was not sent, nor sent far past the window.
+        assert!(a.acked(WINDOW + 1).is_err());
+        let mut c = Window::default();
+        assert!(c.taken(WINDOW as usize + CHUNK + 1).is_err());
+        // Consuming more than arrived (a byte of its own, such as ^D) is not acknowledged.
+        let mut d = Window::default();
+        d.taken(10).unwrap();
+        assert_eq!(d.consumed(11), None);
+        assert_eq!(d.ack(), Some(Frame::Ack { consumed: 10 }));
     }
 
     #[test]

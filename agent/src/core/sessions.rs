@@ -239,7 +239,9 @@ mod tests {
         let outs = f.core.on_message("debfleet/device/d1/cmd/shell", &shell("s1"), false, 0);
         assert!(outs.contains(&Out::Subscribe(vec!["debfleet/session/d1/s1/in".into()])));
         let open = outs.iter().find_map(|o| match o {
-            Out::Session(SessionOrder::Open { kind, topic_out, peer_key, .. }) => Some((kind.clone(), topic_out.clone(), *peer_key)),
+            Out::Session(SessionOrder::Open { kind, topic_out, peer_key, .. }) => {
+                Some((kind.clone(), topic_out.clone(), *peer_key))
+            }
             _ => None,
         });
         let (kind, topic_out, peer) = open.expect("an open order");
@@ -257,7 +259,8 @@ mod tests {
         let outs = f.core.handle(Event::Disconnected { unsent: Vec::new() }, 2);
         assert!(matches!(&outs[..], [Out::Session(SessionOrder::Stop { id, .. })] if id.as_str() == "s1"));
         let ended = Err(OpError { code: ErrorCode::Interrupted, message: "the connection broke".into() });
-        let outs = f.core.handle(Event::Session(SessionEvent::Ended { id: OpId::new("s1").unwrap(), outcome: ended }), 3);
+        let outs =
+            f.core.handle(Event::Session(SessionEvent::Ended { id: OpId::new("s1").unwrap(), outcome: ended }), 3);
         assert!(outs.contains(&Out::Unsubscribe(vec!["debfleet/session/d1/s1/in".into()])));
         assert_eq!(op_states(&outs, "s1").pop().unwrap().error.unwrap().code, ErrorCode::Interrupted);
         // A slot is free again.
@@ -272,7 +275,9 @@ mod tests {
         let key = "cd".repeat(32);
         let ok = format!(r#"{{"id":"f1","key":"{key}","to":"127.0.0.1:8080"}}"#);
         let outs = f.core.on_message("debfleet/device/d1/cmd/forward", ok.as_bytes(), false, 0);
-        assert!(outs.iter().any(|o| matches!(o, Out::Session(SessionOrder::Open { kind: SessionKind::Forward { .. }, .. }))));
+        assert!(outs
+            .iter()
+            .any(|o| matches!(o, Out::Session(SessionOrder::Open { kind: SessionKind::Forward { .. }, .. }))));
         let other = format!(r#"{{"id":"f2","key":"{key}","to":"127.0.0.1:22"}}"#);
         let outs = f.core.on_message("debfleet/device/d1/cmd/forward", other.as_bytes(), false, 0);
         let e = op_states(&outs, "f2").pop().unwrap().error.unwrap();
