@@ -195,7 +195,8 @@ fn main() {
         .unwrap();
     let fwd_ours = echo_through(local);
     let (_, peak) = agent_rss(&dev);
-    let _ = fwd.kill();
+    // Ctrl-C: the console closes the session (a killed one would leave it to the device's 20 s).
+    unsafe { libc::kill(fwd.id() as i32, libc::SIGINT) };
     let _ = fwd.wait();
     let local2 = free_port();
     let mut tunnel = ssh(&key, ssh_port)
@@ -206,7 +207,7 @@ fn main() {
     let fwd_theirs = echo_through(local2);
     let _ = tunnel.kill();
     let _ = tunnel.wait();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
     let (after, _) = agent_rss(&dev);
 
     let mb = |bytes: usize, s: f64| bytes as f64 / 1e6 / s;
