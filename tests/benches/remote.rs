@@ -5,8 +5,10 @@
 //!  - bulk output: 50 MB from `head -c` through each;
 //!  - forward throughput: 20 MB echoed through `debfleet forward` and through `ssh -L` to the same
 //!    service in the device;
+//!  - a followed journal: a unit's line to the console's output (`logs --follow`);
 //!  - the agent's resident memory at rest and at its peak during the sessions (goals: at rest
 //!    under 5 MiB, a session adds under 1 MiB).
+//!
 //! The agent is the one users get (the .deb from scripts/build-debs.sh).
 
 use std::io::{Read, Write};
@@ -146,7 +148,7 @@ fn main() {
         "cat",
     ]);
     let config = format!(
-        "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[remote]\nshell = true\nuser = \"root\"\nforward = [\"127.0.0.1:{echo}\"]\n",
+        "broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\njournal_any_unit = true\n\n[remote]\nshell = true\nuser = \"root\"\nforward = [\"127.0.0.1:{echo}\"]\n",
         m.url()
     );
     dev.install_agent(&config, &repo);
@@ -167,6 +169,33 @@ fn main() {
         c.args(["-tt", "root@127.0.0.1"]);
         keystrokes(Interactive::start(c, 80, 24), "#")
     };
+
+    // A followed journal: a unit printing its clock every 100 ms (the device shares this
+    // machine's clock), each line's arrival at the console.
+    dev.ok(&["systemd-run", "--unit=rb-tick", "sh", "-c", "while true; do date +%s%N; sleep 0.1; done"]);
+    let mut follow = debfleet(&m)
+        .args(["logs", "rb-1", "rb-tick.service", "--lines", "1", "--json", "--follow", "6s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut follow_ms = Vec::new();
+    {
+        use std::io::BufRead;
+        let lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+        for (i, line) in lines.map_while(Result::ok).enumerate() {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128;
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let sent: i128 = v["message"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+            // The first line is from before following began.
+            if i > 0 && sent > 0 {
+                follow_ms.push((now - sent) as f64 / 1e6);
+            }
+        }
+    }
+    let _ = follow.wait();
+    dev.ok(&["systemctl", "stop", "rb-tick"]);
+    assert!(follow_ms.len() > 20, "only {} followed lines", follow_ms.len());
 
     // Bulk output.
     let bulk = |mut c: Command| {
@@ -229,6 +258,12 @@ fn main() {
         mb(FORWARD, fwd_ours),
         mb(FORWARD, fwd_theirs),
         mb(FORWARD, fwd_ours) / mb(FORWARD, fwd_theirs)
+    );
+    let (f50, f99) = (pct(&mut follow_ms, 0.5), pct(&mut follow_ms, 0.99));
+    println!(
+        "logs --follow: a unit's line to the console's output, median {f50:.0} ms, p99 {f99:.0} ms, max {:.0} ms ({} lines)",
+        pct(&mut follow_ms, 1.0),
+        follow_ms.len()
     );
     println!(
         "agent RSS: {rest} KiB at rest before ({:.2}x the 5 MiB goal), peak {} KiB during the shell's 50 MB, peak {peak} KiB after the forward (+{} KiB over rest: {:.2}x the 1 MiB goal), {after} KiB at rest after",

@@ -19,8 +19,12 @@ fn debfleet(m: &Mosquitto) -> Command {
 }
 
 fn remote_agent(id: &str, m: &Mosquitto, forward_port: u16) -> Agent {
+    remote_agent_idle(id, m, forward_port, 300)
+}
+
+fn remote_agent_idle(id: &str, m: &Mosquitto, forward_port: u16, idle_s: u64) -> Agent {
     let extra = format!(
-        "[remote]\nshell = true\nuser = \"root\"\nforward = [\"127.0.0.1:{forward_port}\"]\nidle_timeout_s = 300\n"
+        "[remote]\nshell = true\nuser = \"root\"\nforward = [\"127.0.0.1:{forward_port}\"]\nidle_timeout_s = {idle_s}\n"
     );
     let a = Agent::start(AgentSpec { id, port: m.port, groups: &[], extra: &extra });
     wait_online(m, id);
@@ -405,4 +409,18 @@ fn device_processes(dev: &debfleet_tests::lab::Device, prefix: &str) -> usize {
     let script = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done";
     let out = dev.ok(&["sh", "-c", script]);
     out.lines().filter(|l| l.starts_with(prefix)).count()
+}
+
+/// A session where nothing moves either way ends at the device's idle timeout (the console's
+/// keepalives do not count), and the console says why.
+#[test]
+fn an_idle_session_ends_at_the_devices_timeout() {
+    let m = Mosquitto::start();
+    let _agent = remote_agent_idle("rs-6", &m, free_port(), 2);
+    let started = Instant::now();
+    let out = debfleet(&m).args(["shell", "rs-6", "--", "sleep 60"]).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("idle for 2 s ([remote] idle_timeout_s)"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(50), "the session outlived its idle timeout");
 }
