@@ -444,6 +444,8 @@ pub async fn follow_logs(
     let (tx, mut rx) = mpsc::channel::<(DeviceId, Result<serde_json::Value, String>)>(256);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    // A device that could not be followed makes the exit status 1, as one that fails later does.
+    let mut failed = false;
     for device in devices {
         let (tx, mut stop) = (tx.clone(), stop.clone());
         let unit = unit.clone();
@@ -452,6 +454,7 @@ pub async fn follow_logs(
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("debfleet: {device}: {e:#}");
+                    failed = true;
                     continue;
                 }
             };
@@ -500,7 +503,6 @@ pub async fn follow_logs(
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u32::MAX as u64)));
     tokio::pin!(deadline);
-    let mut failed = false;
     loop {
         tokio::select! {
             item = rx.recv() => match item {

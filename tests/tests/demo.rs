@@ -71,8 +71,12 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
         let line = t.lines().find(|l| l.starts_with(&format!("Web console: http://127.0.0.1:{web_port} ")))?;
         Some(line.split("password ").nth(1)?.trim_end_matches(')').to_owned())
     });
-    let page = repo::web_page_as(web_port, "demo", &password, "/");
-    assert!(page.contains("lab-1") && page.contains("lab-2"), "{page}");
+    // The web console reads the fleet from the broker once it starts: the devices show as soon
+    // as it has read them (the tour may be printed a moment before).
+    wait_for(Duration::from_secs(30), "the web console to list lab-1 and lab-2", || {
+        let page = repo::web_page_as(web_port, "demo", &password, "/");
+        (page.contains("lab-1") && page.contains("lab-2")).then_some(())
+    });
     // The sample package installs on the whole group with one command.
     let broker = format!("mqtt://127.0.0.1:{broker_port}");
     let out = debfleet()
