@@ -292,6 +292,26 @@ impl Wire {
     }
 }
 
+/// How a session ended: its result, or why it failed.
+type Ended = Result<Value, OpError>;
+
+impl Wire {
+    /// What came on the session's control channel: a frame for the session to act on (`None`:
+    /// nothing to do), or the session's end — the console's close, the core's stop, a broken
+    /// protocol — the same for every kind of session.
+    fn control(&mut self, control: Option<Control>) -> Result<Option<Frame>, Ended> {
+        match control {
+            Some(Control::Frame(m)) => match self.take(&m) {
+                Ok(Some(Frame::Close { reason })) => Err(Ok(ended_by_console(self, &reason))),
+                Ok(frame) => Ok(frame),
+                Err(e) => Err(Err(e)),
+            },
+            Some(Control::Stop(reason)) => Err(Err(failed(ErrorCode::Interrupted, reason))),
+            None => Err(Err(failed(ErrorCode::Internal, "the session lost its input"))),
+        }
+    }
+}
+
 fn ended_by_console(wire: &Wire, reason: &str) -> Value {
     let mut v = wire.figures();
     v["closed_by_console"] = Value::String(reason.to_owned());
@@ -371,27 +391,22 @@ async fn shell(
                 }
                 _ => output_done = true,
             },
-            control = rx.recv() => match control {
-                Some(Control::Frame(m)) => match wire.take(&m) {
-                    Ok(Some(Frame::Data { stream: 0, bytes })) => {
-                        if exit.is_some() {
-                            wire.consumed(bytes.len());
-                        } else {
-                            let _ = in_tx.send(bytes);
-                        }
+            control = rx.recv() => match wire.control(control) {
+                Ok(Some(Frame::Data { stream: 0, bytes })) => {
+                    if exit.is_some() {
+                        wire.consumed(bytes.len());
+                    } else {
+                        let _ = in_tx.send(bytes);
                     }
-                    Ok(Some(Frame::Resize { cols, rows })) if cols > 0 && rows > 0 => pty.resize(cols, rows),
-                    // The console's input ended: on a terminal with its line discipline on,
-                    // that is end-of-file (^D); a raw one has no such thing.
-                    Ok(Some(Frame::Eof { stream: 0, .. })) if !raw && exit.is_none() => {
-                        let _ = in_tx.send(vec![4]);
-                    }
-                    Ok(Some(Frame::Close { reason })) => break Ok(ended_by_console(&wire, &reason)),
-                    Ok(_) => {}
-                    Err(e) => break Err(e),
-                },
-                Some(Control::Stop(reason)) => break Err(failed(ErrorCode::Interrupted, reason)),
-                None => break Err(failed(ErrorCode::Internal, "the session lost its input")),
+                }
+                Ok(Some(Frame::Resize { cols, rows })) if cols > 0 && rows > 0 => pty.resize(cols, rows),
+                // The console's input ended: on a terminal with its line discipline on,
+                // that is end-of-file (^D); a raw one has no such thing.
+                Ok(Some(Frame::Eof { stream: 0, .. })) if !raw && exit.is_none() => {
+                    let _ = in_tx.send(vec![4]);
+                }
+                Ok(_) => {}
+                Err(end) => break end,
             },
             Some(n) = written.recv() => wire.consumed(n),
             status = child.wait(), if exit.is_none() => {
@@ -462,15 +477,11 @@ async fn follow(
                     }
                 }
             },
-            control = rx.recv() => match control {
-                Some(Control::Frame(m)) => match wire.take(&m) {
-                    Ok(Some(Frame::Close { reason })) => break Ok(ended_by_console(&wire, &reason)),
-                    Ok(_) => {}
-                    Err(e) => break Err(e),
-                },
-                Some(Control::Stop(reason)) => break Err(failed(ErrorCode::Interrupted, reason)),
-                None => break Err(failed(ErrorCode::Internal, "the session lost its input")),
-            },
+            control = rx.recv() => {
+                if let Err(end) = wire.control(control) {
+                    break end;
+                }
+            }
             _ = tick.tick() => {
                 if !batch.is_empty() {
                     if wire.over_budget() {
@@ -530,8 +541,7 @@ async fn forward(mut wire: Wire, to: String, rx: &mut mpsc::Receiver<Control>) -
                 }
                 None => break Err(failed(ErrorCode::Internal, "the session lost its connections")),
             },
-            control = rx.recv() => match control {
-                Some(Control::Frame(m)) => match wire.take(&m) {
+            control = rx.recv() => match wire.control(control) {
                     Ok(Some(Frame::Open { stream })) => {
                         if streams.len() >= debfleet_protocol::session::MAX_STREAMS || streams.contains_key(&stream) {
                             let error = format!("at most {} connections at once", debfleet_protocol::session::MAX_STREAMS);
@@ -555,12 +565,8 @@ async fn forward(mut wire: Wire, to: String, rx: &mut mpsc::Receiver<Control>) -
                     Ok(Some(Frame::Eof { stream, .. })) => {
                         streams.remove(&stream);
                     }
-                    Ok(Some(Frame::Close { reason })) => break Ok(ended_by_console(&wire, &reason)),
                     Ok(_) => {}
-                    Err(e) => break Err(e),
-                },
-                Some(Control::Stop(reason)) => break Err(failed(ErrorCode::Interrupted, reason)),
-                None => break Err(failed(ErrorCode::Internal, "the session lost its input")),
+                    Err(end) => break end,
             },
             Some(n) = written.recv() => wire.consumed(n),
             _ = tick.tick() => {
