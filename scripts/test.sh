@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs what the tests need (Mosquitto) when missing, as root.
+# Runs the whole test suite. Installs what the tests need (Mosquitto, Chromium, ROS 1...) when
+# missing, as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,13 @@ have debootstrap || need+=(debootstrap)
 # The web console's tests drive Debian's Chromium over WebDriver.
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# The ROS bridge's tests run Debian's ROS 1: a real rosmaster, rostopic, and the message
+# packages rostopic needs for the types the tests publish and echo.
+have rosmaster || need+=(python3-rosmaster)
+have rostopic || need+=(python3-rostopic)
+for p in python3-geometry-msgs python3-nav-msgs python3-sensor-msgs; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "The tests need: ${need[*]}. Run this as root (it installs them), or: sudo apt-get install ${need[*]}" >&2

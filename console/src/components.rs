@@ -368,6 +368,7 @@ async fn show(ctx: &Ctx, device: &str, component: &str, json: bool) -> Result<u8
                             ParamKind::Color => "color".into(),
                             ParamKind::Text { max_len } => format!("text (at most {max_len})"),
                             ParamKind::Choice { values } => values.join("|"),
+                            ParamKind::Object { max_bytes } => format!("json object (at most {max_bytes} bytes)"),
                         };
                         format!("{}{}={desc}", p.name, if p.required { "" } else { "?" })
                     })

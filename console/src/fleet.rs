@@ -203,7 +203,7 @@ impl Fleet {
                     ComponentFact::State => put!(state),
                     ComponentFact::Cfg => put!(cfg),
                     ComponentFact::Telemetry => put!(telemetry),
-                    ComponentFact::Logs => {}
+                    ComponentFact::Logs | ComponentFact::Stream => {}
                 }
                 if view.is_empty() {
                     d.component.remove(&c);

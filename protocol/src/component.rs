@@ -83,6 +83,11 @@ pub enum ParamKind {
     Choice {
         values: Vec<String>,
     },
+    /// A JSON object of at most `max_bytes` bytes (serialised), whose contents the component
+    /// checks itself (a ROS message's fields against its definition).
+    Object {
+        max_bytes: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +157,18 @@ pub struct ComponentTelemetry {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// `device/ID/components/CID/stream` (not retained, QoS 0): one sample of one of the
+/// component's named streams, such as a ROS topic forwarded by the bridge. The component
+/// decides what a sample holds (fields selected, rate limited); the agent only forwards it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentStream {
+    pub v: u32,
+    pub ts: String,
+    /// The stream's name, as the component's configuration names it.
+    pub stream: String,
+    pub value: Value,
+}
+
 /// One entry of the device's `state/components`: an installed component as the package
 /// database and the agent's socket know it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +226,9 @@ pub enum Up {
     },
     Telemetry {
         telemetry: ComponentTelemetry,
+    },
+    Stream {
+        sample: ComponentStream,
     },
     Logs {
         logs: LogBatch,
@@ -328,6 +348,17 @@ impl ParamKind {
             ParamKind::Choice { values } => match v.as_str() {
                 Some(s) if values.iter().any(|c| c == s) => Ok(()),
                 _ => Err(format!("expected one of {}", values.join(", "))),
+            },
+            ParamKind::Object { max_bytes } => match v {
+                Value::Object(_) => {
+                    let n = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+                    if n <= *max_bytes as usize {
+                        Ok(())
+                    } else {
+                        Err(format!("an object of {n} bytes; at most {max_bytes}"))
+                    }
+                }
+                _ => Err(format!("expected an object, got {}", crate::command::type_name(v))),
             },
         }
     }

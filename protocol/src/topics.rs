@@ -25,16 +25,19 @@ pub enum ComponentFact {
     Cfg,
     Telemetry,
     Logs,
+    /// Samples of a component's named streams (a ROS topic through the bridge): not retained.
+    Stream,
 }
 
 impl ComponentFact {
-    pub const ALL: [ComponentFact; 6] = [
+    pub const ALL: [ComponentFact; 7] = [
         ComponentFact::Meta,
         ComponentFact::Status,
         ComponentFact::State,
         ComponentFact::Cfg,
         ComponentFact::Telemetry,
         ComponentFact::Logs,
+        ComponentFact::Stream,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +48,7 @@ impl ComponentFact {
             ComponentFact::Cfg => "cfg",
             ComponentFact::Telemetry => "telemetry",
             ComponentFact::Logs => "logs",
+            ComponentFact::Stream => "stream",
         }
     }
 }
@@ -121,7 +125,7 @@ impl Topic {
             | Topic::Op(..) => (true, Qos::AtLeastOnce),
             Topic::Component(_, _, fact) => match fact {
                 ComponentFact::Telemetry => (true, Qos::AtMostOnce),
-                ComponentFact::Logs => (false, Qos::AtMostOnce),
+                ComponentFact::Logs | ComponentFact::Stream => (false, Qos::AtMostOnce),
                 _ => (true, Qos::AtLeastOnce),
             },
             Topic::Telemetry(_) => (true, Qos::AtMostOnce),

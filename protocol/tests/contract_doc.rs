@@ -64,6 +64,7 @@ fn every_example_round_trips_through_the_types() {
             "component-state" => round_trip::<component::ComponentStateMessage>(kind, body),
             "component-cfg" => round_trip::<component::ComponentCfgMessage>(kind, body),
             "component-telemetry" => round_trip::<component::ComponentTelemetry>(kind, body),
+            "component-stream" => round_trip::<component::ComponentStream>(kind, body),
             "desired" => {
                 round_trip::<desired::DesiredRecord>(kind, body);
                 desired::DesiredRecord::parse(body.as_bytes()).unwrap_or_else(|e| panic!("desired: {e}\n{body}"));

@@ -19,6 +19,7 @@ pub mod browser;
 pub mod lab;
 pub mod netem;
 pub mod repo;
+pub mod ros;
 pub mod terminal;
 
 /// Where cargo put the workspace binaries: next to the test executable's `deps/` folder.

@@ -115,6 +115,10 @@ impl Core {
                 self.components.facts.insert((id.clone(), ComponentFact::Telemetry.as_str()), out.clone());
                 self.stream(out).into_iter().collect()
             }
+            Up::Stream { sample } => {
+                let out = self.publish(self.component_topic(&id, ComponentFact::Stream), &sample);
+                self.stream(out).into_iter().collect()
+            }
             Up::Logs { logs } => {
                 let out = self.publish(self.component_topic(&id, ComponentFact::Logs), &logs);
                 self.stream(out).into_iter().collect()

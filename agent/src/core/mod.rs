@@ -339,7 +339,9 @@ impl Core {
     fn publish<T: Serialize>(&self, t: Topic, payload: &T) -> Out {
         let (retain, qos) = t.delivery();
         let class = match t {
-            Topic::Telemetry(_) | Topic::Component(_, _, ComponentFact::Telemetry) => TrafficClass::Telemetry,
+            Topic::Telemetry(_)
+            | Topic::Component(_, _, ComponentFact::Telemetry)
+            | Topic::Component(_, _, ComponentFact::Stream) => TrafficClass::Telemetry,
             Topic::Logs(_) | Topic::Component(_, _, ComponentFact::Logs) => TrafficClass::Logs,
             Topic::Rejected(_) => TrafficClass::Ack,
             Topic::StateLink(_) => TrafficClass::Control,

@@ -94,16 +94,72 @@ pub struct Ctx {
     status: (ComponentState, Option<String>),
     status_changed: bool,
     logs: Vec<(Level, String)>,
+    samples: Vec<(String, Value)>,
+    /// Samples in the current second, and those dropped (over the rate, or no agent).
+    sample_second: Option<(Instant, u32)>,
+    samples_dropped: u64,
+    waker: Waker,
+}
+
+/// At most this many stream samples a second leave a component: the agent ends a connection
+/// that sends more than 200 frames in a second, and a device's link is small.
+pub const MAX_SAMPLES_PER_S: u32 = 100;
+
+/// Wakes the runtime's loop from a component's own thread (a ROS callback, a serial reader), so
+/// [`Component::tick`] runs at once instead of at the next timer.
+#[derive(Clone)]
+pub struct Waker(std::sync::mpsc::Sender<(u64, link::Incoming)>);
+
+impl Waker {
+    pub fn wake(&self) {
+        // The loop is gone only when the process is stopping.
+        let _ = self.0.send((0, link::Incoming::Wake));
+    }
 }
 
 impl Ctx {
-    fn new(state_dir: PathBuf) -> Ctx {
-        Ctx { device: None, state_dir, status: (ComponentState::Idle, None), status_changed: true, logs: Vec::new() }
+    fn new(state_dir: PathBuf, waker: Waker) -> Ctx {
+        Ctx {
+            device: None,
+            state_dir,
+            status: (ComponentState::Idle, None),
+            status_changed: true,
+            logs: Vec::new(),
+            samples: Vec::new(),
+            sample_second: None,
+            samples_dropped: 0,
+            waker,
+        }
     }
 
     /// A context without an agent, for a component's own tests.
     pub fn for_tests() -> Ctx {
-        Ctx::new(std::env::temp_dir())
+        Ctx::new(std::env::temp_dir(), Waker(std::sync::mpsc::channel().0))
+    }
+
+    /// A handle that wakes the loop (see [`Waker`]).
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    /// A sample of the named stream, sent as it is (`device/ID/components/CID/stream`). Beyond
+    /// [`MAX_SAMPLES_PER_S`] a second samples are dropped and counted ([`Ctx::samples_dropped`]).
+    pub fn sample(&mut self, stream: &str, value: Value, now: Instant) {
+        let (start, n) = self.sample_second.get_or_insert((now, 0));
+        if now.duration_since(*start) >= Duration::from_secs(1) {
+            (*start, *n) = (now, 0);
+        }
+        if *n >= MAX_SAMPLES_PER_S {
+            self.samples_dropped += 1;
+            return;
+        }
+        *n += 1;
+        self.samples.push((stream.to_owned(), value));
+    }
+
+    /// Samples dropped so far: over the rate, or taken while no agent was there.
+    pub fn samples_dropped(&self) -> u64 {
+        self.samples_dropped
     }
 
     /// The device's id, once the agent has welcomed the component.

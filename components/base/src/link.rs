@@ -15,6 +15,8 @@ pub enum Incoming {
     Frame(Down),
     /// The connection ended (the agent stopped, or sent something unreadable).
     Closed(String),
+    /// A component's own thread has something for it (see `Ctx::waker`).
+    Wake,
 }
 
 pub struct Link {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use debfleet_protocol::component::{CallResult, ComponentMeta, ComponentStatus, Down, Up, SOCKET_PATH};
+use debfleet_protocol::component::{CallResult, ComponentMeta, ComponentStatus, ComponentStream, Down, Up, SOCKET_PATH};
 use debfleet_protocol::ids::ActionName;
 use debfleet_protocol::{ErrorCode, OpError, CONTRACT_VERSION};
 use serde_json::{Map, Value};
@@ -97,7 +97,7 @@ impl<C: Component> Runtime<C> {
         meta.actions.extend(builtin_actions());
         let (tx, rx) = channel();
         let now = Instant::now();
-        let ctx = Ctx::new(options.state_dir.clone());
+        let ctx = Ctx::new(options.state_dir.clone(), crate::Waker(tx.clone()));
         let streams = Streams::from_cfg(&Map::new(), &meta.metrics)
             .unwrap_or_else(|_| Streams { logs: crate::gate::default_logs(), telemetry: Default::default() });
         Runtime {
@@ -201,6 +201,7 @@ impl<C: Component> Runtime<C> {
         }
         let wait = self.next_tick.saturating_duration_since(now).min(MAX_WAIT);
         match self.rx.recv_timeout(wait) {
+            Ok((_, Incoming::Wake)) => self.next_tick = Instant::now(),
             Ok((generation, incoming)) if generation == self.generation => self.incoming(incoming, Instant::now()),
             Ok(_) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {}
@@ -267,6 +268,7 @@ impl<C: Component> Runtime<C> {
                 eprintln!("warn: {why}; reconnecting");
                 self.disconnected(now, Duration::from_millis(250));
             }
+            Incoming::Wake => self.next_tick = now,
         }
     }
 
@@ -295,6 +297,9 @@ impl<C: Component> Runtime<C> {
             self.logs.push(&self.streams.logs, now, level, self.meta.component.as_str(), &msg);
         }
         if !self.welcomed {
+            // Samples are live data: kept for no one.
+            self.ctx.samples_dropped += self.ctx.samples.len() as u64;
+            self.ctx.samples.clear();
             return;
         }
         if std::mem::take(&mut self.ctx.status_changed) {
@@ -320,6 +325,10 @@ impl<C: Component> Runtime<C> {
                 self.send(&Up::Telemetry { telemetry: t.clone() });
                 self.sent_telemetry = Some(t);
             }
+        }
+        for (stream, value) in std::mem::take(&mut self.ctx.samples) {
+            let sample = ComponentStream { v: CONTRACT_VERSION, ts: debfleet_protocol::time::now(), stream, value };
+            self.send(&Up::Stream { sample });
         }
         if let Some(batch) = self.logs.batch(&self.streams.logs, now) {
             self.send(&Up::Logs { logs: batch });

@@ -1,0 +1,314 @@
+//! The bridge's ROS node, on a thread of its own: it registers with the master, keeps the
+//! subscriptions and publications the plan names, and watches the master every second — a
+//! master that stopped answering, or that answers without knowing this node (it was restarted
+//! and forgot every registration, which ROS nodes do not notice by themselves), gets a new
+//! node with everything registered again. Blocking XML-RPC never runs on the component's
+//! thread, so calls and the agent's socket stay responsive while the master is away.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use debfleet_component::Waker;
+use rosrust::api::Ros;
+use rosrust::{DynamicMsg, Publisher, RawMessage, RawMessageDescription, Subscriber};
+use serde_json::Value as Json;
+
+use crate::convert;
+use crate::types::MsgType;
+
+/// One ROS topic forwarded as a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubPlan {
+    pub stream: String,
+    pub topic: String,
+    /// Every Nth message (1: all), then at most this many a second (0: no limit).
+    pub decimate: u32,
+    pub max_rate_hz: f64,
+    pub fields: Vec<String>,
+}
+
+/// One ROS publication driven by commands.
+#[derive(Debug, Clone)]
+pub struct PubPlan {
+    pub name: String,
+    pub topic: String,
+    pub ty: Arc<MsgType>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub node_name: String,
+    pub subs: Vec<SubPlan>,
+    pub pubs: Vec<PubPlan>,
+    pub max_payload: usize,
+}
+
+/// What the node tells the component.
+#[derive(Debug)]
+pub enum Event {
+    Sample { stream: String, value: Json },
+    /// The master answers (with the node's name) or not (why).
+    Master(Result<String, String>),
+    Warn(String),
+}
+
+/// Counters of one stream, written by ROS's callback threads.
+#[derive(Debug, Default, Clone)]
+pub struct StreamStats {
+    pub msg_type: Option<String>,
+    pub received: u64,
+    pub forwarded: u64,
+    /// Over the payload cap, or not decodable.
+    pub dropped: u64,
+    pub last_seen: Option<Instant>,
+}
+
+/// What the component's thread reads without asking the node's thread.
+#[derive(Default)]
+pub struct Shared {
+    pub publishers: Mutex<HashMap<String, Publisher<RawMessage>>>,
+    pub stats: Mutex<HashMap<String, StreamStats>>,
+}
+
+enum Cmd {
+    Plan(Plan),
+    Topics(Sender<Result<Vec<(String, String)>, String>>),
+    Stop(Sender<()>),
+}
+
+pub struct Node {
+    tx: Sender<Cmd>,
+    pub shared: Arc<Shared>,
+}
+
+impl Node {
+    pub fn start(events: Sender<Event>, waker: Waker) -> std::io::Result<Node> {
+        let (tx, rx) = channel();
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
+        std::thread::Builder::new().name("ros-node".into()).spawn(move || run(rx, events, waker, s))?;
+        Ok(Node { tx, shared })
+    }
+
+    pub fn plan(&self, plan: Plan) {
+        let _ = self.tx.send(Cmd::Plan(plan));
+    }
+
+    /// The master's topics and their types.
+    pub fn topics(&self) -> Result<Vec<(String, String)>, String> {
+        let (tx, rx) = channel();
+        self.tx.send(Cmd::Topics(tx)).map_err(|_| "the ROS node has stopped".to_owned())?;
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the ROS master did not answer in 5 s".to_owned())?
+    }
+
+    /// Unregisters from the master (waits at most 2 s: the master may be gone).
+    pub fn stop(&self) {
+        let (tx, rx) = channel();
+        if self.tx.send(Cmd::Stop(tx)).is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// A registered node and what it holds; dropping it unregisters.
+struct Live {
+    ros: Ros,
+    _subs: Vec<Subscriber>,
+}
+
+fn run(rx: Receiver<Cmd>, events: Sender<Event>, waker: Waker, shared: Arc<Shared>) {
+    let tell = |e: Event| {
+        let _ = events.send(e);
+        waker.wake();
+    };
+    let mut plan: Option<Plan> = None;
+    let mut live: Option<Live> = None;
+    let mut said: Option<Result<String, String>> = None;
+    let mut next_check = Instant::now();
+    loop {
+        match rx.recv_timeout(next_check.saturating_duration_since(Instant::now())) {
+            Ok(Cmd::Plan(p)) => {
+                shared.publishers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                live = None;
+                plan = Some(p);
+                next_check = Instant::now();
+                continue;
+            }
+            Ok(Cmd::Topics(reply)) => {
+                let r = match &live {
+                    Some(l) => l
+                        .ros
+                        .topics()
+                        .map(|ts| ts.into_iter().map(|t| (t.name, t.datatype)).collect())
+                        .map_err(|e| format!("the ROS master: {e}")),
+                    None => Err("not connected to the ROS master".to_owned()),
+                };
+                let _ = reply.send(r);
+                continue;
+            }
+            Ok(Cmd::Stop(done)) => {
+                shared.publishers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                drop(live.take());
+                let _ = done.send(());
+                return;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        next_check = Instant::now() + Duration::from_secs(1);
+        let Some(plan) = &plan else { continue };
+        if let Some(l) = &live {
+            if let Err(why) = registered(&l.ros) {
+                shared.publishers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                live = None;
+                let now = Err(why);
+                if said.as_ref() != Some(&now) {
+                    tell(Event::Master(now.clone()));
+                    said = Some(now);
+                }
+            }
+        }
+        if live.is_none() {
+            let now = match connect(plan, &shared, &events, &waker) {
+                Ok(l) => {
+                    let name = l.ros.name().to_owned();
+                    live = Some(l);
+                    Ok(name)
+                }
+                Err(e) => Err(e),
+            };
+            if said.as_ref() != Some(&now) {
+                tell(Event::Master(now.clone()));
+                said = Some(now);
+            }
+        }
+    }
+}
+
+/// Whether the master still knows this node: every node publishes `/rosout`, so a master that
+/// lists no such publisher by this name was restarted since.
+fn registered(ros: &Ros) -> Result<(), String> {
+    let state = ros.state().map_err(|e| format!("the ROS master stopped answering: {e}"))?;
+    let known = state.publishers.iter().any(|t| t.name == "/rosout" && t.connections.iter().any(|c| c == ros.name()));
+    if known {
+        Ok(())
+    } else {
+        Err("the ROS master was restarted; registering again".to_owned())
+    }
+}
+
+fn connect(plan: &Plan, shared: &Arc<Shared>, events: &Sender<Event>, waker: &Waker) -> Result<Live, String> {
+    let master = std::env::var("ROS_MASTER_URI").unwrap_or_else(|_| "http://localhost:11311/".into());
+    let ros = Ros::new(&plan.node_name).map_err(|e| format!("the ROS master at {master}: {e}"))?;
+    let mut subs = Vec::new();
+    for s in &plan.subs {
+        subs.push(subscribe(&ros, s, plan.max_payload, shared, events, waker)?);
+    }
+    let mut publishers = HashMap::new();
+    for p in &plan.pubs {
+        let desc = RawMessageDescription {
+            msg_definition: p.ty.definition.clone(),
+            md5sum: p.ty.md5sum.clone(),
+            msg_type: p.ty.name.clone(),
+        };
+        let publisher = ros
+            .publish_with_description::<RawMessage>(&p.topic, 16, desc)
+            .map_err(|e| format!("advertising {} ({}): {e}", p.topic, p.ty.name))?;
+        publishers.insert(p.name.clone(), publisher);
+    }
+    *shared.publishers.lock().unwrap_or_else(|e| e.into_inner()) = publishers;
+    Ok(Live { ros, _subs: subs })
+}
+
+/// What one subscription's callbacks share: a decoder per publishing node (each sends its own
+/// definition in its connection header), and the gate's place.
+#[derive(Default)]
+struct Gate {
+    decoders: HashMap<String, DynamicMsg>,
+    seen: u64,
+    last_forward: Option<Instant>,
+    warned: bool,
+}
+
+fn subscribe(
+    ros: &Ros,
+    plan: &SubPlan,
+    max_payload: usize,
+    shared: &Arc<Shared>,
+    events: &Sender<Event>,
+    waker: &Waker,
+) -> Result<Subscriber, String> {
+    let gate = Arc::new(Mutex::new(Gate::default()));
+    let (g1, g2) = (gate.clone(), gate);
+    let (s1, s2) = (shared.clone(), shared.clone());
+    let (events, waker) = (events.clone(), waker.clone());
+    let p = plan.clone();
+    let stream = plan.stream.clone();
+    let on_message = move |raw: RawMessage, caller: &str| {
+        let now = Instant::now();
+        let mut gate = g1.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stats = s1.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let st = stats.entry(p.stream.clone()).or_default();
+        st.received += 1;
+        st.last_seen = Some(now);
+        gate.seen += 1;
+        if (gate.seen - 1) % u64::from(p.decimate.max(1)) != 0 {
+            return;
+        }
+        if p.max_rate_hz > 0.0 {
+            if let Some(last) = gate.last_forward {
+                if now.duration_since(last).as_secs_f64() < 1.0 / p.max_rate_hz {
+                    return;
+                }
+            }
+        }
+        let Some(decoder) = gate.decoders.get(caller) else { return };
+        let value = match decoder.decode(std::io::Cursor::new(raw.0)) {
+            Ok(m) => convert::message_to_json(&m),
+            Err(e) => {
+                st.dropped += 1;
+                if !std::mem::replace(&mut gate.warned, true) {
+                    let _ = events.send(Event::Warn(format!("{}: a message from {caller} did not decode: {e}", p.topic)));
+                }
+                return;
+            }
+        };
+        let (value, missing) = convert::select(&value, &p.fields);
+        if !missing.is_empty() && !std::mem::replace(&mut gate.warned, true) {
+            let _ = events.send(Event::Warn(format!("{}: no field {} in its messages", p.topic, missing.join(", "))));
+        }
+        let size = serde_json::to_vec(&value).map(|b| b.len()).unwrap_or(usize::MAX);
+        if size > max_payload {
+            st.dropped += 1;
+            if !std::mem::replace(&mut gate.warned, true) {
+                let _ = events.send(Event::Warn(format!(
+                    "{}: a message of {size} bytes as JSON is over max_payload_bytes ({max_payload}); dropped (select fields)",
+                    p.topic
+                )));
+            }
+            return;
+        }
+        gate.last_forward = Some(now);
+        st.forwarded += 1;
+        let _ = events.send(Event::Sample { stream: p.stream.clone(), value });
+        waker.wake();
+    };
+    let on_connect = move |headers: HashMap<String, String>| {
+        let caller = headers.get("callerid").cloned().unwrap_or_default();
+        let ty = headers.get("type").cloned();
+        let mut gate = g2.lock().unwrap_or_else(|e| e.into_inner());
+        match DynamicMsg::from_headers(headers) {
+            Ok(d) => {
+                gate.decoders.insert(caller, d);
+            }
+            Err(_) => {
+                gate.decoders.remove(&caller);
+            }
+        }
+        s2.stats.lock().unwrap_or_else(|e| e.into_inner()).entry(stream.clone()).or_default().msg_type = ty;
+    };
+    ros.subscribe_with_ids_and_headers(&plan.topic, 16, on_message, on_connect)
+        .map_err(|e| format!("subscribing to {}: {e}", plan.topic))
+}

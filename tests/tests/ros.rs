@@ -1,0 +1,191 @@
+//! The ROS 1 bridge (issue 17) against Debian's real rosmaster and rostopic, through a real
+//! agent and Mosquitto: a ROS topic on the device's MQTT stream with the selected fields, a
+//! console command that `rostopic echo` sees with the declared type, wrong types and fields
+//! refused before anything reaches ROS, a stale topic, and the master killed and restarted.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use debfleet_tests::ros::{self, RosMaster};
+use debfleet_tests::*;
+use serde_json::json;
+
+fn bridge(socket: &Path, dir: &Path, master: &RosMaster) -> Child {
+    Command::new(bin("debfleet-ros-bridge"))
+        .envs(master.env())
+        .env("DEBFLEET_SOCKET", socket)
+        .env("STATE_DIRECTORY", dir.join("state"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("bridge.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const STREAM: &str = "debfleet/device/rb-1/components/ros-bridge/stream";
+const STATE: &str = "debfleet/device/rb-1/components/ros-bridge/state";
+const STATUS: &str = "debfleet/device/rb-1/components/ros-bridge/status";
+
+#[test]
+fn ros_topics_and_commands_through_the_bridge() {
+    assert!(ros::available(), "Debian's ROS 1 is missing: scripts/test.sh installs python3-rosmaster and python3-rostopic");
+    let m = Mosquitto::start();
+    let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
+    let agent = Agent::start(AgentSpec { id: "rb-1", port: m.port, groups: &["robots"], extra: "" });
+    obs.wait("debfleet/device/rb-1/status", Duration::from_secs(20), |v| v["state"] == "online");
+    let mut master = RosMaster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("bridge.log");
+    let _bridge = Killed(bridge(&agent.socket(), dir.path(), &master));
+    obs.wait(STATUS, Duration::from_secs(30), |v| v["state"] == "running");
+
+    // Configured from the console: /odom forwarded with two fields, at most 5 a second; a
+    // publisher of geometry_msgs/Twist on /cmd_vel; a topic nobody publishes.
+    let subs = json!({
+        "odom": {"topic": "/odom", "max_rate_hz": 5, "fields": ["pose.pose.position", "twist.twist.angular.z"]},
+        "quiet": {"topic": "/nobody_publishes_this"},
+    });
+    let pubs = json!({"cmd_vel": {"topic": "/cmd_vel", "type": "geometry_msgs/Twist"}});
+    let (code, v, text) = console_result(
+        &m.url(),
+        &[
+            "component",
+            "cfg",
+            "rb-1",
+            "ros-bridge",
+            &format!("subscriptions={subs}"),
+            &format!("publishers={pubs}"),
+            "stale_after_s=3",
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["publishers"]["cmd_vel"]["type"], "geometry_msgs/Twist", "{text}");
+
+    // rostopic pub on /odom appears on the device's MQTT stream with the selected fields only.
+    let odom = master.publish(
+        "/odom",
+        "nav_msgs/Odometry",
+        50,
+        "{header: {frame_id: odom}, pose: {pose: {position: {x: 1.5, y: -2.0}}}, twist: {twist: {angular: {z: 0.25}}}}",
+    );
+    let s = obs.wait(STREAM, Duration::from_secs(30), |v| v["stream"] == "odom");
+    assert_eq!(
+        s["value"],
+        json!({"pose": {"pose": {"position": {"x": 1.5, "y": -2.0, "z": 0.0}}}, "twist": {"twist": {"angular": {"z": 0.25}}}}),
+        "{s}"
+    );
+    obs.wait(STATE, Duration::from_secs(10), |v| v["state"]["streams"]["odom"]["type"] == "nav_msgs/Odometry");
+    // 50 Hz in, at most 5 Hz out: over 3 s, not more than 5 a second (and a margin of one).
+    obs.clear();
+    std::thread::sleep(Duration::from_secs(3));
+    let n = obs.messages().iter().filter(|m| m.topic == STREAM && m.json()["stream"] == "odom").count();
+    assert!((6..=16).contains(&n), "{n} samples in 3 s at max_rate_hz 5");
+
+    // The topic nobody publishes turns stale.
+    obs.wait(STATE, Duration::from_secs(20), |v| v["state"]["streams"]["quiet"]["stale"] == true);
+    assert_eq!(obs.last(STATE).unwrap().json()["state"]["streams"]["odom"]["stale"], false);
+
+    // A console command makes a message `rostopic echo` sees, with the declared type.
+    let echo = master.echo("/cmd_vel");
+    let data = json!({"linear": {"x": 0.5}, "angular": {"z": -0.75}});
+    let mut sent = 0;
+    wait_for(Duration::from_secs(30), "rostopic echo to see the command", || {
+        let (code, v, text) = console_result(
+            &m.url(),
+            &[
+                "component",
+                "call",
+                "rb-1",
+                "ros-bridge",
+                "publish",
+                "publisher=cmd_vel",
+                &format!("data={data}"),
+                "type=geometry_msgs/Twist",
+                "request_id=r-1",
+                "--json",
+            ],
+        );
+        assert_eq!(code, Some(0), "{text}");
+        assert_eq!(v[0]["result"]["request_id"], "r-1", "{text}");
+        assert_eq!(v[0]["result"]["type"], "geometry_msgs/Twist", "{text}");
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(300));
+        (echo.lines().len() > 1).then_some(())
+    });
+    assert_eq!(master.topic_type("/cmd_vel"), "geometry_msgs/Twist");
+    let lines = echo.lines();
+    assert_eq!(lines[0], "%time,field.linear.x,field.linear.y,field.linear.z,field.angular.x,field.angular.y,field.angular.z");
+    assert!(lines[1].ends_with(",0.5,0.0,0.0,0.0,0.0,-0.75"), "{lines:?}");
+
+    // Wrong type or fields: refused with a clear error, and nothing reaches ROS.
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = echo.lines().len();
+    assert!(seen <= sent + 1, "{seen} lines for {sent} commands");
+    for (args, says) in [
+        (vec!["publisher=cmd_vel".to_owned(), "type=std_msgs/String".into(), r#"data={"data":"hi"}"#.into()], "not std_msgs/String"),
+        (vec!["publisher=cmd_vel".to_owned(), r#"data={"linear":{"x":"fast"}}"#.into()], "linear.x: expected a number, got a string"),
+        (vec!["publisher=cmd_vel".to_owned(), r#"data={"speed":1}"#.into()], "data: geometry_msgs/Twist has no field \\\"speed\\\""),
+        (vec!["publisher=cmd_vel".to_owned(), r#"data={"linear":{"x":1,"w":2}}"#.into()], "linear: geometry_msgs/Vector3 has no field \\\"w\\\""),
+        (vec!["publisher=arm".to_owned(), r#"data={}"#.into()], "no publisher \\\"arm\\\" (configured: cmd_vel)"),
+        (vec!["publisher=cmd_vel".to_owned(), "data=[1,2]".into()], "expected an object"),
+    ] {
+        let mut a = vec!["component", "call", "rb-1", "ros-bridge", "publish"];
+        a.extend(args.iter().map(String::as_str));
+        a.push("--json");
+        let (code, _, text) = console_result(&m.url(), &a);
+        assert_ne!(code, Some(0), "{args:?}: {text}");
+        assert!(text.contains(says), "{args:?}: {text}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(echo.lines().len(), seen, "nothing published by refused commands: {:?}", echo.lines());
+    drop(echo);
+
+    // The master's topics, as the bridge sees them.
+    let (code, v, text) = console_result(&m.url(), &["component", "call", "rb-1", "ros-bridge", "topics", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(v[0]["result"]["topics"].as_array().unwrap().contains(&json!({"topic": "/odom", "type": "nav_msgs/Odometry"})), "{text}");
+
+    // The master killed: the component says so, commands are refused, the agent's connection
+    // stays up. Restarted: the bridge registers again and forwarding resumes.
+    drop(odom);
+    obs.clear();
+    master.kill();
+    let st = obs.wait(STATUS, Duration::from_secs(20), |v| v["state"] == "error");
+    assert!(st["message"].as_str().unwrap_or("").contains("ROS master"), "{st}");
+    let (code, _, text) = console_result(
+        &m.url(),
+        &["component", "call", "rb-1", "ros-bridge", "publish", "publisher=cmd_vel", r#"data={"linear":{"x":1}}"#],
+    );
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("not connected to the ROS master"), "{text}");
+    master.restart();
+    obs.wait(STATUS, Duration::from_secs(30), |v| v["state"] == "running");
+    let _odom = master.publish("/odom", "nav_msgs/Odometry", 10, "{pose: {pose: {position: {x: 7.0}}}}");
+    let s = obs.wait(STREAM, Duration::from_secs(30), |v| v["stream"] == "odom" && v["value"]["pose"]["pose"]["position"]["x"] == 7.0);
+    assert_eq!(s["value"]["twist"]["twist"]["angular"]["z"], 0.0, "{s}");
+    let echo = master.echo("/cmd_vel");
+    wait_for(Duration::from_secs(30), "a command after the master's restart", || {
+        let (code, _, text) = console_result(
+            &m.url(),
+            &["component", "call", "rb-1", "ros-bridge", "publish", "publisher=cmd_vel", r#"data={"linear":{"x":2}}"#],
+        );
+        assert_eq!(code, Some(0), "{text}");
+        std::thread::sleep(Duration::from_millis(300));
+        echo.lines().iter().any(|l| l.contains(",2.0,")).then_some(())
+    });
+    // The agent's own connection never went down meanwhile.
+    let offline = obs.messages().into_iter().filter(|m| m.topic == "debfleet/device/rb-1/status").count();
+    assert_eq!(offline, 0, "the device's status changed while the ROS master was away");
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log.contains("registered with the ROS master"), "{log}");
+}
