@@ -37,7 +37,7 @@ impl RosMaster {
         ]
     }
 
-    pub fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new(program);
         c.envs(self.env());
         c

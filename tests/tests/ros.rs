@@ -189,3 +189,63 @@ fn ros_topics_and_commands_through_the_bridge() {
     let log = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(log.contains("registered with the ROS master"), "{log}");
 }
+
+/// The robot sample drives the simulated robot round its waypoints: console → agent →
+/// component → ROS → simulated robot → odometry → component → console.
+#[test]
+fn the_robot_sample_patrols_against_the_simulated_robot() {
+    let m = Mosquitto::start();
+    let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
+    let agent = Agent::start(AgentSpec { id: "rb-2", port: m.port, groups: &[], extra: "" });
+    obs.wait("debfleet/device/rb-2/status", Duration::from_secs(20), |v| v["state"] == "online");
+    let master = RosMaster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _sim = Killed(
+        master
+            .command(bin("debfleet-sim-robot"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("sim.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let _robot = Killed(
+        master
+            .command(bin("debfleet-robot-sample"))
+            .env("DEBFLEET_SOCKET", agent.socket())
+            .env("STATE_DIRECTORY", dir.path().join("robot"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("robot.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    const STATE: &str = "debfleet/device/rb-2/components/robot/state";
+    obs.wait(STATE, Duration::from_secs(30), |v| v["state"]["ros"] == "connected" && v["state"]["pose"]["x"] == 0.0);
+    // A small square, twice round.
+    let (code, _, text) = console_result(
+        &m.url(),
+        &["component", "cfg", "rb-2", "robot", "waypoints=[[0.5,0],[0.5,0.5],[0,0.5],[0,0]]", "max_speed=1.0"],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let (code, v, text) = console_result(&m.url(), &["component", "call", "rb-2", "robot", "patrol", "laps=2", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["mode"], "patrolling", "{text}");
+    // It passes the far corner, then comes home.
+    obs.wait(STATE, Duration::from_secs(60), |v| v["state"]["pose"]["x"].as_f64().unwrap_or(0.0) > 0.4
+        && v["state"]["pose"]["y"].as_f64().unwrap_or(0.0) > 0.4);
+    let done = obs.wait(STATE, Duration::from_secs(120), |v| v["state"]["mode"] == "finished");
+    assert_eq!(done["state"]["reached"], 8, "{done}");
+    let (x, y) = (done["state"]["pose"]["x"].as_f64().unwrap(), done["state"]["pose"]["y"].as_f64().unwrap());
+    assert!(x.hypot(y) <= 0.15, "home within the tolerance: {done}");
+    // Started again and stopped from the console: it stands still.
+    let (code, _, text) = console_result(&m.url(), &["component", "call", "rb-2", "robot", "patrol"]);
+    assert_eq!(code, Some(0), "{text}");
+    obs.wait(STATE, Duration::from_secs(30), |v| v["state"]["pose"]["x"].as_f64().unwrap_or(0.0) > 0.2);
+    let (code, v, text) = console_result(&m.url(), &["component", "call", "rb-2", "robot", "stop", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["mode"], "stopped", "{text}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, a, _) = console_result(&m.url(), &["component", "call", "rb-2", "robot", "state", "--json"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, b, _) = console_result(&m.url(), &["component", "call", "rb-2", "robot", "state", "--json"]);
+    assert_eq!(a[0]["result"]["pose"], b[0]["result"]["pose"], "stopped means still");
+}

@@ -11,11 +11,10 @@ use debfleet_component::{
     json, ActionName, ActionSpec, CallError, Component, ComponentId, ComponentMeta, ComponentState, Ctx, Level, Map,
     ParamKind, ParamSpec, Value, CONTRACT_VERSION,
 };
-use rosrust::RawMessage;
 use serde::Deserialize;
 
 use crate::convert;
-use crate::node::{Event, Node, Plan, PubPlan, SubPlan};
+use crate::node::{Event, Node, Plan, PubPlan, PublishError, SubPlan};
 use crate::types::{MsgType, Registry};
 
 /// A ROS message as JSON may be at most this big in a command.
@@ -148,28 +147,20 @@ impl Bridge {
             Some(Value::Object(m)) => m,
             _ => &empty,
         };
-        let msg = convert::from_json(ty, data).map_err(|e| CallError::invalid(format!("{e}; nothing was published")))?;
-        let mut bytes = Vec::new();
-        ty.codec.encode(&msg, &mut bytes).map_err(|e| CallError::invalid(format!("encoding {}: {e}", ty.name)))?;
         let node = self.node.as_ref().ok_or_else(|| CallError::unavailable("the bridge is not started"))?;
-        let publishers = node.shared.publishers.lock().unwrap_or_else(|e| e.into_inner());
-        let publisher = publishers.get(name).ok_or_else(|| {
-            CallError::unavailable(format!(
+        let subscribers = node.publish(name, ty, data).map_err(|e| match e {
+            PublishError::Invalid(e) => CallError::invalid(format!("{e}; nothing was published")),
+            PublishError::NotConnected => CallError::unavailable(format!(
                 "not connected to the ROS master ({}); nothing was published",
                 self.master.as_ref().err().map_or("registering", String::as_str)
-            ))
+            )),
+            PublishError::Failed(e) => CallError::unavailable(format!("publishing on {}: {e}", p.topic)),
         })?;
-        let subscribers = publisher.subscriber_count();
-        let size = bytes.len();
-        publisher
-            .send(RawMessage(bytes))
-            .map_err(|e| CallError::unavailable(format!("publishing on {}: {e}", p.topic)))?;
         Ok(json!({
             "request_id": args.get("request_id").cloned().unwrap_or(Value::Null),
             "publisher": name,
             "topic": p.topic,
             "type": ty.name,
-            "bytes": size,
             "subscribers": subscribers,
         }))
     }
@@ -305,7 +296,8 @@ impl Component for Bridge {
 
     fn start(&mut self, ctx: &mut Ctx) {
         let (tx, rx) = channel();
-        match Node::start(tx, ctx.waker()) {
+        let waker = ctx.waker();
+        match Node::start(tx, std::sync::Arc::new(move || waker.wake())) {
             Ok(node) => {
                 if let Some(plan) = &self.plan {
                     node.plan(plan.clone());

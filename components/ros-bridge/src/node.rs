@@ -10,7 +10,6 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use debfleet_component::Waker;
 use rosrust::api::Ros;
 use rosrust::{DynamicMsg, Publisher, RawMessage, RawMessageDescription, Subscriber};
 use serde_json::Value as Json;
@@ -72,6 +71,15 @@ pub struct Shared {
     pub stats: Mutex<HashMap<String, StreamStats>>,
 }
 
+#[derive(Debug)]
+pub enum PublishError {
+    /// The data does not fit the type (which field, and why).
+    Invalid(String),
+    /// No registered publication: the master is away.
+    NotConnected,
+    Failed(String),
+}
+
 enum Cmd {
     Plan(Plan),
     Topics(Sender<Result<Vec<(String, String)>, String>>),
@@ -83,8 +91,11 @@ pub struct Node {
     pub shared: Arc<Shared>,
 }
 
+/// Called after every event, from the node's threads (a component's `Waker::wake`).
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
 impl Node {
-    pub fn start(events: Sender<Event>, waker: Waker) -> std::io::Result<Node> {
+    pub fn start(events: Sender<Event>, waker: Wake) -> std::io::Result<Node> {
         let (tx, rx) = channel();
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
@@ -103,6 +114,20 @@ impl Node {
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the ROS master did not answer in 5 s".to_owned())?
     }
 
+    /// Publishes `data` on the plan's publisher `name` as a message of type `ty`: checked
+    /// against the definition and encoded first, so nothing malformed reaches ROS. Answers how
+    /// many subscribers it has.
+    pub fn publish(&self, name: &str, ty: &MsgType, data: &serde_json::Map<String, Json>) -> Result<usize, PublishError> {
+        let msg = convert::from_json(ty, data).map_err(PublishError::Invalid)?;
+        let mut bytes = Vec::new();
+        ty.codec.encode(&msg, &mut bytes).map_err(|e| PublishError::Invalid(format!("encoding {}: {e}", ty.name)))?;
+        let publishers = self.shared.publishers.lock().unwrap_or_else(|e| e.into_inner());
+        let publisher = publishers.get(name).ok_or(PublishError::NotConnected)?;
+        let subscribers = publisher.subscriber_count();
+        publisher.send(RawMessage(bytes)).map_err(|e| PublishError::Failed(e.to_string()))?;
+        Ok(subscribers)
+    }
+
     /// Unregisters from the master (waits at most 2 s: the master may be gone).
     pub fn stop(&self) {
         let (tx, rx) = channel();
@@ -118,10 +143,10 @@ struct Live {
     _subs: Vec<Subscriber>,
 }
 
-fn run(rx: Receiver<Cmd>, events: Sender<Event>, waker: Waker, shared: Arc<Shared>) {
+fn run(rx: Receiver<Cmd>, events: Sender<Event>, waker: Wake, shared: Arc<Shared>) {
     let tell = |e: Event| {
         let _ = events.send(e);
-        waker.wake();
+        waker();
     };
     let mut plan: Option<Plan> = None;
     let mut live: Option<Live> = None;
@@ -199,7 +224,7 @@ fn registered(ros: &Ros) -> Result<(), String> {
     }
 }
 
-fn connect(plan: &Plan, shared: &Arc<Shared>, events: &Sender<Event>, waker: &Waker) -> Result<Live, String> {
+fn connect(plan: &Plan, shared: &Arc<Shared>, events: &Sender<Event>, waker: &Wake) -> Result<Live, String> {
     let master = std::env::var("ROS_MASTER_URI").unwrap_or_else(|_| "http://localhost:11311/".into());
     let ros = Ros::new(&plan.node_name).map_err(|e| format!("the ROS master at {master}: {e}"))?;
     let mut subs = Vec::new();
@@ -238,7 +263,7 @@ fn subscribe(
     max_payload: usize,
     shared: &Arc<Shared>,
     events: &Sender<Event>,
-    waker: &Waker,
+    waker: &Wake,
 ) -> Result<Subscriber, String> {
     let gate = Arc::new(Mutex::new(Gate::default()));
     let (g1, g2) = (gate.clone(), gate);
@@ -293,7 +318,7 @@ fn subscribe(
         gate.last_forward = Some(now);
         st.forwarded += 1;
         let _ = events.send(Event::Sample { stream: p.stream.clone(), value });
-        waker.wake();
+        waker();
     };
     let on_connect = move |headers: HashMap<String, String>| {
         let caller = headers.get("callerid").cloned().unwrap_or_default();
