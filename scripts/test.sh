@@ -19,6 +19,7 @@ have debootstrap || need+=(debootstrap)
 # packages rostopic needs for the types the tests publish and echo.
 have rosmaster || need+=(python3-rosmaster)
 have rostopic || need+=(python3-rostopic)
+have rosnode || need+=(python3-rosnode)
 for p in python3-geometry-msgs python3-nav-msgs python3-sensor-msgs; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done

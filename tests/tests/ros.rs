@@ -37,7 +37,10 @@ const STATUS: &str = "debfleet/device/rb-1/components/ros-bridge/status";
 
 #[test]
 fn ros_topics_and_commands_through_the_bridge() {
-    assert!(ros::available(), "Debian's ROS 1 is missing: scripts/test.sh installs python3-rosmaster and python3-rostopic");
+    assert!(
+        ros::available(),
+        "Debian's ROS 1 is missing: scripts/test.sh installs python3-rosmaster and python3-rostopic"
+    );
     let m = Mosquitto::start();
     let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
     let agent = Agent::start(AgentSpec { id: "rb-1", port: m.port, groups: &["robots"], extra: "" });
@@ -124,7 +127,10 @@ fn ros_topics_and_commands_through_the_bridge() {
     });
     assert_eq!(master.topic_type("/cmd_vel"), "geometry_msgs/Twist");
     let lines = echo.lines();
-    assert_eq!(lines[0], "%time,field.linear.x,field.linear.y,field.linear.z,field.angular.x,field.angular.y,field.angular.z");
+    assert_eq!(
+        lines[0],
+        "%time,field.linear.x,field.linear.y,field.linear.z,field.angular.x,field.angular.y,field.angular.z"
+    );
     assert!(lines[1].ends_with(",0.5,0.0,0.0,0.0,0.0,-0.75"), "{lines:?}");
 
     // Wrong type or fields: refused with a clear error, and nothing reaches ROS.
@@ -132,10 +138,22 @@ fn ros_topics_and_commands_through_the_bridge() {
     let seen = echo.lines().len();
     assert!(seen <= sent + 1, "{seen} lines for {sent} commands");
     for (args, says) in [
-        (vec!["publisher=cmd_vel".to_owned(), "type=std_msgs/String".into(), r#"data={"data":"hi"}"#.into()], "not std_msgs/String"),
-        (vec!["publisher=cmd_vel".to_owned(), r#"data={"linear":{"x":"fast"}}"#.into()], "linear.x: expected a number, got a string"),
-        (vec!["publisher=cmd_vel".to_owned(), r#"data={"speed":1}"#.into()], "data: geometry_msgs/Twist has no field \\\"speed\\\""),
-        (vec!["publisher=cmd_vel".to_owned(), r#"data={"linear":{"x":1,"w":2}}"#.into()], "linear: geometry_msgs/Vector3 has no field \\\"w\\\""),
+        (
+            vec!["publisher=cmd_vel".to_owned(), "type=std_msgs/String".into(), r#"data={"data":"hi"}"#.into()],
+            "not std_msgs/String",
+        ),
+        (
+            vec!["publisher=cmd_vel".to_owned(), r#"data={"linear":{"x":"fast"}}"#.into()],
+            "linear.x: expected a number, got a string",
+        ),
+        (
+            vec!["publisher=cmd_vel".to_owned(), r#"data={"speed":1}"#.into()],
+            "data: geometry_msgs/Twist has no field \\\"speed\\\"",
+        ),
+        (
+            vec!["publisher=cmd_vel".to_owned(), r#"data={"linear":{"x":1,"w":2}}"#.into()],
+            "linear: geometry_msgs/Vector3 has no field \\\"w\\\"",
+        ),
         (vec!["publisher=arm".to_owned(), r#"data={}"#.into()], "no publisher \\\"arm\\\" (configured: cmd_vel)"),
         (vec!["publisher=cmd_vel".to_owned(), "data=[1,2]".into()], "expected an object"),
     ] {
@@ -153,7 +171,10 @@ fn ros_topics_and_commands_through_the_bridge() {
     // The master's topics, as the bridge sees them.
     let (code, v, text) = console_result(&m.url(), &["component", "call", "rb-1", "ros-bridge", "topics", "--json"]);
     assert_eq!(code, Some(0), "{text}");
-    assert!(v[0]["result"]["topics"].as_array().unwrap().contains(&json!({"topic": "/odom", "type": "nav_msgs/Odometry"})), "{text}");
+    assert!(
+        v[0]["result"]["topics"].as_array().unwrap().contains(&json!({"topic": "/odom", "type": "nav_msgs/Odometry"})),
+        "{text}"
+    );
 
     // The master killed: the component says so, commands are refused, the agent's connection
     // stays up. Restarted: the bridge registers again and forwarding resumes.
@@ -171,7 +192,9 @@ fn ros_topics_and_commands_through_the_bridge() {
     master.restart();
     obs.wait(STATUS, Duration::from_secs(30), |v| v["state"] == "running");
     let _odom = master.publish("/odom", "nav_msgs/Odometry", 10, "{pose: {pose: {position: {x: 7.0}}}}");
-    let s = obs.wait(STREAM, Duration::from_secs(30), |v| v["stream"] == "odom" && v["value"]["pose"]["pose"]["position"]["x"] == 7.0);
+    let s = obs.wait(STREAM, Duration::from_secs(30), |v| {
+        v["stream"] == "odom" && v["value"]["pose"]["pose"]["position"]["x"] == 7.0
+    });
     assert_eq!(s["value"]["twist"]["twist"]["angular"]["z"], 0.0, "{s}");
     let echo = master.echo("/cmd_vel");
     wait_for(Duration::from_secs(30), "a command after the master's restart", || {
@@ -226,12 +249,14 @@ fn the_robot_sample_patrols_against_the_simulated_robot() {
         &["component", "cfg", "rb-2", "robot", "waypoints=[[0.5,0],[0.5,0.5],[0,0.5],[0,0]]", "max_speed=1.0"],
     );
     assert_eq!(code, Some(0), "{text}");
-    let (code, v, text) = console_result(&m.url(), &["component", "call", "rb-2", "robot", "patrol", "laps=2", "--json"]);
+    let (code, v, text) =
+        console_result(&m.url(), &["component", "call", "rb-2", "robot", "patrol", "laps=2", "--json"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(v[0]["result"]["mode"], "patrolling", "{text}");
     // It passes the far corner, then comes home.
-    obs.wait(STATE, Duration::from_secs(60), |v| v["state"]["pose"]["x"].as_f64().unwrap_or(0.0) > 0.4
-        && v["state"]["pose"]["y"].as_f64().unwrap_or(0.0) > 0.4);
+    obs.wait(STATE, Duration::from_secs(60), |v| {
+        v["state"]["pose"]["x"].as_f64().unwrap_or(0.0) > 0.4 && v["state"]["pose"]["y"].as_f64().unwrap_or(0.0) > 0.4
+    });
     let done = obs.wait(STATE, Duration::from_secs(120), |v| v["state"]["mode"] == "finished");
     assert_eq!(done["state"]["reached"], 8, "{done}");
     let (x, y) = (done["state"]["pose"]["x"].as_f64().unwrap(), done["state"]["pose"]["y"].as_f64().unwrap());
@@ -248,4 +273,62 @@ fn the_robot_sample_patrols_against_the_simulated_robot() {
     std::thread::sleep(Duration::from_secs(2));
     let (_, b, _) = console_result(&m.url(), &["component", "call", "rb-2", "robot", "state", "--json"]);
     assert_eq!(a[0]["result"]["pose"], b[0]["result"]["pose"], "stopped means still");
+}
+
+/// The same loop on a lab device (real systemd, apt and dpkg), everything installed from our
+/// repository through the console: the simulated robot and the robot sample run as their
+/// units, against a rosmaster on the host (the lab shares the host's network), the patrol is
+/// started and stopped from the console.
+#[test]
+fn a_patrol_on_a_lab_device_installed_from_the_repository() {
+    use debfleet_tests::lab::Device;
+    use debfleet_tests::repo::RepoServer;
+
+    let m = Mosquitto::start();
+    let obs = Observer::connect(m.port, &["debfleet/device/+/#"]);
+    let master = RosMaster::start();
+    let repo = RepoServer::start(&[]);
+    for p in ["debfleet-robot-sample", "debfleet-sim-robot"] {
+        assert!(repo.publish(&own_deb(p), "stable").status.success(), "{p}");
+    }
+    let dev = Device::boot("rb-3");
+    dev.write("/etc/default/debfleet-ros", &format!("ROS_MASTER_URI={}\nROS_HOSTNAME=127.0.0.1\n", master.uri()));
+    let config = format!("broker = \"{}\"\nstate_dir = \"/var/lib/debfleet\"\n\n[apt]\nwatch_s = 3\n", m.url());
+    dev.install_agent(&config, &repo);
+    obs.wait("debfleet/device/rb-3/status", Duration::from_secs(30), |v| v["state"] == "online");
+
+    for p in ["debfleet-sim-robot", "debfleet-robot-sample"] {
+        let (code, v, text) = console_result(&m.url(), &["install", "rb-3", p, "--json"]);
+        assert_eq!(code, Some(0), "{text}");
+        assert_eq!(v[0]["state"], "succeeded", "{text}");
+    }
+    obs.wait("debfleet/device/rb-3/state/components", Duration::from_secs(30), |v| {
+        v["components"]["robot"]["package"] == "debfleet-robot-sample" && v["components"]["robot"]["state"] == "idle"
+    });
+    const STATE: &str = "debfleet/device/rb-3/components/robot/state";
+    obs.wait(STATE, Duration::from_secs(30), |v| v["state"]["ros"] == "connected" && v["state"]["pose"]["x"] == 0.0);
+    // Both nodes registered with the host's master, from inside the device.
+    let out = master.command("rosnode").arg("list").output().unwrap();
+    let nodes = String::from_utf8_lossy(&out.stdout);
+    assert!(nodes.contains("/debfleet_sim_robot") && nodes.contains("/debfleet_robot_sample"), "{nodes}");
+
+    let (code, _, text) = console_result(
+        &m.url(),
+        &["component", "cfg", "rb-3", "robot", "waypoints=[[0.6,0],[0.6,0.6],[0,0]]", "max_speed=1.0"],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let (code, _, text) = console_result(&m.url(), &["component", "call", "rb-3", "robot", "patrol"]);
+    assert_eq!(code, Some(0), "{text}");
+    let done = obs.wait(STATE, Duration::from_secs(120), |v| v["state"]["mode"] == "finished");
+    assert_eq!(done["state"]["reached"], 3, "{done}");
+    // Again, stopped halfway from the console.
+    let (code, _, text) = console_result(&m.url(), &["component", "call", "rb-3", "robot", "patrol"]);
+    assert_eq!(code, Some(0), "{text}");
+    obs.wait(STATE, Duration::from_secs(30), |v| v["state"]["pose"]["x"].as_f64().unwrap_or(0.0) > 0.2);
+    let (code, v, text) = console_result(&m.url(), &["component", "call", "rb-3", "robot", "stop", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["mode"], "stopped", "{text}");
+    // The units run as their own users, as packaged.
+    let units = dev.ok(&["systemctl", "is-active", "debfleet-robot-sample", "debfleet-sim-robot"]);
+    assert_eq!(units.split_whitespace().collect::<Vec<_>>(), ["active", "active"], "{units}");
 }

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use debfleet_protocol::component::{CallResult, ComponentMeta, ComponentStatus, ComponentStream, Down, Up, SOCKET_PATH};
+use debfleet_protocol::component::{
+    CallResult, ComponentMeta, ComponentStatus, ComponentStream, Down, Up, SOCKET_PATH,
+};
 use debfleet_protocol::ids::ActionName;
 use debfleet_protocol::{ErrorCode, OpError, CONTRACT_VERSION};
 use serde_json::{Map, Value};

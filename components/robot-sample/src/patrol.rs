@@ -165,7 +165,8 @@ fn parse_cfg(cfg: &Map<String, Value>) -> Result<Cfg, String> {
             return Err(format!("no key {k:?}"));
         }
     }
-    let text = |k: &str| cfg.get(k).and_then(Value::as_str).map(str::to_owned).ok_or(format!("{k}: expected a topic name"));
+    let text =
+        |k: &str| cfg.get(k).and_then(Value::as_str).map(str::to_owned).ok_or(format!("{k}: expected a topic name"));
     let num = |k: &str, lo: f64, hi: f64| match cfg.get(k).and_then(Value::as_f64) {
         Some(x) if x >= lo && x <= hi => Ok(x),
         _ => Err(format!("{k}: expected a number in {lo}..={hi}")),

@@ -7,9 +7,9 @@ use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use debfleet_robot_sample::sim::Robot;
 use debfleet_ros_bridge::node::{Event, Node, Plan, PubPlan, PublishError, SubPlan};
 use debfleet_ros_bridge::types::Registry;
-use debfleet_robot_sample::sim::Robot;
 
 const PERIOD: Duration = Duration::from_millis(20);
 

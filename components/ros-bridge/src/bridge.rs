@@ -133,7 +133,8 @@ impl Bridge {
                 if names.is_empty() { "none".to_owned() } else { names.join(", ") }
             )));
         };
-        let ty = self.types.get(name).ok_or_else(|| CallError::unavailable(format!("{name}: its type is not loaded")))?;
+        let ty =
+            self.types.get(name).ok_or_else(|| CallError::unavailable(format!("{name}: its type is not loaded")))?;
         if let Some(declared) = args.get("type").and_then(Value::as_str) {
             if declared != ty.name {
                 return Err(CallError::invalid(format!(
@@ -186,7 +187,9 @@ impl Bridge {
     fn status(&self, ctx: &mut Ctx) {
         match &self.master {
             Ok(_) => ctx.set_status(ComponentState::Running, None),
-            Err(why) => ctx.set_status(ComponentState::Error, Some(format!("{why} (ROS_MASTER_URI={})", Self::master_uri()))),
+            Err(why) => {
+                ctx.set_status(ComponentState::Error, Some(format!("{why} (ROS_MASTER_URI={})", Self::master_uri())))
+            }
         }
     }
 }
@@ -203,8 +206,16 @@ impl Component for Bridge {
                     name: name("publish"),
                     help: "publish a message on a configured publisher's topic, checked against its type first".into(),
                     params: vec![
-                        ParamSpec::required("publisher", ParamKind::Text { max_len: 64 }, "the publisher's name in cfg"),
-                        ParamSpec::optional("data", ParamKind::Object { max_bytes: MAX_DATA_BYTES }, "the message's fields"),
+                        ParamSpec::required(
+                            "publisher",
+                            ParamKind::Text { max_len: 64 },
+                            "the publisher's name in cfg",
+                        ),
+                        ParamSpec::optional(
+                            "data",
+                            ParamKind::Object { max_bytes: MAX_DATA_BYTES },
+                            "the message's fields",
+                        ),
                         ParamSpec::optional(
                             "type",
                             ParamKind::Text { max_len: 130 },

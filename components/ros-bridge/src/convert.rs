@@ -198,11 +198,14 @@ fn one(t: &MsgType, parent: &MessagePath, dt: &DataType, j: &Json, at: &str) -> 
         if let Some(k) = m.keys().find(|k| *k != "secs" && *k != "nsecs") {
             return Err(format!("{at}: no field {k:?} (it has secs, nsecs)"));
         }
-        let get = |k: &str| m.get(k).map_or(Ok(0), |v| v.as_i64().ok_or_else(|| format!("{at}.{k}: expected an integer")));
+        let get =
+            |k: &str| m.get(k).map_or(Ok(0), |v| v.as_i64().ok_or_else(|| format!("{at}.{k}: expected an integer")));
         Ok((get("secs")?, get("nsecs")?))
     }
     Ok(match dt {
-        DataType::Bool => Value::Bool(j.as_bool().ok_or_else(|| format!("{at}: expected true or false, got {}", kind(j)))?),
+        DataType::Bool => {
+            Value::Bool(j.as_bool().ok_or_else(|| format!("{at}: expected true or false, got {}", kind(j)))?)
+        }
         DataType::I8(_) => Value::I8(int(j, at, "int8")?),
         DataType::I16 => Value::I16(int(j, at, "int16")?),
         DataType::I32 => Value::I32(int(j, at, "int32")?),
@@ -219,9 +222,9 @@ fn one(t: &MsgType, parent: &MessagePath, dt: &DataType, j: &Json, at: &str) -> 
             Value::F32(x as f32)
         }
         DataType::F64 => Value::F64(float(j, at)?),
-        DataType::String => Value::String(
-            j.as_str().ok_or_else(|| format!("{at}: expected a string, got {}", kind(j)))?.to_owned(),
-        ),
+        DataType::String => {
+            Value::String(j.as_str().ok_or_else(|| format!("{at}: expected a string, got {}", kind(j)))?.to_owned())
+        }
         DataType::Time => {
             let (s, n) = stamp(j, at)?;
             let (sec, nsec) = (u32::try_from(s), u32::try_from(n));

@@ -47,7 +47,10 @@ pub struct Plan {
 /// What the node tells the component.
 #[derive(Debug)]
 pub enum Event {
-    Sample { stream: String, value: Json },
+    Sample {
+        stream: String,
+        value: Json,
+    },
     /// The master answers (with the node's name) or not (why).
     Master(Result<String, String>),
     Warn(String),
@@ -117,7 +120,12 @@ impl Node {
     /// Publishes `data` on the plan's publisher `name` as a message of type `ty`: checked
     /// against the definition and encoded first, so nothing malformed reaches ROS. Answers how
     /// many subscribers it has.
-    pub fn publish(&self, name: &str, ty: &MsgType, data: &serde_json::Map<String, Json>) -> Result<usize, PublishError> {
+    pub fn publish(
+        &self,
+        name: &str,
+        ty: &MsgType,
+        data: &serde_json::Map<String, Json>,
+    ) -> Result<usize, PublishError> {
         let msg = convert::from_json(ty, data).map_err(PublishError::Invalid)?;
         let mut bytes = Vec::new();
         ty.codec.encode(&msg, &mut bytes).map_err(|e| PublishError::Invalid(format!("encoding {}: {e}", ty.name)))?;
@@ -295,7 +303,8 @@ fn subscribe(
             Err(e) => {
                 st.dropped += 1;
                 if !std::mem::replace(&mut gate.warned, true) {
-                    let _ = events.send(Event::Warn(format!("{}: a message from {caller} did not decode: {e}", p.topic)));
+                    let _ =
+                        events.send(Event::Warn(format!("{}: a message from {caller} did not decode: {e}", p.topic)));
                 }
                 return;
             }

@@ -48,9 +48,7 @@ const BUILTIN: &[(&str, &str)] = &[
 /// A type name as ROS writes it: `package/Name`.
 pub fn parse_name(name: &str) -> Result<MessagePath, String> {
     let (pkg, msg) = name.split_once('/').ok_or_else(|| format!("{name:?} is not PACKAGE/Type"))?;
-    let ok = |s: &str| {
-        !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    };
+    let ok = |s: &str| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !ok(pkg) || !ok(msg) || !msg.starts_with(|c: char| c.is_ascii_alphabetic()) {
         return Err(format!("{name:?} is not a ROS message type (PACKAGE/Type)"));
     }
@@ -175,8 +173,11 @@ mod tests {
     fn definitions_from_the_search_path_and_what_is_missing() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("robot_msgs/msg")).unwrap();
-        std::fs::write(dir.path().join("robot_msgs/msg/Beep.msg"), "uint8 LOUD=2\nuint8 level\ngeometry_msgs/Point at\n")
-            .unwrap();
+        std::fs::write(
+            dir.path().join("robot_msgs/msg/Beep.msg"),
+            "uint8 LOUD=2\nuint8 level\ngeometry_msgs/Point at\n",
+        )
+        .unwrap();
         let mut r = Registry::new(vec![dir.path().to_owned()]);
         let t = r.get("robot_msgs/Beep").unwrap();
         assert!(t.definition.starts_with("uint8 LOUD=2\nuint8 level\n"), "{}", t.definition);
