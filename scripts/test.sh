@@ -20,7 +20,7 @@ have debootstrap || need+=(debootstrap)
 have rosmaster || need+=(python3-rosmaster)
 have rostopic || need+=(python3-rostopic)
 have rosnode || need+=(python3-rosnode)
-for p in python3-geometry-msgs python3-nav-msgs python3-sensor-msgs; do
+for p in python3-rospy python3-geometry-msgs python3-nav-msgs python3-sensor-msgs python3-std-srvs; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -93,14 +93,17 @@ impl RosMaster {
     /// `rostopic echo TOPIC` (with `-p`, one line a message), its lines collected, killed on
     /// drop.
     pub fn echo(&self, topic: &str) -> RosProc {
-        let mut child = self
-            .command("rostopic")
-            .args(["echo", "-p", topic])
-            .env("PYTHONUNBUFFERED", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        self.collect(self.command("rostopic").args(["echo", "-p", topic]).env("PYTHONUNBUFFERED", "1"))
+    }
+
+    /// A rospy program (Debian's `/usr/bin/python3 -c`, which has the ROS modules), its output
+    /// lines collected, killed on drop.
+    pub fn python(&self, program: &str) -> RosProc {
+        self.collect(self.command("/usr/bin/python3").args(["-c", program]).env("PYTHONUNBUFFERED", "1"))
+    }
+
+    fn collect(&self, cmd: &mut Command) -> RosProc {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
         let lines: Arc<Mutex<Vec<String>>> = Arc::default();
         let out = child.stdout.take().unwrap();
         let l = lines.clone();

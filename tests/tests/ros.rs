@@ -176,6 +176,43 @@ fn ros_topics_and_commands_through_the_bridge() {
         "{text}"
     );
 
+    // A ROS service (rospy's, std_srvs/SetBool) called as an action; a request with wrong
+    // fields is refused before the service sees it.
+    let server = master.python(
+        "import sys, rospy\n\
+         from std_srvs.srv import SetBool, SetBoolResponse\n\
+         rospy.init_node('motors')\n\
+         def handle(req):\n    print('called', req.data, flush=True)\n    return SetBoolResponse(success=True, message='motors on' if req.data else 'motors off')\n\
+         rospy.Service('/enable_motors', SetBool, handle)\n\
+         print('ready', flush=True)\n\
+         rospy.spin()\n",
+    );
+    wait_for(Duration::from_secs(30), "the service", || server.lines().iter().any(|l| l == "ready").then_some(()));
+    let services = json!({"motors": {"service": "/enable_motors", "type": "std_srvs/SetBool"}});
+    let (code, _, text) =
+        console_result(&m.url(), &["component", "cfg", "rb-1", "ros-bridge", &format!("services={services}")]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, v, text) = console_result(
+        &m.url(),
+        &["component", "call", "rb-1", "ros-bridge", "service", "name=motors", r#"data={"data":true}"#, "--json"],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(v[0]["result"]["response"], json!({"success": true, "message": "motors on"}), "{text}");
+    for (data, says) in
+        [(r#"data={"data":"yes"}"#, "data: expected true or false"), (r#"data={"on":true}"#, "has no field")]
+    {
+        let (code, _, text) =
+            console_result(&m.url(), &["component", "call", "rb-1", "ros-bridge", "service", "name=motors", data]);
+        assert_ne!(code, Some(0), "{text}");
+        assert!(text.contains(says) && text.contains("the service was not called"), "{text}");
+    }
+    let (code, _, text) =
+        console_result(&m.url(), &["component", "call", "rb-1", "ros-bridge", "service", "name=lights"]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("no service") && text.contains("motors"), "{text}");
+    assert_eq!(server.lines().iter().filter(|l| l.starts_with("called")).count(), 1, "{:?}", server.lines());
+    drop(server);
+
     // The master killed: the component says so, commands are refused, the agent's connection
     // stays up. Restarted: the bridge registers again and forwarding resumes.
     drop(odom);

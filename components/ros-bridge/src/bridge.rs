@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::convert;
 use crate::node::{Event, Node, Plan, PubPlan, PublishError, SubPlan};
-use crate::types::{MsgType, Registry};
+use crate::types::{MsgType, Registry, SrvType};
 
 /// A ROS message as JSON may be at most this big in a command.
 const MAX_DATA_BYTES: u32 = 48 * 1024;
@@ -29,6 +29,16 @@ struct Cfg {
     stale_after_s: u64,
     subscriptions: BTreeMap<String, SubCfg>,
     publishers: BTreeMap<String, PubCfg>,
+    services: BTreeMap<String, SrvCfg>,
+    service_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrvCfg {
+    service: String,
+    #[serde(rename = "type")]
+    srv_type: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +98,7 @@ pub struct Bridge {
     /// Each publisher's type, resolved when configured (so a command is checked even while
     /// the master is away).
     types: HashMap<String, Arc<MsgType>>,
+    services: HashMap<String, Arc<SrvType>>,
     plan: Option<Plan>,
     node: Option<Node>,
     events: Option<Receiver<Event>>,
@@ -109,6 +120,7 @@ impl Bridge {
             cfg: None,
             registry: Registry::new(Vec::new()),
             types: HashMap::new(),
+            services: HashMap::new(),
             plan: None,
             node: None,
             events: None,
@@ -163,6 +175,37 @@ impl Bridge {
             "topic": p.topic,
             "type": ty.name,
             "subscribers": subscribers,
+        }))
+    }
+
+    /// Calls a configured service (on the component's thread, so for at most
+    /// `service_timeout_s`: one call at a time).
+    fn call_service(&mut self, args: &Map<String, Value>) -> Result<Value, CallError> {
+        let name = args.get("name").and_then(Value::as_str).unwrap_or_default();
+        let cfg = self.cfg.as_ref().ok_or_else(|| CallError::unavailable("not configured"))?;
+        let (Some(s), Some(srv)) = (cfg.services.get(name), self.services.get(name)) else {
+            let names: Vec<&str> = cfg.services.keys().map(String::as_str).collect();
+            return Err(CallError::invalid(format!(
+                "no service {name:?} (configured: {})",
+                if names.is_empty() { "none".to_owned() } else { names.join(", ") }
+            )));
+        };
+        let empty = Map::new();
+        let data = match args.get("data") {
+            Some(Value::Object(m)) => m,
+            _ => &empty,
+        };
+        let request = convert::from_json(&srv.request, data)
+            .map_err(|e| CallError::invalid(format!("{e}; the service was not called")))?;
+        let caller = format!("/{}_client", cfg.node_name);
+        let timeout = Duration::from_secs(cfg.service_timeout_s);
+        let response = crate::service::call(&Self::master_uri(), &caller, &s.service, srv, &request, timeout)
+            .map_err(CallError::unavailable)?;
+        Ok(json!({
+            "request_id": args.get("request_id").cloned().unwrap_or(Value::Null),
+            "service": s.service,
+            "type": srv.name,
+            "response": convert::message_to_json(&response),
         }))
     }
 
@@ -225,6 +268,19 @@ impl Component for Bridge {
                     ],
                 },
                 ActionSpec {
+                    name: name("service"),
+                    help: "call a configured ROS service, the request checked against its type first".into(),
+                    params: vec![
+                        ParamSpec::required("name", ParamKind::Text { max_len: 64 }, "the service's name in cfg"),
+                        ParamSpec::optional(
+                            "data",
+                            ParamKind::Object { max_bytes: MAX_DATA_BYTES },
+                            "the request's fields",
+                        ),
+                        ParamSpec::optional("request_id", ParamKind::Text { max_len: 64 }, "returned as given"),
+                    ],
+                },
+                ActionSpec {
                     name: name("topics"),
                     help: "the ROS master's topics and their types (at most 200)".into(),
                     params: Vec::new(),
@@ -242,6 +298,8 @@ impl Component for Bridge {
             "stale_after_s": 10,
             "subscriptions": {},
             "publishers": {},
+            "services": {},
+            "service_timeout_s": 5,
         }) else {
             unreachable!()
         };
@@ -260,8 +318,12 @@ impl Component for Bridge {
         if c.stale_after_s == 0 || c.stale_after_s > 86_400 {
             return Err("stale_after_s must be in 1..=86400".into());
         }
-        if c.subscriptions.len() > 32 || c.publishers.len() > 32 {
-            return Err("at most 32 subscriptions and 32 publishers".into());
+        if c.subscriptions.len() > 32 || c.publishers.len() > 32 || c.services.len() > 32 {
+            return Err("at most 32 subscriptions, 32 publishers and 32 services".into());
+        }
+        if c.service_timeout_s == 0 || c.service_timeout_s > 25 {
+            // The agent gives a call 30 s.
+            return Err("service_timeout_s must be in 1..=25".into());
         }
         let mut subs = Vec::new();
         for (name, s) in &c.subscriptions {
@@ -291,9 +353,17 @@ impl Component for Bridge {
             types.insert(name.clone(), ty.clone());
             pubs.push(PubPlan { name: name.clone(), topic: p.topic.clone(), ty });
         }
+        let mut services = HashMap::new();
+        for (name, s) in &c.services {
+            check_name("service", name)?;
+            check_topic(&s.service).map_err(|e| format!("services.{name}: {e}").replace("topic", "service"))?;
+            let srv = registry.service(&s.srv_type).map_err(|e| format!("services.{name}: {e}"))?;
+            services.insert(name.clone(), Arc::new(srv));
+        }
         let plan = Plan { node_name: c.node_name.clone(), subs, pubs, max_payload: c.max_payload_bytes };
         self.registry = registry;
         self.types = types;
+        self.services = services;
         self.cfg = Some(c);
         self.stale.clear();
         self.configured_at = Instant::now();
@@ -331,6 +401,7 @@ impl Component for Bridge {
     fn call(&mut self, action: &str, args: &Map<String, Value>, _ctx: &mut Ctx) -> Result<Value, CallError> {
         match action {
             "publish" => self.publish(args),
+            "service" => self.call_service(args),
             "topics" => {
                 let node = self.node.as_ref().ok_or_else(|| CallError::unavailable("the bridge is not started"))?;
                 let mut topics = node.topics().map_err(CallError::unavailable)?;
@@ -362,12 +433,19 @@ impl Component for Bridge {
             .flat_map(|c| c.publishers.iter())
             .map(|(n, p)| (n.clone(), json!({"topic": p.topic, "type": p.msg_type})))
             .collect();
+        let services: Map<String, Value> = self
+            .cfg
+            .iter()
+            .flat_map(|c| c.services.iter())
+            .map(|(n, s)| (n.clone(), json!({"service": s.service, "type": s.srv_type})))
+            .collect();
         let Value::Object(m) = json!({
             "master": if self.master.is_ok() { "connected" } else { "unreachable" },
             "master_uri": Self::master_uri(),
             "node": self.master.as_ref().ok(),
             "streams": streams,
             "publishers": publishers,
+            "services": services,
         }) else {
             unreachable!()
         };

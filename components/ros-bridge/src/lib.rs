@@ -6,4 +6,5 @@
 pub mod bridge;
 pub mod convert;
 pub mod node;
+pub mod service;
 pub mod types;

@@ -45,6 +45,21 @@ const BUILTIN: &[(&str, &str)] = &[
     ("sensor_msgs/Image", include_str!("../msg/sensor_msgs/Image.msg")),
 ];
 
+const BUILTIN_SRV: &[(&str, &str)] = &[
+    ("std_srvs/Empty", include_str!("../msg/std_srvs/Empty.srv")),
+    ("std_srvs/SetBool", include_str!("../msg/std_srvs/SetBool.srv")),
+    ("std_srvs/Trigger", include_str!("../msg/std_srvs/Trigger.srv")),
+];
+
+/// A service type: its request and response as message types, and the service's md5sum.
+#[derive(Debug)]
+pub struct SrvType {
+    pub name: String,
+    pub md5sum: String,
+    pub request: MsgType,
+    pub response: MsgType,
+}
+
 /// A type name as ROS writes it: `package/Name`.
 pub fn parse_name(name: &str) -> Result<MessagePath, String> {
     let (pkg, msg) = name.split_once('/').ok_or_else(|| format!("{name:?} is not PACKAGE/Type"))?;
@@ -75,6 +90,47 @@ impl Registry {
         // Every type this one needs, each once, dependencies before dependents.
         let mut order: Vec<Msg> = Vec::new();
         self.collect(&path, &mut order, &mut Vec::new())?;
+        let (t, _) = Self::assemble(name, order)?;
+        let t = Arc::new(t);
+        self.cache.insert(name.to_owned(), t.clone());
+        Ok(t)
+    }
+
+    /// A service type: `PKG/srv/NAME.srv` in the search path, or built in; its halves are
+    /// the messages `NAMERequest` and `NAMEResponse`, and its md5sum covers both.
+    pub fn service(&mut self, name: &str) -> Result<SrvType, String> {
+        let path = parse_name(name)?;
+        let source = self.srv_source(&path)?;
+        let lines: Vec<&str> = source.lines().collect();
+        let mut halves: Vec<String> = lines.split(|l| l.trim_end() == "---").map(|ls| ls.join("\n")).collect();
+        if halves.len() != 2 {
+            return Err(format!("{name}: a service definition is a request, a line ---, and a response"));
+        }
+        let response_src = halves.pop().unwrap_or_default();
+        let request_src = halves.pop().unwrap_or_default();
+        let mut reprs = String::new();
+        let mut built = Vec::new();
+        for (suffix, src) in [("Request", request_src), ("Response", response_src)] {
+            let half =
+                MessagePath::new(path.package(), format!("{}{suffix}", path.name())).map_err(|e| e.to_string())?;
+            let msg = Msg::new(half.clone(), &src).map_err(|e| format!("{half}: {e}"))?;
+            let mut order = Vec::new();
+            for dep in msg.dependencies() {
+                self.collect(&dep, &mut order, &mut vec![half.clone()])?;
+            }
+            order.push(msg);
+            let (t, sums) = Self::assemble(&half.to_string(), order)?;
+            let main = t.codec.msg();
+            reprs.push_str(&main.get_md5_representation(&sums).map_err(|e| format!("{half}: {e}"))?);
+            built.push(t);
+        }
+        let response = built.pop().ok_or("no response")?;
+        let request = built.pop().ok_or("no request")?;
+        Ok(SrvType { name: name.to_owned(), md5sum: hex(&Md5::digest(reprs.as_bytes())), request, response })
+    }
+
+    /// A type from its definitions, dependencies first: md5sums and the full definition.
+    fn assemble(name: &str, order: Vec<Msg>) -> Result<(MsgType, HashMap<MessagePath, String>), String> {
         let mut sums: HashMap<MessagePath, String> = HashMap::new();
         for m in &order {
             let repr = m.get_md5_representation(&sums).map_err(|e| format!("{}: {e}", m.path()))?;
@@ -92,9 +148,26 @@ impl Registry {
             definition.push('\n');
         }
         let codec = DynamicMsg::new(name, &definition).map_err(|e| format!("{name}: {e}"))?;
-        let t = Arc::new(MsgType { name: name.to_owned(), md5sum, definition, codec });
-        self.cache.insert(name.to_owned(), t.clone());
-        Ok(t)
+        Ok((MsgType { name: name.to_owned(), md5sum, definition, codec }, sums))
+    }
+
+    fn srv_source(&self, path: &MessagePath) -> Result<String, String> {
+        for dir in &self.dirs {
+            let file = dir.join(path.package()).join("srv").join(format!("{}.srv", path.name()));
+            match std::fs::read_to_string(&file) {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", file.display())),
+            }
+        }
+        let name = path.to_string();
+        BUILTIN_SRV.iter().find(|(n, _)| *n == name).map(|(_, s)| (*s).to_owned()).ok_or_else(|| {
+            format!(
+                "no definition of the service {name}: not built in, and no {}/srv/{}.srv in msg_paths",
+                path.package(),
+                path.name()
+            )
+        })
     }
 
     fn collect(&self, path: &MessagePath, order: &mut Vec<Msg>, stack: &mut Vec<MessagePath>) -> Result<(), String> {
@@ -164,6 +237,10 @@ mod tests {
         ] {
             assert_eq!(r.get(name).unwrap().md5sum, sum, "{name}");
         }
+        // Services: the sums `rossrv md5` prints.
+        assert_eq!(r.service("std_srvs/SetBool").unwrap().md5sum, "09fb03525b03e7ea1fd3992bafd87e16");
+        assert_eq!(r.service("std_srvs/Trigger").unwrap().md5sum, "937c9679a518e3a18d831e57125ea522");
+        assert_eq!(r.service("std_srvs/Empty").unwrap().md5sum, "d41d8cd98f00b204e9800998ecf8427e");
         let odom = r.get("nav_msgs/Odometry").unwrap();
         assert!(odom.definition.contains("\nMSG: geometry_msgs/PoseWithCovariance\n"), "{}", odom.definition);
         assert_eq!(odom.definition.matches("MSG: geometry_msgs/Vector3").count(), 1);
