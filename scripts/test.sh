@@ -9,6 +9,8 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 have mosquitto || need+=(mosquitto)
 have openssl || need+=(openssl)
 have lintian || need+=(lintian)
+# `debfleet monitor` is tested in a real terminal.
+have tmux || need+=(tmux)
 # Devices in tests are systemd-nspawn containers booted from a debootstrapped rootfs.
 have systemd-nspawn || need+=(systemd-container)
 have debootstrap || need+=(debootstrap)

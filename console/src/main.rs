@@ -10,6 +10,7 @@ mod fleet;
 mod keys;
 mod lab;
 mod manual;
+mod monitor;
 mod output;
 mod packages;
 mod remote;
@@ -159,6 +160,13 @@ enum Command {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+    },
+    /// A live terminal view of the fleet for debugging: devices, running operations,
+    /// components, a merged log and message rates (q quits).
+    Monitor {
+        /// Start with only this group's devices (g cycles through the groups).
+        #[arg(long)]
+        group: Option<String>,
     },
     /// List a device's operations, or clear finished ones.
     Ops {
@@ -730,6 +738,7 @@ fn main() -> ExitCode {
                 cmds::cfg_set(&ctx, &device, &assignments, timeout, json).await
             }
             Command::Watch { device, group, json } => watch::run(&ctx, device, group, json).await,
+            Command::Monitor { group } => monitor::run(&ctx, group).await,
             Command::Install { pkg } => {
                 packages::run(&ctx, pkg.request(debfleet_protocol::Verb::Install, false, false)).await
             }
