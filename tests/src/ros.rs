@@ -93,7 +93,15 @@ impl RosMaster {
     /// `rostopic echo TOPIC` (with `-p`, one line a message), its lines collected, killed on
     /// drop.
     pub fn echo(&self, topic: &str) -> RosProc {
-        self.collect(self.command("rostopic").args(["echo", "-p", topic]).env("PYTHONUNBUFFERED", "1"))
+        self.echo_with(topic, &[])
+    }
+
+    /// `rostopic echo -p` with more options (`--offset`: times as offsets from when rostopic
+    /// received the message, in ns).
+    pub fn echo_with(&self, topic: &str, options: &[&str]) -> RosProc {
+        self.collect(
+            self.command("rostopic").args(["echo", "-p"]).args(options).arg(topic).env("PYTHONUNBUFFERED", "1"),
+        )
     }
 
     /// A rospy program (Debian's `/usr/bin/python3 -c`, which has the ROS modules), its output
