@@ -7,6 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --bins
 if [ "$(id -u)" -eq 0 ]; then
+    # The demo's robot runs on ROS 1: Debian's rosmaster, on this machine.
+    if ! command -v rosmaster >/dev/null; then
+        echo "installing python3-rosmaster (the demo's robot speaks ROS 1)" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-rosmaster >/dev/null
+    fi
     bash scripts/build-debs.sh >/dev/null
     agent_deb=$(ls target/debs/debfleet-agent_*.deb | head -n 1)
     exec target/debug/debfleet demo --agent-deb "$agent_deb" "$@"

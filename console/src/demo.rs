@@ -100,30 +100,105 @@ const SIM_TTY: &str = "/run/projector-sim.tty";
 /// Gives a device "a projector on its serial port": the projector component installed through
 /// debfleet like any package, a simulated Optoma projector on a pseudo-terminal beside it (the
 /// lab has no serial ports; a drop-in allows ptys), and the component pointed at it.
-fn attach_projector(ctx: &Ctx, lab: &Lab, name: &str) -> Result<()> {
-    use debfleet_protocol::{CommandArgs, DeviceId, PackageOptions, PackageSpec};
-    eprintln!("demo: attaching a (simulated) projector to {name}...");
-    let id = DeviceId::new(name)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let call = |args: CommandArgs| -> Result<()> {
-        rt.block_on(async {
-            let (mut session, mut fleet) = crate::cmds::load_fleet(ctx).await?;
-            let req = crate::request::Request {
-                target: crate::request::Target::Devices(vec![id.clone()]),
-                args,
-                timeout: Duration::from_secs(300),
-                expires: None,
-                by: ctx.by.clone(),
-            };
-            let outcomes = crate::request::send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
-            session.disconnect().await;
-            match outcomes.first() {
-                Some(o) if o.ok => Ok(()),
-                Some(o) => bail!("{name}: {}", o.error.clone().unwrap_or_default()),
-                None => bail!("{name}: no answer"),
+/// A child that gets SIGTERM when the demo goes, even when the demo is killed with SIGKILL (the
+/// repository server would otherwise keep its port, and the next demo would find it taken).
+fn dies_with_demo(mut cmd: Command) -> Command {
+    // SAFETY: prctl in the child between fork and exec, async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
-        })
-    };
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// One command to one device, waited for.
+fn command(ctx: &Ctx, name: &str, args: debfleet_protocol::CommandArgs) -> Result<()> {
+    let id = debfleet_protocol::DeviceId::new(name)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let (mut session, mut fleet) = crate::cmds::load_fleet(ctx).await?;
+        let req = crate::request::Request {
+            target: crate::request::Target::Devices(vec![id]),
+            args,
+            timeout: Duration::from_secs(300),
+            expires: None,
+            by: ctx.by.clone(),
+        };
+        let outcomes = crate::request::send_and_wait(&mut session, &ctx.topics, &mut fleet, &req).await?;
+        session.disconnect().await;
+        match outcomes.first() {
+            Some(o) if o.ok => Ok(()),
+            Some(o) => bail!("{name}: {}", o.error.clone().unwrap_or_default()),
+            None => bail!("{name}: no answer"),
+        }
+    })
+}
+
+/// A component call, retried for a while: the component may still be connecting to its agent.
+fn call_component(ctx: &Ctx, name: &str, component: &str, action: &str, args: serde_json::Value) -> Result<()> {
+    let serde_json::Value::Object(args) = args else { bail!("arguments must be an object") };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = debfleet_protocol::CommandArgs::Call {
+            component: component.parse()?,
+            action: action.parse()?,
+            args: args.clone(),
+        };
+        match command(ctx, name, a) {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// A ROS 1 master for the robot on this machine (the lab's devices share its network), when
+/// Debian's rosmaster is installed (scripts/run.sh installs it).
+fn start_rosmaster(work: &Path) -> Result<Option<(Child, String)>> {
+    if !Path::new("/usr/bin/rosmaster").exists() {
+        eprintln!("demo: no rosmaster (apt-get install python3-rosmaster): no robot in this demo");
+        return Ok(None);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let child = dies_with_demo(Command::new("/usr/bin/rosmaster"))
+        .args(["--core", "-p", &port.to_string()])
+        .env("ROS_HOME", work.join("ros"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join("rosmaster.log"))?)
+        .spawn()
+        .context("starting rosmaster")?;
+    Ok(Some((child, format!("http://127.0.0.1:{port}/"))))
+}
+
+/// Gives a device a (simulated) robot: the simulated base, the patrol sample and the ROS
+/// bridge installed through debfleet like any package, pointed at the demo's ROS master; the
+/// bridge forwards the robot's position once a second and may drive it on /cmd_vel.
+fn attach_robot(ctx: &Ctx, lab: &Lab, name: &str, master: &str) -> Result<()> {
+    use debfleet_protocol::{CommandArgs, PackageOptions, PackageSpec};
+    eprintln!("demo: giving {name} a (simulated) robot on ROS 1...");
+    let packages = ["debfleet-sim-robot", "debfleet-robot-sample", "debfleet-ros-bridge"]
+        .map(|p| PackageSpec { name: p.into(), version: None })
+        .to_vec();
+    command(ctx, name, CommandArgs::Install { packages, options: PackageOptions::default() })?;
+    let dev = lab.attach(name)?;
+    dev.write("/etc/default/debfleet-ros", &format!("ROS_MASTER_URI={master}\nROS_HOSTNAME=127.0.0.1\n"))?;
+    dev.ok(&["systemctl", "restart", "debfleet-sim-robot", "debfleet-robot-sample", "debfleet-ros-bridge"])?;
+    let cfg = serde_json::json!({
+        "subscriptions": {"odom": {"topic": "/odom", "max_rate_hz": 1, "fields": ["pose.pose.position"]}},
+        "publishers": {"cmd_vel": {"topic": "/cmd_vel", "type": "geometry_msgs/Twist"}},
+    });
+    call_component(ctx, name, "ros-bridge", "cfg", cfg)
+}
+
+fn attach_projector(ctx: &Ctx, lab: &Lab, name: &str) -> Result<()> {
+    use debfleet_protocol::{CommandArgs, PackageOptions, PackageSpec};
+    eprintln!("demo: attaching a (simulated) projector to {name}...");
+    let call = |args: CommandArgs| command(ctx, name, args);
     let package = PackageSpec { name: "debfleet-projector".into(), version: None };
     call(CommandArgs::Install { packages: vec![package], options: PackageOptions::default() })?;
     let dev = lab.attach(name)?;
@@ -135,22 +210,12 @@ fn attach_projector(ctx: &Ctx, lab: &Lab, name: &str) -> Result<()> {
     dev.ok(&["systemctl", "daemon-reload"])?;
     dev.ok(&["systemd-run", "--unit=projector-sim", "/usr/bin/debfleet-projector", "--simulate", SIM_TTY])?;
     dev.ok(&["systemctl", "restart", "debfleet-projector"])?;
-    let mut port = serde_json::Map::new();
-    port.insert("port".into(), SIM_TTY.into());
-    // The component may take a moment to connect to the agent after its restart.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let args = CommandArgs::Call { component: "projector".parse()?, action: "cfg".parse()?, args: port.clone() };
-        match call(args) {
-            Ok(()) => return Ok(()),
-            Err(e) if std::time::Instant::now() > deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
-        }
-    }
+    call_component(ctx, name, "projector", "cfg", serde_json::json!({"port": SIM_TTY}))
 }
 
 struct Services {
     repo: Option<Child>,
+    ros: Option<Child>,
     lab: Lab,
 }
 
@@ -160,9 +225,9 @@ impl Drop for Services {
         if !gone.is_empty() {
             eprintln!("demo: stopped {}", gone.join(", "));
         }
-        if let Some(mut r) = self.repo.take() {
-            let _ = r.kill();
-            let _ = r.wait();
+        for mut c in [self.repo.take(), self.ros.take()].into_iter().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -236,20 +301,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         bail!("debfleet-repo init: {}", String::from_utf8_lossy(&init.stderr));
     }
     let token = String::from_utf8_lossy(&init.stdout).lines().last().unwrap_or_default().trim().to_owned();
-    let mut serve = Command::new(repo_binary());
-    // The repository server dies with the demo, even when the demo is killed with SIGKILL
-    // (it would otherwise keep the port and the next demo would find it taken).
-    // SAFETY: prctl in the child between fork and exec, async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        serve.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let repo = serve
+    let repo = dies_with_demo(Command::new(repo_binary()))
         .args(["serve", "--root"])
         .arg(&root)
         .args(["--listen", &args.repo_listen.to_string()])
@@ -257,7 +309,7 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
         .stderr(std::fs::File::create(work.join("repo.log"))?)
         .spawn()
         .context("starting debfleet-repo")?;
-    let services = Services { repo: Some(repo), lab: Lab::open() };
+    let mut services = Services { repo: Some(repo), ros: None, lab: Lab::open() };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(args.repo_listen).is_err() {
         if std::time::Instant::now() > deadline {
@@ -281,8 +333,13 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     let projector = sibling_deb(&agent_deb, "debfleet-projector_")
         .context("no debfleet-projector package beside the agent's: build both with scripts/build-debs.sh")?;
     client.upload(&projector, "stable")?;
+    for p in ["debfleet-ros-bridge_", "debfleet-robot-sample_", "debfleet-sim-robot_"] {
+        let deb = sibling_deb(&agent_deb, p)
+            .with_context(|| format!("no {p}*.deb beside the agent's: build them with scripts/build-debs.sh"))?;
+        client.upload(&deb, "stable")?;
+    }
     eprintln!(
-        "demo: repository at {repo_url} with debfleet-agent, debfleet-led-strip, debfleet-projector and debfleet-hello 1.0, 2.0"
+        "demo: repository at {repo_url} with debfleet-agent, the components (LED strip, projector, ROS bridge, robot sample) and debfleet-hello 1.0, 2.0"
     );
 
     // The devices, taking the agent from the repository like a real fleet would.
@@ -302,6 +359,14 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
     if let Some(name) = &projector_on {
         attach_projector(&ctx, &services.lab, name)?;
     }
+    let robot_on = match start_rosmaster(&work)? {
+        Some((child, uri)) => {
+            services.ros = Some(child);
+            attach_robot(&ctx, &services.lab, "lab-1", &uri)?;
+            Some("lab-1")
+        }
+        None => None,
+    };
     // The web console, signed in to as `demo` with a password made now (kept in the demo's
     // directory with its audit log, both gone with it).
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -354,7 +419,8 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
          \x20 debfleet component frames lab-1 led-strip         # what the strip shows, frame by frame\n\
          \x20 debfleet component cfg lab-1 led-strip brightness=30\n\
          \x20 debfleet component show lab-1 led-strip           # its actions, state, metrics, configuration\n\
-{projector}\x20 debfleet watch --group lab                        # status, progress, logs, telemetry\n\
+{projector}{robot}\x20 debfleet watch --group lab                        # status, progress, logs, telemetry\n\
+         \x20 debfleet monitor                                  # the fleet live in a terminal: arrows, g for groups, q\n\
          \x20 debfleet lab kill lab-2 && debfleet devices      # lost, dated by when it was last heard\n\
          \x20 debfleet lab boot lab-2                          # and back\n\
          \x20 source <(debfleet completions bash)              # tab completion\n\
@@ -369,6 +435,17 @@ pub fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8> {
                 "\x20 debfleet component call {d} projector power on=true   # {d}'s (simulated) projector: acknowledged\n\
                  \x20 debfleet component call {d} projector input source=hdmi2\n\
                  \x20 debfleet component show {d} projector              # what the projector said: power, input\n"
+            ),
+            None => String::new(),
+        },
+        robot = match robot_on {
+            Some(d) => format!(
+                "\x20 debfleet component call {d} robot patrol laps=2  # the sample robot drives the simulated one (ROS 1)\n\
+                 \x20 debfleet component show {d} robot                 # where it is: pose, waypoint, lap\n\
+                 \x20 debfleet component call {d} robot stop\n\
+                 \x20 debfleet component show {d} ros-bridge            # the ROS bridge: streams, publishers, the master\n\
+                 \x20 debfleet component call {d} ros-bridge topics     # the robot's ROS topics and their types\n\
+                 \x20 debfleet component call {d} ros-bridge publish publisher=cmd_vel 'data={{\"angular\":{{\"z\":1}}}}'\n"
             ),
             None => String::new(),
         }

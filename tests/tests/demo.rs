@@ -32,10 +32,14 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
         ])
         .env("DEBFLEET_LAB_DIR", labdir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(labdir.path().join("demo.stderr")).unwrap())
         .spawn()
         .unwrap();
     wait_for(Duration::from_secs(60), "the demo's broker", || {
+        if let Ok(Some(status)) = demo.try_wait() {
+            let err = std::fs::read_to_string(labdir.path().join("demo.stderr")).unwrap_or_default();
+            panic!("the demo exited ({status}) before its broker listened:\n{err}");
+        }
         std::net::TcpStream::connect(("127.0.0.1", broker_port)).ok()
     });
     // The tour, as it is printed (the demo keeps running after it).
@@ -176,6 +180,18 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     let v: serde_json::Value = serde_json::from_str(&on).unwrap();
     assert_eq!(v[0]["result"]["power"], "on", "{on}");
     assert_eq!(v[0]["result"]["connection"], "connected", "{on}");
+    // lab-1's (simulated) robot on ROS 1, set up by the demo: the patrol starts and moves it, the
+    // bridge forwards its position, and it stops.
+    let robot = observe(&["debfleet/device/lab-1/components/+/stream", "debfleet/device/lab-1/components/robot/state"]);
+    let started = run(&["component", "call", "lab-1", "robot", "patrol", "--json"]);
+    assert!(started.contains("\"patrolling\""), "{started}");
+    robot.wait("debfleet/device/lab-1/components/robot/state", Duration::from_secs(30), |v| {
+        v["state"]["pose"]["x"].as_f64().unwrap_or(0.0) > 0.1
+    });
+    robot.wait("debfleet/device/lab-1/components/ros-bridge/stream", Duration::from_secs(30), |v| {
+        v["stream"] == "odom" && v["value"]["pose"]["pose"]["position"]["x"].as_f64().unwrap_or(0.0) > 0.1
+    });
+    run(&["component", "call", "lab-1", "robot", "stop"]);
 
     // The tour's desired state: the group's record takes both devices back to 1.0.
     let desired = observe(&["debfleet/device/+/state/desired"]);
@@ -231,6 +247,9 @@ fn demo_runs_a_small_fleet_and_cleans_up() {
     assert!(status.success());
     assert_eq!(std::fs::read_dir(labdir.path().join("devices")).map(|d| d.count()).unwrap_or(0), 0);
     assert!(std::net::TcpStream::connect(("127.0.0.1", repo_port)).is_err(), "repository stopped");
+    assert!(tour.lock().unwrap().contains("debfleet component call lab-1 robot patrol"), "the tour shows the robot");
+    assert!(tour.lock().unwrap().contains("debfleet monitor"), "the tour shows the monitor");
+
     // The tour's lines work when pasted into another terminal: the binaries go on the PATH.
     let tour = tour.lock().unwrap().clone();
     let dir = bin("debfleet").parent().unwrap().display().to_string();
