@@ -71,7 +71,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let exe =
         std::env::var("DEBFLEET_ROS_BRIDGE_BIN").unwrap_or_else(|_| bin("debfleet-ros-bridge").display().to_string());
-    let mut bridge = Command::new(&exe)
+    let bridge = Command::new(&exe)
         .envs(master.env())
         .env("DEBFLEET_SOCKET", agent.socket())
         .env("STATE_DIRECTORY", dir.path().join("state"))
@@ -80,6 +80,7 @@ fn main() {
         .spawn()
         .unwrap();
     let pid = bridge.id();
+    let _bridge = Killed(bridge);
     let stream = "debfleet/device/bench-ros/components/ros-bridge/stream";
     let samples = mqtt_latencies(m.port, stream);
     let configure = |decimate: u32| {
@@ -97,7 +98,7 @@ fn main() {
     });
     configure(100);
     // -s: each message stamped anew as it is published.
-    let mut publisher = master
+    let publisher = master
         .command("rostopic")
         .args(["pub", "-s", "-r", "100", "/odom", "nav_msgs/Odometry"])
         .arg("{header: {stamp: now, frame_id: odom}, pose: {pose: {position: {x: 1.0, y: 2.0}}}, twist: {twist: {linear: {x: 0.5}}}}")
@@ -106,6 +107,7 @@ fn main() {
         .spawn()
         .unwrap();
     // rostopic's own latency: with --offset, the stamp as an offset (ns) from its receive time.
+    let _publisher = Killed(publisher);
     let echo = master.echo_with("/odom", &["--offset"]);
     wait_for(Duration::from_secs(30), "the first sample", || (!samples.lock().unwrap().is_empty()).then_some(()));
     std::thread::sleep(Duration::from_secs(3));
@@ -156,9 +158,5 @@ fn main() {
         }
         let (n, p50, p99, max) = quantiles(v);
         println!("  latency {what:<24} n={n:<5} p50 {p50:6.2} ms  p99 {p99:6.2} ms  max {max:6.2} ms  (goal p99 <= 20 ms: {:.2}x)", p99 / 20.0);
-    }
-    for c in [&mut bridge, &mut publisher] {
-        let _ = c.kill();
-        let _ = c.wait();
     }
 }

@@ -83,7 +83,7 @@ fn the_monitor_follows_the_fleet_in_a_terminal() {
 
     // A component on mo-1, and an operation: the right-hand panels.
     let dir = tempfile::tempdir().unwrap();
-    let mut strip = Command::new(bin("debfleet-led-strip"))
+    let strip = Command::new(bin("debfleet-led-strip"))
         .env("DEBFLEET_SOCKET", a1.socket())
         .env("STATE_DIRECTORY", dir.path().join("state"))
         .env("RUNTIME_DIRECTORY", dir.path().join("run"))
@@ -91,6 +91,8 @@ fn the_monitor_follows_the_fleet_in_a_terminal() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed however the test ends (it would otherwise reconnect to a dead socket forever).
+    let _strip = Killed(strip);
     t.wait("the LED strip", |s| s.contains("Components of mo-1") && s.contains("led-strip") && s.contains("idle"));
     let (code, _, text) = console_result(&m.url(), &["component", "call", "mo-1", "led-strip", "rainbow-cycle"]);
     assert_eq!(code, Some(0), "{text}");
@@ -121,6 +123,4 @@ fn the_monitor_follows_the_fleet_in_a_terminal() {
     t.wait("mo-2 not online", |s| s.contains("Devices 1/2 online"));
     t.keys(&["q"]);
     wait_for(Duration::from_secs(10), "the monitor to quit", || (!t.alive()).then_some(()));
-    strip.kill().unwrap();
-    strip.wait().unwrap();
 }

@@ -102,8 +102,10 @@ pub struct Ctx {
 }
 
 /// At most this many stream samples a second leave a component: the agent ends a connection
-/// that sends more than 200 frames in a second, and a device's link is small.
+/// that sends more than 200 frames in a second, and a device's link is small. Counted in
+/// quarter seconds, so that no second, however it falls, carries more than 125.
 pub const MAX_SAMPLES_PER_S: u32 = 100;
+const SAMPLE_WINDOW: Duration = Duration::from_millis(250);
 
 /// Wakes the runtime's loop from a component's own thread (a ROS callback, a serial reader), so
 /// [`Component::tick`] runs at once instead of at the next timer.
@@ -143,13 +145,15 @@ impl Ctx {
     }
 
     /// A sample of the named stream, sent as it is (`device/ID/components/CID/stream`). Beyond
-    /// [`MAX_SAMPLES_PER_S`] a second samples are dropped and counted ([`Ctx::samples_dropped`]).
+    /// [`MAX_SAMPLES_PER_S`] a second, or too big for a frame, samples are dropped and counted
+    /// ([`Ctx::samples_dropped`]).
     pub fn sample(&mut self, stream: &str, value: Value, now: Instant) {
         let (start, n) = self.sample_second.get_or_insert((now, 0));
-        if now.duration_since(*start) >= Duration::from_secs(1) {
+        if now.duration_since(*start) >= SAMPLE_WINDOW {
             (*start, *n) = (now, 0);
         }
-        if *n >= MAX_SAMPLES_PER_S {
+        let size = serde_json::to_vec(&value).map_or(usize::MAX, |b| b.len()) + stream.len();
+        if *n >= MAX_SAMPLES_PER_S / 4 || size > debfleet_protocol::component::MAX_FRAME_BYTES - 1024 {
             self.samples_dropped += 1;
             return;
         }

@@ -65,6 +65,8 @@ pub struct Patrol {
     moving: bool,
     started: Option<Instant>,
     took: Option<Duration>,
+    /// Odometry wakes the loop at its own rate: the controller runs at CONTROL_PERIOD.
+    next_control: Instant,
 }
 
 impl Default for Patrol {
@@ -90,6 +92,7 @@ impl Patrol {
             moving: false,
             started: None,
             took: None,
+            next_control: Instant::now(),
         }
     }
 
@@ -342,8 +345,11 @@ impl Component for Patrol {
             }
         }
         if self.mode == Mode::Patrolling {
-            self.control(now, ctx);
-            Some(CONTROL_PERIOD)
+            if now >= self.next_control {
+                self.next_control = now + CONTROL_PERIOD;
+                self.control(now, ctx);
+            }
+            Some(self.next_control.saturating_duration_since(now))
         } else {
             Some(Duration::from_millis(500))
         }

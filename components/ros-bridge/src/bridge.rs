@@ -365,10 +365,12 @@ impl Component for Bridge {
         self.types = types;
         self.services = services;
         self.cfg = Some(c);
+        if self.plan.as_ref().is_some_and(|old| old.same_as(&plan)) {
+            return Ok(());
+        }
         self.stale.clear();
         self.configured_at = Instant::now();
         if let Some(node) = &self.node {
-            node.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clear();
             node.plan(plan.clone());
         }
         self.plan = Some(plan);

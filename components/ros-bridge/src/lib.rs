@@ -8,3 +8,4 @@ pub mod convert;
 pub mod node;
 pub mod service;
 pub mod types;
+pub mod xmlrpc;

@@ -14,8 +14,8 @@ use rosrust::api::Ros;
 use rosrust::{DynamicMsg, Publisher, RawMessage, RawMessageDescription, Subscriber};
 use serde_json::Value as Json;
 
-use crate::convert;
 use crate::types::MsgType;
+use crate::{convert, xmlrpc};
 
 /// One ROS topic forwarded as a stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +42,20 @@ pub struct Plan {
     pub subs: Vec<SubPlan>,
     pub pubs: Vec<PubPlan>,
     pub max_payload: usize,
+}
+
+impl Plan {
+    /// Whether the node would do the same under `other` (a configuration change elsewhere
+    /// must not re-register it).
+    pub fn same_as(&self, other: &Plan) -> bool {
+        let pubs = |p: &Plan| -> Vec<(String, String, String)> {
+            p.pubs.iter().map(|x| (x.name.clone(), x.topic.clone(), x.ty.md5sum.clone())).collect()
+        };
+        self.node_name == other.node_name
+            && self.subs == other.subs
+            && self.max_payload == other.max_payload
+            && pubs(self) == pubs(other)
+    }
 }
 
 /// What the node tells the component.
@@ -145,11 +159,27 @@ impl Node {
     }
 }
 
-/// A registered node and what it holds; dropping it unregisters.
+/// A registered node and what it holds; dropping it unregisters and stops the node's own
+/// XML-RPC server (rosrust's `Ros` has no `Drop`: its threads would stay, one set per
+/// reconnection).
 struct Live {
     ros: Ros,
-    _subs: Vec<Subscriber>,
+    subs: Vec<Subscriber>,
 }
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.subs.clear();
+        let _ = xmlrpc::call(self.ros.uri(), "shutdown", &[self.ros.name(), "replaced"], Duration::from_secs(1));
+    }
+}
+
+fn master_uri() -> String {
+    std::env::var("ROS_MASTER_URI").unwrap_or_else(|_| "http://localhost:11311/".into())
+}
+
+/// How long the master has to answer one of the node's own questions.
+const MASTER_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn run(rx: Receiver<Cmd>, events: Sender<Event>, waker: Wake, shared: Arc<Shared>) {
     let tell = |e: Event| {
@@ -165,6 +195,7 @@ fn run(rx: Receiver<Cmd>, events: Sender<Event>, waker: Wake, shared: Arc<Shared
             Ok(Cmd::Plan(p)) => {
                 shared.publishers.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 live = None;
+                shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 plan = Some(p);
                 next_check = Instant::now();
                 continue;
@@ -220,24 +251,31 @@ fn run(rx: Receiver<Cmd>, events: Sender<Event>, waker: Wake, shared: Arc<Shared
     }
 }
 
-/// Whether the master still knows this node: every node publishes `/rosout`, so a master that
-/// lists no such publisher by this name was restarted since.
+/// Whether the master still knows this node as this process's: a master that was restarted has
+/// forgotten every registration (`lookupNode` fails), and a node of the same name started
+/// elsewhere has taken the name over (another URI).
 fn registered(ros: &Ros) -> Result<(), String> {
-    let state = ros.state().map_err(|e| format!("the ROS master stopped answering: {e}"))?;
-    let known = state.publishers.iter().any(|t| t.name == "/rosout" && t.connections.iter().any(|c| c == ros.name()));
-    if known {
+    let body = xmlrpc::call(&master_uri(), "lookupNode", &[ros.name(), ros.name()], MASTER_TIMEOUT)
+        .map_err(|e| format!("the ROS master stopped answering: {e}"))?;
+    if xmlrpc::status(&body) == Some(1) && body.contains(ros.uri()) {
         Ok(())
     } else {
-        Err("the ROS master was restarted; registering again".to_owned())
+        Err("the ROS master no longer knows this node (restarted?); registering again".to_owned())
     }
 }
 
 fn connect(plan: &Plan, shared: &Arc<Shared>, events: &Sender<Event>, waker: &Wake) -> Result<Live, String> {
-    let master = std::env::var("ROS_MASTER_URI").unwrap_or_else(|_| "http://localhost:11311/".into());
+    let master = master_uri();
+    // Asked first with a deadline: rosrust's own calls have none, and a node it creates before
+    // failing leaves its threads behind.
+    xmlrpc::call(&master, "getPid", &[&format!("/{}", plan.node_name)], MASTER_TIMEOUT)
+        .map_err(|e| format!("the ROS master at {master}: {e}"))?;
     let ros = Ros::new(&plan.node_name).map_err(|e| format!("the ROS master at {master}: {e}"))?;
+    let mut live = Live { ros, subs: Vec::new() };
+    let ros = &live.ros;
     let mut subs = Vec::new();
     for s in &plan.subs {
-        subs.push(subscribe(&ros, s, plan.max_payload, shared, events, waker)?);
+        subs.push(subscribe(ros, s, plan.max_payload, shared, events, waker)?);
     }
     let mut publishers = HashMap::new();
     for p in &plan.pubs {
@@ -252,7 +290,8 @@ fn connect(plan: &Plan, shared: &Arc<Shared>, events: &Sender<Event>, waker: &Wa
         publishers.insert(p.name.clone(), publisher);
     }
     *shared.publishers.lock().unwrap_or_else(|e| e.into_inner()) = publishers;
-    Ok(Live { ros, _subs: subs })
+    live.subs = subs;
+    Ok(live)
 }
 
 /// What one subscription's callbacks share: a decoder per publishing node (each sends its own
@@ -261,8 +300,24 @@ fn connect(plan: &Plan, shared: &Arc<Shared>, events: &Sender<Event>, waker: &Wa
 struct Gate {
     decoders: HashMap<String, DynamicMsg>,
     seen: u64,
-    last_forward: Option<Instant>,
-    warned: bool,
+    /// When the rate limit lets the next message through: advanced by the period from the last
+    /// due time, not from the message's arrival, so jitter does not halve the rate.
+    next_due: Option<Instant>,
+    /// The warnings already given, one bit per kind (each is said once).
+    warned: u8,
+}
+
+const WARN_DECODE: u8 = 1;
+const WARN_FIELDS: u8 = 2;
+const WARN_SIZE: u8 = 4;
+const WARN_NO_DECODER: u8 = 8;
+
+impl Gate {
+    fn first(&mut self, kind: u8) -> bool {
+        let first = self.warned & kind == 0;
+        self.warned |= kind;
+        first
+    }
 }
 
 fn subscribe(
@@ -279,53 +334,74 @@ fn subscribe(
     let (events, waker) = (events.clone(), waker.clone());
     let p = plan.clone();
     let stream = plan.stream.clone();
+    // The stats lock is taken only for counting: the component's thread reads them.
+    let count = move |f: &dyn Fn(&mut StreamStats)| {
+        let mut stats = s1.stats.lock().unwrap_or_else(|e| e.into_inner());
+        f(stats.entry(p.stream.clone()).or_default());
+    };
+    let p = plan.clone();
     let on_message = move |raw: RawMessage, caller: &str| {
         let now = Instant::now();
+        count(&|st| {
+            st.received += 1;
+            st.last_seen = Some(now);
+        });
         let mut gate = g1.lock().unwrap_or_else(|e| e.into_inner());
-        let mut stats = s1.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let st = stats.entry(p.stream.clone()).or_default();
-        st.received += 1;
-        st.last_seen = Some(now);
         gate.seen += 1;
         if (gate.seen - 1) % u64::from(p.decimate.max(1)) != 0 {
             return;
         }
         if p.max_rate_hz > 0.0 {
-            if let Some(last) = gate.last_forward {
-                if now.duration_since(last).as_secs_f64() < 1.0 / p.max_rate_hz {
-                    return;
-                }
+            let period = Duration::from_secs_f64(1.0 / p.max_rate_hz);
+            match gate.next_due {
+                Some(due) if now < due => return,
+                // After a pause the schedule starts again from now (no burst to catch up).
+                Some(due) => gate.next_due = Some((due + period).max(now)),
+                None => gate.next_due = Some(now + period),
             }
         }
-        let Some(decoder) = gate.decoders.get(caller) else { return };
+        let warn = |gate: &mut Gate, kind: u8, msg: String| {
+            if gate.first(kind) {
+                let _ = events.send(Event::Warn(msg));
+            }
+        };
+        let Some(decoder) = gate.decoders.get(caller) else {
+            // rosrust may hand over a message before the connection's header.
+            count(&|st| st.dropped += 1);
+            warn(
+                &mut gate,
+                WARN_NO_DECODER,
+                format!("{}: a message from {caller} before its definition; dropped", p.topic),
+            );
+            return;
+        };
         let value = match decoder.decode(std::io::Cursor::new(raw.0)) {
             Ok(m) => convert::message_to_json(&m),
             Err(e) => {
-                st.dropped += 1;
-                if !std::mem::replace(&mut gate.warned, true) {
-                    let _ =
-                        events.send(Event::Warn(format!("{}: a message from {caller} did not decode: {e}", p.topic)));
-                }
+                count(&|st| st.dropped += 1);
+                warn(&mut gate, WARN_DECODE, format!("{}: a message from {caller} did not decode: {e}", p.topic));
                 return;
             }
         };
         let (value, missing) = convert::select(&value, &p.fields);
-        if !missing.is_empty() && !std::mem::replace(&mut gate.warned, true) {
-            let _ = events.send(Event::Warn(format!("{}: no field {} in its messages", p.topic, missing.join(", "))));
+        if !missing.is_empty() {
+            warn(&mut gate, WARN_FIELDS, format!("{}: no field {} in its messages", p.topic, missing.join(", ")));
         }
         let size = serde_json::to_vec(&value).map(|b| b.len()).unwrap_or(usize::MAX);
         if size > max_payload {
-            st.dropped += 1;
-            if !std::mem::replace(&mut gate.warned, true) {
-                let _ = events.send(Event::Warn(format!(
+            count(&|st| st.dropped += 1);
+            warn(
+                &mut gate,
+                WARN_SIZE,
+                format!(
                     "{}: a message of {size} bytes as JSON is over max_payload_bytes ({max_payload}); dropped (select fields)",
                     p.topic
-                )));
-            }
+                ),
+            );
             return;
         }
-        gate.last_forward = Some(now);
-        st.forwarded += 1;
+        drop(gate);
+        count(&|st| st.forwarded += 1);
         let _ = events.send(Event::Sample { stream: p.stream.clone(), value });
         waker();
     };

@@ -1,15 +1,14 @@
 //! Calling a ROS service once: the master says where it is (`lookupService`), then TCPROS — a
 //! connection header naming the service and its md5sum (the server refuses another type), the
-//! request, and an ok byte with the response or the server's error. Bounded by a timeout
-//! throughout: a service that hangs costs its caller that long, never more.
+//! request, and an ok byte with the response or the server's error. One deadline for all of it,
+//! the master's answer included: a service that hangs costs its caller that long, never more.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ros_message::MessageValue;
-use rosrust::api::Master;
 
 use crate::types::SrvType;
 
@@ -24,10 +23,16 @@ pub fn call(
     request: &MessageValue,
     timeout: Duration,
 ) -> Result<MessageValue, String> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let mut body = Vec::new();
     srv.request.codec.encode(request, &mut body).map_err(|e| format!("encoding the request: {e}"))?;
-    let master = Master::new(master_uri, caller, "http://127.0.0.1:0/").map_err(|e| format!("the ROS master: {e}"))?;
-    let uri = master.lookup_service(service).map_err(|e| format!("looking up {service}: {e}"))?;
+    let answer = crate::xmlrpc::call(master_uri, "lookupService", &[caller, service], left())
+        .map_err(|e| format!("the ROS master: {e}"))?;
+    if crate::xmlrpc::status(&answer) != Some(1) {
+        return Err(format!("{service}: no such service registered with the ROS master"));
+    }
+    let uri = crate::xmlrpc::string_value(&answer).unwrap_or_default();
     let addr = uri
         .strip_prefix("rosrpc://")
         .map(|a| a.trim_end_matches('/'))
@@ -37,10 +42,16 @@ pub fn call(
         .map_err(|e| format!("{service} at {addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("{service} at {addr}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&sock, timeout).map_err(|e| format!("{service} at {addr}: {e}"))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    let io = |e: std::io::Error| format!("{service}: {e}");
+    let s = TcpStream::connect_timeout(&sock, left()).map_err(|e| format!("{service} at {addr}: {e}"))?;
+    // Every read and write gets what is left of the one deadline.
+    let mut s = Deadlined { s, deadline };
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut {
+            format!("{service}: no answer within {timeout:?}")
+        } else {
+            format!("{service}: {e}")
+        }
+    };
     write_header(
         &mut s,
         &[
@@ -65,6 +76,39 @@ pub fn call(
         return Err(format!("{service} failed: {}", String::from_utf8_lossy(&reply)));
     }
     srv.response.codec.decode(std::io::Cursor::new(reply)).map_err(|e| format!("{service}: decoding the response: {e}"))
+}
+
+struct Deadlined {
+    s: TcpStream,
+    deadline: Instant,
+}
+
+impl Deadlined {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.s.set_read_timeout(Some(self.left()?))?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.s.set_write_timeout(Some(self.left()?))?;
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
 }
 
 fn write_header(w: &mut impl Write, fields: &[(&str, &str)]) -> std::io::Result<()> {

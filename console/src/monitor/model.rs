@@ -114,14 +114,21 @@ impl Model {
     }
 
     fn push_log(&mut self, e: LogEntry) {
+        // Scrolled back, the view stays on the same lines as new ones arrive (counted in the
+        // lines shown: the log's devices).
+        if self.scroll > 0 && self.log_devices().contains(&e.device) {
+            self.scroll += 1;
+        }
         self.log.push_back(e);
         if self.log.len() > MAX_LOG_LINES {
             self.log.pop_front();
         }
-        // Scrolled back, the view stays on the same lines as new ones arrive.
-        if self.scroll > 0 {
-            self.scroll = (self.scroll + 1).min(self.log.len().saturating_sub(1));
-        }
+        self.scroll = self.scroll.min(self.shown_lines().saturating_sub(1));
+    }
+
+    fn shown_lines(&self) -> usize {
+        let who = self.log_devices();
+        self.log.iter().filter(|e| who.contains(&e.device)).count()
     }
 
     fn pattern(&self, t: &Topic) -> String {
@@ -135,7 +142,18 @@ impl Model {
             other => {
                 let s = self.topics.name(other);
                 match other.device() {
-                    Some(d) => s.replacen(&format!("/{d}"), "/+", 1),
+                    // The device's own level, never a match inside another (a device "dev").
+                    Some(d) => {
+                        // The level after `device/` (or `session/`) past the prefix.
+                        let skip = p.split('/').count();
+                        let mut levels: Vec<&str> = s.split('/').collect();
+                        if let Some(i) = (skip + 1..levels.len())
+                            .find(|&i| levels[i] == d.as_str() && matches!(levels[i - 1], "device" | "session"))
+                        {
+                            levels[i] = "+";
+                        }
+                        levels.join("/")
+                    }
                     None => s,
                 }
             }
@@ -227,7 +245,7 @@ impl Model {
                 }
             }
             // At least the oldest line stays in view.
-            Key::ScrollUp => self.scroll = (self.scroll + 5).min(self.log.len().saturating_sub(1)),
+            Key::ScrollUp => self.scroll = (self.scroll + 5).min(self.shown_lines().saturating_sub(1)),
             Key::ScrollDown => self.scroll = self.scroll.saturating_sub(5),
             Key::Follow => self.scroll = 0,
         }
@@ -294,6 +312,10 @@ mod tests {
         // Three of each in the window; equal rates in name order.
         assert_eq!(rates, [("debfleet/device/+/logs".to_owned(), 0.3), ("debfleet/device/+/meta".to_owned(), 0.3)]);
         assert!(m.rates(now + Duration::from_secs(11)).is_empty(), "the window moved on");
+        // A device named like a topic level is replaced at its own level only.
+        let online = json!({"v": 1, "state": "online", "since": "2026-12-05T03:00:00.000Z", "boot_id": "b"});
+        m.message("debfleet/device/device/status", online.to_string().as_bytes(), now);
+        assert!(m.rates(now).iter().any(|(p, _)| p == "debfleet/device/+/status"), "{:?}", m.rates(now));
         // Garbage is counted, not fatal.
         m.message("debfleet/device/a-1/status", b"{not json", now);
         assert_eq!(m.invalid, 1);
