@@ -151,25 +151,6 @@ impl Registry {
         Ok((MsgType { name: name.to_owned(), md5sum, definition, codec }, sums))
     }
 
-    fn srv_source(&self, path: &MessagePath) -> Result<String, String> {
-        for dir in &self.dirs {
-            let file = dir.join(path.package()).join("srv").join(format!("{}.srv", path.name()));
-            match std::fs::read_to_string(&file) {
-                Ok(s) => return Ok(s),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("{}: {e}", file.display())),
-            }
-        }
-        let name = path.to_string();
-        BUILTIN_SRV.iter().find(|(n, _)| *n == name).map(|(_, s)| (*s).to_owned()).ok_or_else(|| {
-            format!(
-                "no definition of the service {name}: not built in, and no {}/srv/{}.srv in msg_paths",
-                path.package(),
-                path.name()
-            )
-        })
-    }
-
     fn collect(&self, path: &MessagePath, order: &mut Vec<Msg>, stack: &mut Vec<MessagePath>) -> Result<(), String> {
         if order.iter().any(|m| m.path() == path) {
             return Ok(());
@@ -188,11 +169,19 @@ impl Registry {
         Ok(())
     }
 
-    /// An installed definition first (it is what the robot's own nodes were built with), then
-    /// the built-in one.
     fn source(&self, path: &MessagePath) -> Result<String, String> {
+        self.find(path, "msg", BUILTIN)
+    }
+
+    fn srv_source(&self, path: &MessagePath) -> Result<String, String> {
+        self.find(path, "srv", BUILTIN_SRV)
+    }
+
+    /// `PKG/KIND/NAME.KIND`: an installed definition first (it is what the robot's own nodes
+    /// were built with), then the built-in one.
+    fn find(&self, path: &MessagePath, kind: &str, builtin: &[(&str, &str)]) -> Result<String, String> {
         for dir in &self.dirs {
-            let file = dir.join(path.package()).join("msg").join(format!("{}.msg", path.name()));
+            let file = dir.join(path.package()).join(kind).join(format!("{}.{kind}", path.name()));
             match std::fs::read_to_string(&file) {
                 Ok(s) => return Ok(s),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -200,10 +189,10 @@ impl Registry {
             }
         }
         let name = path.to_string();
-        BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, s)| (*s).to_owned()).ok_or_else(|| {
+        builtin.iter().find(|(n, _)| *n == name).map(|(_, s)| (*s).to_owned()).ok_or_else(|| {
             let looked: Vec<String> = self.dirs.iter().map(|d| display(d)).collect();
             format!(
-                "no definition of {name}: not built in, and no {}/msg/{}.msg under {}",
+                "no definition of {name}: not built in, and no {}/{kind}/{}.{kind} under {}",
                 path.package(),
                 path.name(),
                 if looked.is_empty() { "any msg_paths".to_owned() } else { looked.join(", ") }
@@ -258,6 +247,11 @@ mod tests {
         let mut r = Registry::new(vec![dir.path().to_owned()]);
         let t = r.get("robot_msgs/Beep").unwrap();
         assert!(t.definition.starts_with("uint8 LOUD=2\nuint8 level\n"), "{}", t.definition);
+        std::fs::create_dir_all(dir.path().join("robot_msgs/srv")).unwrap();
+        std::fs::write(dir.path().join("robot_msgs/srv/Ring.srv"), "robot_msgs/Beep beep\n---\nbool done\n").unwrap();
+        let ring = r.service("robot_msgs/Ring").unwrap();
+        assert!(ring.request.definition.contains("\nMSG: robot_msgs/Beep\n"), "{}", ring.request.definition);
+        assert!(r.service("robot_msgs/Gone").unwrap_err().contains("no robot_msgs/srv/Gone.srv"));
         let e = r.get("robot_msgs/Missing").unwrap_err();
         assert!(e.contains("no definition of robot_msgs/Missing"), "{e}");
         for bad in ["Twist", "geometry_msgs/", "../x/y", "a/b/c", "geometry_msgs/Tw ist"] {
