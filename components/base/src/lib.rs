@@ -95,8 +95,9 @@ pub struct Ctx {
     status_changed: bool,
     logs: Vec<(Level, String)>,
     samples: Vec<(String, Value)>,
-    /// Samples in the current second, and those dropped (over the rate, or no agent).
-    sample_second: Option<(Instant, u32)>,
+    /// Samples in the current quarter second, and those dropped (over the rate, too big, or no
+    /// agent).
+    sample_window: Option<(Instant, u32)>,
     samples_dropped: u64,
     waker: Waker,
 }
@@ -128,7 +129,7 @@ impl Ctx {
             status_changed: true,
             logs: Vec::new(),
             samples: Vec::new(),
-            sample_second: None,
+            sample_window: None,
             samples_dropped: 0,
             waker,
         }
@@ -148,7 +149,7 @@ impl Ctx {
     /// [`MAX_SAMPLES_PER_S`] a second, or too big for a frame, samples are dropped and counted
     /// ([`Ctx::samples_dropped`]).
     pub fn sample(&mut self, stream: &str, value: Value, now: Instant) {
-        let (start, n) = self.sample_second.get_or_insert((now, 0));
+        let (start, n) = self.sample_window.get_or_insert((now, 0));
         if now.duration_since(*start) >= SAMPLE_WINDOW {
             (*start, *n) = (now, 0);
         }

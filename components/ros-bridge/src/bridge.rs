@@ -14,7 +14,7 @@ use debfleet_component::{
 use serde::Deserialize;
 
 use crate::convert;
-use crate::node::{Event, Node, Plan, PubPlan, PublishError, SubPlan};
+use crate::node::{self, Event, Node, Plan, PubPlan, PublishError, SubPlan};
 use crate::types::{MsgType, Registry, SrvType};
 
 /// A ROS message as JSON may be at most this big in a command.
@@ -94,7 +94,6 @@ fn check_name(what: &str, n: &str) -> Result<(), String> {
 
 pub struct Bridge {
     cfg: Option<Cfg>,
-    registry: Registry,
     /// Each publisher's type, resolved when configured (so a command is checked even while
     /// the master is away).
     types: HashMap<String, Arc<MsgType>>,
@@ -105,7 +104,6 @@ pub struct Bridge {
     master: Result<String, String>,
     stale: BTreeMap<String, bool>,
     configured_at: Instant,
-    warnings: u64,
 }
 
 impl Default for Bridge {
@@ -118,7 +116,6 @@ impl Bridge {
     pub fn new() -> Bridge {
         Bridge {
             cfg: None,
-            registry: Registry::new(Vec::new()),
             types: HashMap::new(),
             services: HashMap::new(),
             plan: None,
@@ -127,12 +124,7 @@ impl Bridge {
             master: Err("not connected yet".into()),
             stale: BTreeMap::new(),
             configured_at: Instant::now(),
-            warnings: 0,
         }
-    }
-
-    fn master_uri() -> String {
-        std::env::var("ROS_MASTER_URI").unwrap_or_else(|_| "http://localhost:11311/".into())
     }
 
     fn publish(&mut self, args: &Map<String, Value>) -> Result<Value, CallError> {
@@ -199,7 +191,7 @@ impl Bridge {
             .map_err(|e| CallError::invalid(format!("{e}; the service was not called")))?;
         let caller = format!("/{}_client", cfg.node_name);
         let timeout = Duration::from_secs(cfg.service_timeout_s);
-        let response = crate::service::call(&Self::master_uri(), &caller, &s.service, srv, &request, timeout)
+        let response = crate::service::call(&node::master_uri(), &caller, &s.service, srv, &request, timeout)
             .map_err(CallError::unavailable)?;
         Ok(json!({
             "request_id": args.get("request_id").cloned().unwrap_or(Value::Null),
@@ -220,10 +212,7 @@ impl Bridge {
                 self.master = m;
                 self.status(ctx);
             }
-            Event::Warn(w) => {
-                self.warnings += 1;
-                ctx.log(Level::Warn, w);
-            }
+            Event::Warn(w) => ctx.log(Level::Warn, w),
         }
     }
 
@@ -231,7 +220,7 @@ impl Bridge {
         match &self.master {
             Ok(_) => ctx.set_status(ComponentState::Running, None),
             Err(why) => {
-                ctx.set_status(ComponentState::Error, Some(format!("{why} (ROS_MASTER_URI={})", Self::master_uri())))
+                ctx.set_status(ComponentState::Error, Some(format!("{why} (ROS_MASTER_URI={})", node::master_uri())))
             }
         }
     }
@@ -308,7 +297,7 @@ impl Component for Bridge {
 
     fn configure(&mut self, cfg: &Map<String, Value>, _ctx: &mut Ctx) -> Result<(), String> {
         let c: Cfg = serde_json::from_value(Value::Object(cfg.clone())).map_err(|e| e.to_string())?;
-        check_name("node_name", &c.node_name).map_err(|e| e.replace('-', "_"))?;
+        check_name("node_name", &c.node_name)?;
         if c.node_name.contains('-') {
             return Err("node_name: ROS names have no '-'".into());
         }
@@ -361,7 +350,6 @@ impl Component for Bridge {
             services.insert(name.clone(), Arc::new(srv));
         }
         let plan = Plan { node_name: c.node_name.clone(), subs, pubs, max_payload: c.max_payload_bytes };
-        self.registry = registry;
         self.types = types;
         self.services = services;
         self.cfg = Some(c);
@@ -443,7 +431,7 @@ impl Component for Bridge {
             .collect();
         let Value::Object(m) = json!({
             "master": if self.master.is_ok() { "connected" } else { "unreachable" },
-            "master_uri": Self::master_uri(),
+            "master_uri": node::master_uri(),
             "node": self.master.as_ref().ok(),
             "streams": streams,
             "publishers": publishers,
@@ -463,9 +451,13 @@ impl Component for Bridge {
         // topic nobody publishes turns stale too).
         if let (Some(c), Some(node)) = (&self.cfg, &self.node) {
             let after = Duration::from_secs(c.stale_after_s);
-            let stats = node.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            for (name, s) in &c.subscriptions {
-                let last = stats.get(name).and_then(|st| st.last_seen).unwrap_or(self.configured_at);
+            // Only the arrival times, taken under the lock: this runs at every wake.
+            let seen: Vec<Option<Instant>> = {
+                let stats = node.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                c.subscriptions.keys().map(|n| stats.get(n).and_then(|st| st.last_seen)).collect()
+            };
+            for ((name, s), seen) in c.subscriptions.iter().zip(seen) {
+                let last = seen.unwrap_or(self.configured_at);
                 let stale = now.duration_since(last) >= after;
                 let was = self.stale.insert(name.clone(), stale).unwrap_or(false);
                 if stale && !was {

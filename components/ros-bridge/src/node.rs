@@ -174,7 +174,8 @@ impl Drop for Live {
     }
 }
 
-fn master_uri() -> String {
+/// Where the ROS master is: `ROS_MASTER_URI`, as for every ROS node.
+pub fn master_uri() -> String {
     std::env::var("ROS_MASTER_URI").unwrap_or_else(|_| "http://localhost:11311/".into())
 }
 

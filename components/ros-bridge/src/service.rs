@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use ros_message::MessageValue;
 
 use crate::types::SrvType;
+use crate::xmlrpc::Deadlined;
 
 const MAX_HEADER: usize = 64 * 1024;
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
@@ -37,14 +37,8 @@ pub fn call(
         .strip_prefix("rosrpc://")
         .map(|a| a.trim_end_matches('/'))
         .ok_or_else(|| format!("{service}: the master gave {uri:?}, not rosrpc://HOST:PORT"))?;
-    let sock = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("{service} at {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{service} at {addr}: no address"))?;
-    let s = TcpStream::connect_timeout(&sock, left()).map_err(|e| format!("{service} at {addr}: {e}"))?;
     // Every read and write gets what is left of the one deadline.
-    let mut s = Deadlined { s, deadline };
+    let mut s = Deadlined::connect(addr, deadline).map_err(|e| format!("{service} at {e}"))?;
     let io = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut {
             format!("{service}: no answer within {timeout:?}")
@@ -76,39 +70,6 @@ pub fn call(
         return Err(format!("{service} failed: {}", String::from_utf8_lossy(&reply)));
     }
     srv.response.codec.decode(std::io::Cursor::new(reply)).map_err(|e| format!("{service}: decoding the response: {e}"))
-}
-
-struct Deadlined {
-    s: TcpStream,
-    deadline: Instant,
-}
-
-impl Deadlined {
-    fn left(&self) -> std::io::Result<Duration> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed"));
-        }
-        Ok(left)
-    }
-}
-
-impl Read for Deadlined {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.s.set_read_timeout(Some(self.left()?))?;
-        self.s.read(buf)
-    }
-}
-
-impl Write for Deadlined {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.s.set_write_timeout(Some(self.left()?))?;
-        self.s.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.s.flush()
-    }
 }
 
 fn write_header(w: &mut impl Write, fields: &[(&str, &str)]) -> std::io::Result<()> {

@@ -19,13 +19,7 @@ pub fn call(uri: &str, method: &str, params: &[&str], timeout: Duration) -> Resu
     let deadline = Instant::now() + timeout;
     let rest = uri.strip_prefix("http://").ok_or_else(|| format!("{uri:?} is not an http:// URI"))?;
     let hostport = rest.split('/').next().unwrap_or_default();
-    let addr = hostport
-        .to_socket_addrs()
-        .map_err(|e| format!("{hostport}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{hostport}: no address"))?;
-    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    let mut s = TcpStream::connect_timeout(&addr, left()).map_err(|e| format!("{hostport}: {e}"))?;
+    let mut s = Deadlined::connect(hostport, deadline)?;
     let params: String =
         params.iter().map(|p| format!("<param><value><string>{}</string></value></param>", escape(p))).collect();
     let body = format!(
@@ -35,25 +29,17 @@ pub fn call(uri: &str, method: &str, params: &[&str], timeout: Duration) -> Resu
         "POST / HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
-    s.write_all(request.as_bytes()).map_err(|e| format!("{hostport}: {e}"))?;
+    let failed = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("{hostport}: {method}: no answer within {timeout:?}")
+        }
+        _ => format!("{hostport}: {method}: {e}"),
+    };
+    s.write_all(request.as_bytes()).map_err(failed)?;
     let mut answer = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                answer.extend_from_slice(&buf[..n]);
-                if answer.len() as u64 > MAX_ANSWER {
-                    return Err(format!("{hostport}: an answer over {MAX_ANSWER} bytes"));
-                }
-            }
-            Err(e) => return Err(format!("{hostport}: {method}: {e}")),
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("{hostport}: {method}: no answer within {timeout:?}"));
-        }
+    (&mut s).take(MAX_ANSWER + 1).read_to_end(&mut answer).map_err(failed)?;
+    if answer.len() as u64 > MAX_ANSWER {
+        return Err(format!("{hostport}: an answer over {MAX_ANSWER} bytes"));
     }
     let text = String::from_utf8_lossy(&answer);
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("{hostport}: {method}: not HTTP"))?;
@@ -61,6 +47,53 @@ pub fn call(uri: &str, method: &str, params: &[&str], timeout: Duration) -> Resu
         return Err(format!("{hostport}: {method}: {}", head.lines().next().unwrap_or_default()));
     }
     Ok(body.to_owned())
+}
+
+/// A TCP connection whose every read and write gets what is left of one deadline (a socket's
+/// own timeouts apply per operation, so a slow peer could otherwise take several times as long).
+pub struct Deadlined {
+    s: TcpStream,
+    deadline: Instant,
+}
+
+impl Deadlined {
+    /// Connects to `HOST:PORT` within the deadline; the error names the address.
+    pub fn connect(hostport: &str, deadline: Instant) -> Result<Deadlined, String> {
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|e| format!("{hostport}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{hostport}: no address"))?;
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let s = TcpStream::connect_timeout(&addr, left).map_err(|e| format!("{hostport}: {e}"))?;
+        Ok(Deadlined { s, deadline })
+    }
+
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.s.set_read_timeout(Some(self.left()?))?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.s.set_write_timeout(Some(self.left()?))?;
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
 }
 
 /// The status code of a ROS API answer (`[code, message, value]`): 1 is success.

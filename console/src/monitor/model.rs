@@ -108,8 +108,15 @@ impl Model {
                 }
             }
         }
-        if self.selected.is_none() || !self.visible().iter().any(|d| Some(*d) == self.selected.as_ref()) {
-            self.selected = self.visible().first().map(|d| (*d).clone());
+        // Only a message about the selected device can take it out of view (or none is selected
+        // yet): the rest never make the selection look at the whole fleet.
+        let about_selected =
+            parsed.as_ref().and_then(|t| t.device()).is_some_and(|d| Some(d) == self.selected.as_ref());
+        if self.selected.is_none() || about_selected {
+            let visible = self.visible();
+            if !self.selected.as_ref().is_some_and(|s| visible.contains(&s)) {
+                self.selected = visible.first().map(|d| (*d).clone());
+            }
         }
     }
 
@@ -123,7 +130,9 @@ impl Model {
         if self.log.len() > MAX_LOG_LINES {
             self.log.pop_front();
         }
-        self.scroll = self.scroll.min(self.shown_lines().saturating_sub(1));
+        if self.scroll > 0 {
+            self.scroll = self.scroll.min(self.shown_lines().saturating_sub(1));
+        }
     }
 
     fn shown_lines(&self) -> usize {
